@@ -1,0 +1,24 @@
+"""pyroflows: modern normalizing flows for Pyro.
+
+Flow layers are Pyro ``TransformModule``s (:mod:`pyroflows.transforms`); builders assemble them into flows
+usable as ``AutoNormalizingFlow`` guides (``partial(pyroflows.realnvp, num_layers=8)``).
+"""
+
+from . import nn, transforms
+from .builders import planar_flow, realnvp
+from .transforms import Compose, FlowTransform, Inverse, enable_validation, inverse, is_validation_enabled
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compose",
+    "FlowTransform",
+    "Inverse",
+    "enable_validation",
+    "inverse",
+    "is_validation_enabled",
+    "nn",
+    "planar_flow",
+    "realnvp",
+    "transforms",
+]

@@ -1,0 +1,62 @@
+"""Conditioner networks for coupling layers: their last layer starts at zero, so a fresh flow is the identity."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from pyro.nn import DenseNN
+from torch import nn
+
+
+class MLP(nn.Module):
+    """A dense network ``R^in -> R^out`` built on :class:`pyro.nn.DenseNN`, with a zero-initialised last layer.
+
+    With ``in_features == 0`` the output is a learnable constant (the network sees no input), which lets a
+    coupling layer with nothing to condition on act as an elementwise affine map.
+
+    :param int in_features: input size (may be 0).
+    :param int out_features: output size.
+    :param hidden: hidden layer sizes.
+    :param torch.nn.Module activation: nonlinearity between layers (default ``ReLU``).
+    :param bool zero_init: zero the last layer's weight and bias.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn import MLP
+        >>> net = MLP(3, 4, hidden=(16,))
+        >>> net(torch.randn(7, 3)).abs().max().item()
+        0.0
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int] = (64, 64),
+        activation: nn.Module | None = None,
+        zero_init: bool = True,
+    ):
+        super().__init__()
+        hidden = list(hidden)
+        if in_features < 0 or out_features < 1:
+            raise ValueError(f"MLP: need in_features >= 0 and out_features >= 1, got {in_features}, {out_features}")
+        if not hidden or any(int(h) < 1 for h in hidden):
+            raise ValueError(f"MLP: hidden must be a non-empty list of positive sizes, got {hidden!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        with warnings.catch_warnings():  # Linear(0, h) warns that initialising an empty weight is a no-op
+            warnings.simplefilter("ignore", UserWarning)
+            self.net = DenseNN(
+                in_features, hidden, param_dims=[out_features], nonlinearity=activation or nn.ReLU()
+            )
+        if zero_init:
+            last = self.net.layers[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out.reshape(x.shape[:-1] + (self.out_features,))

@@ -1,0 +1,483 @@
+r"""The flow-layer contract: :class:`FlowTransform`, :class:`Inverse` and :class:`Compose`.
+
+A layer implements :meth:`FlowTransform.forward_and_log_det` and :meth:`FlowTransform.inverse_and_log_det`
+and nothing else about caching. This module turns them into the torch/Pyro transform protocol
+(``_call``, ``_inverse``, ``log_abs_det_jacobian``) and remembers the log-det computed with the last
+``(x, y)`` pair, so that ``log_abs_det_jacobian(x, y)`` on that pair returns the very value computed with
+it (no recomputation; stochastic estimators stay consistent with their sample), and so that ``t.inv(y)``
+on the last output returns the last input without solving an inverse.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Iterable, Sequence
+
+import torch
+from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
+from torch.distributions import constraints
+from torch.distributions.transforms import ComposeTransform, Transform
+from torch.distributions.utils import _sum_rightmost
+
+_VALIDATION: bool | None = None
+
+
+def enable_validation(flag: bool | None = True) -> None:
+    """Turn input/output checks of every :class:`FlowTransform` on or off.
+
+    With ``None`` (the initial state) pyroflows follows torch's distribution validation flag, which
+    ``pyro.enable_validation`` also sets, and which is on by default. The checks catch a wrong event
+    shape, non-floating or mismatched dtypes, non-finite inputs, and non-finite outputs (naming the layer).
+    Each check costs one device synchronisation per call; turn them off for speed once a model works.
+
+    :param flag: ``True``/``False`` to force, ``None`` to follow ``torch.distributions``.
+    """
+    global _VALIDATION
+    _VALIDATION = flag
+
+
+def is_validation_enabled() -> bool:
+    """Whether :class:`FlowTransform` checks its inputs and outputs (see :func:`enable_validation`)."""
+    if _VALIDATION is None:
+        return bool(torch.distributions.Distribution._validate_args)
+    return _VALIDATION
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except Exception:  # inference-mode tensors and functorch wrappers carry no version counter
+        return None
+
+
+class _Memo:
+    """The last ``(x, y, log|det dy/dx|)`` seen by a transform, keyed by tensor identity *and* state.
+
+    Identity alone (torch's cache) is fooled by in-place edits of ``x``/``y``, by optimiser steps between
+    calls, by a switch between train and eval mode, and by a switch of grad mode. The key records the
+    tensors' version counters, the module's parameter and buffer versions, ``training`` and grad mode.
+    ``x``/``y`` are held by weak reference so the memo never keeps a batch alive.
+    """
+
+    __slots__ = ("x", "y", "x_version", "y_version", "state", "log_det")
+
+    def __init__(self, x, y, log_det, state):
+        self.x = weakref.ref(x)
+        self.y = weakref.ref(y)
+        self.x_version = _version(x)
+        self.y_version = _version(y)
+        self.log_det = log_det
+        self.state = state
+
+    def matches(self, state, x=None, y=None) -> bool:
+        if state != self.state:
+            return False
+        if x is not None and (self.x() is not x or _version(x) != self.x_version):
+            return False
+        if y is not None and (self.y() is not y or _version(y) != self.y_version):
+            return False
+        return True
+
+
+def forward_and_log_det(t: Transform, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t(x), log|det dt/dx|)`` for any torch transform, one pass for a :class:`FlowTransform`.
+
+    The log-det has the shape torch's ``t.log_abs_det_jacobian`` gives, ``x.shape[:x.dim() - event_dim]``.
+    """
+    if isinstance(t, FlowTransform):
+        return t.forward_and_log_det(x)
+    y = t(x)
+    return y, t.log_abs_det_jacobian(x, y)
+
+
+def inverse_and_log_det(t: Transform, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t⁻¹(y), log|det dt⁻¹/dy|)`` for any torch transform, one pass for a :class:`FlowTransform`."""
+    if isinstance(t, FlowTransform):
+        return t.inverse_and_log_det(y)
+    x = t.inv(y)
+    return x, -t.log_abs_det_jacobian(x, y)
+
+
+def _shape_matches(shape: torch.Size, expected: Sequence[int | None]) -> bool:
+    if len(shape) < len(expected):
+        return False
+    tail = shape[len(shape) - len(expected) :]
+    return all(e is None or s == e for s, e in zip(tail, expected))
+
+
+def _fmt_shape(shape: Sequence[int | None]) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+class FlowTransform(TransformModule):
+    r"""Base class of every pyroflows layer: a Pyro ``TransformModule`` that knows its own log-det.
+
+    Subclasses implement
+
+    .. code-block:: python
+
+        def forward_and_log_det(self, x):  # -> (y, log|det dy/dx|) summed over the event dims
+        def inverse_and_log_det(self, y):  # -> (x, log|det dx/dy|)
+
+    and this class provides ``_call``, ``_inverse``, ``log_abs_det_jacobian`` (returning the log-det
+    remembered with the last ``(x, y)`` pair, computing afresh on any other pair), ``with_cache`` for
+    ``cache_size`` 0 and 1, input checks (see :func:`enable_validation`), and pickling/deep-copying without
+    the remembered tensors.
+
+    Direction: in a guide the forward map takes base noise to the posterior; in a density model it takes
+    data to the latent, :math:`\log p(x) = \log p_Z(f(x)) + \log|\det \partial f/\partial x|`.
+
+    :param int event_dim: 1 for vectors of shape ``(D,)``, 3 for images ``(C, H, W)``.
+    :param event_shape: the input event shape, used to check inputs; ``None`` entries match any size.
+    :param int cache_size: torch's identity cache, 0 or 1.
+    """
+
+    bijective = True
+    sign = +1  # only meaningful for event_dim 0; kept for torch's API
+
+    def __init__(
+        self,
+        event_dim: int = 1,
+        event_shape: Sequence[int | None] | None = None,
+        cache_size: int = 0,
+    ):
+        if cache_size not in (0, 1):
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
+        super().__init__(cache_size=cache_size)
+        self._event_dim = int(event_dim)
+        if event_shape is not None:
+            event_shape = tuple(event_shape)
+            if len(event_shape) != self._event_dim:
+                raise ValueError(f"event_shape {event_shape} does not have event_dim={event_dim} dimensions")
+        self._event_shape = event_shape
+        self._memo: _Memo | None = None
+
+    # ----------------------------------------------------------------- the two methods a layer writes
+    def forward_and_log_det(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(y, log|det dy/dx|)``; the log-det has shape ``x.shape[:x.dim() - event_dim]``."""
+        raise NotImplementedError
+
+    def inverse_and_log_det(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(x, log|det dx/dy|)``; the log-det has shape ``y.shape[:y.dim() - event_dim]``."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- shapes and constraints
+    @constraints.dependent_property(is_discrete=False)
+    def domain(self):
+        return constraints.independent(constraints.real, self._event_dim)
+
+    @constraints.dependent_property(is_discrete=False)
+    def codomain(self):
+        return constraints.independent(constraints.real, self._event_dim)
+
+    @property
+    def event_shape(self) -> tuple[int | None, ...] | None:
+        """The input event shape this layer checks against (``None`` entries: any size)."""
+        return self._event_shape
+
+    @property
+    def output_event_shape(self) -> tuple[int | None, ...] | None:
+        """The output event shape (differs from :attr:`event_shape` only for reshaping layers)."""
+        if self._event_shape is None or any(s is None for s in self._event_shape):
+            return self._event_shape
+        return tuple(self.forward_shape(self._event_shape))
+
+    # ----------------------------------------------------------------- remembering the last pair
+    def _state(self):
+        params = tuple(_version(p) for p in self.parameters())
+        buffers = tuple(_version(b) for b in self.buffers())
+        return (self.training, torch.is_grad_enabled(), params, buffers)
+
+    def _remember(self, x, y, log_det):
+        try:
+            self._memo = _Memo(x, y, log_det, self._state())
+        except TypeError:  # tensor subclasses that refuse weak references: simply do not remember
+            self._memo = None
+
+    def _recall(self, x=None, y=None) -> _Memo | None:
+        memo = self._memo
+        if memo is not None and memo.matches(self._state(), x=x, y=y):
+            return memo
+        return None
+
+    def clear_memo(self) -> None:
+        """Forget the remembered ``(x, y, log-det)``; the next ``log_abs_det_jacobian`` recomputes."""
+        self._memo = None
+
+    # ----------------------------------------------------------------- torch's transform protocol
+    def _call(self, x):
+        memo = self._recall(x=x)
+        if memo is not None and memo.y() is not None:
+            return memo.y()
+        checking = is_validation_enabled()
+        if checking:
+            self._check_input(x, "forward")
+        y, log_det = self.forward_and_log_det(x)
+        if checking:
+            self._check_output(x, y, log_det, "forward")
+        self._remember(x, y, log_det)
+        return y
+
+    def _inverse(self, y):
+        memo = self._recall(y=y)
+        if memo is not None and memo.x() is not None:
+            return memo.x()
+        checking = is_validation_enabled()
+        if checking:
+            self._check_input(y, "inverse")
+        x, log_det = self.inverse_and_log_det(y)
+        if checking:
+            self._check_output(y, x, log_det, "inverse")
+        self._remember(x, y, -log_det)
+        return x
+
+    def log_abs_det_jacobian(self, x, y):
+        """``log|det dy/dx|`` summed over the event dims: the remembered value for the last pair seen by
+        ``__call__`` or ``inv``; for any other pair, computed afresh from ``x``."""
+        memo = self._recall(x=x, y=y)
+        if memo is not None:
+            return memo.log_det
+        if is_validation_enabled():
+            self._check_input(x, "forward")
+        y_new, log_det = self.forward_and_log_det(x)
+        self._remember(x, y_new, log_det)
+        return log_det
+
+    def with_cache(self, cache_size: int = 1):
+        """A view of this layer with torch's identity cache of ``cache_size`` (0 or 1).
+
+        The view shares every parameter and buffer with ``self`` (it is a shallow copy), so training one
+        trains the other.
+        """
+        if cache_size == self._cache_size:
+            return self
+        if cache_size not in (0, 1):
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
+        new = copy.copy(self)
+        new._cache_size = cache_size
+        new._cached_x_y = (None, None)
+        new._inv = None
+        new._memo = None
+        return new
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_memo"] = None
+        state["_inv"] = None
+        if "_cached_x_y" in state:
+            state["_cached_x_y"] = (None, None)
+        return state
+
+    # ----------------------------------------------------------------- validation
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def _param_dtype(self) -> torch.dtype | None:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return None
+
+    def _check_input(self, x, direction: str) -> None:
+        name = f"{self._name()}.{direction}"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} expects a floating-point tensor, got dtype {x.dtype}")
+        dtype = self._param_dtype()
+        if dtype is not None and dtype != x.dtype:
+            raise TypeError(
+                f"{name}: input dtype {x.dtype} does not match the layer's parameter dtype {dtype}; "
+                f"convert one of them (e.g. x.to({dtype}) or layer.to({x.dtype}))"
+            )
+        expected = self.event_shape if direction == "forward" else self.output_event_shape
+        event_dim = self.domain.event_dim if direction == "forward" else self.codomain.event_dim
+        if x.dim() < event_dim:
+            raise ValueError(
+                f"{name} expects at least {event_dim} dimension(s) (event_dim={event_dim}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if expected is not None and not _shape_matches(x.shape, expected):
+            raise ValueError(
+                f"{name} expects event shape {_fmt_shape(expected)} in the rightmost dimensions, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        if not bool(torch.isfinite(x).all()):
+            n_bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"{name} received {n_bad} non-finite value(s) (NaN or inf) in its input")
+
+    def _check_output(self, x, y, log_det, direction: str) -> None:
+        if bool(torch.isfinite(y).all()) and bool(torch.isfinite(log_det).all()):
+            return
+        raise RuntimeError(
+            f"{self._describe_nonfinite(x, direction)} produced a non-finite "
+            f"{'output' if not bool(torch.isfinite(y).all()) else 'log-det'} from finite input"
+        )
+
+    def _describe_nonfinite(self, x, direction: str) -> str:
+        return f"{self._name()}.{direction}"
+
+    __repr__ = torch.nn.Module.__repr__  # not Transform's, which hides the submodules and extra_repr
+
+
+class Inverse(FlowTransform):
+    """The inverse of a transform, as an ``nn.Module`` whose parameters are the wrapped transform's.
+
+    Unlike torch's ``t.inv``, it can sit in module lists, optimisers and ``pyro.module``; use
+    :func:`pyroflows.inverse` to build one (it unwraps ``inverse(inverse(t))`` to ``t``).
+
+    :param torch.distributions.Transform base: the transform to invert (any bijective torch transform;
+        a :class:`FlowTransform` inverts in one pass).
+
+    Example::
+
+        >>> import torch, pyroflows
+        >>> t = pyroflows.transforms.Planar(3)
+        >>> inv = pyroflows.inverse(t)
+        >>> set(map(id, inv.parameters())) == set(map(id, t.parameters()))
+        True
+    """
+
+    def __init__(self, base: Transform):
+        if not isinstance(base, Transform):
+            raise TypeError(f"Inverse expects a torch Transform, got {type(base).__name__}")
+        if not base.bijective:
+            raise ValueError(f"{type(base).__name__} is not bijective and has no inverse")
+        event_shape = getattr(base, "output_event_shape", None)
+        super().__init__(event_dim=base.codomain.event_dim, event_shape=event_shape)
+        self.base = base
+
+    @constraints.dependent_property(is_discrete=False)
+    def domain(self):
+        return self.base.codomain
+
+    @constraints.dependent_property(is_discrete=False)
+    def codomain(self):
+        return self.base.domain
+
+    @property
+    def output_event_shape(self):
+        return getattr(self.base, "event_shape", None)
+
+    def forward_shape(self, shape):
+        return self.base.inverse_shape(shape)
+
+    def inverse_shape(self, shape):
+        return self.base.forward_shape(shape)
+
+    def forward_and_log_det(self, x):
+        return inverse_and_log_det(self.base, x)
+
+    def inverse_and_log_det(self, y):
+        return forward_and_log_det(self.base, y)
+
+    def _name(self):
+        return f"Inverse({self.base._name() if isinstance(self.base, FlowTransform) else type(self.base).__name__})"
+
+
+def inverse(t: Transform) -> Transform:
+    """Module-aware inverse of ``t``: ``inverse(inverse(t)) is t``; see :class:`Inverse`."""
+    if isinstance(t, Inverse):
+        return t.base
+    return Inverse(t)
+
+
+class Compose(FlowTransform, ComposeTransformModule):
+    """A sequence of transforms run once per call, their log-dets summed in the same pass.
+
+    It is a Pyro ``ComposeTransformModule`` (so ``pyro.module`` and ``AutoNormalizingFlow`` see all
+    parameters, and it indexes and iterates like a ``ModuleList``) and a :class:`FlowTransform` (so it
+    remembers the log-det of its last pair and never recomputes intermediates). Parts may be any torch
+    transforms; :class:`FlowTransform` parts run in one pass each.
+
+    :param parts: the transforms, applied first to last in the forward direction.
+    :param int cache_size: torch's identity cache for the composition, 0 or 1.
+
+    Example::
+
+        >>> import torch, pyroflows
+        >>> from pyroflows.transforms import Compose, Planar
+        >>> flow = Compose([Planar(2), Planar(2)])
+        >>> x = torch.randn(5, 2)
+        >>> y = flow(x)
+        >>> flow.log_abs_det_jacobian(x, y).shape
+        torch.Size([5])
+    """
+
+    def __init__(self, parts: Iterable[Transform], cache_size: int = 0):
+        parts = list(parts)
+        for i, part in enumerate(parts):
+            if not isinstance(part, Transform):
+                raise TypeError(f"Compose part {i} is a {type(part).__name__}, not a torch Transform")
+        if cache_size not in (0, 1):
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
+        # Parts keep no identity cache of their own: the composition remembers its pair as a whole.
+        ComposeTransformModule.__init__(self, parts, cache_size=0)
+        self._cache_size = cache_size
+        if cache_size == 1:
+            self._cached_x_y = (None, None)
+        self._memo = None
+        first = parts[0] if parts else None
+        self._event_shape = getattr(first, "event_shape", None) if isinstance(first, FlowTransform) else None
+        self._event_dim = self.domain.event_dim
+
+    __call__ = Transform.__call__  # not ComposeTransform's, which calls the parts one by one
+    domain = ComposeTransform.domain
+    codomain = ComposeTransform.codomain
+    forward_shape = ComposeTransform.forward_shape
+    inverse_shape = ComposeTransform.inverse_shape
+    inv = Transform.inv
+
+    @property
+    def output_event_shape(self):
+        shape = self._event_shape
+        for part in self.parts:
+            if shape is None or any(s is None for s in shape):
+                return getattr(self.parts[-1], "output_event_shape", None) if self.parts else shape
+            shape = tuple(part.forward_shape(shape))
+        return shape
+
+    def _log_det_zeros(self, x):
+        return x.new_zeros(x.shape[: x.dim() - self.domain.event_dim])
+
+    def forward_and_log_det(self, x):
+        log_det = self._log_det_zeros(x)
+        event_dim = self.domain.event_dim
+        for part in self.parts:
+            x, ld = forward_and_log_det(part, x)
+            log_det = log_det + _sum_rightmost(ld, event_dim - part.domain.event_dim)
+            event_dim += part.codomain.event_dim - part.domain.event_dim
+        return x, log_det
+
+    def inverse_and_log_det(self, y):
+        log_det = y.new_zeros(y.shape[: y.dim() - self.codomain.event_dim])
+        event_dim = self.codomain.event_dim
+        for part in reversed(self.parts):
+            y, ld = inverse_and_log_det(part, y)
+            log_det = log_det + _sum_rightmost(ld, event_dim - part.codomain.event_dim)
+            event_dim += part.domain.event_dim - part.codomain.event_dim
+        return y, log_det
+
+    def _describe_nonfinite(self, x, direction):
+        """Re-run part by part (no grad) to name the first part whose output or log-det is not finite."""
+        parts = list(enumerate(self.parts))
+        if direction == "inverse":
+            parts = parts[::-1]
+        with torch.no_grad():
+            for i, part in parts:
+                step = forward_and_log_det if direction == "forward" else inverse_and_log_det
+                x, ld = step(part, x)
+                if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(ld).all())):
+                    name = part._name() if isinstance(part, FlowTransform) else type(part).__name__
+                    return f"{name} (part {i} of {len(self.parts)} in Compose.{direction})"
+        return f"Compose.{direction}"
+
+    def _name(self):
+        return "Compose"
+
+    def __getstate__(self):
+        return FlowTransform.__getstate__(self)
+
+    def __repr__(self):
+        return torch.nn.ModuleList.__repr__(self).replace("ModuleList", "Compose", 1)

@@ -1,0 +1,102 @@
+r"""Activation normalisation (Kingma & Dhariwal, 2018): a per-feature affine map with data-dependent init."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import FlowTransform
+
+
+class ActNorm(FlowTransform):
+    r"""Per-feature (vectors) or per-channel (images) affine map :math:`y = (x - b) \odot e^{-s}`.
+
+    .. math::
+
+        \log\left|\det \frac{\partial y}{\partial x}\right| = -P \sum_c s_c,
+
+    with :math:`P = 1` for vectors and :math:`P = H W` for images. On the first forward call in training
+    mode, ``b`` and ``s`` are set from that batch so the output has zero mean and unit variance per feature
+    (statistics over every batch and spatial position); afterwards they are ordinary parameters. With fewer
+    than two positions per feature the identity is kept. The ``initialized`` buffer records this and is part
+    of the ``state_dict``, so a loaded model is not re-initialised. A fresh layer is the identity.
+
+    Reference: Kingma & Dhariwal, *Glow: Generative Flow with Invertible 1x1 Convolutions*, NeurIPS 2018.
+
+    :param int num_features: ``D`` for vectors ``(..., D)``, ``C`` for images ``(..., C, H, W)``.
+    :param int event_dim: 1 for vectors, 3 for images.
+    :param float eps: floor on the standard deviation used by the init.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.transforms import ActNorm
+        >>> t = ActNorm(3)
+        >>> y = t(5.0 + 2.0 * torch.randn(1000, 3))
+        >>> bool(y.mean(0).abs().max() < 1e-5), bool((y.std(0, unbiased=False) - 1).abs().max() < 1e-4)
+        (True, True)
+    """
+
+    def __init__(self, num_features: int, event_dim: int = 1, eps: float = 1e-6):
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"ActNorm: num_features must be a positive int, got {num_features!r}")
+        if event_dim not in (1, 3):
+            raise ValueError(f"ActNorm: event_dim must be 1 (vectors) or 3 (images), got {event_dim!r}")
+        shape = (num_features,) if event_dim == 1 else (num_features, 1, 1)
+        event_shape = (num_features,) if event_dim == 1 else (num_features, None, None)
+        super().__init__(event_dim=event_dim, event_shape=event_shape)
+        self.num_features = num_features
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(shape))
+        self.log_scale = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._known_initialized = False  # python mirror of the buffer: no device sync per call
+
+    def _is_initialized(self) -> bool:
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return self._known_initialized
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = False
+
+    def _positions(self, x: torch.Tensor) -> int:
+        return 1 if self._event_dim == 1 else x.shape[-1] * x.shape[-2]
+
+    def _reduce_dims(self, x: torch.Tensor) -> tuple[int, ...]:
+        """All dims but the feature/channel dim."""
+        feature_dim = x.dim() - self._event_dim
+        return tuple(d for d in range(x.dim()) if d != feature_dim)
+
+    def init_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per-feature ``(mean, E[x²], count)`` of ``x``; a hook for distributed training to all-reduce."""
+        dims = self._reduce_dims(x)
+        count = x.numel() // self.num_features
+        return x.mean(dims), (x * x).mean(dims), count
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set ``b``, ``s`` so that ``x`` maps to zero mean, unit variance per feature; mark initialised."""
+        mean, second, count = self.init_statistics(x.detach())
+        if count >= 2:
+            std = (second - mean * mean).clamp_min(0.0).sqrt().clamp_min(self.eps)
+            self.bias.copy_(mean.reshape(self.bias.shape))
+            self.log_scale.copy_(std.log().reshape(self.log_scale.shape))
+        self.initialized.fill_(True)
+        self._known_initialized = True
+
+    def forward_and_log_det(self, x):
+        if self.training and not self._is_initialized():
+            self.initialize(x)
+        y = (x - self.bias) * torch.exp(-self.log_scale)
+        log_det = -self.log_scale.sum() * self._positions(x)
+        return y, log_det.expand(x.shape[: x.dim() - self._event_dim])
+
+    def inverse_and_log_det(self, y):
+        x = y * torch.exp(self.log_scale) + self.bias
+        log_det = self.log_scale.sum() * self._positions(y)
+        return x, log_det.expand(y.shape[: y.dim() - self._event_dim])
+
+    def extra_repr(self) -> str:
+        return f"num_features={self.num_features}, event_dim={self._event_dim}"
