@@ -17,8 +17,10 @@ class ActNorm(FlowTransform):
 
     with :math:`P = 1` for vectors and :math:`P = H W` for images. On the first forward call in training
     mode, ``b`` and ``s`` are set from that batch so the output has zero mean and unit variance per feature
-    (statistics over every batch and spatial position); afterwards they are ordinary parameters. With fewer
-    than two positions per feature the identity is kept. The ``initialized`` buffer records this and is part
+    (statistics over every batch and spatial position); afterwards they are ordinary parameters. The init
+    happens only if the layer's first training-mode call is a forward call with at least two positions per
+    feature: a first inverse call (or a single sample) keeps the identity and marks the layer initialised,
+    so a map that has been used is never re-initialised later. Call :meth:`initialize` to force an init. The ``initialized`` buffer records this and is part
     of the ``state_dict``, so a loaded model is not re-initialised. A fresh layer is the identity.
 
     Reference: Kingma & Dhariwal, *Glow: Generative Flow with Invertible 1x1 Convolutions*, NeurIPS 2018.
@@ -94,6 +96,10 @@ class ActNorm(FlowTransform):
         return y, log_det.expand(x.shape[: x.dim() - self._event_dim])
 
     def inverse_and_log_det(self, y):
+        if self.training and not self._is_initialized():
+            # The map has now been used: a later data-dependent init would silently change it.
+            self.initialized.fill_(True)
+            self._known_initialized = True
         x = y * torch.exp(self.log_scale) + self.bias
         log_det = self.log_scale.sum() * self._positions(y)
         return x, log_det.expand(y.shape[: y.dim() - self._event_dim])
