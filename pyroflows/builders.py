@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .transforms import ActNorm, AffineCoupling, Compose, Permute, Planar, make_mask
+from .transforms import ActNorm, AffineCoupling, Compose, Permute, Planar, inverse, make_mask
+
+
+def _output_affine(dim: int):
+    """The last layer of a vector flow, ``y = x * exp(s) + b`` (an inverted ActNorm).
+
+    ``AutoNormalizingFlow``'s base is a fixed N(0, I), so the flow itself must place and scale the posterior.
+    In this parameterisation ``b`` is the posterior location and ``s`` its log-scale, one Adam step moves
+    each by about ``lr``; ActNorm's own ``(x - b) * exp(-s)`` would need ``b = -loc * exp(s)``, far and
+    ill-conditioned for narrow posteriors. In the density direction it is the layer next to the latent.
+    """
+    return inverse(ActNorm(dim))
 
 
 def _vector_dim(input_dim_or_shape, builder: str) -> int:
@@ -18,8 +29,9 @@ def _vector_dim(input_dim_or_shape, builder: str) -> int:
 
 
 def planar_flow(input_dim: int, num_layers: int = 16) -> Compose:
-    """``num_layers`` :class:`~pyroflows.transforms.Planar` layers, then an :class:`~pyroflows.transforms.ActNorm`
-    so the flow can shift and scale (``AutoNormalizingFlow``'s base is a fixed standard normal).
+    """``num_layers`` :class:`~pyroflows.transforms.Planar` layers, then an elementwise affine map
+    ``y = x * exp(s) + b`` (an inverted :class:`~pyroflows.transforms.ActNorm`) so the flow can shift and
+    scale (``AutoNormalizingFlow``'s base is a fixed standard normal).
 
     :param int input_dim: the event size ``D``.
     :param int num_layers: number of planar layers.
@@ -36,7 +48,7 @@ def planar_flow(input_dim: int, num_layers: int = 16) -> Compose:
     dim = _vector_dim(input_dim, "planar_flow")
     if num_layers < 1:
         raise ValueError(f"planar_flow: num_layers must be >= 1, got {num_layers!r}")
-    return Compose([Planar(dim) for _ in range(num_layers)] + [ActNorm(dim)])
+    return Compose([Planar(dim) for _ in range(num_layers)] + [_output_affine(dim)])
 
 
 def realnvp(
@@ -47,10 +59,13 @@ def realnvp(
 ) -> Compose:
     """RealNVP for vectors: ``num_layers`` × (ActNorm → AffineCoupling), masks alternating between the first
     half and the second half of the coordinates, a fixed random permutation after every second coupling
-    (for ``D > 2``) so that every coordinate conditions every other, and a final ActNorm.
+    (for ``D > 2``) so that every coordinate conditions every other, and a final elementwise affine map
+    ``y = x * exp(s) + b`` (an inverted ActNorm).
 
     Every coordinate is transformed (unlike ``iterated(n, affine_coupling)`` in Pyro, which never moves
-    coordinate 0), and the final ActNorm lets the flow shift and scale its fixed standard-normal base.
+    coordinate 0), and the final affine layer lets the flow shift and scale its fixed standard-normal base.
+    In the density direction (data to latent) the first ActNorm normalises the data by its data-dependent
+    init.
 
     :param int input_dim_or_shape: the event size ``D`` (or the shape ``(D,)``).
     :param int num_layers: number of coupling layers.
@@ -77,5 +92,5 @@ def realnvp(
         parts += [ActNorm(dim), AffineCoupling(dim, mask=mask, hidden=hidden, scale_bound=scale_bound)]
         if dim > 2 and i % 2 == 1 and i < num_layers - 1:
             parts.append(Permute(input_dim=dim))
-    parts.append(ActNorm(dim))
+    parts.append(_output_affine(dim))
     return Compose(parts)

@@ -11,7 +11,6 @@ on the last output returns the last input without solving an inverse.
 from __future__ import annotations
 
 import copy
-import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -57,14 +56,16 @@ class _Memo:
     Identity alone (torch's cache) is fooled by in-place edits of ``x``/``y``, by optimiser steps between
     calls, by a switch between train and eval mode, and by a switch of grad mode. The key records the
     tensors' version counters, the module's parameter and buffer versions, ``training`` and grad mode.
-    ``x``/``y`` are held by weak reference so the memo never keeps a batch alive.
+    ``x`` and ``y`` are held strongly, as torch's cache holds them: in a guide the base sample ``x`` has no
+    other owner between ``rsample`` and ``log_prob``, and a weak reference would lose it (and force an inverse).
+    Only one pair per transform is kept, and ``clear_memo()`` drops it.
     """
 
     __slots__ = ("x", "y", "x_version", "y_version", "state", "log_det")
 
     def __init__(self, x, y, log_det, state):
-        self.x = weakref.ref(x)
-        self.y = weakref.ref(y)
+        self.x = x
+        self.y = y
         self.x_version = _version(x)
         self.y_version = _version(y)
         self.log_det = log_det
@@ -73,9 +74,9 @@ class _Memo:
     def matches(self, state, x=None, y=None) -> bool:
         if state != self.state:
             return False
-        if x is not None and (self.x() is not x or _version(x) != self.x_version):
+        if x is not None and (self.x is not x or _version(x) != self.x_version):
             return False
-        if y is not None and (self.y() is not y or _version(y) != self.y_version):
+        if y is not None and (self.y is not y or _version(y) != self.y_version):
             return False
         return True
 
@@ -152,6 +153,7 @@ class FlowTransform(TransformModule):
                 raise ValueError(f"event_shape {event_shape} does not have event_dim={event_dim} dimensions")
         self._event_shape = event_shape
         self._memo: _Memo | None = None
+        self._real = constraints.independent(constraints.real, self._event_dim)
 
     # ----------------------------------------------------------------- the two methods a layer writes
     def forward_and_log_det(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,11 +167,11 @@ class FlowTransform(TransformModule):
     # ----------------------------------------------------------------- shapes and constraints
     @constraints.dependent_property(is_discrete=False)
     def domain(self):
-        return constraints.independent(constraints.real, self._event_dim)
+        return self._real
 
     @constraints.dependent_property(is_discrete=False)
     def codomain(self):
-        return constraints.independent(constraints.real, self._event_dim)
+        return self._real
 
     @property
     def event_shape(self) -> tuple[int | None, ...] | None:
@@ -190,10 +192,7 @@ class FlowTransform(TransformModule):
         return (self.training, torch.is_grad_enabled(), params, buffers)
 
     def _remember(self, x, y, log_det):
-        try:
-            self._memo = _Memo(x, y, log_det, self._state())
-        except TypeError:  # tensor subclasses that refuse weak references: simply do not remember
-            self._memo = None
+        self._memo = _Memo(x, y, log_det, self._state())
 
     def _recall(self, x=None, y=None) -> _Memo | None:
         memo = self._memo
@@ -208,8 +207,8 @@ class FlowTransform(TransformModule):
     # ----------------------------------------------------------------- torch's transform protocol
     def _call(self, x):
         memo = self._recall(x=x)
-        if memo is not None and memo.y() is not None:
-            return memo.y()
+        if memo is not None:
+            return memo.y
         checking = is_validation_enabled()
         if checking:
             self._check_input(x, "forward")
@@ -221,8 +220,8 @@ class FlowTransform(TransformModule):
 
     def _inverse(self, y):
         memo = self._recall(y=y)
-        if memo is not None and memo.x() is not None:
-            return memo.x()
+        if memo is not None:
+            return memo.x
         checking = is_validation_enabled()
         if checking:
             self._check_input(y, "inverse")
@@ -420,11 +419,31 @@ class Compose(FlowTransform, ComposeTransformModule):
         self._memo = None
         first = parts[0] if parts else None
         self._event_shape = getattr(first, "event_shape", None) if isinstance(first, FlowTransform) else None
-        self._event_dim = self.domain.event_dim
+        # The parts are fixed (ComposeTransform keeps them in a plain list), so the constraints and the
+        # number of dims to sum each part's log-det over are computed once, not on every call.
+        self._domain = ComposeTransform.domain.__get__(self, type(self))
+        self._codomain = ComposeTransform.codomain.__get__(self, type(self))
+        self._event_dim = self._domain.event_dim
+        self._sum_dims_forward, self._sum_dims_inverse = [], []
+        event_dim = self._domain.event_dim
+        for part in parts:
+            self._sum_dims_forward.append(event_dim - part.domain.event_dim)
+            event_dim += part.codomain.event_dim - part.domain.event_dim
+        event_dim = self._codomain.event_dim
+        for part in reversed(parts):
+            self._sum_dims_inverse.append(event_dim - part.codomain.event_dim)
+            event_dim += part.domain.event_dim - part.codomain.event_dim
 
     __call__ = Transform.__call__  # not ComposeTransform's, which calls the parts one by one
-    domain = ComposeTransform.domain
-    codomain = ComposeTransform.codomain
+
+    @constraints.dependent_property(is_discrete=False)
+    def domain(self):
+        return self._domain
+
+    @constraints.dependent_property(is_discrete=False)
+    def codomain(self):
+        return self._codomain
+
     forward_shape = ComposeTransform.forward_shape
     inverse_shape = ComposeTransform.inverse_shape
     inv = Transform.inv
@@ -438,25 +457,18 @@ class Compose(FlowTransform, ComposeTransformModule):
             shape = tuple(part.forward_shape(shape))
         return shape
 
-    def _log_det_zeros(self, x):
-        return x.new_zeros(x.shape[: x.dim() - self.domain.event_dim])
-
     def forward_and_log_det(self, x):
-        log_det = self._log_det_zeros(x)
-        event_dim = self.domain.event_dim
-        for part in self.parts:
+        log_det = x.new_zeros(x.shape[: x.dim() - self._domain.event_dim])
+        for part, n in zip(self.parts, self._sum_dims_forward):
             x, ld = forward_and_log_det(part, x)
-            log_det = log_det + _sum_rightmost(ld, event_dim - part.domain.event_dim)
-            event_dim += part.codomain.event_dim - part.domain.event_dim
+            log_det = log_det + _sum_rightmost(ld, n)
         return x, log_det
 
     def inverse_and_log_det(self, y):
-        log_det = y.new_zeros(y.shape[: y.dim() - self.codomain.event_dim])
-        event_dim = self.codomain.event_dim
-        for part in reversed(self.parts):
+        log_det = y.new_zeros(y.shape[: y.dim() - self._codomain.event_dim])
+        for part, n in zip(reversed(self.parts), self._sum_dims_inverse):
             y, ld = inverse_and_log_det(part, y)
-            log_det = log_det + _sum_rightmost(ld, event_dim - part.codomain.event_dim)
-            event_dim += part.domain.event_dim - part.codomain.event_dim
+            log_det = log_det + _sum_rightmost(ld, n)
         return y, log_det
 
     def _describe_nonfinite(self, x, direction):

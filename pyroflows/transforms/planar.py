@@ -10,8 +10,6 @@ from torch import nn
 
 from .base import FlowTransform
 
-# softplus(a + _SHIFT) - 1 is 0 at a = 0, so a layer with u = 0 is the identity.
-_SHIFT = math.log(math.e - 1.0)
 
 
 class Planar(FlowTransform):
@@ -23,8 +21,11 @@ class Planar(FlowTransform):
         w^\top \hat u\right),
 
     with :math:`\hat u = u + (m(w^\top u) - w^\top u)\, w / \|w\|^2` and
-    :math:`m(a) = \mathrm{softplus}(a + \log(e - 1)) - 1 > -1`, so :math:`w^\top \hat u > -1` and the map is
-    invertible. ``u`` starts at zero, so a fresh layer is the identity.
+    :math:`m(a) = \mathrm{softplus}(a + \log(e^{1-\delta} - 1)) - (1 - \delta)`, so
+    :math:`w^\top \hat u \ge -1 + \delta` and the map is invertible with a log-det bounded below by
+    :math:`\log\delta` (Rezende & Mohamed's :math:`m(a) = -1 + \mathrm{softplus}(a)` reaches :math:`-1` in
+    floating point for very negative :math:`w^\top u`, where the log-det is :math:`-\infty`).
+    ``u`` starts at zero and :math:`m(0) = 0`, so a fresh layer is the identity.
 
     The inverse (which Pyro's own planar flow lacks) solves the scalar equation
     :math:`a + c \tanh(a) = w^\top y + b`, :math:`c = w^\top \hat u`, for :math:`a = w^\top x + b` by
@@ -35,6 +36,7 @@ class Planar(FlowTransform):
 
     :param int input_dim: the event size ``D``; inputs have shape ``(..., D)``.
     :param int max_iter: the inverse's iteration limit.
+    :param float margin: :math:`\delta \in (0, 1)`, how far :math:`w^\top \hat u` stays above -1.
 
     Example::
 
@@ -48,14 +50,19 @@ class Planar(FlowTransform):
         True
     """
 
-    def __init__(self, input_dim: int, *, max_iter: int = 100):
+    def __init__(self, input_dim: int, *, max_iter: int = 100, margin: float = 1e-4):
         if not isinstance(input_dim, int) or input_dim < 1:
             raise ValueError(f"Planar: input_dim must be a positive int, got {input_dim!r}")
         if max_iter < 0:
             raise ValueError(f"Planar: max_iter must be >= 0, got {max_iter!r}")
+        if not 0.0 < margin < 1.0:
+            raise ValueError(f"Planar: margin must lie in (0, 1), got {margin!r}")
         super().__init__(event_dim=1, event_shape=(input_dim,))
         self.input_dim = input_dim
         self.max_iter = max_iter
+        self.margin = margin
+        self._floor = 1.0 - margin  # w·u_hat >= -floor
+        self._shift = math.log(math.expm1(self._floor))  # softplus(0 + shift) - floor = 0
         bound = 1.0 / math.sqrt(input_dim)
         self.u = nn.Parameter(torch.zeros(input_dim))
         self.w = nn.Parameter(torch.empty(input_dim).uniform_(-bound, bound))
@@ -64,7 +71,7 @@ class Planar(FlowTransform):
     def u_hat(self) -> torch.Tensor:
         """The constrained direction :math:`\\hat u`, with :math:`w^\\top \\hat u > -1`."""
         wu = self.w @ self.u
-        m = F.softplus(wu + _SHIFT) - 1.0
+        m = F.softplus(wu + self._shift) - self._floor
         return self.u + (m - wu) * self.w / (self.w @ self.w).clamp_min(torch.finfo(self.w.dtype).tiny)
 
     def forward_and_log_det(self, x):
@@ -88,30 +95,39 @@ class Planar(FlowTransform):
         return x, -torch.log1p((1.0 - h * h) * c)
 
     def _solve(self, target, c):
-        """Solve ``a + c tanh(a) = target`` elementwise (``c > -1``) to near machine precision."""
-        eps = torch.finfo(target.dtype).eps
-        tol = 16 * eps * (1.0 + target.abs() + c.abs())
-        lo, hi = target - c.abs(), target + c.abs()
-        a = target - c * torch.tanh(target)
-        a = torch.minimum(torch.maximum(a, lo), hi)
-        residual = a + c * torch.tanh(a) - target
-        for _ in range(self.max_iter):
-            if bool((residual.abs() <= tol).all()):
-                return a
+        """Solve ``a + c tanh(a) = target`` elementwise (``c > -1``) to near machine precision.
+
+        Newton steps, replaced by bisection whenever they leave the bracket; each iteration works only on
+        the elements not yet converged.
+        """
+        shape = target.shape
+        t = target.reshape(-1)
+        tol_all = 16 * torch.finfo(t.dtype).eps * (1.0 + t.abs() + c.abs())
+        lo, hi = t - c.abs(), t + c.abs()
+        a = torch.minimum(torch.maximum(t - c * torch.tanh(t), lo), hi)
+        solution = a.clone()
+        idx = torch.arange(t.numel(), device=t.device)
+        tol = tol_all
+        for it in range(self.max_iter + 1):
+            th = torch.tanh(a)
+            residual = a + c * th - t
+            solution[idx] = a
+            keep = residual.abs() > tol
+            if not bool(keep.any()):
+                return solution.reshape(shape)
+            if it == self.max_iter:
+                break
+            idx, a, t, lo, hi, tol, th, residual = (
+                v[keep] for v in (idx, a, t, lo, hi, tol, th, residual)
+            )
             hi = torch.where(residual > 0, a, hi)
             lo = torch.where(residual < 0, a, lo)
-            t = torch.tanh(a)
-            step = a - residual / (1.0 + c * (1.0 - t * t))
-            outside = ~((step > lo) & (step < hi))
-            a = torch.where(outside, 0.5 * (lo + hi), step)
-            residual = a + c * torch.tanh(a) - target
-        if bool((residual.abs() <= tol).all()):
-            return a
-        worst = float(residual.abs().max())
-        n_bad = int((residual.abs() > tol).sum())
+            step = a - residual / (1.0 + c * (1.0 - th * th))
+            a = torch.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
         raise RuntimeError(
             f"Planar inverse did not converge in max_iter={self.max_iter} iterations: "
-            f"{n_bad} element(s) above tolerance, max residual |a + c·tanh(a) - (w·y + b)| = {worst:.3e}"
+            f"{idx.numel()} element(s) above tolerance, max residual |a + c·tanh(a) - (w·y + b)| = "
+            f"{float(residual.abs().max()):.3e} (tolerance {float(tol.max()):.1e})"
         )
 
     def extra_repr(self) -> str:

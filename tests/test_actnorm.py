@@ -1,0 +1,58 @@
+"""ActNorm: data-dependent init, its state in state_dict, and never re-initialising a used map."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyroflows.transforms import ActNorm
+
+
+@pytest.mark.parametrize("event_dim,shape", [(1, (3,)), (3, (2, 4, 5))])
+def test_init_gives_zero_mean_unit_variance(event_dim, shape):
+    torch.manual_seed(0)
+    t = ActNorm(shape[0], event_dim=event_dim)
+    x = 4.0 + 3.0 * torch.randn((256,) + shape) * torch.arange(1, shape[0] + 1).reshape(
+        (shape[0],) + (1,) * (event_dim - 1)
+    )
+    y = t(x)
+    dims = [0] + list(range(2, 1 + event_dim))
+    assert torch.allclose(y.mean(dims), torch.zeros(shape[0]), atol=1e-5)
+    assert torch.allclose(y.var(dims, unbiased=False), torch.ones(shape[0]), atol=1e-4)
+    assert bool(t.initialized)
+
+
+def test_init_happens_once_and_survives_state_dict():
+    t = ActNorm(2)
+    t(torch.randn(100, 2) * 5)
+    params = [p.detach().clone() for p in t.parameters()]
+    t(torch.randn(100, 2) + 10)  # a second batch does not re-initialise
+    assert all(torch.equal(a, b) for a, b in zip(params, t.parameters()))
+    assert "initialized" in t.state_dict()
+    fresh = ActNorm(2)
+    fresh.load_state_dict(t.state_dict())
+    fresh(torch.randn(100, 2) + 10)
+    assert all(torch.equal(a, b) for a, b in zip(params, fresh.parameters()))
+
+
+def test_no_init_in_eval_mode_or_after_an_inverse_call():
+    t = ActNorm(2).eval()
+    x = torch.randn(50, 2) * 3
+    assert torch.equal(t(x), x) and not bool(t.initialized)
+    t.train()
+    t.inv(torch.randn(50, 2))  # the map has been used: it must not change under a later forward
+    t(x)
+    assert bool(t.initialized) and torch.equal(t.bias.detach(), torch.zeros(2))
+
+
+def test_single_sample_keeps_identity():
+    t = ActNorm(3)
+    x = torch.randn(3)
+    assert torch.equal(t(x), x) and bool(t.initialized)
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_features"):
+        ActNorm(0)
+    with pytest.raises(ValueError, match="event_dim"):
+        ActNorm(3, event_dim=2)

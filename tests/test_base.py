@@ -1,0 +1,155 @@
+"""FlowTransform's contract: what it remembers, when it forgets, Compose's single pass, Inverse, validation."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
+from pyro.infer.autoguide import AutoNormalizingFlow
+
+import pyroflows
+from pyroflows.transforms import ActNorm, Compose, FlowTransform, Inverse, Planar
+
+
+class CountingPlanar(Planar):
+    """Planar that counts calls to its two methods."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = {"forward": 0, "inverse": 0}
+        with torch.no_grad():
+            self.u.normal_()
+
+    def forward_and_log_det(self, x):
+        self.calls["forward"] += 1
+        return super().forward_and_log_det(x)
+
+    def inverse_and_log_det(self, y):
+        self.calls["inverse"] += 1
+        return super().inverse_and_log_det(y)
+
+
+def test_types_and_constraints():
+    t = Planar(3)
+    assert isinstance(t, TransformModule) and t.bijective
+    assert t.domain.event_dim == t.codomain.event_dim == t.event_dim == 1
+    c = Compose([Planar(3), ActNorm(3)])
+    assert isinstance(c, FlowTransform) and isinstance(c, ComposeTransformModule)
+    assert c.domain.event_dim == 1 and len(c) == 2 and isinstance(c[1], ActNorm)
+    image = ActNorm(2, event_dim=3)
+    assert image.domain.event_dim == 3 and image.event_shape == (2, None, None)
+    assert hash(t) != hash(Planar(3))  # TransformModule's identity hash, usable in sets and dicts
+
+
+def test_log_det_is_not_recomputed_for_the_last_pair():
+    t = CountingPlanar(3)
+    x = torch.randn(4, 3)
+    y = t(x)
+    t.log_abs_det_jacobian(x, y)
+    t.inv(y)
+    assert t.calls == {"forward": 1, "inverse": 0}
+    t.log_abs_det_jacobian(x.clone(), y)  # not the remembered pair: computed afresh
+    assert t.calls["forward"] == 2
+
+
+def test_memo_forgets_after_in_place_edit_optimiser_step_and_mode_switch():
+    t = CountingPlanar(3)
+    x = torch.randn(4, 3)
+    y = t(x)
+    x.add_(1.0)  # in place: the remembered pair no longer describes x
+    t.log_abs_det_jacobian(x, y)
+    assert t.calls["forward"] == 2
+    t(x).sum().backward()  # the pair just computed is remembered: no new forward
+    assert t.calls["forward"] == 2
+    torch.optim.SGD(t.parameters(), lr=0.1).step()
+    y_new = t(x)
+    assert t.calls["forward"] == 3, "memo survived an optimiser step"
+    assert torch.allclose(y_new, t.forward_and_log_det(x)[0])  # a direct call: forward count 4
+    t.eval()
+    t(x)
+    assert t.calls["forward"] == 5, "memo survived a switch to eval mode"
+
+
+def test_memo_forgets_across_grad_mode():
+    t = CountingPlanar(3)
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        y = t(x)
+    assert not y.requires_grad
+    y2 = t(x)  # grad enabled now: must be recomputed with a graph, not served from the no-grad memo
+    assert y2.requires_grad
+
+
+def test_compose_runs_each_part_once_and_sums_log_dets():
+    parts = [CountingPlanar(3) for _ in range(3)]
+    flow = Compose(parts)
+    x = torch.randn(5, 3)
+    y = flow(x)
+    ld = flow.log_abs_det_jacobian(x, y)
+    flow.inv(y)
+    assert [p.calls["forward"] for p in parts] == [1, 1, 1]
+    assert [p.calls["inverse"] for p in parts] == [0, 0, 0]
+    h, expected = x, torch.zeros(5)
+    for p in parts:
+        h, l = p.forward_and_log_det(h)
+        expected = expected + l
+    assert torch.allclose(ld, expected, atol=1e-6)
+
+
+def test_guide_log_q_needs_no_inverse():
+    """In an AutoNormalizingFlow guide, log q(z) of a sample comes from the remembered log-det."""
+    parts = [CountingPlanar(2) for _ in range(2)]
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    guide = AutoNormalizingFlow(model, lambda dim: Compose(parts))
+    guide()
+    posterior = guide.get_posterior()
+    z = posterior.rsample()
+    posterior.log_prob(z)
+    assert all(p.calls["inverse"] == 0 for p in parts)
+
+
+def test_non_finite_output_names_the_layer():
+    bad = Planar(2)
+    flow = Compose([Planar(2), bad, ActNorm(2)])
+    with torch.no_grad():
+        bad.b.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match=r"Planar \(part 1 of 3 in Compose.forward\)"):
+        flow(torch.randn(3, 2))
+
+
+def test_validation_can_be_turned_off():
+    t = Planar(2)
+    pyroflows.enable_validation(False)
+    assert not pyroflows.is_validation_enabled()
+    y = t(torch.full((2,), float("nan")))  # no check: NaN propagates silently when the user asks for speed
+    assert torch.isnan(y).all()
+    pyroflows.enable_validation(None)
+    assert pyroflows.is_validation_enabled() == torch.distributions.Distribution._validate_args
+
+
+def test_inverse_is_a_module_and_round_trips():
+    t = Planar(3)
+    inv = pyroflows.inverse(t)
+    assert isinstance(inv, Inverse) and isinstance(inv, torch.nn.Module)
+    assert pyroflows.inverse(inv) is t
+    assert inv.domain is t.codomain or inv.domain.event_dim == t.codomain.event_dim
+    ml = torch.nn.ModuleList([inv])  # usable where torch's t.inv is not
+    assert len(list(ml.parameters())) == 3
+
+
+def test_compose_accepts_only_transforms():
+    with pytest.raises(TypeError, match="part 1"):
+        Compose([Planar(2), torch.nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="cache_size"):
+        Planar(2).with_cache(2)
+
+
+def test_empty_compose_is_identity():
+    flow = Compose([])
+    x = torch.randn(4, 3)
+    assert flow(x) is x or torch.equal(flow(x), x)

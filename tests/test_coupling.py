@@ -1,0 +1,59 @@
+"""Affine coupling: masks, identity init, bounded scale, argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyroflows.transforms import AffineCoupling, make_mask
+
+
+def test_masks():
+    assert make_mask("half", 5).tolist() == [True, True, False, False, False]
+    assert make_mask("alternate", 5).tolist() == [True, False, True, False, True]
+    assert make_mask(torch.tensor([0, 1, 1]), 3).tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize("mask", ["half", "alternate", torch.tensor([True, False, False, True, False])])
+def test_conditioning_coordinates_pass_unchanged(mask):
+    torch.manual_seed(0)
+    t = AffineCoupling(5, mask=mask, hidden=(8,))
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(torch.randn_like(p))
+    x = torch.randn(10, 5)
+    y = t(x)
+    keep = t.mask
+    assert torch.equal(y[:, keep], x[:, keep])
+    assert not torch.allclose(y[:, ~keep], x[:, ~keep])
+
+
+def test_identity_at_init_and_bounded_scale():
+    t = AffineCoupling(4, hidden=(8,), scale_bound=2.0)
+    x = torch.randn(6, 4)
+    assert torch.equal(t(x), x)
+    with torch.no_grad():
+        t.conditioner.net.layers[-1].bias.fill_(1e6)  # an exploding conditioner
+    log_det = t.log_abs_det_jacobian(x, t(x))
+    assert torch.all(log_det <= 2.0 * 2 + 1e-6)  # two transformed coordinates, |log-scale| <= 2
+
+
+def test_one_dimensional_event_is_an_elementwise_affine_map():
+    t = AffineCoupling(1, mask="half")
+    with torch.no_grad():
+        t.conditioner.net.layers[-1].bias.copy_(torch.tensor([0.5, 0.2]))
+    x = torch.randn(4, 1)
+    assert torch.allclose(t(x), x * torch.exp(torch.tanh(torch.tensor(0.2 / 3)) * 3) + 0.5)
+
+
+def test_rejects_bad_masks():
+    with pytest.raises(ValueError, match="shape"):
+        AffineCoupling(3, mask=torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="none is transformed"):
+        AffineCoupling(2, mask=torch.tensor([True, True]))
+    with pytest.raises(ValueError, match="mask must be one of"):
+        AffineCoupling(3, mask="checkers")
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        AffineCoupling(3, mask=torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match="input_dim"):
+        AffineCoupling(0)

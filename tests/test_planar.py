@@ -1,0 +1,76 @@
+"""Planar-specific properties: the invertibility constraint, the inverse's accuracy, gradients and failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyroflows.transforms import Planar
+
+
+def test_identity_at_init():
+    t = Planar(4)
+    x = torch.randn(6, 4)
+    assert torch.equal(t(x), x)
+    assert torch.equal(t.log_abs_det_jacobian(x, t(x)), torch.zeros(6))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_constraint_holds_for_adversarial_parameters(seed):
+    torch.manual_seed(seed)
+    t = Planar(3).double()
+    with torch.no_grad():
+        t.w.normal_(0, 3)
+        t.u.copy_(-20 * t.w)  # w·u very negative: unconstrained planar would be non-invertible
+    assert float((t.w @ t.u_hat()).detach()) >= -1 + t.margin * 0.999
+    x = torch.randn(100, 3, dtype=torch.float64) * 3
+    y = t(x)
+    assert torch.isfinite(t.log_abs_det_jacobian(x, y)).all()
+    assert torch.allclose(t.inv(y.clone()), x, atol=1e-8)
+
+
+class _InverseOnly(torch.nn.Module):
+    def __init__(self, t):
+        super().__init__()
+        self.t = t
+
+    def forward(self, y):
+        return self.t.inverse_and_log_det(y)
+
+
+def test_inverse_gradients_match_finite_differences():
+    """The root is found without a graph; one differentiable Newton step gives implicit-function gradients."""
+    torch.manual_seed(0)
+    t = Planar(3).double()
+    with torch.no_grad():
+        t.u.normal_()
+        t.b.fill_(0.3)
+    wrapper = _InverseOnly(t)
+
+    def inverse(y, u, w, b):
+        return torch.func.functional_call(wrapper, {"t.u": u, "t.w": w, "t.b": b}, (y,))
+
+    inputs = (torch.randn(4, 3, dtype=torch.float64),) + tuple(p.detach().clone() for p in (t.u, t.w, t.b))
+    inputs = tuple(v.requires_grad_() for v in inputs)
+    assert torch.autograd.gradcheck(inverse, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_inverse_reports_non_convergence():
+    torch.manual_seed(0)
+    t = Planar(2, max_iter=1).double()
+    with torch.no_grad():
+        t.w.copy_(torch.tensor([3.0, 0.0]))
+        t.u.copy_(torch.tensor([-50.0, 0.0]))  # w·u_hat close to -1: a flat, hard root
+    y = torch.linspace(-3, 3, 50, dtype=torch.float64)[:, None] * torch.tensor([1.0, 0.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="did not converge.*max residual"):
+        t.inv(y)
+    t.max_iter = 100
+    x = t.inv(y)
+    assert torch.allclose(t(x.clone()), y, atol=1e-10)
+
+
+def test_constructor_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="input_dim"):
+        Planar(0)
+    with pytest.raises(ValueError, match="max_iter"):
+        Planar(2, max_iter=-1)
