@@ -46,7 +46,10 @@ def test_builders_reject_bad_sizes():
 
 @pytest.mark.parametrize(
     "init_fn,lr",
-    [(partial(pyroflows.realnvp, num_layers=2, hidden=(16,)), 2e-2), (partial(pyroflows.planar_flow, num_layers=2), 5e-2)],
+    [
+        (partial(pyroflows.realnvp, num_layers=2, hidden=(16,)), 2e-2),
+        (partial(pyroflows.planar_flow, num_layers=2), 5e-2),
+    ],
     ids=["realnvp", "planar_flow"],
 )
 def test_guide_fits_a_shifted_narrow_gaussian(init_fn, lr):

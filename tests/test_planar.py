@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from pyroflows.transforms import Planar
 
@@ -74,3 +78,21 @@ def test_constructor_rejects_bad_arguments():
         Planar(0)
     with pytest.raises(ValueError, match="max_iter"):
         Planar(2, max_iter=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    w=arrays(np.float64, (3,), elements=st.floats(-4, 4)),
+    u=arrays(np.float64, (3,), elements=st.floats(-30, 30)),
+    b=st.floats(-5, 5),
+    scale=st.floats(0.1, 50),
+)
+def test_inverse_round_trip_property(w, u, b, scale):
+    """For any parameters with w != 0, inverse(forward(x)) recovers x to float64 precision."""
+    assume(np.linalg.norm(w) > 1e-2)
+    t = Planar(3).double()
+    with torch.no_grad():
+        t.w.copy_(torch.from_numpy(w)), t.u.copy_(torch.from_numpy(u)), t.b.fill_(b)
+    x = scale * torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = t(x)
+    assert torch.allclose(t.inv(y.clone()), x, atol=1e-9 * (1 + scale + np.abs(u).sum()), rtol=0)

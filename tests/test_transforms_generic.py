@@ -17,9 +17,9 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormalizingFlow
 from pyro.optim import Adam
+from registry import CASES, build
 
 import pyroflows
-from registry import CASES, build
 
 ATOL = 1e-8
 BATCH_SHAPES = [(), (5,), (3, 4)]

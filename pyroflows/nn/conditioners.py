@@ -49,9 +49,7 @@ class MLP(nn.Module):
         self.out_features = out_features
         with warnings.catch_warnings():  # Linear(0, h) warns that initialising an empty weight is a no-op
             warnings.simplefilter("ignore", UserWarning)
-            self.net = DenseNN(
-                in_features, hidden, param_dims=[out_features], nonlinearity=activation or nn.ReLU()
-            )
+            self.net = DenseNN(in_features, hidden, param_dims=[out_features], nonlinearity=activation or nn.ReLU())
         if zero_init:
             last = self.net.layers[-1]
             nn.init.zeros_(last.weight)

@@ -294,8 +294,7 @@ class FlowTransform(TransformModule):
         event_dim = self.domain.event_dim if direction == "forward" else self.codomain.event_dim
         if x.dim() < event_dim:
             raise ValueError(
-                f"{name} expects at least {event_dim} dimension(s) (event_dim={event_dim}), "
-                f"got shape {tuple(x.shape)}"
+                f"{name} expects at least {event_dim} dimension(s) (event_dim={event_dim}), got shape {tuple(x.shape)}"
             )
         if expected is not None and not _shape_matches(x.shape, expected):
             raise ValueError(

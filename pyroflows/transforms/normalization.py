@@ -20,8 +20,9 @@ class ActNorm(FlowTransform):
     (statistics over every batch and spatial position); afterwards they are ordinary parameters. The init
     happens only if the layer's first training-mode call is a forward call with at least two positions per
     feature: a first inverse call (or a single sample) keeps the identity and marks the layer initialised,
-    so a map that has been used is never re-initialised later. Call :meth:`initialize` to force an init. The ``initialized`` buffer records this and is part
-    of the ``state_dict``, so a loaded model is not re-initialised. A fresh layer is the identity.
+    so a map that has been used is never re-initialised later. Call :meth:`initialize` to force an init.
+    The ``initialized`` buffer records this and is part of the ``state_dict``, so a loaded model is not
+    re-initialised. A fresh layer is the identity.
 
     Reference: Kingma & Dhariwal, *Glow: Generative Flow with Invertible 1x1 Convolutions*, NeurIPS 2018.
 

@@ -11,7 +11,6 @@ from torch import nn
 from .base import FlowTransform
 
 
-
 class Planar(FlowTransform):
     r"""Planar flow :math:`y = x + \hat u \tanh(w^\top x + b)` (Rezende & Mohamed, 2015, §A.1).
 
@@ -117,9 +116,7 @@ class Planar(FlowTransform):
                 return solution.reshape(shape)
             if it == self.max_iter:
                 break
-            idx, a, t, lo, hi, tol, th, residual = (
-                v[keep] for v in (idx, a, t, lo, hi, tol, th, residual)
-            )
+            idx, a, t, lo, hi, tol, th, residual = (v[keep] for v in (idx, a, t, lo, hi, tol, th, residual))
             hi = torch.where(residual > 0, a, hi)
             lo = torch.where(residual < 0, a, lo)
             step = a - residual / (1.0 + c * (1.0 - th * th))
