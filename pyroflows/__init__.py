@@ -5,16 +5,19 @@ usable as ``AutoNormalizingFlow`` guides (``partial(pyroflows.realnvp, num_layer
 """
 
 from . import nn, transforms
-from .builders import planar_flow, realnvp
+from .builders import glow, planar_flow, realnvp
+from .density import FlowDensity
 from .transforms import Compose, FlowTransform, Inverse, enable_validation, inverse, is_validation_enabled
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Compose",
+    "FlowDensity",
     "FlowTransform",
     "Inverse",
     "enable_validation",
+    "glow",
     "inverse",
     "is_validation_enabled",
     "nn",

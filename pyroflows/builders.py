@@ -5,7 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .transforms import ActNorm, AffineCoupling, Compose, Permute, Planar, inverse, make_mask
+from .transforms import (
+    ActNorm,
+    AffineCoupling,
+    Compose,
+    Invertible1x1Conv,
+    Logit,
+    MultiScale,
+    Permute,
+    Planar,
+    Squeeze,
+    inverse,
+    make_mask,
+)
 
 
 def _output_affine(dim: int):
@@ -19,13 +31,127 @@ def _output_affine(dim: int):
     return inverse(ActNorm(dim))
 
 
+def _shape(input_dim_or_shape) -> tuple:
+    return (input_dim_or_shape,) if isinstance(input_dim_or_shape, int) else tuple(input_dim_or_shape)
+
+
 def _vector_dim(input_dim_or_shape, builder: str) -> int:
-    shape = (input_dim_or_shape,) if isinstance(input_dim_or_shape, int) else tuple(input_dim_or_shape)
+    shape = _shape(input_dim_or_shape)
     if len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 1:
         return shape[0]
-    if len(shape) == 3:
-        raise NotImplementedError(f"{builder}: image shapes {shape} are not supported yet (vectors only)")
     raise ValueError(f"{builder}: expected a positive int or a shape (D,), got {input_dim_or_shape!r}")
+
+
+def _image_shape(shape, builder: str) -> tuple[int, int, int]:
+    shape = _shape(shape)
+    if len(shape) != 3 or not all(isinstance(n, int) and n >= 1 for n in shape):
+        raise ValueError(f"{builder}: expected an image shape (C, H, W) of positive ints, got {shape!r}")
+    return shape
+
+
+def _check_levels(shape, levels: int, builder: str, extra_squeeze: int = 0) -> None:
+    c, h, w = shape
+    need = 2 ** (levels - 1 + extra_squeeze)
+    if levels < 1 or h % need or w % need:
+        raise ValueError(
+            f"{builder}: H={h}, W={w} must be divisible by {need} for levels={levels}; "
+            f"the largest levels this size allows is {_max_levels(shape, extra_squeeze)}"
+        )
+
+
+def _max_levels(shape, extra_squeeze: int = 0) -> int:
+    _, h, w = shape
+    levels = 0
+    while h % (2 ** (levels + extra_squeeze)) == 0 and w % (2 ** (levels + extra_squeeze)) == 0 and levels < 8:
+        if min(h, w) // 2 ** (levels + extra_squeeze) < 1:
+            break
+        levels += 1
+    return levels
+
+
+def _with_logit(parts, logit_alpha):
+    return Compose(([Logit(logit_alpha)] if logit_alpha is not None else []) + [parts])
+
+
+def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha) -> Compose:
+    shape = _image_shape(shape, "realnvp")
+    if levels is None:
+        levels = max(1, min(3, _max_levels(shape)))
+    _check_levels(shape, levels, "realnvp")
+    if num_layers < 1:
+        raise ValueError(f"realnvp: num_layers must be >= 1, got {num_layers!r}")
+
+    def coupling(c, mask, flip):
+        return [ActNorm(c, event_dim=3), AffineCoupling(c, mask=mask, hidden=hidden, scale_bound=scale_bound, flip=flip)]
+
+    def level(c, remaining):
+        parts = []
+        if remaining == 1:
+            for i in range(num_layers + 1):
+                parts += coupling(c, "checkerboard", i % 2 == 1)
+            return Compose(parts)
+        for i in range(num_layers):
+            parts += coupling(c, "checkerboard", i % 2 == 1)
+        parts.append(Squeeze())
+        for i in range(num_layers):
+            parts += coupling(4 * c, "channel", i % 2 == 1)
+        parts.append(MultiScale(4 * c, level(2 * c, remaining - 1), hidden_channels=hidden))
+        return Compose(parts)
+
+    return _with_logit(level(shape[0], levels), logit_alpha)
+
+
+def glow(
+    shape: Sequence[int],
+    levels: int = 3,
+    steps: int = 8,
+    hidden_channels: int = 128,
+    *,
+    lu: bool = True,
+    additive: bool = False,
+    scale_bound: float = 3.0,
+    logit_alpha: float | None = 0.05,
+) -> Compose:
+    """Glow (Kingma & Dhariwal, 2018) as a density model (data to latent): an optional
+    :class:`~pyroflows.transforms.Logit` of data in ``[0, 1]``, then per level a squeeze and ``steps`` ×
+    (ActNorm → Invertible1x1Conv → channel AffineCoupling), and, except at the last level, a factor-out of half
+    the channels with a learned conditional prior (:class:`~pyroflows.transforms.MultiScale`).
+
+    :param shape: the image shape ``(C, H, W)``; ``H`` and ``W`` must be divisible by ``2**levels``.
+    :param int levels: number of levels (squeezes).
+    :param int steps: flow steps per level.
+    :param int hidden_channels: width of each coupling's conditioner.
+    :param bool lu: LU-parameterised 1x1 convolutions.
+    :param bool additive: additive (volume-preserving) couplings.
+    :param float scale_bound: bound on each coupling's absolute log-scale.
+    :param float logit_alpha: squashing of the first Logit; ``None`` leaves it out.
+
+    Example::
+
+        >>> import torch, pyroflows
+        >>> flow = pyroflows.glow((1, 8, 8), levels=2, steps=2, hidden_channels=16)
+        >>> flow.forward_shape((1, 8, 8))
+        (4, 4, 4)
+    """
+    shape = _image_shape(shape, "glow")
+    if steps < 1:
+        raise ValueError(f"glow: steps must be >= 1, got {steps!r}")
+    _check_levels(shape, levels, "glow", extra_squeeze=1)
+
+    def level(c, remaining):
+        c = 4 * c
+        parts = [Squeeze()]
+        for _ in range(steps):
+            parts += [
+                ActNorm(c, event_dim=3),
+                Invertible1x1Conv(c, lu=lu),
+                AffineCoupling(c, mask="channel", hidden=hidden_channels, additive=additive, scale_bound=scale_bound),
+            ]
+        if remaining > 1:
+            parts.append(MultiScale(c, level(c // 2, remaining - 1), hidden_channels=hidden_channels))
+        return Compose(parts)
+
+    return _with_logit(level(shape[0], levels), logit_alpha)
 
 
 def planar_flow(input_dim: int, num_layers: int = 16) -> Compose:
@@ -53,9 +179,12 @@ def planar_flow(input_dim: int, num_layers: int = 16) -> Compose:
 
 def realnvp(
     input_dim_or_shape: int | Sequence[int],
-    num_layers: int = 8,
-    hidden: Sequence[int] | None = None,
+    num_layers: int | None = None,
+    hidden: Sequence[int] | int | None = None,
     scale_bound: float = 3.0,
+    *,
+    levels: int | None = None,
+    logit_alpha: float | None = 0.05,
 ) -> Compose:
     """RealNVP for vectors: ``num_layers`` × (ActNorm → AffineCoupling), masks alternating between the first
     half and the second half of the coordinates, a fixed random permutation after every second coupling
@@ -67,10 +196,21 @@ def realnvp(
     In the density direction (data to latent) the first ActNorm normalises the data by its data-dependent
     init.
 
-    :param int input_dim_or_shape: the event size ``D`` (or the shape ``(D,)``).
-    :param int num_layers: number of coupling layers.
-    :param hidden: conditioner hidden sizes; default ``(max(64, 4D),) * 2``.
+    For an image shape ``(C, H, W)`` it builds the multi-scale RealNVP of Dinh et al. (2017) as a density model
+    (data to latent): an optional :class:`~pyroflows.transforms.Logit` preprocessing of data in ``[0, 1]``, then
+    per level ``num_layers`` checkerboard couplings (alternating parity) → squeeze → ``num_layers`` channel
+    couplings (alternating halves) → factor out half the channels (:class:`~pyroflows.transforms.MultiScale`)
+    and recurse; the last level has ``num_layers + 1`` checkerboard couplings. ActNorm precedes each coupling.
+    The latent has shape ``flow.forward_shape((C, H, W))``.
+
+    :param input_dim_or_shape: the event size ``D`` (or ``(D,)``), or an image shape ``(C, H, W)``.
+    :param int num_layers: couplings per block; default 8 (vectors) or 3 (images).
+    :param hidden: vector conditioner hidden sizes (default ``(max(64, 4D),) * 2``) or image conditioner
+        width (default 64).
     :param float scale_bound: bound on each coupling's absolute log-scale.
+    :param int levels: image scales (default: as many as the size allows, at most 3).
+    :param float logit_alpha: images: squashing of the first :class:`~pyroflows.transforms.Logit`; ``None``
+        leaves it out (the data space is then the real line).
 
     Example::
 
@@ -80,7 +220,11 @@ def realnvp(
         >>> flow.log_abs_det_jacobian(x, flow(x)).shape
         torch.Size([5])
     """
+    shape = _shape(input_dim_or_shape)
+    if len(shape) == 3:
+        return _realnvp_image(shape, num_layers or 3, hidden or 64, scale_bound, levels, logit_alpha)
     dim = _vector_dim(input_dim_or_shape, "realnvp")
+    num_layers = 8 if num_layers is None else num_layers
     if num_layers < 1:
         raise ValueError(f"realnvp: num_layers must be >= 1, got {num_layers!r}")
     hidden = tuple(hidden) if hidden is not None else (max(64, 4 * dim),) * 2

@@ -14,7 +14,25 @@ import torch
 from torch.distributions import AffineTransform
 
 import pyroflows
-from pyroflows.transforms import ActNorm, AffineCoupling, Compose, Permute, Planar
+from pyroflows.transforms import (
+    ActNorm,
+    AffineCoupling,
+    Compose,
+    Invertible1x1Conv,
+    Logit,
+    MultiScale,
+    Permute,
+    Planar,
+    Squeeze,
+)
+
+
+def standard_normal(shape, generator):
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+def unit_interval(shape, generator):
+    return torch.rand(shape, generator=generator, dtype=torch.float64) * 0.98 + 0.01
 
 
 @dataclass(frozen=True)
@@ -22,6 +40,10 @@ class Case:
     make: Callable[[tuple[int, ...]], torch.distributions.Transform]
     shape: tuple[int, ...] = (3,)
     vector: bool = True
+    draw: Callable = standard_normal  # inputs in the forward direction (the domain)
+    # latents for inverse-direction checks: standard normal, or images of domain draws when the codomain
+    # is not the whole space (a squashed logit maps [0, 1] onto a bounded interval)
+    latent_from_data: bool = False
 
 
 def _alternating_tensor_mask(shape):
@@ -47,6 +69,43 @@ CASES: dict[str, Case] = {
     "inverse_realnvp": Case(lambda s: pyroflows.inverse(pyroflows.realnvp(s[0], num_layers=2, hidden=(8,)))),
     "planar_flow": Case(lambda s: pyroflows.planar_flow(s[0], num_layers=4)),
     "realnvp": Case(lambda s: pyroflows.realnvp(s[0], num_layers=4, hidden=(16,))),
+    "conv1x1_vector": Case(lambda s: Invertible1x1Conv(s[0], event_dim=1)),
+    # image layers, event shape (C, H, W)
+    "conv1x1": Case(lambda s: Invertible1x1Conv(s[0]), shape=(3, 2, 2), vector=False),
+    "conv1x1_lu": Case(lambda s: Invertible1x1Conv(s[0], lu=True), shape=(3, 2, 2), vector=False),
+    "coupling_checkerboard": Case(
+        lambda s: AffineCoupling(s[0], mask="checkerboard", hidden=4), shape=(2, 3, 3), vector=False
+    ),
+    "coupling_checkerboard_flip": Case(
+        lambda s: AffineCoupling(s[0], mask="checkerboard", hidden=4, flip=True), shape=(1, 3, 2), vector=False
+    ),
+    "coupling_channel": Case(lambda s: AffineCoupling(s[0], mask="channel", hidden=4), shape=(3, 2, 2), vector=False),
+    "coupling_channel_additive": Case(
+        lambda s: AffineCoupling(s[0], mask="channel", hidden=4, additive=True, flip=True), shape=(2, 2, 2), vector=False
+    ),
+    "coupling_image_tensor_mask": Case(
+        lambda s: AffineCoupling(s[0], mask=torch.rand(s) > 0.5, hidden=4), shape=(2, 2, 2), vector=False
+    ),
+    "squeeze": Case(lambda s: Squeeze(), shape=(2, 2, 4), vector=False),
+    "multiscale": Case(
+        lambda s: MultiScale(s[0], Compose([Squeeze(), AffineCoupling(4 * (s[0] // 2), "channel", hidden=4)]), hidden_channels=4),
+        shape=(2, 2, 2),
+        vector=False,
+    ),
+    "logit": Case(lambda s: Logit(0.05), shape=(1, 2, 3), vector=False, draw=unit_interval, latent_from_data=True),
+    "realnvp_image": Case(
+        lambda s: pyroflows.realnvp(s, num_layers=1, hidden=4, levels=2, logit_alpha=None), shape=(1, 4, 4), vector=False
+    ),
+    "glow": Case(
+        lambda s: pyroflows.glow(s, levels=2, steps=1, hidden_channels=4, logit_alpha=None), shape=(1, 4, 4), vector=False
+    ),
+    "glow_with_logit": Case(
+        lambda s: pyroflows.glow(s, levels=1, steps=2, hidden_channels=4, lu=False, additive=True),
+        shape=(2, 2, 2),
+        vector=False,
+        draw=unit_interval,
+        latent_from_data=True,
+    ),
 }
 
 
@@ -59,7 +118,7 @@ def build(case: Case, shape=None, dtype=torch.float64, scale: float = 0.3, seed:
     t = case.make(shape)
     if isinstance(t, torch.nn.Module):
         t = t.to(dtype)
-        t(torch.randn((64,) + shape, dtype=dtype))
+        t(case.draw((64,) + shape, torch.Generator().manual_seed(seed)).to(dtype))
         with torch.no_grad():
             for p in t.parameters():
                 p.add_(scale * torch.randn_like(p))

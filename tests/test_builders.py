@@ -40,8 +40,14 @@ def test_builders_reject_bad_sizes():
         pyroflows.realnvp(0)
     with pytest.raises(ValueError, match="num_layers"):
         pyroflows.planar_flow(2, num_layers=0)
-    with pytest.raises(NotImplementedError, match="image shapes"):
-        pyroflows.realnvp((1, 8, 8))
+    with pytest.raises(ValueError, match="divisible by 16 for levels=4; the largest levels this size allows is 3"):
+        pyroflows.glow((1, 8, 8), levels=4)
+    with pytest.raises(ValueError, match="H=6, W=6 must be divisible by 4"):
+        pyroflows.realnvp((1, 6, 6), levels=3)
+    with pytest.raises(ValueError, match=r"image shape \(C, H, W\)"):
+        pyroflows.glow((8, 8))
+    with pytest.raises(ValueError, match="steps"):
+        pyroflows.glow((1, 8, 8), steps=0)
 
 
 @pytest.mark.parametrize(

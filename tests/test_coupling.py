@@ -55,5 +55,13 @@ def test_rejects_bad_masks():
         AffineCoupling(3, mask="checkers")
     with pytest.raises(ValueError, match="only 0 and 1"):
         AffineCoupling(3, mask=torch.tensor([0, 2, 1]))
-    with pytest.raises(ValueError, match="input_dim"):
+    with pytest.raises(ValueError, match="num_features"):
         AffineCoupling(0)
+    with pytest.raises(ValueError, match="0 < split < C=1"):
+        AffineCoupling(1, mask="channel")
+    with pytest.raises(ValueError, match="split"):
+        AffineCoupling(4, mask="channel", split=4)
+    with pytest.raises(ValueError, match=r"shape \(1 or C, H, W\)"):
+        AffineCoupling(3, mask=torch.rand(2, 4, 4) > 0.5)
+    with pytest.raises(ValueError, match="every pixel"):
+        AffineCoupling(3, mask=torch.ones(1, 4, 4, dtype=torch.bool))

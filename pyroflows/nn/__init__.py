@@ -1,5 +1,5 @@
 """Networks that parameterise flow layers: conditioners (and, later, Lipschitz-constrained networks)."""
 
-from .conditioners import MLP
+from .conditioners import MLP, ConvNet
 
-__all__ = ["MLP"]
+__all__ = ["ConvNet", "MLP"]

@@ -58,3 +58,45 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
         return out.reshape(x.shape[:-1] + (self.out_features,))
+
+
+class ConvNet(nn.Module):
+    """A small CNN ``(..., C_in, H, W) -> (..., C_out, H, W)`` for image couplings: conv 3x3 → ReLU →
+    conv 1x1 → ReLU → conv 3x3, the last convolution zero-initialised (Glow's ``Conv2dZeros`` idea), so a
+    fresh coupling is the identity. Any number of leading batch dims.
+
+    :param int in_channels: input channels.
+    :param int out_channels: output channels.
+    :param int hidden_channels: width of the hidden layers.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn import ConvNet
+        >>> net = ConvNet(2, 4, hidden_channels=8)
+        >>> net(torch.randn(3, 2, 5, 5)).shape, net(torch.randn(3, 2, 5, 5)).abs().max().item()
+        (torch.Size([3, 4, 5, 5]), 0.0)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, zero_init: bool = True):
+        super().__init__()
+        if min(in_channels, out_channels, hidden_channels) < 1:
+            raise ValueError(
+                f"ConvNet: channel counts must be positive, got {in_channels}, {out_channels}, {hidden_channels}"
+            )
+        self.out_channels = out_channels
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden_channels, hidden_channels, 1),
+            nn.ReLU(),
+            nn.Conv2d(hidden_channels, out_channels, 3, padding=1),
+        )
+        if zero_init:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[:-3]
+        out = self.net(x.reshape((-1,) + x.shape[-3:]))
+        return out.reshape(batch + out.shape[-3:])

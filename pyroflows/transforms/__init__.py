@@ -10,10 +10,13 @@ from .base import (
     inverse_and_log_det,
     is_validation_enabled,
 )
+from .conv1x1 import Invertible1x1Conv
 from .coupling import AffineCoupling, make_mask
 from .normalization import ActNorm
 from .permute import Permute
 from .planar import Planar
+from .preprocess import Logit
+from .reshape import MultiScale, Squeeze
 
 __all__ = [
     "ActNorm",
@@ -21,8 +24,12 @@ __all__ = [
     "Compose",
     "FlowTransform",
     "Inverse",
+    "Invertible1x1Conv",
+    "Logit",
+    "MultiScale",
     "Permute",
     "Planar",
+    "Squeeze",
     "enable_validation",
     "forward_and_log_det",
     "inverse",

@@ -100,6 +100,12 @@ def inverse_and_log_det(t: Transform, y: torch.Tensor) -> tuple[torch.Tensor, to
     return x, -t.log_abs_det_jacobian(x, y)
 
 
+def _base_constraint(c):
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    return c
+
+
 def _shape_matches(shape: torch.Size, expected: Sequence[int | None]) -> bool:
     if len(shape) < len(expected):
         return False
@@ -304,6 +310,12 @@ class FlowTransform(TransformModule):
         if not bool(torch.isfinite(x).all()):
             n_bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"{name} received {n_bad} non-finite value(s) (NaN or inf) in its input")
+        support = _base_constraint(self.domain if direction == "forward" else self.codomain)
+        if support is not constraints.real and not bool(support.check(x).all()):
+            raise ValueError(
+                f"{name}: input outside the transform's domain {support} "
+                f"(got values in [{float(x.min()):.4g}, {float(x.max()):.4g}])"
+            )
 
     def _check_output(self, x, y, log_det, direction: str) -> None:
         if bool(torch.isfinite(y).all()) and bool(torch.isfinite(log_det).all()):

@@ -1,4 +1,4 @@
-r"""Affine coupling (Dinh et al., 2017, RealNVP): half the coordinates condition an affine map of the rest."""
+r"""Affine coupling (Dinh et al., 2017, RealNVP; Kingma & Dhariwal, 2018, Glow), for vectors and images."""
 
 from __future__ import annotations
 
@@ -7,57 +7,90 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..nn.conditioners import MLP
+from ..nn.conditioners import MLP, ConvNet
 from .base import FlowTransform
 
-MASKS_1D = ("half", "alternate")
+VECTOR_MASKS = ("half", "alternate")
+IMAGE_MASKS = ("checkerboard", "channel")
 
 
-def make_mask(kind: str | torch.Tensor | Sequence[bool], input_dim: int) -> torch.Tensor:
-    """A boolean mask of length ``input_dim``; ``True`` marks the coordinates that pass unchanged and
+def make_mask(kind: str | torch.Tensor | Sequence[bool], input_dim: int, flip: bool = False) -> torch.Tensor:
+    """A boolean vector mask of length ``input_dim``; ``True`` marks the coordinates that pass unchanged and
     condition the others.
 
     :param kind: ``"half"`` (the first ``input_dim // 2`` coordinates), ``"alternate"`` (even indices),
         or an explicit boolean / 0-1 sequence or tensor of length ``input_dim``.
     :param int input_dim: the event size ``D``.
+    :param bool flip: negate the mask.
     """
     if isinstance(kind, str):
         idx = torch.arange(input_dim)
         if kind == "half":
-            return idx < input_dim // 2
-        if kind == "alternate":
-            return idx % 2 == 0
-        raise ValueError(f"mask must be one of {MASKS_1D} or a boolean tensor for vectors, got {kind!r}")
-    mask = torch.as_tensor(kind)
+            mask = idx < input_dim // 2
+        elif kind == "alternate":
+            mask = idx % 2 == 0
+        else:
+            raise ValueError(f"mask must be one of {VECTOR_MASKS} or a boolean tensor for vectors, got {kind!r}")
+        return ~mask if flip else mask
+    mask = _as_bool(kind)
+    if mask.shape != (input_dim,):
+        raise ValueError(f"mask must have shape ({input_dim},), got {tuple(mask.shape)}")
+    return ~mask if flip else mask
+
+
+def _as_bool(mask) -> torch.Tensor:
+    mask = torch.as_tensor(mask)
     if mask.dtype != torch.bool:
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask must be boolean or contain only 0 and 1")
         mask = mask.bool()
-    if mask.shape != (input_dim,):
-        raise ValueError(f"mask must have shape ({input_dim},), got {tuple(mask.shape)}")
     return mask.clone()
 
 
+def _is_image_mask(mask) -> bool:
+    if isinstance(mask, str):
+        if mask in IMAGE_MASKS:
+            return True
+        if mask in VECTOR_MASKS:
+            return False
+        raise ValueError(f"mask must be one of {VECTOR_MASKS + IMAGE_MASKS} or a boolean tensor, got {mask!r}")
+    return torch.as_tensor(mask).dim() == 3
+
+
 class AffineCoupling(FlowTransform):
-    r"""Affine coupling layer for vectors: with ``m`` the mask,
+    r"""Affine coupling layer: with ``m`` the mask (``True`` = conditioning, passed unchanged),
 
     .. math::
 
         y_m = x_m, \qquad y_{\bar m} = x_{\bar m} \odot e^{s(x_m)} + t(x_m), \qquad
-        \log\left|\det \frac{\partial y}{\partial x}\right| = \sum_i s_i(x_m).
+        \log\left|\det \frac{\partial y}{\partial x}\right| = \sum_{i \in \bar m} s_i(x_m).
 
     The log-scale is bounded, :math:`s = \beta \tanh(\tilde s / \beta)` with ``scale_bound`` :math:`\beta`,
-    so no layer can blow up, and the conditioner's last layer starts at zero, so a fresh layer is the
-    identity. Alternate the mask (``mask`` then ``~mask``) between layers so that every coordinate moves.
+    so no layer can blow up; with ``additive=True`` :math:`s = 0` (NICE). The conditioner's last layer starts
+    at zero, so a fresh layer is the identity. Alternate the mask (``flip=True`` every other layer) or mix
+    features in between (1x1 convolutions, permutations) so that every coordinate moves.
 
-    Reference: Dinh, Sohl-Dickstein & Bengio, *Density estimation using Real NVP*, ICLR 2017.
+    Vectors (event shape ``(D,)``): masks ``"half"``, ``"alternate"`` or a boolean tensor of shape ``(D,)``;
+    the conditioner is a :class:`~pyroflows.nn.MLP`. Images (event shape ``(C, H, W)``): masks
+    ``"checkerboard"`` (pixels with even ``h + w`` condition), ``"channel"`` (the first ``C // 2`` channels
+    condition) or a boolean tensor broadcastable to ``(C, H, W)``; the conditioner is a
+    :class:`~pyroflows.nn.ConvNet` that sees the masked image.
 
-    :param int input_dim: the event size ``D``; inputs have shape ``(..., D)``.
-    :param mask: ``"half"``, ``"alternate"``, or a boolean tensor of shape ``(D,)`` (``True`` = conditions).
-    :param hidden: the conditioner's hidden sizes.
-    :param torch.nn.Module conditioner: optional network mapping ``(..., n_cond)`` to ``(..., 2 n_trans)``
-        (shift then raw log-scale); replaces the default :class:`pyroflows.nn.MLP`.
+    References: Dinh, Sohl-Dickstein & Bengio, *Density estimation using Real NVP*, ICLR 2017;
+    Kingma & Dhariwal, *Glow*, NeurIPS 2018; Dinh, Krueger & Bengio, *NICE*, 2015 (additive).
+
+    :param int num_features: ``D`` for vectors, ``C`` for images.
+    :param mask: see above; it also decides vectors vs images.
+    :param hidden: vector conditioner hidden sizes (default ``(64, 64)``) or image conditioner width
+        (an int, default 64).
+    :param torch.nn.Module conditioner: optional replacement network: vectors ``(..., n_cond) -> (..., 2 n_trans)``;
+        images ``(..., C, H, W) -> (..., 2C, H, W)`` (channel mask: ``C_cond -> 2 C_trans``); shift first, then raw
+        log-scale (only the shift when ``additive``).
     :param float scale_bound: bound :math:`\beta` on the absolute log-scale.
+    :param bool additive: volume-preserving shift-only coupling.
+    :param bool flip: negate a named mask.
+    :param int split: for ``mask="channel"``, the size of the first channel group (default ``C // 2``); the
+        first group conditions, or the second one with ``flip=True``.
 
     Example::
 
@@ -67,54 +100,148 @@ class AffineCoupling(FlowTransform):
         >>> x = torch.randn(3, 4)
         >>> torch.equal(t(x), x)  # identity at init
         True
+        >>> AffineCoupling(2, mask="checkerboard", hidden=8)(torch.randn(5, 2, 4, 4)).shape
+        torch.Size([5, 2, 4, 4])
     """
 
     def __init__(
         self,
-        input_dim: int,
+        num_features: int,
         mask: str | torch.Tensor = "half",
-        hidden: Sequence[int] = (64, 64),
+        hidden: Sequence[int] | int | None = None,
         conditioner: nn.Module | None = None,
         scale_bound: float = 3.0,
+        additive: bool = False,
+        flip: bool = False,
+        split: int | None = None,
     ):
-        if not isinstance(input_dim, int) or input_dim < 1:
-            raise ValueError(f"AffineCoupling: input_dim must be a positive int, got {input_dim!r}")
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"AffineCoupling: num_features must be a positive int, got {num_features!r}")
         if not scale_bound > 0:
             raise ValueError(f"AffineCoupling: scale_bound must be positive, got {scale_bound!r}")
-        super().__init__(event_dim=1, event_shape=(input_dim,))
-        mask = make_mask(mask, input_dim)
+        image = _is_image_mask(mask)
+        super().__init__(
+            event_dim=3 if image else 1, event_shape=(num_features, None, None) if image else (num_features,)
+        )
+        self.num_features = num_features
+        self.scale_bound = float(scale_bound)
+        self.additive = additive
+        self.flip = flip
+        self._n_params = 1 if additive else 2
+        if image:
+            self._init_image(num_features, mask, hidden, conditioner, flip, split)
+        else:
+            self._init_vector(num_features, mask, hidden, conditioner, flip, split)
+
+    # ----------------------------------------------------------------- construction
+    def _init_vector(self, dim, mask, hidden, conditioner, flip, split):
+        self._mode = "vector"
+        mask = make_mask(mask, dim, flip)
         n_cond = int(mask.sum())
-        n_trans = input_dim - n_cond
+        n_trans = dim - n_cond
         if n_trans == 0:
             raise ValueError("AffineCoupling: the mask marks every coordinate as conditioning; none is transformed")
-        self.input_dim = input_dim
-        self.scale_bound = float(scale_bound)
+        if split is not None:
+            raise ValueError("AffineCoupling: split applies to the image channel mask only")
         self.register_buffer("mask", mask)
-        cond_idx = torch.nonzero(mask).flatten()
-        trans_idx = torch.nonzero(~mask).flatten()
+        cond_idx, trans_idx = torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
         self.register_buffer("_cond_idx", cond_idx, persistent=False)
         self.register_buffer("_trans_idx", trans_idx, persistent=False)
         # y = cat([y_cond, y_trans])[..., _unsort] puts every coordinate back in place.
         self.register_buffer("_unsort", torch.argsort(torch.cat([cond_idx, trans_idx])), persistent=False)
-        self.conditioner = conditioner if conditioner is not None else MLP(n_cond, 2 * n_trans, hidden)
+        hidden = (64, 64) if hidden is None else ((hidden,) if isinstance(hidden, int) else tuple(hidden))
+        self.conditioner = conditioner or MLP(n_cond, self._n_params * n_trans, hidden)
 
-    def _shift_log_scale(self, x_cond):
-        shift, raw = self.conditioner(x_cond).chunk(2, dim=-1)
+    def _init_image(self, channels, mask, hidden, conditioner, flip, split):
+        width = 64 if hidden is None else (hidden if isinstance(hidden, int) else int(tuple(hidden)[0]))
+        if isinstance(mask, str) and mask == "channel":
+            first = channels // 2 if split is None else split
+            if not 0 < first < channels:
+                raise ValueError(f"AffineCoupling: the channel mask needs 0 < split < C={channels}, got {first!r}")
+            self._mode = "channel"
+            self._sizes = [first, channels - first]  # the two channel groups; the first conditions unless flip
+            n_cond, n_trans = self._sizes[::-1] if flip else self._sizes
+            self.conditioner = conditioner or ConvNet(n_cond, self._n_params * n_trans, width)
+            return
+        self._mode = "spatial"
+        if isinstance(mask, str):  # checkerboard, built for the input's H, W on each call
+            self.register_buffer("mask", None)
+            self.checker_parity = 1 if flip else 0
+        else:
+            m = _as_bool(mask)
+            if flip:
+                m = ~m
+            if m.dim() != 3 or m.shape[0] not in (1, channels):
+                raise ValueError(f"AffineCoupling: an image mask must have shape (1 or C, H, W), got {tuple(m.shape)}")
+            if bool(m.all()):
+                raise ValueError("AffineCoupling: the mask marks every pixel as conditioning; none is transformed")
+            self.register_buffer("mask", m)
+            self.checker_parity = None
+        self.conditioner = conditioner or ConvNet(channels, self._n_params * channels, width)
+
+    # ----------------------------------------------------------------- the map
+    def _scale(self, params):
+        if self.additive:
+            return params, None
+        shift, raw = params.chunk(2, dim=-1 if self._mode == "vector" else -3)
         return shift, self.scale_bound * torch.tanh(raw / self.scale_bound)
 
+    def _spatial_mask(self, x):
+        if self.mask is not None:
+            return self.mask.to(x.dtype)
+        h, w = x.shape[-2:]
+        ii = torch.arange(h, device=x.device)[:, None]
+        jj = torch.arange(w, device=x.device)[None, :]
+        return ((ii + jj) % 2 == self.checker_parity).to(x.dtype)[None]
+
+    def _split_channels(self, x):
+        a, b = x.split(self._sizes, dim=-3)
+        return (b, a) if self.flip else (a, b)
+
+    def _couple(self, x, inverse: bool):
+        """Returns ``(output, log|det d output / d input|)`` for the forward or inverse map."""
+        sign = -1.0 if inverse else 1.0
+        if self._mode == "vector":
+            x_cond, x_trans = x[..., self._cond_idx], x[..., self._trans_idx]
+            shift, log_scale = self._scale(self.conditioner(x_cond))
+            y_trans = self._affine(x_trans, shift, log_scale, inverse)
+            y = torch.cat([x_cond, y_trans], dim=-1)[..., self._unsort]
+            return y, self._sum(log_scale, x, 1, sign)
+        if self._mode == "channel":
+            x_cond, x_trans = self._split_channels(x)
+            shift, log_scale = self._scale(self.conditioner(x_cond))
+            y_trans = self._affine(x_trans, shift, log_scale, inverse)
+            parts = [x_cond, y_trans] if not self.flip else [y_trans, x_cond]
+            return torch.cat(parts, dim=-3), self._sum(log_scale, x, 3, sign)
+        m = self._spatial_mask(x)
+        x_cond = x * m
+        shift, log_scale = self._scale(self.conditioner(x_cond))
+        shift = shift * (1 - m)
+        log_scale = None if log_scale is None else log_scale * (1 - m)
+        y = x_cond + (1 - m) * self._affine(x, shift, log_scale, inverse)
+        return y, self._sum(log_scale, x, 3, sign)
+
+    @staticmethod
+    def _affine(x, shift, log_scale, inverse):
+        if log_scale is None:
+            return x - shift if inverse else x + shift
+        return (x - shift) * torch.exp(-log_scale) if inverse else x * torch.exp(log_scale) + shift
+
+    @staticmethod
+    def _sum(log_scale, x, event_dim, sign):
+        batch = x.shape[: x.dim() - event_dim]
+        if log_scale is None:
+            return x.new_zeros(batch)
+        return sign * log_scale.reshape(batch + (-1,)).sum(-1)
+
     def forward_and_log_det(self, x):
-        x_cond, x_trans = x[..., self._cond_idx], x[..., self._trans_idx]
-        shift, log_scale = self._shift_log_scale(x_cond)
-        y_trans = x_trans * torch.exp(log_scale) + shift
-        y = torch.cat([x_cond, y_trans], dim=-1)[..., self._unsort]
-        return y, log_scale.sum(-1)
+        return self._couple(x, inverse=False)
 
     def inverse_and_log_det(self, y):
-        y_cond, y_trans = y[..., self._cond_idx], y[..., self._trans_idx]
-        shift, log_scale = self._shift_log_scale(y_cond)
-        x_trans = (y_trans - shift) * torch.exp(-log_scale)
-        x = torch.cat([y_cond, x_trans], dim=-1)[..., self._unsort]
-        return x, -log_scale.sum(-1)
+        return self._couple(y, inverse=True)
 
     def extra_repr(self) -> str:
-        return f"input_dim={self.input_dim}, conditioning={int(self.mask.sum())}, scale_bound={self.scale_bound}"
+        return (
+            f"num_features={self.num_features}, mode={self._mode}, scale_bound={self.scale_bound}, "
+            f"additive={self.additive}"
+        )

@@ -1,0 +1,631 @@
+"""Glow and RealNVP density models on scikit-learn's 8x8 digits: pyroflows against normflows, on CPU.
+
+Every model is trained by maximum likelihood on the same uniformly dequantised batches, with the same
+optimiser, learning rate, batch size and number of steps, in a fresh subprocess of its own (so that its peak
+memory is its own), and is scored by test bits/dim.
+
+Data. ``sklearn.datasets.load_digits``: 1797 images of 1x8x8 integer pixels in 0..16, treated as
+``n_bins = 17`` levels; a fixed stratified split (``train_test_split(test_size=0.2, random_state=0)``,
+1437 train / 360 test). A pixel ``k`` is dequantised as ``x = (k + u) / n_bins`` with ``u ~ U(0, 1)``, so
+``x`` lies in ``[0, 1]^D`` with ``D = 64``.
+
+Bits/dim. ``bpd = (-log p(x) + D log n_bins) / (D ln 2)``, where ``log p(x)`` is the density of the
+dequantised ``x`` in ``[0, 1]^D``: it includes the Jacobian of the logit preprocessing
+``y = logit(a + (1 - 2a) x)`` (``a = --logit-alpha``). pyroflows' ``glow`` / ``realnvp`` start with that
+logit layer; for normflows the same logit is applied outside the model and its exact log-det is added, so
+both libraries are scored by one function on the same tensors (test noise drawn once from a fixed seed).
+
+Models. ``glow/pyroflows`` is ``pyroflows.glow((1, 8, 8), levels, steps=depth, hidden_channels)`` wrapped in
+``pyroflows.FlowDensity``. ``glow/normflows`` is the same multi-scale Glow built from normflows parts: per
+level a squeeze, ``depth`` ``GlowBlock``s (ActNorm, LU 1x1 convolution, affine coupling with a
+3x3-1x1-3x3 conv net of ``hidden_channels``), then half of the channels factored out (``Merge``), in a
+``MultiscaleFlow`` whose bases are standard normals (``DiagGaussian(trainable=False)``; ``--nf-base glow``
+gives normflows' learned per-channel ``GlowBase`` instead). ActNorm layers initialise from the first
+training batch in both. ``realnvp/pyroflows`` is ``pyroflows.realnvp((1, 8, 8), ...)``, with no normflows
+counterpart. ``glow/pyroflows-noval`` is ``glow/pyroflows`` with ``pyroflows.enable_validation(False)``.
+
+Measurements. ms per training step: the median (and quartiles) of ``time.perf_counter`` around
+``zero_grad + loss + backward + optimiser step`` over the steps after ``--warmup`` (batch assembly and
+dequantisation noise are outside the timed region), with ``torch.set_num_threads(--threads)``. Peak memory:
+each model runs in a fresh Python process; after imports and data loading the kernel's peak-RSS mark is
+reset (``/proc/self/clear_refs`` ← 5), and the reported figure is the peak RSS (``VmHWM``) at the end minus
+the RSS at the reset, i.e. everything that building, training and evaluating the model added (falls back
+to ``resource.getrusage`` where ``clear_refs`` is not writable).
+
+Usage::
+
+    python benchmarks/image_flows.py                 # 500 steps per model, ~10 minutes on 2 cores
+    python benchmarks/image_flows.py --quick         # a smoke test, under a minute
+    python benchmarks/image_flows.py --steps 2000 --models glow/pyroflows,glow/normflows
+    python benchmarks/image_flows.py --profile --models glow/pyroflows --steps 60   # cProfile one model
+
+Needs ``normflows`` and ``scikit-learn`` (the ``bench`` extra), neither of which pyroflows itself uses.
+
+References: Kingma & Dhariwal, *Glow*, NeurIPS 2018; Dinh, Sohl-Dickstein & Bengio, *Density estimation
+using Real NVP*, ICLR 2017; Stimper et al., *normflows*, JOSS 2023.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import resource
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+MODELS = ("glow/pyroflows", "glow/normflows", "realnvp/pyroflows", "glow/pyroflows-noprior", "glow/pyroflows-noval")
+DEFAULT_MODELS = ("glow/pyroflows", "glow/normflows", "realnvp/pyroflows")
+N_BINS = 17  # digits pixels are the integers 0..16
+SHAPE = (1, 8, 8)
+DIM = math.prod(SHAPE)
+RESULT_TAG = "IMAGE_FLOWS_RESULT "
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits as integer-valued float tensors ``(N, 1, 8, 8)`` in ``0..16``: ``(train, test)``.
+
+    Split: ``train_test_split(test_size=0.2, random_state=seed, stratify=labels)`` (1437 / 360 for seed 0).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).reshape(-1, *SHAPE)
+    if not bool((images == images.round()).all()) or images.min() < 0 or images.max() > N_BINS - 1:
+        raise RuntimeError("load_digits no longer returns integers in 0..16")
+    idx = torch.arange(len(images)).numpy()
+    train_idx, test_idx = train_test_split(idx, test_size=0.2, random_state=seed, stratify=digits.target)
+    return images[torch.as_tensor(train_idx)], images[torch.as_tensor(test_idx)]
+
+
+def dequantize(k: torch.Tensor, generator: torch.Generator, n_bins: int = N_BINS) -> torch.Tensor:
+    """``(k + u) / n_bins`` with ``u ~ U(0, 1)`` drawn from ``generator``: a point of ``[0, 1]^D``."""
+    return (k + torch.rand(k.shape, generator=generator, dtype=k.dtype)) / n_bins
+
+
+def bits_per_dim(log_prob: torch.Tensor, dim: int = DIM, n_bins: int = N_BINS) -> torch.Tensor:
+    """Bits/dim of the discrete data from the log-density of its dequantised version in ``[0, 1]^D``."""
+    return (-log_prob + dim * math.log(n_bins)) / (dim * math.log(2.0))
+
+
+def logit_preprocess(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = logit(a + (1 - 2a) x)`` and its exact ``log|det dy/dx|`` summed over the last 3 dims.
+
+    RealNVP's preprocessing; used outside the normflows model, whose ``log_prob`` then sees ``y``.
+    """
+    s = alpha + (1.0 - 2.0 * alpha) * x
+    log_s, log_1ms = torch.log(s), torch.log1p(-s)
+    log_det = (math.log1p(-2.0 * alpha) - log_s - log_1ms).sum((-3, -2, -1))
+    return log_s - log_1ms, log_det
+
+
+# --------------------------------------------------------------------------------------------- models
+class Built:
+    """A model under test: its ``nn.Module`` (for the optimiser) and ``log_prob(x)`` of ``x`` in ``[0, 1]^D``."""
+
+    def __init__(self, module: torch.nn.Module, log_prob: Callable[[torch.Tensor], torch.Tensor], extra=None):
+        self.module = module
+        self.log_prob = log_prob
+        self.extra = extra or {}
+
+
+def build_pyroflows_glow(cfg: dict, validation: bool = True) -> Built:
+    """``pyroflows.glow`` in a ``pyroflows.FlowDensity`` (its own logit layer included)."""
+    import pyroflows
+
+    pyroflows.enable_validation(None if validation else False)
+    flow = pyroflows.glow(
+        SHAPE,
+        levels=cfg["levels"],
+        steps=cfg["depth"],
+        hidden_channels=cfg["hidden_channels"],
+        logit_alpha=cfg["logit_alpha"],
+    )
+    density = pyroflows.FlowDensity(flow, SHAPE)
+    return Built(density, density.log_prob, {"density": density})
+
+
+def build_pyroflows_glow_noprior(cfg: dict) -> Built:
+    """``pyroflows.glow``'s layers assembled by hand without its learned factor-out prior, layer for layer the
+    normflows model (squeeze, ``depth`` × ActNorm → LU 1x1 conv → channel coupling, plain factor-out)."""
+    from pyroflows import FlowDensity
+    from pyroflows.transforms import ActNorm, AffineCoupling, Compose, Invertible1x1Conv, Logit, MultiScale, Squeeze
+
+    def level(channels: int, remaining: int) -> Compose:
+        channels *= 4
+        parts = [Squeeze()]
+        for _ in range(cfg["depth"]):
+            parts += [
+                ActNorm(channels, event_dim=3),
+                Invertible1x1Conv(channels, lu=True),
+                AffineCoupling(channels, mask="channel", hidden=cfg["hidden_channels"]),
+            ]
+        if remaining > 1:
+            parts.append(MultiScale(channels, level(channels // 2, remaining - 1), prior=False))
+        return Compose(parts)
+
+    body = level(SHAPE[0], cfg["levels"])
+    flow = Compose([Logit(cfg["logit_alpha"]), body]) if cfg["logit_alpha"] is not None else body
+    density = FlowDensity(flow, SHAPE)
+    return Built(density, density.log_prob, {"density": density})
+
+
+def build_pyroflows_realnvp(cfg: dict) -> Built:
+    """``pyroflows.realnvp`` for the image shape, in a ``pyroflows.FlowDensity``."""
+    import pyroflows
+
+    flow = pyroflows.realnvp(SHAPE, num_layers=cfg["realnvp_layers"], hidden=cfg["hidden_channels"])
+    density = pyroflows.FlowDensity(flow, SHAPE)
+    return Built(density, density.log_prob, {"density": density})
+
+
+def build_normflows_glow(cfg: dict) -> Built:
+    """The multi-scale Glow of ``build_pyroflows_glow`` from normflows parts, logit applied outside.
+
+    normflows orders levels from the coarsest (index 0) to the finest; its ``log_prob`` runs the finest
+    level first: squeeze, the ``GlowBlock``s (each ActNorm → 1x1 conv → coupling towards the latent), then
+    ``Merge.inverse`` keeps the first half of the channels and scores the second half under that level's base.
+    """
+    import normflows as nf
+
+    c, h, w = SHAPE
+    levels, depth, hidden = cfg["levels"], cfg["depth"], cfg["hidden_channels"]
+    bases, flows, merges = [], [], []
+    with warnings.catch_warnings():  # normflows' LU init calls the deprecated torch.lu
+        warnings.simplefilter("ignore")
+        for i in range(levels):
+            channels = c * 2 ** (levels + 1 - i)
+            blocks = [
+                nf.flows.GlowBlock(channels, hidden, scale=True, split_mode="channel", use_lu=True)
+                for _ in range(depth)
+            ]
+            flows.append([*blocks, nf.flows.Squeeze()])
+            if i > 0:
+                merges.append(nf.flows.Merge())
+                latent = (c * 2 ** (levels - i), h // 2 ** (levels - i), w // 2 ** (levels - i))
+            else:
+                latent = (c * 2 ** (levels + 1), h // 2**levels, w // 2**levels)
+            if cfg["nf_base"] == "glow":
+                bases.append(nf.distributions.GlowBase(latent))
+            else:
+                bases.append(nf.distributions.DiagGaussian(latent, trainable=False))
+    model = nf.MultiscaleFlow(bases, flows, merges, class_cond=False)
+    alpha = cfg["logit_alpha"]
+
+    def log_prob(x: torch.Tensor) -> torch.Tensor:
+        y, log_det = logit_preprocess(x, alpha)
+        return model.log_prob(y, None) + log_det
+
+    def sample(n: int) -> torch.Tensor:
+        y, _ = model.sample(n)
+        return (torch.sigmoid(y) - alpha) / (1.0 - 2.0 * alpha)
+
+    return Built(model, log_prob, {"sample": sample})
+
+
+BUILDERS = {
+    "glow/pyroflows": build_pyroflows_glow,
+    "glow/pyroflows-noval": lambda cfg: build_pyroflows_glow(cfg, validation=False),
+    "glow/pyroflows-noprior": build_pyroflows_glow_noprior,
+    "glow/normflows": build_normflows_glow,
+    "realnvp/pyroflows": build_pyroflows_realnvp,
+}
+
+
+# --------------------------------------------------------------------------------------------- memory
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakRSS:
+    """Peak resident memory added after :meth:`reset`, in MiB (``VmHWM`` after a ``clear_refs`` reset)."""
+
+    def reset(self) -> None:
+        """Start counting from here: reset the kernel's peak-RSS mark where possible."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "VmHWM after clear_refs=5, minus VmRSS at reset"
+        except OSError:
+            self.method = "ru_maxrss(end) - ru_maxrss(reset) (an underestimate if imports peaked higher)"
+        self.base_kib = _proc_status_kib("VmRSS")
+        self.base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if self.base_kib is None:
+            self.base_kib = self.base_maxrss
+
+    def peak_increase_mib(self) -> float:
+        """Peak RSS since :meth:`reset` minus the RSS then, in MiB."""
+        hwm = _proc_status_kib("VmHWM") if self.method.startswith("VmHWM") else None
+        if hwm is None:
+            return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base_maxrss) / 1024.0
+        return (hwm - self.base_kib) / 1024.0
+
+
+# --------------------------------------------------------------------------------------------- one model
+def _quantile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@torch.no_grad()
+def evaluate_bpd(built: Built, k: torch.Tensor, seed: int, batch: int = 512) -> float:
+    """Mean bits/dim over ``k`` (integer pixels), dequantised with noise from a fixed seed, in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    x = dequantize(k, gen)
+    built.module.eval()
+    try:
+        bpd = torch.cat([bits_per_dim(built.log_prob(x[i : i + batch])) for i in range(0, len(x), batch)])
+    finally:
+        built.module.train()
+    return float(bpd.mean())
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Indices of minibatches: shuffled epochs, the last short batch of each epoch dropped."""
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i : i + batch_size]
+
+
+def _extra_checks(name: str, built: Built, test: torch.Tensor, cfg: dict) -> dict:
+    """Cross-checks after training: library bpd, logit consistency, sampling. Failures are recorded, not raised."""
+    out: dict = {}
+    density = built.extra.get("density")
+    if density is not None:
+        try:  # pyroflows' own bits/dim (its own dequantisation noise): should agree with ours to ~0.01
+            with torch.no_grad():
+                density.eval()
+                torch.manual_seed(cfg["seed"] + 7)
+                out["library_test_bpd"] = float(density.bits_per_dim(test, n_bins=N_BINS).mean())
+                density.train()
+        except Exception as e:
+            out["library_test_bpd_error"] = f"{type(e).__name__}: {e}"
+        if cfg["logit_alpha"] is not None:
+            try:  # our logit Jacobian against pyroflows' logit layer, on the same x
+                out["logit_check_max_abs_diff"] = _logit_check(density, cfg["logit_alpha"])
+            except Exception as e:
+                out["logit_check_error"] = f"{type(e).__name__}: {e}"
+    try:
+        with torch.no_grad():
+            built.module.eval()
+            torch.manual_seed(cfg["seed"] + 11)
+            if density is not None:
+                s = density.sample(16)
+            else:
+                s = built.extra["sample"](16)
+            built.module.train()
+        out["sample_shape"] = list(s.shape)
+        out["sample_finite"] = bool(torch.isfinite(s).all())
+        out["sample_range"] = [float(s.min()), float(s.max())]
+    except Exception as e:
+        out["sample_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _logit_check(density, alpha: float) -> float:
+    """max |log-det of pyroflows' first layer - ours| on random points of (0, 1)^D (it should be ~1e-5)."""
+    first = density.flow.parts[0]
+    x = torch.rand(8, *SHAPE, generator=torch.Generator().manual_seed(3)) * 0.98 + 0.01
+    y, ld = first.forward_and_log_det(x)
+    y_ref, ld_ref = logit_preprocess(x, alpha)
+    return max(float((y - y_ref).abs().max()), float((ld - ld_ref).abs().max()))
+
+
+def _warm_runtime(opt_cls) -> None:
+    """One throwaway conv/linear-algebra/optimiser step, so torch's lazy imports and kernel set-up (the first
+    optimiser step alone imports ~70 MiB of modules) happen before the memory baseline, in every worker."""
+    net = torch.nn.Conv2d(2, 4, 3, padding=1)
+    opt = opt_cls(net.parameters(), lr=1e-3)
+    net(torch.randn(2, 2, 4, 4)).square().mean().backward()
+    torch.linalg.solve_triangular(torch.eye(2), torch.eye(2), upper=True)
+    torch.linalg.lu(torch.eye(2))
+    opt.step()
+
+
+def run_one(name: str, cfg: dict) -> dict:
+    """Build, train and score one model in this process; return a JSON-able record."""
+    torch.set_num_threads(cfg["threads"])
+    train, test = load_digits_split(cfg["split_seed"])
+    opt_cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[cfg["optimizer"]]
+    # import the library and warm torch up before the memory baseline, so neither is counted
+    __import__("normflows" if "normflows" in name else "pyroflows")
+    _warm_runtime(opt_cls)
+    mem = PeakRSS()
+    mem.reset()
+    torch.manual_seed(cfg["seed"])
+    built = BUILDERS[name](cfg)
+    n_params = sum(p.numel() for p in built.module.parameters() if p.requires_grad)
+    opt = opt_cls(built.module.parameters(), lr=cfg["lr"])
+    data_gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+    batches = _batches(len(train), cfg["batch_size"], data_gen)
+    times, losses = [], []
+    profiler = cProfile.Profile() if cfg.get("profile") else None
+    built.module.train()
+    wall0 = time.perf_counter()
+    for step in range(cfg["steps"]):
+        x = dequantize(train[next(batches)], data_gen)
+        if profiler is not None and step == cfg["warmup"]:
+            profiler.enable()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = -built.log_prob(x).mean()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        loss_value = float(loss)
+        losses.append(loss_value)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"{name}: non-finite loss at step {step}")
+    if profiler is not None:
+        profiler.disable()
+    train_seconds = time.perf_counter() - wall0
+    timed = times[cfg["warmup"] :] or times
+    record = {
+        "model": name,
+        "params": n_params,
+        "ms_per_step_median": 1000 * _quantile(timed, 0.5),
+        "ms_per_step_p25": 1000 * _quantile(timed, 0.25),
+        "ms_per_step_p75": 1000 * _quantile(timed, 0.75),
+        "ms_first_step": 1000 * times[0],
+        "train_seconds": train_seconds,
+        "final_train_batch_bpd": float(bits_per_dim(-torch.tensor(losses[-20:])).mean()),
+        "test_bpd": evaluate_bpd(built, test, cfg["eval_seed"]),
+        "train_bpd": evaluate_bpd(built, train, cfg["eval_seed"]),
+    }
+    record.update(_extra_checks(name, built, test, cfg))
+    record["peak_rss_increase_mib"] = mem.peak_increase_mib()
+    record["memory_method"] = mem.method
+    if profiler is not None:
+        record["profile"] = _profile_text(profiler, len(timed))
+    return record
+
+
+def _profile_text(profiler: cProfile.Profile, n_steps: int, top: int = 40) -> str:
+    buf = io.StringIO()
+    buf.write(f"cProfile over {n_steps} timed training steps\n")
+    stats = pstats.Stats(profiler, stream=buf)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------- driver
+def run_in_subprocess(name: str, cfg: dict, timeout: float) -> dict:
+    """Run :func:`run_one` in a fresh interpreter (its own peak RSS); return its record or the error."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--config", json.dumps(cfg)]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "error": f"timed out after {timeout:.0f} s", "load_avg_1min_before": load}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            record = json.loads(line[len(RESULT_TAG) :])
+            record["load_avg_1min_before"] = load
+            record["process_seconds"] = time.perf_counter() - t0
+            return record
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+    return {"model": name, "error": " | ".join(tail) or f"exit code {proc.returncode}", "load_avg_1min_before": load}
+
+
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def markdown_table(records: list[dict]) -> str:
+    """One row per model: params, test/train bits/dim, ms/step, peak RSS."""
+    head = (
+        "| model | params | test bits/dim | train bits/dim | ms/step (median [p25, p75]) "
+        "| peak RSS increase (MiB) | train time (s) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = []
+    for r in records:
+        if "error" in r:
+            rows.append(f"| {r['model']} | error: {r['error'][:160]} | | | | | |")
+            continue
+        ms = f"{r['ms_per_step_median']:.1f} [{r['ms_per_step_p25']:.1f}, {r['ms_per_step_p75']:.1f}]"
+        rows.append(
+            f"| {r['model']} | {r['params']:,} | {r['test_bpd']:.3f} | {r['train_bpd']:.3f} | {ms} "
+            f"| {r['peak_rss_increase_mib']:.0f} | {r['train_seconds']:.0f} |"
+        )
+    return head + "\n".join(rows)
+
+
+def compare(records: list[dict], target_speedup: float) -> dict:
+    """``normflows_ms / pyroflows_ms`` for Glow and whether pyroflows meets the speed and bits/dim target."""
+    by = {r["model"]: r for r in records if "error" not in r}
+    out = {}
+    nf = by.get("glow/normflows")
+    for name in ("glow/pyroflows", "glow/pyroflows-noprior", "glow/pyroflows-noval"):
+        pf = by.get(name)
+        if nf is None or pf is None:
+            continue
+        ratio = nf["ms_per_step_median"] / pf["ms_per_step_median"]
+        out[name] = {
+            "speed_ratio_normflows_over_pyroflows": ratio,
+            "test_bpd_difference_pyroflows_minus_normflows": pf["test_bpd"] - nf["test_bpd"],
+            "meets_speed_target": ratio >= target_speedup,
+            "meets_bpd_target": pf["test_bpd"] <= nf["test_bpd"],
+        }
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options (``--quick`` fills in smoke-test values for those not given)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 500; quick 12)")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny models, a few steps, under a minute")
+    p.add_argument("--models", default=None, help=f"comma-separated subset of {', '.join(MODELS)}")
+    p.add_argument("--levels", type=int, default=2, help="Glow levels (squeeze + steps + factor-out); default 2")
+    p.add_argument("--depth", type=int, default=None, help="Glow steps (flow blocks) per level (default 8; quick 2)")
+    p.add_argument("--hidden-channels", type=int, default=None, help="coupling conv width (default 64; quick 16)")
+    p.add_argument("--realnvp-layers", type=int, default=None, help="pyroflows.realnvp num_layers (default 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default 64; quick 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate, the same for every model")
+    p.add_argument("--optimizer", choices=("adam", "adamax"), default="adam", help="the same for every model")
+    p.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default 10; quick 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every worker (default 1)")
+    p.add_argument("--logit-alpha", type=float, default=0.05, help="logit preprocessing a (default 0.05)")
+    p.add_argument("--nf-base", choices=("normal", "glow"), default="normal", help="normflows base distributions")
+    p.add_argument("--seed", type=int, default=0, help="init and data-order seed")
+    p.add_argument("--eval-seed", type=int, default=1234, help="seed of the test dequantisation noise")
+    p.add_argument("--target-speedup", type=float, default=1.5, help="required normflows_ms / pyroflows_ms")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per model subprocess")
+    p.add_argument("--profile", action="store_true", help="cProfile the timed steps; print the top functions")
+    p.add_argument("--out", default="benchmarks/results/image_flows.json", help="where to write the JSON")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = {
+        "steps": 12 if quick else 500,
+        "depth": 2 if quick else 8,
+        "hidden_channels": 16 if quick else 64,
+        "realnvp_layers": 4 if quick else 8,
+        "batch_size": 32 if quick else 64,
+        "warmup": 3 if quick else 10,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.models is None:
+        args.models = ",".join(DEFAULT_MODELS)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    args.models = models
+    if args.steps <= args.warmup:
+        p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    return args
+
+
+def main(argv=None) -> int:
+    """Run every requested model in its own subprocess, print the table, write the JSON."""
+    args = parse_args(argv)
+    if args.worker is not None:
+        record = run_one(args.worker, json.loads(args.config))
+        print(RESULT_TAG + json.dumps(record), flush=True)
+        return 0
+    cfg = {
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "levels": args.levels,
+        "depth": args.depth,
+        "hidden_channels": args.hidden_channels,
+        "realnvp_layers": args.realnvp_layers,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "optimizer": args.optimizer,
+        "threads": args.threads,
+        "logit_alpha": args.logit_alpha,
+        "nf_base": args.nf_base,
+        "seed": args.seed,
+        "split_seed": 0,
+        "eval_seed": args.eval_seed,
+        "profile": args.profile,
+    }
+    command = "python " + shlex.join([os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:])
+    train, test = load_digits_split(cfg["split_seed"])
+    print(
+        f"digits: {len(train)} train / {len(test)} test images of {SHAPE}, pixel values 0..16 treated as "
+        f"n_bins = {N_BINS} levels; uniform dequantisation x = (k + u) / {N_BINS}; "
+        f"bpd = (-log p(x) + D log {N_BINS}) / (D ln 2), D = {DIM}, logit Jacobian (a = {args.logit_alpha}) included"
+    )
+    print(
+        f"Glow: {args.levels} levels x {args.depth} steps, hidden {args.hidden_channels}; batch {args.batch_size}, "
+        f"{args.optimizer} lr {args.lr}, {args.steps} steps (timing excludes the first {args.warmup}); "
+        f"torch {torch.__version__}, {args.threads} thread(s)",
+        flush=True,
+    )
+    records = []
+    for name in args.models:
+        print(f"  running {name} ...", flush=True)
+        record = run_in_subprocess(name, cfg, args.timeout)
+        records.append(record)
+        if "error" in record:
+            print(f"    error: {record['error']}", flush=True)
+        else:
+            print(
+                f"    test bpd {record['test_bpd']:.3f}, {record['ms_per_step_median']:.1f} ms/step, "
+                f"peak RSS +{record['peak_rss_increase_mib']:.0f} MiB",
+                flush=True,
+            )
+        if "profile" in record:
+            print(record["profile"])
+    comparison = compare(records, args.target_speedup)
+    table = markdown_table(records)
+    print()
+    print(table)
+    print()
+    for name, c in comparison.items():
+        verdict = "met" if c["meets_speed_target"] and c["meets_bpd_target"] else "NOT met"
+        print(
+            f"{name} vs glow/normflows: speed ratio normflows_ms / pyroflows_ms = "
+            f"{c['speed_ratio_normflows_over_pyroflows']:.2f} (target >= {args.target_speedup}), test bpd difference "
+            f"{c['test_bpd_difference_pyroflows_minus_normflows']:+.3f} (target <= 0): target {verdict}"
+        )
+    memory_method = next((r["memory_method"] for r in records if "memory_method" in r), None)
+    print(f"\nmemory: {memory_method}, each model in a fresh process")
+    print(f"command: {command}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        payload = {
+            "command": command,
+            "config": cfg,
+            "data": {
+                "dataset": "sklearn.datasets.load_digits",
+                "shape": list(SHAPE),
+                "n_bins": N_BINS,
+                "split": "train_test_split(test_size=0.2, random_state=0, stratify=target)",
+                "n_train": len(train),
+                "n_test": len(test),
+                "dequantization": "x = (k + u) / n_bins, u ~ U(0, 1)",
+                "bpd": "(-log p(x) + D log n_bins) / (D ln 2), logit Jacobian included",
+            },
+            "environment": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "platform": platform.platform(),
+                "cpu_count": os.cpu_count(),
+                "threads": args.threads,
+            },
+            "memory_method": memory_method,
+            "timing_method": "median of time.perf_counter over zero_grad+loss+backward+step, after warm-up",
+            "results": [{k: v for k, v in r.items() if k != "profile"} for r in records],
+            "comparison": comparison,
+            "table": table,
+        }
+        with open(args.out, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0 if all("error" not in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

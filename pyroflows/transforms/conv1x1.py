@@ -1,0 +1,121 @@
+r"""Invertible 1x1 convolution (Kingma & Dhariwal, 2018): a learned mixing of channels (or features)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import FlowTransform
+
+
+def _random_rotation(n: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n))
+    return q * torch.sign(torch.diagonal(r))  # Haar-distributed orthogonal matrix (column-major strides)
+
+
+def _parameter(t: torch.Tensor) -> nn.Parameter:
+    # LAPACK results are column-major. Pyro's param store keeps ``.contiguous()`` of what it registers, so a
+    # non-contiguous Parameter would be replaced there by a copy: SVI would train the copy, not this layer.
+    return nn.Parameter(t.contiguous())
+
+
+class Invertible1x1Conv(FlowTransform):
+    r"""Channel mixing :math:`y_{:,h,w} = W x_{:,h,w}` at every position (images) or :math:`y = W x` (vectors).
+
+    .. math::
+
+        \log\left|\det \frac{\partial y}{\partial x}\right| = P \log|\det W|,
+
+    with :math:`P = H W` positions for images and 1 for vectors. With ``lu=False`` the weight is a free
+    matrix and the log-det uses ``slogdet``. With ``lu=True`` it is stored as :math:`W = P L (U + \mathrm{diag}
+    (\mathrm{sign}(s)\, e^{\log|s|}))` with :math:`P` a fixed permutation, :math:`L` unit lower-triangular
+    and :math:`U` strictly upper-triangular, so the log-det is :math:`P \sum_i \log|s_i|`, :math:`O(C)`
+    instead of :math:`O(C^3)`. Both start from a random rotation (log-det 0), drawn from torch's RNG.
+
+    Reference: Kingma & Dhariwal, *Glow: Generative Flow with Invertible 1x1 Convolutions*, NeurIPS 2018.
+
+    :param int num_channels: ``C`` (images ``(..., C, H, W)``) or ``D`` (vectors ``(..., D)``).
+    :param bool lu: use the LU parameterisation.
+    :param int event_dim: 3 for images, 1 for vectors.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.transforms import Invertible1x1Conv
+        >>> t = Invertible1x1Conv(4, lu=True)
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> torch.allclose(t.inv(t(x).clone()), x, atol=1e-5)
+        True
+    """
+
+    def __init__(self, num_channels: int, lu: bool = False, event_dim: int = 3):
+        if not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"Invertible1x1Conv: num_channels must be a positive int, got {num_channels!r}")
+        if event_dim not in (1, 3):
+            raise ValueError(f"Invertible1x1Conv: event_dim must be 1 or 3, got {event_dim!r}")
+        event_shape = (num_channels,) if event_dim == 1 else (num_channels, None, None)
+        super().__init__(event_dim=event_dim, event_shape=event_shape)
+        self.num_channels = num_channels
+        self.lu = lu
+        w = _random_rotation(num_channels)
+        if not lu:
+            self.weight = _parameter(w)
+            return
+        p, l, u = torch.linalg.lu(w)
+        s = torch.diagonal(u)
+        self.register_buffer("perm", p.contiguous())
+        self.register_buffer("sign_s", torch.sign(s))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(num_channels, num_channels), -1))
+        self.register_buffer("eye", torch.eye(num_channels))
+        self.lower = _parameter(l)
+        self.upper = _parameter(torch.triu(u, 1))
+        self.log_s = _parameter(torch.log(torch.abs(s)))
+
+    def _lu_factors(self):
+        lower = self.lower * self.lower_mask + self.eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return lower, upper
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The ``C x C`` mixing matrix :math:`W`."""
+        if not self.lu:
+            return self.weight
+        lower, upper = self._lu_factors()
+        return self.perm @ lower @ upper
+
+    def _log_abs_det_weight(self) -> torch.Tensor:
+        if self.lu:
+            return self.log_s.sum()
+        return torch.linalg.slogdet(self.weight)[1]
+
+    def _positions(self, x: torch.Tensor) -> int:
+        return 1 if self._event_dim == 1 else x.shape[-1] * x.shape[-2]
+
+    def _mix(self, matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self._event_dim == 1:
+            return x @ matrix.T
+        out = F.conv2d(x.reshape((-1,) + x.shape[-3:]), matrix[:, :, None, None])
+        return out.reshape(x.shape)
+
+    def _batch(self, x, log_det):
+        return log_det.expand(x.shape[: x.dim() - self._event_dim])
+
+    def forward_and_log_det(self, x):
+        y = self._mix(self.weight_matrix(), x)
+        return y, self._batch(x, self._log_abs_det_weight() * self._positions(x))
+
+    def inverse_and_log_det(self, y):
+        if self.lu:
+            lower, upper = self._lu_factors()
+            # W^{-1} = U^{-1} L^{-1} P^T, by two triangular solves against the identity
+            inv_l = torch.linalg.solve_triangular(lower, self.eye, upper=False, unitriangular=True)
+            inv_u = torch.linalg.solve_triangular(upper, self.eye, upper=True)
+            inverse = inv_u @ inv_l @ self.perm.T
+        else:
+            inverse = torch.linalg.inv(self.weight)
+        x = self._mix(inverse, y)
+        return x, self._batch(y, -self._log_abs_det_weight() * self._positions(y))
+
+    def extra_repr(self) -> str:
+        return f"num_channels={self.num_channels}, lu={self.lu}, event_dim={self._event_dim}"
