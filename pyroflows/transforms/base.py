@@ -490,10 +490,14 @@ class Compose(FlowTransform, ComposeTransformModule):
         with torch.no_grad():
             for i, part in parts:
                 step = forward_and_log_det if direction == "forward" else inverse_and_log_det
+                x_in = x
                 x, ld = step(part, x)
                 if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(ld).all())):
+                    where = f"part {i} of {len(self.parts)} in Compose.{direction}"
+                    if isinstance(part, Compose):  # name the innermost culprit
+                        return f"{part._describe_nonfinite(x_in, direction)} <- {where}"
                     name = part._name() if isinstance(part, FlowTransform) else type(part).__name__
-                    return f"{name} (part {i} of {len(self.parts)} in Compose.{direction})"
+                    return f"{name} ({where})"
         return f"Compose.{direction}"
 
     def _name(self):

@@ -1,0 +1,105 @@
+"""FlowDensity: exact log-likelihood, bits/dim bookkeeping, sampling, Pyro integration and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+
+import pyroflows
+from pyroflows import FlowDensity
+from pyroflows.transforms import ActNorm, AffineCoupling
+
+
+def _model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    flow = pyroflows.glow((1, 4, 4), levels=2, steps=2, hidden_channels=8, **kwargs)
+    model = FlowDensity(flow, (1, 4, 4)).double()
+    model.log_prob(torch.rand(32, 1, 4, 4, dtype=torch.float64) * 0.9 + 0.05)  # data-dependent init
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_first_training_call_initialises_every_actnorm():
+    torch.manual_seed(0)
+    model = FlowDensity(pyroflows.glow((1, 4, 4), levels=2, steps=2, hidden_channels=8), (1, 4, 4))
+    actnorms = [m for m in model.modules() if isinstance(m, ActNorm)]
+    assert actnorms and not any(bool(a.initialized) for a in actnorms)
+    model.log_prob(torch.rand(16, 1, 4, 4))
+    assert all(bool(a.initialized) for a in actnorms)
+
+
+def test_log_prob_is_base_plus_log_det_and_matches_the_pyro_distribution():
+    model = _model()
+    x = torch.rand(5, 1, 4, 4, dtype=torch.float64) * 0.9 + 0.05
+    z = model.flow(x)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum((-1, -2, -3)) + model.flow.log_abs_det_jacobian(x, z)
+    assert torch.allclose(model.log_prob(x), expected, atol=1e-10)
+    assert torch.allclose(model.distribution.log_prob(x), expected, atol=1e-8)
+
+    def pyro_model(data):
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", model.distribution, obs=data)
+
+    trace = pyro.poutine.trace(pyro_model).get_trace(x)
+    assert math.isclose(float(trace.log_prob_sum().detach()), float(expected.sum().detach()), rel_tol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float32])
+def test_bits_per_dim_bookkeeping(dtype):
+    model = _model()
+    pixels = torch.randint(0, 17, (6, 1, 4, 4)).to(dtype)
+    bpd = model.bits_per_dim(pixels, n_bins=17, generator=torch.Generator().manual_seed(3))
+    noise = torch.rand(pixels.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = (pixels.double() + noise) / 17
+    d = 16
+    expected = -(model.log_prob(x) - d * math.log(17)) / (d * math.log(2))
+    assert torch.allclose(bpd, expected, atol=1e-10)
+
+
+def test_temperature_zero_samples_the_mode_path():
+    model = _model()
+    samples = model.sample(4, temperature=0.0)
+    z0 = torch.zeros((1,) + model.latent_shape, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.flow.inv(z0)
+    assert torch.allclose(samples, expected.expand_as(samples), atol=1e-10)
+    assert model.training  # sample() restores the mode it found
+    varied = model.sample(4, temperature=0.7)
+    assert varied.shape == (4, 1, 4, 4) and not torch.allclose(varied[0], varied[1])
+
+
+def test_bad_input_is_named():
+    model = _model()
+    with pytest.raises(ValueError, match="integer-valued"):
+        model.bits_per_dim(torch.full((2, 1, 4, 4), 0.5))
+    with pytest.raises(ValueError, match=r"pixels in \[0, 255\]"):
+        model.bits_per_dim(torch.full((2, 1, 4, 4), 256))
+    with pytest.raises(ValueError, match="expects data of shape"):
+        model.log_prob(torch.rand(2, 2, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="domain"):
+        model.log_prob(torch.full((2, 1, 4, 4), 1.2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n must be"):
+        model.sample(0)
+
+
+def test_non_finite_log_prob_names_the_layer():
+    model = _model()
+    coupling = next(m for m in model.modules() if isinstance(m, AffineCoupling))
+    with torch.no_grad():
+        coupling.conditioner.net[-1].bias.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match=r"AffineCoupling \(part \d+ of \d+ in Compose.forward\)"):
+        model.log_prob(torch.rand(2, 1, 4, 4, dtype=torch.float64))
+
+
+def test_vector_density_and_dtype_moves():
+    torch.manual_seed(0)
+    model = FlowDensity(pyroflows.realnvp(2, num_layers=2, hidden=(8,)), (2,))
+    model.log_prob(torch.randn(10, 2))
+    model = model.double()  # buffers and parameters follow .to()
+    assert model.log_prob(torch.randn(3, 2, dtype=torch.float64)).dtype == torch.float64
+    assert model.sample(5).dtype == torch.float64
