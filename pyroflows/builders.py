@@ -82,7 +82,10 @@ def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha) 
         raise ValueError(f"realnvp: num_layers must be >= 1, got {num_layers!r}")
 
     def coupling(c, mask, flip):
-        return [ActNorm(c, event_dim=3), AffineCoupling(c, mask=mask, hidden=hidden, scale_bound=scale_bound, flip=flip)]
+        return [
+            ActNorm(c, event_dim=3),
+            AffineCoupling(c, mask=mask, hidden=hidden, scale_bound=scale_bound, flip=flip),
+        ]
 
     def level(c, remaining):
         parts = []

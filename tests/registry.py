@@ -81,23 +81,31 @@ CASES: dict[str, Case] = {
     ),
     "coupling_channel": Case(lambda s: AffineCoupling(s[0], mask="channel", hidden=4), shape=(3, 2, 2), vector=False),
     "coupling_channel_additive": Case(
-        lambda s: AffineCoupling(s[0], mask="channel", hidden=4, additive=True, flip=True), shape=(2, 2, 2), vector=False
+        lambda s: AffineCoupling(s[0], mask="channel", hidden=4, additive=True, flip=True),
+        shape=(2, 2, 2),
+        vector=False,
     ),
     "coupling_image_tensor_mask": Case(
         lambda s: AffineCoupling(s[0], mask=torch.rand(s) > 0.5, hidden=4), shape=(2, 2, 2), vector=False
     ),
     "squeeze": Case(lambda s: Squeeze(), shape=(2, 2, 4), vector=False),
     "multiscale": Case(
-        lambda s: MultiScale(s[0], Compose([Squeeze(), AffineCoupling(4 * (s[0] // 2), "channel", hidden=4)]), hidden_channels=4),
+        lambda s: MultiScale(
+            s[0], Compose([Squeeze(), AffineCoupling(4 * (s[0] // 2), "channel", hidden=4)]), hidden_channels=4
+        ),
         shape=(2, 2, 2),
         vector=False,
     ),
     "logit": Case(lambda s: Logit(0.05), shape=(1, 2, 3), vector=False, draw=unit_interval, latent_from_data=True),
     "realnvp_image": Case(
-        lambda s: pyroflows.realnvp(s, num_layers=1, hidden=4, levels=2, logit_alpha=None), shape=(1, 4, 4), vector=False
+        lambda s: pyroflows.realnvp(s, num_layers=1, hidden=4, levels=2, logit_alpha=None),
+        shape=(1, 4, 4),
+        vector=False,
     ),
     "glow": Case(
-        lambda s: pyroflows.glow(s, levels=2, steps=1, hidden_channels=4, logit_alpha=None), shape=(1, 4, 4), vector=False
+        lambda s: pyroflows.glow(s, levels=2, steps=1, hidden_channels=4, logit_alpha=None),
+        shape=(1, 4, 4),
+        vector=False,
     ),
     "glow_with_logit": Case(
         lambda s: pyroflows.glow(s, levels=1, steps=2, hidden_channels=4, lu=False, additive=True),

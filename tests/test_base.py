@@ -153,3 +153,18 @@ def test_empty_compose_is_identity():
     flow = Compose([])
     x = torch.randn(4, 3)
     assert flow(x) is x or torch.equal(flow(x), x)
+
+
+def test_memo_notices_replaced_parameters_and_buffers_anywhere_in_the_tree():
+    flow = Compose([CountingPlanar(3), ActNorm(3)])
+    x = torch.randn(4, 3)
+    y = flow(x)
+    assert flow(x) is y
+    flow[0].u = torch.nn.Parameter(torch.ones(3))  # a part's parameter replaced, not edited in place
+    y2 = flow(x)
+    assert y2 is not y and torch.allclose(y2, flow.forward_and_log_det(x)[0])
+    flow[1].initialized = torch.tensor(True)  # a buffer replaced by assignment
+    assert flow(x) is not y2
+    flow.double()
+    xd = x.double()
+    assert torch.allclose(flow(xd), flow.forward_and_log_det(xd)[0])

@@ -37,7 +37,9 @@ def test_log_prob_is_base_plus_log_det_and_matches_the_pyro_distribution():
     model = _model()
     x = torch.rand(5, 1, 4, 4, dtype=torch.float64) * 0.9 + 0.05
     z = model.flow(x)
-    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum((-1, -2, -3)) + model.flow.log_abs_det_jacobian(x, z)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum((-1, -2, -3)) + model.flow.log_abs_det_jacobian(
+        x, z
+    )
     assert torch.allclose(model.log_prob(x), expected, atol=1e-10)
     assert torch.allclose(model.distribution.log_prob(x), expected, atol=1e-8)
 

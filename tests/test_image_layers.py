@@ -37,7 +37,9 @@ def test_1x1_conv_log_det_is_positions_times_slogdet(lu):
     x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
     expected = 5 * 7 * torch.linalg.slogdet(t.weight_matrix())[1]
     assert torch.allclose(t.log_abs_det_jacobian(x, t(x)), expected.expand(2), atol=1e-10)
-    assert torch.allclose(torch.linalg.slogdet(Invertible1x1Conv(6, lu=lu).weight_matrix())[1], torch.zeros(()), atol=1e-5)
+    assert torch.allclose(
+        torch.linalg.slogdet(Invertible1x1Conv(6, lu=lu).weight_matrix())[1], torch.zeros(()), atol=1e-5
+    )
 
 
 def test_squeeze_layout_and_errors():
