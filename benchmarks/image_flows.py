@@ -66,7 +66,7 @@ from collections.abc import Callable
 import torch
 
 MODELS = ("glow/pyroflows", "glow/normflows", "realnvp/pyroflows", "glow/pyroflows-noprior", "glow/pyroflows-noval")
-DEFAULT_MODELS = ("glow/pyroflows", "glow/normflows", "realnvp/pyroflows")
+DEFAULT_MODELS = ("glow/pyroflows", "glow/normflows", "glow/pyroflows-noprior", "realnvp/pyroflows")
 N_BINS = 17  # digits pixels are the integers 0..16
 SHAPE = (1, 8, 8)
 DIM = math.prod(SHAPE)
@@ -345,51 +345,74 @@ def _warm_runtime(opt_cls) -> None:
     opt.step()
 
 
-def run_one(name: str, cfg: dict) -> dict:
-    """Build, train and score one model in this process; return a JSON-able record."""
+def train_step(built: Built, opt: torch.optim.Optimizer, x: torch.Tensor) -> torch.Tensor:
+    """One maximum-likelihood step on the batch ``x``; returns the loss (mean negative log-density, nats)."""
+    opt.zero_grad(set_to_none=True)
+    loss = -built.log_prob(x).mean()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _setup(name: str, cfg: dict):
+    """Threads, data, optimiser class; the model's library imported and torch warmed up."""
     torch.set_num_threads(cfg["threads"])
     train, test = load_digits_split(cfg["split_seed"])
     opt_cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[cfg["optimizer"]]
-    # import the library and warm torch up before the memory baseline, so neither is counted
-    __import__("normflows" if "normflows" in name else "pyroflows")
+    for lib in {("normflows" if "normflows" in n else "pyroflows") for n in name.split(",")}:
+        __import__(lib)
     _warm_runtime(opt_cls)
-    mem = PeakRSS()
-    mem.reset()
+    return train, test, opt_cls
+
+
+def _build(name: str, cfg: dict, opt_cls):
     torch.manual_seed(cfg["seed"])
     built = BUILDERS[name](cfg)
+    built.module.train()
+    return built, opt_cls(built.module.parameters(), lr=cfg["lr"])
+
+
+def _ms_stats(seconds: list[float], prefix: str) -> dict:
+    return {
+        f"{prefix}_median": 1000 * _quantile(seconds, 0.5),
+        f"{prefix}_p25": 1000 * _quantile(seconds, 0.25),
+        f"{prefix}_p75": 1000 * _quantile(seconds, 0.75),
+    }
+
+
+def run_one(name: str, cfg: dict) -> dict:
+    """Build, train and score one model in this process; return a JSON-able record."""
+    train, test, opt_cls = _setup(name, cfg)
+    mem = PeakRSS()  # the library is imported and torch warmed up before the baseline: neither is counted
+    mem.reset()
+    built, opt = _build(name, cfg, opt_cls)
     n_params = sum(p.numel() for p in built.module.parameters() if p.requires_grad)
-    opt = opt_cls(built.module.parameters(), lr=cfg["lr"])
     data_gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     batches = _batches(len(train), cfg["batch_size"], data_gen)
-    times, losses = [], []
+    wall, cpu, losses = [], [], []
     profiler = cProfile.Profile() if cfg.get("profile") else None
-    built.module.train()
     wall0 = time.perf_counter()
     for step in range(cfg["steps"]):
         x = dequantize(train[next(batches)], data_gen)
         if profiler is not None and step == cfg["warmup"]:
             profiler.enable()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = -built.log_prob(x).mean()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-        loss_value = float(loss)
-        losses.append(loss_value)
-        if not math.isfinite(loss_value):
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = train_step(built, opt, x)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        losses.append(float(loss))
+        if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"{name}: non-finite loss at step {step}")
     if profiler is not None:
         profiler.disable()
     train_seconds = time.perf_counter() - wall0
-    timed = times[cfg["warmup"] :] or times
+    w = cfg["warmup"]
     record = {
         "model": name,
         "params": n_params,
-        "ms_per_step_median": 1000 * _quantile(timed, 0.5),
-        "ms_per_step_p25": 1000 * _quantile(timed, 0.25),
-        "ms_per_step_p75": 1000 * _quantile(timed, 0.75),
-        "ms_first_step": 1000 * times[0],
+        **_ms_stats(wall[w:], "ms_per_step"),
+        **_ms_stats(cpu[w:], "cpu_ms_per_step"),
+        "ms_first_step": 1000 * wall[0],
         "train_seconds": train_seconds,
         "final_train_batch_bpd": float(bits_per_dim(-torch.tensor(losses[-20:])).mean()),
         "test_bpd": evaluate_bpd(built, test, cfg["eval_seed"]),
@@ -399,8 +422,47 @@ def run_one(name: str, cfg: dict) -> dict:
     record["peak_rss_increase_mib"] = mem.peak_increase_mib()
     record["memory_method"] = mem.method
     if profiler is not None:
-        record["profile"] = _profile_text(profiler, len(timed))
+        record["profile"] = _profile_text(profiler, len(wall) - w)
     return record
+
+
+def run_paired(names: list[str], cfg: dict) -> dict:
+    """Interleaved timing: every model in one process, one training step of each per round (the order rotating
+    from round to round) on the same batch, so that load from other processes falls on all models alike.
+
+    Returns per-model medians of wall and CPU ms/step and, per pyroflows model, the median over rounds of the
+    per-round ratio ``normflows_ms / pyroflows_ms``.
+    """
+    train, _, opt_cls = _setup(",".join(names), cfg)
+    models = {name: _build(name, cfg, opt_cls) for name in names}
+    data_gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+    batches = _batches(len(train), cfg["batch_size"], data_gen)
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for r in range(cfg["warmup"] + cfg["paired_rounds"]):
+        x = dequantize(train[next(batches)], data_gen)
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            built, opt = models[name]
+            t0, c0 = time.perf_counter(), time.process_time()
+            train_step(built, opt, x)
+            if r >= cfg["warmup"]:
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    out = {
+        "rounds": cfg["paired_rounds"],
+        "models": {
+            name: {**_ms_stats(wall[name], "ms_per_step"), **_ms_stats(cpu[name], "cpu_ms_per_step")} for name in names
+        },
+        "ratios": {},
+    }
+    if "glow/normflows" in names:
+        ref = wall["glow/normflows"]
+        for name in names:
+            if name.startswith("glow/pyroflows"):
+                per_round = [a / b for a, b in zip(ref, wall[name])]
+                out["ratios"][name] = _quantile(per_round, 0.5)
+    return out
 
 
 def _profile_text(profiler: cProfile.Profile, n_steps: int, top: int = 40) -> str:
@@ -414,7 +476,8 @@ def _profile_text(profiler: cProfile.Profile, n_steps: int, top: int = 40) -> st
 
 # --------------------------------------------------------------------------------------------- driver
 def run_in_subprocess(name: str, cfg: dict, timeout: float) -> dict:
-    """Run :func:`run_one` in a fresh interpreter (its own peak RSS); return its record or the error."""
+    """Run :func:`run_one` (or, for ``name = "paired:m1,m2,..."``, :func:`run_paired`) in a fresh interpreter
+    (so peak RSS is the model's own); return its record, or the error."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--config", json.dumps(cfg)]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
@@ -432,42 +495,51 @@ def run_in_subprocess(name: str, cfg: dict, timeout: float) -> dict:
     return {"model": name, "error": " | ".join(tail) or f"exit code {proc.returncode}", "load_avg_1min_before": load}
 
 
-def _fmt(v, spec: str) -> str:
-    return "—" if v is None else format(v, spec)
-
-
-def markdown_table(records: list[dict]) -> str:
-    """One row per model: params, test/train bits/dim, ms/step, peak RSS."""
+def markdown_table(records: list[dict], paired: dict | None) -> str:
+    """One row per model: params, test/train bits/dim, ms/step (own run and interleaved), peak RSS."""
+    timing = (paired or {}).get("models", {})
     head = (
-        "| model | params | test bits/dim | train bits/dim | ms/step (median [p25, p75]) "
-        "| peak RSS increase (MiB) | train time (s) |\n"
-        "|---|---:|---:|---:|---:|---:|---:|\n"
+        "| model | params | test bits/dim | train bits/dim | ms/step, own run: wall median [p25, p75] "
+        "| CPU ms/step, own run | ms/step, interleaved: wall (CPU) | peak RSS increase (MiB) | train time (s) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for r in records:
         if "error" in r:
-            rows.append(f"| {r['model']} | error: {r['error'][:160]} | | | | | |")
+            rows.append(f"| {r['model']} | error: {r['error'][:160]} | | | | | | | |")
             continue
         ms = f"{r['ms_per_step_median']:.1f} [{r['ms_per_step_p25']:.1f}, {r['ms_per_step_p75']:.1f}]"
+        t = timing.get(r["model"])
+        inter = f"{t['ms_per_step_median']:.1f} ({t['cpu_ms_per_step_median']:.1f})" if t else "—"
         rows.append(
             f"| {r['model']} | {r['params']:,} | {r['test_bpd']:.3f} | {r['train_bpd']:.3f} | {ms} "
-            f"| {r['peak_rss_increase_mib']:.0f} | {r['train_seconds']:.0f} |"
+            f"| {r['cpu_ms_per_step_median']:.1f} | {inter} | {r['peak_rss_increase_mib']:.0f} "
+            f"| {r['train_seconds']:.0f} |"
         )
     return head + "\n".join(rows)
 
 
-def compare(records: list[dict], target_speedup: float) -> dict:
-    """``normflows_ms / pyroflows_ms`` for Glow and whether pyroflows meets the speed and bits/dim target."""
+def compare(records: list[dict], paired: dict | None, target_speedup: float) -> dict:
+    """``normflows_ms / pyroflows_ms`` for each pyroflows Glow, and whether the speed and bits/dim targets hold.
+
+    The verdict uses the interleaved (paired) ratio where there is one, else the ratio of the own-run medians.
+    """
     by = {r["model"]: r for r in records if "error" not in r}
+    paired_ratios = (paired or {}).get("ratios", {})
     out = {}
     nf = by.get("glow/normflows")
     for name in ("glow/pyroflows", "glow/pyroflows-noprior", "glow/pyroflows-noval"):
         pf = by.get(name)
         if nf is None or pf is None:
             continue
-        ratio = nf["ms_per_step_median"] / pf["ms_per_step_median"]
+        own = nf["ms_per_step_median"] / pf["ms_per_step_median"]
+        own_cpu = nf["cpu_ms_per_step_median"] / pf["cpu_ms_per_step_median"]
+        ratio = paired_ratios.get(name, own)
         out[name] = {
             "speed_ratio_normflows_over_pyroflows": ratio,
+            "speed_ratio_source": "interleaved" if name in paired_ratios else "own runs",
+            "speed_ratio_own_runs_wall": own,
+            "speed_ratio_own_runs_cpu": own_cpu,
             "test_bpd_difference_pyroflows_minus_normflows": pf["test_bpd"] - nf["test_bpd"],
             "meets_speed_target": ratio >= target_speedup,
             "meets_bpd_target": pf["test_bpd"] <= nf["test_bpd"],
@@ -496,6 +568,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-seed", type=int, default=1234, help="seed of the test dequantisation noise")
     p.add_argument("--target-speedup", type=float, default=1.5, help="required normflows_ms / pyroflows_ms")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per model subprocess")
+    p.add_argument(
+        "--paired-rounds", type=int, default=None, help="interleaved timing rounds, 0 = off (default 100; quick 5)"
+    )
     p.add_argument("--profile", action="store_true", help="cProfile the timed steps; print the top functions")
     p.add_argument("--out", default="benchmarks/results/image_flows.json", help="where to write the JSON")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -509,6 +584,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "realnvp_layers": 4 if quick else 8,
         "batch_size": 32 if quick else 64,
         "warmup": 3 if quick else 10,
+        "paired_rounds": 5 if quick else 100,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -529,7 +605,11 @@ def main(argv=None) -> int:
     """Run every requested model in its own subprocess, print the table, write the JSON."""
     args = parse_args(argv)
     if args.worker is not None:
-        record = run_one(args.worker, json.loads(args.config))
+        config = json.loads(args.config)
+        if args.worker.startswith("paired:"):
+            record = run_paired(args.worker[len("paired:") :].split(","), config)
+        else:
+            record = run_one(args.worker, config)
         print(RESULT_TAG + json.dumps(record), flush=True)
         return 0
     cfg = {
@@ -549,6 +629,7 @@ def main(argv=None) -> int:
         "split_seed": 0,
         "eval_seed": args.eval_seed,
         "profile": args.profile,
+        "paired_rounds": args.paired_rounds,
     }
     command = "python " + shlex.join([os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:])
     train, test = load_digits_split(cfg["split_seed"])
@@ -578,8 +659,16 @@ def main(argv=None) -> int:
             )
         if "profile" in record:
             print(record["profile"])
-    comparison = compare(records, args.target_speedup)
-    table = markdown_table(records)
+    glow_ok = [r["model"] for r in records if r["model"].startswith("glow/") and "error" not in r]
+    paired = None
+    if args.paired_rounds > 0 and "glow/normflows" in glow_ok and len(glow_ok) > 1:
+        print(f"  interleaved timing of {', '.join(glow_ok)} ({args.paired_rounds} rounds) ...", flush=True)
+        paired = run_in_subprocess("paired:" + ",".join(glow_ok), cfg, args.timeout)
+        if "error" in paired:
+            print(f"    error: {paired['error']}", flush=True)
+            paired = None
+    comparison = compare(records, paired, args.target_speedup)
+    table = markdown_table(records, paired)
     print()
     print(table)
     print()
@@ -587,8 +676,10 @@ def main(argv=None) -> int:
         verdict = "met" if c["meets_speed_target"] and c["meets_bpd_target"] else "NOT met"
         print(
             f"{name} vs glow/normflows: speed ratio normflows_ms / pyroflows_ms = "
-            f"{c['speed_ratio_normflows_over_pyroflows']:.2f} (target >= {args.target_speedup}), test bpd difference "
-            f"{c['test_bpd_difference_pyroflows_minus_normflows']:+.3f} (target <= 0): target {verdict}"
+            f"{c['speed_ratio_normflows_over_pyroflows']:.2f} ({c['speed_ratio_source']}; own runs: wall "
+            f"{c['speed_ratio_own_runs_wall']:.2f}, CPU {c['speed_ratio_own_runs_cpu']:.2f}; target >= "
+            f"{args.target_speedup}), test bpd difference {c['test_bpd_difference_pyroflows_minus_normflows']:+.3f} "
+            f"(target <= 0): target {verdict}"
         )
     memory_method = next((r["memory_method"] for r in records if "memory_method" in r), None)
     print(f"\nmemory: {memory_method}, each model in a fresh process")
@@ -616,7 +707,12 @@ def main(argv=None) -> int:
                 "threads": args.threads,
             },
             "memory_method": memory_method,
-            "timing_method": "median of time.perf_counter over zero_grad+loss+backward+step, after warm-up",
+            "timing_method": (
+                "median of time.perf_counter (and time.process_time) over zero_grad + loss + backward + step, "
+                "after warm-up; 'own run' in each model's process, 'interleaved' with all Glow models in one "
+                "process, one step each per round in rotating order (ratio = median of per-round ratios)"
+            ),
+            "interleaved": paired,
             "results": [{k: v for k, v in r.items() if k != "profile"} for r in records],
             "comparison": comparison,
             "table": table,

@@ -4,8 +4,8 @@ Flow layers are Pyro ``TransformModule``s (:mod:`pyroflows.transforms`); builder
 usable as ``AutoNormalizingFlow`` guides (``partial(pyroflows.realnvp, num_layers=8)``).
 """
 
-from . import nn, transforms
-from .builders import glow, planar_flow, realnvp
+from . import logdet, nn, transforms
+from .builders import glow, planar_flow, realnvp, residual_flow
 from .density import FlowDensity
 from .transforms import Compose, FlowTransform, Inverse, enable_validation, inverse, is_validation_enabled
 
@@ -20,8 +20,10 @@ __all__ = [
     "glow",
     "inverse",
     "is_validation_enabled",
+    "logdet",
     "nn",
     "planar_flow",
     "realnvp",
+    "residual_flow",
     "transforms",
 ]

@@ -14,6 +14,7 @@ from .transforms import (
     MultiScale,
     Permute,
     Planar,
+    ResidualBlock,
     Squeeze,
     inverse,
     make_mask,
@@ -241,3 +242,67 @@ def realnvp(
             parts.append(Permute(input_dim=dim))
     parts.append(_output_affine(dim))
     return Compose(parts)
+
+
+def residual_flow(
+    input_dim_or_shape: int | Sequence[int],
+    num_blocks: int = 4,
+    hidden: int | Sequence[int] | None = None,
+    coeff: float = 0.98,
+    logdet: str = "unbiased",
+    actnorm: bool = True,
+    *,
+    levels: int | None = None,
+    logit_alpha: float | None = 0.05,
+    **block_kwargs,
+) -> Compose:
+    """A Residual Flow (Chen et al., 2019) of :class:`~pyroflows.transforms.ResidualBlock` layers.
+
+    Vectors ``D``: ``num_blocks`` × (ActNorm → residual MLP block), then an elementwise affine
+    ``y = x * exp(s) + b`` (so an ``AutoNormalizingFlow`` guide can place and scale its posterior). Images
+    ``(C, H, W)`` (a density model, data to latent): optional Logit, then per level ``num_blocks`` ×
+    (ActNorm → residual CNN block) with a squeeze between levels, and a final ActNorm.
+
+    :param input_dim_or_shape: ``D`` or ``(C, H, W)``.
+    :param int num_blocks: residual blocks (per level, for images).
+    :param hidden: hidden sizes (vectors, default ``(128,)``) or hidden channels (images, default 64).
+    :param float coeff: Lipschitz bound of every residual branch, in ``(0, 1)``.
+    :param str logdet: training log-det estimator, ``"unbiased"``, ``"series"`` or ``"exact"``.
+    :param bool actnorm: interleave ActNorm layers.
+    :param int levels: images: number of scales (default: as many as the size allows, at most 3).
+    :param float logit_alpha: images: squashing of the first Logit; ``None`` leaves it out.
+    :param block_kwargs: passed to every block: ``n_exact_terms``, ``geom_p``, ``memory_efficient``,
+        ``n_samples``, ``probe``, ``eval_logdet``, ``atol``, ``max_iter``, ...
+
+    Example::
+
+        >>> import torch, pyroflows
+        >>> flow = pyroflows.residual_flow(2, num_blocks=2, hidden=(16,))
+        >>> x = torch.randn(3, 2)
+        >>> flow.log_abs_det_jacobian(x, flow(x)).shape
+        torch.Size([3])
+    """
+    if num_blocks < 1:
+        raise ValueError(f"residual_flow: num_blocks must be >= 1, got {num_blocks!r}")
+    shape = _shape(input_dim_or_shape)
+    kwargs = dict(coeff=coeff, logdet=logdet, **block_kwargs)
+    if len(shape) == 1:
+        dim = _vector_dim(shape, "residual_flow")
+        parts = []
+        for _ in range(num_blocks):
+            parts += ([ActNorm(dim)] if actnorm else []) + [ResidualBlock(dim, hidden, **kwargs)]
+        return Compose(parts + [_output_affine(dim)])
+    c, h, w = _image_shape(shape, "residual_flow")
+    if levels is None:
+        levels = max(1, min(3, _max_levels(shape)))
+    _check_levels(shape, levels, "residual_flow")
+    parts = []
+    for level in range(levels):
+        if level > 0:
+            parts.append(Squeeze())
+            c *= 4
+        for _ in range(num_blocks):
+            parts += ([ActNorm(c, event_dim=3)] if actnorm else []) + [ResidualBlock((c, None, None), hidden, **kwargs)]
+    if actnorm:
+        parts.append(ActNorm(c, event_dim=3))
+    return _with_logit(Compose(parts), logit_alpha)

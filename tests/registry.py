@@ -23,6 +23,7 @@ from pyroflows.transforms import (
     MultiScale,
     Permute,
     Planar,
+    ResidualBlock,
     Squeeze,
 )
 
@@ -105,6 +106,16 @@ CASES: dict[str, Case] = {
     "glow": Case(
         lambda s: pyroflows.glow(s, levels=2, steps=1, hidden_channels=4, logit_alpha=None),
         shape=(1, 4, 4),
+        vector=False,
+    ),
+    "residual_mlp": Case(lambda s: ResidualBlock(s[0], hidden=(8, 8), coeff=0.9, logdet="exact")),
+    "residual_conv": Case(
+        lambda s: ResidualBlock(s, hidden=4, coeff=0.9, logdet="exact"), shape=(2, 3, 3), vector=False
+    ),
+    "residual_flow": Case(lambda s: pyroflows.residual_flow(s[0], num_blocks=2, hidden=(8,), logdet="exact")),
+    "residual_flow_image": Case(
+        lambda s: pyroflows.residual_flow(s, num_blocks=1, hidden=4, levels=2, logdet="exact", logit_alpha=None),
+        shape=(1, 2, 2),
         vector=False,
     ),
     "glow_with_logit": Case(

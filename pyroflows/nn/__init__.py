@@ -1,5 +1,22 @@
-"""Networks that parameterise flow layers: conditioners (and, later, Lipschitz-constrained networks)."""
+"""Networks that parameterise flow layers: conditioners and Lipschitz-constrained networks."""
 
 from .conditioners import MLP, ConvNet
+from .lipschitz import (
+    LipSwish,
+    SpectralConv2d,
+    SpectralLinear,
+    frozen_power_iteration,
+    lipschitz_cnn,
+    lipschitz_mlp,
+)
 
-__all__ = ["ConvNet", "MLP"]
+__all__ = [
+    "ConvNet",
+    "LipSwish",
+    "MLP",
+    "SpectralConv2d",
+    "SpectralLinear",
+    "frozen_power_iteration",
+    "lipschitz_cnn",
+    "lipschitz_mlp",
+]

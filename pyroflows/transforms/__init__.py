@@ -17,6 +17,7 @@ from .permute import Permute
 from .planar import Planar
 from .preprocess import Logit
 from .reshape import MultiScale, Squeeze
+from .residual import ResidualBlock
 
 __all__ = [
     "ActNorm",
@@ -29,6 +30,7 @@ __all__ = [
     "MultiScale",
     "Permute",
     "Planar",
+    "ResidualBlock",
     "Squeeze",
     "enable_validation",
     "forward_and_log_det",

@@ -1,0 +1,352 @@
+r"""Lipschitz-constrained networks for residual flows (Behrmann et al., 2019; Chen et al., 2019).
+
+A layer's weight is rescaled in every forward, :math:`W \leftarrow W / \max(1, \hat\sigma / c)`, with
+:math:`\hat\sigma` an estimate of the operator norm from power iteration kept in persistent buffers. In
+training the iterations run on the first forward after each change of the weight (each optimiser step), so the
+bound holds after every step without any call from the user, and all calls between two steps see one function;
+in eval mode they run to a tolerance. Convolutions are normalised as the
+operator they are at the input's spatial size (power iteration through ``conv2d`` / ``conv_transpose2d``),
+not as a reshaped kernel matrix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+_FROZEN = [0]
+
+
+@contextlib.contextmanager
+def frozen_power_iteration():
+    """Within this context no Lipschitz layer updates its power-iteration vectors, so repeated evaluations of a
+    network (Jacobians, recomputation in a memory-efficient backward, fixed-point iterations) all see the same
+    normalised weights as the forward pass they belong to."""
+    _FROZEN[0] += 1
+    try:
+        yield
+    finally:
+        _FROZEN[0] -= 1
+
+
+def _check_coeff(coeff: float, name: str) -> float:
+    if not 0.0 < coeff < 1.0:
+        raise ValueError(f"{name}: the Lipschitz coefficient coeff must lie in (0, 1), got {coeff!r}")
+    return float(coeff)
+
+
+def _normalize_p(x: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1)
+    return x / flat.abs().pow(p).sum().pow(1.0 / p).clamp_min(1e-12)
+
+
+def _dual(x: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """The unit vector of the dual norm aligned with ``x``: ``sign(x) |x|^{p-1} / ||x||_p^{p-1}``."""
+    x = _normalize_p(x, p)
+    return torch.sign(x) * x.abs().pow(p - 1)
+
+
+class _PowerIteration(nn.Module):
+    """Shared machinery: persistent ``u``/``v`` buffers, iterations per training step, tolerance at eval."""
+
+    def __init__(self, coeff: float, n_iterations: int, atol: float, rtol: float, max_eval_iterations: int):
+        super().__init__()
+        self.coeff = _check_coeff(coeff, type(self).__name__)
+        if n_iterations < 1:
+            raise ValueError(f"{type(self).__name__}: n_iterations must be >= 1, got {n_iterations!r}")
+        self.n_iterations = n_iterations
+        self.atol, self.rtol, self.max_eval_iterations = atol, rtol, max_eval_iterations
+        self.register_buffer("sigma", torch.ones(()))
+        self._eval_version = None  # weight version for which the eval-mode estimate has converged
+        self._train_version = None  # weight version for which the training-mode iterations have run
+
+    def _iterate(self, n: int) -> None:
+        raise NotImplementedError
+
+    # The power-iteration vectors are part of the map: a loaded or copied layer must not iterate again before
+    # its weight changes, or it would compute a (slightly) different function than the one that was saved.
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._train_version = self.weight._version
+        self._eval_version = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for key in ("_train_version", "_eval_version"):
+            state[key] = "current" if state[key] == self.weight._version else None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for key in ("_train_version", "_eval_version"):
+            if getattr(self, key) == "current":
+                setattr(self, key, self.weight._version)
+
+    def _sigma(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        version = self.weight._version
+        if self.training:
+            # Once per change of the weight (i.e. per optimiser step), not per call: every forward, inverse
+            # and log-det evaluation between two steps sees the same normalised weight, the same function.
+            if self._train_version != version:
+                self._iterate(self.n_iterations)
+                self._train_version = version
+                self._eval_version = None
+            return
+        if self._eval_version == version:
+            return
+        previous = float(self._sigma())
+        for _ in range(self.max_eval_iterations):
+            self._iterate(1)
+            current = float(self._sigma())
+            if abs(current - previous) <= self.atol + self.rtol * abs(current):
+                break
+            previous = current
+        self._eval_version = self.weight._version
+
+    def normalized_weight(self) -> torch.Tensor:
+        """``W / max(1, sigma / coeff)``, differentiable in ``W`` (the power-iteration vectors are constants)."""
+        if not _FROZEN[0]:
+            self._update()
+        sigma = self._sigma()
+        if not _FROZEN[0]:
+            self.sigma.copy_(sigma.detach())
+        return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
+
+
+class SpectralLinear(_PowerIteration):
+    r"""A linear layer with :math:`\|W\|_{p \to q} \le c`: the induced norm from the ``domain`` p-norm to the
+    ``codomain`` q-norm (``2, 2``: the spectral norm), estimated by the generalised power method.
+
+    :param int in_features: input size.
+    :param int out_features: output size.
+    :param float coeff: the bound :math:`c \in (0, 1)`.
+    :param float domain: ``p`` of the input norm.
+    :param float codomain: ``q`` of the output norm.
+    :param int n_iterations: power iterations per training forward.
+    :param float atol: eval mode iterates until the estimate changes by less than ``atol + rtol * sigma``.
+    :param float rtol: see ``atol``.
+    :param int max_eval_iterations: cap for the eval-mode iteration.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn import SpectralLinear
+        >>> layer = SpectralLinear(4, 5, coeff=0.9).eval()
+        >>> bool(torch.linalg.matrix_norm(layer.normalized_weight(), 2) <= 0.9 + 1e-4)
+        True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        coeff: float = 0.97,
+        domain: float = 2.0,
+        codomain: float = 2.0,
+        n_iterations: int = 1,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        max_eval_iterations: int = 500,
+        bias: bool = True,
+    ):
+        super().__init__(coeff, n_iterations, atol, rtol, max_eval_iterations)
+        if domain < 1 or codomain < 1:
+            raise ValueError(f"SpectralLinear: norms need p >= 1, got domain={domain}, codomain={codomain}")
+        self.in_features, self.out_features = in_features, out_features
+        self.domain, self.codomain = float(domain), float(codomain)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_buffer("u", _normalize_p(torch.randn(out_features), 2.0))
+        self.register_buffer("v", _normalize_p(torch.randn(in_features), self.domain))
+        with torch.no_grad():
+            self._iterate(20)
+
+    def _iterate(self, n: int) -> None:
+        w, p, q = self.weight.detach(), self.domain, self.codomain
+        p_star = p / (p - 1.0) if p > 1 else math.inf
+        v = self.v
+        for _ in range(n):
+            u = w @ v
+            z = w.T @ _dual(u, q)
+            v = _normalize_p(torch.sign(z) * z.abs().pow(p_star - 1.0), p) if math.isfinite(p_star) else None
+            if v is None:  # p = 1: the maximising input is a coordinate vector
+                v = torch.zeros_like(z)
+                v[z.abs().argmax()] = 1.0
+        self.v.copy_(v)
+        self.u.copy_(_normalize_p(w @ v, q))
+
+    def _sigma(self) -> torch.Tensor:
+        return (self.weight @ self.v).abs().pow(self.codomain).sum().pow(1.0 / self.codomain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.normalized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, coeff={self.coeff}, "
+            f"domain={self.domain}, codomain={self.codomain}"
+        )
+
+
+class SpectralConv2d(_PowerIteration):
+    r"""A 2-D convolution whose operator norm (2-norm, at the input's spatial size) is at most ``coeff``.
+
+    Power iteration runs on the convolution itself, :math:`u = \mathrm{conv}(v)`,
+    :math:`v = \mathrm{conv}^\top(u)` (``conv_transpose2d``), with ``u``/``v`` of the output/input image shapes,
+    so the bound is the true Lipschitz constant of the layer (the reshaped-kernel spectral norm can be off by a
+    factor of up to the kernel size). The vectors are created on the first call, for that spatial size.
+
+    :param int in_channels: input channels.
+    :param int out_channels: output channels.
+    :param int kernel_size: square kernel size (odd, padding keeps the size).
+    :param float coeff: the bound :math:`c \in (0, 1)`.
+    :param int n_iterations: power iterations per training forward.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn import SpectralConv2d
+        >>> conv = SpectralConv2d(2, 3, 3, coeff=0.9)
+        >>> conv(torch.randn(4, 2, 6, 6)).shape
+        torch.Size([4, 3, 6, 6])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        coeff: float = 0.97,
+        n_iterations: int = 1,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        max_eval_iterations: int = 500,
+    ):
+        super().__init__(coeff, n_iterations, atol, rtol, max_eval_iterations)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"SpectralConv2d: kernel_size must be odd, got {kernel_size!r}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.register_buffer("v", torch.empty(0))
+        self.register_buffer("u", torch.empty(0))
+
+    def _ensure_vectors(self, x: torch.Tensor) -> None:
+        size = (self.in_channels,) + tuple(x.shape[-2:])
+        if tuple(self.v.shape) != size:
+            if _FROZEN[0] and self.v.numel():
+                raise RuntimeError("SpectralConv2d: input size changed inside frozen_power_iteration()")
+            with torch.no_grad():
+                self.v = _normalize_p(torch.randn(size, dtype=x.dtype, device=x.device), 2.0)
+                self.u = torch.zeros((self.out_channels,) + size[1:], dtype=x.dtype, device=x.device)
+                self._eval_version = self._train_version = None
+                self._iterate(20)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # u and v are sized for the input's spatial size, which a freshly built layer does not know yet.
+        for name in ("u", "v"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _iterate(self, n: int) -> None:
+        w = self.weight.detach()
+        v = self.v
+        for _ in range(n):
+            u = _normalize_p(F.conv2d(v[None], w, padding=self.padding)[0], 2.0)
+            v = _normalize_p(F.conv_transpose2d(u[None], w, padding=self.padding)[0], 2.0)
+        self.v.copy_(v)
+        self.u.copy_(_normalize_p(F.conv2d(v[None], w, padding=self.padding)[0], 2.0))
+
+    def _sigma(self) -> torch.Tensor:
+        return F.conv2d(self.v[None], self.weight, padding=self.padding).norm()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._ensure_vectors(x)
+        batch = x.shape[:-3]
+        out = F.conv2d(x.reshape((-1,) + x.shape[-3:]), self.normalized_weight(), self.bias, padding=self.padding)
+        return out.reshape(batch + out.shape[-3:])
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, coeff={self.coeff}"
+
+
+class LipSwish(nn.Module):
+    r"""LipSwish (Chen et al., 2019): :math:`x \sigma(\beta x) / 1.1`, :math:`\beta = \mathrm{softplus}(b)`.
+
+    The derivative of :math:`x\sigma(\beta x)` is at most about 1.0998 for every :math:`\beta > 0`, so the
+    activation is 1-Lipschitz, smooth (unlike ReLU, it keeps :math:`J^k` informative for the log-det series)
+    and non-monotone-free enough to be expressive.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn import LipSwish
+        >>> LipSwish()(torch.zeros(3))
+        tensor([0., 0., 0.], grad_fn=<DivBackward0>)
+    """
+
+    def __init__(self, beta_init: float = 1.0):
+        super().__init__()
+        self.raw_beta = nn.Parameter(torch.tensor(math.log(math.expm1(beta_init))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(F.softplus(self.raw_beta) * x) / 1.1
+
+
+def lipschitz_mlp(
+    dim: int,
+    hidden: int | tuple[int, ...] = 128,
+    coeff: float = 0.97,
+    n_iterations: int = 1,
+    norm_p: float = 2.0,
+    hidden_norm_p: float | None = None,
+) -> nn.Sequential:
+    r"""An MLP ``R^dim -> R^dim`` with Lipschitz constant at most ``coeff`` in the ``norm_p`` norm: spectral
+    (or induced mixed-norm) linear layers with LipSwish between them.
+
+    :param int dim: input and output size.
+    :param hidden: hidden sizes (an int: one hidden layer... use a tuple for several).
+    :param float coeff: bound on each linear layer, hence on the network.
+    :param float norm_p: the norm of the input and output (2: spectral norms).
+    :param float hidden_norm_p: the norm used between layers (default ``norm_p``); each layer's codomain norm is
+        the next layer's domain norm, so the product bound holds in ``norm_p``.
+    """
+    _check_coeff(coeff, "lipschitz_mlp")
+    sizes = [dim] + list((hidden,) if isinstance(hidden, int) else hidden) + [dim]
+    hp = norm_p if hidden_norm_p is None else hidden_norm_p
+    norms = [norm_p] + [hp] * (len(sizes) - 2) + [norm_p]
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(SpectralLinear(sizes[i], sizes[i + 1], coeff, norms[i], norms[i + 1], n_iterations))
+        if i < len(sizes) - 2:
+            layers.append(LipSwish())
+    return nn.Sequential(*layers)
+
+
+def lipschitz_cnn(
+    channels: int, hidden_channels: int = 64, coeff: float = 0.97, n_iterations: int = 1, kernel_size: int = 3
+) -> nn.Sequential:
+    """A CNN ``(C, H, W) -> (C, H, W)`` with 2-norm Lipschitz constant at most ``coeff``: conv k×k → LipSwish →
+    conv 1×1 → LipSwish → conv k×k, each a :class:`SpectralConv2d` (the Residual Flows block shape)."""
+    _check_coeff(coeff, "lipschitz_cnn")
+    return nn.Sequential(
+        SpectralConv2d(channels, hidden_channels, kernel_size, coeff, n_iterations),
+        LipSwish(),
+        SpectralConv2d(hidden_channels, hidden_channels, 1, coeff, n_iterations),
+        LipSwish(),
+        SpectralConv2d(hidden_channels, channels, kernel_size, coeff, n_iterations),
+    )
