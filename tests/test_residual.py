@@ -1,0 +1,245 @@
+"""Residual flows: the Lipschitz bound, estimator statistics, Neumann gradients, the two backward paths,
+and the fixed-point inverse. Statistical checks fix their seeds and state tolerances in standard errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pyro
+import pytest
+import torch
+
+import pyroflows
+from pyroflows.logdet import exact_log_det, roulette_coefficients
+from pyroflows.nn import SpectralConv2d, SpectralLinear, lipschitz_mlp
+from pyroflows.transforms import ResidualBlock
+
+
+def _block(dim=4, coeff=0.9, seed=0, linear=False, **kwargs):
+    """A perturbed block; ``linear=True`` makes g a single spectral-normalised linear map, whose Jacobian
+    norm sits at the bound, so that the higher-order series terms matter."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(SpectralLinear(dim, dim, coeff)) if linear else None
+    block = ResidualBlock(dim, hidden=(16, 16), coeff=coeff, net=net, **kwargs).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_((3.0 if linear else 0.5) * torch.randn_like(p))
+    return block
+
+
+def _exact(block, x):
+    """The exact log-det of the block's current function (normalisation brought up to date first)."""
+    mode = block.logdet
+    block.logdet = "exact"
+    try:
+        return block.forward_and_log_det(x)[1]
+    finally:
+        block.logdet = mode
+
+
+def _max_jacobian_norm(net, x):
+    with torch.no_grad():
+        net(x)  # bring the normalisation up to date, then differentiate the frozen function
+    with pyroflows.nn.frozen_power_iteration():
+        jac = torch.func.vmap(torch.func.jacrev(net))(x)
+    return float(torch.linalg.matrix_norm(jac.reshape(x.shape[0], x[0].numel(), -1), 2).max().detach())
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_lipschitz_bound_holds_also_after_optimiser_steps(train):
+    block = _block(coeff=0.9)
+    opt = torch.optim.Adam(block.parameters(), lr=0.05)
+    x = torch.randn(64, 4, dtype=torch.float64)
+    for _ in range(30):  # push the weights up: the loss rewards a large residual branch
+        loss = -(block.net(x) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        block.train(train)
+        assert _max_jacobian_norm(block.net, 3 * torch.randn(32, 4, dtype=torch.float64)) <= 0.9 * (1 + 1e-3)
+        block.train()
+
+
+def test_conv_bound_is_on_the_true_operator():
+    torch.manual_seed(0)
+    conv = SpectralConv2d(2, 3, 3, coeff=0.8).double().eval()
+    with torch.no_grad():
+        conv.weight.mul_(10)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    conv(x)
+    weight = conv.normalized_weight().detach()
+    jac = torch.autograd.functional.jacobian(
+        lambda v: torch.nn.functional.conv2d(v.reshape(1, 2, 5, 5), weight, padding=1).reshape(-1), x.reshape(-1)
+    )
+    assert float(torch.linalg.matrix_norm(jac, 2)) == pytest.approx(0.8, rel=1e-4)
+
+
+def test_coefficient_of_one_or_more_is_rejected():
+    for make in (
+        lambda: ResidualBlock(2, coeff=1.0),
+        lambda: SpectralLinear(2, 2, coeff=1.2),
+        lambda: lipschitz_mlp(2, coeff=1),
+    ):
+        with pytest.raises(ValueError, match="coeff must lie in"):
+            make()
+
+
+def test_unbiased_estimator_matches_the_exact_log_det_in_mean():
+    block = _block(dim=3, linear=True, logdet="unbiased", n_exact_terms=1, geom_p=0.5)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    exact = _exact(block, x).detach()
+    pyro.set_rng_seed(1)
+    with torch.no_grad():
+        draws = torch.stack([block.forward_and_log_det(x)[1] for _ in range(3000)])
+    mean, se = draws.mean(0), draws.std(0) / draws.shape[0] ** 0.5
+    assert torch.all((mean - exact).abs() <= 4 * se), (mean, exact, se)
+
+
+def test_poisson_roulette_and_rademacher_probes_are_unbiased_too():
+    block = _block(dim=3, linear=True, logdet="unbiased", roulette="poisson", poisson_lam=1.5, probe="rademacher")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    exact = _exact(block, x).detach()
+    pyro.set_rng_seed(2)
+    with torch.no_grad():
+        draws = torch.stack([block.forward_and_log_det(x)[1] for _ in range(3000)])
+    assert torch.all((draws.mean(0) - exact).abs() <= 4 * draws.std(0) / 3000**0.5)
+
+
+def test_series_bias_shrinks_with_more_terms():
+    """With g linear, v^T J^k v has expectation tr(J^k) exactly: the bias is the truncated tail of the series."""
+    block = _block(dim=3, coeff=0.95, linear=True)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    exact = _exact(block, x).detach()
+    biases = []
+    for n_terms in (1, 2, 4, 8, 16):
+        block.logdet, block.n_terms = "series", n_terms
+        pyro.set_rng_seed(3)
+        with torch.no_grad():
+            draws = torch.stack([block.forward_and_log_det(x)[1] for _ in range(900)])
+        mean, se = draws.mean(0), draws.std(0) / 30
+        biases.append((float((mean - exact).abs().mean()), float(se.mean())))
+    assert biases[0][0] > 4 * biases[0][1], "the one-term series should be visibly biased"
+    assert biases[-1][0] < 4 * biases[-1][1], biases  # 16 terms: no bias detectable
+    assert biases[-1][0] < 0.25 * biases[0][0], biases
+
+
+def test_roulette_weights_are_inverse_tail_probabilities():
+    pyro.set_rng_seed(0)
+    for _ in range(20):
+        coeffs = roulette_coefficients(2, "geometric", 0.5)
+        assert coeffs[:2] == [1.0, 1.0]
+        assert coeffs[2:] == [2.0**m for m in range(1, len(coeffs) - 1)]
+
+
+def _param_grads(block, x, weights, seed):
+    block.zero_grad()
+    pyro.set_rng_seed(seed)
+    y, log_det = block.forward_and_log_det(x)
+    ((weights * log_det).sum() + (y**2).sum()).backward()
+    return [p.grad.clone() for p in block.parameters()], log_det.detach()
+
+
+def test_neumann_gradient_matches_the_exact_gradient_in_expectation():
+    block = _block(dim=3, logdet="unbiased")
+    x = torch.randn(6, 3, dtype=torch.float64)
+    block.zero_grad()
+    _exact(block, x).sum().backward()
+
+    def flat_grad():
+        return torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in block.net.parameters()]
+        )
+
+    exact = flat_grad()
+    draws = []
+    for seed in range(400):
+        block.zero_grad()
+        pyro.set_rng_seed(seed)
+        block.forward_and_log_det(x)[1].sum().backward()
+        draws.append(flat_grad())
+    draws = torch.stack(draws)
+    mean, se = draws.mean(0), draws.std(0) / draws.shape[0] ** 0.5
+    active = se > 0
+    assert torch.all((mean - exact).abs()[active] <= 4.5 * se[active] + 1e-10)
+
+
+@pytest.mark.parametrize("logdet", ["unbiased", "series"])
+def test_memory_efficient_and_plain_paths_agree_for_per_sample_weights(logdet):
+    """Same draws -> same value and gradients, for a loss that weights samples differently (scale/masks)."""
+    plain = _block(dim=4, logdet=logdet, memory_efficient=False, n_samples=2)
+    efficient = copy.deepcopy(plain)
+    efficient.memory_efficient = True
+    x = torch.randn(5, 4, dtype=torch.float64)
+    weights = torch.tensor([3.0, -1.0, 0.0, 0.5, 10.0], dtype=torch.float64)
+    g_plain, v_plain = _param_grads(plain, x, weights, seed=7)
+    g_eff, v_eff = _param_grads(efficient, x, weights, seed=7)
+    assert torch.allclose(v_plain, v_eff, atol=1e-12)
+    for a, b in zip(g_plain, g_eff):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+    # and through the input
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for block, xx in ((plain, xa), (efficient, xb)):
+        pyro.set_rng_seed(9)
+        y, ld = block.forward_and_log_det(xx)
+        ((weights * ld).sum() + y.sum()).backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-10)
+
+
+def test_training_value_is_the_estimate_not_the_surrogate():
+    block = _block(dim=3, logdet="unbiased", memory_efficient=False)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    pyro.set_rng_seed(5)
+    _, with_grad = block.forward_and_log_det(x)
+    pyro.set_rng_seed(5)
+    with torch.no_grad():
+        _, without = block.forward_and_log_det(x)
+    assert torch.allclose(with_grad.detach(), without, atol=1e-12)
+
+
+def test_seeded_runs_repeat():
+    block = _block(dim=3, logdet="unbiased")
+    x = torch.randn(4, 3, dtype=torch.float64)
+    pyro.set_rng_seed(11)
+    a = block.forward_and_log_det(x)[1]
+    pyro.set_rng_seed(11)
+    b = block.forward_and_log_det(x)[1]
+    assert torch.equal(a, b)
+
+
+def test_eval_mode_is_exact_and_deterministic_for_small_dimensions():
+    block = _block(dim=5, logdet="unbiased").eval()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    a = block.log_abs_det_jacobian(x, block(x))
+    b = block.log_abs_det_jacobian(x.clone(), block(x.clone()))
+    assert torch.equal(a, b)
+    assert torch.allclose(a, exact_log_det(block.net, x, 1), atol=1e-12)  # eval normalisation is current
+
+
+def test_fixed_point_inverse_reaches_tolerance_and_reports_failure():
+    block = _block(dim=4, coeff=0.97, atol=1e-10, rtol=1e-10)
+    y = 3 * torch.randn(16, 4, dtype=torch.float64)
+    x = block.inv(y)
+    assert float((x + block.net(x) - y).abs().max()) < 1e-8
+    block.max_iter = 1
+    with pytest.raises(RuntimeError, match=r"did not converge in max_iter=1 .* max residual"):
+        block.inv(y.clone())
+    block.on_fail = "warn"
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        block.inv(y.clone())
+
+
+def test_inverse_gradients_match_finite_differences():
+    block = _block(dim=3, coeff=0.9, logdet="exact")
+    y = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    # clone: gradcheck perturbs its input through .data, which no version counter (hence no memo) can see
+    assert torch.autograd.gradcheck(lambda v: block.inv(v.clone()), (y,), eps=1e-6, atol=1e-6)
+
+
+def test_residual_flow_builder_checks_and_guides():
+    with pytest.raises(ValueError, match="num_blocks"):
+        pyroflows.residual_flow(2, num_blocks=0)
+    with pytest.raises(ValueError, match="coeff"):
+        pyroflows.residual_flow(2, coeff=1.5)
+    flow = pyroflows.residual_flow(3, num_blocks=2, hidden=(8,), n_exact_terms=3, memory_efficient=False)
+    blocks = [m for m in flow.modules() if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 2 and all(b.n_exact_terms == 3 and not b.memory_efficient for b in blocks)
