@@ -51,7 +51,13 @@ def _dual(x: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
 
 
 class _PowerIteration(nn.Module):
-    """Shared machinery: persistent ``u``/``v`` buffers, iterations per training step, tolerance at eval."""
+    """Shared machinery: persistent ``u``/``v`` buffers, iterations per training step, tolerance at eval.
+
+    "Has the weight changed?" is answered by a fingerprint of the weight (its dot product with a fixed random
+    vector), not by the tensor's version counter: Pyro's ``ClippedAdam`` updates parameters through ``.data``,
+    which no version counter sees. In training the candidate iteration is always computed and kept only if
+    the fingerprint changed (``torch.where``, no device synchronisation).
+    """
 
     def __init__(self, coeff: float, n_iterations: int, atol: float, rtol: float, max_eval_iterations: int):
         super().__init__()
@@ -61,46 +67,45 @@ class _PowerIteration(nn.Module):
         self.n_iterations = n_iterations
         self.atol, self.rtol, self.max_eval_iterations = atol, rtol, max_eval_iterations
         self.register_buffer("sigma", torch.ones(()))
-        self._eval_version = None  # weight version for which the eval-mode estimate has converged
-        self._train_version = None  # weight version for which the training-mode iterations have run
+        self.register_buffer("_train_fp", torch.tensor(float("nan")), persistent=False)
+        self._eval_fp: float | None = None  # fingerprint for which the eval-mode estimate has converged
+
+    def _init_fingerprint(self) -> None:
+        self.register_buffer("_fp_probe", torch.randn(self.weight.shape), persistent=False)
+
+    def _fingerprint(self) -> torch.Tensor:
+        return (self.weight.detach() * self._fp_probe).sum()
 
     def _iterate(self, n: int) -> None:
         raise NotImplementedError
 
-    # The power-iteration vectors are part of the map: a loaded or copied layer must not iterate again before
-    # its weight changes, or it would compute a (slightly) different function than the one that was saved.
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._train_version = self.weight._version
-        self._eval_version = None
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        for key in ("_train_version", "_eval_version"):
-            state[key] = "current" if state[key] == self.weight._version else None
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for key in ("_train_version", "_eval_version"):
-            if getattr(self, key) == "current":
-                setattr(self, key, self.weight._version)
-
     def _sigma(self) -> torch.Tensor:
         raise NotImplementedError
 
+    # The power-iteration vectors are part of the map: a loaded layer must not iterate again before its weight
+    # changes, or it would compute a (slightly) different function than the one that was saved.
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        with torch.no_grad():
+            self._train_fp.copy_(self._fingerprint())
+        self._eval_fp = None
+
     @torch.no_grad()
     def _update(self) -> None:
-        version = self.weight._version
+        fp = self._fingerprint()
         if self.training:
             # Once per change of the weight (i.e. per optimiser step), not per call: every forward, inverse
             # and log-det evaluation between two steps sees the same normalised weight, the same function.
-            if self._train_version != version:
-                self._iterate(self.n_iterations)
-                self._train_version = version
-                self._eval_version = None
+            changed = fp != self._train_fp  # NaN at first: always "changed"
+            u, v = self.u.clone(), self.v.clone()
+            self._iterate(self.n_iterations)
+            self.u.copy_(torch.where(changed, self.u, u))
+            self.v.copy_(torch.where(changed, self.v, v))
+            self._train_fp.copy_(fp)
+            self._eval_fp = None
             return
-        if self._eval_version == version:
+        fp = float(fp)
+        if self._eval_fp == fp:
             return
         previous = float(self._sigma())
         for _ in range(self.max_eval_iterations):
@@ -109,7 +114,7 @@ class _PowerIteration(nn.Module):
             if abs(current - previous) <= self.atol + self.rtol * abs(current):
                 break
             previous = current
-        self._eval_version = self.weight._version
+        self._eval_fp = fp
 
     def normalized_weight(self) -> torch.Tensor:
         """``W / max(1, sigma / coeff)``, differentiable in ``W`` (the power-iteration vectors are constants)."""
@@ -165,6 +170,7 @@ class SpectralLinear(_PowerIteration):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._init_fingerprint()
         self.register_buffer("u", _normalize_p(torch.randn(out_features), 2.0))
         self.register_buffer("v", _normalize_p(torch.randn(in_features), self.domain))
         with torch.no_grad():
@@ -239,6 +245,7 @@ class SpectralConv2d(_PowerIteration):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.bias = nn.Parameter(torch.zeros(out_channels))
+        self._init_fingerprint()
         self.register_buffer("v", torch.empty(0))
         self.register_buffer("u", torch.empty(0))
 
@@ -250,7 +257,8 @@ class SpectralConv2d(_PowerIteration):
             with torch.no_grad():
                 self.v = _normalize_p(torch.randn(size, dtype=x.dtype, device=x.device), 2.0)
                 self.u = torch.zeros((self.out_channels,) + size[1:], dtype=x.dtype, device=x.device)
-                self._eval_version = self._train_version = None
+                self._train_fp.fill_(float("nan"))
+                self._eval_fp = None
                 self._iterate(20)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -74,6 +74,8 @@ class _Memo:
     Identity alone (torch's cache) is fooled by in-place edits of ``x``/``y``, by optimiser steps between
     calls, by a switch between train and eval mode, and by a switch of grad mode. The key records the
     tensors' version counters, the module's parameter and buffer versions, ``training`` and grad mode.
+    Parameter updates written through ``.data`` (Pyro's ``ClippedAdam``) bypass version counters, so forward
+    calls never consult the memo; only ``log_abs_det_jacobian`` and ``inv`` of the pair just computed do.
     ``x`` and ``y`` are held strongly, as torch's cache holds them: in a guide the base sample ``x`` has no
     other owner between ``rsample`` and ``log_prob``, and a weak reference would lose it (and force an inverse).
     Only one pair per transform is kept, and ``clear_memo()`` drops it.
@@ -245,9 +247,9 @@ class FlowTransform(TransformModule):
 
     # ----------------------------------------------------------------- torch's transform protocol
     def _call(self, x):
-        memo = self._recall(x=x)
-        if memo is not None:
-            return memo.y
+        # A forward call always computes: calling t(x) again on the same tensor is how a training loop on a
+        # fixed batch reads the current parameters, and an optimiser that writes through ``.data`` (Pyro's
+        # ClippedAdam) leaves no trace a memo could check. The memo serves the log-det and the inverse only.
         checking = is_validation_enabled()
         if checking:
             self._check_input(x, "forward")
