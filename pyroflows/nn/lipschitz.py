@@ -79,7 +79,7 @@ class _PowerIteration(nn.Module):
     def _iterate(self, n: int) -> None:
         raise NotImplementedError
 
-    def _sigma(self) -> torch.Tensor:
+    def _sigma(self, v: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     # The power-iteration vectors are part of the map: a loaded layer must not iterate again before its weight
@@ -120,7 +120,9 @@ class _PowerIteration(nn.Module):
         """``W / max(1, sigma / coeff)``, differentiable in ``W`` (the power-iteration vectors are constants)."""
         if not _FROZEN[0]:
             self._update()
-        sigma = self._sigma()
+        with torch.no_grad():  # the graph keeps a copy: later in-place updates of v must not invalidate it
+            v = self.v.clone()
+        sigma = self._sigma(v)
         if not _FROZEN[0]:
             self.sigma.copy_(sigma.detach())
         return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
@@ -190,8 +192,9 @@ class SpectralLinear(_PowerIteration):
         self.v.copy_(v)
         self.u.copy_(_normalize_p(w @ v, q))
 
-    def _sigma(self) -> torch.Tensor:
-        return (self.weight @ self.v).abs().pow(self.codomain).sum().pow(1.0 / self.codomain)
+    def _sigma(self, v: torch.Tensor | None = None) -> torch.Tensor:
+        v = self.v if v is None else v
+        return (self.weight @ v).abs().pow(self.codomain).sum().pow(1.0 / self.codomain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.normalized_weight(), self.bias)
@@ -278,8 +281,9 @@ class SpectralConv2d(_PowerIteration):
         self.v.copy_(v)
         self.u.copy_(_normalize_p(F.conv2d(v[None], w, padding=self.padding)[0], 2.0))
 
-    def _sigma(self) -> torch.Tensor:
-        return F.conv2d(self.v[None], self.weight, padding=self.padding).norm()
+    def _sigma(self, v: torch.Tensor | None = None) -> torch.Tensor:
+        v = self.v if v is None else v
+        return F.conv2d(v[None], self.weight, padding=self.padding).norm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._ensure_vectors(x)
