@@ -8,9 +8,10 @@ from collections.abc import Sequence
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions import constraints
 
 from .transforms import inverse
-from .transforms.base import inverse_and_log_det
+from .transforms.base import _base_constraint, inverse_and_log_det
 
 
 class FlowDensity(nn.Module):
@@ -112,9 +113,13 @@ class FlowDensity(nn.Module):
         return -log_p / (self.dim * math.log(2.0))
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+    def sample(self, n: int, temperature: float = 1.0, clamp: bool = True) -> torch.Tensor:
         """``n`` samples in data space, the latent drawn at ``temperature`` (0 gives the mode path,
-        the image of the latent's mean). Runs in eval mode and without gradients."""
+        the image of the latent's mean). Runs in eval mode and without gradients.
+
+        With ``clamp`` (default), samples are clipped to the flow's domain when it is an interval: a squashed
+        :class:`~pyroflows.transforms.Logit` inverts onto a slightly wider range than ``[0, 1]``,
+        :math:`(-\alpha/(1-2\alpha), 1 + \alpha/(1-2\alpha))`."""
         if n < 1:
             raise ValueError(f"sample: n must be >= 1, got {n!r}")
         was_training = self.training
@@ -127,6 +132,9 @@ class FlowDensity(nn.Module):
             x, _ = inverse_and_log_det(self.flow, z)
         finally:
             self.train(was_training)
+        support = _base_constraint(self.flow.domain)
+        if clamp and isinstance(support, constraints.interval):
+            x = x.clamp(support.lower_bound, support.upper_bound)
         return x
 
     @property

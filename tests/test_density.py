@@ -71,6 +71,10 @@ def test_temperature_zero_samples_the_mode_path():
         expected = model.flow.inv(z0)
     assert torch.allclose(samples, expected.expand_as(samples), atol=1e-10)
     assert model.training  # sample() restores the mode it found
+    wide = model.sample(2000, temperature=3.0)
+    assert float(wide.min()) >= 0.0 and float(wide.max()) <= 1.0  # clamped to the Logit's domain
+    unclamped = model.sample(2000, temperature=3.0, clamp=False)
+    assert float(unclamped.min()) < 0.0 or float(unclamped.max()) > 1.0
     varied = model.sample(4, temperature=0.7)
     assert varied.shape == (4, 1, 4, 4) and not torch.allclose(varied[0], varied[1])
 

@@ -95,6 +95,8 @@ class Invertible1x1Conv(FlowTransform):
     def _mix(self, matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._event_dim == 1:
             return x @ matrix.T
+        if x.shape[-1] * x.shape[-2] < 256:  # small images: a batched matmul beats conv2d ~2x on CPU
+            return torch.einsum("ij,...jhw->...ihw", matrix, x)
         out = F.conv2d(x.reshape((-1,) + x.shape[-3:]), matrix[:, :, None, None])
         return out.reshape(x.shape)
 
