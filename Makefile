@@ -28,7 +28,10 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench]"
 	$(BIN)/python benchmarks/vi_energies.py
+	$(BIN)/python benchmarks/image_flows.py
+	$(BIN)/python benchmarks/residual.py
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
