@@ -86,6 +86,20 @@ def test_forward_calls_always_compute_even_after_data_updates():
     assert t.calls["forward"] == 2 and not torch.allclose(y, y2)
 
 
+def test_memo_notices_updates_through_data():
+    """A stored sample's log q after an update written through .data (Pyro's ClippedAdam) is recomputed."""
+    flow = pyroflows.planar_flow(2, num_layers=2)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.normal_()
+    q = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [flow])
+    with torch.no_grad():
+        z = q.rsample((4,))
+        for p in flow.parameters():
+            p.data.add_(0.5)
+        assert torch.allclose(q.log_prob(z), q.log_prob(z.clone()), atol=1e-5)
+
+
 def test_training_on_a_fixed_batch_with_clipped_adam_makes_progress():
     flow = pyroflows.realnvp(2, num_layers=2, hidden=(8,))
     opt = ClippedAdam(flow.parameters(), lr=0.05)  # Pyro's optimiser: updates through .data

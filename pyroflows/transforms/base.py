@@ -74,30 +74,34 @@ class _Memo:
     Identity alone (torch's cache) is fooled by in-place edits of ``x``/``y``, by optimiser steps between
     calls, by a switch between train and eval mode, and by a switch of grad mode. The key records the
     tensors' version counters, the module's parameter and buffer versions, ``training`` and grad mode.
-    Parameter updates written through ``.data`` (Pyro's ``ClippedAdam``) bypass version counters, so forward
-    calls never consult the memo; only ``log_abs_det_jacobian`` and ``inv`` of the pair just computed do.
+    Parameter updates written through ``.data`` (Pyro's ``ClippedAdam``) bypass version counters: the memo also
+    compares the norms of all parameters and buffers, and forward calls never consult it; only
+    ``log_abs_det_jacobian`` and ``inv`` of the pair just computed do.
     ``x`` and ``y`` are held strongly, as torch's cache holds them: in a guide the base sample ``x`` has no
     other owner between ``rsample`` and ``log_prob``, and a weak reference would lose it (and force an inverse).
     Only one pair per transform is kept, and ``clear_memo()`` drops it.
     """
 
-    __slots__ = ("x", "y", "x_version", "y_version", "state", "log_det")
+    __slots__ = ("x", "y", "x_version", "y_version", "state", "fingerprint", "log_det")
 
-    def __init__(self, x, y, log_det, state):
+    def __init__(self, x, y, log_det, state, fingerprint):
         self.x = x
         self.y = y
         self.x_version = _version(x)
         self.y_version = _version(y)
         self.log_det = log_det
         self.state = state
+        self.fingerprint = fingerprint
 
-    def matches(self, state, x=None, y=None) -> bool:
+    def matches(self, state, fingerprint_fn, x=None, y=None) -> bool:
         if state != self.state:
             return False
         if x is not None and (self.x is not x or _version(x) != self.x_version):
             return False
         if y is not None and (self.y is not y or _version(y) != self.y_version):
             return False
+        if self.fingerprint is not None and not torch.equal(fingerprint_fn(), self.fingerprint):
+            return False  # parameters changed without a version bump (updates through .data)
         return True
 
 
@@ -232,12 +236,20 @@ class FlowTransform(TransformModule):
         _bump_generation()
         return super()._apply(*args, **kwargs)
 
+    def _fingerprint(self) -> torch.Tensor | None:
+        """Norms of every floating parameter and buffer: catches updates that bypass version counters
+        (``p.data.add_(...)``, as Pyro's ``ClippedAdam`` does), one fused kernel for all tensors."""
+        tensors = [t.detach() for t in self._watched() if t.is_floating_point() and t.numel()]
+        if not tensors:
+            return None
+        return torch.stack(torch._foreach_norm(tensors))
+
     def _remember(self, x, y, log_det):
-        self.__dict__["_memo"] = _Memo(x, y, log_det, self._state())
+        self.__dict__["_memo"] = _Memo(x, y, log_det, self._state(), self._fingerprint())
 
     def _recall(self, x=None, y=None) -> _Memo | None:
         memo = self._memo
-        if memo is not None and memo.matches(self._state(), x=x, y=y):
+        if memo is not None and memo.matches(self._state(), self._fingerprint, x=x, y=y):
             return memo
         return None
 
