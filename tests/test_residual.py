@@ -12,7 +12,7 @@ from pyro.optim.clipped_adam import ClippedAdam
 
 import pyroflows
 from pyroflows.logdet import exact_log_det, roulette_coefficients
-from pyroflows.nn import SpectralConv2d, SpectralLinear, lipschitz_mlp
+from pyroflows.nn import LearnableNorm, SpectralConv2d, SpectralLinear, lipschitz_mlp
 from pyroflows.transforms import ResidualBlock
 
 
@@ -62,6 +62,31 @@ def test_lipschitz_bound_holds_also_after_optimiser_steps(train, optimiser):
         block.train(train)
         assert _max_jacobian_norm(block.net, 3 * torch.randn(32, 4, dtype=torch.float64)) <= 0.9 * (1 + 1e-3)
         block.train()
+
+
+def test_induced_mixed_norms_and_learnable_orders():
+    torch.manual_seed(0)
+    layer = SpectralLinear(5, 7, coeff=0.9, domain=1.5, codomain=3.0).double().eval()
+    with torch.no_grad():
+        layer.weight.mul_(5)
+    w = layer.normalized_weight().detach()
+    xs = torch.randn(200000, 5, dtype=torch.float64)
+    xs = xs / xs.abs().pow(1.5).sum(-1, keepdim=True).pow(1 / 1.5)  # unit vectors of the 1.5-norm
+    brute = float((xs @ w.T).abs().pow(3).sum(-1).pow(1 / 3).max())
+    assert brute <= 0.9 * (1 + 1e-4) and brute >= 0.85  # the p->q bound holds and is nearly attained
+    block = ResidualBlock(3, hidden=(16, 16), coeff=0.9, learn_p=True).double()
+    orders = [m for m in block.modules() if isinstance(m, LearnableNorm)]
+    assert len(orders) == 2
+    start = [float(m().detach()) for m in orders]
+    opt = torch.optim.Adam(block.parameters(), lr=0.05)
+    x = torch.randn(64, 3, dtype=torch.float64)
+    for _ in range(20):
+        loss = -(block.net(x) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(abs(float(m().detach()) - s0) > 0.05 for m, s0 in zip(orders, start)), "orders did not learn"
+    assert _max_jacobian_norm(block.net, 3 * torch.randn(32, 3, dtype=torch.float64)) <= 0.9 * (1 + 1e-3)
 
 
 def test_conv_bound_is_on_the_true_operator():

@@ -2,6 +2,7 @@
 
 from .conditioners import MLP, ConvNet
 from .lipschitz import (
+    LearnableNorm,
     LipSwish,
     SpectralConv2d,
     SpectralLinear,
@@ -12,6 +13,7 @@ from .lipschitz import (
 
 __all__ = [
     "ConvNet",
+    "LearnableNorm",
     "LipSwish",
     "MLP",
     "SpectralConv2d",

@@ -128,6 +128,32 @@ class _PowerIteration(nn.Module):
         return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
 
 
+class LearnableNorm(nn.Module):
+    r"""A learnable norm order :math:`p = p_{min} + (p_{max} - p_{min})\,\sigma(r)`, shared by the layers it
+    joins (the codomain of one linear layer and the domain of the next), as in Residual Flows' learned
+    induced mixed norms. Gradients reach ``r`` through the norm estimate :math:`\|W v\|_q`.
+
+    :param float init: initial ``p``.
+    :param float p_min: lower bound (> 1).
+    :param float p_max: upper bound.
+    """
+
+    def __init__(self, init: float = 2.0, p_min: float = 1.1, p_max: float = 8.0):
+        super().__init__()
+        if not 1.0 < p_min < init < p_max:
+            raise ValueError(f"LearnableNorm: need 1 < p_min < init < p_max, got {p_min}, {init}, {p_max}")
+        self.p_min, self.p_max = p_min, p_max
+        frac = (init - p_min) / (p_max - p_min)
+        self.raw = nn.Parameter(torch.tensor(math.log(frac / (1 - frac))))
+
+    def forward(self) -> torch.Tensor:
+        return self.p_min + (self.p_max - self.p_min) * torch.sigmoid(self.raw)
+
+
+def _order(p) -> torch.Tensor | float:
+    return p() if isinstance(p, nn.Module) else p
+
+
 class SpectralLinear(_PowerIteration):
     r"""A linear layer with :math:`\|W\|_{p \to q} \le c`: the induced norm from the ``domain`` p-norm to the
     ``codomain`` q-norm (``2, 2``: the spectral norm), estimated by the generalised power method.
@@ -135,8 +161,8 @@ class SpectralLinear(_PowerIteration):
     :param int in_features: input size.
     :param int out_features: output size.
     :param float coeff: the bound :math:`c \in (0, 1)`.
-    :param float domain: ``p`` of the input norm.
-    :param float codomain: ``q`` of the output norm.
+    :param domain: ``p`` of the input norm (a float, or a shared :class:`LearnableNorm`).
+    :param codomain: ``q`` of the output norm (a float, or a shared :class:`LearnableNorm`).
     :param int n_iterations: power iterations per training forward.
     :param float atol: eval mode iterates until the estimate changes by less than ``atol + rtol * sigma``.
     :param float rtol: see ``atol``.
@@ -156,8 +182,8 @@ class SpectralLinear(_PowerIteration):
         in_features: int,
         out_features: int,
         coeff: float = 0.97,
-        domain: float = 2.0,
-        codomain: float = 2.0,
+        domain: float | LearnableNorm = 2.0,
+        codomain: float | LearnableNorm = 2.0,
         n_iterations: int = 1,
         atol: float = 1e-5,
         rtol: float = 1e-5,
@@ -165,18 +191,39 @@ class SpectralLinear(_PowerIteration):
         bias: bool = True,
     ):
         super().__init__(coeff, n_iterations, atol, rtol, max_eval_iterations)
-        if domain < 1 or codomain < 1:
-            raise ValueError(f"SpectralLinear: norms need p >= 1, got domain={domain}, codomain={codomain}")
+        for order in (domain, codomain):
+            if not isinstance(order, LearnableNorm) and order < 1:
+                raise ValueError(f"SpectralLinear: norms need p >= 1, got domain={domain}, codomain={codomain}")
         self.in_features, self.out_features = in_features, out_features
-        self.domain, self.codomain = float(domain), float(codomain)
+        # A shared LearnableNorm is registered (once) by the layer whose codomain it is; the next layer, whose
+        # domain it is, only refers to it (a tuple entry, not a submodule).
+        self._orders = (
+            domain if isinstance(domain, LearnableNorm) else float(domain),
+            codomain if isinstance(codomain, LearnableNorm) else float(codomain),
+        )
+        if isinstance(codomain, LearnableNorm):
+            self.codomain_norm = codomain
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._init_fingerprint()
         self.register_buffer("u", _normalize_p(torch.randn(out_features), 2.0))
         self.register_buffer("v", _normalize_p(torch.randn(in_features), self.domain))
+        self.register_buffer("_fp_orders", torch.zeros(2), persistent=False)
         with torch.no_grad():
             self._iterate(20)
+
+    @property
+    def domain(self) -> float:
+        return float(torch.as_tensor(_order(self._orders[0])).detach())
+
+    @property
+    def codomain(self) -> float:
+        return float(torch.as_tensor(_order(self._orders[1])).detach())
+
+    def _fingerprint(self) -> torch.Tensor:
+        # the orders shape the normalisation too: a change of a learnable p re-runs the iteration
+        return super()._fingerprint() + 1e3 * (self.domain + math.pi * self.codomain)
 
     def _iterate(self, n: int) -> None:
         w, p, q = self.weight.detach(), self.domain, self.codomain
@@ -194,7 +241,8 @@ class SpectralLinear(_PowerIteration):
 
     def _sigma(self, v: torch.Tensor | None = None) -> torch.Tensor:
         v = self.v if v is None else v
-        return (self.weight @ v).abs().pow(self.codomain).sum().pow(1.0 / self.codomain)
+        q = _order(self._orders[1])  # a tensor for a learnable norm: the gradient reaches its order
+        return (self.weight @ v).abs().pow(q).sum().pow(1.0 / q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.normalized_weight(), self.bias)
@@ -325,6 +373,7 @@ def lipschitz_mlp(
     n_iterations: int = 1,
     norm_p: float = 2.0,
     hidden_norm_p: float | None = None,
+    learn_p: bool = False,
 ) -> nn.Sequential:
     r"""An MLP ``R^dim -> R^dim`` with Lipschitz constant at most ``coeff`` in the ``norm_p`` norm: spectral
     (or induced mixed-norm) linear layers with LipSwish between them.
@@ -335,11 +384,13 @@ def lipschitz_mlp(
     :param float norm_p: the norm of the input and output (2: spectral norms).
     :param float hidden_norm_p: the norm used between layers (default ``norm_p``); each layer's codomain norm is
         the next layer's domain norm, so the product bound holds in ``norm_p``.
+    :param bool learn_p: learn the hidden norms' orders (:class:`LearnableNorm`, initialised at ``hidden_norm_p``).
     """
     _check_coeff(coeff, "lipschitz_mlp")
     sizes = [dim] + list((hidden,) if isinstance(hidden, int) else hidden) + [dim]
     hp = norm_p if hidden_norm_p is None else hidden_norm_p
-    norms = [norm_p] + [hp] * (len(sizes) - 2) + [norm_p]
+    hidden_norms = [LearnableNorm(hp if hp > 1.1 else 2.0) if learn_p else hp for _ in range(len(sizes) - 2)]
+    norms = [norm_p] + hidden_norms + [norm_p]
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(SpectralLinear(sizes[i], sizes[i + 1], coeff, norms[i], norms[i + 1], n_iterations))

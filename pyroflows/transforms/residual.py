@@ -99,6 +99,8 @@ class ResidualBlock(FlowTransform):
     :param float rtol: inverse relative tolerance (default: same as ``atol``).
     :param int max_iter: inverse iteration limit.
     :param str on_fail: ``"raise"`` or ``"warn"`` when the inverse does not converge.
+    :param bool learn_p: vectors: learn the orders of the hidden norms (induced mixed norms, Chen et al. 2019);
+        the block's bound stays ``coeff`` in the 2-norm.
 
     Example::
 
@@ -133,6 +135,7 @@ class ResidualBlock(FlowTransform):
         rtol: float | None = None,
         max_iter: int = 1000,
         on_fail: str = "raise",
+        learn_p: bool = False,
     ):
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         if len(shape) not in (1, 3):
@@ -150,7 +153,7 @@ class ResidualBlock(FlowTransform):
         self.coeff = coeff
         if net is None:
             if len(shape) == 1:
-                net = lipschitz_mlp(shape[0], hidden or (128,), coeff)
+                net = lipschitz_mlp(shape[0], hidden or (128,), coeff, learn_p=learn_p)
             else:
                 net = lipschitz_cnn(shape[0], hidden or 64, coeff)
         self.net = net
