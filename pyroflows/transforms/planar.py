@@ -107,6 +107,7 @@ class Planar(FlowTransform):
         solution = a.clone()
         idx = torch.arange(t.numel(), device=t.device)
         tol = tol_all
+        dx_old = hi - lo  # the step before last (Numerical Recipes' rtsafe rule)
         for it in range(self.max_iter + 1):
             th = torch.tanh(a)
             residual = a + c * th - t
@@ -116,11 +117,19 @@ class Planar(FlowTransform):
                 return solution.reshape(shape)
             if it == self.max_iter:
                 break
-            idx, a, t, lo, hi, tol, th, residual = (v[keep] for v in (idx, a, t, lo, hi, tol, th, residual))
+            idx, a, t, lo, hi, tol, th, residual, dx_old = (
+                v[keep] for v in (idx, a, t, lo, hi, tol, th, residual, dx_old)
+            )
             hi = torch.where(residual > 0, a, hi)
             lo = torch.where(residual < 0, a, lo)
-            step = a - residual / (1.0 + c * (1.0 - th * th))
-            a = torch.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
+            newton = residual / (1.0 + c * (1.0 - th * th))
+            step = a - newton
+            # bisect when Newton leaves the bracket or does not halve the step: for large |c| Newton can
+            # bounce between the two flanks of tanh while the bracket shrinks only slowly
+            use_newton = (step > lo) & (step < hi) & (2 * newton.abs() <= dx_old.abs())
+            a_new = torch.where(use_newton, step, 0.5 * (lo + hi))
+            dx_old = a_new - a
+            a = a_new
         raise RuntimeError(
             f"Planar inverse did not converge in max_iter={self.max_iter} iterations: "
             f"{idx.numel()} element(s) above tolerance, max residual |a + c·tanh(a) - (w·y + b)| = "
