@@ -4,10 +4,10 @@ Every model is trained by maximum likelihood on the same uniformly dequantised b
 optimiser, learning rate, batch size and number of steps, in a fresh subprocess of its own (so that its peak
 memory is its own), and is scored by test bits/dim.
 
-Data. ``sklearn.datasets.load_digits``: 1797 images of 1x8x8 integer pixels in 0..16, treated as
-``n_bins = 17`` levels; a fixed stratified split (``train_test_split(test_size=0.2, random_state=0)``,
-1437 train / 360 test). A pixel ``k`` is dequantised as ``x = (k + u) / n_bins`` with ``u ~ U(0, 1)``, so
-``x`` lies in ``[0, 1]^D`` with ``D = 64``.
+Data. ``sklearn.datasets.load_digits`` through ``pyroflows.data.load_digits``: 1797 images of 1x8x8 integer
+pixels in 0..16, treated as ``n_bins = 17`` levels; a fixed stratified split (``train_test_split(test_size=0.2,
+random_state=0)``, 1437 train / 360 test). A pixel ``k`` is dequantised as ``x = (k + u) / n_bins`` with
+``u ~ U(0, 1)``, so ``x`` lies in ``[0, 1]^D`` with ``D = 64``.
 
 Bits/dim. ``bpd = (-log p(x) + D log n_bins) / (D ln 2)``, where ``log p(x)`` is the density of the
 dequantised ``x`` in ``[0, 1]^D``: it includes the Jacobian of the logit preprocessing
@@ -48,7 +48,8 @@ Usage::
     python benchmarks/image_flows.py --steps 2000 --models glow/pyroflows,glow/normflows
     python benchmarks/image_flows.py --profile --models glow/pyroflows --steps 60   # cProfile one model
 
-Needs ``normflows`` and ``scikit-learn`` (the ``bench`` extra), neither of which pyroflows itself uses.
+Needs ``normflows`` (the ``bench`` extra), which pyroflows itself does not use; the digits come from
+``pyroflows.data.load_digits`` (scikit-learn, a core dependency).
 
 References: Kingma & Dhariwal, *Glow*, NeurIPS 2018; Dinh, Sohl-Dickstein & Bengio, *Density estimation
 using Real NVP*, ICLR 2017; Stimper et al., *normflows*, JOSS 2023.
@@ -86,18 +87,15 @@ RESULT_TAG = "IMAGE_FLOWS_RESULT "
 def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The digits as integer-valued float tensors ``(N, 1, 8, 8)`` in ``0..16``: ``(train, test)``.
 
-    Split: ``train_test_split(test_size=0.2, random_state=seed, stratify=labels)`` (1437 / 360 for seed 0).
+    ``pyroflows.data.load_digits``' split: ``train_test_split(test_size=0.2, random_state=seed, stratify=labels)``
+    (1437 / 360 for seed 0).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from pyroflows.data import load_digits
 
-    digits = load_digits()
-    images = torch.as_tensor(digits.images, dtype=torch.float32).reshape(-1, *SHAPE)
-    if not bool((images == images.round()).all()) or images.min() < 0 or images.max() > N_BINS - 1:
-        raise RuntimeError("load_digits no longer returns integers in 0..16")
-    idx = torch.arange(len(images)).numpy()
-    train_idx, test_idx = train_test_split(idx, test_size=0.2, random_state=seed, stratify=digits.target)
-    return images[torch.as_tensor(train_idx)], images[torch.as_tensor(test_idx)]
+    train, test = (load_digits(split, seed=seed) for split in ("train", "test"))
+    if train.n_bins != N_BINS or train.shape != SHAPE:
+        raise RuntimeError(f"load_digits changed: n_bins {train.n_bins}, shape {train.shape}")
+    return train.images.float(), test.images.float()
 
 
 def dequantize(k: torch.Tensor, generator: torch.Generator, n_bins: int = N_BINS) -> torch.Tensor:

@@ -65,8 +65,9 @@ almost always) is shown for reference. Target: at most 10 % growth of the pyrofl
 peak from 2 to 20 terms.
 
 (c) Density quality: ``FlowDensity(residual_flow(2, ...))`` trained by maximum likelihood on fresh samples of two
-2-D densities with exact log-density, then scored in eval mode (pyroflows' residual blocks then compute the exact
-log-det, D <= 64; the power iteration runs to tolerance) on ``--test-samples`` fresh samples:
+2-D densities with exact log-density (``pyroflows.data.toy.Checkerboard`` and ``EightGaussians``), then scored in
+eval mode (pyroflows' residual blocks then compute the exact log-det, D <= 64; the power iteration runs to
+tolerance) on ``--test-samples`` fresh samples:
 
 * checkerboard: uniform on the 8 unit squares ``[i, i+1] x [j, j+1]``, ``i, j in {-2, -1, 0, 1}``, ``i + j``
   even, of a 4x4 board on ``[-2, 2]^2``: density 1/8 on them, 0 elsewhere, entropy ``log 8``. (The brief asked
@@ -119,6 +120,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from pyroflows.data.toy import Checkerboard, EightGaussians
 
 RESULT_TAG = "RESIDUAL_RESULT "
 HERE = Path(__file__).resolve().parent
@@ -444,69 +447,7 @@ def run_isolated(fn_name: str, payload: dict, isolation: str, timeout: float = 9
 
 
 # --------------------------------------------------------------------------------------------- toy densities
-class Checkerboard:
-    """Uniform on the 8 unit squares ``[i, i+1] x [j, j+1]`` (``i, j in {-2..1}``, ``i + j`` even) of ``[-2, 2]^2``."""
-
-    name = "checkerboard"
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` exact samples: a uniform column ``x1``, then a uniform one of the two filled cells in it."""
-        x1 = torch.rand(n, generator=generator) * 4.0 - 2.0
-        col = torch.floor(x1)
-        # the filled rows of column i are j with (i + j) even: j in {-2, 0} for even i, {-1, 1} for odd i
-        row = 2.0 * torch.randint(0, 2, (n,), generator=generator) - 2.0 + torch.remainder(col, 2.0)
-        x2 = row + torch.rand(n, generator=generator)
-        return torch.stack([x1, x2], dim=-1)
-
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``-log 8`` on the filled squares, ``-inf`` elsewhere."""
-        cells = torch.floor(x)
-        inside = (x.abs() <= 2.0).all(-1) & (torch.remainder(cells.sum(-1), 2.0) == 0)
-        return torch.where(inside, x.new_full(x.shape[:-1], -math.log(8.0)), x.new_full(x.shape[:-1], -math.inf))
-
-    def entropy(self, n: int, generator: torch.Generator) -> tuple[float, float]:
-        """Exact: ``log 8`` (standard error 0)."""
-        return math.log(8.0), 0.0
-
-
-class EightGaussians:
-    """Equal mixture of ``N(mu_k, sigma^2 I)``, ``mu_k = 2 sqrt 2 (cos k pi/4, sin k pi/4)``, ``sigma = sqrt 2 / 4``."""
-
-    name = "eight_gaussians"
-    radius = 2.0 * math.sqrt(2.0)
-    sigma = math.sqrt(2.0) / 4.0
-
-    def __init__(self):
-        angles = torch.arange(8, dtype=torch.float64) * math.pi / 4.0
-        self.means = self.radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` exact samples (float32)."""
-        k = torch.randint(0, 8, (n,), generator=generator)
-        eps = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-        return (self.means[k] + self.sigma * eps).float()
-
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact log-density (computed in float64, returned in ``x``'s dtype)."""
-        xd = x.double()
-        sq = ((xd[..., None, :] - self.means) ** 2).sum(-1)
-        log_norm = -math.log(8.0) - math.log(2.0 * math.pi * self.sigma**2)
-        return (torch.logsumexp(-sq / (2.0 * self.sigma**2), dim=-1) + log_norm).to(x.dtype)
-
-    def entropy(self, n: int, generator: torch.Generator, chunk: int = 250_000) -> tuple[float, float]:
-        """Monte Carlo ``H = -E log p(X)`` over ``n`` samples; returns ``(estimate, standard error)``."""
-        total, total_sq, done = 0.0, 0.0, 0
-        while done < n:
-            m = min(chunk, n - done)
-            lp = self.log_prob(self.sample(m, generator).double())
-            total += float(lp.sum())
-            total_sq += float((lp * lp).sum())
-            done += m
-        mean = total / n
-        var = max(total_sq / n - mean * mean, 0.0) * n / (n - 1)
-        return -mean, math.sqrt(var / n)
-
-
+# Checkerboard and EightGaussians (exact sample / log_prob / entropy) live in pyroflows.data.toy.
 TOYS = {"checkerboard": Checkerboard, "eight_gaussians": EightGaussians}
 
 
