@@ -1,6 +1,6 @@
 """Networks that parameterise flow layers: conditioners and Lipschitz-constrained networks."""
 
-from .conditioners import MLP, ConvNet
+from .conditioners import MLP, ConvNet, set_compute_dtype
 from .lipschitz import (
     LearnableNorm,
     LipSwish,
@@ -21,4 +21,5 @@ __all__ = [
     "frozen_power_iteration",
     "lipschitz_cnn",
     "lipschitz_mlp",
+    "set_compute_dtype",
 ]

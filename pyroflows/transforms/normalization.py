@@ -8,6 +8,13 @@ from torch import nn
 from .base import FlowTransform
 
 
+def _distributed() -> bool:
+    """Whether a ``torch.distributed`` process group with more than one rank is running."""
+    import torch.distributed as torch_dist
+
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
 class ActNorm(FlowTransform):
     r"""Per-feature (vectors) or per-channel (images) affine map :math:`y = (x - b) \odot e^{-s}`.
 
@@ -73,10 +80,24 @@ class ActNorm(FlowTransform):
         return tuple(d for d in range(x.dim()) if d != feature_dim)
 
     def init_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Per-feature ``(mean, E[x²], count)`` of ``x``; a hook for distributed training to all-reduce."""
+        """Per-feature ``(mean, E[x²], count)`` of ``x``.
+
+        Under ``torch.distributed`` (an initialised process group with more than one rank) the statistics are
+        all-reduced, so every rank initialises from the union of the ranks' batches and all hold the same
+        parameters: the first training forward must then run on every rank, as it does under DDP.
+        """
         dims = self._reduce_dims(x)
         count = x.numel() // self.num_features
-        return x.mean(dims), (x * x).mean(dims), count
+        mean, second = x.mean(dims), (x * x).mean(dims)
+        if _distributed():
+            import torch.distributed as torch_dist
+
+            packed = torch.cat([mean * count, second * count, mean.new_tensor([float(count)])])
+            torch_dist.all_reduce(packed)
+            total = packed[-1]
+            n = self.num_features
+            return packed[:n] / total, packed[n : 2 * n] / total, int(total.item())
+        return mean, second, count
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
