@@ -4,7 +4,7 @@ Flow layers are Pyro ``TransformModule``s (:mod:`pyroflows.transforms`); builder
 usable as ``AutoNormalizingFlow`` guides (``partial(pyroflows.realnvp, num_layers=8)``).
 """
 
-from . import logdet, nn, transforms
+from . import data, logdet, nn, train, transforms
 from .builders import glow, planar_flow, realnvp, residual_flow
 from .density import FlowDensity
 from .transforms import Compose, FlowTransform, Inverse, enable_validation, inverse, is_validation_enabled
@@ -16,6 +16,7 @@ __all__ = [
     "FlowDensity",
     "FlowTransform",
     "Inverse",
+    "data",
     "enable_validation",
     "glow",
     "inverse",
@@ -25,5 +26,6 @@ __all__ = [
     "planar_flow",
     "realnvp",
     "residual_flow",
+    "train",
     "transforms",
 ]

@@ -1,0 +1,101 @@
+"""Figures a training run writes: image sample grids and 2-D densities (matplotlib, ``plots`` extra)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import torch
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install 'pyroflows[plots]'") from e
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "cairo") and not os.environ.get("DISPLAY"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -> torch.Tensor:
+    """Tile ``images`` ``(N, C, H, W)`` (values in ``[0, 1]``) into one ``(H', W', C)`` array, ``nrow`` per row.
+
+    Example::
+
+        >>> import torch
+        >>> image_grid(torch.zeros(6, 1, 8, 8), nrow=3).shape
+        torch.Size([19, 28, 1])
+    """
+    if images.dim() != 4:
+        raise ValueError(f"image_grid: expected (N, C, H, W) images, got shape {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = images.new_ones(c, rows * (h + padding) + padding, nrow * (w + padding) + padding)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + k * (w + padding)
+        grid[:, top : top + h, left : left + w] = images[i]
+    return grid.permute(1, 2, 0)
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
+                    min_size: int = 256) -> None:
+    """Save ``images`` ``(N, C, H, W)`` in ``[0, 1]`` (1 or 3 channels) as one PNG grid.
+
+    Small grids (e.g. of 8x8 digits) are enlarged by an integer factor, nearest-neighbour, until the longer
+    side reaches ``min_size`` pixels, so the file is readable in an image viewer.
+    """
+    plt = _pyplot()
+    grid = image_grid(images.detach().float().clamp(0, 1).cpu(), nrow)
+    factor = max(1, min_size // max(grid.shape[0], grid.shape[1]))
+    grid = grid.repeat_interleave(factor, 0).repeat_interleave(factor, 1).numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if grid.shape[-1] == 1:
+        plt.imsave(path, grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+    else:
+        plt.imsave(path, grid)
+
+
+def plot_density_2d(
+    log_prob: Callable[[torch.Tensor], torch.Tensor],
+    path: str | os.PathLike | None = None,
+    bounds: tuple[float, float] = (-4.0, 4.0),
+    grid: int = 200,
+    samples: torch.Tensor | None = None,
+    title: str | None = None,
+):
+    """Plot ``exp(log_prob)`` on a square grid (and optionally samples); save to ``path`` if given.
+
+    Returns the matplotlib figure, so it can be restyled.
+    """
+    plt = _pyplot()
+    lo, hi = bounds
+    axis = torch.linspace(lo, hi, grid)
+    xx, yy = torch.meshgrid(axis, axis, indexing="xy")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)
+    with torch.no_grad():
+        density = torch.cat([log_prob(chunk).exp().cpu() for chunk in pts.split(4096)]).reshape(grid, grid)
+    ncols = 1 if samples is None else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(4 * ncols, 4), squeeze=False)
+    axes[0, 0].imshow(density.numpy(), origin="lower", extent=(lo, hi, lo, hi), cmap="viridis")
+    axes[0, 0].set_title(title or "density")
+    if samples is not None:
+        s = samples.detach().cpu()
+        axes[0, 1].hist2d(s[:, 0].numpy(), s[:, 1].numpy(), bins=100, range=[[lo, hi], [lo, hi]], cmap="viridis")
+        axes[0, 1].set_title("samples")
+    for ax in axes[0]:
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return fig
+
+
+__all__ = ["image_grid", "plot_density_2d", "save_image_grid"]

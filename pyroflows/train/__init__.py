@@ -1,0 +1,21 @@
+"""Training density models: :func:`fit` (maximum likelihood, checkpoints, resume, DDP under ``torchrun``),
+:func:`evaluate`, and models by name (:func:`build_density`) so checkpoints can rebuild them."""
+
+from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_model_state
+from .loop import FitResult, TrainingError, evaluate, fit
+from .models import FLOWS, build_density, density_from_spec, load_density
+
+__all__ = [
+    "FLOWS",
+    "CheckpointError",
+    "FitResult",
+    "TrainingError",
+    "atomic_torch_save",
+    "build_density",
+    "density_from_spec",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "load_density",
+    "load_model_state",
+]

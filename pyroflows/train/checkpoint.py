@@ -1,0 +1,166 @@
+"""Checkpoints that survive crashes: written to a temporary file in the same directory, flushed to disk, then
+renamed over the old one (``os.replace`` is atomic on POSIX and Windows), so a reader sees either the previous
+complete checkpoint or the new complete one, never a torn file."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "pyroflows-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, corrupted, not ours, or for another architecture."""
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` atomically: temp file in the target directory, ``fsync``, ``os.replace``.
+
+    If the process dies at any point, ``path`` still holds its previous content (or does not exist); a
+    leftover temporary file (``.<name>.*.tmp``) is harmless and removed when the save fails in-process.
+
+    Example::
+
+        >>> import tempfile, os, torch
+        >>> d = tempfile.mkdtemp()
+        >>> atomic_torch_save({"a": torch.ones(2)}, os.path.join(d, "c.pt"))
+        >>> torch.load(os.path.join(d, "c.pt"))["a"]
+        tensor([1., 1.])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` to ``path`` atomically (same scheme as :func:`atomic_torch_save`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ RNG state
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU and (if present) CUDA generator states, as tensors and plain types only,
+    so the checkpoint loads with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
+    """Read a checkpoint written by :func:`pyroflows.train.fit`.
+
+    :raises CheckpointError: when the file is missing, truncated/corrupted, or not a pyroflows checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {str(path)!r}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read (corrupted or truncated file?): "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a pyroflows checkpoint (no {FORMAT!r} marker)")
+    if ckpt.get("version", 0) > VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {ckpt['version']}, newer than {VERSION}")
+    return ckpt
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:
+    """``model.load_state_dict(state)`` with an error that says the architectures differ, and how."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing entries (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected entries (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+        raise CheckpointError(f"{source} was written for a different architecture: " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+__all__ = [
+    "CheckpointError",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "load_checkpoint",
+    "load_model_state",
+    "rng_state",
+    "set_rng_state",
+]

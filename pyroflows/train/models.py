@@ -1,0 +1,84 @@
+"""Density models by name, so that a checkpoint can rebuild the model it was written from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..builders import glow, realnvp, residual_flow
+from ..density import FlowDensity
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state
+
+FLOWS = {"glow": glow, "realnvp": realnvp, "residual": residual_flow}
+
+
+def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
+    """A :class:`~pyroflows.FlowDensity` on data of ``shape`` with the named builder.
+
+    The recipe is kept as ``model.spec`` (``{"flow", "shape", "options"}``) and stored in every checkpoint,
+    which is how ``pyroflows sample CHECKPOINT`` rebuilds the model without being told the architecture.
+
+    :param str flow: ``"glow"``, ``"realnvp"`` or ``"residual"`` (:func:`pyroflows.residual_flow`).
+    :param shape: event shape, ``(C, H, W)`` for images or ``(D,)`` for vectors.
+    :param options: keyword arguments of the builder (e.g. ``levels``, ``steps``, ``hidden_channels``).
+
+    Example::
+
+        >>> from pyroflows.train import build_density
+        >>> model = build_density("glow", (1, 8, 8), levels=2, steps=2, hidden_channels=8)
+        >>> model.spec["flow"], model.event_shape
+        ('glow', (1, 8, 8))
+    """
+    key = str(flow).lower()
+    if key not in FLOWS:
+        raise ValueError(f"unknown flow {flow!r}; choose one of {sorted(FLOWS)}")
+    shape = tuple(int(n) for n in shape)
+    builder = FLOWS[key]
+    try:
+        transform = builder(shape if len(shape) > 1 else shape[0], **options)
+    except TypeError as e:
+        raise ValueError(f"build_density: bad options for {key!r}: {e}") from e
+    model = FlowDensity(transform, shape)
+    model.spec = {"flow": key, "shape": list(shape), "options": dict(options)}
+    return model
+
+
+def density_from_spec(spec: dict) -> FlowDensity:
+    """Rebuild the (untrained) model that :func:`build_density` made from ``spec``."""
+    try:
+        return build_density(spec["flow"], spec["shape"], **spec.get("options", {}))
+    except KeyError as e:
+        raise ValueError(f"model spec lacks {e.args[0]!r}: {spec!r}") from None
+
+
+
+
+def load_density(path, ema: bool = False, map_location="cpu") -> FlowDensity:
+    """The trained model stored in a checkpoint of :func:`pyroflows.train.fit`, in eval mode.
+
+    :param path: the checkpoint file (``out/checkpoint.pt``).
+    :param bool ema: load the exponential moving average of the weights (the run must have used ``ema=``).
+    :raises CheckpointError: missing/corrupted file, no model recipe (a model not built by
+        :func:`build_density`), no EMA weights, or weights that do not fit the recipe.
+    """
+    ckpt = load_checkpoint(path, map_location=map_location)
+    if ckpt.get("spec") is None:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has no model recipe: the model was not made by build_density, so rebuild it "
+            "yourself and load ckpt['model'] into it"
+        )
+    try:
+        model = density_from_spec(ckpt["spec"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from e
+    state = dict(ckpt["model"])
+    if ema:
+        if ckpt.get("ema") is None:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA weights (the run did not use ema=)")
+        prefix = "module."
+        state.update({k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)
+                      and k[len(prefix):] in dict(model.named_parameters())})
+    load_model_state(model, state, f"checkpoint {str(path)!r}")
+    return model.to(map_location).eval()
+
+
+__all__ = ["FLOWS", "build_density", "density_from_spec", "load_density"]
