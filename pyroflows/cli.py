@@ -77,7 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ema", action="store_true", help="use the EMA weights")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--batch-size", type=int, default=500)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--seed",
+        type=int,
+        help="dequantisation noise seed (default: the training run's seed, so the figure repeats the one fit printed)",
+    )
     return parser
 
 
@@ -89,34 +93,73 @@ def _dataset(name, root, split, n_bits):
 
 
 def _fit(args) -> int:
+    import torch
+
     from .train import build_density, fit
 
     flow = args.flow.lower()
     if flow not in _ARCH:
         raise ValueError(f"unknown flow {args.flow!r}; choose one of {', '.join(_ARCH)}")
     steps_key, hidden_key, defaults = _ARCH[flow]
+    for name in (
+        "levels",
+        "steps",
+        "hidden",
+        "max_steps",
+        "batch_size",
+        "eval_every",
+        "sample_every",
+        "checkpoint_every",
+        "warmup",
+    ):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {value}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise ValueError(f"--epochs must be > 0, got {args.epochs}")
     train = _dataset(args.data, args.root, "train", args.n_bits)
     test = _dataset(args.data, args.root, "test", args.n_bits)
+
+    def pick(value, default):
+        return value if value is not None else default
+
     options = {
-        "levels": args.levels or defaults["levels"],
-        steps_key: args.steps or defaults["steps"],
-        hidden_key: args.hidden or defaults["hidden"],
+        "levels": pick(args.levels, defaults["levels"]),
+        steps_key: pick(args.steps, defaults["steps"]),
+        hidden_key: pick(args.hidden, defaults["hidden"]),
     }
+    torch.manual_seed(args.seed)  # --seed fixes the initial weights too
     model = build_density(flow, train.shape, **options)
     per_epoch = max(1, len(train) // args.batch_size)
     result = fit(
-        model, train, test,
-        steps=args.max_steps, epochs=None if args.max_steps else (args.epochs or 10.0),
-        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, warmup_steps=args.warmup,
-        clip_norm=args.clip_norm, ema=args.ema, eval_every=args.eval_every or per_epoch,
-        sample_every=args.sample_every, checkpoint_every=args.checkpoint_every or per_epoch, out=args.out,
-        resume=args.resume, device=args.device, amp=args.amp, compile=args.compile, seed=args.seed,
+        model,
+        train,
+        test,
+        steps=args.max_steps,
+        epochs=None if args.max_steps else (args.epochs or 10.0),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        warmup_steps=args.warmup,
+        clip_norm=args.clip_norm,
+        ema=args.ema,
+        eval_every=pick(args.eval_every, per_epoch),
+        sample_every=args.sample_every,
+        checkpoint_every=pick(args.checkpoint_every, per_epoch),
+        out=args.out,
+        resume=args.resume,
+        device=args.device,
+        amp=args.amp,
+        compile=args.compile,
+        seed=args.seed,
         progress=False if args.no_progress else None,
     )
     if result.out is not None:
         last = result.evals[-1] if result.evals else {}
-        print(f"step {result.step}: test bits/dim {last.get('test_bpd', float('nan')):.4f}; "
-              f"checkpoint {result.checkpoint}")
+        print(
+            f"step {result.step}: test bits/dim {last.get('test_bpd', float('nan')):.4f}; "
+            f"checkpoint {result.checkpoint}"
+        )
     return 0
 
 
@@ -141,13 +184,15 @@ def _sample(args) -> int:
 def _eval(args) -> int:
     from .train import evaluate, load_checkpoint, load_density
 
-    n_bins = load_checkpoint(args.checkpoint).get("n_bins")
+    ckpt = load_checkpoint(args.checkpoint)
+    n_bins = ckpt.get("n_bins")
+    seed = args.seed if args.seed is not None else int(ckpt.get("config", {}).get("seed", 0))
     model = load_density(args.checkpoint, ema=args.ema, map_location=args.device)
     data = _dataset(args.data, args.root, args.split, args.n_bits)
     if n_bins is not None and data.n_bins != n_bins:
         raise ValueError(f"the checkpoint was trained on {n_bins}-level pixels but {args.data!r} has {data.n_bins}")
-    bpd = evaluate(model, data, batch_size=args.batch_size, seed=args.seed, device=args.device)
-    print(f"{args.data} {args.split}: {bpd:.4f} bits/dim ({len(data)} images)")
+    bpd = evaluate(model, data, batch_size=args.batch_size, seed=seed, device=args.device)
+    print(f"{args.data} {args.split}: {bpd:.6f} bits/dim ({len(data)} images)")
     return 0
 
 
@@ -160,7 +205,8 @@ def main(argv=None) -> int:
     try:
         return {"fit": _fit, "sample": _sample, "eval": _eval}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
-        print(f"pyroflows {args.command}: error: {e}", file=sys.stderr)
+        message = str(e).removeprefix(f"{args.command}: ")
+        print(f"pyroflows {args.command}: error: {message}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"pyroflows {args.command}: training stopped: {e}", file=sys.stderr)

@@ -32,8 +32,12 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) 
     """
     if images.dim() != 4:
         raise ValueError(f"image_grid: expected (N, C, H, W) images, got shape {tuple(images.shape)}")
+    if nrow is not None and nrow < 1:
+        raise ValueError(f"image_grid: nrow must be >= 1, got {nrow}")
+    if padding < 0:
+        raise ValueError(f"image_grid: padding must be >= 0, got {padding}")
     n, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    nrow = nrow if nrow is not None else max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
     grid = images.new_ones(c, rows * (h + padding) + padding, nrow * (w + padding) + padding)
     for i in range(n):
@@ -43,13 +47,18 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) 
     return grid.permute(1, 2, 0)
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
-                    min_size: int = 256) -> None:
+def save_image_grid(
+    images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, min_size: int = 256
+) -> None:
     """Save ``images`` ``(N, C, H, W)`` in ``[0, 1]`` (1 or 3 channels) as one PNG grid.
 
     Small grids (e.g. of 8x8 digits) are enlarged by an integer factor, nearest-neighbour, until the longer
     side reaches ``min_size`` pixels, so the file is readable in an image viewer.
     """
+    if images.dim() != 4 or images.shape[0] < 1 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"save_image_grid: expected (N >= 1, C in {{1, 3}}, H, W) images, got shape {tuple(images.shape)}"
+        )
     plt = _pyplot()
     grid = image_grid(images.detach().float().clamp(0, 1).cpu(), nrow)
     factor = max(1, min_size // max(grid.shape[0], grid.shape[1]))

@@ -67,11 +67,14 @@ class _PowerIteration(nn.Module):
         self.n_iterations = n_iterations
         self.atol, self.rtol, self.max_eval_iterations = atol, rtol, max_eval_iterations
         self.register_buffer("sigma", torch.ones(()))
-        self.register_buffer("_train_fp", torch.tensor(float("nan")), persistent=False)
+        # persistent, so that a resumed run iterates exactly when the uninterrupted one would
+        self.register_buffer("_train_fp", torch.tensor(float("nan")))
         self._eval_fp: float | None = None  # fingerprint for which the eval-mode estimate has converged
 
     def _init_fingerprint(self) -> None:
-        self.register_buffer("_fp_probe", torch.randn(self.weight.shape), persistent=False)
+        # a fixed probe (not drawn from the global RNG): every build of the layer fingerprints alike
+        probe = torch.randn(self.weight.shape, generator=torch.Generator().manual_seed(20190604))
+        self.register_buffer("_fp_probe", probe, persistent=False)
 
     def _fingerprint(self) -> torch.Tensor:
         return (self.weight.detach() * self._fp_probe).sum()
@@ -83,11 +86,17 @@ class _PowerIteration(nn.Module):
         raise NotImplementedError
 
     # The power-iteration vectors are part of the map: a loaded layer must not iterate again before its weight
-    # changes, or it would compute a (slightly) different function than the one that was saved.
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        with torch.no_grad():
-            self._train_fp.copy_(self._fingerprint())
+    # changes, or it would compute a (slightly) different function than the one that was saved. The saved
+    # fingerprint says when the vectors were last iterated; a state_dict without one (older files) counts as
+    # "iterated for the loaded weight".
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
+        has_fp = prefix + "_train_fp" in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
+        if not has_fp:
+            if prefix + "_train_fp" in missing_keys:
+                missing_keys.remove(prefix + "_train_fp")
+            with torch.no_grad():
+                self._train_fp.copy_(self._fingerprint())
         self._eval_fp = None
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 :func:`evaluate`, and models by name (:func:`build_density`) so checkpoints can rebuild them."""
 
 from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_model_state
-from .loop import FitResult, TrainingError, evaluate, fit
+from .evaluation import evaluate
+from .loop import FitResult, TrainingError, fit
 from .models import FLOWS, build_density, density_from_spec, load_density
 
 __all__ = [

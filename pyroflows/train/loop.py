@@ -24,7 +24,6 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
-from ..data.images import ImageDataset, as_image_dataset, dequantize
 from ..density import FlowDensity
 from ..nn.conditioners import set_compute_dtype
 from . import distributed
@@ -38,11 +37,22 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
+from .evaluation import _as_data, _Data, _loss_units, evaluate
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-_TRAJECTORY_KEYS = ("batch_size", "lr", "optimizer", "warmup_steps", "clip_norm", "ema", "seed", "world_size",
-                    "amp", "weight_decay")
+_TRAJECTORY_KEYS = (
+    "batch_size",
+    "lr",
+    "optimizer",
+    "warmup_steps",
+    "clip_norm",
+    "ema",
+    "seed",
+    "world_size",
+    "amp",
+    "weight_decay",
+)
 
 
 class TrainingError(RuntimeError):
@@ -75,105 +85,6 @@ class FitResult:
         if self.out is None or not (self.out / CHECKPOINT).is_file():
             return None
         return self.out / CHECKPOINT
-
-
-# ------------------------------------------------------------------------------------------------ data
-@dataclass
-class _Data:
-    x: torch.Tensor  # (N, *event_shape) integer pixels or float values, on the training device
-    n_bins: int | None  # None: continuous data (loss in nats)
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def batch(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        xb = self.x[index]
-        return xb if self.n_bins is None else dequantize(xb, self.n_bins, generator)
-
-
-def _as_data(data, n_bins: int | None, shape: tuple, device: torch.device, name: str) -> _Data:
-    if isinstance(data, ImageDataset) or (isinstance(data, torch.Tensor) and not data.is_floating_point()):
-        data = as_image_dataset(data, n_bins)
-        x, n_bins = data.images, data.n_bins
-    elif isinstance(data, torch.Tensor):
-        if n_bins is not None:  # integer-valued pixels stored as floats
-            if not bool((data == torch.round(data)).all()):
-                raise ValueError(f"fit: {name} has non-integer values but n_bins={n_bins} was given")
-            data = as_image_dataset(data.to(torch.int64), n_bins)
-            x = data.images
-        else:
-            x = data
-    else:  # any Dataset of images
-        data = as_image_dataset(data, n_bins)
-        x, n_bins = data.images, data.n_bins
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"fit: {name} is empty")
-    if tuple(x.shape[1:]) != tuple(shape):
-        raise ValueError(
-            f"fit: {name} has items of shape {tuple(x.shape[1:])} but the model expects event shape {tuple(shape)}"
-        )
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"fit: {name} contains NaN or inf")
-    return _Data(x.to(device), n_bins)
-
-
-def _loss_units(data: _Data, dim: int):
-    """Maps the mean negative log-density (nats, of the dequantised data) to the reported loss."""
-    if data.n_bins is None:
-        return lambda nll: nll
-    offset = dim * math.log(data.n_bins)
-    return lambda nll: (nll + offset) / (dim * math.log(2.0))
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def evaluate(model: FlowDensity, data, n_bins: int | None = None, batch_size: int = 500, seed: int = 0,
-             device: str | torch.device | None = None) -> float:
-    """Mean test bits/dim (images) or negative log-likelihood in nats (float data) of ``model`` on ``data``.
-
-    The dequantisation noise comes from a generator seeded with ``seed``, so repeated calls give the same
-    figure and the global RNG is left untouched. Runs in eval mode (residual flows use their evaluation
-    log-det settings). Under ``torchrun`` each rank evaluates its shard and the result is reduced over ranks.
-
-    :param model: a :class:`~pyroflows.FlowDensity`.
-    :param data: as for :func:`fit`.
-    :param n_bins: intensity levels, for integer pixels given as a plain tensor (default 256).
-    :param int batch_size: evaluation batch size.
-
-    Example::
-
-        >>> import pyroflows
-        >>> from pyroflows.data import load_digits
-        >>> model = pyroflows.FlowDensity(pyroflows.glow((1, 8, 8), levels=1, steps=1, hidden_channels=8),
-        ...                               (1, 8, 8))
-        >>> 0 < evaluate(model, load_digits("test"))
-        True
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    d = _as_data(data, n_bins, model.event_shape, device, "evaluation data")
-    rank, world = 0, 1
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
-    units = _loss_units(d, model.dim)
-    generator = torch.Generator(device=device).manual_seed(seed + rank)
-    index = torch.arange(rank, len(d), world, device=device)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):  # estimators' probes must not move training's RNG
-            torch.manual_seed(seed + rank)
-            for start in range(0, len(index), batch_size):
-                xb = d.batch(index[start : start + batch_size], generator)
-                total += units(-model.log_prob(xb)).double().sum()
-    finally:
-        model.train(was_training)
-    count = torch.tensor(float(len(index)), dtype=torch.float64, device=device)
-    if world > 1:
-        torch_dist.all_reduce(total)
-        torch_dist.all_reduce(count)
-    return float(total / count)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -313,7 +224,8 @@ def fit(
         log-dets stay in float32.
     :param compile: ``True`` or a backend name: run the forward pass through ``torch.compile``.
     :param int seed: seeds the batch order, the dequantisation noise and the estimators' randomness.
-    :param progress: tqdm progress bar (``None``: only when stderr is a terminal).
+    :param progress: tqdm progress bar (``None``: only when stderr is a terminal); ``False`` also silences the
+        evaluation lines.
     :raises TrainingError: on a non-finite loss or gradient norm, naming the step; nothing is overwritten.
     :raises CheckpointError: for a missing, corrupted or other-architecture checkpoint on resume.
 
@@ -323,7 +235,8 @@ def fit(
         >>> from pyroflows.data import load_digits
         >>> from pyroflows.train import build_density, fit
         >>> model = build_density("glow", (1, 8, 8), levels=1, steps=2, hidden_channels=16)
-        >>> result = fit(model, load_digits("train"), load_digits("test"), steps=20, device="cpu")
+        >>> result = fit(model, load_digits("train"), load_digits("test"), steps=20, device="cpu",
+        ...              progress=False)
         >>> result.step, len(result.losses), result.evals[-1]["test_bpd"] < 5
         (20, 20, True)
     """
@@ -345,29 +258,73 @@ def fit(
         distributed.teardown(ctx)
 
 
-def _fit(model, train, test, *, ctx, n_bins, steps, epochs, batch_size, lr, optimizer, weight_decay, warmup_steps,
-         clip_norm, ema, eval_every, eval_batch_size, sample_every, n_samples, temperature, checkpoint_every,
-         log_every, out, resume, device, amp, compile, seed, init_batch_size, progress) -> FitResult:
+def _fit(
+    model,
+    train,
+    test,
+    *,
+    ctx,
+    n_bins,
+    steps,
+    epochs,
+    batch_size,
+    lr,
+    optimizer,
+    weight_decay,
+    warmup_steps,
+    clip_norm,
+    ema,
+    eval_every,
+    eval_batch_size,
+    sample_every,
+    n_samples,
+    temperature,
+    checkpoint_every,
+    log_every,
+    out,
+    resume,
+    device,
+    amp,
+    compile,
+    seed,
+    init_batch_size,
+    progress,
+) -> FitResult:
     from tqdm.auto import tqdm
 
     dev = ctx.device
     out = Path(out) if out is not None else None
     model.to(dev)
     data = _as_data(train, n_bins, model.event_shape, dev, "training data")
-    test_data = _as_data(test, data.n_bins if n_bins is None else n_bins, model.event_shape, dev, "test data") \
-        if test is not None else None
+    test_data = (
+        _as_data(test, data.n_bins if n_bins is None else n_bins, model.event_shape, dev, "test data")
+        if test is not None
+        else None
+    )
     units = _loss_units(data, model.dim)
 
-    sampler = DistributedSampler(range(len(data)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=seed, drop_last=ctx.distributed)
+    sampler = DistributedSampler(
+        range(len(data)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=ctx.distributed
+    )
     per_epoch = len(sampler) // batch_size
     if per_epoch < 1:
         raise ValueError(f"fit: batch_size {batch_size} exceeds the {len(sampler)} training examples per process")
     total = int(steps) if steps is not None else max(1, round(float(epochs) * per_epoch))
 
-    config = {"batch_size": batch_size, "lr": lr, "optimizer": optimizer, "warmup_steps": warmup_steps,
-              "clip_norm": clip_norm, "ema": ema, "seed": seed, "world_size": ctx.world_size, "amp": bool(amp),
-              "weight_decay": weight_decay, "steps": total, "n_bins": data.n_bins}
+    config = {
+        "batch_size": batch_size,
+        "lr": lr,
+        "optimizer": optimizer,
+        "warmup_steps": warmup_steps,
+        "clip_norm": clip_norm,
+        "ema": ema,
+        "seed": seed,
+        "world_size": ctx.world_size,
+        "amp": bool(amp),
+        "weight_decay": weight_decay,
+        "steps": total,
+        "n_bins": data.n_bins,
+    }
 
     # --------------------------------------------------------------- resume or fresh start
     ckpt_path = out / CHECKPOINT if out is not None else None
@@ -379,7 +336,8 @@ def _fit(model, train, test, *, ctx, n_bins, steps, epochs, batch_size, lr, opti
             source = ckpt_path
     if source is None and ckpt_path is not None and ckpt_path.is_file():
         raise FileExistsError(
-            f"fit: {str(ckpt_path)!r} already exists; pass resume=True (pyroflows fit --resume) to continue that run, or choose another output directory"
+            f"fit: {str(ckpt_path)!r} already exists; pass resume=True (pyroflows fit --resume) to continue "
+            "that run, or choose another output directory"
         )
     ckpt = load_checkpoint(source, map_location=dev) if source is not None else None
 
@@ -388,7 +346,7 @@ def _fit(model, train, test, *, ctx, n_bins, steps, epochs, batch_size, lr, opti
     optim = _make_optimizer(optimizer, model.parameters(), lr, weight_decay)
     warm = max(int(warmup_steps), 0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    ema_model = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=False) if ema else None
+    ema_model = None
 
     losses: list[float] = []
     evals: list[dict] = []
@@ -400,15 +358,19 @@ def _fit(model, train, test, *, ctx, n_bins, steps, epochs, batch_size, lr, opti
             raise CheckpointError(f"checkpoint {str(source)!r} is for model {ckpt['spec']}, not {spec}")
         optim.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["scheduler"])
-        if ema_model is not None:
+        if ema:
             if ckpt.get("ema") is None:
                 raise CheckpointError(f"checkpoint {str(source)!r} holds no EMA weights but ema={ema} was asked for")
+            ema_model = _averaged(model, ema)
             ema_model.load_state_dict(ckpt["ema"])
         start, losses, evals = int(ckpt["step"]), list(ckpt["losses"]), list(ckpt["evals"])
-        changed = {k: (ckpt["config"].get(k), config[k]) for k in _TRAJECTORY_KEYS if ckpt["config"].get(k) != config[k]}
+        changed = {
+            k: (ckpt["config"].get(k), config[k]) for k in _TRAJECTORY_KEYS if ckpt["config"].get(k) != config[k]
+        }
         if changed:
-            warnings.warn(f"fit: resuming with changed settings {changed}; the run will not repeat the original",
-                          stacklevel=3)
+            warnings.warn(
+                f"fit: resuming with changed settings {changed}; the run will not repeat the original", stacklevel=3
+            )
         rng = ckpt["rng"][ctx.rank] if ctx.rank < len(ckpt["rng"]) else None
         if rng is not None:
             set_rng_state(rng)
@@ -418,8 +380,9 @@ def _fit(model, train, test, *, ctx, n_bins, steps, epochs, batch_size, lr, opti
         if ctx.distributed:  # every rank starts from rank 0's weights (1x1 convs, conditioners)
             for tensor in model.state_dict().values():
                 torch_dist.broadcast(tensor, src=0)
-        _init_actnorm(model, data, init_batch_size, seed, ctx)
-        if ema_model is not None:
+        _init_actnorm(model, data, init_batch_size, seed, ctx)  # also gives lazily sized buffers their size
+        if ema:
+            ema_model = _averaged(model, ema)
             ema_model.update_parameters(model)
         torch.manual_seed(seed + 7919 * ctx.rank)
 
@@ -435,11 +398,7 @@ def _fit(model, train, test, *, ctx, n_bins, steps, epochs, batch_size, lr, opti
     metrics = _Metrics(out / METRICS if writes else None, start if ckpt is not None else None)
 
     def eval_model() -> FlowDensity:
-        if ema_model is None:
-            return model
-        for b_ema, b in zip(ema_model.module.buffers(), model.buffers(), strict=True):
-            b_ema.copy_(b)  # ActNorm flags, spectral-norm vectors: taken from the live model
-        return ema_model.module
+        return model if ema_model is None else ema_model.module
 
     def save(step: int) -> None:
         """Collective under DDP (RNG states are gathered); rank 0 writes."""
@@ -452,21 +411,34 @@ def _fit(model, train, test, *, ctx, n_bins, steps, epochs, batch_size, lr, opti
             rngs = gathered
         if not writes:
             return
-        atomic_torch_save({
-            "format": FORMAT, "version": VERSION, "spec": getattr(model, "spec", None), "step": step,
-            "model": model.state_dict(), "optimizer": optim.state_dict(), "scheduler": schedule.state_dict(),
-            "ema": ema_model.state_dict() if ema_model is not None else None, "losses": losses, "evals": evals,
-            "rng": rngs, "config": config, "event_shape": list(model.event_shape), "n_bins": data.n_bins,
-        }, ckpt_path)
+        atomic_torch_save(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "spec": getattr(model, "spec", None),
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optim.state_dict(),
+                "scheduler": schedule.state_dict(),
+                "ema": ema_model.state_dict() if ema_model is not None else None,
+                "losses": losses,
+                "evals": evals,
+                "rng": rngs,
+                "config": config,
+                "event_shape": list(model.event_shape),
+                "n_bins": data.n_bins,
+            },
+            ckpt_path,
+        )
 
     def run_eval(step: int) -> None:
         if test_data is None:
             return
-        value = evaluate(eval_model(), test_data.x, test_data.n_bins, eval_batch_size, seed=seed + 1, device=dev)
+        value = evaluate(eval_model(), test_data.x, test_data.n_bins, eval_batch_size, seed=seed, device=dev)
         record = {"step": step, ("test_bpd" if data.n_bins else "test_nll"): value}
         evals.append(record)
         metrics.write(**record)
-        if ctx.is_main:
+        if ctx.is_main and progress is not False:
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
 
     def samples(step: int, name: str) -> None:
@@ -495,17 +467,24 @@ def _fit(model, train, test, *, ctx, n_bins, steps, epochs, batch_size, lr, opti
             loss_all = distributed.all_mean(loss.detach(), ctx)
             value = float(loss_all)
             if not math.isfinite(value):
-                where = f"; the last good checkpoint is {str(ckpt_path)!r} (step {last_saved})" \
-                    if last_saved is not None and writes else ""
+                where = (
+                    f"; the last good checkpoint is {str(ckpt_path)!r} (step {last_saved})"
+                    if last_saved is not None and writes
+                    else ""
+                )
                 cause = f": {error}" if error is not None else ""
                 raise TrainingError(f"non-finite training loss at step {step + 1}{cause}{where}") from error
             optim.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                model.parameters(), clip_norm if clip_norm is not None else math.inf))
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm is not None else math.inf)
+            )
             if not math.isfinite(grad_norm):
-                where = f"; the last good checkpoint is {str(ckpt_path)!r} (step {last_saved})" \
-                    if last_saved is not None and writes else ""
+                where = (
+                    f"; the last good checkpoint is {str(ckpt_path)!r} (step {last_saved})"
+                    if last_saved is not None and writes
+                    else ""
+                )
                 raise TrainingError(f"non-finite gradient norm at step {step + 1} (loss {value:.4g}){where}")
             optim.step()
             schedule.step()
@@ -514,8 +493,13 @@ def _fit(model, train, test, *, ctx, n_bins, steps, epochs, batch_size, lr, opti
             losses.append(value)
             done = step + 1
             if done % max(log_every, 1) == 0 or done == total:
-                metrics.write(step=done, loss=value, lr=optim.param_groups[0]["lr"], grad_norm=grad_norm,
-                              seconds=round(time.perf_counter() - t0, 3))
+                metrics.write(
+                    step=done,
+                    loss=value,
+                    lr=optim.param_groups[0]["lr"],
+                    grad_norm=grad_norm,
+                    seconds=round(time.perf_counter() - t0, 3),
+                )
             bar.set_postfix({unit: f"{value:.3f}"}, refresh=False)
             bar.update(1)
             final = done == total
@@ -531,8 +515,19 @@ def _fit(model, train, test, *, ctx, n_bins, steps, epochs, batch_size, lr, opti
     finally:
         bar.close()
         metrics.close()
-    return FitResult(model, ema_model.module if ema_model is not None else None, max(start, total), losses, evals,
-                     out if writes else None)
+    return FitResult(
+        model,
+        ema_model.module if ema_model is not None else None,
+        max(start, total),
+        losses,
+        evals,
+        out if writes else None,
+    )
+
+
+def _averaged(model: FlowDensity, decay: float) -> AveragedModel:
+    """EMA of the parameters; buffers (ActNorm flags, spectral-norm vectors) follow the live model."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
 
 
 @torch.no_grad()
@@ -548,4 +543,4 @@ def _init_actnorm(model: FlowDensity, data: _Data, size: int, seed: int, ctx) ->
     model.log_prob(data.batch(shard, gen))
 
 
-__all__ = ["FitResult", "TrainingError", "evaluate", "fit"]
+__all__ = ["FitResult", "TrainingError", "fit"]

@@ -50,8 +50,6 @@ def density_from_spec(spec: dict) -> FlowDensity:
         raise ValueError(f"model spec lacks {e.args[0]!r}: {spec!r}") from None
 
 
-
-
 def load_density(path, ema: bool = False, map_location="cpu") -> FlowDensity:
     """The trained model stored in a checkpoint of :func:`pyroflows.train.fit`, in eval mode.
 
@@ -75,8 +73,13 @@ def load_density(path, ema: bool = False, map_location="cpu") -> FlowDensity:
         if ckpt.get("ema") is None:
             raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA weights (the run did not use ema=)")
         prefix = "module."
-        state.update({k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)
-                      and k[len(prefix):] in dict(model.named_parameters())})
+        state.update(
+            {
+                k[len(prefix) :]: v
+                for k, v in ckpt["ema"].items()
+                if k.startswith(prefix) and k[len(prefix) :] in dict(model.named_parameters())
+            }
+        )
     load_model_state(model, state, f"checkpoint {str(path)!r}")
     return model.to(map_location).eval()
 

@@ -1,0 +1,340 @@
+"""The ``pyroflows`` command end to end on the embedded digits: fit / sample / eval, resume, refusal to overwrite,
+and the error exits (status 2, a message naming the problem) for bad flows, data, architectures and checkpoints."""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyroflows
+import pyroflows.train
+from pyroflows.cli import main
+from pyroflows.data import load_digits
+from pyroflows.train import evaluate, load_checkpoint, load_density
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--levels", "1", "--steps", "1", "--hidden", "8", "--batch-size", "32", "--no-progress"]
+FIT_LINE = re.compile(r"step (\d+): test bits/dim (\S+); checkpoint (.+)")
+EVAL_LINE = re.compile(r"digits (\w+): (\S+) bits/dim \((\d+) images\)")
+
+
+def fit_argv(out, steps=20, *extra):
+    return ["fit", *TINY, "--max-steps", str(steps), "--out", str(out), *extra]
+
+
+def fit_line(stdout):
+    match = FIT_LINE.search(stdout)
+    assert match, stdout
+    return int(match.group(1)), float(match.group(2)), match.group(3).strip()
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny 20-step glow run, shared read-only (tests that change it work on a copy)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(fit_argv(out)) == 0
+    return out
+
+
+@pytest.fixture
+def evaluate_spy(monkeypatch):
+    """Records the full-precision value the CLI gets from ``pyroflows.train.evaluate`` (it prints 4 decimals)."""
+    values = []
+
+    def spy(*args, **kwargs):
+        values.append(evaluate(*args, **kwargs))
+        return values[-1]
+
+    monkeypatch.setattr(pyroflows.train, "evaluate", spy)
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ fit
+def test_fit_writes_checkpoint_metrics_samples_and_prints_bpd(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(fit_argv(out)) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    step, bpd, ckpt_path = fit_line(captured.out)
+    assert step == 20
+    assert math.isfinite(bpd) and 0 < bpd < 8  # log2(17) = 4.09 for a uniform model of 17-level pixels
+    assert Path(ckpt_path) == out / "checkpoint.pt"
+
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 20 and ckpt["spec"]["flow"] == "glow" and ckpt["n_bins"] == 17
+
+    records = metrics(out)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps) and steps[-1] == 20
+    loss_steps = [r["step"] for r in records if "loss" in r]
+    assert len(loss_steps) >= 2 and all(a < b for a, b in zip(loss_steps, loss_steps[1:]))
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    final_eval = [r for r in records if "test_bpd" in r][-1]
+    assert final_eval["step"] == 20 and f"{final_eval['test_bpd']:.4f}" == f"{bpd:.4f}"
+
+    assert (out / "samples.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    "flow, steps_key, hidden_key",
+    [("glow", "steps", "hidden_channels"), ("realnvp", "num_layers", "hidden"), ("residual", "num_blocks", "hidden")],
+)
+def test_each_flow_trains_via_cli(flow, steps_key, hidden_key, tmp_path, capsys):
+    out = tmp_path / flow
+    assert main(fit_argv(out, 3, "--flow", flow.upper())) == 0  # the name is case-insensitive
+    step, bpd, _ = fit_line(capsys.readouterr().out)
+    assert step == 3 and math.isfinite(bpd) and 0 < bpd < 8
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 3
+    assert ckpt["spec"]["flow"] == flow
+    assert ckpt["spec"]["options"] == {"levels": 1, steps_key: 1, hidden_key: 8}
+    assert load_density(out / "checkpoint.pt").event_shape == (1, 8, 8)
+
+
+def test_resume_continues_to_more_steps_and_repeats_the_uninterrupted_run(tmp_path, capsys):
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    torch.manual_seed(0)  # the initial weights come from the global RNG (see test_same_seed_gives_the_same_run)
+    assert main(fit_argv(resumed, 10)) == 0
+    assert load_checkpoint(resumed / "checkpoint.pt")["step"] == 10
+    capsys.readouterr()
+
+    assert main(fit_argv(resumed, 20, "--resume")) == 0
+    step, _, _ = fit_line(capsys.readouterr().out)
+    assert step == 20
+    records = metrics(resumed)
+    assert records[-1]["step"] == 20
+    loss_steps = [r["step"] for r in records if "loss" in r]
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 20  # no step logged twice
+    ckpt = load_checkpoint(resumed / "checkpoint.pt")
+    assert ckpt["step"] == 20 and len(ckpt["losses"]) == 20
+
+    torch.manual_seed(0)
+    assert main(fit_argv(straight, 20)) == 0
+    reference = load_checkpoint(straight / "checkpoint.pt")
+    assert ckpt["losses"] == pytest.approx(reference["losses"], rel=1e-6, abs=1e-6)
+    for name, value in reference["model"].items():
+        torch.testing.assert_close(ckpt["model"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_gives_the_same_run(tmp_path):
+    runs = []
+    for state in (1, 2):
+        torch.manual_seed(state)  # e.g. an earlier call in the same process
+        assert main(fit_argv(tmp_path / str(state), 2, "--seed", "5")) == 0
+        runs.append(load_checkpoint(tmp_path / str(state) / "checkpoint.pt"))
+    for name, value in runs[0]["model"].items():
+        torch.testing.assert_close(runs[1]["model"][name], value, rtol=0, atol=0)
+
+
+def test_fit_refuses_to_overwrite_a_checkpoint_without_resume(run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(fit_argv(out)) == 2
+    captured = capsys.readouterr()
+    assert str(out / "checkpoint.pt") in captured.err
+    assert "--resume" in captured.err
+    assert "test bits/dim" not in captured.out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_without_a_checkpoint_fails(tmp_path, capsys):
+    out = tmp_path / "empty"
+    assert main(fit_argv(out, 3, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and str(out / "checkpoint.pt") in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--flow", "nope"], "unknown flow 'nope'"),
+        (["--data", "nope"], "unknown data set 'nope'"),
+        (["--data", "mnist"], "root"),
+        (["--data", "mnist", "--root", "{root}"], "MNIST train images not found in {root}"),
+        (["--levels", "4"], "levels=4"),  # glow squeezes once more: 8x8 allows 3
+        (["--flow", "realnvp", "--levels", "5"], "levels=5"),
+        (["--flow", "residual", "--levels", "5"], "levels=5"),
+    ],
+    ids=["flow", "data", "mnist-no-root", "mnist-empty-root", "glow-levels", "realnvp-levels", "residual-levels"],
+)
+def test_fit_error_exits(extra, message, tmp_path, capsys):
+    root = tmp_path / "no_mnist_here"
+    root.mkdir()
+    out = tmp_path / "out"
+    extra = [a.format(root=root) for a in extra]
+    assert main(fit_argv(out, 2, *extra)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("pyroflows fit: error:")
+    assert message.format(root=root) in captured.err
+    assert not (out / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------ sample
+def test_sample_writes_png_grid(run, tmp_path, capsys):
+    import matplotlib.image as mpimg
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(run / "checkpoint.pt"), "--n", "16", "--out", str(out)]) == 0
+    assert "16 samples" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    image = mpimg.imread(out)
+    side = 4 * (8 + 1) + 1  # 4x4 grid of 8x8 images, 1-pixel padding
+    factor = 256 // side  # enlarged towards save_image_grid's min_size
+    assert image.shape[:2] == (side * factor, side * factor)
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    # a gray-scale grid: equal RGB channels, white padding, some non-white sample pixels
+    assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+    assert (image[:factor, :, :3] == 1).all()
+    assert (image[factor:-factor, factor:-factor, :3] < 1).any()
+
+
+def test_sample_is_repeatable_with_seed(run, tmp_path):
+    import matplotlib.image as mpimg
+
+    paths = {name: tmp_path / f"{name}.png" for name in ("a", "b", "c")}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        argv = ["sample", str(run / "checkpoint.pt"), "--n", "4", "--seed", str(seed), "--out", str(paths[name])]
+        assert main(argv) == 0
+    a, b, c = (mpimg.imread(p) for p in paths.values())
+    assert (a == b).all()
+    assert not (a == c).all()
+
+
+def test_sample_rejects_n_below_one(run, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(run / "checkpoint.pt"), "--n", "0", "--out", str(out)]) == 2
+    assert "--n must be >= 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def test_eval_matches_library_evaluate(run, capsys, evaluate_spy):
+    ckpt = run / "checkpoint.pt"
+    assert main(["eval", str(ckpt), "--seed", "3"]) == 0
+    match = EVAL_LINE.search(capsys.readouterr().out)
+    assert match and match.group(1) == "test" and int(match.group(3)) == 360
+
+    reference = evaluate(load_density(ckpt), load_digits("test"), seed=3)
+    assert len(evaluate_spy) == 1
+    assert evaluate_spy[0] == pytest.approx(reference, abs=1e-6)
+    assert match.group(2) == f"{reference:.6f}"
+    # another seed draws other dequantisation noise: close, but a different figure
+    other = evaluate(load_density(ckpt), load_digits("test"), seed=4)
+    assert other != reference and other == pytest.approx(reference, abs=0.01)
+
+
+def test_eval_with_ema_uses_the_ema_weights(tmp_path, capsys, evaluate_spy):
+    out = tmp_path / "ema"
+    assert main(fit_argv(out, 5, "--ema", "0.5", "--warmup", "0", "--lr", "0.01")) == 0
+    ckpt = out / "checkpoint.pt"
+    assert main(["eval", str(ckpt), "--ema"]) == 0
+    assert main(["eval", str(ckpt)]) == 0
+    assert len(EVAL_LINE.findall(capsys.readouterr().out)) == 2
+    ema_value, plain_value = evaluate_spy
+    assert ema_value == pytest.approx(evaluate(load_density(ckpt, ema=True), load_digits("test")), abs=1e-6)
+    assert plain_value == pytest.approx(evaluate(load_density(ckpt), load_digits("test")), abs=1e-6)
+    assert ema_value != plain_value
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_ema_flag_without_ema_weights_fails(command, run, tmp_path, capsys):
+    extra = ["--out", str(tmp_path / "grid.png")] if command == "sample" else []
+    assert main([command, str(run / "checkpoint.pt"), "--ema", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyroflows {command}: error:")
+    assert "no EMA weights" in err and str(run / "checkpoint.pt") in err
+    assert not (tmp_path / "grid.png").exists()
+
+
+def _truncated(run, path):
+    path.write_bytes((run / "checkpoint.pt").read_bytes()[:1000])
+
+
+def _text(run, path):
+    path.write_text("not a checkpoint\n")
+
+
+def _foreign(run, path):
+    torch.save({"weights": torch.zeros(3)}, path)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_truncated, "cannot be read"),
+        (_text, "cannot be read"),
+        (_foreign, "not a pyroflows checkpoint"),
+        (None, "no checkpoint at"),
+    ],
+    ids=["truncated", "text", "foreign-torch-file", "missing"],
+)
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_bad_checkpoint_exits_2(command, make, message, run, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    if make is not None:
+        make(run, bad)
+    grid = tmp_path / "grid.png"
+    extra = ["--out", str(grid)] if command == "sample" else []
+    assert main([command, str(bad), *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"pyroflows {command}: error:")
+    assert message in captured.err and str(bad) in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+    assert not grid.exists()
+
+
+# ------------------------------------------------------------------------------------------------ the command
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["fit"], ["fit", "--out", "x", "--epochs", "1", "--max-steps", "2"], ["sample"]],
+    ids=["no-command", "fit-without-out", "epochs-and-max-steps", "sample-without-checkpoint"],
+)
+def test_usage_errors_exit_2_through_argparse(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage: pyroflows" in capsys.readouterr().err
+
+
+def test_console_script_version():
+    script = Path(sys.executable).with_name("pyroflows")
+    found = shutil.which("pyroflows")
+    if script.is_file():
+        command = [str(script)]
+    elif found:
+        command = [found]
+    else:
+        command = [sys.executable, "-m", "pyroflows.cli"]
+    result = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"pyroflows {pyroflows.__version__}"
+
+
+def test_eval_by_default_repeats_the_figure_fit_printed(run, capsys):
+    ckpt = run / "checkpoint.pt"
+    reported = load_checkpoint(ckpt)["evals"][-1]["test_bpd"]
+    assert main(["eval", str(ckpt)]) == 0
+    match = EVAL_LINE.search(capsys.readouterr().out)
+    assert match and float(match.group(2)) == pytest.approx(reported, abs=1e-6)
+
+
+def test_zero_or_negative_sizes_are_rejected_not_replaced_by_defaults(tmp_path, capsys):
+    for flag in ("--levels", "--steps", "--hidden", "--max-steps", "--eval-every"):
+        argv = ["fit", "--out", str(tmp_path / flag.strip("-")), flag, "0", "--no-progress"]
+        if flag != "--max-steps":
+            argv += ["--max-steps", "1"]
+        assert main(argv) == 2
+        assert f"{flag} must be >= 1" in capsys.readouterr().err
+        assert not (tmp_path / flag.strip("-") / "checkpoint.pt").exists()

@@ -1,0 +1,333 @@
+"""pyroflows.train: resume equivalence, atomic checkpoints under crashes, non-finite stops, bad checkpoints,
+2-process DDP (gloo), continuous data, mixed precision."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyroflows.data import load_digits
+from pyroflows.data.toy import TwoMoons
+from pyroflows.train import (
+    CheckpointError,
+    TrainingError,
+    atomic_torch_save,
+    build_density,
+    evaluate,
+    fit,
+    load_checkpoint,
+    load_density,
+)
+from pyroflows.transforms import ActNorm
+
+TINY = dict(levels=1, steps=2, hidden_channels=8)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits("train"), load_digits("test")
+
+
+def tiny(flow="glow", **options):
+    torch.manual_seed(0)
+    if flow == "glow":
+        return build_density("glow", (1, 8, 8), **{**TINY, **options})
+    if flow == "residual":
+        return build_density("residual", (1, 8, 8), **{"levels": 1, "num_blocks": 1, "hidden": 8, **options})
+    return build_density(flow, (1, 8, 8), **options)
+
+
+def run(model, data, out=None, **kw):
+    kw = {"steps": 12, "batch_size": 32, "lr": 2e-3, "device": "cpu", "progress": False, **kw}
+    return fit(model, *data, out=out, **kw)
+
+
+def states_equal(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------------ basics
+def test_fit_trains_and_writes(digits, tmp_path):
+    result = run(tiny(), digits, tmp_path, steps=40, eval_every=20, warmup_steps=5)
+    assert result.step == 40 and len(result.losses) == 40
+    assert all(math.isfinite(v) for v in result.losses)
+    assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.3  # bits/dim actually falls
+    assert [e["step"] for e in result.evals] == [20, 40]
+    assert {"checkpoint.pt", "metrics.jsonl", "samples.png"} <= {p.name for p in tmp_path.iterdir()}
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 40
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 40 and ckpt["n_bins"] == 17
+    # the stored model evaluates to the reported test figure (same dequantisation seed)
+    reloaded = load_density(tmp_path / "checkpoint.pt")
+    assert evaluate(reloaded, digits[1], seed=0) == pytest.approx(result.evals[-1]["test_bpd"], abs=1e-6)
+
+
+def test_actnorm_initialised_once_on_init_batch(digits):
+    model = tiny()
+    run(model, digits, steps=1, lr=0.0)
+    norms = [m for m in model.modules() if isinstance(m, ActNorm)]
+    assert norms and all(bool(m.initialized) for m in norms)
+    # with lr 0 the first ActNorm still standardises its input (logit, squeezed data) per channel
+    logit, squeeze = model.flow.parts[0], model.flow.parts[1].parts[0]
+    assert (type(logit).__name__, type(squeeze).__name__, model.flow.parts[1].parts[1]) == (
+        "Logit",
+        "Squeeze",
+        norms[0],
+    )
+    with torch.no_grad():
+        z = norms[0](squeeze(logit((load_digits("train").images.float() + 0.5) / 17)))
+    mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+    assert mean.abs().max() < 0.1 and (std - 1).abs().max() < 0.1, (mean, std)
+
+
+def test_evaluate_is_repeatable_and_leaves_global_rng_alone(digits):
+    model = tiny()
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    a = evaluate(model, digits[1], seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert evaluate(model, digits[1], seed=5) == a
+    assert evaluate(model, digits[1], seed=6) != a
+
+
+def test_fit_on_continuous_2d_data_reports_nats_and_plots(tmp_path):
+    toy = TwoMoons()
+    torch.manual_seed(0)
+    train, test = toy.sample(2000), toy.sample(500)
+    model = build_density("residual", (2,), num_blocks=2, hidden=(32,), logdet="exact")
+    result = fit(model, train, test, steps=60, batch_size=128, lr=5e-3, device="cpu", out=tmp_path, progress=False)
+    assert "test_nll" in result.evals[-1] and math.isfinite(result.evals[-1]["test_nll"])
+    assert result.losses[-1] < result.losses[0]
+    assert (tmp_path / "samples.png").stat().st_size > 1000  # density plot with samples
+
+
+def test_bad_data_is_rejected(digits):
+    with pytest.raises(ValueError, match="shape"):
+        run(tiny(), (torch.randint(0, 17, (50, 1, 4, 4)),))
+    with pytest.raises(ValueError, match="NaN"):
+        run(build_density("realnvp", (2,), num_layers=2), (torch.tensor([[0.0, math.nan]] * 10),), batch_size=4)
+    with pytest.raises(ValueError, match="steps= and epochs="):
+        fit(tiny(), digits[0], steps=3, epochs=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        run(tiny(), digits, batch_size=5000)
+    with pytest.raises(ValueError, match="optimizer"):
+        run(tiny(), digits, optimizer="sgd")
+
+
+def test_epochs_count_whole_passes(digits):
+    result = run(tiny(), digits, steps=None, epochs=0.5, batch_size=100, eval_every=None)
+    assert result.step == round(0.5 * (1437 // 100))
+
+
+# ------------------------------------------------------------------------------------------------ resume
+class Interrupt(BaseException):
+    """Stands in for SIGKILL: not an Exception, so nothing in fit may swallow it."""
+
+
+def kill_at_forward(model, n):
+    calls = {"n": 0}
+    forward = model.forward
+
+    def counting(x):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Interrupt
+        return forward(x)
+
+    model.forward = counting
+
+
+@pytest.mark.parametrize("flow", ["glow", "residual"])
+def test_resume_repeats_the_uninterrupted_run(digits, tmp_path, flow):
+    kw = dict(steps=24, checkpoint_every=8, eval_every=8, ema=0.9, warmup_steps=4, sample_every=None)
+    whole = run(tiny(flow), digits, tmp_path / "whole", **kw)
+
+    killed = tiny(flow)
+    kill_at_forward(killed, 13)  # dies during step 13, after the checkpoint of step 8
+    with pytest.raises(Interrupt):
+        run(killed, digits, tmp_path / "killed", **kw)
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"] == 8
+
+    torch.manual_seed(123)  # the resumed process starts from a different RNG state and different weights
+    resumed = run(
+        tiny(flow, **({"hidden_channels": 8} if flow == "glow" else {})), digits, tmp_path / "killed", resume=True, **kw
+    )
+    assert resumed.step == 24
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(whole.losses), rtol=0, atol=1e-5)
+    assert [e["step"] for e in resumed.evals] == [8, 16, 24]
+    for a, b in zip(resumed.evals, whole.evals, strict=True):
+        assert a["test_bpd"] == pytest.approx(b["test_bpd"], abs=1e-5)
+    states_equal(resumed.model.state_dict(), whole.model.state_dict(), atol=1e-5)
+    states_equal(resumed.ema_model.state_dict(), whole.ema_model.state_dict(), atol=1e-5)
+    lines = [json.loads(s) for s in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(s) for s in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [r["step"] for r in ref]  # no duplicated lines from the killed part
+
+
+def test_resume_errors(digits, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        run(tiny(), digits, tmp_path, resume=True)
+    run(tiny(), digits, tmp_path, steps=4)
+    with pytest.raises(FileExistsError, match="already exists"):
+        run(tiny(), digits, tmp_path, steps=4)
+    with pytest.raises(CheckpointError, match="different architecture|is for model"):
+        run(tiny(hidden_channels=16), digits, tmp_path, steps=8, resume=True)
+    with pytest.raises(CheckpointError, match="no EMA"):
+        run(tiny(), digits, tmp_path, steps=8, resume=True, ema=0.9)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4  # none of that touched the checkpoint
+    # "auto" resumes when there is a checkpoint and starts fresh when there is none
+    assert run(tiny(), digits, tmp_path, steps=6, resume="auto").losses.__len__() == 6
+    assert run(tiny(), digits, tmp_path / "new", steps=3, resume="auto").step == 3
+
+
+def test_corrupted_and_foreign_checkpoints(digits, tmp_path):
+    run(tiny(), digits, tmp_path, steps=3)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        run(tiny(), digits, tmp_path / "other", resume=bad)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a pyroflows checkpoint"):
+        load_density(foreign)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+# ------------------------------------------------------------------------------------------------ crashes
+def test_atomic_save_survives_a_kill_between_write_and_rename(tmp_path):
+    target = tmp_path / "c.pt"
+    atomic_torch_save({"v": torch.arange(3)}, target)
+    script = textwrap.dedent(f"""
+        import os, torch
+        from pyroflows.train import checkpoint
+        def die(*a, **k):
+            os._exit(9)  # the process is killed after the temp file is written, before the rename
+        checkpoint.os.replace = die
+        checkpoint.atomic_torch_save({{"v": torch.arange(1000)}}, {str(target)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == 9
+    assert torch.equal(torch.load(target)["v"], torch.arange(3))  # the old checkpoint is intact
+    leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the new one was written, never renamed
+
+
+def test_crash_inside_a_checkpoint_write_keeps_the_previous_one(digits, tmp_path, monkeypatch):
+    from pyroflows.train import checkpoint
+
+    replace, calls = os.replace, {"n": 0}
+
+    def flaky(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Interrupt
+        return replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", flaky)
+    with pytest.raises(Interrupt):
+        run(tiny(), digits, tmp_path, steps=12, checkpoint_every=4)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # cleaned up in-process
+    assert run(tiny(), digits, tmp_path, steps=12, checkpoint_every=4, resume=True).step == 12
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(digits, tmp_path):
+    model = tiny()
+    run(model, digits, tmp_path, steps=10, checkpoint_every=5)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    coupling_weight = next(p for n, p in model.named_parameters() if "net" in n and p.dim() == 4)
+    calls = {"n": 0}
+
+    def poison(module, args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                coupling_weight.fill_(math.nan)
+
+    model.register_forward_pre_hook(poison)
+    with pytest.raises(TrainingError, match=r"step 13\b.*last good checkpoint .*step 10"):
+        run(model, digits, tmp_path, steps=20, checkpoint_every=5, resume=True)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+def test_non_finite_gradient_is_caught(digits, monkeypatch):
+    model = tiny()
+    param = next(model.parameters())
+    param.register_hook(lambda g: torch.full_like(g, math.inf))
+    with pytest.raises(TrainingError, match="non-finite gradient norm at step 1"):
+        run(model, digits, steps=3)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # no update was applied
+
+
+# ------------------------------------------------------------------------------------------------ devices
+def test_amp_runs_conditioners_in_bfloat16_on_cpu(digits):
+    model = tiny()
+    result = run(model, digits, steps=15, amp=True)
+    assert all(math.isfinite(v) for v in result.losses) and result.losses[-1] < result.losses[0]
+    nets = [m for m in model.modules() if hasattr(m, "compute_dtype")]
+    assert nets and all(m.compute_dtype == torch.bfloat16 for m in nets)
+
+
+def test_compile_opt_in_gives_the_same_losses(digits):
+    eager = run(tiny(), digits, steps=4)
+    compiled = run(tiny(), digits, steps=4, compile="eager")
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=0, atol=1e-5)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(digits):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # the GPU path is exercised by the device runs instead
+    with pytest.raises(ValueError, match="cuda"):
+        run(tiny(), digits, device="cuda")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
+    worker = Path(__file__).with_name("ddp_worker.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(worker),
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    states_equal(r0["model"], r1["model"])  # DDP kept the replicas identical, ActNorm init included
+    assert r0["init_bias"].abs().sum() > 0 and torch.equal(r0["init_bias"], r1["init_bias"])
+    assert r0["losses"] == r1["losses"]  # both ranks report the mean over ranks
+    assert r0["losses"][-1] < r0["losses"][0]
+    assert not torch.equal(r0["first_batch"], r1["first_batch"])  # the data were sharded
+    ckpt = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
+    states_equal(ckpt["model"], r0["model"])
+    assert len(ckpt["rng"]) == 2  # each rank's RNG state, for resume
