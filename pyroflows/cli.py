@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     length = fit.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, help="training length in epochs (default 10)")
     length.add_argument("--max-steps", type=int, help="training length in optimiser steps")
+    length.add_argument(
+        "--time-limit",
+        type=float,
+        help="minutes: train until then (towards 1000 epochs), then "
+        "evaluate, sample and checkpoint; --resume continues",
+    )
     fit.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--optimizer", default="adam", choices=("adam", "adamax"))
@@ -115,6 +121,8 @@ def _fit(args) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {value}")
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise ValueError(f"--time-limit must be > 0 minutes, got {args.time_limit}")
     if args.epochs is not None and args.epochs <= 0:
         raise ValueError(f"--epochs must be > 0, got {args.epochs}")
     train = _dataset(args.data, args.root, "train", args.n_bits)

@@ -331,3 +331,14 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
     ckpt = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     states_equal(ckpt["model"], r0["model"])
     assert len(ckpt["rng"]) == 2  # each rank's RNG state, for resume
+
+
+def test_time_limit_stops_early_with_a_checkpoint_and_resume_continues(digits, tmp_path):
+    first = run(tiny(), digits, tmp_path, steps=100000, time_limit=1.0, eval_every=None)
+    assert 0 < first.step < 100000 and len(first.losses) == first.step
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == first.step and first.evals[-1]["step"] == first.step  # finished as at the last step
+    second = run(tiny(), digits, tmp_path, steps=first.step + 5, resume=True)
+    assert second.step == first.step + 5 and len(second.losses) == first.step + 5
+    with pytest.raises(ValueError, match="time_limit"):
+        run(tiny(), digits, time_limit=0)

@@ -187,6 +187,7 @@ def fit(
     seed: int = 0,
     init_batch_size: int = 512,
     progress: bool | None = None,
+    time_limit: float | None = None,
 ) -> FitResult:
     r"""Train ``model`` by maximum likelihood on ``train``.
 
@@ -224,6 +225,8 @@ def fit(
         log-dets stay in float32.
     :param compile: ``True`` or a backend name: run the forward pass through ``torch.compile``.
     :param int seed: seeds the batch order, the dequantisation noise and the estimators' randomness.
+    :param time_limit: stop after the step during which this many seconds of training have passed, and finish
+        as at the last step (evaluation, samples, checkpoint); ``resume=True`` later continues towards ``steps``.
     :param progress: tqdm progress bar (``None``: only when stderr is a terminal); ``False`` also silences the
         evaluation lines.
     :raises TrainingError: on a non-finite loss or gradient norm, naming the step; nothing is overwritten.
@@ -240,6 +243,8 @@ def fit(
         >>> result.step, len(result.losses), result.evals[-1]["test_bpd"] < 5
         (20, 20, True)
     """
+    if time_limit is not None and time_limit <= 0:
+        raise ValueError(f"fit: time_limit must be > 0 seconds, got {time_limit}")
     if not isinstance(model, FlowDensity):
         raise TypeError(f"fit: model must be a pyroflows.FlowDensity, got {type(model).__name__}")
     if batch_size < 1:
@@ -289,6 +294,7 @@ def _fit(
     seed,
     init_batch_size,
     progress,
+    time_limit,
 ) -> FitResult:
     from tqdm.auto import tqdm
 
@@ -452,6 +458,7 @@ def _fit(
     last_saved = start if ckpt is not None else None
     model.train()
     t0 = time.perf_counter()
+    reached = max(start, total) if start >= total else start
     try:
         for step in range(start, total):
             epoch, b = divmod(step, per_epoch)
@@ -491,7 +498,7 @@ def _fit(
             if ema_model is not None:
                 ema_model.update_parameters(model)
             losses.append(value)
-            done = step + 1
+            done = reached = step + 1
             if done % max(log_every, 1) == 0 or done == total:
                 metrics.write(
                     step=done,
@@ -502,7 +509,7 @@ def _fit(
                 )
             bar.set_postfix({unit: f"{value:.3f}"}, refresh=False)
             bar.update(1)
-            final = done == total
+            final = done == total or (time_limit is not None and _out_of_time(t0, time_limit, ctx))
             if eval_every and done % eval_every == 0 or final:
                 run_eval(done)
             if sample_every and done % sample_every == 0 and not final:
@@ -512,17 +519,29 @@ def _fit(
             if out is not None and (checkpoint_every and done % checkpoint_every == 0 or final):
                 save(done)
                 last_saved = done
+            if final:
+                break
     finally:
         bar.close()
         metrics.close()
     return FitResult(
         model,
         ema_model.module if ema_model is not None else None,
-        max(start, total),
+        reached,
         losses,
         evals,
         out if writes else None,
     )
+
+
+def _out_of_time(t0: float, limit: float, ctx) -> bool:
+    """Rank 0's clock decides for all ranks, so that they stop at the same step."""
+    over = time.perf_counter() - t0 >= limit
+    if not ctx.distributed:
+        return over
+    flag = torch.tensor(float(over), device=ctx.device)
+    torch_dist.broadcast(flag, src=0)
+    return bool(flag)
 
 
 def _averaged(model: FlowDensity, decay: float) -> AveragedModel:

@@ -2,6 +2,7 @@ r"""Invertible residual blocks (Behrmann et al., 2019, i-ResNet; Chen et al., 20
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -19,6 +20,24 @@ from ..nn.lipschitz import (
     lipschitz_mlp,
 )
 from .base import FlowTransform
+
+
+@contextlib.contextmanager
+def full_precision(x: torch.Tensor):
+    """No TF32 inside: on CUDA, convolutions use TF32 by default (10-bit mantissa), which leaves the fixed-point
+    iteration a residual of ~1e-5 that it can never push under a float32 tolerance of 1e-6."""
+    if x.device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cudnn = torch.backends.cudnn
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 class _FixedPointInverse(torch.autograd.Function):
@@ -39,7 +58,7 @@ class _FixedPointInverse(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         block = ctx.block
         params = [p for p in block.net.parameters() if p.requires_grad]
-        with torch.enable_grad(), frozen_power_iteration():
+        with torch.enable_grad(), frozen_power_iteration(), full_precision(x):
             x_ = x.detach().requires_grad_()
             gx = block.net(x_)
             u = grad_x
@@ -207,6 +226,10 @@ class ResidualBlock(FlowTransform):
         return atol + rtol * x.abs()
 
     def _solve(self, y: torch.Tensor) -> torch.Tensor:
+        with full_precision(y):
+            return self._iterate(y)
+
+    def _iterate(self, y: torch.Tensor) -> torch.Tensor:
         x = y - self.net(y)
         batch_dims = y.dim() - self._event_dim
         for _ in range(self.max_iter):
