@@ -8,7 +8,8 @@ setting) the script runs ``fit`` for ``--steps`` steps and reads the per-step ti
 allocator growth). Every figure is a ratio against CPU fp32 measured in the same command on the same machine.
 
 Settings: ``fp32`` (the default: validation on), ``fp32-noval`` (``pyroflows.enable_validation(False)``:
-no per-layer finiteness checks, so no device synchronisation per layer), ``bf16`` (``amp=True``: conditioner
+no per-layer finiteness checks, so no device synchronisation per layer), ``compiled`` (``compile=True``,
+validation off; opt-in with ``--extra compiled``), ``bf16`` (``amp=True``: conditioner
 networks in bfloat16, log-dets in float32).
 
 Usage::
@@ -74,13 +75,27 @@ def timed_fit(name: str, device: str, setting: str, steps: int, skip: int, lr: f
     train, test = spec["data"]()
     torch.manual_seed(0)
     model = build_density("glow", train.shape, **spec["model"])
-    pyroflows.enable_validation(setting != "fp32-noval")
+    pyroflows.enable_validation(setting not in ("fp32-noval", "compiled"))
     try:
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            fit(model, train, None, steps=steps, batch_size=spec["batch"], lr=lr, warmup_steps=min(100, steps),
-                device=device, amp=setting == "bf16", out=out, log_every=1, progress=False, checkpoint_every=None,
-                sample_every=None)
+            fit(
+                model,
+                train,
+                None,
+                steps=steps,
+                batch_size=spec["batch"],
+                lr=lr,
+                warmup_steps=min(100, steps),
+                device=device,
+                amp=setting == "bf16",
+                compile=setting == "compiled",
+                out=out,
+                log_every=1,
+                progress=False,
+                checkpoint_every=None,
+                sample_every=None,
+            )
             total = time.perf_counter() - start
             rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     finally:
@@ -89,9 +104,16 @@ def timed_fit(name: str, device: str, setting: str, steps: int, skip: int, lr: f
     seconds = t[steps] - t[skip]
     bpd = evaluate(model, test, device=device)
     return {
-        "data": name, "device": device, "setting": setting, "steps": steps, "batch": spec["batch"],
-        "images_per_s": spec["batch"] * (steps - skip) / seconds, "ms_per_step": 1000 * seconds / (steps - skip),
-        "test_bpd": bpd, "wall_s": total, "final_train_loss": rows[-1].get("loss"),
+        "data": name,
+        "device": device,
+        "setting": setting,
+        "steps": steps,
+        "batch": spec["batch"],
+        "images_per_s": spec["batch"] * (steps - skip) / seconds,
+        "ms_per_step": 1000 * seconds / (steps - skip),
+        "test_bpd": bpd,
+        "wall_s": total,
+        "final_train_loss": rows[-1].get("loss"),
     }
 
 
@@ -103,6 +125,14 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-skip", type=int, default=10)
     p.add_argument("--long-steps", type=int, default=0, help="also: digits Glow for this many GPU steps, bpd")
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        choices=["compiled"],
+        help="more GPU settings: compiled "
+        "(torch.compile, validation off; compile time is inside the skipped warm-up steps)",
+    )
     p.add_argument("--out", default="benchmarks/results/gpu_density.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -111,7 +141,7 @@ def main(argv=None) -> int:
     records = []
     for name in DATASETS:
         for device in devices:
-            settings = ["fp32"] if device == "cpu" else ["fp32", "fp32-noval", "bf16"]
+            settings = ["fp32"] if device == "cpu" else ["fp32", "fp32-noval", "bf16"] + args.extra
             for setting in settings:
                 steps, skip = (args.cpu_steps, args.cpu_skip) if device == "cpu" else (args.steps, args.skip)
                 r = timed_fit(name, device, setting, steps, skip, lr=1e-3)
@@ -122,24 +152,36 @@ def main(argv=None) -> int:
         long_run = timed_fit("digits", "cuda", "fp32-noval", args.long_steps, args.skip, lr=2e-3)
         print(json.dumps(long_run), flush=True)
 
-    lines = ["| data | device | setting | batch | ms/step | images/s | × CPU fp32 | test bpd after steps |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| data | device | setting | batch | ms/step | images/s | × CPU fp32 | test bpd after steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         base = next(b for b in records if b["data"] == r["data"] and b["device"] == "cpu")
-        lines.append(f"| {r['data']} | {r['device']} | {r['setting']} | {r['batch']} | {r['ms_per_step']:.1f} | "
-                     f"{r['images_per_s']:.0f} | {r['images_per_s'] / base['images_per_s']:.1f} | "
-                     f"{r['test_bpd']:.3f} ({r['steps']}) |")
+        lines.append(
+            f"| {r['data']} | {r['device']} | {r['setting']} | {r['batch']} | {r['ms_per_step']:.1f} | "
+            f"{r['images_per_s']:.0f} | {r['images_per_s'] / base['images_per_s']:.1f} | "
+            f"{r['test_bpd']:.3f} ({r['steps']}) |"
+        )
     table = "\n".join(lines)
     print(table)
     if long_run:
-        print(f"digits Glow, {long_run['steps']} steps on CUDA: test bpd {long_run['test_bpd']:.4f} "
-              f"in {long_run['wall_s']:.0f} s ({long_run['images_per_s']:.0f} images/s)")
+        print(
+            f"digits Glow, {long_run['steps']} steps on CUDA: test bpd {long_run['test_bpd']:.4f} "
+            f"in {long_run['wall_s']:.0f} s ({long_run['images_per_s']:.0f} images/s)"
+        )
     payload = {
         "command": "python benchmarks/gpu_density.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "torch": torch.__version__, "python": platform.python_version()},
-        "records": records, "long_run": long_run, "table": table,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "records": records,
+        "long_run": long_run,
+        "table": table,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
