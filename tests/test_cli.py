@@ -338,3 +338,11 @@ def test_zero_or_negative_sizes_are_rejected_not_replaced_by_defaults(tmp_path, 
         assert main(argv) == 2
         assert f"{flag} must be >= 1" in capsys.readouterr().err
         assert not (tmp_path / flag.strip("-") / "checkpoint.pt").exists()
+
+
+def test_time_limit_stops_the_run_early(tmp_path, capsys):
+    out = tmp_path / "timed"
+    argv = ["fit", "--levels", "1", "--steps", "1", "--hidden", "8", "--time-limit", "0.02", "--out", str(out)]
+    assert main(argv + ["--no-progress"]) == 0
+    step = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert 0 < step < 1000 * (1437 // 64)  # stopped by the clock, not by the 1000-epoch ceiling
