@@ -396,6 +396,13 @@ _MNIST_FILES = {
 }
 
 
+def _load_splits(load_split, root, split: str) -> ImageDataset:
+    """``load_split(root, s)`` for ``split``, or for train then test when ``split == "all"``."""
+    _check_split(split)
+    root = Path(root).expanduser()
+    return _concat([load_split(root, s) for s in (("train", "test") if split == "all" else (split,))])
+
+
 def _load_mnist_split(root: Path, split: str) -> ImageDataset:
     dirs = [root, root / "MNIST" / "raw"]
     image_name, label_name = _MNIST_FILES[split]
@@ -438,9 +445,7 @@ def load_mnist(root, split: str = "train") -> ImageDataset:
 
         >>> train = load_mnist("~/data/mnist", "train")  # doctest: +SKIP
     """
-    _check_split(split)
-    root = Path(root).expanduser()
-    return _concat([_load_mnist_split(root, s) for s in (("train", "test") if split == "all" else (split,))])
+    return _load_splits(_load_mnist_split, root, split)
 
 
 _CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -498,9 +503,7 @@ def load_cifar10(root, split: str = "train") -> ImageDataset:
 
         >>> test = load_cifar10("~/data/cifar10", "test")  # doctest: +SKIP
     """
-    _check_split(split)
-    root = Path(root).expanduser()
-    return _concat([_load_cifar_split(root, s) for s in (("train", "test") if split == "all" else (split,))])
+    return _load_splits(_load_cifar_split, root, split)
 
 
 DATASETS = ("digits", "mnist", "cifar10")

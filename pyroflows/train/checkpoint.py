@@ -72,26 +72,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write ``text`` to ``path`` atomically (same scheme as :func:`atomic_torch_save`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    _default_mode(fd)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 # ------------------------------------------------------------------------------------------------ RNG state
 def rng_state() -> dict:
     """Python, NumPy, torch CPU and (if present) CUDA generator states, as tensors and plain types only,
@@ -178,7 +158,6 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpo
 __all__ = [
     "CheckpointError",
     "atomic_torch_save",
-    "atomic_write_text",
     "load_checkpoint",
     "load_model_state",
     "rng_state",
