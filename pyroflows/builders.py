@@ -1,9 +1,12 @@
 """Builders: plain functions taking the event size first, so ``partial(builder, ...)`` is an
-``init_transform_fn`` for :class:`pyro.infer.autoguide.AutoNormalizingFlow`. Each returns a :class:`Compose`."""
+``init_transform_fn`` for :class:`pyro.infer.autoguide.AutoNormalizingFlow`. Each returns a
+:class:`~pyroflows.transforms.Compose`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import torch
 
 from .transforms import (
     ActNorm,
@@ -30,6 +33,12 @@ def _output_affine(dim: int):
     ill-conditioned for narrow posteriors. In the density direction it is the layer next to the latent.
     """
     return inverse(ActNorm(dim))
+
+
+def _fixed_permutation(dim: int, seed: int) -> torch.Tensor:
+    """A random-looking but fixed permutation: rebuilding a flow (e.g. a guide whose parameters come back
+    from the param store, which holds no buffers) gives the same layers, whatever the global RNG state."""
+    return torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
 
 
 def _shape(input_dim_or_shape) -> tuple:
@@ -239,7 +248,7 @@ def realnvp(
         mask = half if (i % 2 == 0 or dim == 1) else ~half
         parts += [ActNorm(dim), AffineCoupling(dim, mask=mask, hidden=hidden, scale_bound=scale_bound)]
         if dim > 2 and i % 2 == 1 and i < num_layers - 1:
-            parts.append(Permute(input_dim=dim))
+            parts.append(Permute(_fixed_permutation(dim, seed=i)))
     parts.append(_output_affine(dim))
     return Compose(parts)
 
@@ -306,3 +315,6 @@ def residual_flow(
     if actnorm:
         parts.append(ActNorm(c, event_dim=3))
     return _with_logit(Compose(parts), logit_alpha)
+
+
+__all__ = ["glow", "planar_flow", "realnvp", "residual_flow"]
