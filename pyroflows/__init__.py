@@ -1,10 +1,11 @@
 """pyroflows: modern normalizing flows for Pyro.
 
-Flow layers are Pyro ``TransformModule``s (:mod:`pyroflows.transforms`); builders assemble them into flows
-usable as ``AutoNormalizingFlow`` guides (``partial(pyroflows.realnvp, num_layers=8)``).
+Flow layers are Pyro ``TransformModule`` subclasses (:mod:`pyroflows.transforms`); builders assemble them into flows
+usable as ``AutoNormalizingFlow`` guides (``partial(pyroflows.realnvp, num_layers=8)``), fitted with
+:func:`pyroflows.infer.fit` and checked with :mod:`pyroflows.diagnostics` (ArviZ, imported on first use).
 """
 
-from . import data, logdet, nn, train, transforms
+from . import data, infer, logdet, nn, train, transforms
 from .builders import glow, planar_flow, realnvp, residual_flow
 from .density import FlowDensity
 from .transforms import Compose, FlowTransform, Inverse, enable_validation, inverse, is_validation_enabled
@@ -17,8 +18,10 @@ __all__ = [
     "FlowTransform",
     "Inverse",
     "data",
+    "diagnostics",
     "enable_validation",
     "glow",
+    "infer",
     "inverse",
     "is_validation_enabled",
     "logdet",
@@ -29,3 +32,12 @@ __all__ = [
     "train",
     "transforms",
 ]
+
+
+def __getattr__(name: str):
+    # diagnostics imports ArviZ (a second or two, and a FutureWarning in 0.23): only when it is used
+    if name == "diagnostics":
+        import importlib
+
+        return importlib.import_module(".diagnostics", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

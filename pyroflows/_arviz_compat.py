@@ -1,0 +1,108 @@
+"""The one place that knows which ArviZ is installed.
+
+ArviZ 0.x (``arviz`` 0.23 on Python 3.11) and ArviZ 1.x (``arviz`` >= 1 = ``arviz_base`` + ``arviz_stats`` +
+``arviz_plots``, Python >= 3.12) differ in the calls pyroflows needs:
+
+================  =========================================  ==============================================
+need              0.x                                        1.x
+================  =========================================  ==============================================
+build from dicts  ``az.from_dict(posterior=..., ...)``       ``arviz_base.from_dict({"posterior": ...})``
+PSIS              ``az.psislw(x)`` smooths ``exp(+x)``       ``arviz_stats.psislw(-x)`` (smooths ``exp(-x)``)
+bundled data      ``az.load_arviz_data``                     ``arviz_base.load_arviz_data``
+pair plot         ``az.plot_pair``                           ``arviz_plots.plot_pair_focus`` / matplotlib
+================  =========================================  ==============================================
+
+Everything else in pyroflows works on numpy arrays and on the groups as mappings of ``xarray`` objects,
+which both versions provide (``InferenceData`` in 0.x, ``xarray.DataTree`` in 1.x).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # 0.23 announces the 1.x refactor on import
+    import arviz as az
+
+ARVIZ_VERSION = tuple(int(p) for p in az.__version__.split(".")[:2] if p.isdigit())
+ARVIZ_1 = ARVIZ_VERSION >= (1, 0)
+
+
+def from_dict(groups: dict[str, dict[str, np.ndarray]], coords: dict | None = None, dims: dict | None = None):
+    """Build an ``InferenceData`` (0.x) or ``DataTree`` (1.x) from ``{group: {var: array}}``.
+
+    Arrays of every group except ``observed_data`` / ``constant_data`` have leading ``(chain, draw)`` dims.
+    """
+    groups = {name: vars_ for name, vars_ in groups.items() if vars_}
+    if ARVIZ_1:  # pragma: no cover - needs Python >= 3.12
+        import arviz_base
+
+        return arviz_base.from_dict(groups, coords=coords, dims=dims)
+    return az.from_dict(**groups, coords=coords, dims=dims)
+
+
+def psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
+    """Pareto-smoothed, self-normalised log importance weights of ``exp(log_ratios)`` (1-D) and k̂."""
+    log_ratios = np.asarray(log_ratios, dtype=np.float64)
+    if ARVIZ_1:  # pragma: no cover - needs Python >= 3.12
+        from arviz_stats.base import array_stats
+
+        lw, khat = array_stats.psislw(-log_ratios, r_eff=1.0, axis=-1)  # 1.x negates its input
+        return np.asarray(lw).reshape(-1), float(np.asarray(khat))
+    lw, khat = az.psislw(log_ratios, reff=1.0)
+    return np.asarray(lw), float(khat)
+
+
+def load_arviz_data(name: str):
+    """ArviZ's bundled example data (``centered_eight``, ``non_centered_eight``, ...), offline."""
+    if ARVIZ_1:  # pragma: no cover
+        import arviz_base
+
+        return arviz_base.load_arviz_data(name)
+    return az.load_arviz_data(name)
+
+
+def group(data, name: str):
+    """The ``xarray.Dataset`` of group ``name`` of an ``InferenceData`` / ``DataTree``, or ``None``."""
+    if ARVIZ_1 and hasattr(data, "children"):  # pragma: no cover
+        return data[name].to_dataset() if name in data.children else None
+    return getattr(data, name, None) if name in getattr(data, "groups", lambda: [])() else None
+
+
+def plot_pair(data, var_names, coords: dict | None = None):
+    """A pair plot of the posterior's ``var_names`` (restricted to ``coords``); returns a matplotlib figure.
+
+    0.x draws it with ``az.plot_pair``; with 1.x a plain matplotlib scatter matrix of the same variables.
+    """
+    import matplotlib.pyplot as plt
+
+    if not ARVIZ_1:
+        axes = az.plot_pair(
+            data,
+            var_names=var_names,
+            coords=coords,
+            kind="scatter",
+            marginals=True,
+            scatter_kwargs={"alpha": 0.15, "s": 2},
+        )
+        return np.ravel(axes)[0].figure
+    post = group(data, "posterior")  # pragma: no cover
+    post = post.sel(coords) if coords else post  # pragma: no cover
+    cols = {
+        f"{v}[{i}]" if post[v].ndim > 2 else v: x
+        for v in var_names  # pragma: no cover
+        for i, x in enumerate(
+            np.asarray(post[v]).reshape(-1, *post[v].shape[2:]).reshape(post[v].shape[0] * post[v].shape[1], -1).T
+        )
+    }
+    names = list(cols)  # pragma: no cover
+    fig, axes = plt.subplots(len(names), len(names), figsize=(2 * len(names),) * 2, squeeze=False)  # pragma: no cover
+    for i, a in enumerate(names):  # pragma: no cover
+        for j, b in enumerate(names):
+            if i == j:
+                axes[i, j].hist(cols[a], bins=40)
+            else:
+                axes[i, j].plot(cols[b], cols[a], ".", alpha=0.15, markersize=2)
+    return fig  # pragma: no cover

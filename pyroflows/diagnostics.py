@@ -1,0 +1,524 @@
+r"""Posterior diagnostics for variational guides, with ArviZ.
+
+- :func:`to_inference_data`: one set of guide draws as ArviZ data (posterior, posterior predictive, pointwise
+  log-likelihood, observed data, and ``log_p`` / ``log_q`` per draw);
+- :func:`psis_khat`: the Pareto-smoothed importance sampling diagnostic of Yao, Vehtari, Simpson & Gelman
+  (2018), *Yes, but did it work?: Evaluating variational inference*: fit a generalised Pareto tail to the
+  importance ratios :math:`r_s = p(x, z_s) / q(z_s)`; :math:`\hat k < 0.7` (0.5 strict) says ``q`` is close
+  enough for importance-sampling corrections to work, larger values say the guide misses posterior mass;
+- :func:`importance_weighted_elbo`: :math:`\log \frac1S \sum_s r_s`, a tighter bound on :math:`\log p(x)`;
+- :func:`loo`: PSIS-LOO for draws from an approximate posterior (Magnusson et al. 2019);
+- :func:`compare_to_reference`: mean, sd and 1-D Wasserstein distance against a reference posterior
+  (e.g. a NUTS run), in reference-sd units.
+
+Draws are taken in one vectorised pass: the guide and the model run inside an outer ``pyro.plate`` of size
+``S``, the model replayed on the guide's values, so every log-density is exact for its draw.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoGuide
+
+from . import _arviz_compat as compat
+
+__all__ = [
+    "PSISResult",
+    "compare_to_reference",
+    "importance_weighted_elbo",
+    "khat_threshold",
+    "loo",
+    "psis_khat",
+    "to_inference_data",
+]
+
+_DRAW_PLATE = "_pyroflows_draws"
+
+
+# --- drawing from a guide ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Draws:
+    """``S`` joint draws, all arrays with leading dim ``S`` (numpy, float64 where real)."""
+
+    latent: dict[str, np.ndarray]  # guide sample sites (constrained values) and model deterministic sites
+    log_lik: dict[str, np.ndarray]  # observed site -> pointwise log-likelihood (S, *data batch shape)
+    predictive: dict[str, np.ndarray]  # observed site -> replicated data (S, *data shape)
+    observed: dict[str, np.ndarray]  # observed site -> data (no draw dim)
+    log_p: np.ndarray  # log p(x, z_s)
+    log_q: np.ndarray  # log q(z_s)
+
+
+def _check_num_samples(name: str, num_samples) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise ValueError(f"{name}: num_samples must be a positive int, got {num_samples!r}")
+    return int(num_samples)
+
+
+def _plate_nesting(trace) -> int:
+    dims = [
+        -f.dim for s in trace.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized
+    ]
+    return max(dims, default=0)
+
+
+def _is_deterministic(site) -> bool:
+    return site["infer"].get("_deterministic", False)
+
+
+def _check_model_and_guide(fn_name: str, model, guide, args, kwargs):
+    """One unvectorised run of the guide and of the model replayed on it; clear errors for what cannot work."""
+    if not callable(model) or not callable(guide):
+        raise TypeError(f"{fn_name}: model and guide must be callables (a Pyro model and guide)")
+    if isinstance(guide, AutoGuide) and (guide.prototype_trace is None or getattr(guide, "transform", 0) is None):
+        raise ValueError(
+            f"{fn_name}: the guide was never fitted (it has not even been run): fit it first, e.g. with "
+            "pyroflows.infer.fit(model, guide, num_steps), or load a fitted one with pyroflows.infer.load_guide"
+        )
+    with torch.no_grad(), poutine.block():
+        prior_trace = poutine.trace(model).get_trace(*args, **kwargs)
+    discrete = [
+        name
+        for name, s in prior_trace.nodes.items()
+        if s["type"] == "sample"
+        and not s["is_observed"]
+        and not poutine.util.site_is_subsample(s)
+        and s["fn"].support.is_discrete
+    ]
+    if discrete:
+        raise ValueError(
+            f"{fn_name}: the model has discrete latent site(s) {discrete}; continuous guides (and these "
+            "diagnostics) need every latent to be continuous. Marginalise them out (e.g. with "
+            "config_enumerate and TraceEnum_ELBO) or give them a separate discrete guide."
+        )
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return guide_trace, model_trace
+
+
+def _per_draw(x: torch.Tensor, n: int, shape: torch.Size, site: str) -> np.ndarray:
+    """Reshape a vectorised value (leading draw/plate dims, trailing ``shape``) to ``(n, *shape)``."""
+    size = math.prod(shape)
+    if x.numel() not in (size, n * size):
+        raise RuntimeError(f"site {site!r}: cannot lay out a value of shape {tuple(x.shape)} as {n} draws of {shape}")
+    x = x.detach().reshape(-1, *shape)
+    return x.expand(n, *shape).cpu().numpy()
+
+
+@torch.no_grad()
+def _joint_draws(fn_name, model, guide, num_samples, args, kwargs, predictive=True) -> _Draws:
+    guide_1, model_1 = _check_model_and_guide(fn_name, model, guide, args, kwargs)
+    n = num_samples
+    dim = -(max(_plate_nesting(guide_1), _plate_nesting(model_1)) + 1)
+
+    def vectorised(fn):
+        def run(*a, **k):
+            with pyro.plate(_DRAW_PLATE, n, dim=dim):
+                return fn(*a, **k)
+
+        return run
+
+    with torch.no_grad(), poutine.block():
+        guide_tr = poutine.trace(vectorised(guide)).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(vectorised(model), trace=guide_tr)).get_trace(*args, **kwargs)
+
+    def total(trace, keep) -> np.ndarray:
+        """Sum of the kept sites' (scaled, masked) log-densities, one value per draw."""
+        out = torch.zeros(n, dtype=torch.float64)
+        for name, s in trace.nodes.items():
+            if s["type"] != "sample" or poutine.util.site_is_subsample(s) or not keep(s):
+                continue
+            lp = _scale_and_mask(s["fn"].log_prob(s["value"]), s)
+            # sum the dims right of the draw dim (all of them when the draw dim was broadcast away)
+            right = tuple(range(lp.dim() + dim + 1, lp.dim())) if lp.dim() >= -dim else tuple(range(lp.dim()))
+            if right:  # (torch's sum over an empty tuple of dims would sum over all of them)
+                lp = lp.sum(right)
+            if lp.numel() not in (1, n):
+                raise RuntimeError(f"site {name!r}: log-density of shape {tuple(lp.shape)} is not one per draw")
+            out += lp.reshape(-1).expand(n).double()
+        return out.numpy()
+
+    log_q = total(guide_tr, lambda s: True)
+    log_p = total(model_tr, lambda s: not _is_deterministic(s))
+
+    latent, log_lik, pred, observed = {}, {}, {}, {}
+    for name, s in guide_tr.nodes.items():
+        if (
+            s["type"] == "sample"
+            and not poutine.util.site_is_subsample(s)
+            and not s["infer"].get("is_auxiliary", False)
+            and name in model_1.nodes
+        ):
+            latent[name] = _per_draw(s["value"], n, model_1.nodes[name]["value"].shape, name)
+    for name, s in model_tr.nodes.items():
+        if s["type"] != "sample" or poutine.util.site_is_subsample(s):
+            continue
+        natural = model_1.nodes[name]["value"].shape
+        if _is_deterministic(s):
+            latent[name] = _per_draw(s["value"], n, natural, name)
+        elif s["is_observed"]:
+            fn = s["fn"]
+            data_batch = natural[: len(natural) - fn.event_dim]
+            lp = fn.log_prob(s["value"])
+            if s["mask"] is not None:
+                lp = torch.where(torch.as_tensor(s["mask"], dtype=torch.bool), lp, lp.new_zeros(()))
+            log_lik[name] = _per_draw(
+                lp.expand(lp.shape[: lp.dim() - len(data_batch)] + data_batch), n, data_batch, name
+            )
+            observed[name] = s["value"].detach().cpu().numpy()
+            if predictive:
+                pred[name] = _per_draw(fn.sample(), n, natural, name)
+    return _Draws(latent, log_lik, pred, observed, log_p, log_q)
+
+
+def _scale_and_mask(lp: torch.Tensor, site) -> torch.Tensor:
+    if site["mask"] is not None:
+        lp = torch.where(torch.as_tensor(site["mask"], dtype=torch.bool), lp, lp.new_zeros(()))
+    scale = site["scale"]
+    return lp if isinstance(scale, numbers.Number) and scale == 1.0 else lp * scale
+
+
+# --- InferenceData ------------------------------------------------------------------------------------------
+
+
+def _check_coords_dims(latent, observed, coords, dims):
+    coords = dict(coords or {})
+    dims = {k: list(v) for k, v in (dims or {}).items()}
+    shapes = {**{k: v.shape[1:] for k, v in latent.items()}, **{k: v.shape for k, v in observed.items()}}
+    for var, names in dims.items():
+        if var not in shapes:
+            raise ValueError(f"dims: {var!r} is not a site of the model (sites: {sorted(shapes)})")
+        shape = shapes[var]
+        if len(names) != len(shape):
+            raise ValueError(f"dims[{var!r}] = {names} names {len(names)} dims, but {var!r} has shape {tuple(shape)}")
+        for name, size in zip(names, shape):
+            if name in coords and len(coords[name]) != size:
+                raise ValueError(
+                    f"coords[{name!r}] has {len(coords[name])} labels, but dim {name!r} of {var!r} has size {size}"
+                )
+    for name in coords:
+        if not any(name in names for names in dims.values()):
+            raise ValueError(f"coords: {name!r} is not used by any entry of dims {dims}")
+    return coords, dims
+
+
+def to_inference_data(
+    model: Callable,
+    guide: Callable,
+    num_samples: int = 1000,
+    model_args: Sequence = (),
+    model_kwargs: dict | None = None,
+    chains: int = 1,
+    coords: dict | None = None,
+    dims: dict | None = None,
+):
+    """Draw from a fitted guide and return ArviZ data (``InferenceData`` with ArviZ 0.x).
+
+    Groups: ``posterior`` (every latent site at its constrained value, and ``pyro.deterministic`` sites),
+    ``posterior_predictive`` (one replicated data set per draw), ``log_likelihood`` (pointwise
+    ``log p(y_i | z_s)`` per observed site, so ``az.loo`` runs — though for guide draws :func:`loo` is the
+    right estimate), ``observed_data``, and ``sample_stats`` with ``log_p`` (:math:`\\log p(x, z_s)`) and
+    ``log_q`` (:math:`\\log q(z_s)`) per draw. All groups come from the same ``chains * num_samples``
+    independent draws, split into ``chains`` pseudo-chains of ``num_samples`` draws.
+
+    :param model: the Pyro model.
+    :param guide: a fitted guide for it.
+    :param int num_samples: draws per chain (>= 1).
+    :param model_args: positional arguments of the model and guide.
+    :param dict model_kwargs: keyword arguments of the model and guide.
+    :param int chains: number of chains (independent draws; ArviZ wants the dim).
+    :param dict coords: ``{dim name: labels}``.
+    :param dict dims: ``{site: [dim names]}`` for the non-(chain, draw) dims of each site.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, pyroflows, torch
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.tensor([0.5, 1.5, 1.0])
+        >>> pyro.clear_param_store()
+        >>> guide = AutoNormal(model)
+        >>> _ = pyroflows.infer.fit(model, guide, 500, model_args=(y,), lr=0.05, progress=False, seed=0)
+        >>> idata = to_inference_data(model, guide, num_samples=200, model_args=(y,), dims={"y": ["obs"]})
+        >>> idata.posterior["mu"].shape, idata.log_likelihood["y"].shape
+        ((1, 200), (1, 200, 3))
+    """
+    num_samples = _check_num_samples("to_inference_data", num_samples)
+    chains = _check_num_samples("to_inference_data (chains)", chains) if chains != 1 else 1
+    args, kwargs = tuple(model_args), dict(model_kwargs or {})
+    d = _joint_draws("to_inference_data", model, guide, chains * num_samples, args, kwargs)
+    coords, dims = _check_coords_dims(d.latent, d.observed, coords, dims)
+
+    def split(arrays):
+        return {k: v.reshape(chains, num_samples, *v.shape[1:]) for k, v in arrays.items()}
+
+    groups = {
+        "posterior": split(d.latent),
+        "posterior_predictive": split(d.predictive),
+        "log_likelihood": split(d.log_lik),
+        "sample_stats": split({"log_p": d.log_p, "log_q": d.log_q}),
+        "observed_data": d.observed,
+    }
+    return compat.from_dict(groups, coords=coords, dims=dims)
+
+
+# --- PSIS ---------------------------------------------------------------------------------------------------
+
+
+def khat_threshold(num_samples: int) -> float:
+    """ArviZ's sample-size-dependent k̂ threshold, ``min(1 - 1/log10(S), 0.7)``."""
+    return min(1.0 - 1.0 / math.log10(num_samples), 0.7) if num_samples > 10 else 0.0
+
+
+@dataclass
+class PSISResult:
+    """What :func:`psis_khat` returns.
+
+    :ivar float khat: the Pareto shape estimate of the importance-ratio tail. Below 0.5: ``q`` is good;
+        0.5–0.7: importance sampling corrections are reliable, ``q`` somewhat off; above 0.7: ``q`` misses
+        posterior mass and neither ``q`` nor its PSIS correction should be trusted.
+    :ivar float ess: PSIS effective sample size ``1 / sum(w_s^2)`` of the normalised smoothed weights.
+    :ivar numpy.ndarray log_weights: normalised smoothed log weights, shape ``(S,)``.
+    :ivar dict means: PSIS-corrected posterior means, ``{site: array of the site's shape}``.
+    :ivar float elbo: the ELBO estimate ``mean(log p - log q)``.
+    :ivar float iw_elbo: the importance-weighted ELBO ``log mean exp(log p - log q)`` (raw ratios).
+    :ivar int num_samples: ``S``.
+    """
+
+    khat: float
+    ess: float
+    log_weights: np.ndarray
+    means: dict[str, np.ndarray]
+    elbo: float
+    iw_elbo: float
+    num_samples: int
+
+    @property
+    def threshold(self) -> float:
+        """``min(1 - 1/log10(S), 0.7)``: above it, do not trust the guide (nor the PSIS estimates)."""
+        return khat_threshold(self.num_samples)
+
+    @property
+    def ok(self) -> bool:
+        """``khat < threshold``."""
+        return self.khat < self.threshold
+
+
+def _logmeanexp(x: np.ndarray) -> float:
+    m = np.max(x)
+    return float(m + np.log(np.mean(np.exp(x - m))))
+
+
+def _stats_from(idata):
+    stats = compat.group(idata, "sample_stats")
+    post = compat.group(idata, "posterior")
+    if stats is None or "log_p" not in stats or "log_q" not in stats or post is None:
+        raise ValueError("idata needs a posterior and sample_stats log_p / log_q (from to_inference_data)")
+    log_p = np.asarray(stats["log_p"]).reshape(-1)
+    log_q = np.asarray(stats["log_q"]).reshape(-1)
+    latent = {k: np.asarray(v).reshape(-1, *v.shape[2:]) for k, v in post.data_vars.items()}
+    return log_p, log_q, latent
+
+
+def psis_khat(
+    model: Callable | None = None,
+    guide: Callable | None = None,
+    num_samples: int = 1000,
+    model_args: Sequence = (),
+    model_kwargs: dict | None = None,
+    *,
+    idata=None,
+) -> PSISResult:
+    """Pareto-smoothed importance sampling of ``log p(x, z) - log q(z)`` over guide draws (Yao et al. 2018).
+
+    Uses ArviZ's PSIS. Either draws ``num_samples`` fresh from ``guide``, or reuses the draws in ``idata``
+    (from :func:`to_inference_data`, which keeps ``log_p`` / ``log_q``).
+
+    :returns: :class:`PSISResult` with k̂, the PSIS effective sample size, PSIS-corrected means of every
+        posterior variable, the ELBO and the importance-weighted ELBO.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> def model():
+        ...     pyro.sample("z", dist.Normal(torch.zeros(2), torch.tensor([1.0, 0.1])).to_event(1))
+        >>> guide = AutoNormal(model)
+        >>> pyro.clear_param_store()
+        >>> guide = AutoNormal(model, init_scale=0.5)
+        >>> _ = guide()  # unfitted but built: q is too wide in coordinate 1
+        >>> psis_khat(model, guide, num_samples=2000).khat > 0.7
+        True
+    """
+    if idata is not None:
+        log_p, log_q, latent = _stats_from(idata)
+    else:
+        if model is None or guide is None:
+            raise ValueError("psis_khat: give model and guide, or idata from to_inference_data")
+        n = _check_num_samples("psis_khat", num_samples)
+        d = _joint_draws("psis_khat", model, guide, n, tuple(model_args), dict(model_kwargs or {}), predictive=False)
+        log_p, log_q, latent = d.log_p, d.log_q, d.latent
+    log_ratio = log_p - log_q
+    if not np.all(np.isfinite(log_ratio)):
+        bad = int(np.sum(~np.isfinite(log_ratio)))
+        raise ValueError(
+            f"psis_khat: {bad} of {log_ratio.size} draws have a non-finite log p - log q (a guide draw outside the "
+            "model's support, or a diverged guide)"
+        )
+    lw, khat = compat.psislw(log_ratio)
+    w = np.exp(lw - np.max(lw))
+    w /= w.sum()
+    means = {k: np.tensordot(w, v.astype(np.float64), axes=(0, 0)) for k, v in latent.items()}
+    return PSISResult(
+        khat=khat,
+        ess=float(1.0 / np.sum(w**2)),
+        log_weights=np.log(w),
+        means=means,
+        elbo=float(np.mean(log_ratio)),
+        iw_elbo=_logmeanexp(log_ratio),
+        num_samples=log_ratio.size,
+    )
+
+
+def importance_weighted_elbo(
+    model: Callable,
+    guide: Callable,
+    num_samples: int = 1000,
+    model_args: Sequence = (),
+    model_kwargs: dict | None = None,
+) -> float:
+    """The importance-weighted ELBO :math:`\\log \\frac1S \\sum_s p(x, z_s) / q(z_s)`, ``z_s ~ q``.
+
+    A lower bound on :math:`\\log p(x)` that tightens as ``S`` grows (Burda et al. 2016); its gap to the ELBO
+    measures how much ``q`` differs from the posterior.
+    """
+    n = _check_num_samples("importance_weighted_elbo", num_samples)
+    d = _joint_draws("importance_weighted_elbo", model, guide, n, tuple(model_args), dict(model_kwargs or {}), False)
+    return _logmeanexp(d.log_p - d.log_q)
+
+
+def loo(idata):
+    """PSIS-LOO for draws from an approximate posterior (Magnusson, Andersen, Jonasson & Vehtari 2019).
+
+    Plain ``az.loo`` treats guide draws as posterior draws and can report every ``k <= 0.7`` for a poor guide.
+    Here each observation's importance ratio also carries ``p(x, z) / q(z)``:
+    ``log r_is = -log p(y_i | z_s) + log p(x, z_s) - log q(z_s)``, smoothed by PSIS, and
+    ``elpd_i = log sum_s w_is p(y_i | z_s)``.
+
+    :param idata: from :func:`to_inference_data` (needs ``log_likelihood`` and ``sample_stats``).
+    :returns: a ``pandas.Series`` with ``elpd_loo``, ``se``, ``max_pareto_k``, ``n_bad_k`` (k above the
+        threshold), and the pointwise ``elpd_i`` / ``pareto_k`` arrays under ``pointwise``.
+    """
+    import pandas as pd
+
+    log_p, log_q, _ = _stats_from(idata)
+    ll_group = compat.group(idata, "log_likelihood")
+    if ll_group is None or not ll_group.data_vars:
+        raise ValueError("loo: idata has no log_likelihood group (the model has no observed sites?)")
+    ll = np.concatenate([np.asarray(v).reshape(log_p.size, -1) for v in ll_group.data_vars.values()], axis=1)
+    elpd, ks = np.empty(ll.shape[1]), np.empty(ll.shape[1])
+    for i in range(ll.shape[1]):
+        lw, ks[i] = compat.psislw(-ll[:, i] + log_p - log_q)
+        m = np.max(lw + ll[:, i])
+        elpd[i] = m + np.log(np.sum(np.exp(lw + ll[:, i] - m)))
+    thr = khat_threshold(log_p.size)
+    return pd.Series(
+        {
+            "elpd_loo": float(elpd.sum()),
+            "se": float(np.sqrt(elpd.size * np.var(elpd))),
+            "max_pareto_k": float(ks.max()),
+            "n_bad_k": int(np.sum(ks > thr)),
+            "pointwise": {"elpd_i": elpd, "pareto_k": ks},
+        }
+    )
+
+
+# --- comparison with a reference posterior ------------------------------------------------------------------
+
+
+def _flatten(ds, var: str) -> tuple[list[str], np.ndarray]:
+    """Labels ``var[label, ...]`` and draws ``(S, K)`` of one posterior variable."""
+    da = ds[var]
+    extra = [d for d in da.dims if d not in ("chain", "draw")]
+    values = np.asarray(da.transpose("chain", "draw", *extra)).reshape(da.sizes["chain"] * da.sizes["draw"], -1)
+    if not extra:
+        return [var], values
+    grids = np.meshgrid(*[np.asarray(da[d].values) for d in extra], indexing="ij")
+    labels = [f"{var}[{', '.join(str(g.flat[i]) for g in grids)}]" for i in range(values.shape[1])]
+    return labels, values
+
+
+def compare_to_reference(idata, reference, var_names: Sequence[str] | None = None, weights=None):
+    """Per-variable mean, sd and 1-D Wasserstein distance of ``idata``'s posterior against ``reference``'s.
+
+    Every component of every variable gets a row: ``mean`` / ``sd`` of the draws, ``ref_mean`` /
+    ``ref_sd`` of the reference, ``mean_error`` = ``(mean - ref_mean) / ref_sd`` (in reference-sd units),
+    ``sd_ratio`` = ``sd / ref_sd``, ``wasserstein`` (the 1-D W1 distance between the two sets of draws, in the
+    variable's units) and ``wasserstein_sd`` (the same over ``ref_sd``).
+
+    :param idata: ArviZ data with a posterior (e.g. from :func:`to_inference_data`).
+    :param reference: ArviZ data with a posterior over the same variables (e.g. a NUTS run, or
+        ``az.load_arviz_data("non_centered_eight")``); dims and coords must match.
+    :param var_names: variables to compare (default: every variable both posteriors hold).
+    :param weights: optional importance weights for ``idata``'s draws (e.g. ``np.exp(psis.log_weights)``
+        from :func:`psis_khat` on the same draws), giving the PSIS-corrected comparison.
+    :returns: a ``pandas.DataFrame`` indexed by ``var[coord]``.
+    """
+    import pandas as pd
+    from scipy.stats import wasserstein_distance
+
+    post, ref = compat.group(idata, "posterior"), compat.group(reference, "posterior")
+    if post is None or ref is None:
+        raise ValueError("compare_to_reference: both arguments need a posterior group")
+    common = [v for v in post.data_vars if v in ref.data_vars]
+    if var_names is None:
+        var_names = common
+        if not var_names:
+            raise ValueError("compare_to_reference: the two posteriors share no variable")
+    missing = [v for v in var_names if v not in common]
+    if missing:
+        raise ValueError(f"compare_to_reference: {missing} not in both posteriors (shared: {common})")
+    rows = {}
+    for var in var_names:
+        labels, x = _flatten(post, var)
+        ref_labels, r = _flatten(ref, var)
+        if labels != ref_labels:
+            raise ValueError(
+                f"compare_to_reference: {var!r} has components {labels} here but {ref_labels} in reference"
+            )
+        w = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64).reshape(-1)
+            if w.size != x.shape[0]:
+                raise ValueError(f"compare_to_reference: {w.size} weights for {x.shape[0]} draws")
+            w = w / w.sum()
+        for k, label in enumerate(labels):
+            xs, rs = x[:, k].astype(np.float64), r[:, k].astype(np.float64)
+            mean = float(np.average(xs, weights=w))
+            sd = float(np.sqrt(np.average((xs - mean) ** 2, weights=w)))
+            ref_mean, ref_sd = float(rs.mean()), float(rs.std())
+            w1 = float(wasserstein_distance(xs, rs, u_weights=w))
+            rows[label] = {
+                "mean": mean,
+                "ref_mean": ref_mean,
+                "sd": sd,
+                "ref_sd": ref_sd,
+                "mean_error": (mean - ref_mean) / ref_sd,
+                "sd_ratio": sd / ref_sd,
+                "wasserstein": w1,
+                "wasserstein_sd": w1 / ref_sd,
+            }
+    return pd.DataFrame.from_dict(rows, orient="index")
