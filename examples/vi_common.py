@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -21,8 +20,6 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNorm
 import pyroflows
 from pyroflows import diagnostics
 from pyroflows.infer import fit
-
-logging.getLogger("pyro").setLevel(logging.WARNING)  # Trace_ELBO logs its guessed plate nesting at INFO
 
 #: Guide factories compared by every example: Pyro's own autoguides, then pyroflows builders as
 #: ``AutoNormalizingFlow`` guides.

@@ -29,6 +29,7 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
 
 from . import _arviz_compat as compat
+from .infer import plate_nesting
 
 __all__ = [
     "PSISResult",
@@ -62,13 +63,6 @@ def _check_num_samples(name: str, num_samples) -> int:
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
         raise ValueError(f"{name}: num_samples must be a positive int, got {num_samples!r}")
     return int(num_samples)
-
-
-def _plate_nesting(trace) -> int:
-    dims = [
-        -f.dim for s in trace.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized
-    ]
-    return max(dims, default=0)
 
 
 def _is_deterministic(site) -> bool:
@@ -119,7 +113,7 @@ def _per_draw(x: torch.Tensor, n: int, shape: torch.Size, site: str) -> np.ndarr
 def _joint_draws(fn_name, model, guide, num_samples, args, kwargs, predictive=True) -> _Draws:
     guide_1, model_1 = _check_model_and_guide(fn_name, model, guide, args, kwargs)
     n = num_samples
-    dim = -(max(_plate_nesting(guide_1), _plate_nesting(model_1)) + 1)
+    dim = -(max(plate_nesting(guide_1), plate_nesting(model_1)) + 1)
 
     def vectorised(fn):
         def run(*a, **k):

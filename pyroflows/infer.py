@@ -27,7 +27,16 @@ from pyro.infer.autoguide import AutoGuide
 from .train import TrainingError, atomic_torch_save
 from .transforms import ActNorm
 
-__all__ = ["SVIResult", "TrainingError", "fit", "load_guide", "save_guide", "sync_param_store"]
+__all__ = [
+    "SVIResult",
+    "TrainingError",
+    "fit",
+    "load_guide",
+    "max_plate_nesting",
+    "plate_nesting",
+    "save_guide",
+    "sync_param_store",
+]
 
 _SCHEDULES = ("constant", "cosine", "exponential")
 
@@ -165,10 +174,14 @@ def fit(
     model_kwargs = dict(model_kwargs or {})
     if seed is not None:
         pyro.set_rng_seed(seed)
-    elbo = (
-        loss if loss is not None else Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize_particles)
-    )
     sync_param_store(guide, *model_args, **model_kwargs)
+    elbo = loss
+    if elbo is None:
+        # give the plate nesting rather than letting Trace_ELBO guess it (it logs its guess at INFO level)
+        nesting = max_plate_nesting(model, guide, *model_args, **model_kwargs)
+        elbo = Trace_ELBO(
+            num_particles=num_particles, vectorize_particles=vectorize_particles, max_plate_nesting=nesting
+        )
 
     factor = _lr_factor(lr_schedule, num_steps, final_lr_factor, warmup_steps)
     opt = None
@@ -258,6 +271,22 @@ def _check_finite(step: int, loss_value: float, grad_norm: float, params: list[t
             f"step {step - 1}. Lower lr, set clip_norm, or check the model for invalid values (e.g. a scale "
             "that can reach zero)."
         )
+
+
+def plate_nesting(trace) -> int:
+    """How many batch dims the vectorised plates of ``trace`` use (``-min(frame.dim)``; 0 without plates)."""
+    dims = [
+        -f.dim for s in trace.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized
+    ]
+    return max(dims, default=0)
+
+
+def max_plate_nesting(model, guide, *args, **kwargs) -> int:
+    """The plate nesting of ``model`` replayed on one (blocked, gradient-free) run of ``guide``."""
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return max(plate_nesting(guide_trace), plate_nesting(model_trace))
 
 
 # --- building, saving and loading guides ---------------------------------------------------------------------
