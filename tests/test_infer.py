@@ -39,8 +39,8 @@ def gaussian_model():
 def test_every_vector_builder_fits_a_constrained_multi_site_model(name):
     pyro.clear_param_store()
     guide = AutoNormalizingFlow(constrained_model, BUILDERS[name])
-    result = fit(constrained_model, guide, 150, lr=0.01, num_particles=8, progress=False, seed=0)
-    assert isinstance(result, SVIResult) and result.losses.shape == (150,) and np.isfinite(result.losses).all()
+    result = fit(constrained_model, guide, 100, lr=0.01, num_particles=4, progress=False, seed=0)
+    assert isinstance(result, SVIResult) and result.losses.shape == (100,) and np.isfinite(result.losses).all()
     # the model is normalised, so -ELBO = KL(q || p) >= 0 and training must lower it
     assert result.losses[-30:].mean() < result.losses[:30].mean()
     assert len(pyro.get_param_store()) > 2  # the flow's parameters, not only the prototype tensor
@@ -73,6 +73,7 @@ def test_learning_rate_schedule_and_warmup():
     assert r.lr[-1] == pytest.approx(1e-3) and r.lr[5] == pytest.approx(0.01)
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own warning, before ours stops the run
 def test_non_finite_loss_stops_before_the_update():
     state = {"bad": False}
 
