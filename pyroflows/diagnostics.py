@@ -109,8 +109,21 @@ def _per_draw(x: torch.Tensor, n: int, shape: torch.Size, site: str) -> np.ndarr
     return x.expand(n, *shape).cpu().numpy()
 
 
-@torch.no_grad()
 def _joint_draws(fn_name, model, guide, num_samples, args, kwargs, predictive=True) -> _Draws:
+    """Draws with the guide in eval mode, so that every ``log q`` is exact: e.g. a residual flow's log-det uses
+    its stochastic estimator in training mode and its exact one (small ``D``) in eval mode."""
+    was_training = isinstance(guide, torch.nn.Module) and guide.training
+    if was_training:
+        guide.eval()
+    try:
+        return _joint_draws_eval(fn_name, model, guide, num_samples, args, kwargs, predictive)
+    finally:
+        if was_training:
+            guide.train()
+
+
+@torch.no_grad()
+def _joint_draws_eval(fn_name, model, guide, num_samples, args, kwargs, predictive) -> _Draws:
     guide_1, model_1 = _check_model_and_guide(fn_name, model, guide, args, kwargs)
     n = num_samples
     dim = -(max(plate_nesting(guide_1), plate_nesting(model_1)) + 1)

@@ -100,6 +100,30 @@ def test_log_p_log_q_and_log_lik_per_draw_match_hand_computation(model):
         assert idata.log_likelihood["y"].shape == (1, 50)  # one joint term per draw
 
 
+def test_log_q_is_exact_for_a_residual_flow_guide():
+    """In training mode a residual flow estimates its log-det stochastically; the diagnostics must not."""
+    from functools import partial
+
+    from pyro.infer.autoguide import AutoNormalizingFlow
+
+    import pyroflows
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), torch.tensor([0.5, 2.0])).to_event(1))
+
+    pyro.clear_param_store()
+    guide = AutoNormalizingFlow(model, partial(pyroflows.residual_flow, num_blocks=2, hidden=(16,)))
+    fit(model, guide, 30, num_particles=4, progress=False, seed=0)
+    assert guide.training
+    idata = D.to_inference_data(model, guide, num_samples=20)
+    assert guide.training  # restored
+    z = torch.as_tensor(idata.posterior["z"].values.reshape(20, 2))
+    guide.eval()
+    with torch.no_grad():  # log q by inverting the flow (fixed point) and its exact log-det
+        expected = guide.get_posterior().log_prob(z)
+    np.testing.assert_allclose(idata.sample_stats["log_q"].values.reshape(-1), expected.numpy(), atol=2e-4)
+
+
 def test_inference_data_groups_shapes_coords_and_az_functions():
     def model(y=Y):
         mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
