@@ -65,7 +65,14 @@ def load_arviz_data(name: str):
 
 
 def group(data, name: str):
-    """The ``xarray.Dataset`` of group ``name`` of an ``InferenceData`` / ``DataTree``, or ``None``."""
+    """The ``xarray.Dataset`` of group ``name`` of an ``InferenceData`` / ``DataTree``, or ``None``.
+
+    A bare ``xarray.Dataset`` (with ``chain`` and ``draw`` dims) counts as a posterior.
+    """
+    import xarray as xr
+
+    if isinstance(data, xr.Dataset):
+        return data if name == "posterior" else None
     if ARVIZ_1 and hasattr(data, "children"):  # pragma: no cover
         return data[name].to_dataset() if name in data.children else None
     return getattr(data, name, None) if name in getattr(data, "groups", lambda: [])() else None

@@ -59,9 +59,9 @@ class _Draws:
     log_q: np.ndarray  # log q(z_s)
 
 
-def _check_num_samples(name: str, num_samples) -> int:
+def _check_num_samples(name: str, num_samples, what: str = "num_samples") -> int:
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"{name}: num_samples must be a positive int, got {num_samples!r}")
+        raise ValueError(f"{name}: {what} must be a positive int, got {num_samples!r}")
     return int(num_samples)
 
 
@@ -264,7 +264,7 @@ def to_inference_data(
         ((1, 200), (1, 200, 3))
     """
     num_samples = _check_num_samples("to_inference_data", num_samples)
-    chains = _check_num_samples("to_inference_data (chains)", chains) if chains != 1 else 1
+    chains = _check_num_samples("to_inference_data", chains, "chains")
     args, kwargs = tuple(model_args), dict(model_kwargs or {})
     d = _joint_draws("to_inference_data", model, guide, chains * num_samples, args, kwargs)
     coords, dims = _check_coords_dims(d.latent, d.observed, coords, dims)

@@ -250,6 +250,8 @@ def test_compare_to_reference_units_and_labels():
     np.testing.assert_allclose(table.loc[["theta[a]", "theta[b]"], "sd_ratio"], 2.0)
     uniform = D.compare_to_reference(shifted, ref, weights=np.ones(4000))
     np.testing.assert_allclose(uniform.values, table.values)
+    bare = D.compare_to_reference(shifted.posterior, ref.posterior, ["mu", "theta"])  # xarray Datasets
+    np.testing.assert_allclose(bare.values, table.values)
 
 
 def test_compare_to_reference_errors():
@@ -306,6 +308,11 @@ def test_num_samples_must_be_a_positive_int(n):
 def test_mismatched_coords_and_dims_are_errors(coords, dims, match):
     with pytest.raises(ValueError, match=match):
         D.to_inference_data(normal_model, gaussian_guide(0.0, 1.0), num_samples=5, coords=coords, dims=dims)
+
+
+def test_chains_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="chains must be a positive int, got 0"):
+        D.to_inference_data(normal_model, gaussian_guide(0.0, 1.0), num_samples=5, chains=0)
 
 
 def test_psis_needs_model_and_guide_or_idata():
