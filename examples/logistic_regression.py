@@ -57,8 +57,9 @@ def main(argv=None):
         seed=args.seed,
         progress=args.progress,
     )
-    summary["elpd_loo"] = [float(diagnostics.loo(idatas[g])["elpd_loo"]) for g in summary.index]
-    summary["loo max k"] = [float(diagnostics.loo(idatas[g])["max_pareto_k"]) for g in summary.index]
+    loos = {g: diagnostics.loo(idatas[g]) for g in summary.index}
+    summary["elpd_loo"] = [loos[g].elpd_loo for g in summary.index]
+    summary["loo max k"] = [float(loos[g].pareto_k.max()) for g in summary.index]
     vi_common.print_summary("logistic regression (breast cancer)", summary)
     command = "python examples/logistic_regression.py " + " ".join(sys.argv[1:])
     path = vi_common.save_results(args.out, "logistic_regression", summary, details, command)

@@ -206,7 +206,19 @@ def _eval(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``pyroflows`` command; returns the exit status."""
+    """Entry point of the ``pyroflows`` command; returns the exit status.
+
+    Errors a user can fix (bad options, missing files, unusable checkpoints) print one line to standard error and
+    return 2; a training run stopped by a non-finite loss returns 1.
+
+    :param argv: the arguments after ``pyroflows`` (default: ``sys.argv[1:]``).
+
+    Example::
+
+        >>> from pyroflows.cli import main
+        >>> main(["sample", "no/such/checkpoint.pt"])  # prints the reason on stderr
+        2
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     from .train import CheckpointError, TrainingError
@@ -220,6 +232,9 @@ def main(argv=None) -> int:
     except TrainingError as e:
         print(f"pyroflows {args.command}: training stopped: {e}", file=sys.stderr)
         return 1
+
+
+__all__ = ["main"]
 
 
 if __name__ == "__main__":

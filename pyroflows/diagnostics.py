@@ -32,6 +32,7 @@ from . import _arviz_compat as compat
 from .infer import plate_nesting
 
 __all__ = [
+    "LOOResult",
     "PSISResult",
     "compare_to_reference",
     "importance_weighted_elbo",
@@ -228,6 +229,7 @@ def to_inference_data(
     chains: int = 1,
     coords: dict | None = None,
     dims: dict | None = None,
+    seed: int | None = None,
 ):
     """Draw from a fitted guide and return ArviZ data (``InferenceData`` with ArviZ 0.x).
 
@@ -246,11 +248,13 @@ def to_inference_data(
     :param int chains: number of chains (independent draws; ArviZ wants the dim).
     :param dict coords: ``{dim name: labels}``.
     :param dict dims: ``{site: [dim names]}`` for the non-(chain, draw) dims of each site.
+    :param int seed: ``pyro.set_rng_seed(seed)`` before drawing.
 
     Example::
 
         >>> import pyro, pyro.distributions as dist, pyroflows, torch
         >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.diagnostics import to_inference_data
         >>> def model(y):
         ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
         ...     with pyro.plate("data", len(y)):
@@ -266,6 +270,8 @@ def to_inference_data(
     num_samples = _check_num_samples("to_inference_data", num_samples)
     chains = _check_num_samples("to_inference_data", chains, "chains")
     args, kwargs = tuple(model_args), dict(model_kwargs or {})
+    if seed is not None:
+        pyro.set_rng_seed(seed)
     d = _joint_draws("to_inference_data", model, guide, chains * num_samples, args, kwargs)
     coords, dims = _check_coords_dims(d.latent, d.observed, coords, dims)
 
@@ -343,11 +349,12 @@ def _stats_from(idata):
 def psis_khat(
     model: Callable | None = None,
     guide: Callable | None = None,
-    num_samples: int = 1000,
+    num_samples: int = 4000,
     model_args: Sequence = (),
     model_kwargs: dict | None = None,
     *,
     idata=None,
+    seed: int | None = None,
 ) -> PSISResult:
     """Pareto-smoothed importance sampling of ``log p(x, z) - log q(z)`` over guide draws (Yao et al. 2018).
 
@@ -361,9 +368,9 @@ def psis_khat(
 
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.diagnostics import psis_khat
         >>> def model():
         ...     pyro.sample("z", dist.Normal(torch.zeros(2), torch.tensor([1.0, 0.1])).to_event(1))
-        >>> guide = AutoNormal(model)
         >>> pyro.clear_param_store()
         >>> guide = AutoNormal(model, init_scale=0.5)
         >>> _ = guide()  # unfitted but built: q is too wide in coordinate 1
@@ -376,6 +383,8 @@ def psis_khat(
         if model is None or guide is None:
             raise ValueError("psis_khat: give model and guide, or idata from to_inference_data")
         n = _check_num_samples("psis_khat", num_samples)
+        if seed is not None:
+            pyro.set_rng_seed(seed)
         d = _joint_draws("psis_khat", model, guide, n, tuple(model_args), dict(model_kwargs or {}), predictive=False)
         log_p, log_q, latent = d.log_p, d.log_q, d.latent
     log_ratio = log_p - log_q
@@ -406,6 +415,8 @@ def importance_weighted_elbo(
     num_samples: int = 1000,
     model_args: Sequence = (),
     model_kwargs: dict | None = None,
+    *,
+    seed: int | None = None,
 ) -> float:
     """The importance-weighted ELBO :math:`\\log \\frac1S \\sum_s p(x, z_s) / q(z_s)`, ``z_s ~ q``.
 
@@ -413,11 +424,42 @@ def importance_weighted_elbo(
     measures how much ``q`` differs from the posterior.
     """
     n = _check_num_samples("importance_weighted_elbo", num_samples)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
     d = _joint_draws("importance_weighted_elbo", model, guide, n, tuple(model_args), dict(model_kwargs or {}), False)
     return _logmeanexp(d.log_p - d.log_q)
 
 
-def loo(idata):
+@dataclass
+class LOOResult:
+    """What :func:`loo` returns.
+
+    :ivar float elpd_loo: expected log pointwise predictive density, ``sum_i elpd_i``.
+    :ivar float se: its standard error, ``sqrt(n var(elpd_i))``.
+    :ivar numpy.ndarray elpd_i: pointwise values, one per observation.
+    :ivar numpy.ndarray pareto_k: PSIS k̂ per observation.
+    :ivar float threshold: the k̂ threshold for this number of draws (:func:`khat_threshold`).
+    """
+
+    elpd_loo: float
+    se: float
+    elpd_i: np.ndarray
+    pareto_k: np.ndarray
+    threshold: float
+
+    @property
+    def n_bad_k(self) -> int:
+        """Observations whose k̂ exceeds the threshold: their ``elpd_i`` is unreliable."""
+        return int(np.sum(self.pareto_k > self.threshold))
+
+    def __repr__(self) -> str:
+        return (
+            f"LOOResult(elpd_loo={self.elpd_loo:.3f}, se={self.se:.3f}, n={self.elpd_i.size}, "
+            f"max_pareto_k={self.pareto_k.max():.2f}, n_bad_k={self.n_bad_k} (threshold {self.threshold:.2f}))"
+        )
+
+
+def loo(idata) -> LOOResult:
     """PSIS-LOO for draws from an approximate posterior (Magnusson, Andersen, Jonasson & Vehtari 2019).
 
     Plain ``az.loo`` treats guide draws as posterior draws and can report every ``k <= 0.7`` for a poor guide.
@@ -426,11 +468,8 @@ def loo(idata):
     ``elpd_i = log sum_s w_is p(y_i | z_s)``.
 
     :param idata: from :func:`to_inference_data` (needs ``log_likelihood`` and ``sample_stats``).
-    :returns: a ``pandas.Series`` with ``elpd_loo``, ``se``, ``max_pareto_k``, ``n_bad_k`` (k above the
-        threshold), and the pointwise ``elpd_i`` / ``pareto_k`` arrays under ``pointwise``.
+    :returns: :class:`LOOResult`.
     """
-    import pandas as pd
-
     log_p, log_q, _ = _stats_from(idata)
     ll_group = compat.group(idata, "log_likelihood")
     if ll_group is None or not ll_group.data_vars:
@@ -441,15 +480,12 @@ def loo(idata):
         lw, ks[i] = compat.psislw(-ll[:, i] + log_p - log_q)
         m = np.max(lw + ll[:, i])
         elpd[i] = m + np.log(np.sum(np.exp(lw + ll[:, i] - m)))
-    thr = khat_threshold(log_p.size)
-    return pd.Series(
-        {
-            "elpd_loo": float(elpd.sum()),
-            "se": float(np.sqrt(elpd.size * np.var(elpd))),
-            "max_pareto_k": float(ks.max()),
-            "n_bad_k": int(np.sum(ks > thr)),
-            "pointwise": {"elpd_i": elpd, "pareto_k": ks},
-        }
+    return LOOResult(
+        elpd_loo=float(elpd.sum()),
+        se=float(np.sqrt(elpd.size * np.var(elpd))),
+        elpd_i=elpd,
+        pareto_k=ks,
+        threshold=khat_threshold(log_p.size),
     )
 
 

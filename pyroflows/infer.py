@@ -159,9 +159,10 @@ def fit(
 
     Example::
 
-        >>> import pyro, pyro.distributions as dist, pyroflows
+        >>> import pyro, pyro.distributions as dist, pyroflows, torch
         >>> from functools import partial
         >>> from pyro.infer.autoguide import AutoNormalizingFlow
+        >>> from pyroflows.infer import fit
         >>> def model():
         ...     pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 0.5).to_event(1))
         >>> pyro.clear_param_store()
@@ -396,7 +397,9 @@ def load_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs):
     if not isinstance(payload, dict) or payload.get("format") != "pyroflows-guide-1":
         raise ValueError(f"load_guide: {os.fspath(path)!r} is not a guide saved by pyroflows.infer.save_guide")
     if payload["class"] != type(guide).__name__:
-        raise ValueError(f"load_guide: {os.fspath(path)!r} holds a {payload['class']}, not a {type(guide).__name__}")
+        raise ValueError(
+            f"load_guide: {os.fspath(path)!r} holds a guide of class {payload['class']}, not {type(guide).__name__}"
+        )
     _ensure_built(guide, *model_args, **model_kwargs)
     try:
         guide.load_state_dict(payload["state"])

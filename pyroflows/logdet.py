@@ -31,6 +31,7 @@ import torch
 
 from .nn.lipschitz import frozen_power_iteration
 
+#: The estimators a :class:`~pyroflows.transforms.ResidualBlock` accepts for ``logdet`` and ``eval_logdet``.
 LOGDET_MODES = ("exact", "series", "unbiased")
 
 
@@ -39,8 +40,24 @@ def roulette_coefficients(
 ) -> list[float]:
     """Draw the number of terms and return the weights :math:`c_1, \\dots, c_n` of the unbiased estimator.
 
+    With ``N`` drawn from torch's RNG, the estimator keeps ``n = n_exact_terms + N`` terms; term ``k`` gets weight 1
+    if ``k <= n_exact_terms`` and ``1 / P(N >= k - n_exact_terms)`` otherwise, so every term of the infinite series
+    has expectation one.
+
     :param int n_exact_terms: terms always kept (weight 1).
     :param str dist: ``"geometric"`` (``N ~ Geom(geom_p)`` on {0, 1, ...}) or ``"poisson"`` (``N ~ Poisson(lam)``).
+    :param float geom_p: success probability of the geometric distribution, in ``(0, 1)``.
+    :param float poisson_lam: mean of the Poisson distribution.
+    :returns: the list ``[c_1, ..., c_n]``.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.logdet import roulette_coefficients
+        >>> _ = torch.manual_seed(0)
+        >>> c = roulette_coefficients(2, geom_p=0.5)
+        >>> c[:2], all(ck == 2.0**m for m, ck in enumerate(c[2:], start=1))  # P(N >= m) = 0.5**m
+        ([1.0, 1.0], True)
     """
     if dist == "geometric":
         if not 0.0 < geom_p < 1.0:
@@ -64,7 +81,19 @@ def roulette_coefficients(
 
 
 def draw_probe(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """A Hutchinson probe shaped like ``x``: standard normal or Rademacher entries."""
+    """A Hutchinson probe shaped like ``x``: standard normal or Rademacher entries, from torch's RNG.
+
+    :param torch.Tensor x: the tensor whose shape, dtype and device the probe takes.
+    :param str kind: ``"gaussian"`` or ``"rademacher"``.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.logdet import draw_probe
+        >>> v = draw_probe(torch.zeros(2, 3), "rademacher")
+        >>> v.shape, bool((v.abs() == 1).all())
+        (torch.Size([2, 3]), True)
+    """
     if kind == "gaussian":
         return torch.randn_like(x)
     if kind == "rademacher":
@@ -82,8 +111,20 @@ def neumann_terms(
     """One probe's estimate and Neumann vector.
 
     :param vjp: ``u -> u^T J`` (a vector-Jacobian product of ``g`` at ``x``, no graph needed).
-    :returns: ``value = sum_k c_k (-1)^{k+1} / k * v^T J^k v`` per sample, and
-        ``w = sum_k (-1)^{k+1} c_k (J^T)^{k-1} v``.
+    :param torch.Tensor v: the probe, shape ``batch_shape + event_shape``.
+    :param list coeffs: the weights ``c_1, ..., c_n`` (:func:`roulette_coefficients`, or ones for a truncated series).
+    :param int event_dim: number of event dimensions of ``v``.
+    :returns: ``value = sum_k c_k (-1)^{k+1} / k * v^T J^k v`` per sample (shape ``batch_shape``), and
+        ``w = sum_k (-1)^{k+1} c_k (J^T)^{k-1} v`` (shape of ``v``).
+
+    Example: for a linear ``g(x) = W x`` and ``v = e_1`` the value is ``log(I + W)[0, 0]``::
+
+        >>> import math, torch
+        >>> from pyroflows.logdet import neumann_terms
+        >>> W = torch.tensor([[0.5, 0.1], [0.0, -0.3]])
+        >>> value, w = neumann_terms(lambda u: u @ W, torch.tensor([[1.0, 0.0]]), [1.0] * 40, event_dim=1)
+        >>> round(float(value), 5), round(math.log(1.5), 5)
+        (0.40547, 0.40547)
     """
     batch = v.shape[: v.dim() - event_dim]
     value = v.new_zeros(batch)
@@ -98,7 +139,26 @@ def neumann_terms(
 
 
 def exact_log_det(g: torch.nn.Module, x: torch.Tensor, event_dim: int) -> torch.Tensor:
-    """``log|det(I + J_g(x))|`` per sample from the full Jacobian (``torch.func``), differentiable."""
+    """``log|det(I + J_g(x))|`` per sample from the full Jacobian (``torch.func``), differentiable.
+
+    Cost: ``D`` vector-Jacobian products and a ``D x D`` determinant per sample, ``D`` the event size.
+
+    :param torch.nn.Module g: the residual branch, mapping ``event_shape`` to ``event_shape``.
+    :param torch.Tensor x: input, shape ``batch_shape + event_shape``.
+    :param int event_dim: number of event dimensions.
+    :returns: shape ``batch_shape``.
+
+    Example::
+
+        >>> import math, torch
+        >>> from pyroflows.logdet import exact_log_det
+        >>> g = torch.nn.Linear(2, 2, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = g.weight.copy_(torch.tensor([[0.5, 0.1], [0.0, -0.3]]))
+        >>> log_det = exact_log_det(g, torch.randn(4, 2), event_dim=1)
+        >>> torch.allclose(log_det, torch.full((4,), math.log(1.5 * 0.7)))
+        True
+    """
     event_shape = x.shape[x.dim() - event_dim :]
     batch = x.shape[: x.dim() - event_dim]
     dim = math.prod(event_shape)
@@ -178,8 +238,30 @@ def series_log_det(
 
     The value is the estimate; under grad mode its gradient is the Neumann-series estimator with the same
     probes and weights, either from ordinary autograd (``memory_efficient=False``, which keeps ``g``'s graph
-    and a double-backward graph until the loss's backward) or from :class:`_MemoryEfficientLogDet`. For the
-    same random draws both give the same value and gradients.
+    and a double-backward graph until the loss's backward) or from a custom autograd function that recomputes
+    ``g`` in backward (``memory_efficient=True``). For the same random draws both give the same value and
+    gradients.
+
+    :param torch.nn.Module g: the residual branch, with Lipschitz constant below 1.
+    :param torch.Tensor x: input, shape ``batch_shape + event_shape``.
+    :param int event_dim: number of event dimensions.
+    :param list coeffs: term weights: :func:`roulette_coefficients` (unbiased) or ``[1.0] * n`` (truncated).
+    :param int n_samples: Hutchinson probes, averaged.
+    :param str probe: ``"gaussian"`` or ``"rademacher"``.
+    :param bool memory_efficient: recompute ``g`` in backward instead of keeping graphs.
+    :returns: ``(y, log_det)`` with ``y = x + g(x)`` and ``log_det`` of shape ``batch_shape``.
+
+    Example: the mean of the estimates approaches the exact value::
+
+        >>> import math, torch
+        >>> from pyroflows.logdet import series_log_det
+        >>> _ = torch.manual_seed(0)
+        >>> g = torch.nn.Linear(2, 2, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = g.weight.copy_(torch.tensor([[0.5, 0.1], [0.0, -0.3]]))
+        ...     y, log_det = series_log_det(g, torch.randn(4000, 2), 1, [1.0] * 40)
+        >>> log_det.shape, abs(float(log_det.mean()) - math.log(1.5 * 0.7)) < 0.05
+        (torch.Size([4000]), True)
     """
     probes = [draw_probe(x, probe) for _ in range(n_samples)]
     params = list(g.parameters())
@@ -210,3 +292,13 @@ def series_log_det(
         surrogate = surrogate + _per_sample_dot(wj, v, event_dim) / len(probes)
     log_det = value.detach() + surrogate - surrogate.detach()
     return x + gx, log_det
+
+
+__all__ = [
+    "LOGDET_MODES",
+    "draw_probe",
+    "exact_log_det",
+    "neumann_terms",
+    "roulette_coefficients",
+    "series_log_det",
+]

@@ -22,7 +22,12 @@ def _pyplot():
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -> torch.Tensor:
-    """Tile ``images`` ``(N, C, H, W)`` (values in ``[0, 1]``) into one ``(H', W', C)`` array, ``nrow`` per row.
+    r"""Tile ``images`` ``(N, C, H, W)`` (values in ``[0, 1]``) into one ``(H', W', C)`` array, ``nrow`` per row.
+
+    :param torch.Tensor images: ``(N, C, H, W)``.
+    :param int nrow: images per row (default: about :math:`\sqrt N`).
+    :param int padding: pixels of white (1.0) between and around the images.
+    :returns: a tensor ``(rows * (H + padding) + padding, nrow * (W + padding) + padding, C)``.
 
     Example::
 
@@ -50,10 +55,23 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) 
 def save_image_grid(
     images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, min_size: int = 256
 ) -> None:
-    """Save ``images`` ``(N, C, H, W)`` in ``[0, 1]`` (1 or 3 channels) as one PNG grid.
+    r"""Save ``images`` ``(N, C, H, W)`` in ``[0, 1]`` (1 or 3 channels) as one PNG grid.
 
     Small grids (e.g. of 8x8 digits) are enlarged by an integer factor, nearest-neighbour, until the longer
     side reaches ``min_size`` pixels, so the file is readable in an image viewer.
+
+    :param torch.Tensor images: ``(N, C, H, W)`` with ``C`` 1 (grey) or 3 (RGB); values are clipped to ``[0, 1]``.
+    :param path: the PNG file; its directory is created if needed.
+    :param int nrow: images per row (default: about :math:`\sqrt N`).
+    :param int min_size: the enlarged grid's longer side, at least, in pixels.
+
+    Example::
+
+        >>> import os, tempfile, torch
+        >>> path = os.path.join(tempfile.mkdtemp(), "grid.png")
+        >>> save_image_grid(torch.rand(16, 1, 8, 8), path)
+        >>> os.path.getsize(path) > 0
+        True
     """
     if images.dim() != 4 or images.shape[0] < 1 or images.shape[1] not in (1, 3):
         raise ValueError(
@@ -80,7 +98,24 @@ def plot_density_2d(
 ):
     """Plot ``exp(log_prob)`` on a square grid (and optionally samples); save to ``path`` if given.
 
-    Returns the matplotlib figure, so it can be restyled.
+    :param log_prob: a function from points ``(n, 2)`` to log-densities ``(n,)``, e.g. a 2-D
+        :meth:`pyroflows.FlowDensity.log_prob` or :meth:`pyroflows.data.ToyDensity.log_prob`.
+    :param path: where to save the figure (the figure is then closed); ``None`` keeps it open.
+    :param bounds: ``(low, high)`` of both axes.
+    :param int grid: evaluation points per axis.
+    :param torch.Tensor samples: optional ``(n, 2)`` points, shown as a 2-D histogram beside the density.
+    :param str title: the density panel's title.
+    :returns: the matplotlib figure, so it can be restyled.
+
+    Example::
+
+        >>> import matplotlib.pyplot as plt
+        >>> from pyroflows.data import get_toy
+        >>> toy = get_toy("eight_gaussians")
+        >>> fig = plot_density_2d(toy.log_prob, bounds=(-4, 4), grid=50, samples=toy.sample(500))
+        >>> len(fig.axes)
+        2
+        >>> plt.close(fig)
     """
     plt = _pyplot()
     lo, hi = bounds

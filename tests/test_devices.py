@@ -26,8 +26,11 @@ def images(n, shape=(1, 8, 8), seed=0):
 @pytest.mark.parametrize("flow", ["glow", "realnvp", "residual"])
 def test_log_prob_agrees_across_devices_and_inverts(device, flow):
     torch.manual_seed(0)
-    options = {"glow": dict(levels=2, steps=2, hidden_channels=16), "realnvp": dict(levels=2, num_layers=2),
-               "residual": dict(levels=2, num_blocks=1, hidden=16, logdet="exact")}[flow]
+    options = {
+        "glow": dict(levels=2, steps=2, hidden_channels=16),
+        "realnvp": dict(levels=2, num_layers=2),
+        "residual": dict(levels=2, num_blocks=1, hidden=16, logdet="exact"),
+    }[flow]
     model = build_density(flow, (1, 8, 8), **options)
     x = images(64)
     model.log_prob(x)  # ActNorm init on CPU
@@ -49,8 +52,19 @@ def test_log_prob_agrees_across_devices_and_inverts(device, flow):
 def test_fit_on_device_checkpoint_loads_on_cpu(device, amp, tmp_path):
     torch.manual_seed(0)
     model = build_density("glow", (1, 8, 8), levels=2, steps=2, hidden_channels=16)
-    result = fit(model, load_digits("train"), load_digits("test"), steps=30, batch_size=64, lr=2e-3, device=device,
-                 amp=amp, out=tmp_path, progress=False, ema=0.9)
+    result = fit(
+        model,
+        load_digits("train"),
+        load_digits("test"),
+        steps=30,
+        batch_size=64,
+        lr=2e-3,
+        device=device,
+        amp=amp,
+        out=tmp_path,
+        progress=False,
+        ema=0.9,
+    )
     assert all(math.isfinite(v) for v in result.losses) and result.losses[-1] < result.losses[0]
     assert next(result.model.parameters()).device.type == device.type
     on_cpu = load_density(tmp_path / "checkpoint.pt", map_location="cpu")

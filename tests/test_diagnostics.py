@@ -211,8 +211,9 @@ def test_loo_matches_exact_leave_one_out_for_an_exact_guide():
     pyro.set_rng_seed(3)
     idata = D.to_inference_data(normal_model, gaussian_guide(m, s), num_samples=4000)
     res = D.loo(idata)
-    assert abs(res["elpd_loo"] - exact_loo()) < 0.05
-    assert res["max_pareto_k"] < 0.7 and res["pointwise"]["elpd_i"].shape == (5,)
+    assert abs(res.elpd_loo - exact_loo()) < 0.05
+    assert res.pareto_k.max() < 0.7 and res.n_bad_k == 0 and res.elpd_i.shape == (5,)
+    assert "elpd_loo=" in repr(res)
 
 
 def test_loo_flags_a_guide_that_plain_az_loo_trusts():
@@ -223,7 +224,7 @@ def test_loo_flags_a_guide_that_plain_az_loo_trusts():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plain = az.loo(idata, pointwise=True).pareto_k.values
-    corrected = D.loo(idata)["pointwise"]["pareto_k"]
+    corrected = D.loo(idata).pareto_k
     assert plain.max() < 0.7 < corrected.min()
 
 

@@ -213,7 +213,7 @@ def test_save_and_load_guide_errors(tmp_path):
     guide = AutoNormal(gaussian_model)
     guide()
     save_guide(guide, tmp_path / "normal.pt")
-    with pytest.raises(ValueError, match="holds a AutoNormal, not a AutoNormalizingFlow"):
+    with pytest.raises(ValueError, match="holds a guide of class AutoNormal, not AutoNormalizingFlow"):
         load_guide(AutoNormalizingFlow(gaussian_model, BUILDERS["planar"]), tmp_path / "normal.pt")
     pyro.clear_param_store()
     flow = AutoNormalizingFlow(gaussian_model, BUILDERS["planar"])

@@ -54,17 +54,21 @@ def _as_tensor(data) -> torch.Tensor:
 
 
 class ImageDataset(Dataset):
-    r"""Integer-valued images ``(N, C, H, W)`` with ``n_bins`` intensity levels ``0 .. n_bins - 1``.
+    r"""Integer-valued images ``(N, C, H, W)`` with ``n_bins`` intensity levels ``0, ..., n_bins - 1``.
 
     Pixels are stored as ``uint8`` (``int16`` when ``n_bins > 256``). Items are the integer images alone,
     shape ``(C, H, W)``, so a ``DataLoader`` yields integer batches for the training loop to :func:`dequantize`;
-    labels, when known, are in :attr:`labels`.
+    labels, when known, are in ``labels``.
 
     :param images: tensor or array ``(N, C, H, W)``, or ``(N, H, W)`` for one channel, of integer values
         (an integer dtype, or a floating dtype holding whole numbers) in ``[0, n_bins)``.
     :param int n_bins: number of intensity levels (256 for 8-bit images, 17 for scikit-learn's digits).
     :param labels: optional integer labels, shape ``(N,)``.
     :raises ValueError: on a wrong number of dimensions, non-integer values or values outside ``[0, n_bins)``.
+
+    :ivar torch.Tensor images: the pixels, ``(N, C, H, W)``, ``uint8`` or ``int16``.
+    :ivar int n_bins: the number of intensity levels.
+    :ivar labels: ``(N,)`` int64 labels, or ``None``.
 
     Example::
 
@@ -333,6 +337,15 @@ def read_idx(path) -> np.ndarray:
     :param path: file path; gzip is recognised by its magic bytes, whatever the name.
     :returns: an array in native byte order with the header's shape.
     :raises ValueError: on a bad magic number or a size that does not match the header.
+
+    Example::
+
+        >>> import os, struct, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "images-idx3-ubyte")
+        >>> with open(path, "wb") as f:  # two 2x3 images of unsigned bytes
+        ...     _ = f.write(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2, 2, 3) + bytes(range(12)))
+        >>> read_idx(path).shape
+        (2, 2, 3)
     """
     raw = Path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
@@ -506,6 +519,7 @@ def load_cifar10(root, split: str = "train") -> ImageDataset:
     return _load_splits(_load_cifar_split, root, split)
 
 
+#: Names accepted by :func:`get_dataset`.
 DATASETS = ("digits", "mnist", "cifar10")
 
 
@@ -513,7 +527,7 @@ def get_dataset(name: str, split: str = "train", root=None) -> ImageDataset:
     """An image data set by name: ``"digits"`` (embedded, ``root`` ignored), ``"mnist"`` or ``"cifar10"``
     (read from the directory ``root``).
 
-    :param str name: one of :data:`DATASETS`, case-insensitive.
+    :param str name: one of ``DATASETS``, ``"digits"``, ``"mnist"``, ``"cifar10"``, case-insensitive.
     :param str split: ``"train"``, ``"test"`` or ``"all"``.
     :param root: directory holding the files (MNIST, CIFAR-10).
     :raises ValueError: for an unknown name, or MNIST/CIFAR-10 without ``root``.

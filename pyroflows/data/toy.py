@@ -27,10 +27,21 @@ __all__ = [
 
 
 class ToyDensity:
-    """A 2-D density with exact :meth:`sample` and :meth:`log_prob`.
+    r"""A 2-D density with exact :meth:`~ToyDensity.sample` and :meth:`~ToyDensity.log_prob`.
 
-    Subclasses set :attr:`name` and :attr:`bounds` (a box ``((x_min, x_max), (y_min, y_max))`` outside which the
+    Subclasses set ``name`` and ``bounds`` (a box ``((x_min, x_max), (y_min, y_max))`` outside which the
     density is negligible, below ``1e-20`` of its peak: for plots and quadrature) and implement both methods.
+
+    Example: scoring a model by :math:`\mathrm{KL}(p \,\|\, q)` against a toy's exact density::
+
+        >>> import torch
+        >>> from pyroflows.data import get_toy
+        >>> toy = get_toy("two_moons")
+        >>> x = toy.sample(1000, torch.Generator().manual_seed(0))
+        >>> q = torch.distributions.Independent(torch.distributions.Normal(x.mean(0), x.std(0)), 1)  # a Gaussian fit
+        >>> kl = (toy.log_prob(x) - q.log_prob(x)).mean()
+        >>> bool(kl > 0)
+        True
     """
 
     name: str = "toy"
@@ -171,7 +182,7 @@ class IsotropicMixture(ToyDensity):
 class EightGaussians(IsotropicMixture):
     r"""Equal mixture of :math:`\mathcal N(\mu_k, \sigma^2 I)`, :math:`\mu_k = 2\sqrt 2\,(\cos k\pi/4, \sin k\pi/4)`,
     :math:`k = 0..7`, :math:`\sigma = \sqrt 2 / 4` (FFJORD's toy, means at radius 4 and std 0.5, divided by
-    :math:`\sqrt 2`). Its entropy has no closed form: :meth:`entropy` is a Monte Carlo estimate.
+    :math:`\sqrt 2`). Its entropy has no closed form: :meth:`~ToyDensity.entropy` is a Monte Carlo estimate.
 
     Example::
 
@@ -287,6 +298,7 @@ class Pinwheel(IsotropicMixture):
         super().__init__(means.reshape(-1, 2), sigma)
 
 
+#: The toy densities by name, for :func:`get_toy`.
 TOYS: dict[str, type[ToyDensity]] = {cls.name: cls for cls in (Checkerboard, EightGaussians, TwoMoons, Rings, Pinwheel)}
 
 

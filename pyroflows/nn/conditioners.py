@@ -25,7 +25,11 @@ def set_compute_dtype(module: nn.Module, dtype: torch.dtype | None) -> int:
 
     Only the conditioners change precision: their outputs are cast back to the input's dtype before they
     become shifts and scales, so every log-det, 1x1-convolution ``slogdet``, ActNorm and residual block stays in
-    float32/float64. Returns the number of conditioners switched.
+    float32/float64.
+
+    :param torch.nn.Module module: a flow, a :class:`~pyroflows.FlowDensity`, or any module containing conditioners.
+    :param dtype: ``torch.bfloat16``, ``torch.float16`` or ``None``.
+    :returns: the number of conditioners switched.
 
     Example::
 
@@ -108,6 +112,7 @@ class ConvNet(nn.Module):
     :param int in_channels: input channels.
     :param int out_channels: output channels.
     :param int hidden_channels: width of the hidden layers.
+    :param bool zero_init: zero the last convolution's weight and bias.
 
     Example::
 

@@ -25,7 +25,21 @@ _FROZEN = [0]
 def frozen_power_iteration():
     """Within this context no Lipschitz layer updates its power-iteration vectors, so repeated evaluations of a
     network (Jacobians, recomputation in a memory-efficient backward, fixed-point iterations) all see the same
-    normalised weights as the forward pass they belong to."""
+    normalised weights as the forward pass they belong to.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn import SpectralLinear, frozen_power_iteration
+        >>> layer = SpectralLinear(3, 3)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.mul_(2.0)  # a changed weight: the next forward would iterate again
+        >>> u = layer.u.clone()
+        >>> with frozen_power_iteration():
+        ...     _ = layer(torch.randn(2, 3))
+        >>> torch.equal(layer.u, u)
+        True
+    """
     _FROZEN[0] += 1
     try:
         yield
@@ -145,6 +159,17 @@ class LearnableNorm(nn.Module):
     :param float init: initial ``p``.
     :param float p_min: lower bound (> 1).
     :param float p_max: upper bound.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn import LearnableNorm, SpectralLinear
+        >>> p = LearnableNorm(init=3.0)
+        >>> round(float(p().detach()), 4)
+        3.0
+        >>> first, second = SpectralLinear(4, 8, codomain=p), SpectralLinear(8, 4, domain=p)  # p joins them
+        >>> second(first(torch.randn(2, 4))).shape
+        torch.Size([2, 4])
     """
 
     def __init__(self, init: float = 2.0, p_min: float = 1.1, p_max: float = 8.0):
@@ -176,6 +201,7 @@ class SpectralLinear(_PowerIteration):
     :param float atol: eval mode iterates until the estimate changes by less than ``atol + rtol * sigma``.
     :param float rtol: see ``atol``.
     :param int max_eval_iterations: cap for the eval-mode iteration.
+    :param bool bias: add a learnable bias (which does not affect the Lipschitz constant).
 
     Example::
 
@@ -276,6 +302,9 @@ class SpectralConv2d(_PowerIteration):
     :param int kernel_size: square kernel size (odd, padding keeps the size).
     :param float coeff: the bound :math:`c \in (0, 1)`.
     :param int n_iterations: power iterations per training forward.
+    :param float atol: eval mode iterates until the estimate changes by less than ``atol + rtol * sigma``.
+    :param float rtol: see ``atol``.
+    :param int max_eval_iterations: cap for the eval-mode iteration.
 
     Example::
 
@@ -356,8 +385,9 @@ class LipSwish(nn.Module):
     r"""LipSwish (Chen et al., 2019): :math:`x \sigma(\beta x) / 1.1`, :math:`\beta = \mathrm{softplus}(b)`.
 
     The derivative of :math:`x\sigma(\beta x)` is at most about 1.0998 for every :math:`\beta > 0`, so the
-    activation is 1-Lipschitz, smooth (unlike ReLU, it keeps :math:`J^k` informative for the log-det series)
-    and non-monotone-free enough to be expressive.
+    activation is 1-Lipschitz and smooth: unlike ReLU, it keeps :math:`J^k` informative for the log-det series.
+
+    :param float beta_init: initial :math:`\beta` (learned through :math:`b = \mathrm{softplus}^{-1}(\beta)`).
 
     Example::
 
@@ -388,12 +418,23 @@ def lipschitz_mlp(
     (or induced mixed-norm) linear layers with LipSwish between them.
 
     :param int dim: input and output size.
-    :param hidden: hidden sizes (an int: one hidden layer... use a tuple for several).
+    :param hidden: hidden sizes: an int for one hidden layer, a tuple for several.
     :param float coeff: bound on each linear layer, hence on the network.
+    :param int n_iterations: power iterations per training forward.
     :param float norm_p: the norm of the input and output (2: spectral norms).
     :param float hidden_norm_p: the norm used between layers (default ``norm_p``); each layer's codomain norm is
         the next layer's domain norm, so the product bound holds in ``norm_p``.
     :param bool learn_p: learn the hidden norms' orders (:class:`LearnableNorm`, initialised at ``hidden_norm_p``).
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn import lipschitz_mlp
+        >>> g = lipschitz_mlp(2, hidden=(16, 16), coeff=0.9).eval()
+        >>> x, y = torch.randn(100, 2), torch.randn(100, 2)
+        >>> ratio = (g(x) - g(y)).norm(dim=-1) / (x - y).norm(dim=-1)
+        >>> bool(ratio.max() <= 0.9 + 1e-4)
+        True
     """
     _check_coeff(coeff, "lipschitz_mlp")
     sizes = [dim] + list((hidden,) if isinstance(hidden, int) else hidden) + [dim]
@@ -412,7 +453,22 @@ def lipschitz_cnn(
     channels: int, hidden_channels: int = 64, coeff: float = 0.97, n_iterations: int = 1, kernel_size: int = 3
 ) -> nn.Sequential:
     """A CNN ``(C, H, W) -> (C, H, W)`` with 2-norm Lipschitz constant at most ``coeff``: conv k×k → LipSwish →
-    conv 1×1 → LipSwish → conv k×k, each a :class:`SpectralConv2d` (the Residual Flows block shape)."""
+    conv 1×1 → LipSwish → conv k×k, each a :class:`SpectralConv2d` (the Residual Flows block shape).
+
+    :param int channels: input and output channels ``C``.
+    :param int hidden_channels: channels of the two hidden layers.
+    :param float coeff: bound on each convolution, hence on the network, in ``(0, 1)``.
+    :param int n_iterations: power iterations per training forward.
+    :param int kernel_size: odd size of the first and last kernels.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn import lipschitz_cnn
+        >>> g = lipschitz_cnn(2, hidden_channels=8, coeff=0.9)
+        >>> g(torch.randn(3, 2, 6, 6)).shape
+        torch.Size([3, 2, 6, 6])
+    """
     _check_coeff(coeff, "lipschitz_cnn")
     return nn.Sequential(
         SpectralConv2d(channels, hidden_channels, kernel_size, coeff, n_iterations),

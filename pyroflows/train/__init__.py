@@ -1,5 +1,6 @@
-"""Training density models: :func:`fit` (maximum likelihood, checkpoints, resume, DDP under ``torchrun``),
-:func:`evaluate`, and models by name (:func:`build_density`) so checkpoints can rebuild them."""
+"""Training density models: :func:`~pyroflows.train.fit` (maximum likelihood, checkpoints, resume, DDP under
+``torchrun``), :func:`~pyroflows.train.evaluate`, and models by name (:func:`~pyroflows.train.build_density`) so
+checkpoints can rebuild them."""
 
 from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_model_state
 from .evaluation import evaluate

@@ -18,7 +18,17 @@ VERSION = 1
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, corrupted, not ours, or for another architecture."""
+    """A checkpoint that cannot be used: missing, corrupted, not ours, or for another architecture.
+
+    Example::
+
+        >>> from pyroflows.train import CheckpointError, load_density
+        >>> try:
+        ...     load_density("no/such/checkpoint.pt")
+        ... except CheckpointError as e:
+        ...     print(e)
+        no checkpoint at 'no/such/checkpoint.pt'
+    """
 
 
 def _default_mode(fd: int) -> None:
@@ -35,6 +45,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     If the process dies at any point, ``path`` still holds its previous content (or does not exist); a
     leftover temporary file (``.<name>.*.tmp``) is harmless and removed when the save fails in-process.
+
+    :param obj: anything ``torch.save`` accepts.
+    :param path: the destination file; its directory is created if needed.
 
     Example::
 
@@ -113,7 +126,25 @@ def _tuplify(x):
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
     """Read a checkpoint written by :func:`pyroflows.train.fit`.
 
+    It is a dict with the model's ``state_dict`` (``"model"``), its recipe (``"spec"``), the optimiser, schedule
+    and EMA states, the ``"step"``, the loss history, the configuration and the RNG states. Loaded with
+    ``torch.load(weights_only=True)``: no code in the file is executed.
+
+    :param path: the checkpoint file (``out/checkpoint.pt``).
+    :param map_location: where to load the tensors, as for ``torch.load``.
     :raises CheckpointError: when the file is missing, truncated/corrupted, or not a pyroflows checkpoint.
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> from pyroflows.data import load_digits
+        >>> from pyroflows.train import build_density, fit, load_checkpoint
+        >>> model = build_density("realnvp", (1, 8, 8), levels=1, num_layers=1, hidden=4)
+        >>> out = tempfile.mkdtemp()
+        >>> result = fit(model, load_digits("train"), steps=2, out=out, device="cpu", progress=False)
+        >>> ckpt = load_checkpoint(result.checkpoint)
+        >>> ckpt["step"], ckpt["spec"]["flow"]
+        (2, 'realnvp')
     """
     path = Path(path)
     if not path.is_file():
@@ -133,7 +164,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
 
 
 def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:
-    """``model.load_state_dict(state)`` with an error that says the architectures differ, and how."""
+    """``model.load_state_dict(state)`` with an error that says the architectures differ, and how.
+
+    :param torch.nn.Module model: the model to load into.
+    :param dict state: a ``state_dict``, e.g. ``load_checkpoint(path)["model"]``.
+    :param str source: how to name the state's origin in the error message.
+    :raises CheckpointError: for missing or unexpected entries or shape mismatches, with examples of each.
+
+    Example::
+
+        >>> from pyroflows.train import build_density, load_model_state
+        >>> small = build_density("glow", (1, 8, 8), levels=1, steps=1, hidden_channels=4)
+        >>> large = build_density("glow", (1, 8, 8), levels=1, steps=2, hidden_channels=4)
+        >>> load_model_state(small, large.state_dict(), "the large model")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+          ...
+        pyroflows.train.checkpoint.CheckpointError: the large model was written for a different architecture: ...
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -80,6 +80,8 @@ def evaluate(
     :param data: as for :func:`fit`.
     :param n_bins: intensity levels, for integer pixels given as a plain tensor (default 256).
     :param int batch_size: evaluation batch size.
+    :param int seed: seeds the dequantisation noise and the estimators' randomness (the global RNG is restored).
+    :param device: where to evaluate (default: the model's device).
 
     Example::
 

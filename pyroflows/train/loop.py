@@ -56,8 +56,9 @@ _TRAJECTORY_KEYS = (
 
 
 class TrainingError(RuntimeError):
-    """Training stopped: a non-finite loss or gradient (the message names the step and the last good
-    checkpoint, which is left untouched)."""
+    """Training stopped on a non-finite loss or gradient, before the update. The message names the step; for
+    density training (:func:`fit`) also the last good checkpoint, which is left untouched; for
+    :func:`pyroflows.infer.fit` the parameters keep their values from the step before."""
 
 
 @dataclass
@@ -70,6 +71,16 @@ class FitResult:
     :ivar list losses: training loss per step (bits/dim for images, nats for float data), mean over ranks.
     :ivar list evals: ``{"step", "test_bpd" or "test_nll", ...}`` per evaluation.
     :ivar out: output directory (``None`` when nothing was written).
+
+    Example: continuous 2-D data, so the loss and the evaluation are in nats::
+
+        >>> import torch
+        >>> from pyroflows.data import get_toy
+        >>> from pyroflows.train import build_density, fit
+        >>> x = get_toy("two_moons").sample(256, torch.Generator().manual_seed(0))
+        >>> result = fit(build_density("realnvp", (2,), num_layers=2), x, x, steps=3, device="cpu", progress=False)
+        >>> result.step, len(result.losses), sorted(result.evals[-1]), result.checkpoint
+        (3, 3, ['step', 'test_nll'], None)
     """
 
     model: FlowDensity
@@ -209,14 +220,21 @@ def fit(
     :param n_bins: intensity levels of integer pixels given as a tensor (default 256; an ``ImageDataset`` knows
         its own).
     :param steps: number of optimiser steps in total (a resumed run continues up to it); or give ``epochs``.
+    :param epochs: training length in passes over ``train`` instead of ``steps`` (may be fractional).
     :param int batch_size: examples per step (per process under DDP).
-    :param float lr: peak learning rate; ``optimizer`` is ``"adam"`` or ``"adamax"``.
+    :param float lr: peak learning rate.
+    :param str optimizer: ``"adam"`` or ``"adamax"``.
+    :param float weight_decay: the optimiser's weight decay.
     :param int warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr``.
     :param clip_norm: clip the global gradient norm (``None``: no clipping; the norm is still checked).
     :param ema: EMA decay (e.g. ``0.999``); evaluation and samples then use the averaged weights.
     :param eval_every: evaluate on ``test`` every so many steps (and at the end).
+    :param int eval_batch_size: batch size of the evaluations.
     :param sample_every: write ``samples_<step>.png`` every so many steps (and ``samples.png`` at the end).
+    :param int n_samples: images per sample grid.
+    :param float temperature: the latent's temperature for the sample grids.
     :param checkpoint_every: write ``checkpoint.pt`` every so many steps (and at the end); needs ``out``.
+    :param int log_every: with ``out``, write a ``metrics.jsonl`` record every so many steps.
     :param out: output directory (checkpoint, ``metrics.jsonl``, PNGs); ``None`` writes nothing.
     :param resume: ``True`` continues from ``out/checkpoint.pt`` (error if missing), ``"auto"`` when it exists,
         or a path to a checkpoint. Without it, an existing checkpoint in ``out`` is an error (never overwritten).
@@ -225,6 +243,7 @@ def fit(
         log-dets stay in float32.
     :param compile: ``True`` or a backend name: run the forward pass through ``torch.compile``.
     :param int seed: seeds the batch order, the dequantisation noise and the estimators' randomness.
+    :param int init_batch_size: examples for ActNorm's data-dependent initialisation.
     :param time_limit: stop after the step during which this many seconds of training have passed, and finish
         as at the last step (evaluation, samples, checkpoint); ``resume=True`` later continues towards ``steps``.
     :param progress: tqdm progress bar (``None``: only when stderr is a terminal); ``False`` also silences the

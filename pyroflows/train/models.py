@@ -8,6 +8,7 @@ from ..builders import glow, realnvp, residual_flow
 from ..density import FlowDensity
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 
+#: The builders :func:`build_density` knows, by name.
 FLOWS = {"glow": glow, "realnvp": realnvp, "residual": residual_flow}
 
 
@@ -43,7 +44,18 @@ def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
 
 
 def density_from_spec(spec: dict) -> FlowDensity:
-    """Rebuild the (untrained) model that :func:`build_density` made from ``spec``."""
+    """Rebuild the (untrained) model that :func:`build_density` made from ``spec``.
+
+    :param dict spec: ``{"flow", "shape", "options"}``, as in ``model.spec`` and in checkpoints.
+    :raises ValueError: for an incomplete spec or unknown flow.
+
+    Example::
+
+        >>> from pyroflows.train import build_density, density_from_spec
+        >>> model = build_density("realnvp", (2,), num_layers=2)
+        >>> density_from_spec(model.spec).spec == model.spec
+        True
+    """
     try:
         return build_density(spec["flow"], spec["shape"], **spec.get("options", {}))
     except KeyError as e:
@@ -55,8 +67,20 @@ def load_density(path, ema: bool = False, map_location="cpu") -> FlowDensity:
 
     :param path: the checkpoint file (``out/checkpoint.pt``).
     :param bool ema: load the exponential moving average of the weights (the run must have used ``ema=``).
+    :param map_location: the device to load onto (and to move the model to).
     :raises CheckpointError: missing/corrupted file, no model recipe (a model not built by
         :func:`build_density`), no EMA weights, or weights that do not fit the recipe.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pyroflows.data import load_digits
+        >>> from pyroflows.train import build_density, fit, load_density
+        >>> model = build_density("realnvp", (1, 8, 8), levels=1, num_layers=1, hidden=4)
+        >>> result = fit(model, load_digits("train"), steps=2, out=tempfile.mkdtemp(), device="cpu", progress=False)
+        >>> reloaded = load_density(result.checkpoint)
+        >>> reloaded.training, reloaded.sample(3).shape
+        (False, torch.Size([3, 1, 8, 8]))
     """
     ckpt = load_checkpoint(path, map_location=map_location)
     if ckpt.get("spec") is None:

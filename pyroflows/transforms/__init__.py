@@ -1,4 +1,5 @@
-"""Flow layers: Pyro ``TransformModule``s that know their own log-det (see :class:`FlowTransform`)."""
+"""Flow layers: Pyro ``TransformModule`` subclasses that know their own log-det
+(see :class:`~pyroflows.transforms.FlowTransform`)."""
 
 from .base import (
     Compose,

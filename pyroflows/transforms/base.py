@@ -31,13 +31,33 @@ def enable_validation(flag: bool | None = True) -> None:
     Each check costs one device synchronisation per call; turn them off for speed once a model works.
 
     :param flag: ``True``/``False`` to force, ``None`` to follow ``torch.distributions``.
+
+    Example::
+
+        >>> import torch, pyroflows
+        >>> t = pyroflows.transforms.Planar(2)
+        >>> t(torch.randn(3, 5))
+        Traceback (most recent call last):
+          ...
+        ValueError: Planar.forward expects event shape (2,) in the rightmost dimensions, got input of shape (3, 5)
+        >>> pyroflows.enable_validation(False)
+        >>> pyroflows.is_validation_enabled()
+        False
+        >>> pyroflows.enable_validation(None)  # back to following torch.distributions (on by default)
     """
     global _VALIDATION
     _VALIDATION = flag
 
 
 def is_validation_enabled() -> bool:
-    """Whether :class:`FlowTransform` checks its inputs and outputs (see :func:`enable_validation`)."""
+    """Whether :class:`FlowTransform` checks its inputs and outputs (see :func:`enable_validation`).
+
+    Example::
+
+        >>> import pyroflows
+        >>> pyroflows.is_validation_enabled()
+        True
+    """
     if _VALIDATION is None:
         return bool(torch.distributions.Distribution._validate_args)
     return _VALIDATION
@@ -109,6 +129,21 @@ def forward_and_log_det(t: Transform, x: torch.Tensor) -> tuple[torch.Tensor, to
     """``(t(x), log|det dt/dx|)`` for any torch transform, one pass for a :class:`FlowTransform`.
 
     The log-det has the shape torch's ``t.log_abs_det_jacobian`` gives, ``x.shape[:x.dim() - event_dim]``.
+
+    :param torch.distributions.Transform t: any torch transform.
+    :param torch.Tensor x: input, shape ``batch_shape + event_shape``.
+    :returns: ``(y, log_det)``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch.distributions.transforms import ExpTransform
+        >>> from pyroflows.transforms import Planar, forward_and_log_det
+        >>> y, log_det = forward_and_log_det(Planar(3), torch.randn(4, 3))
+        >>> y.shape, log_det.shape
+        (torch.Size([4, 3]), torch.Size([4]))
+        >>> forward_and_log_det(ExpTransform(), torch.zeros(2))
+        (tensor([1., 1.]), tensor([0., 0.]))
     """
     if isinstance(t, FlowTransform):
         return t.forward_and_log_det(x)
@@ -117,7 +152,20 @@ def forward_and_log_det(t: Transform, x: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def inverse_and_log_det(t: Transform, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(t⁻¹(y), log|det dt⁻¹/dy|)`` for any torch transform, one pass for a :class:`FlowTransform`."""
+    """``(t⁻¹(y), log|det dt⁻¹/dy|)`` for any torch transform, one pass for a :class:`FlowTransform`.
+
+    :param torch.distributions.Transform t: any bijective torch transform.
+    :param torch.Tensor y: a point of ``t``'s codomain, shape ``batch_shape + event_shape``.
+    :returns: ``(x, log_det)``, the log-det of the inverse map (minus the forward one at ``x``).
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.transforms import ActNorm, inverse_and_log_det
+        >>> x, log_det = inverse_and_log_det(ActNorm(3), torch.randn(4, 3))
+        >>> x.shape, log_det.shape
+        (torch.Size([4, 3]), torch.Size([4]))
+    """
     if isinstance(t, FlowTransform):
         return t.inverse_and_log_det(y)
     x = t.inv(y)
@@ -162,6 +210,26 @@ class FlowTransform(TransformModule):
     :param int event_dim: 1 for vectors of shape ``(D,)``, 3 for images ``(C, H, W)``.
     :param event_shape: the input event shape, used to check inputs; ``None`` entries match any size.
     :param int cache_size: torch's identity cache, 0 or 1.
+
+    Example: a layer is a constructor and the two methods (see the documentation's "Writing a new layer")::
+
+        >>> import torch
+        >>> from pyroflows.transforms import FlowTransform
+        >>> class Shift(FlowTransform):
+        ...     def __init__(self, dim):
+        ...         super().__init__(event_dim=1, event_shape=(dim,))
+        ...         self.b = torch.nn.Parameter(torch.ones(dim))
+        ...     def forward_and_log_det(self, x):
+        ...         return x + self.b, x.new_zeros(x.shape[:-1])
+        ...     def inverse_and_log_det(self, y):
+        ...         return y - self.b, y.new_zeros(y.shape[:-1])
+        >>> t = Shift(2)
+        >>> x = torch.zeros(3, 2)
+        >>> y = t(x)
+        >>> t.inv(y) is x  # the remembered pair: no inverse computed
+        True
+        >>> t.log_abs_det_jacobian(x, y)
+        tensor([0., 0., 0.])
     """
 
     bijective = True
@@ -435,7 +503,22 @@ class Inverse(FlowTransform):
 
 
 def inverse(t: Transform) -> Transform:
-    """Module-aware inverse of ``t``: ``inverse(inverse(t)) is t``; see :class:`Inverse`."""
+    """Module-aware inverse of ``t``: ``inverse(inverse(t)) is t``; see :class:`Inverse`.
+
+    :param torch.distributions.Transform t: a bijective transform.
+    :returns: :class:`Inverse` ``(t)``, or ``t.base`` when ``t`` is itself an :class:`Inverse`.
+
+    Example::
+
+        >>> import torch, pyroflows
+        >>> flow = pyroflows.realnvp(2, num_layers=2)
+        >>> inv = pyroflows.inverse(flow)  # latent -> data for a density-direction flow
+        >>> pyroflows.inverse(inv) is flow
+        True
+        >>> x = torch.randn(5, 2)
+        >>> torch.allclose(inv(flow(x).clone()), x, atol=1e-5)
+        True
+    """
     if isinstance(t, Inverse):
         return t.base
     return Inverse(t)

@@ -22,6 +22,14 @@ def make_mask(kind: str | torch.Tensor | Sequence[bool], input_dim: int, flip: b
         or an explicit boolean / 0-1 sequence or tensor of length ``input_dim``.
     :param int input_dim: the event size ``D``.
     :param bool flip: negate the mask.
+
+    Example::
+
+        >>> from pyroflows.transforms import make_mask
+        >>> make_mask("half", 5).tolist()
+        [True, True, False, False, False]
+        >>> make_mask("alternate", 4, flip=True).tolist()
+        [False, True, False, True]
     """
     if isinstance(kind, str):
         idx = torch.arange(input_dim)

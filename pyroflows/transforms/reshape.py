@@ -78,6 +78,19 @@ class MultiScale(FlowTransform):
     :param int keep_channels: ``C_keep`` (default ``C // 2``).
     :param bool prior: add the learned conditional prior coupling on the factored channels.
     :param int hidden_channels: the prior's conditioner width.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.transforms import AffineCoupling, MultiScale, Squeeze, Compose
+        >>> inner = Compose([Squeeze(), AffineCoupling(8, mask="channel", hidden=8)])  # (2, 4, 4) -> (8, 2, 2)
+        >>> layer = MultiScale(4, inner, hidden_channels=8)  # keeps the last 2 of 4 channels
+        >>> x = torch.randn(3, 4, 4, 4)
+        >>> y = layer(x)
+        >>> y.shape, layer.log_abs_det_jacobian(x, y).shape
+        (torch.Size([3, 4, 4, 4]), torch.Size([3]))
+        >>> torch.allclose(layer.inv(y.clone()), x, atol=1e-5)
+        True
     """
 
     def __init__(

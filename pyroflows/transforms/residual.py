@@ -33,8 +33,9 @@ def full_precision(x: torch.Tensor):
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         cudnn = torch.backends.cudnn
-        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                         allow_tf32=False):
+        with cudnn.flags(
+            enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+        ):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
@@ -108,6 +109,7 @@ class ResidualBlock(FlowTransform):
     :param int n_exact_terms: always-kept terms of the ``"unbiased"`` estimator.
     :param float geom_p: success probability of the geometric roulette.
     :param str roulette: ``"geometric"`` or ``"poisson"`` (with ``poisson_lam``).
+    :param float poisson_lam: mean number of extra terms of the Poisson roulette.
     :param int n_samples: Hutchinson probes per estimate.
     :param str probe: ``"gaussian"`` or ``"rademacher"``.
     :param bool memory_efficient: backward-in-forward (recompute) instead of ordinary autograd graphs.
