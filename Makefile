@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= test,plots
 STAMP  := $(VENV)/.pyroflows-installed
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo test test-slow bench bench-quick docs lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,16 +27,26 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# The benchmark suite against the peers (the bench extra installs normflows); writes benchmarks/results/*.json
+# and benchmarks/RESULTS.md. bench-quick is the smoke test (a few minutes on a CPU, *_quick.json).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench]"
-	$(BIN)/python benchmarks/vi_energies.py
-	$(BIN)/python benchmarks/image_flows.py
-	$(BIN)/python benchmarks/residual.py
+	$(BIN)/python -m benchmarks all
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench]"
+	$(BIN)/python -m benchmarks all --quick
+
+# The HTML documentation, built from scratch with warnings as errors (docs/api is generated from docs/api.rst).
+docs: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),docs]"
+	rm -rf docs/_build docs/api
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
-	$(BIN)/ruff check pyroflows tests benchmarks examples
-	$(BIN)/ruff format --check pyroflows tests benchmarks examples
+	$(BIN)/ruff check pyroflows tests benchmarks examples docs
+	$(BIN)/ruff format --check pyroflows tests benchmarks examples docs
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build docs/api

@@ -44,7 +44,7 @@ where ``clear_refs`` is not writable).
 Usage::
 
     python benchmarks/image_flows.py                 # 500 steps per model, ~6-8 minutes on 2 cores
-    python benchmarks/image_flows.py --quick         # a smoke test, under a minute
+    python benchmarks/image_flows.py --quick         # a smoke test (writes image_flows_quick.json)
     python benchmarks/image_flows.py --steps 2000 --models glow/pyroflows,glow/normflows
     python benchmarks/image_flows.py --profile --models glow/pyroflows --steps 60   # cProfile one model
 
@@ -590,11 +590,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--paired-rounds", type=int, default=None, help="interleaved timing rounds, 0 = off (default 100; quick 5)"
     )
     p.add_argument("--profile", action="store_true", help="cProfile the timed steps; print the top functions")
-    p.add_argument("--out", default="benchmarks/results/image_flows.json", help="where to write the JSON")
+    p.add_argument(
+        "--out", default=None, help="where to write the JSON (default results/image_flows.json; quick: *_quick.json)"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
+    if args.out is None:  # a smoke test never overwrites a full run's results
+        args.out = f"benchmarks/results/image_flows{'_quick' if quick else ''}.json"
     defaults = {
         "steps": 12 if quick else 500,
         "depth": 2 if quick else 8,

@@ -11,7 +11,7 @@ averaged over many samples of the guide; a run that produces a non-finite loss i
 Usage::
 
     python benchmarks/vi_energies.py                 # the full benchmark
-    python benchmarks/vi_energies.py --quick         # a smoke test, well under a minute
+    python benchmarks/vi_energies.py --quick         # a smoke test (writes vi_energies_quick.json)
     python benchmarks/vi_energies.py --steps 8000 --energies U3,U4 --out benchmarks/results/more_steps.json
     python benchmarks/vi_energies.py --loop svi --lr-final 1 --guide 'pyro iterated(32, planar)'
 
@@ -172,6 +172,7 @@ GUIDES = {
     "pyro iterated(2, spline_coupling)": ("pyro", lambda: _pyro_iterated(2, "spline_coupling")),
     # The like-for-like counterpart of realnvp(16): 16 couplings, the halves swapped in between.
     "pyro affine_coupling(16) + Permute": ("pyro", lambda: _pyro_iterated(16, "affine_coupling", True)),
+    "pyro affine_coupling(8) + Permute": ("pyro", lambda: _pyro_iterated(8, "affine_coupling", True)),
     "pyro spline_coupling(4) + Permute": ("pyro", lambda: _pyro_iterated(4, "spline_coupling", True)),
     "pyro AutoNormal": ("pyro", None),
 }
@@ -186,7 +187,13 @@ DEFAULT_GUIDES = [
     "pyro affine_coupling(16) + Permute",
     "pyro AutoNormal",
 ]
-QUICK_GUIDES = ["pyroflows planar_flow(8)", "pyroflows realnvp(8)", "pyro iterated(8, planar)", "pyro AutoNormal"]
+QUICK_GUIDES = [
+    "pyroflows planar_flow(8)",
+    "pyroflows realnvp(8)",
+    "pyro iterated(8, planar)",
+    "pyro affine_coupling(8) + Permute",  # realnvp(8)'s peer, so every speed figure has one
+    "pyro AutoNormal",
+]
 # Rough relative cost per step, to start the slowest jobs first.
 _COST = {"(16": 5, "32": 4, "spline": 3, "realnvp": 2, "affine": 2}
 
@@ -468,7 +475,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=None, help="SVI steps for every guide (default 4000; quick 150)")
     p.add_argument("--quick", action="store_true", help="smoke test: few steps, a subset of guides")
-    p.add_argument("--out", default="benchmarks/results/vi_energies.json", help="where to write the JSON")
+    p.add_argument(
+        "--out", default=None, help="where to write the JSON (default results/vi_energies.json; quick: *_quick.json)"
+    )
     p.add_argument("--particles", type=int, default=None, help="ELBO particles per step (default 256; quick 64)")
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate, the same for every guide")
     p.add_argument(
@@ -487,7 +496,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         dest="guides",
         default=None,
         help="a guide to run (repeatable; names as --list prints them); default: all but\n"
-        "realnvp(8) and spline_coupling(4) + Permute",
+        "realnvp(8), affine_coupling(8) + Permute and spline_coupling(4) + Permute",
     )
     p.add_argument("--energies", default="U1,U2,U3,U4", help="comma-separated subset of U1..U4")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: number of CPUs)")
@@ -506,6 +515,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps or (150 if args.quick else 4000)
     args.particles = args.particles or (64 if args.quick else 256)
     args.grid = args.grid or (500 if args.quick else 2000)
+    if args.out is None:  # a smoke test never overwrites a full run's results
+        args.out = f"benchmarks/results/vi_energies{'_quick' if args.quick else ''}.json"
     if args.eval_samples < 10000:
         p.error("--eval-samples must be at least 10000")
     return args

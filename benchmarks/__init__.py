@@ -1,0 +1,16 @@
+"""The pyroflows benchmark suite: ``python -m benchmarks {all,vi,image,residual,scaling,sampling} [--quick]``.
+
+Parts (each also runs standalone as ``python benchmarks/<script>.py``):
+
+* ``vi``: variational inference on the 2-D energies of Rezende & Mohamed (``vi_energies.py``);
+* ``image``: Glow and RealNVP on 8x8 digits against normflows (``image_flows.py``);
+* ``residual``: residual flows against normflows, memory against series length, 2-D toys (``residual.py``);
+* ``scaling``: ms/step and peak memory of every layer family as the size grows, scaling exponents (``scaling.py``);
+* ``sampling``: samples/s of every builder, the residual flow's fixed-point inverse included (``sampling.py``).
+
+Each run writes ``benchmarks/results/<name>.json`` (``<name>_quick.json`` with ``--quick``) and regenerates
+``benchmarks/RESULTS.md`` (:mod:`benchmarks.report`). The peers other than Pyro come with the ``bench`` extra
+(``pip install -e ".[bench]"``: normflows); a part whose peer is missing skips it with a note.
+"""
+
+PARTS = ("vi", "image", "residual", "scaling", "sampling")

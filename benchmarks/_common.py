@@ -1,0 +1,220 @@
+"""Helpers shared by the benchmark scripts: machine facts, interleaved timing, peak memory in a forked child,
+scaling fits and the results files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MEMORY_METHOD = (
+    "peak RSS increase in a forked child over building the model and running 2 steps: VmHWM (after "
+    "/proc/self/clear_refs <- 5) minus VmRSS at the reset, after one unmeasured run of the same work and "
+    "glibc malloc_trim (ru_maxrss difference where clear_refs is not writable)"
+)
+
+
+def cpu_model() -> str:
+    """The CPU's ``model name`` from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(__import__(module), "__version__", "unknown")
+    except ImportError:
+        return None
+
+
+def machine() -> dict:
+    """CPU model, core count, load and the versions of the libraries under test and their peers."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": _version("pyro"),
+        "pyroflows": _version("pyroflows"),
+        "normflows": _version("normflows"),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def have_normflows() -> bool:
+    """Whether the optional peer ``normflows`` (the ``bench`` extra) is importable."""
+    try:
+        import normflows  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return "python " + shlex.join([script, *args])
+
+
+def result_path(out_dir: str | os.PathLike, name: str, quick: bool) -> Path:
+    """``out_dir/<name>.json``, or ``<name>_quick.json`` for a ``--quick`` run (so a smoke test never overwrites a
+    full run's results)."""
+    return Path(out_dir) / f"{name}{'_quick' if quick else ''}.json"
+
+
+def write_result(path: Path, payload: dict) -> Path:
+    """Write ``payload`` as JSON and regenerate ``RESULTS.md`` beside the results folder."""
+    from .report import write_report
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    write_report(path.parent)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- timing
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def time_interleaved(steps: dict[str, Callable[[], object]], warmup: int, rounds: int) -> dict[str, dict]:
+    """Time every ``steps[name]()`` interleaved: ``warmup`` untimed calls each, then ``rounds`` rounds of one
+    timed call each in rotating order, so load from other processes falls on all of them alike.
+
+    :returns: per name ``{"ms_median", "ms_q1", "ms_q3", "rounds_ms"}`` (wall milliseconds, ``time.perf_counter``).
+    """
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    ms: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            steps[name]()
+            ms[name].append(1e3 * (time.perf_counter() - t0))
+    out = {}
+    for name, values in ms.items():
+        q1, q3 = _quartiles(values)
+        out[name] = {"ms_median": statistics.median(values), "ms_q1": q1, "ms_q3": q3, "rounds_ms": values}
+    return out
+
+
+def paired_ratio(peer: dict, this: dict) -> float:
+    """Median over rounds of ``peer_ms / this_ms`` (> 1: ``this`` is faster than the peer)."""
+    return statistics.median(a / b for a, b in zip(peer["rounds_ms"], this["rounds_ms"]))
+
+
+# --------------------------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _release_free_memory() -> None:
+    """Make glibc hand freed memory back to the kernel, so RSS tracks live allocations: a fixed mmap threshold
+    (no dynamic growth), a small trim threshold, then ``malloc_trim(0)``. A no-op without glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _child_peak_mib(work: Callable[[], object]) -> float:
+    # A first, unmeasured run faults in the code and data pages the work touches (a forked child does not inherit
+    # the parent's page-table entries of file-backed mappings, so they would count as new memory).
+    work()
+    _release_free_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base_kib = _status_kib("VmRSS")
+    except OSError:
+        base_kib = None
+    if base_kib is None:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        work()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0
+    work()
+    return (_status_kib("VmHWM") - base_kib) / 1024.0
+
+
+def peak_rss_mib(work: Callable[[], object], timeout: float = 300.0) -> float | None:
+    """Peak resident memory (MiB) that ``work()`` adds, measured in a forked child (see :data:`MEMORY_METHOD`);
+    ``None`` where ``os.fork`` is missing or the child fails."""
+    if not hasattr(os, "fork"):
+        return None
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report through the pipe, leave without running the parent's cleanup
+        code = 0
+        try:
+            os.close(read_fd)
+            os.write(write_fd, json.dumps(_child_peak_mib(work)).encode())
+        except BaseException:  # noqa: BLE001  (any failure: report nothing)
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            os.close(read_fd)
+            return None
+        time.sleep(0.01)
+    with os.fdopen(read_fd) as f:
+        text = f.read()
+    return json.loads(text) if text and os.waitstatus_to_exitcode(status) == 0 else None
+
+
+# --------------------------------------------------------------------------------------------- scaling
+def fit_exponent(sizes: list[float], ms: list[float]) -> float | None:
+    """Least-squares slope of ``log ms`` against ``log size`` (``None`` with fewer than two sizes)."""
+    pts = [(math.log(s), math.log(t)) for s, t in zip(sizes, ms) if t and t > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else None

@@ -1,0 +1,96 @@
+"""Smoke tests of the benchmark suite: the scaling and sampling parts at a tiny size, the results JSON, RESULTS.md
+and the dispatcher's arguments. No timing assertions."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import __main__ as suite  # noqa: E402
+from benchmarks import _common, report, sampling, scaling  # noqa: E402
+
+HAVE_NORMFLOWS = _common.have_normflows()
+
+
+def _check_machine(payload: dict, quick: bool, command: str) -> None:
+    assert payload["quick"] is quick and payload["command"] == command
+    for key in ("cpu", "cores", "torch", "pyro", "pyroflows"):
+        assert payload["machine"][key]
+
+
+def test_scaling_tiny(tmp_path):
+    out = tmp_path / "results"
+    args = scaling.parse_args(["--dims", "2,4", "--sides", "8", "--warmup", "0", "--rounds", "1", "--no-memory"])
+    args.out = str(out)
+    payload = scaling.run(args, "python benchmarks/scaling.py (test)")
+    _check_machine(payload, False, "python benchmarks/scaling.py (test)")
+    stored = json.loads((out / "scaling.json").read_text())
+    assert set(stored["vector"]["families"]) == set(scaling.VECTOR_FAMILIES)
+    assert set(stored["image"]["families"]) == set(scaling.IMAGE_FAMILIES)
+    for family in stored["vector"]["families"].values():
+        assert [r["size"] for r in family["rows"]] == [2, 4]
+        assert family["rows"][0]["pyroflows_ms"] > 0
+        assert family["exponent_pyroflows"] is not None
+        assert (family["rows"][0]["speed_ratio"] is not None) == (family["peer"] is not None)
+        if not HAVE_NORMFLOWS and family["peer"] is None:
+            assert "skipped" in family["peer_note"]
+    image = stored["image"]["families"]["glow"]
+    assert image["exponent_pyroflows"] is None  # one size: no slope
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## scaling" in text and "speed ratio peer/pyroflows" in text
+    assert "](" not in text and "<img" not in text  # no links or images: the docs build includes this file
+
+
+def test_sampling_tiny(tmp_path):
+    out = tmp_path / "results"
+    argv = ["--quick", "--n-vector", "32", "--n-image", "2", "--warmup", "0", "--rounds", "1", "--out", str(out)]
+    payload = sampling.run(sampling.parse_args(argv), "python benchmarks/sampling.py --quick (test)")
+    _check_machine(payload, True, "python benchmarks/sampling.py --quick (test)")
+    stored = json.loads((out / "sampling_quick.json").read_text())
+    rows = stored["rows"]
+    assert len(rows) == len(sampling.VECTOR_ROWS) + len(sampling.IMAGE_ROWS)
+    assert {r["direction"] for r in rows} == {"guide", "density"}
+    assert all(r["pyroflows_samples_per_s"] > 0 for r in rows)
+    pyro_peers = [r for r in rows if r["peer"] and r["peer"].startswith("pyro ")]
+    assert len(pyro_peers) == 2 and all(r["speed_ratio"] > 0 for r in pyro_peers)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## sampling_quick" in text and "quick run" in text
+
+
+def test_report_renders_existing_results(tmp_path):
+    """Every results file in the repository renders to a section, and the machine line is there."""
+    present = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    if not present:
+        pytest.skip("no results in the repository")
+    for path in present:
+        (tmp_path / path.name).write_text(path.read_text())
+    text = report.render(tmp_path)
+    for path in present:
+        assert f"## {path.stem}\n" in text
+    assert "could not render" not in text and "no renderer" not in text
+    assert "](" not in text
+
+
+def test_peak_rss_and_exponent():
+    def grow():
+        import torch
+
+        return torch.ones(8 * 2**20 // 4).sum()  # 8 MiB
+
+    peak = _common.peak_rss_mib(grow)
+    assert peak is None or peak >= 0
+    assert _common.fit_exponent([1, 2, 4], [3.0, 12.0, 48.0]) == pytest.approx(2.0)
+
+
+def test_dispatcher_arguments(tmp_path):
+    assert suite._argv("scaling", True, tmp_path) == ["--quick", "--out", str(tmp_path)]
+    vi = suite._argv("vi", True, tmp_path)
+    assert vi[:2] == ["--quick", "--out"] and vi[2].endswith("vi_energies_quick.json")
+    assert suite._argv("image", False, tmp_path)[1].endswith("image_flows.json")
+    with pytest.raises(SystemExit):
+        suite.main(["nonsense"])
