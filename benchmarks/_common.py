@@ -12,6 +12,7 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def paired_ratio(peer: dict, this: dict) -> float:
 
 
 # --------------------------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> int | None:
+def proc_status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -164,7 +165,7 @@ def _child_peak_mib(work: Callable[[], object]) -> float:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        base_kib = _status_kib("VmRSS")
+        base_kib = proc_status_kib("VmRSS")
     except OSError:
         base_kib = None
     if base_kib is None:
@@ -172,7 +173,7 @@ def _child_peak_mib(work: Callable[[], object]) -> float:
         work()
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0
     work()
-    return (_status_kib("VmHWM") - base_kib) / 1024.0
+    return (proc_status_kib("VmHWM") - base_kib) / 1024.0
 
 
 def peak_rss_mib(work: Callable[[], object], timeout: float = 300.0) -> float | None:
@@ -209,6 +210,32 @@ def peak_rss_mib(work: Callable[[], object], timeout: float = 300.0) -> float | 
 
 
 # --------------------------------------------------------------------------------------------- scaling
+def normflows_glow(shape: tuple[int, int, int], levels: int, depth: int, hidden: int, glow_base: bool = False):
+    """normflows' multi-scale Glow: per level ``depth`` ``GlowBlock``s (LU 1x1 conv, affine coupling) and a
+    squeeze, levels merged coarsest first; fixed standard-normal bases, or normflows' learned ``GlowBase``."""
+    import normflows as nf
+
+    c, h, w = shape
+    bases, flows, merges = [], [], []
+    with warnings.catch_warnings():  # normflows' LU init calls the deprecated torch.lu
+        warnings.simplefilter("ignore")
+        for i in range(levels):
+            channels = c * 2 ** (levels + 1 - i)
+            blocks = [
+                nf.flows.GlowBlock(channels, hidden, scale=True, split_mode="channel", use_lu=True)
+                for _ in range(depth)
+            ]
+            flows.append([*blocks, nf.flows.Squeeze()])
+            if i > 0:
+                merges.append(nf.flows.Merge())
+                latent = (c * 2 ** (levels - i), h // 2 ** (levels - i), w // 2 ** (levels - i))
+            else:
+                latent = (c * 2 ** (levels + 1), h // 2**levels, w // 2**levels)
+            base = nf.distributions.GlowBase(latent) if glow_base else None
+            bases.append(base or nf.distributions.DiagGaussian(latent, trainable=False))
+    return nf.MultiscaleFlow(bases, flows, merges, class_cond=False)
+
+
 def fit_exponent(sizes: list[float], ms: list[float]) -> float | None:
     """Least-squares slope of ``log ms`` against ``log size`` (``None`` with fewer than two sizes)."""
     pts = [(math.log(s), math.log(t)) for s, t in zip(sizes, ms) if t and t > 0]

@@ -70,10 +70,15 @@ import shlex
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _common  # noqa: E402
 
 MODELS = ("glow/pyroflows", "glow/normflows", "realnvp/pyroflows", "glow/pyroflows-noprior", "glow/pyroflows-noval")
 DEFAULT_MODELS = ("glow/pyroflows", "glow/normflows", "glow/pyroflows-noprior", "realnvp/pyroflows")
@@ -193,30 +198,8 @@ def build_normflows_glow(cfg: dict) -> Built:
     level first: squeeze, the ``GlowBlock``s (each ActNorm → 1x1 conv → coupling towards the latent), then
     ``Merge.inverse`` keeps the first half of the channels and scores the second half under that level's base.
     """
-    import normflows as nf
-
-    c, h, w = SHAPE
     levels, depth, hidden = cfg["levels"], cfg["depth"], cfg["hidden_channels"]
-    bases, flows, merges = [], [], []
-    with warnings.catch_warnings():  # normflows' LU init calls the deprecated torch.lu
-        warnings.simplefilter("ignore")
-        for i in range(levels):
-            channels = c * 2 ** (levels + 1 - i)
-            blocks = [
-                nf.flows.GlowBlock(channels, hidden, scale=True, split_mode="channel", use_lu=True)
-                for _ in range(depth)
-            ]
-            flows.append([*blocks, nf.flows.Squeeze()])
-            if i > 0:
-                merges.append(nf.flows.Merge())
-                latent = (c * 2 ** (levels - i), h // 2 ** (levels - i), w // 2 ** (levels - i))
-            else:
-                latent = (c * 2 ** (levels + 1), h // 2**levels, w // 2**levels)
-            if cfg["nf_base"] == "glow":
-                bases.append(nf.distributions.GlowBase(latent))
-            else:
-                bases.append(nf.distributions.DiagGaussian(latent, trainable=False))
-    model = nf.MultiscaleFlow(bases, flows, merges, class_cond=False)
+    model = _common.normflows_glow(SHAPE, levels, depth, hidden, glow_base=cfg["nf_base"] == "glow")
     alpha = cfg["logit_alpha"]
 
     def log_prob(x: torch.Tensor) -> torch.Tensor:
@@ -240,17 +223,6 @@ BUILDERS = {
 
 
 # --------------------------------------------------------------------------------------------- memory
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 class PeakRSS:
     """Peak resident memory added after :meth:`reset`, in MiB (``VmHWM`` after a ``clear_refs`` reset)."""
 
@@ -262,14 +234,14 @@ class PeakRSS:
             self.method = "VmHWM after clear_refs=5, minus VmRSS at reset"
         except OSError:
             self.method = "ru_maxrss(end) - ru_maxrss(reset) (an underestimate if imports peaked higher)"
-        self.base_kib = _proc_status_kib("VmRSS")
+        self.base_kib = _common.proc_status_kib("VmRSS")
         self.base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if self.base_kib is None:
             self.base_kib = self.base_maxrss
 
     def peak_increase_mib(self) -> float:
         """Peak RSS since :meth:`reset` minus the RSS then, in MiB."""
-        hwm = _proc_status_kib("VmHWM") if self.method.startswith("VmHWM") else None
+        hwm = _common.proc_status_kib("VmHWM") if self.method.startswith("VmHWM") else None
         if hwm is None:
             return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base_maxrss) / 1024.0
         return (hwm - self.base_kib) / 1024.0

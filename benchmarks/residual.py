@@ -121,7 +121,11 @@ from pathlib import Path
 
 import torch
 
-from pyroflows.data.toy import Checkerboard, EightGaussians
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _common  # noqa: E402
+from pyroflows.data.toy import Checkerboard, EightGaussians  # noqa: E402
 
 RESULT_TAG = "RESIDUAL_RESULT "
 HERE = Path(__file__).resolve().parent
@@ -349,24 +353,13 @@ def profile_steps(v: dict, steps: int, threads: int, top: int = 18) -> str:
 
 
 # --------------------------------------------------------------------------------------------- memory
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _reset_peak() -> tuple[str, int]:
     """Reset the peak-RSS mark if the kernel lets us; returns ``(method, baseline KiB)``."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        rss = _proc_status_kib("VmRSS")
-        if rss is not None and _proc_status_kib("VmHWM") is not None:
+        rss = _common.proc_status_kib("VmRSS")
+        if rss is not None and _common.proc_status_kib("VmHWM") is not None:
             return "clear_refs+VmHWM", rss
     except OSError:
         pass
@@ -375,7 +368,7 @@ def _reset_peak() -> tuple[str, int]:
 
 def _peak_kib(method: str) -> int:
     if method.startswith("clear_refs"):
-        return _proc_status_kib("VmHWM")
+        return _common.proc_status_kib("VmHWM")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 

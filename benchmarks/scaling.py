@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -152,30 +151,6 @@ def _nf_residual(shape: tuple[int, ...], blocks: int, hidden: int, *, reverse: b
     return nf.NormalizingFlow(q0=nf.distributions.DiagGaussian(shape), flows=flows)
 
 
-def _nf_glow(shape: tuple[int, int, int], levels: int, depth: int, hidden: int):
-    """normflows' multi-scale Glow (as in ``benchmarks/image_flows.py``), standard-normal bases."""
-    import normflows as nf
-
-    c, h, w = shape
-    bases, flows, merges = [], [], []
-    with warnings.catch_warnings():  # normflows' LU init calls the deprecated torch.lu
-        warnings.simplefilter("ignore")
-        for i in range(levels):
-            channels = c * 2 ** (levels + 1 - i)
-            blocks = [
-                nf.flows.GlowBlock(channels, hidden, scale=True, split_mode="channel", use_lu=True)
-                for _ in range(depth)
-            ]
-            flows.append([*blocks, nf.flows.Squeeze()])
-            if i > 0:
-                merges.append(nf.flows.Merge())
-                latent = (c * 2 ** (levels - i), h // 2 ** (levels - i), w // 2 ** (levels - i))
-            else:
-                latent = (c * 2 ** (levels + 1), h // 2**levels, w // 2**levels)
-            bases.append(nf.distributions.DiagGaussian(latent, trainable=False))
-    return nf.MultiscaleFlow(bases, flows, merges, class_cond=False)
-
-
 def build_vector(label: str, dim: int, *, init_zeros: bool = True) -> Model:
     """The vector model ``label`` (a label of :data:`VECTOR_FAMILIES`) at event size ``dim``."""
     import pyroflows
@@ -232,7 +207,7 @@ def build_image(label: str, side: int, *, init_zeros: bool = True, data: torch.T
         model = pyroflows.FlowDensity(flow, shape)
         return _density_model(model, model.log_prob, model.sample, x)
     if label == "normflows Glow":
-        model = _nf_glow(shape, IMG_LEVELS, IMG_STEPS, IMG_HIDDEN)
+        model = _common.normflows_glow(shape, IMG_LEVELS, IMG_STEPS, IMG_HIDDEN)
         return _density_model(model, lambda v: model.log_prob(v, None), model.sample, x)
     if label == "normflows Residual CNN":
         import normflows as nf
