@@ -41,6 +41,7 @@ def run(param: str, args: argparse.Namespace):
         dims={k: v for k, v in vi_models.EIGHT_SCHOOLS_DIMS.items() if param == "noncentered" or k != "theta_t"},
         seed=args.seed,
         progress=args.progress,
+        khat_repeats=args.khat_repeats,
     )
     summary["target vs NUTS"] = [vi_common.meets_target(details[g]["NUTS"]) for g in summary.index]
     summary["target vs exact"] = [vi_common.meets_target(details[g]["exact"]) for g in summary.index]

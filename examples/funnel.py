@@ -37,6 +37,7 @@ def main(argv=None):
         dims=vi_models.FUNNEL_DIMS,
         seed=args.seed,
         progress=args.progress,
+        khat_repeats=args.khat_repeats,
     )
     # x is so heavy-tailed (kurtosis ~ 3e9) that its sample sd says little: judge v, and x through W1 / k̂
     summary["v mean err"] = [float(details[g]["exact"].loc["v", "mean_error"]) for g in summary.index]

@@ -56,6 +56,7 @@ def main(argv=None):
         dims=vi_models.LOGISTIC_DIMS,
         seed=args.seed,
         progress=args.progress,
+        khat_repeats=args.khat_repeats,
     )
     loos = {g: diagnostics.loo(idatas[g]) for g in summary.index}
     summary["elpd_loo"] = [loos[g].elpd_loo for g in summary.index]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyro
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal, AutoNormalizingFlow
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser, steps: int = 2000) -> argpars
     parser.add_argument("--samples", type=int, default=4000, help="guide draws for the diagnostics")
     parser.add_argument("--guides", default=",".join(GUIDES), help="comma-separated subset of: " + ", ".join(GUIDES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--khat-repeats", type=int, default=5, help="independent draw sets for the k̂ spread")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="directory for PNG/JSON")
     parser.add_argument("--quick", action="store_true", help="a few steps and draws: checks the script runs")
     parser.add_argument("--no-plots", action="store_true")
@@ -53,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser, steps: int = 2000) -> argpars
 def apply_quick(args: argparse.Namespace) -> argparse.Namespace:
     if args.quick:
         args.steps, args.samples, args.particles = min(args.steps, 30), min(args.samples, 200), min(args.particles, 4)
+        args.khat_repeats = min(args.khat_repeats, 2)
     unknown = [g for g in args.guides.split(",") if g not in GUIDES]
     if unknown:
         raise SystemExit(f"unknown guide(s) {unknown}; choose from {list(GUIDES)}")
@@ -74,12 +77,14 @@ def compare_guides(
     dims: dict | None = None,
     seed: int = 0,
     progress: bool = False,
+    khat_repeats: int = 5,
 ) -> tuple[pd.DataFrame, dict[str, dict[str, pd.DataFrame]], dict[str, object]]:
     """Fit each guide, draw ``samples`` from it and compare.
 
     :returns: ``(summary, details, idatas)``: one summary row per guide (ELBO, importance-weighted ELBO, k̂,
         PSIS ESS, and per reference the largest ``|mean error|`` in reference-sd units, the smallest and largest
-        sd ratio, the largest 1-D Wasserstein distance in reference-sd units); ``details[guide][ref]`` the
+        sd ratio, the largest 1-D Wasserstein distance in reference-sd units; k̂ also as the median and maximum over
+        ``khat_repeats`` independent sets of ``samples`` draws); ``details[guide][ref]`` the
         per-component tables of :func:`pyroflows.diagnostics.compare_to_reference`; the InferenceData per guide.
     """
     rows, details, idatas = {}, {}, {}
@@ -91,10 +96,17 @@ def compare_guides(
         )
         idata = diagnostics.to_inference_data(model, guide, samples, model_args=model_args, coords=coords, dims=dims)
         psis = diagnostics.psis_khat(idata=idata)
+        # k̂ from one set of draws is noisy (a few heavy weights decide it): repeat on fresh draws
+        khats = [psis.khat] + [
+            diagnostics.psis_khat(model, guide, samples, model_args=model_args, seed=seed + r).khat
+            for r in range(1, khat_repeats)
+        ]
         row = {
             "elbo": psis.elbo,
             "iw_elbo": psis.iw_elbo,
             "khat": psis.khat,
+            f"khat median of {khat_repeats}": float(np.median(khats)),
+            f"khat max of {khat_repeats}": float(np.max(khats)),
             "psis_ess": psis.ess,
             "fit_s": result.seconds,
         }
