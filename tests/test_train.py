@@ -289,6 +289,7 @@ def test_compile_opt_in_gives_the_same_losses(digits):
     eager = run(tiny(), digits, steps=4)
     compiled = run(tiny(), digits, steps=4, compile="eager")
     torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=0, atol=1e-5)
+    assert torch.distributions.Distribution._validate_args  # torch.compile's global switch-off was undone
 
 
 def test_cuda_request_without_cuda_is_a_clear_error(digits):

@@ -241,7 +241,8 @@ def fit(
     :param device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a ``torch.device``.
     :param bool amp: run the conditioner networks in bfloat16 (:func:`pyroflows.nn.set_compute_dtype`);
         log-dets stay in float32.
-    :param compile: ``True`` or a backend name: run the forward pass through ``torch.compile``.
+    :param compile: ``True`` or a backend name: run the forward pass through ``torch.compile``. (torch.compile
+        switches ``torch.distributions`` validation off process-wide; ``fit`` restores the previous setting.)
     :param int seed: seeds the batch order, the dequantisation noise and the estimators' randomness.
     :param int init_batch_size: examples for ActNorm's data-dependent initialisation.
     :param time_limit: stop after the step during which this many seconds of training have passed, and finish
@@ -415,7 +416,12 @@ def _fit(
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     if compile:
+        # The first torch.compile of a process turns torch.distributions' default validation off for good
+        # (dynamo's one-time patching), and with it pyroflows' validation when that follows torch: keep the
+        # user's setting instead of changing it behind their back.
+        validate = torch.distributions.Distribution._validate_args
         net = torch.compile(net, backend=compile if isinstance(compile, str) else "inductor")
+        torch.distributions.Distribution.set_default_validate_args(validate)
 
     writes = ctx.is_main and out is not None
     if writes:
