@@ -9,7 +9,7 @@ need              0.x                                        1.x
 build from dicts  ``az.from_dict(posterior=..., ...)``       ``arviz_base.from_dict({"posterior": ...})``
 PSIS              ``az.psislw(x)`` smooths ``exp(+x)``       ``arviz_stats.psislw(-x)`` (smooths ``exp(-x)``)
 bundled data      ``az.load_arviz_data``                     ``arviz_base.load_arviz_data``
-pair plot         ``az.plot_pair``                           ``arviz_plots.plot_pair_focus`` / matplotlib
+pair plot         ``az.plot_pair``                           :func:`scatter_matrix` (matplotlib)
 ================  =========================================  ==============================================
 
 Everything else in pyroflows works on numpy arrays and on the groups as mappings of ``xarray`` objects,
@@ -78,38 +78,50 @@ def group(data, name: str):
     return getattr(data, name, None) if name in getattr(data, "groups", lambda: [])() else None
 
 
+def flatten_draws(ds, var: str) -> tuple[list[str], np.ndarray]:
+    """Labels ``var[label, ...]`` and draws ``(S, K)`` of one variable of a posterior ``Dataset`` (plain xarray:
+    the same for both ArviZ versions)."""
+    da = ds[var]
+    extra = [d for d in da.dims if d not in ("chain", "draw")]
+    values = np.asarray(da.transpose("chain", "draw", *extra)).reshape(da.sizes["chain"] * da.sizes["draw"], -1)
+    if not extra:
+        return [var], values
+    grids = np.meshgrid(*[np.asarray(da[d].values) for d in extra], indexing="ij")
+    labels = [f"{var}[{', '.join(str(g.flat[i]) for g in grids)}]" for i in range(values.shape[1])]
+    return labels, values
+
+
 def plot_pair(data, var_names, coords: dict | None = None):
     """A pair plot of the posterior's ``var_names`` (restricted to ``coords``); returns a matplotlib figure.
 
-    0.x draws it with ``az.plot_pair``; with 1.x a plain matplotlib scatter matrix of the same variables.
+    0.x draws it with ``az.plot_pair``; with 1.x it is :func:`scatter_matrix` of the same variables.
     """
+    if ARVIZ_1:  # pragma: no cover - needs Python >= 3.12
+        post = group(data, "posterior")
+        return scatter_matrix(post.sel(coords) if coords else post, var_names)
+    axes = az.plot_pair(
+        data, var_names=var_names, coords=coords, kind="scatter", marginals=True, scatter_kwargs={"alpha": 0.15, "s": 2}
+    )
+    return np.ravel(axes)[0].figure
+
+
+def scatter_matrix(post, var_names):
+    """Histograms on the diagonal, pairwise scatter plots elsewhere, one row/column per component of
+    ``var_names`` in the posterior ``Dataset`` ``post``; returns a matplotlib figure."""
     import matplotlib.pyplot as plt
 
-    if not ARVIZ_1:
-        axes = az.plot_pair(
-            data,
-            var_names=var_names,
-            coords=coords,
-            kind="scatter",
-            marginals=True,
-            scatter_kwargs={"alpha": 0.15, "s": 2},
-        )
-        return np.ravel(axes)[0].figure
-    post = group(data, "posterior")  # pragma: no cover
-    post = post.sel(coords) if coords else post  # pragma: no cover
-    cols = {
-        f"{v}[{i}]" if post[v].ndim > 2 else v: x
-        for v in var_names  # pragma: no cover
-        for i, x in enumerate(
-            np.asarray(post[v]).reshape(-1, *post[v].shape[2:]).reshape(post[v].shape[0] * post[v].shape[1], -1).T
-        )
-    }
-    names = list(cols)  # pragma: no cover
-    fig, axes = plt.subplots(len(names), len(names), figsize=(2 * len(names),) * 2, squeeze=False)  # pragma: no cover
-    for i, a in enumerate(names):  # pragma: no cover
+    cols = {}
+    for var in var_names:
+        labels, values = flatten_draws(post, var)
+        cols.update(zip(labels, values.T))
+    names = list(cols)
+    fig, axes = plt.subplots(len(names), len(names), figsize=(2 * len(names),) * 2, squeeze=False)
+    for i, a in enumerate(names):
         for j, b in enumerate(names):
             if i == j:
                 axes[i, j].hist(cols[a], bins=40)
             else:
                 axes[i, j].plot(cols[b], cols[a], ".", alpha=0.15, markersize=2)
-    return fig  # pragma: no cover
+        axes[i, 0].set_ylabel(a)
+        axes[-1, i].set_xlabel(a)
+    return fig

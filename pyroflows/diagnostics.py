@@ -26,10 +26,9 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer.autoguide import AutoGuide
 
 from . import _arviz_compat as compat
-from .infer import plate_nesting
+from .infer import is_built, plate_nesting, replayed_traces
 
 __all__ = [
     "LOOResult",
@@ -74,7 +73,7 @@ def _check_model_and_guide(fn_name: str, model, guide, args, kwargs):
     """One unvectorised run of the guide and of the model replayed on it; clear errors for what cannot work."""
     if not callable(model) or not callable(guide):
         raise TypeError(f"{fn_name}: model and guide must be callables (a Pyro model and guide)")
-    if isinstance(guide, AutoGuide) and (guide.prototype_trace is None or getattr(guide, "transform", 0) is None):
+    if not is_built(guide):
         raise ValueError(
             f"{fn_name}: the guide was never fitted (it has not even been run): fit it first, e.g. with "
             "pyroflows.infer.fit(model, guide, num_steps), or load a fitted one with pyroflows.infer.load_guide"
@@ -95,10 +94,7 @@ def _check_model_and_guide(fn_name: str, model, guide, args, kwargs):
             "diagnostics) need every latent to be continuous. Marginalise them out (e.g. with "
             "config_enumerate and TraceEnum_ELBO) or give them a separate discrete guide."
         )
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    return guide_trace, model_trace
+    return replayed_traces(model, guide, *args, **kwargs)
 
 
 def _per_draw(x: torch.Tensor, n: int, shape: torch.Size, site: str) -> np.ndarray:
@@ -136,9 +132,7 @@ def _joint_draws_eval(fn_name, model, guide, num_samples, args, kwargs, predicti
 
         return run
 
-    with torch.no_grad(), poutine.block():
-        guide_tr = poutine.trace(vectorised(guide)).get_trace(*args, **kwargs)
-        model_tr = poutine.trace(poutine.replay(vectorised(model), trace=guide_tr)).get_trace(*args, **kwargs)
+    guide_tr, model_tr = replayed_traces(vectorised(model), vectorised(guide), *args, **kwargs)
 
     def total(trace, keep) -> np.ndarray:
         """Sum of the kept sites' (scaled, masked) log-densities, one value per draw."""
@@ -177,9 +171,7 @@ def _joint_draws_eval(fn_name, model, guide, num_samples, args, kwargs, predicti
         elif s["is_observed"]:
             fn = s["fn"]
             data_batch = natural[: len(natural) - fn.event_dim]
-            lp = fn.log_prob(s["value"])
-            if s["mask"] is not None:
-                lp = torch.where(torch.as_tensor(s["mask"], dtype=torch.bool), lp, lp.new_zeros(()))
+            lp = _mask(fn.log_prob(s["value"]), s)  # pointwise: the plates' subsampling scale is not applied
             log_lik[name] = _per_draw(
                 lp.expand(lp.shape[: lp.dim() - len(data_batch)] + data_batch), n, data_batch, name
             )
@@ -189,9 +181,14 @@ def _joint_draws_eval(fn_name, model, guide, num_samples, args, kwargs, predicti
     return _Draws(latent, log_lik, pred, observed, log_p, log_q)
 
 
+def _mask(lp: torch.Tensor, site) -> torch.Tensor:
+    if site["mask"] is None:
+        return lp
+    return torch.where(torch.as_tensor(site["mask"], dtype=torch.bool), lp, lp.new_zeros(()))
+
+
 def _scale_and_mask(lp: torch.Tensor, site) -> torch.Tensor:
-    if site["mask"] is not None:
-        lp = torch.where(torch.as_tensor(site["mask"], dtype=torch.bool), lp, lp.new_zeros(()))
+    lp = _mask(lp, site)
     scale = site["scale"]
     return lp if isinstance(scale, numbers.Number) and scale == 1.0 else lp * scale
 
@@ -493,18 +490,6 @@ def loo(idata) -> LOOResult:
 # --- comparison with a reference posterior ------------------------------------------------------------------
 
 
-def _flatten(ds, var: str) -> tuple[list[str], np.ndarray]:
-    """Labels ``var[label, ...]`` and draws ``(S, K)`` of one posterior variable."""
-    da = ds[var]
-    extra = [d for d in da.dims if d not in ("chain", "draw")]
-    values = np.asarray(da.transpose("chain", "draw", *extra)).reshape(da.sizes["chain"] * da.sizes["draw"], -1)
-    if not extra:
-        return [var], values
-    grids = np.meshgrid(*[np.asarray(da[d].values) for d in extra], indexing="ij")
-    labels = [f"{var}[{', '.join(str(g.flat[i]) for g in grids)}]" for i in range(values.shape[1])]
-    return labels, values
-
-
 def compare_to_reference(idata, reference, var_names: Sequence[str] | None = None, weights=None):
     """Per-variable mean, sd and 1-D Wasserstein distance of ``idata``'s posterior against ``reference``'s.
 
@@ -537,8 +522,8 @@ def compare_to_reference(idata, reference, var_names: Sequence[str] | None = Non
         raise ValueError(f"compare_to_reference: {missing} not in both posteriors (shared: {common})")
     rows = {}
     for var in var_names:
-        labels, x = _flatten(post, var)
-        ref_labels, r = _flatten(ref, var)
+        labels, x = compat.flatten_draws(post, var)
+        ref_labels, r = compat.flatten_draws(ref, var)
         if labels != ref_labels:
             raise ValueError(
                 f"compare_to_reference: {var!r} has components {labels} here but {ref_labels} in reference"

@@ -32,8 +32,10 @@ __all__ = [
     "TrainingError",
     "fit",
     "load_guide",
+    "is_built",
     "max_plate_nesting",
     "plate_nesting",
+    "replayed_traces",
     "save_guide",
     "sync_param_store",
 ]
@@ -196,7 +198,7 @@ def fit(
             loss_value = elbo.loss_and_grads(model, guide, *model_args, **model_kwargs)
         step_params = {id(p): p for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())}
         if opt is None:
-            params = _first_step_params(step_params, guide)
+            params = _first_step_params(step_params)
             known = set(step_params)
             opt = optimizer(params, lr=lr, **_optimizer_kwargs(optimizer, optimizer_kwargs))
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -240,7 +242,7 @@ def _progress(num_steps, progress):
     return tqdm(total=num_steps, desc="svi", unit="step", dynamic_ncols=True)
 
 
-def _first_step_params(step_params: dict, guide) -> list[torch.Tensor]:
+def _first_step_params(step_params: dict) -> list[torch.Tensor]:
     params = list(step_params.values())
     if not params:
         raise ValueError(
@@ -282,23 +284,33 @@ def plate_nesting(trace) -> int:
     return max(dims, default=0)
 
 
-def max_plate_nesting(model, guide, *args, **kwargs) -> int:
-    """The plate nesting of ``model`` replayed on one (blocked, gradient-free) run of ``guide``."""
+def replayed_traces(model, guide, *args, **kwargs):
+    """One blocked, gradient-free run of ``guide``, and of ``model`` replayed on it: ``(guide_trace, model_trace)``."""
     with torch.no_grad(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    return max(plate_nesting(guide_trace), plate_nesting(model_trace))
+    return guide_trace, model_trace
+
+
+def max_plate_nesting(model, guide, *args, **kwargs) -> int:
+    """The plate nesting of ``model`` replayed on one (blocked, gradient-free) run of ``guide``."""
+    return max(plate_nesting(trace) for trace in replayed_traces(model, guide, *args, **kwargs))
 
 
 # --- building, saving and loading guides ---------------------------------------------------------------------
 
 
+def is_built(guide) -> bool:
+    """Whether ``guide`` has set itself up: an AutoGuide builds its prototype (and ``AutoNormalizingFlow`` its
+    transform) on first use; any other guide counts as built."""
+    return not isinstance(guide, AutoGuide) or (
+        guide.prototype_trace is not None and getattr(guide, "transform", 0) is not None
+    )
+
+
 def _ensure_built(guide, *args, **kwargs) -> None:
     """Run ``guide`` once (blocked, no gradients) if it has not set itself up yet."""
-    needs_run = isinstance(guide, AutoGuide) and (
-        guide.prototype_trace is None or getattr(guide, "transform", 0) is None
-    )
-    if needs_run:
+    if not is_built(guide):
         with torch.no_grad(), poutine.block():
             guide(*args, **kwargs)
 
@@ -381,7 +393,7 @@ def save_guide(guide, path: str | os.PathLike) -> None:
     """
     if not isinstance(guide, torch.nn.Module):
         raise TypeError(f"save_guide: the guide must be an nn.Module (a Pyro AutoGuide), got {type(guide).__name__}")
-    if isinstance(guide, AutoGuide) and guide.prototype_trace is None:
+    if not is_built(guide):
         raise ValueError("save_guide: the guide was never run or fitted; fit it first (pyroflows.infer.fit)")
     atomic_torch_save({"format": "pyroflows-guide-1", "class": type(guide).__name__, "state": guide.state_dict()}, path)
 

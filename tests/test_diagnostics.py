@@ -255,6 +255,21 @@ def test_compare_to_reference_units_and_labels():
     np.testing.assert_allclose(bare.values, table.values)
 
 
+def test_scatter_matrix_has_one_row_per_component():
+    """The pair plot used with ArviZ 1.x (exercised here under 0.x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    post = _posterior(mu=rng.normal(size=(1, 50)), theta=rng.normal(size=(1, 50, 2))).posterior
+    fig = compat.scatter_matrix(post, ["mu", "theta"])
+    axes = np.asarray(fig.axes).reshape(3, 3)
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["mu", "theta[a]", "theta[b]"]
+    plt.close(fig)
+
+
 def test_compare_to_reference_errors():
     a = _posterior(mu=np.zeros((1, 10)), theta=np.zeros((1, 10, 2)))
     b = compat.from_dict({"posterior": {"mu": np.zeros((1, 10)), "theta": np.zeros((1, 10, 3))}})
