@@ -157,6 +157,14 @@ class AffineCoupling(FlowTransform):
         self.register_buffer("_trans_idx", trans_idx, persistent=False)
         # y = cat([y_cond, y_trans])[..., _unsort] puts every coordinate back in place.
         self.register_buffer("_unsort", torch.argsort(torch.cat([cond_idx, trans_idx])), persistent=False)
+        # A mask of two contiguous blocks (the half mask, flipped or not) splits by views instead of gathers:
+        # the gathers' scatter-add backward made a vector coupling step about 20% slower.
+        self._blocks = None
+        if n_cond and bool((cond_idx.diff() == 1).all()) and bool((trans_idx.diff() == 1).all()):
+            if int(cond_idx[0]) == 0:
+                self._blocks = (False, n_cond, n_trans)  # (transformed block first?, first size, second size)
+            elif int(trans_idx[0]) == 0:
+                self._blocks = (True, n_trans, n_cond)
         hidden = (64, 64) if hidden is None else ((hidden,) if isinstance(hidden, int) else tuple(hidden))
         self.conditioner = conditioner or MLP(n_cond, self._n_params * n_trans, hidden)
 
@@ -210,10 +218,18 @@ class AffineCoupling(FlowTransform):
         """Returns ``(output, log|det d output / d input|)`` for the forward or inverse map."""
         sign = -1.0 if inverse else 1.0
         if self._mode == "vector":
-            x_cond, x_trans = x[..., self._cond_idx], x[..., self._trans_idx]
+            if self._blocks is None:
+                x_cond, x_trans = x[..., self._cond_idx], x[..., self._trans_idx]
+            else:
+                trans_first, first, second = self._blocks
+                a, b = x.split([first, second], dim=-1)
+                x_cond, x_trans = (b, a) if trans_first else (a, b)
             shift, log_scale = self._scale(self.conditioner(x_cond))
             y_trans = self._affine(x_trans, shift, log_scale, inverse)
-            y = torch.cat([x_cond, y_trans], dim=-1)[..., self._unsort]
+            if self._blocks is None:
+                y = torch.cat([x_cond, y_trans], dim=-1)[..., self._unsort]
+            else:
+                y = torch.cat([y_trans, x_cond] if trans_first else [x_cond, y_trans], dim=-1)
             return y, self._sum(log_scale, x, 1, sign)
         if self._mode == "channel":
             x_cond, x_trans = self._split_channels(x)
