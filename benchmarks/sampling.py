@@ -10,10 +10,12 @@ the same vector ``residual_flow`` in ``FlowDensity.sample`` (the **fixed-point i
 against normflows' ``MultiscaleFlow.sample`` (Glow; for realnvp an architecture reference) and its residual CNN flow.
 Architectures are those of ``benchmarks/scaling.py``.
 
-Both libraries are timed through their public sampling call, which computes a log-det on the way in pyroflows
-(``FlowDensity.sample``, every ``FlowTransform`` call) and in normflows (``sample`` returns ``log_q``); Pyro's
-transforms cache theirs. The models are untrained (ActNorm initialised on one data batch); normflows' residual nets
-start from random weights (``init_zeros=False``) like pyroflows', so the fixed-point iterations have work to do.
+Both libraries are timed through their public sampling call. normflows' ``sample`` always returns ``log_q`` too,
+so it computes every layer's log-det; Pyro's transforms compute and cache theirs. pyroflows layers compute theirs in
+the same pass, except where the log-det costs far more than the map (``lazy_log_det``: residual blocks), which
+without gradients defer it until ``log_prob`` asks; ``FlowDensity.sample`` computes none. The models are
+untrained (ActNorm initialised on one data batch); normflows' residual nets start from random weights
+(``init_zeros=False``) like pyroflows', so the fixed-point iterations have work to do.
 Samples/s = n / median wall time of one call over the interleaved rounds; the speed ratio is the median over rounds
 of ``peer time / pyroflows time`` (> 1: pyroflows faster).
 
@@ -49,7 +51,7 @@ VECTOR_ROWS = (
         "pyroflows residual_flow",
         "normflows Residual",
         True,
-        "explicit map; pyroflows also computes the log-det (exact for D <= 64 in eval), normflows does not",
+        "explicit map x + g(x) in both, no log-det (pyroflows defers it: lazy_log_det)",
     ),
     (
         "residual_flow",
@@ -57,11 +59,11 @@ VECTOR_ROWS = (
         "pyroflows residual_flow",
         "normflows Residual",
         True,
-        "fixed-point inverse in both, with a log-det",
+        "fixed-point inverse in both; normflows' sample also returns log_q",
     ),
 )
 IMAGE_ROWS = (
-    ("glow", "density", "pyroflows glow", "normflows Glow", True, "same levels/steps/width"),
+    ("glow", "density", "pyroflows glow", "normflows Glow", True, "same levels/steps/width; normflows adds log_q"),
     (
         "realnvp",
         "density",
@@ -76,7 +78,7 @@ IMAGE_ROWS = (
         "pyroflows residual_flow",
         "normflows Residual CNN",
         True,
-        "fixed-point inverse in both, with a log-det",
+        "fixed-point inverse in both; normflows' sample also returns log_q",
     ),
 )
 

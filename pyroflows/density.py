@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from .transforms import inverse
-from .transforms.base import _base_constraint, inverse_and_log_det
+from .transforms.base import _base_constraint, inverse_only
 
 
 class FlowDensity(nn.Module):
@@ -129,7 +129,7 @@ class FlowDensity(nn.Module):
                 z = self._loc.expand((n,) + self.latent_shape)
             else:
                 z = self.base_dist(temperature).sample((n,))
-            x, _ = inverse_and_log_det(self.flow, z)
+            x = inverse_only(self.flow, z)  # no log-det: a residual flow's would cost more than the inverse
         finally:
             self.train(was_training)
         support = _base_constraint(self.flow.domain)

@@ -274,3 +274,92 @@ def test_residual_flow_builder_checks_and_guides():
     flow = pyroflows.residual_flow(3, num_blocks=2, hidden=(8,), n_exact_terms=3, memory_efficient=False)
     blocks = [m for m in flow.modules() if isinstance(m, ResidualBlock)]
     assert len(blocks) == 2 and all(b.n_exact_terms == 3 and not b.memory_efficient for b in blocks)
+
+
+def _count_log_dets(monkeypatch):
+    """Count the calls of ResidualBlock.forward_and_log_det (every log-det of a block goes through it)."""
+    calls = []
+    original = ResidualBlock.forward_and_log_det
+
+    def counted(self, x):
+        calls.append(x.shape)
+        return original(self, x)
+
+    monkeypatch.setattr(ResidualBlock, "forward_and_log_det", counted)
+    return calls
+
+
+def test_sampling_without_gradients_skips_the_log_det_until_asked(monkeypatch):
+    """Guide direction: ``TransformedDistribution.sample`` (no grad) computes only x + g(x); a later log_prob of
+    those draws computes the log-det once from the remembered x and equals the eager value."""
+    import pyro.distributions as dist
+
+    torch.manual_seed(0)
+    flow = pyroflows.residual_flow(3, num_blocks=2, hidden=(16,)).double().eval()
+    q = dist.TransformedDistribution(dist.Normal(torch.zeros(3).double(), 1.0).to_event(1), flow)
+    calls = _count_log_dets(monkeypatch)
+    y = q.sample((50,))
+    assert calls == []  # no Jacobian for drawing
+    with torch.no_grad():
+        lazy = q.log_prob(y)
+    assert len(calls) == 2  # once per block, from the remembered base draw (no inverse)
+    with torch.no_grad():  # asked again: the remembered value, no new Jacobian
+        torch.testing.assert_close(q.log_prob(y), lazy, rtol=0, atol=0)
+    assert len(calls) == 2
+    x = flow._memo.x
+    _, eager = flow.forward_and_log_det(x)
+    base = dist.Normal(torch.zeros(3).double(), 1.0).to_event(1).log_prob(x)
+    torch.testing.assert_close(lazy, base - eager, rtol=0, atol=1e-12)
+
+
+def test_calls_with_gradients_compute_the_log_det_once(monkeypatch):
+    torch.manual_seed(0)
+    flow = pyroflows.residual_flow(3, num_blocks=2, hidden=(16,))
+    calls = _count_log_dets(monkeypatch)
+    x = torch.randn(8, 3)
+    y = flow(x)
+    assert len(calls) == 2
+    flow.log_abs_det_jacobian(x, y).sum().backward()
+    assert len(calls) == 2  # the training path keeps one pass for both
+
+
+def test_density_sample_runs_the_fixed_point_inverse_without_log_dets(monkeypatch):
+    torch.manual_seed(0)
+    model = pyroflows.FlowDensity(pyroflows.residual_flow(4, num_blocks=2, hidden=(16,)), (4,)).double()
+    calls = _count_log_dets(monkeypatch)
+    torch.manual_seed(1)
+    x = model.sample(20)
+    assert calls == []
+    torch.manual_seed(1)
+    z = model.base_dist(1.0).sample((20,))
+    x_ref, _ = pyroflows.transforms.inverse_and_log_det(model.flow.eval(), z)
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=1e-12)
+    y_round, _ = pyroflows.transforms.forward_and_log_det(model.flow, x)
+    torch.testing.assert_close(y_round, z, rtol=0, atol=1e-9)
+
+
+def test_lazy_log_det_reaches_compositions_and_inverses():
+    block = ResidualBlock(3, hidden=(8,))
+    planar = pyroflows.transforms.Planar(3)
+    assert pyroflows.transforms.Compose([planar, block]).lazy_log_det
+    assert not pyroflows.transforms.Compose([planar, pyroflows.transforms.ActNorm(3)]).lazy_log_det
+    inv = pyroflows.inverse(block).eval()
+    assert inv.lazy_log_det
+    y = torch.randn(5, 3)
+    with torch.no_grad():
+        x = inv(y)
+        lazy = inv.log_abs_det_jacobian(y, x)
+    eager_x, eager = inv.forward_and_log_det(y)
+    torch.testing.assert_close(x, eager_x)
+    torch.testing.assert_close(lazy, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_memo_serves_a_never_trained_residual_flow_in_eval(grad):
+    """The power iteration marks "never iterated in training" with a NaN buffer; NaN != NaN once made every
+    memo lookup of such a flow miss, so log_prob after a draw re-ran the fixed-point inverse."""
+    flow = pyroflows.residual_flow(3, num_blocks=2, hidden=(8,)).eval()
+    x = torch.randn(4, 3)
+    with torch.set_grad_enabled(grad):
+        y = flow(x)
+        assert flow.inv(y) is x

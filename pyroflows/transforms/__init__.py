@@ -7,8 +7,10 @@ from .base import (
     Inverse,
     enable_validation,
     forward_and_log_det,
+    forward_only,
     inverse,
     inverse_and_log_det,
+    inverse_only,
     is_validation_enabled,
 )
 from .conv1x1 import Invertible1x1Conv
@@ -35,8 +37,10 @@ __all__ = [
     "Squeeze",
     "enable_validation",
     "forward_and_log_det",
+    "forward_only",
     "inverse",
     "inverse_and_log_det",
+    "inverse_only",
     "is_validation_enabled",
     "make_mask",
 ]

@@ -172,6 +172,34 @@ def inverse_and_log_det(t: Transform, y: torch.Tensor) -> tuple[torch.Tensor, to
     return x, -t.log_abs_det_jacobian(x, y)
 
 
+def forward_only(t: Transform, x: torch.Tensor) -> torch.Tensor:
+    """``t(x)`` without the log-det where a :class:`FlowTransform` can skip it (no memo, no cache).
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.transforms import ResidualBlock, forward_only
+        >>> block = ResidualBlock(3, hidden=(8,)).eval()
+        >>> x = torch.randn(4, 3)
+        >>> torch.equal(forward_only(block, x), block.forward_and_log_det(x)[0])
+        True
+    """
+    return t.forward_only(x) if isinstance(t, FlowTransform) else t(x)
+
+
+def inverse_only(t: Transform, y: torch.Tensor) -> torch.Tensor:
+    """``t⁻¹(y)`` without the log-det where a :class:`FlowTransform` can skip it; see :func:`forward_only`.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.transforms import ActNorm, inverse_only
+        >>> inverse_only(ActNorm(3), torch.randn(4, 3)).shape
+        torch.Size([4, 3])
+    """
+    return t.inverse_only(y) if isinstance(t, FlowTransform) else t.inv(y)
+
+
 def _base_constraint(c):
     while isinstance(c, constraints.independent):
         c = c.base_constraint
@@ -204,6 +232,10 @@ class FlowTransform(TransformModule):
     ``cache_size`` 0 and 1, input checks (see :func:`enable_validation`), and pickling/deep-copying without
     the remembered tensors.
 
+    A layer whose log-det costs much more than its map (a residual block's Jacobian) also overrides
+    ``forward_only`` / ``inverse_only`` and sets ``lazy_log_det = True``: with gradients off (sampling), a call
+    then computes the map alone and the log-det is computed from the remembered ``x`` only if asked for.
+
     Direction: in a guide the forward map takes base noise to the posterior; in a density model it takes
     data to the latent, :math:`\log p(x) = \log p_Z(f(x)) + \log|\det \partial f/\partial x|`.
 
@@ -234,6 +266,9 @@ class FlowTransform(TransformModule):
 
     bijective = True
     sign = +1  # only meaningful for event_dim 0; kept for torch's API
+    #: With gradients off, calls compute only the map (``forward_only`` / ``inverse_only``) and leave the log-det
+    #: to the first ``log_abs_det_jacobian`` on the pair. Worth it only where the log-det dominates the cost.
+    lazy_log_det = False
 
     def __init__(
         self,
@@ -261,6 +296,17 @@ class FlowTransform(TransformModule):
     def inverse_and_log_det(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(x, log|det dx/dy|)``; the log-det has shape ``y.shape[:y.dim() - event_dim]``."""
         raise NotImplementedError
+
+    def forward_only(self, x: torch.Tensor) -> torch.Tensor:
+        """``y`` alone; override (with ``lazy_log_det = True``) where skipping the log-det saves real work."""
+        return self.forward_and_log_det(x)[0]
+
+    def inverse_only(self, y: torch.Tensor) -> torch.Tensor:
+        """``x`` alone; see :meth:`forward_only`."""
+        return self.inverse_and_log_det(y)[0]
+
+    def _defer_log_det(self) -> bool:
+        return not torch.is_grad_enabled() and self.lazy_log_det
 
     # ----------------------------------------------------------------- shapes and constraints
     @constraints.dependent_property(is_discrete=False)
@@ -310,7 +356,9 @@ class FlowTransform(TransformModule):
         tensors = [t.detach() for t in self._watched() if t.is_floating_point() and t.numel()]
         if not tensors:
             return None
-        return torch.stack(torch._foreach_norm(tensors))
+        # NaN (a power iteration's "not yet iterated" marker) would never equal itself and defeat the memo;
+        # a norm is never negative, so -1 stands for it without colliding.
+        return torch.stack(torch._foreach_norm(tensors)).nan_to_num_(nan=-1.0)
 
     def _remember(self, x, y, log_det):
         self.__dict__["_memo"] = _Memo(x, y, log_det, self._state(), self._fingerprint())
@@ -333,7 +381,10 @@ class FlowTransform(TransformModule):
         checking = is_validation_enabled()
         if checking:
             self._check_input(x, "forward")
-        y, log_det = self.forward_and_log_det(x)
+        if self._defer_log_det():
+            y, log_det = self.forward_only(x), None
+        else:
+            y, log_det = self.forward_and_log_det(x)
         if checking:
             self._check_output(x, y, log_det, "forward")
         self._remember(x, y, log_det)
@@ -346,10 +397,13 @@ class FlowTransform(TransformModule):
         checking = is_validation_enabled()
         if checking:
             self._check_input(y, "inverse")
-        x, log_det = self.inverse_and_log_det(y)
+        if self._defer_log_det():
+            x, log_det = self.inverse_only(y), None
+        else:
+            x, log_det = self.inverse_and_log_det(y)
         if checking:
             self._check_output(y, x, log_det, "inverse")
-        self._remember(x, y, -log_det)
+        self._remember(x, y, None if log_det is None else -log_det)
         return x
 
     def log_abs_det_jacobian(self, x, y):
@@ -357,6 +411,13 @@ class FlowTransform(TransformModule):
         ``__call__`` or ``inv``; for any other pair, computed afresh from ``x``."""
         memo = self._recall(x=x, y=y)
         if memo is not None:
+            if memo.log_det is None:  # deferred by a call without gradients (lazy_log_det)
+                _, log_det = self.forward_and_log_det(memo.x)
+                if is_validation_enabled():
+                    self._check_output(memo.x, memo.y, log_det, "forward")
+                # Stamp the state after the computation, as a call does: a layer's own bookkeeping (a power
+                # iteration's sigma buffer) may bump versions on the way.
+                memo.log_det, memo.state, memo.fingerprint = log_det, self._state(), self._fingerprint()
             return memo.log_det
         if is_validation_enabled():
             self._check_input(x, "forward")
@@ -434,7 +495,7 @@ class FlowTransform(TransformModule):
             )
 
     def _check_output(self, x, y, log_det, direction: str) -> None:
-        if bool(torch.isfinite(y).all()) and bool(torch.isfinite(log_det).all()):
+        if bool(torch.isfinite(y).all()) and (log_det is None or bool(torch.isfinite(log_det).all())):
             return
         raise RuntimeError(
             f"{self._describe_nonfinite(x, direction)} produced a non-finite "
@@ -497,6 +558,16 @@ class Inverse(FlowTransform):
 
     def inverse_and_log_det(self, y):
         return forward_and_log_det(self.base, y)
+
+    @property
+    def lazy_log_det(self):
+        return bool(getattr(self.base, "lazy_log_det", False))
+
+    def forward_only(self, x):
+        return inverse_only(self.base, x)
+
+    def inverse_only(self, y):
+        return forward_only(self.base, y)
 
     def _name(self):
         return f"Inverse({self.base._name() if isinstance(self.base, FlowTransform) else type(self.base).__name__})"
@@ -612,6 +683,21 @@ class Compose(FlowTransform, ComposeTransformModule):
             y, ld = inverse_and_log_det(part, y)
             log_det = log_det + _sum_rightmost(ld, n)
         return y, log_det
+
+    @property
+    def lazy_log_det(self):
+        """Whether any part defers its log-det (then the composition does, and recomputes all of it on request)."""
+        return any(getattr(part, "lazy_log_det", False) for part in self.parts)
+
+    def forward_only(self, x):
+        for part in self.parts:
+            x = forward_only(part, x)
+        return x
+
+    def inverse_only(self, y):
+        for part in reversed(self.parts):
+            y = inverse_only(part, y)
+        return y
 
     def _describe_nonfinite(self, x, direction):
         """Re-run part by part (no grad) to name the first part whose output or log-det is not finite."""

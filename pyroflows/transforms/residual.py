@@ -220,6 +220,16 @@ class ResidualBlock(FlowTransform):
         coeffs = self._coefficients(mode, n_exact)
         return series_log_det(self.net, x, self._event_dim, coeffs, self.n_samples, self.probe, self.memory_efficient)
 
+    lazy_log_det = True  # the log-det (a Jacobian or a series of vector-Jacobian products) dwarfs x + g(x)
+
+    def forward_only(self, x):
+        self._refresh(x)
+        return x + self.net(x)
+
+    def inverse_only(self, y):
+        self._refresh(y)
+        return _FixedPointInverse.apply(y, self, *self.net.parameters())
+
     # ----------------------------------------------------------------- inverse
     def _tolerance(self, x: torch.Tensor) -> torch.Tensor:
         default = 1e-12 if x.dtype == torch.float64 else 1e-6
