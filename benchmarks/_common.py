@@ -59,7 +59,24 @@ def machine() -> dict:
         "pyroflows": _version("pyroflows"),
         "normflows": _version("normflows"),
         "torch_threads": torch.get_num_threads(),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def git_commit() -> str | None:
+    """The short commit of the checkout the benchmarks run from (``+dirty`` with uncommitted changes), if any."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True)
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def have_normflows() -> bool:

@@ -47,7 +47,8 @@ def _machine_line(m: dict | None) -> str:
         cpu = f"GPU {m['gpu']}; {cpu}"
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "pyro", "pyroflows", "normflows", "python") if m.get(k))
     load = f", load avg {m['load_avg_1min']:.1f}" if m.get("load_avg_1min") is not None else ""
-    return f"machine: {cpu}, {cores} cores{load}; {versions}"
+    when = "".join(f"; {k} {m[k]}" for k in ("commit", "date") if m.get(k))
+    return f"machine: {cpu}, {cores} cores{load}; {versions}{when}"
 
 
 # --------------------------------------------------------------------------------------------- new suite
