@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from .transforms import inverse
-from .transforms.base import _base_constraint, inverse_only
+from .transforms.base import FlowTransform, _base_constraint, inverse_only
 
 
 class FlowDensity(nn.Module):
@@ -81,8 +81,11 @@ class FlowDensity(nn.Module):
         :func:`pyroflows.enable_validation`).
         """
         self._check(x)
-        z = self.flow(x)
-        log_det = self.flow.log_abs_det_jacobian(x, z)
+        if isinstance(self.flow, FlowTransform):  # one pass even without gradients, where residual blocks defer
+            z, log_det = self.flow._call_and_log_det(x)
+        else:
+            z = self.flow(x)
+            log_det = self.flow.log_abs_det_jacobian(x, z)
         return self.base_dist().log_prob(z) + log_det
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

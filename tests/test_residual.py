@@ -363,3 +363,23 @@ def test_memo_serves_a_never_trained_residual_flow_in_eval(grad):
     with torch.set_grad_enabled(grad):
         y = flow(x)
         assert flow.inv(y) is x
+
+
+def test_density_log_prob_without_gradients_is_one_pass(monkeypatch):
+    """FlowDensity.log_prob wants the log-det anyway: without gradients it must not run x + g(x) and then the
+    log-det pass again (each block's forward_and_log_det exactly once), and it equals the value with gradients."""
+    torch.manual_seed(0)
+    model = pyroflows.FlowDensity(pyroflows.residual_flow(3, num_blocks=2, hidden=(16,)), (3,)).double().eval()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    with_grad = model.log_prob(x)
+    calls = _count_log_dets(monkeypatch)
+    calls.clear()
+    with torch.no_grad():
+        without = model.log_prob(x)
+    assert len(calls) == 2
+    forward_only_calls = []
+    monkeypatch.setattr(ResidualBlock, "forward_only", lambda self, v: forward_only_calls.append(1))
+    with torch.no_grad():
+        model.log_prob(x)
+    assert forward_only_calls == []
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=1e-12)

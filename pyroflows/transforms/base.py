@@ -378,17 +378,22 @@ class FlowTransform(TransformModule):
         # A forward call always computes: calling t(x) again on the same tensor is how a training loop on a
         # fixed batch reads the current parameters, and an optimiser that writes through ``.data`` (Pyro's
         # ClippedAdam) leaves no trace a memo could check. The memo serves the log-det and the inverse only.
+        return self._call_and_log_det(x, lazy=self._defer_log_det())[0]
+
+    def _call_and_log_det(self, x, lazy: bool = False):
+        """``(t(x), log-det)`` checked and remembered as a call is; ``lazy`` leaves the log-det ``None``. A caller
+        that wants both (``FlowDensity.log_prob``) uses this in one pass whatever the grad mode."""
         checking = is_validation_enabled()
         if checking:
             self._check_input(x, "forward")
-        if self._defer_log_det():
+        if lazy:
             y, log_det = self.forward_only(x), None
         else:
             y, log_det = self.forward_and_log_det(x)
         if checking:
             self._check_output(x, y, log_det, "forward")
         self._remember(x, y, log_det)
-        return y
+        return y, log_det
 
     def _inverse(self, y):
         memo = self._recall(y=y)
