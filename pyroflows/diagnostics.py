@@ -289,7 +289,17 @@ def to_inference_data(
 
 
 def khat_threshold(num_samples: int) -> float:
-    """ArviZ's sample-size-dependent k̂ threshold, ``min(1 - 1/log10(S), 0.7)``."""
+    """ArviZ's sample-size-dependent k̂ threshold, ``min(1 - 1/log10(S), 0.7)``.
+
+    :param int num_samples: the number of draws ``S``; with 10 or fewer no k̂ is trusted (threshold 0).
+    :returns: the threshold, a ``float``.
+
+    Example::
+
+        >>> from pyroflows.diagnostics import khat_threshold
+        >>> khat_threshold(10), khat_threshold(100), round(khat_threshold(1000), 3), khat_threshold(4000)
+        (0.0, 0.5, 0.667, 0.7)
+    """
     return min(1.0 - 1.0 / math.log10(num_samples), 0.7) if num_samples > 10 else 0.0
 
 
@@ -306,6 +316,22 @@ class PSISResult:
     :ivar float elbo: the ELBO estimate ``mean(log p - log q)``.
     :ivar float iw_elbo: the importance-weighted ELBO ``log mean exp(log p - log q)`` (raw ratios).
     :ivar int num_samples: ``S``.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.diagnostics import psis_khat
+        >>> def model():
+        ...     pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> pyro.clear_param_store()
+        >>> guide = AutoNormal(model, init_scale=1.5)
+        >>> _ = guide()  # built, not fitted: q is wider than p, so p/q is bounded
+        >>> result = psis_khat(model, guide, num_samples=1000, seed=0)
+        >>> result.log_weights.shape, result.means["z"].shape, result.num_samples, round(result.threshold, 3)
+        ((1000,), (2,), 1000, 0.667)
+        >>> 0 < result.ess <= result.num_samples, result.iw_elbo >= result.elbo, result.ok
+        (True, True, True)
     """
 
     khat: float
@@ -358,6 +384,13 @@ def psis_khat(
     Uses ArviZ's PSIS. Either draws ``num_samples`` fresh from ``guide``, or reuses the draws in ``idata``
     (from :func:`to_inference_data`, which keeps ``log_p`` / ``log_q``).
 
+    :param model: the Pyro model (not needed with ``idata``).
+    :param guide: a fitted guide for it (not needed with ``idata``).
+    :param int num_samples: draws from the guide (>= 1; a few thousand for a stable k̂).
+    :param model_args: positional arguments of the model and guide.
+    :param dict model_kwargs: keyword arguments of the model and guide.
+    :param idata: reuse the draws of :func:`to_inference_data` instead of drawing.
+    :param int seed: ``pyro.set_rng_seed(seed)`` before drawing.
     :returns: :class:`PSISResult` with k̂, the PSIS effective sample size, PSIS-corrected means of every
         posterior variable, the ELBO and the importance-weighted ELBO.
 
@@ -420,6 +453,31 @@ def importance_weighted_elbo(
 
     A lower bound on :math:`\\log p(x)` that tightens as ``S`` grows (Burda et al. 2016); its gap to the ELBO
     measures how much ``q`` differs from the posterior.
+
+    :param model: the Pyro model.
+    :param guide: a fitted guide for it.
+    :param int num_samples: the number of draws ``S`` from the guide (>= 1).
+    :param model_args: positional arguments of the model and guide.
+    :param dict model_kwargs: keyword arguments of the model and guide.
+    :param int seed: ``pyro.set_rng_seed(seed)`` before drawing.
+    :returns: the estimate, a ``float``.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, pyroflows, torch
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.diagnostics import importance_weighted_elbo
+        >>> def model(y):
+        ...     x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        ...     pyro.sample("y", dist.Normal(x, 1.0), obs=y)
+        >>> y = torch.tensor(1.0)
+        >>> log_evidence = dist.Normal(0.0, 2**0.5).log_prob(y).item()  # exact: y ~ Normal(0, sqrt(2))
+        >>> pyro.clear_param_store()
+        >>> guide = AutoNormal(model)
+        >>> _ = pyroflows.infer.fit(model, guide, 200, model_args=(y,), lr=0.05, progress=False, seed=0)
+        >>> iwelbo = importance_weighted_elbo(model, guide, num_samples=1000, model_args=(y,), seed=0)
+        >>> abs(iwelbo - log_evidence) < 0.05
+        True
     """
     n = _check_num_samples("importance_weighted_elbo", num_samples)
     if seed is not None:
@@ -437,6 +495,17 @@ class LOOResult:
     :ivar numpy.ndarray elpd_i: pointwise values, one per observation.
     :ivar numpy.ndarray pareto_k: PSIS k̂ per observation.
     :ivar float threshold: the k̂ threshold for this number of draws (:func:`khat_threshold`).
+
+    Example::
+
+        >>> import numpy as np
+        >>> from pyroflows.diagnostics import LOOResult
+        >>> result = LOOResult(elpd_loo=-3.6, se=0.3, elpd_i=np.array([-1.1, -1.5, -1.0]),
+        ...                    pareto_k=np.array([0.12, 0.83, 0.35]), threshold=0.7)
+        >>> result.n_bad_k  # the second observation's elpd_i is not reliable
+        1
+        >>> result
+        LOOResult(elpd_loo=-3.600, se=0.300, n=3, max_pareto_k=0.83, n_bad_k=1 (threshold 0.70))
     """
 
     elpd_loo: float
@@ -467,6 +536,23 @@ def loo(idata) -> LOOResult:
 
     :param idata: from :func:`to_inference_data` (needs ``log_likelihood`` and ``sample_stats``).
     :returns: :class:`LOOResult`.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, pyroflows, torch
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.diagnostics import loo, to_inference_data
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.tensor([0.5, 1.5, 1.0, 0.2])
+        >>> pyro.clear_param_store()
+        >>> guide = AutoNormal(model)
+        >>> _ = pyroflows.infer.fit(model, guide, 200, model_args=(y,), lr=0.05, progress=False, seed=0)
+        >>> result = loo(to_inference_data(model, guide, num_samples=1000, model_args=(y,), seed=0))
+        >>> result.elpd_i.shape, result.pareto_k.shape, result.n_bad_k
+        ((4,), (4,), 0)
     """
     log_p, log_q, _ = _stats_from(idata)
     ll_group = compat.group(idata, "log_likelihood")
@@ -505,6 +591,29 @@ def compare_to_reference(idata, reference, var_names: Sequence[str] | None = Non
     :param weights: optional importance weights for ``idata``'s draws (e.g. ``np.exp(psis.log_weights)``
         from :func:`psis_khat` on the same draws), giving the PSIS-corrected comparison.
     :returns: a ``pandas.DataFrame`` indexed by ``var[coord]``.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, pyroflows, torch
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.diagnostics import compare_to_reference, to_inference_data
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0).to_event(1), obs=y)
+        >>> y = torch.tensor([[0.5, -1.0], [1.5, 0.0], [1.0, -0.5]])
+        >>> def exact(y):  # the conjugate posterior, as a guide: a stand-in for a NUTS reference
+        ...     precision = len(y) + 1 / 100
+        ...     pyro.sample("mu", dist.Normal(y.sum(0) / precision, precision**-0.5).to_event(1))
+        >>> reference = to_inference_data(model, exact, num_samples=2000, model_args=(y,), seed=0)
+        >>> pyro.clear_param_store()
+        >>> guide = AutoNormal(model)
+        >>> _ = pyroflows.infer.fit(model, guide, 200, model_args=(y,), lr=0.05, progress=False, seed=0)
+        >>> table = compare_to_reference(to_inference_data(model, guide, 2000, model_args=(y,), seed=1), reference)
+        >>> list(table.index), list(table.columns[:4])
+        (['mu[0]', 'mu[1]'], ['mean', 'ref_mean', 'sd', 'ref_sd'])
+        >>> bool((table["wasserstein_sd"] < 0.3).all())  # mean-field is exact here, up to optimisation noise
+        True
     """
     import pandas as pd
     from scipy.stats import wasserstein_distance

@@ -50,7 +50,24 @@ class SVIResult:
     :ivar numpy.ndarray losses: the loss (negative ELBO estimate) at every step, shape ``(num_steps,)``.
     :ivar guide: the fitted guide (the same object that was passed in).
     :ivar float seconds: wall time of the optimisation.
-    :ivar numpy.ndarray lr: the learning rate used at every step.
+    :ivar numpy.ndarray lr: the learning rate used at every step, shape ``(num_steps,)``.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.infer import fit
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> pyro.clear_param_store()
+        >>> guide = AutoNormal(model)
+        >>> result = fit(model, guide, num_steps=50, lr=0.05, progress=False, seed=0)
+        >>> result.losses.shape, result.lr.shape, result.guide is guide
+        ((50,), (50,), True)
+        >>> round(float(result.lr[0]), 4), round(float(result.lr[-1]), 4)  # cosine decay to lr * final_lr_factor
+        (0.05, 0.0025)
+        >>> bool((result.elbo == -result.losses).all()), type(result.final_elbo(window=10))
+        (True, <class 'float'>)
     """
 
     losses: np.ndarray
@@ -277,7 +294,25 @@ def _check_finite(step: int, loss_value: float, grad_norm: float, params: list[t
 
 
 def plate_nesting(trace) -> int:
-    """How many batch dims the vectorised plates of ``trace`` use (``-min(frame.dim)``; 0 without plates)."""
+    """How many batch dims the vectorised plates of ``trace`` use (``-min(frame.dim)``; 0 without plates).
+
+    :param trace: a Pyro trace, e.g. ``poutine.trace(model).get_trace(*args)``.
+    :returns: the number of batch dims, an ``int``.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro import poutine
+        >>> from pyroflows.infer import plate_nesting
+        >>> def model():
+        ...     pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        ...     with pyro.plate("rows", 3, dim=-2), pyro.plate("cols", 4):
+        ...         pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> plate_nesting(poutine.trace(model).get_trace())
+        2
+        >>> plate_nesting(poutine.trace(lambda: pyro.sample("y", dist.Normal(0.0, 1.0))).get_trace())
+        0
+    """
     dims = [
         -f.dim for s in trace.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized
     ]
@@ -285,7 +320,30 @@ def plate_nesting(trace) -> int:
 
 
 def replayed_traces(model, guide, *args, **kwargs):
-    """One blocked, gradient-free run of ``guide``, and of ``model`` replayed on it: ``(guide_trace, model_trace)``."""
+    """One blocked, gradient-free run of ``guide``, and of ``model`` replayed on it: ``(guide_trace, model_trace)``.
+
+    :param model: a Pyro model.
+    :param guide: a Pyro guide for it.
+    :param args: positional arguments of ``model`` and ``guide``.
+    :param kwargs: keyword arguments of ``model`` and ``guide``.
+    :returns: ``(guide_trace, model_trace)``; the model's latent sites hold the guide's values.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.infer import replayed_traces
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> pyro.clear_param_store()
+        >>> guide_trace, model_trace = replayed_traces(model, AutoNormal(model), torch.tensor([0.5, 1.5, 1.0]))
+        >>> torch.equal(guide_trace.nodes["mu"]["value"], model_trace.nodes["mu"]["value"])
+        True
+        >>> model_trace.nodes["y"]["is_observed"], guide_trace.nodes["mu"]["value"].requires_grad
+        (True, False)
+    """
     with torch.no_grad(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
@@ -293,7 +351,29 @@ def replayed_traces(model, guide, *args, **kwargs):
 
 
 def max_plate_nesting(model, guide, *args, **kwargs) -> int:
-    """The plate nesting of ``model`` replayed on one (blocked, gradient-free) run of ``guide``."""
+    """The plate nesting of ``model`` replayed on one (blocked, gradient-free) run of ``guide``.
+
+    The larger of the two traces' :func:`plate_nesting`, as ``Trace_ELBO(max_plate_nesting=...)`` wants it.
+
+    :param model: a Pyro model.
+    :param guide: a Pyro guide for it.
+    :param args: positional arguments of ``model`` and ``guide``.
+    :param kwargs: keyword arguments of ``model`` and ``guide``.
+    :returns: the number of batch dims used by plates, an ``int``.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.infer import max_plate_nesting
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> pyro.clear_param_store()
+        >>> max_plate_nesting(model, AutoNormal(model), torch.tensor([0.5, 1.5, 1.0]))
+        1
+    """
     return max(plate_nesting(trace) for trace in replayed_traces(model, guide, *args, **kwargs))
 
 
@@ -302,7 +382,26 @@ def max_plate_nesting(model, guide, *args, **kwargs) -> int:
 
 def is_built(guide) -> bool:
     """Whether ``guide`` has set itself up: an AutoGuide builds its prototype (and ``AutoNormalizingFlow`` its
-    transform) on first use; any other guide counts as built."""
+    transform) on first use; any other guide counts as built.
+
+    :param guide: a Pyro guide.
+    :returns: a ``bool``.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.infer import is_built
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> pyro.clear_param_store()
+        >>> guide = AutoNormal(model)
+        >>> is_built(guide)
+        False
+        >>> _ = guide()  # the first call builds it
+        >>> is_built(guide), is_built(lambda: None)  # a plain function is always "built"
+        (True, True)
+    """
     return not isinstance(guide, AutoGuide) or (
         guide.prototype_trace is not None and getattr(guide, "transform", 0) is not None
     )
@@ -349,7 +448,36 @@ def sync_param_store(guide, *model_args, **model_kwargs) -> int:
     vector builders use fixed permutations, so a rebuilt flow matches. For an exact copy including buffers,
     use :func:`save_guide` / :func:`load_guide`.
 
+    :param guide: a Pyro guide; only ``nn.Module`` parameters registered with ``pyro.module`` (such as
+        ``AutoNormalizingFlow``'s transform) are synced, others already read the param store.
+    :param model_args: positional arguments of the model and guide, to build the guide if it is not built.
+    :param model_kwargs: keyword arguments of the model and guide, likewise.
     :returns: the number of parameters taken from the param store.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> import pyro, pyro.distributions as dist, pyroflows, torch
+        >>> from functools import partial
+        >>> from pyro.infer.autoguide import AutoNormalizingFlow
+        >>> from pyroflows.infer import fit, sync_param_store
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.tensor([0.5, 1.5, 1.0])
+        >>> pyro.clear_param_store()
+        >>> guide = AutoNormalizingFlow(model, partial(pyroflows.planar_flow, num_layers=2))
+        >>> _ = fit(model, guide, num_steps=20, model_args=(y,), progress=False, seed=0)
+        >>> with tempfile.TemporaryDirectory() as tmp:  # e.g. a fit in another process
+        ...     pyro.get_param_store().save(os.path.join(tmp, "params.pt"))
+        ...     pyro.clear_param_store()
+        ...     pyro.get_param_store().load(os.path.join(tmp, "params.pt"))
+        >>> fresh = AutoNormalizingFlow(model, partial(pyroflows.planar_flow, num_layers=2))
+        >>> sync_param_store(fresh, y) == len(list(fresh.parameters()))
+        True
+        >>> all(torch.equal(a, b) for a, b in zip(guide.parameters(), fresh.parameters()))
+        True
     """
     _ensure_built(guide, *model_args, **model_kwargs)
     store = pyro.get_param_store()
@@ -390,6 +518,28 @@ def save_guide(guide, path: str | os.PathLike) -> None:
 
     Unlike the param store, this keeps buffers (permutations, ActNorm flags, spectral-norm vectors), so
     :func:`load_guide` restores the guide exactly.
+
+    :param guide: a fitted (or at least built) guide that is an ``nn.Module``, e.g. an ``AutoNormalizingFlow``.
+    :param path: the file to write (replaced atomically if it exists).
+    :raises TypeError: if ``guide`` is not an ``nn.Module``.
+    :raises ValueError: if ``guide`` was never run.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> import pyro, pyro.distributions as dist, pyroflows, torch
+        >>> from functools import partial
+        >>> from pyro.infer.autoguide import AutoNormalizingFlow
+        >>> from pyroflows.infer import fit, save_guide
+        >>> def model():
+        ...     pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> pyro.clear_param_store()
+        >>> guide = AutoNormalizingFlow(model, partial(pyroflows.realnvp, num_layers=2))
+        >>> _ = fit(model, guide, num_steps=10, progress=False, seed=0)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_guide(guide, os.path.join(tmp, "guide.pt"))
+        ...     print(os.listdir(tmp))
+        ['guide.pt']
     """
     if not isinstance(guide, torch.nn.Module):
         raise TypeError(f"save_guide: the guide must be an nn.Module (a Pyro AutoGuide), got {type(guide).__name__}")
@@ -404,6 +554,39 @@ def load_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs):
     ``AutoNormalizingFlow`` creates its transform on first use, so ``load_state_dict`` on a fresh guide fails;
     this runs the guide once (with ``model_args`` / ``model_kwargs``, blocked), then loads the state and
     points the param store at the loaded tensors. Returns ``guide``.
+
+    :param guide: a new guide built like the saved one (same class, model and flow architecture).
+    :param path: a file written by :func:`save_guide`.
+    :param model_args: positional arguments of the model and guide, to build ``guide`` first.
+    :param model_kwargs: keyword arguments of the model and guide, likewise.
+    :returns: ``guide``, with the saved parameters and buffers.
+    :raises ValueError: if ``path`` is not a saved guide, or holds a guide of another class or architecture.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> import pyro, pyro.distributions as dist, pyroflows, torch
+        >>> from functools import partial
+        >>> from pyro.infer.autoguide import AutoNormalizingFlow
+        >>> from pyroflows.infer import fit, load_guide, save_guide
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0).to_event(1), obs=y)
+        >>> y = torch.tensor([[0.5, -1.0], [1.5, 0.0]])
+        >>> flow = partial(pyroflows.realnvp, num_layers=2)
+        >>> pyro.clear_param_store()
+        >>> guide = AutoNormalizingFlow(model, flow)
+        >>> _ = fit(model, guide, num_steps=10, model_args=(y,), progress=False, seed=0)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_guide(guide, os.path.join(tmp, "guide.pt"))
+        ...     pyro.clear_param_store()  # e.g. a new process
+        ...     loaded = load_guide(AutoNormalizingFlow(model, flow), os.path.join(tmp, "guide.pt"), y)
+        >>> pyro.set_rng_seed(1)
+        >>> a = guide(y)["mu"]
+        >>> pyro.set_rng_seed(1)
+        >>> torch.equal(a, loaded(y)["mu"])  # the same draws: parameters and buffers match
+        True
     """
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != "pyroflows-guide-1":

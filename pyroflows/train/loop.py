@@ -58,7 +58,26 @@ _TRAJECTORY_KEYS = (
 class TrainingError(RuntimeError):
     """Training stopped on a non-finite loss or gradient, before the update. The message names the step; for
     density training (:func:`fit`) also the last good checkpoint, which is left untouched; for
-    :func:`pyroflows.infer.fit` the parameters keep their values from the step before."""
+    :func:`pyroflows.infer.fit` the parameters keep their values from the step before.
+
+    A subclass of ``RuntimeError``, raised by :func:`fit` and :func:`pyroflows.infer.fit`.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.infer import fit
+        >>> from pyroflows.train import TrainingError
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        ...     pyro.factor("impossible", torch.tensor(float("-inf")))  # p(x) = 0 everywhere: the loss is +inf
+        >>> pyro.clear_param_store()
+        >>> try:
+        ...     fit(model, AutoNormal(model), num_steps=10, progress=False, seed=0)
+        ... except TrainingError as err:
+        ...     print(str(err).split(";")[0])
+        fit: the loss is inf at step 0
+    """
 
 
 @dataclass
