@@ -211,3 +211,62 @@ def test_memo_notices_replaced_parameters_and_buffers_anywhere_in_the_tree():
     flow.double()
     xd = x.double()
     assert torch.allclose(flow(xd), flow.forward_and_log_det(xd)[0])
+
+
+def test_a_pyro_densenn_forward_leaves_the_watched_tensors_cached():
+    """Pyro's DenseNN slices its ModuleList on every forward, building and filling a fresh container; that must not
+    make every FlowTransform rebuild its list of watched tensors once per call."""
+    from pyroflows.transforms import base
+
+    flow = pyroflows.realnvp(4, num_layers=2, hidden=(8,))
+    x = torch.randn(5, 4)
+    flow(x)
+    generation = base._GENERATION[0]
+    cached = flow.__dict__["_watched_cache"]
+    for _ in range(3):
+        flow.log_abs_det_jacobian(x, flow(x)).sum().backward()
+    assert base._GENERATION[0] == generation
+    assert flow.__dict__["_watched_cache"] is cached
+
+
+def test_containers_inside_a_flow_still_invalidate_the_watched_tensors():
+    class Stack(FlowTransform):
+        def __init__(self):
+            super().__init__(event_dim=1, event_shape=(2,))
+            self.shifts = torch.nn.ModuleList()  # filled after it was attached
+
+        def forward_and_log_det(self, x):
+            for m in self.shifts:
+                x = m(x)
+            return x, x.new_zeros(x.shape[:-1])
+
+    t = Stack()
+    layer = torch.nn.Linear(2, 2)  # built first: building registers parameters, which alone would invalidate
+    x = torch.randn(3, 2)
+    y = t(x)
+    assert t._recall(y=y) is not None and len(t._watched()) == 0
+    t.shifts.append(layer)  # registered in a container that lives in the flow
+    assert len(t._watched()) == 2
+    y = t(x)
+    assert t._recall(y=y) is not None
+    t.shifts[0].weight = torch.nn.Parameter(torch.eye(2))  # replaced inside the attached container
+    assert t._recall(y=y) is None
+    detached = torch.nn.ModuleList([t.shifts[0]])  # a detached container holding flow modules: the flow unchanged
+    assert len(detached) == 1 and len(t._watched()) == 2
+    compose = Compose([Planar(2)])
+    compose.append(Planar(2))  # Compose is a container and a FlowTransform: always watched
+    assert len(compose._watched()) == 2 * len(list(Planar(2).parameters()))
+
+
+def test_a_copied_flow_notices_modules_added_to_its_containers():
+    import copy
+
+    flow = Compose([Planar(2)])
+    holder = torch.nn.Module()
+    holder.flow = flow
+    flow.extra = torch.nn.ModuleList()
+    for clone in (copy.deepcopy(flow), copy.deepcopy(holder).flow):
+        layer = torch.nn.Linear(2, 2)  # built before the watched list (building registers, which would bump)
+        n = len(clone._watched())
+        clone.extra.append(layer)
+        assert len(clone._watched()) == n + 2

@@ -11,6 +11,7 @@ on the last output returns the last input without solving an inverse.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -73,12 +74,26 @@ def _bump_generation(*args, **kwargs) -> None:
     _GENERATION[0] += 1
 
 
-for _register in (
-    "register_module_parameter_registration_hook",
-    "register_module_buffer_registration_hook",
-    "register_module_module_registration_hook",
-):
-    getattr(torch.nn.modules.module, _register)(_bump_generation)
+# Containers that were ever registered inside another module. A container outside this set that is not itself a
+# FlowTransform belongs to no module tree, so filling it cannot change what any FlowTransform watches: Pyro's
+# DenseNN slices ``self.layers[:-1]`` on every forward, which builds and fills a fresh ModuleList each time and
+# would otherwise invalidate every cache once per step. Assigning such a container into a module later is itself
+# a registration, which bumps the counter and adds it here.
+_ATTACHED_CONTAINERS: weakref.WeakSet = weakref.WeakSet()
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
+
+
+def _on_module_registration(parent, name, child) -> None:
+    if isinstance(child, _CONTAINERS):
+        _ATTACHED_CONTAINERS.add(child)
+    if isinstance(parent, _CONTAINERS) and not isinstance(parent, FlowTransform) and parent not in _ATTACHED_CONTAINERS:
+        return  # a detached container (a slice made on the fly): no FlowTransform's tree changed
+    _bump_generation()
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump_generation)
+torch.nn.modules.module.register_module_buffer_registration_hook(_bump_generation)
+torch.nn.modules.module.register_module_module_registration_hook(_on_module_registration)
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -455,6 +470,14 @@ class FlowTransform(TransformModule):
         if "_cached_x_y" in state:
             state["_cached_x_y"] = (None, None)
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # A copy's containers were rebuilt without registration hooks: mark them attached, so that filling one
+        # later still invalidates the watched tensors (see _on_module_registration).
+        for module in self.modules():
+            if isinstance(module, _CONTAINERS):
+                _ATTACHED_CONTAINERS.add(module)
 
     # ----------------------------------------------------------------- validation
     def _name(self) -> str:
