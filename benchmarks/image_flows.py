@@ -22,11 +22,11 @@ level a squeeze, ``depth`` ``GlowBlock``s (ActNorm, LU 1x1 convolution, affine c
 ``MultiscaleFlow`` whose bases are standard normals (``DiagGaussian(trainable=False)``; ``--nf-base glow``
 gives normflows' learned per-channel ``GlowBase`` instead). ActNorm layers initialise from the first
 training batch in both. pyroflows' ``glow`` adds a learned conditional prior (a coupling) at each factor-out;
-``glow/pyroflows-noprior`` assembles the same pyroflows layers without it, which matches the normflows model
-parameter for parameter. Remaining differences: the coupling scale map (pyroflows ``exp(3 tanh(s / 3))``,
-normflows Glow's ``sigmoid(s + 2)``) and which half of the channels is factored out. ``realnvp/pyroflows`` is
-``pyroflows.realnvp((1, 8, 8), ...)``, with no normflows counterpart. ``glow/pyroflows-noval`` is
-``glow/pyroflows`` with ``pyroflows.enable_validation(False)``.
+``glow/pyroflows-noprior`` (``pyroflows.glow(..., learned_prior=False)``) leaves it out, which matches the
+normflows model parameter for parameter. Remaining differences: the coupling scale map (pyroflows
+``exp(3 tanh(s / 3))``, normflows Glow's ``sigmoid(s + 2)``) and which half of the channels is factored out.
+``realnvp/pyroflows`` is ``pyroflows.realnvp((1, 8, 8), ...)``, with no normflows counterpart.
+``glow/pyroflows-noval`` is ``glow/pyroflows`` with ``pyroflows.enable_validation(False)``.
 
 Measurements. ms per training step: the median (and quartiles) of ``time.perf_counter`` around
 ``zero_grad + loss + backward + optimiser step`` over the steps after ``--warmup`` (batch assembly and
@@ -134,7 +134,7 @@ class Built:
         self.extra = extra or {}
 
 
-def build_pyroflows_glow(cfg: dict, validation: bool = True) -> Built:
+def build_pyroflows_glow(cfg: dict, validation: bool = True, learned_prior: bool = True) -> Built:
     """``pyroflows.glow`` in a ``pyroflows.FlowDensity`` (its own logit layer included)."""
     import pyroflows
 
@@ -145,34 +145,16 @@ def build_pyroflows_glow(cfg: dict, validation: bool = True) -> Built:
         steps=cfg["depth"],
         hidden_channels=cfg["hidden_channels"],
         logit_alpha=cfg["logit_alpha"],
+        learned_prior=learned_prior,
     )
     density = pyroflows.FlowDensity(flow, SHAPE)
     return Built(density, density.log_prob, {"density": density})
 
 
 def build_pyroflows_glow_noprior(cfg: dict) -> Built:
-    """``pyroflows.glow``'s layers assembled by hand without its learned factor-out prior, layer for layer the
+    """``pyroflows.glow(..., learned_prior=False)``: without the learned factor-out prior, layer for layer the
     normflows model (squeeze, ``depth`` × ActNorm → LU 1x1 conv → channel coupling, plain factor-out)."""
-    from pyroflows import FlowDensity
-    from pyroflows.transforms import ActNorm, AffineCoupling, Compose, Invertible1x1Conv, Logit, MultiScale, Squeeze
-
-    def level(channels: int, remaining: int) -> Compose:
-        channels *= 4
-        parts = [Squeeze()]
-        for _ in range(cfg["depth"]):
-            parts += [
-                ActNorm(channels, event_dim=3),
-                Invertible1x1Conv(channels, lu=True),
-                AffineCoupling(channels, mask="channel", hidden=cfg["hidden_channels"]),
-            ]
-        if remaining > 1:
-            parts.append(MultiScale(channels, level(channels // 2, remaining - 1), prior=False))
-        return Compose(parts)
-
-    body = level(SHAPE[0], cfg["levels"])
-    flow = Compose([Logit(cfg["logit_alpha"]), body]) if cfg["logit_alpha"] is not None else body
-    density = FlowDensity(flow, SHAPE)
-    return Built(density, density.log_prob, {"density": density})
+    return build_pyroflows_glow(cfg, learned_prior=False)
 
 
 def build_pyroflows_realnvp(cfg: dict) -> Built:

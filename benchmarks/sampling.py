@@ -63,7 +63,7 @@ VECTOR_ROWS = (
     ),
 )
 IMAGE_ROWS = (
-    ("glow", "density", "pyroflows glow", "normflows Glow", True, "same levels/steps/width; normflows adds log_q"),
+    ("glow", "density", "pyroflows glow (no prior)", "normflows Glow", True, "same layers; normflows adds log_q"),
     (
         "realnvp",
         "density",

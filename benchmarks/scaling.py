@@ -13,7 +13,8 @@ change, so weight-dependent caches such as power iterations are refreshed as in 
   4 × ``normflows.flows.Residual(LipschitzMLP([D, 128, 128, D]))`` (``reduce_memory``, 2 exact terms + geometric
   roulette on both sides) whose step also calls ``normflows.utils.update_lipschitz(model, 1)`` (pyroflows runs one
   power iteration per layer per update by itself);
-* images ``(3, s, s)``, s = 8, 16, 32: ``glow(levels=2, steps=2, hidden_channels=32)``, ``realnvp(levels=2,
+* images ``(3, s, s)``, s = 8, 16, 32: ``glow(levels=2, steps=2, hidden_channels=32, learned_prior=False)`` (like
+  for like with normflows) and the default ``glow`` with its learned factor-out prior, ``realnvp(levels=2,
   num_layers=2, hidden=32)`` and ``residual_flow(num_blocks=2, hidden=32, levels=1, actnorm=False)`` in
   ``FlowDensity`` (no logit layer, standard-normal data); peers: the normflows multi-scale Glow of the same
   levels/steps/width (``GlowBlock`` + ``Squeeze`` + ``Merge``), also shown beside realnvp as an architecture
@@ -66,7 +67,8 @@ VECTOR_FAMILIES = {
     "residual": ("pyroflows residual_flow", "normflows Residual", "normflows residual flow, same MLP"),
 }
 IMAGE_FAMILIES = {
-    "glow": ("pyroflows glow", "normflows Glow", "normflows multi-scale Glow, same levels/steps/width"),
+    "glow": ("pyroflows glow (no prior)", "normflows Glow", "normflows multi-scale Glow, same levels/steps/width"),
+    "glow + prior": ("pyroflows glow", "normflows Glow", "pyroflows' default adds a learned factor-out prior"),
     "realnvp image": ("pyroflows realnvp", "normflows Glow", "architecture reference: normflows has no RealNVP"),
     "residual image": ("pyroflows residual_flow", "normflows Residual CNN", "normflows residual flow, same CNN"),
 }
@@ -196,8 +198,9 @@ def build_image(label: str, side: int, *, init_zeros: bool = True, data: torch.T
     shape = (CHANNELS, side, side)
     x = torch.randn((BATCH, *shape), generator=torch.Generator().manual_seed(0)) if data is None else data
     if label.startswith("pyroflows"):
-        if label == "pyroflows glow":
-            flow = pyroflows.glow(shape, IMG_LEVELS, IMG_STEPS, IMG_HIDDEN, logit_alpha=None)
+        if label in ("pyroflows glow", "pyroflows glow (no prior)"):
+            prior = label == "pyroflows glow"
+            flow = pyroflows.glow(shape, IMG_LEVELS, IMG_STEPS, IMG_HIDDEN, logit_alpha=None, learned_prior=prior)
         elif label == "pyroflows realnvp":
             flow = pyroflows.realnvp(shape, IMG_STEPS, IMG_HIDDEN, levels=IMG_LEVELS, logit_alpha=None)
         elif label == "pyroflows residual_flow":

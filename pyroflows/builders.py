@@ -124,11 +124,13 @@ def glow(
     additive: bool = False,
     scale_bound: float = 3.0,
     logit_alpha: float | None = 0.05,
+    learned_prior: bool = True,
 ) -> Compose:
     """Glow (Kingma & Dhariwal, 2018) as a density model (data to latent): an optional
     :class:`~pyroflows.transforms.Logit` of data in ``[0, 1]``, then per level a squeeze and ``steps`` ×
     (ActNorm → Invertible1x1Conv → channel AffineCoupling), and, except at the last level, a factor-out of half
-    the channels with a learned conditional prior (:class:`~pyroflows.transforms.MultiScale`).
+    the channels with a learned conditional prior (:class:`~pyroflows.transforms.MultiScale`; ``learned_prior=False``
+    gives the factored channels the standard-normal base instead, as normflows' multi-scale Glow does).
 
     :param shape: the image shape ``(C, H, W)``; ``H`` and ``W`` must be divisible by ``2**levels``.
     :param int levels: number of levels (squeezes).
@@ -138,6 +140,7 @@ def glow(
     :param bool additive: additive (volume-preserving) couplings.
     :param float scale_bound: bound on each coupling's absolute log-scale.
     :param float logit_alpha: squashing of the first Logit; ``None`` leaves it out.
+    :param bool learned_prior: the factor-outs' learned conditional prior (one more conv net per level).
 
     Example::
 
@@ -145,6 +148,9 @@ def glow(
         >>> flow = pyroflows.glow((1, 8, 8), levels=2, steps=2, hidden_channels=16)
         >>> flow.forward_shape((1, 8, 8))
         (4, 4, 4)
+        >>> plain = pyroflows.glow((1, 8, 8), levels=2, steps=2, hidden_channels=16, learned_prior=False)
+        >>> sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in flow.parameters())
+        True
     """
     shape = _image_shape(shape, "glow")
     if steps < 1:
@@ -161,7 +167,8 @@ def glow(
                 AffineCoupling(c, mask="channel", hidden=hidden_channels, additive=additive, scale_bound=scale_bound),
             ]
         if remaining > 1:
-            parts.append(MultiScale(c, level(c // 2, remaining - 1), hidden_channels=hidden_channels))
+            inner = level(c // 2, remaining - 1)
+            parts.append(MultiScale(c, inner, prior=learned_prior, hidden_channels=hidden_channels))
         return Compose(parts)
 
     return _with_logit(level(shape[0], levels), logit_alpha)
