@@ -108,6 +108,11 @@ CASES: dict[str, Case] = {
         shape=(1, 4, 4),
         vector=False,
     ),
+    "glow_no_prior": Case(
+        lambda s: pyroflows.glow(s, levels=2, steps=1, hidden_channels=4, logit_alpha=None, learned_prior=False),
+        shape=(1, 4, 4),
+        vector=False,
+    ),
     "residual_mlp": Case(lambda s: ResidualBlock(s[0], hidden=(8, 8), coeff=0.9, logdet="exact")),
     "residual_conv": Case(
         lambda s: ResidualBlock(s, hidden=4, coeff=0.9, logdet="exact"), shape=(2, 3, 3), vector=False
