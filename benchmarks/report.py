@@ -312,10 +312,19 @@ def section(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _order(path: Path) -> tuple[int, str]:
+    """Full CPU runs first, then GPU runs, then quick (smoke-test) runs; by name within each."""
+    if path.stem.endswith("_quick"):
+        return 2, path.stem
+    return (1 if path.stem.startswith("gpu") else 0), path.stem
+
+
 def render(results_dir: Path) -> str:
-    """``RESULTS.md``'s text for every ``*.json`` in ``results_dir``, in name order."""
-    sections = [section(p) for p in sorted(Path(results_dir).glob("*.json"))]
-    return HEADER + "\n" + "\n\n".join(sections) + "\n"
+    """``RESULTS.md``'s text for every ``*.json`` in ``results_dir``: full CPU runs, GPU runs, quick runs."""
+    paths = sorted(Path(results_dir).glob("*.json"), key=_order)
+    contents = "Sections: " + ", ".join(f"[{p.stem}](#{p.stem})" for p in paths) + "."
+    sections = [section(p) for p in paths]
+    return HEADER + "\n" + contents + "\n\n" + "\n\n".join(sections) + "\n"
 
 
 def write_report(results_dir: Path) -> Path:
