@@ -71,7 +71,11 @@ def git_commit() -> str | None:
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True)
+        dirty = subprocess.run(  # the results a run writes do not make the code it measures dirty
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results", ":!*.md"],
+            cwd=root,
+            capture_output=True,
+        )
     except OSError:
         return None
     if head.returncode != 0:
