@@ -13,7 +13,9 @@ Architectures are those of ``benchmarks/scaling.py``.
 Both libraries are timed through their public sampling call. normflows' ``sample`` always returns ``log_q`` too,
 so it computes every layer's log-det; Pyro's transforms compute and cache theirs. pyroflows layers compute theirs in
 the same pass, except where the log-det costs far more than the map (``lazy_log_det``: residual blocks), which
-without gradients defer it until ``log_prob`` asks; ``FlowDensity.sample`` computes none. The models are
+without gradients defer it until ``log_prob`` asks; ``FlowDensity.sample`` computes none. The residual rows
+"density + log q" are the like-for-like comparison with normflows there: pyroflows draws and computes each
+sample's log-density (``inverse_and_log_det`` of base draws), against the same normflows ``sample``. The models are
 untrained (ActNorm initialised on one data batch); normflows' residual nets start from random weights
 (``init_zeros=False``) like pyroflows', so the fixed-point iterations have work to do.
 Samples/s = n / median wall time of one call over the interleaved rounds; the speed ratio is the median over rounds
@@ -40,6 +42,9 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from benchmarks import _common, scaling  # noqa: E402
 
 DIM = 16
+#: the density direction with the sample's log-density, as normflows' ``sample`` returns it (pyroflows:
+#: ``inverse_and_log_det`` of base draws); normflows' side of such a row is its ordinary ``sample``.
+LOG_Q = "density + log q"
 
 # (row name, direction, pyroflows label, peer label, needs normflows, note); labels are scaling.py's builders.
 VECTOR_ROWS = (
@@ -61,6 +66,14 @@ VECTOR_ROWS = (
         True,
         "fixed-point inverse in both; normflows' sample also returns log_q",
     ),
+    (
+        "residual_flow",
+        LOG_Q,
+        "pyroflows residual_flow",
+        "normflows Residual",
+        True,
+        "like for like: pyroflows draws and computes log q too (inverse_and_log_det)",
+    ),
 )
 IMAGE_ROWS = (
     ("glow", "density", "pyroflows glow (no prior)", "normflows Glow", True, "same layers; normflows adds log_q"),
@@ -80,6 +93,14 @@ IMAGE_ROWS = (
         True,
         "fixed-point inverse in both; normflows' sample also returns log_q",
     ),
+    (
+        "residual_flow",
+        LOG_Q,
+        "pyroflows residual_flow",
+        "normflows Residual CNN",
+        True,
+        "like for like: pyroflows draws and computes log q too (inverse_and_log_det)",
+    ),
 )
 
 
@@ -88,8 +109,24 @@ def _eval(m: scaling.Model) -> scaling.Model:
     return m
 
 
+def _with_log_q(m: scaling.Model, n: int):
+    """``FlowDensity`` draws with their log-density, as normflows' ``sample`` returns ``(x, log_q)``."""
+    from pyroflows.transforms import inverse_and_log_det
+
+    density = m.module
+
+    def draw():
+        z = density.base_dist().sample((n,))
+        x, log_det = inverse_and_log_det(density.flow, z)
+        return x, density.base_dist().log_prob(z) - log_det
+
+    return draw
+
+
 def _vector_sampler(label: str, direction: str, n: int):
     """A no-grad callable drawing ``n`` samples from model ``label`` in ``direction``."""
+    if label == "pyroflows residual_flow" and direction == LOG_Q:
+        return _with_log_q(_eval(scaling.build_vector(label, DIM)), n)
     if label == "normflows Residual":
         model = _eval(scaling.build_vector(label, DIM, init_zeros=False)).module
         if direction == "density":
@@ -116,9 +153,18 @@ def _nf_forward(model, n: int) -> torch.Tensor:
     return z
 
 
-def _image_sampler(label: str, side: int, n: int):
+def _image_sampler(label: str, side: int, n: int, direction: str = "density"):
     m = _eval(scaling.build_image(label, side, init_zeros=False))
+    if direction == LOG_Q and label.startswith("pyroflows"):
+        return _with_log_q(m, n)
     return lambda: m.sample(n)
+
+
+def _key(label: str, direction: str) -> str:
+    """The sampler's name; a peer's ``LOG_Q`` row reuses its ordinary sampler (its ``sample`` returns log q)."""
+    if direction == LOG_Q and not label.startswith("pyroflows"):
+        direction = "density"
+    return f"{label} [{direction}]"
 
 
 def measure(n_vector: int, n_image: int, side: int, warmup: int, rounds: int, log=print) -> list[dict]:
@@ -127,16 +173,17 @@ def measure(n_vector: int, n_image: int, side: int, warmup: int, rounds: int, lo
     out = []
     groups = (
         ("vector", VECTOR_ROWS, n_vector, lambda label, d: _vector_sampler(label, d, n_vector)),
-        ("image", IMAGE_ROWS, n_image, lambda label, d: _image_sampler(label, side, n_image)),
+        ("image", IMAGE_ROWS, n_image, lambda label, d: _image_sampler(label, side, n_image, d)),
     )
     for kind, rows, n, make in groups:
         t0 = time.perf_counter()
         torch.manual_seed(0)
         samplers = {}
         for _, direction, pf, peer, needs_nf, _ in rows:
-            samplers.setdefault(f"{pf} [{direction}]", make(pf, direction))
-            if normflows or not needs_nf:
-                samplers.setdefault(f"{peer} [{direction}]", make(peer, direction))
+            if _key(pf, direction) not in samplers:
+                samplers[_key(pf, direction)] = make(pf, direction)
+            if (normflows or not needs_nf) and _key(peer, direction) not in samplers:
+                samplers[_key(peer, direction)] = make(peer, direction)
         with torch.no_grad():
             timing = _common.time_interleaved(samplers, warmup, rounds)
         log(
@@ -146,8 +193,8 @@ def measure(n_vector: int, n_image: int, side: int, warmup: int, rounds: int, lo
         )
         for family, direction, pf, peer, needs_nf, note in rows:
             has_peer = normflows or not needs_nf
-            this = timing[f"{pf} [{direction}]"]
-            other = timing.get(f"{peer} [{direction}]") if has_peer else None
+            this = timing[_key(pf, direction)]
+            other = timing.get(_key(peer, direction)) if has_peer else None
             out.append(
                 {
                     "family": family + (f" (3x{side}x{side})" if kind == "image" else f" (D={DIM})"),
