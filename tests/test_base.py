@@ -270,3 +270,19 @@ def test_a_copied_flow_notices_modules_added_to_its_containers():
         n = len(clone._watched())
         clone.extra.append(layer)
         assert len(clone._watched()) == n + 2
+
+
+def test_all_finite_is_exact_even_where_the_sum_overflows():
+    from pyroflows.transforms.base import all_finite
+
+    big = torch.full((8,), 3e38)  # finite elements whose sum is inf
+    assert all_finite(big) and all_finite(big.to(torch.bfloat16)) and all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(5, 4)
+        x[3, 2] = bad
+        assert not all_finite(x)
+    x = torch.zeros(6)
+    x[0], x[1] = float("inf"), -float("inf")  # sums to NaN
+    assert not all_finite(x)
+    w = torch.randn(3, requires_grad=True)
+    assert all_finite(w * 2) and w.grad is None
