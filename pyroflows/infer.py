@@ -25,6 +25,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 
 from .train import TrainingError, atomic_torch_save
+from .train.checkpoint import CheckpointError, rng_state, set_rng_state
 from .transforms import ActNorm
 
 __all__ = [
@@ -135,6 +136,9 @@ def fit(
     progress: bool = True,
     seed: int | None = None,
     callback: Callable[[int, float], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool | str = False,
 ) -> SVIResult:
     """Fit ``guide`` to ``model``'s posterior by stochastic variational inference.
 
@@ -174,7 +178,16 @@ def fit(
     :param bool progress: show a progress bar.
     :param int seed: ``pyro.set_rng_seed(seed)`` first.
     :param callback: called as ``callback(step, loss)`` after every step.
-    :returns: :class:`SVIResult` with the loss trace.
+    :param checkpoint: a file that the run is saved to atomically every ``checkpoint_every`` steps and at the end:
+        the guide's ``state_dict``, the optimiser and schedule states, the losses and learning rates so far, the
+        RNG states and the settings. An existing file is never overwritten unless the run resumes from it.
+    :param int checkpoint_every: steps between checkpoints (default: a tenth of ``num_steps``).
+    :param resume: ``True`` continues from ``checkpoint`` (an error if it is missing), ``"auto"`` when it exists,
+        ``False`` starts afresh (an error if ``checkpoint`` exists). Give a freshly built guide of the same kind and
+        the same arguments (the settings are checked): the continued run takes the steps an uninterrupted run
+        would have taken, draw for draw.
+    :returns: :class:`SVIResult` with the loss trace (of all steps, those before a resume included).
+    :raises CheckpointError: for a missing, unreadable or foreign checkpoint on resume, or settings that differ.
 
     Example::
 
@@ -192,6 +205,18 @@ def fit(
     """
     _check_fit_args(num_steps, lr, num_particles, lr_schedule, final_lr_factor, clip_norm)
     model_kwargs = dict(model_kwargs or {})
+    settings = {
+        "guide": type(guide).__name__,
+        "num_steps": num_steps,
+        "lr": float(lr),
+        "optimizer": getattr(optimizer, "__name__", str(optimizer)),
+        "lr_schedule": lr_schedule,
+        "final_lr_factor": float(final_lr_factor),
+        "warmup_steps": warmup_steps,
+        "num_particles": num_particles,
+        "clip_norm": clip_norm,
+    }
+    saved = _open_svi_checkpoint(checkpoint, checkpoint_every, resume, settings)
     if seed is not None:
         pyro.set_rng_seed(seed)
     sync_param_store(guide, *model_args, **model_kwargs)
@@ -208,9 +233,34 @@ def fit(
     params: list[torch.Tensor] = []
     losses = np.full(num_steps, np.nan)
     lrs = np.full(num_steps, np.nan)
+    first = 0
+    if saved is not None:  # the guide's state, the history so far, then the RNG exactly as it was after that step
+        _load_guide_state(guide, saved["guide"], os.fspath(checkpoint), "fit", *model_args, **model_kwargs)
+        first = int(saved["step"])
+        losses[:first] = saved["losses"].numpy()
+        lrs[:first] = saved["lrs"].numpy()
+        set_rng_state(saved["rng"])
+    every = checkpoint_every or max(1, num_steps // 10)
+
+    def save(done: int) -> None:
+        payload = {
+            "format": _SVI_FORMAT,
+            "step": done,
+            "settings": settings,
+            "guide": _guide_payload(guide),
+            "optimizer": opt.state_dict() if opt is not None else saved and saved["optimizer"],
+            "scheduler": sched.state_dict() if opt is not None else saved and saved["scheduler"],
+            "losses": torch.from_numpy(losses[:done].copy()),
+            "lrs": torch.from_numpy(lrs[:done].copy()),
+            "rng": rng_state(),
+        }
+        atomic_torch_save(payload, checkpoint)
+
     bar = _progress(num_steps, progress)
+    if bar is not None and first:
+        bar.update(first)
     start = time.perf_counter()
-    for step in range(num_steps):
+    for step in range(first, num_steps):
         with poutine.trace(param_only=True) as capture:
             loss_value = elbo.loss_and_grads(model, guide, *model_args, **model_kwargs)
         step_params = {id(p): p for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())}
@@ -219,6 +269,9 @@ def fit(
             known = set(step_params)
             opt = optimizer(params, lr=lr, **_optimizer_kwargs(optimizer, optimizer_kwargs))
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            if saved is not None and saved["optimizer"] is not None:
+                opt.load_state_dict(saved["optimizer"])
+                sched.load_state_dict(saved["scheduler"])
         elif not known.issuperset(step_params):  # a guide may create parameters lazily
             new = [p for k, p in step_params.items() if k not in known]
             known.update(id(p) for p in new)
@@ -233,6 +286,8 @@ def fit(
         opt.zero_grad(set_to_none=True)
         sched.step()
         losses[step] = loss_value
+        if checkpoint is not None and ((step + 1) % every == 0 or step + 1 == num_steps):
+            save(step + 1)
         if callback is not None:
             callback(step, loss_value)
         if bar is not None:
@@ -241,7 +296,45 @@ def fit(
                 bar.set_postfix(elbo=f"{-np.mean(losses[max(0, step - 49) : step + 1]):.4g}", refresh=False)
     if bar is not None:
         bar.close()
+    if checkpoint is not None and first == num_steps:
+        save(num_steps)  # nothing left to do: keep the file as it was (same content, rewritten)
     return SVIResult(losses=losses, guide=guide, seconds=time.perf_counter() - start, lr=lrs)
+
+
+_SVI_FORMAT = "pyroflows-svi-1"
+
+
+def _open_svi_checkpoint(checkpoint, checkpoint_every, resume, settings: dict) -> dict | None:
+    """Check the checkpoint arguments; the saved run to continue, or ``None`` for a fresh start."""
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"fit: resume must be True, False or 'auto', got {resume!r}")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"fit: checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if checkpoint is None:
+        if resume is not False or checkpoint_every is not None:
+            raise ValueError("fit: resume and checkpoint_every need checkpoint= (the file to save to)")
+        return None
+    path = os.fspath(checkpoint)
+    exists = os.path.isfile(path)
+    if not exists:
+        if resume is True:
+            raise CheckpointError(f"fit: no checkpoint at {path!r} to resume from")
+        return None
+    if resume is False:
+        raise CheckpointError(
+            f"fit: {path!r} already exists; pass resume=True (or 'auto') to continue that run, or remove the file"
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(f"fit: checkpoint {path!r} cannot be read (corrupted or truncated?): {e}") from e
+    if not isinstance(saved, dict) or saved.get("format") != _SVI_FORMAT:
+        raise CheckpointError(f"fit: {path!r} is not a checkpoint written by pyroflows.infer.fit")
+    differ = {k: (saved["settings"].get(k), v) for k, v in settings.items() if saved["settings"].get(k) != v}
+    if differ:
+        detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        raise CheckpointError(f"fit: checkpoint {path!r} was written with other settings ({detail})")
+    return saved
 
 
 def _optimizer_kwargs(optimizer, kwargs) -> dict:
@@ -545,7 +638,11 @@ def save_guide(guide, path: str | os.PathLike) -> None:
         raise TypeError(f"save_guide: the guide must be an nn.Module (a Pyro AutoGuide), got {type(guide).__name__}")
     if not is_built(guide):
         raise ValueError("save_guide: the guide was never run or fitted; fit it first (pyroflows.infer.fit)")
-    atomic_torch_save({"format": "pyroflows-guide-1", "class": type(guide).__name__, "state": guide.state_dict()}, path)
+    atomic_torch_save(_guide_payload(guide), path)
+
+
+def _guide_payload(guide) -> dict:
+    return {"format": "pyroflows-guide-1", "class": type(guide).__name__, "state": guide.state_dict()}
 
 
 def load_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs):
@@ -591,15 +688,18 @@ def load_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs):
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != "pyroflows-guide-1":
         raise ValueError(f"load_guide: {os.fspath(path)!r} is not a guide saved by pyroflows.infer.save_guide")
+    return _load_guide_state(guide, payload, os.fspath(path), "load_guide", *model_args, **model_kwargs)
+
+
+def _load_guide_state(guide, payload: dict, source: str, caller: str, *model_args, **model_kwargs):
+    """Build ``guide`` if needed, load a :func:`_guide_payload` into it and share its tensors with the store."""
     if payload["class"] != type(guide).__name__:
-        raise ValueError(
-            f"load_guide: {os.fspath(path)!r} holds a guide of class {payload['class']}, not {type(guide).__name__}"
-        )
+        raise ValueError(f"{caller}: {source!r} holds a guide of class {payload['class']}, not {type(guide).__name__}")
     _ensure_built(guide, *model_args, **model_kwargs)
     try:
         guide.load_state_dict(payload["state"])
     except RuntimeError as err:
-        raise ValueError(f"load_guide: the saved guide does not fit this guide's architecture: {err}") from None
+        raise ValueError(f"{caller}: the saved guide does not fit this guide's architecture: {err}") from None
     store = pyro.get_param_store()
     for name, (_, _, p) in _module_params(guide).items():
         _share_with_store(store, name, p)  # the store and the module share the loaded tensors

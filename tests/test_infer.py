@@ -230,3 +230,59 @@ def test_progress_bar_shows_elbo(capsys):
     fit(gaussian_model, AutoNormal(gaussian_model), 30, progress=True)
     err = capsys.readouterr().err
     assert "svi" in err and "elbo=" in err and math.isfinite(float(err.rsplit("elbo=", 1)[1].split("]")[0]))
+
+
+def _interrupt_after(n):
+    def callback(step, loss):
+        if step + 1 == n:
+            raise KeyboardInterrupt  # the process dies after step n (the checkpoint before it survives)
+
+    return callback
+
+
+@pytest.mark.parametrize("name", ["realnvp", "residual"])
+def test_checkpoint_resume_repeats_the_uninterrupted_run(name, tmp_path):
+    """Interrupted after 12 of 20 steps (last checkpoint at 10), a fresh guide resumed from the file takes the
+    very steps of the uninterrupted run: identical losses, learning rates and final state, draw for draw."""
+    kwargs = dict(num_particles=4, lr=0.02, seed=3, progress=False, checkpoint_every=5)
+
+    def run(path, **extra):
+        pyro.clear_param_store()
+        guide = AutoNormalizingFlow(constrained_model, BUILDERS[name])
+        return fit(constrained_model, guide, 20, checkpoint=path, **kwargs, **extra), guide
+
+    full, full_guide = run(tmp_path / "full.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut.pt", callback=_interrupt_after(12))
+    assert torch.load(tmp_path / "cut.pt", weights_only=True)["step"] == 10
+    resumed, guide = run(tmp_path / "cut.pt", resume=True)
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+    np.testing.assert_array_equal(resumed.lr, full.lr)
+    for (k, a), b in zip(full_guide.state_dict().items(), guide.state_dict().values()):
+        assert torch.equal(a, b), k
+    store = pyro.get_param_store()  # the guide trains through the store: both hold the resumed tensors
+    assert all(store[n] is p or torch.equal(store[n], p) for n, p in guide.named_parameters() if n in store)
+    again, _ = run(tmp_path / "cut.pt", resume=True)  # a finished run resumes to nothing
+    np.testing.assert_array_equal(again.losses, full.losses)
+
+
+def test_checkpoint_errors(tmp_path):
+    path = tmp_path / "svi.pt"
+    pyro.clear_param_store()
+    guide = AutoNormal(gaussian_model)
+    with pytest.raises(pyroflows.train.CheckpointError, match="no checkpoint"):
+        fit(gaussian_model, guide, 4, checkpoint=path, resume=True, progress=False)
+    fit(gaussian_model, guide, 4, checkpoint=path, progress=False)
+    with pytest.raises(pyroflows.train.CheckpointError, match="already exists"):
+        fit(gaussian_model, guide, 4, checkpoint=path, progress=False)  # never overwrites a run silently
+    with pytest.raises(pyroflows.train.CheckpointError, match="num_steps: saved 4, now 8"):
+        fit(gaussian_model, AutoNormal(gaussian_model), 8, checkpoint=path, resume="auto", progress=False)
+    with pytest.raises(ValueError, match="need checkpoint"):
+        fit(gaussian_model, guide, 4, resume=True, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        fit(gaussian_model, guide, 4, checkpoint=tmp_path / "b.pt", checkpoint_every=0, progress=False)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(pyroflows.train.CheckpointError, match="cannot be read"):
+        fit(gaussian_model, guide, 4, checkpoint=tmp_path / "junk.pt", resume=True, progress=False)
+    fresh = fit(gaussian_model, guide, 4, checkpoint=tmp_path / "new.pt", resume="auto", progress=False)
+    assert (tmp_path / "new.pt").is_file() and np.isfinite(fresh.losses).all()
