@@ -423,15 +423,7 @@ class FlowTransform(TransformModule):
     def _call_and_log_det(self, x, lazy: bool = False):
         """``(t(x), log-det)`` checked and remembered as a call is; ``lazy`` leaves the log-det ``None``. A caller
         that wants both (``FlowDensity.log_prob``) uses this in one pass whatever the grad mode."""
-        checking = is_validation_enabled()
-        if checking:
-            self._check_input(x, "forward")
-        if lazy:
-            y, log_det = self.forward_only(x), None
-        else:
-            y, log_det = self.forward_and_log_det(x)
-        if checking:
-            self._check_output(x, y, log_det, "forward")
+        y, log_det = self._checked(x, "forward", lazy)
         self._remember(x, y, log_det)
         return y, log_det
 
@@ -439,17 +431,23 @@ class FlowTransform(TransformModule):
         memo = self._recall(y=y)
         if memo is not None:
             return memo.x
-        checking = is_validation_enabled()
-        if checking:
-            self._check_input(y, "inverse")
-        if self._defer_log_det():
-            x, log_det = self.inverse_only(y), None
-        else:
-            x, log_det = self.inverse_and_log_det(y)
-        if checking:
-            self._check_output(y, x, log_det, "inverse")
+        x, log_det = self._checked(y, "inverse", lazy=self._defer_log_det())
         self._remember(x, y, None if log_det is None else -log_det)
         return x
+
+    def _checked(self, v, direction: str, lazy: bool):
+        """The map of ``direction`` on ``v`` and its log-det (``None`` when ``lazy``), with the input and output
+        checks when validation is on."""
+        checking = is_validation_enabled()
+        if checking:
+            self._check_input(v, direction)
+        if direction == "forward":
+            out, log_det = (self.forward_only(v), None) if lazy else self.forward_and_log_det(v)
+        else:
+            out, log_det = (self.inverse_only(v), None) if lazy else self.inverse_and_log_det(v)
+        if checking:
+            self._check_output(v, out, log_det, direction)
+        return out, log_det
 
     def log_abs_det_jacobian(self, x, y):
         """``log|det dy/dx|`` summed over the event dims: the remembered value for the last pair seen by

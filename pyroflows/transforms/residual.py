@@ -262,9 +262,7 @@ class ResidualBlock(FlowTransform):
         return x
 
     def inverse_and_log_det(self, y):
-        self._refresh(y)
-        params = list(self.net.parameters())
-        x = _FixedPointInverse.apply(y, self, *params)
+        x = self.inverse_only(y)
         _, log_det = self.forward_and_log_det(x)
         return x, -log_det
 
