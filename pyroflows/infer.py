@@ -25,7 +25,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 
 from .train import TrainingError, atomic_torch_save
-from .train.checkpoint import CheckpointError, rng_state, set_rng_state
+from .train.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
 from .transforms import ActNorm
 
 __all__ = [
@@ -248,8 +248,8 @@ def fit(
             "step": done,
             "settings": settings,
             "guide": _guide_payload(guide),
-            "optimizer": opt.state_dict() if opt is not None else saved and saved["optimizer"],
-            "scheduler": sched.state_dict() if opt is not None else saved and saved["scheduler"],
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
             "losses": torch.from_numpy(losses[:done].copy()),
             "lrs": torch.from_numpy(lrs[:done].copy()),
             "rng": rng_state(),
@@ -269,7 +269,7 @@ def fit(
             known = set(step_params)
             opt = optimizer(params, lr=lr, **_optimizer_kwargs(optimizer, optimizer_kwargs))
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-            if saved is not None and saved["optimizer"] is not None:
+            if saved is not None:
                 opt.load_state_dict(saved["optimizer"])
                 sched.load_state_dict(saved["scheduler"])
         elif not known.issuperset(step_params):  # a guide may create parameters lazily
@@ -296,8 +296,6 @@ def fit(
                 bar.set_postfix(elbo=f"{-np.mean(losses[max(0, step - 49) : step + 1]):.4g}", refresh=False)
     if bar is not None:
         bar.close()
-    if checkpoint is not None and first == num_steps:
-        save(num_steps)  # nothing left to do: keep the file as it was (same content, rewritten)
     return SVIResult(losses=losses, guide=guide, seconds=time.perf_counter() - start, lr=lrs)
 
 
@@ -324,12 +322,7 @@ def _open_svi_checkpoint(checkpoint, checkpoint_every, resume, settings: dict) -
         raise CheckpointError(
             f"fit: {path!r} already exists; pass resume=True (or 'auto') to continue that run, or remove the file"
         )
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"fit: checkpoint {path!r} cannot be read (corrupted or truncated?): {e}") from e
-    if not isinstance(saved, dict) or saved.get("format") != _SVI_FORMAT:
-        raise CheckpointError(f"fit: {path!r} is not a checkpoint written by pyroflows.infer.fit")
+    saved = load_checkpoint(path, marker=_SVI_FORMAT)
     differ = {k: (saved["settings"].get(k), v) for k, v in settings.items() if saved["settings"].get(k) != v}
     if differ:
         detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())

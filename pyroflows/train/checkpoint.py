@@ -123,7 +123,9 @@ def _tuplify(x):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device | None = "cpu", marker: str = FORMAT
+) -> dict:
     """Read a checkpoint written by :func:`pyroflows.train.fit`.
 
     It is a dict with the model's ``state_dict`` (``"model"``), its recipe (``"spec"``), the optimiser, schedule
@@ -132,6 +134,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
 
     :param path: the checkpoint file (``out/checkpoint.pt``).
     :param map_location: where to load the tensors, as for ``torch.load``.
+    :param str marker: the ``"format"`` entry the file must carry (``pyroflows.infer.fit`` writes its own).
     :raises CheckpointError: when the file is missing, truncated/corrupted, or not a pyroflows checkpoint.
 
     Example::
@@ -156,8 +159,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
             f"checkpoint {str(path)!r} cannot be read (corrupted or truncated file?): "
             f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a pyroflows checkpoint (no {FORMAT!r} marker)")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != marker:
+        raise CheckpointError(f"{str(path)!r} is not a pyroflows checkpoint (no {marker!r} marker)")
     if ckpt.get("version", 0) > VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} has format version {ckpt['version']}, newer than {VERSION}")
     return ckpt
