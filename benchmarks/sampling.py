@@ -116,9 +116,10 @@ def _with_log_q(m: scaling.Model, n: int):
     density = m.module
 
     def draw():
-        z = density.base_dist().sample((n,))
+        base = density.base_dist()
+        z = base.sample((n,))
         x, log_det = inverse_and_log_det(density.flow, z)
-        return x, density.base_dist().log_prob(z) - log_det
+        return x, base.log_prob(z) - log_det
 
     return draw
 
