@@ -11,7 +11,8 @@ from torch import nn
 from torch.distributions import constraints
 
 from .transforms import inverse
-from .transforms.base import FlowTransform, _base_constraint, inverse_only
+from .transforms.base import FlowTransform, inverse_only
+from .transforms.validation import base_constraint
 
 
 class FlowDensity(nn.Module):
@@ -82,7 +83,7 @@ class FlowDensity(nn.Module):
         """
         self._check(x)
         if isinstance(self.flow, FlowTransform):  # one pass even without gradients, where residual blocks defer
-            z, log_det = self.flow._call_and_log_det(x)
+            z, log_det = self.flow.call_and_log_det(x)
         else:
             z = self.flow(x)
             log_det = self.flow.log_abs_det_jacobian(x, z)
@@ -135,7 +136,7 @@ class FlowDensity(nn.Module):
             x = inverse_only(self.flow, z)  # no log-det: a residual flow's would cost more than the inverse
         finally:
             self.train(was_training)
-        support = _base_constraint(self.flow.domain)
+        support = base_constraint(self.flow.domain)
         if clamp and isinstance(support, constraints.interval):
             x = x.clamp(support.lower_bound, support.upper_bound)
         return x

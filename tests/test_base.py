@@ -6,9 +6,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
+from pyro.distributions.torch_transform import TransformModule
 from pyro.infer.autoguide import AutoNormalizingFlow
 from pyro.optim.clipped_adam import ClippedAdam
+from torch.distributions import AffineTransform, ExpTransform
 
 import pyroflows
 from pyroflows.transforms import ActNorm, Compose, FlowTransform, Inverse, Planar
@@ -37,11 +38,48 @@ def test_types_and_constraints():
     assert isinstance(t, TransformModule) and t.bijective
     assert t.domain.event_dim == t.codomain.event_dim == t.event_dim == 1
     c = Compose([Planar(3), ActNorm(3)])
-    assert isinstance(c, FlowTransform) and isinstance(c, ComposeTransformModule)
+    assert isinstance(c, FlowTransform) and isinstance(c, torch.nn.Module)
     assert c.domain.event_dim == 1 and len(c) == 2 and isinstance(c[1], ActNorm)
     image = ActNorm(2, event_dim=3)
     assert image.domain.event_dim == 3 and image.event_shape == (2, None, None)
     assert hash(t) != hash(Planar(3))  # TransformModule's identity hash, usable in sets and dicts
+
+
+def test_compose_indexes_its_parts_plain_torch_transforms_included():
+    parts = [Planar(2), ExpTransform(), Planar(2)]
+    c = Compose(parts)
+    assert len(c) == len(c.parts) == 3
+    assert all(c[i] is c.parts[i] is parts[i] for i in range(3)) and list(c) == parts
+    assert len(list(c.parameters())) == 2 * len(list(Planar(2).parameters()))
+    sub = c[1:]
+    assert isinstance(sub, Compose) and sub.parts == tuple(parts[1:])
+    x = torch.randn(4, 2)
+    y, log_det = c.forward_and_log_det(x)
+    h, expected = x, torch.zeros(4)
+    for part in parts:
+        h_next = part(h)
+        expected = expected + torch.distributions.utils._sum_rightmost(
+            part.log_abs_det_jacobian(h, h_next), 1 - part.domain.event_dim
+        )
+        h = h_next
+    assert torch.allclose(y, h) and torch.allclose(log_det, expected, atol=1e-6)
+
+
+def test_sign_of_compositions_and_inverses_follows_torch():
+    flip = AffineTransform(0.0, -2.0)
+    assert Compose([flip]).sign == -1 and Compose([flip, flip]).sign == 1
+    assert pyroflows.inverse(flip).sign == -1 and ActNorm(2).sign == 1
+    normal = dist.Normal(0.0, 1.0)
+    value = torch.tensor([-1.0, 0.3, 2.0])
+    ours = dist.TransformedDistribution(normal, [Compose([flip])]).cdf(value)
+    assert torch.allclose(ours, dist.Normal(0.0, 2.0).cdf(value))  # y = -2x ~ N(0, 2²)
+    assert torch.allclose(ours, dist.TransformedDistribution(normal, [flip]).cdf(value))
+    assert torch.allclose(
+        dist.TransformedDistribution(normal, [pyroflows.inverse(flip)]).cdf(value),
+        dist.TransformedDistribution(normal, [flip.inv]).cdf(value),
+    )
+    with pytest.raises(NotImplementedError):  # a multivariate map has no elementwise sign, as in torch
+        _ = Compose([Planar(2)]).sign
 
 
 def test_log_det_is_not_recomputed_for_the_last_pair():
@@ -55,7 +93,7 @@ def test_log_det_is_not_recomputed_for_the_last_pair():
     assert t.calls["forward"] == 2
 
 
-def test_memo_forgets_after_in_place_edit_optimiser_step_and_mode_switch():
+def test_memo_forgets_after_in_place_edit_and_mode_switch_and_keeps_the_pair_across_a_step():
     t = CountingPlanar(3)
     x = torch.randn(4, 3)
     y = t(x)
@@ -63,16 +101,46 @@ def test_memo_forgets_after_in_place_edit_optimiser_step_and_mode_switch():
     t.log_abs_det_jacobian(x, y)
     assert t.calls["forward"] == 2
     y = t(x)
-    t.log_abs_det_jacobian(x, y)  # the pair just computed: remembered
+    before = t.log_abs_det_jacobian(x, y)  # the pair just computed: remembered
     assert t.calls["forward"] == 3
     y.sum().backward()
     torch.optim.SGD(t.parameters(), lr=0.1).step()
-    t.log_abs_det_jacobian(x, y)
-    assert t.calls["forward"] == 4, "memo survived an optimiser step"
+    # The pair (x, y) was computed by the map before the step: its log-det is the one computed with it.
+    assert t.log_abs_det_jacobian(x, y) is before and t.calls["forward"] == 3
+    fresh = t.log_abs_det_jacobian(x.clone(), y.clone())  # another pair: the current map
+    assert t.calls["forward"] == 4 and not torch.allclose(fresh, before)
     y = t(x)
     t.eval()
     t.log_abs_det_jacobian(x, y)
     assert t.calls["forward"] == 6, "memo survived a switch to eval mode"
+
+
+def test_with_cache_view_computes_every_forward_call():
+    t = Planar(3)
+    with torch.no_grad():
+        t.u.normal_()
+    cached = t.with_cache(1)
+    x = torch.randn(4, 3)
+    y = cached(x)
+    assert cached.inv(y) is x
+    with torch.no_grad():
+        t.w.add_(0.5)  # the view shares the parameter
+    y2 = cached(x)
+    assert not torch.allclose(y, y2), "with_cache(1) returned a stale y after a parameter change"
+    assert torch.allclose(y2, t(x)) and cached.with_cache(0)._cache_size == 0
+
+
+def test_importing_pyroflows_installs_no_process_wide_module_hooks():
+    from torch.nn.modules import module
+
+    for name in (
+        "_global_parameter_registration_hooks",
+        "_global_buffer_registration_hooks",
+        "_global_module_registration_hooks",
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+    ):
+        assert not getattr(module, name), name
 
 
 def test_forward_calls_always_compute_even_after_data_updates():
@@ -86,8 +154,9 @@ def test_forward_calls_always_compute_even_after_data_updates():
     assert t.calls["forward"] == 2 and not torch.allclose(y, y2)
 
 
-def test_memo_notices_updates_through_data():
-    """A stored sample's log q after an update written through .data (Pyro's ClippedAdam) is recomputed."""
+def test_a_sample_keeps_the_log_q_of_the_map_that_drew_it():
+    """After an update (here through .data, as Pyro's ClippedAdam writes), log q of a sample drawn before is that
+    of the map that drew it; a copy of the sample is evaluated under the current map."""
     flow = pyroflows.planar_flow(2, num_layers=2)
     with torch.no_grad():
         for p in flow.parameters():
@@ -95,9 +164,13 @@ def test_memo_notices_updates_through_data():
     q = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [flow])
     with torch.no_grad():
         z = q.rsample((4,))
+        before = q.log_prob(z)
         for p in flow.parameters():
             p.data.add_(0.5)
-        assert torch.allclose(q.log_prob(z), q.log_prob(z.clone()), atol=1e-5)
+        assert torch.allclose(q.log_prob(z), before, atol=1e-5)
+        after = q.log_prob(z.clone())
+        flow.clear_memo()
+        assert torch.allclose(q.log_prob(z), after, atol=1e-6) and not torch.allclose(after, before, atol=1e-3)
 
 
 def test_training_on_a_fixed_batch_with_clipped_adam_makes_progress():
@@ -198,82 +271,25 @@ def test_empty_compose_is_identity():
     assert flow(x) is x or torch.equal(flow(x), x)
 
 
-def test_memo_notices_replaced_parameters_and_buffers_anywhere_in_the_tree():
+def test_a_converted_flow_computes_in_its_new_dtype():
     flow = Compose([CountingPlanar(3), ActNorm(3)])
     x = torch.randn(4, 3)
-    y = flow(x)
-    assert flow.inv(y) is x
-    flow[0].u = torch.nn.Parameter(torch.ones(3))  # a part's parameter replaced, not edited in place
-    assert flow.inv(y) is not x
-    y2 = flow(x)
-    flow[1].initialized = torch.tensor(True)  # a buffer replaced by assignment
-    assert flow.inv(y2) is not x
+    flow(x)
     flow.double()
     xd = x.double()
     assert torch.allclose(flow(xd), flow.forward_and_log_det(xd)[0])
 
 
-def test_a_pyro_densenn_forward_leaves_the_watched_tensors_cached():
-    """Pyro's DenseNN slices its ModuleList on every forward, building and filling a fresh container; that must not
-    make every FlowTransform rebuild its list of watched tensors once per call."""
-    from pyroflows.transforms import base
-
-    flow = pyroflows.realnvp(4, num_layers=2, hidden=(8,))
-    x = torch.randn(5, 4)
-    flow(x)
-    generation = base._GENERATION[0]
-    cached = flow.__dict__["_watched_cache"]
-    for _ in range(3):
-        flow.log_abs_det_jacobian(x, flow(x)).sum().backward()
-    assert base._GENERATION[0] == generation
-    assert flow.__dict__["_watched_cache"] is cached
-
-
-def test_containers_inside_a_flow_still_invalidate_the_watched_tensors():
-    class Stack(FlowTransform):
-        def __init__(self):
-            super().__init__(event_dim=1, event_shape=(2,))
-            self.shifts = torch.nn.ModuleList()  # filled after it was attached
-
-        def forward_and_log_det(self, x):
-            for m in self.shifts:
-                x = m(x)
-            return x, x.new_zeros(x.shape[:-1])
-
-    t = Stack()
-    layer = torch.nn.Linear(2, 2)  # built first: building registers parameters, which alone would invalidate
-    x = torch.randn(3, 2)
-    y = t(x)
-    assert t._recall(y=y) is not None and len(t._watched()) == 0
-    t.shifts.append(layer)  # registered in a container that lives in the flow
-    assert len(t._watched()) == 2
-    y = t(x)
-    assert t._recall(y=y) is not None
-    t.shifts[0].weight = torch.nn.Parameter(torch.eye(2))  # replaced inside the attached container
-    assert t._recall(y=y) is None
-    detached = torch.nn.ModuleList([t.shifts[0]])  # a detached container holding flow modules: the flow unchanged
-    assert len(detached) == 1 and len(t._watched()) == 2
-    compose = Compose([Planar(2)])
-    compose.append(Planar(2))  # Compose is a container and a FlowTransform: always watched
-    assert len(compose._watched()) == 2 * len(list(Planar(2).parameters()))
-
-
-def test_a_copied_flow_notices_modules_added_to_its_containers():
-    import copy
-
-    flow = Compose([Planar(2)])
-    holder = torch.nn.Module()
-    holder.flow = flow
-    flow.extra = torch.nn.ModuleList()
-    for clone in (copy.deepcopy(flow), copy.deepcopy(holder).flow):
-        layer = torch.nn.Linear(2, 2)  # built before the watched list (building registers, which would bump)
-        n = len(clone._watched())
-        clone.extra.append(layer)
-        assert len(clone._watched()) == n + 2
+def test_inverse_of_an_inverse_is_itself_and_inverses_compare_equal():
+    t = Planar(3)
+    built = Inverse(t)  # built directly, not through pyroflows.inverse
+    assert pyroflows.inverse(pyroflows.inverse(built)) is built
+    assert pyroflows.inverse(t) is built and pyroflows.inverse(t) == pyroflows.inverse(t)
+    assert pyroflows.inverse(pyroflows.inverse(t)) is t
 
 
 def test_all_finite_is_exact_even_where_the_sum_overflows():
-    from pyroflows.transforms.base import all_finite
+    from pyroflows.transforms.validation import all_finite
 
     big = torch.full((8,), 3e38)  # finite elements whose sum is inf
     assert all_finite(big) and all_finite(big.to(torch.bfloat16)) and all_finite(torch.zeros(0))

@@ -81,7 +81,7 @@ def test_eight_schools_predictive_obs():
 
 
 def test_quadrature_matches_design(es_moments):
-    # DESIGN.md §6 quotes 3 decimals (theta: 2); agreement to half a unit of the last digit quoted.
+    # docs/design.md (section 11) quotes 3 decimals (theta: 2); agreement to half a unit of the last digit quoted.
     m = es_moments
     assert m["log_evidence"] == pytest.approx(-31.311, abs=5e-4)
     assert m["mu_mean"] == pytest.approx(4.397, abs=5e-4)

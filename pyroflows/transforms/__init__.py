@@ -5,13 +5,11 @@ from .base import (
     Compose,
     FlowTransform,
     Inverse,
-    enable_validation,
     forward_and_log_det,
     forward_only,
     inverse,
     inverse_and_log_det,
     inverse_only,
-    is_validation_enabled,
 )
 from .conv1x1 import Invertible1x1Conv
 from .coupling import AffineCoupling, make_mask
@@ -21,6 +19,7 @@ from .planar import Planar
 from .preprocess import Logit
 from .reshape import MultiScale, Squeeze
 from .residual import ResidualBlock
+from .validation import enable_validation, is_validation_enabled
 
 __all__ = [
     "ActNorm",

@@ -47,6 +47,8 @@ class ActNorm(FlowTransform):
         (True, True)
     """
 
+    sign = +1  # elementwise and increasing, as torch's ``sign`` asks
+
     def __init__(self, num_features: int, event_dim: int = 1, eps: float = 1e-6):
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"ActNorm: num_features must be a positive int, got {num_features!r}")

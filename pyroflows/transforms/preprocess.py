@@ -36,6 +36,8 @@ class Logit(FlowTransform):
         True
     """
 
+    sign = +1  # elementwise and increasing, as torch's ``sign`` asks
+
     def __init__(self, alpha: float = 0.05, event_dim: int = 3):
         if not 0.0 <= alpha < 0.5:
             raise ValueError(f"Logit: alpha must lie in [0, 0.5), got {alpha!r}")
