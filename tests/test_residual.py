@@ -104,6 +104,44 @@ def test_conv_bound_is_on_the_true_operator():
     assert float(torch.linalg.matrix_norm(jac, 2)) == pytest.approx(0.8, rel=1e-4)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_an_image_block_is_one_function_at_every_size_between_two_steps(train):
+    """The spectral-norm vectors are kept per spatial size: a call at another size does not change the function
+    at the first one, and an earlier output still inverts (in training, between two optimiser steps)."""
+    torch.manual_seed(0)
+    block = ResidualBlock((2, None, None), hidden=4, coeff=0.9, logdet="exact").double().train(train)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    y = block(x).detach()
+    for size in (6, 5, 4, 6):
+        block(torch.randn(2, 2, size, size, dtype=torch.float64))
+    torch.testing.assert_close(block(x).detach(), y, rtol=0, atol=0)
+    torch.testing.assert_close(block.inv(y.clone()).detach(), x, rtol=0, atol=1e-10)
+    block.float()  # .to() converts the vectors of every size (a float64 one left behind would fail in conv2d)
+    y32 = block(x.float()).detach()
+    block(torch.randn(2, 2, 6, 6))
+    torch.testing.assert_close(block(x.float()).detach(), y32, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_frozen_power_iteration_freezes_a_residual_block(train):
+    torch.manual_seed(0)
+    for block in (ResidualBlock(3, hidden=(8,), coeff=0.9), ResidualBlock((2, 4, 4), hidden=4, coeff=0.9)):
+        block.train(train)
+        x = torch.randn((2,) + tuple(block.event_shape))
+        block(x)
+        with torch.no_grad():
+            for p in block.parameters():
+                p.mul_(1.5)
+        buffers = {k: v.clone() for k, v in block.named_buffers()}
+        with pyroflows.nn.frozen_power_iteration():
+            block(x)
+            block.inv(torch.randn_like(x))
+        for k, v in block.named_buffers():  # (a never-trained layer's fingerprint is NaN: equal_nan)
+            torch.testing.assert_close(v, buffers[k], rtol=0, atol=0, equal_nan=True, msg=f"{k} moved while frozen")
+        block(x)  # outside the context the weight change is seen
+        assert any(not torch.equal(buffers[k], v) for k, v in block.named_buffers() if k.endswith((".u", ".v")))
+
+
 def test_coefficient_of_one_or_more_is_rejected():
     for make in (
         lambda: ResidualBlock(2, coeff=1.0),

@@ -115,6 +115,10 @@ class _PowerIteration(nn.Module):
 
     @torch.no_grad()
     def _update(self) -> None:
+        """Iterate if the weight changed since the last iteration (training) or the estimate has not converged
+        for this weight (eval); a no-op inside :func:`frozen_power_iteration`."""
+        if _FROZEN[0]:
+            return
         fp = self._fingerprint()
         if self.training:
             # Once per change of the weight (i.e. per optimiser step), not per call: every forward, inverse
@@ -141,8 +145,7 @@ class _PowerIteration(nn.Module):
 
     def normalized_weight(self) -> torch.Tensor:
         """``W / max(1, sigma / coeff)``, differentiable in ``W`` (the power-iteration vectors are constants)."""
-        if not _FROZEN[0]:
-            self._update()
+        self._update()
         with torch.no_grad():  # the graph keeps a copy: later in-place updates of v must not invalidate it
             v = self.v.clone()
         sigma = self._sigma(v)
@@ -295,7 +298,9 @@ class SpectralConv2d(_PowerIteration):
     Power iteration runs on the convolution itself, :math:`u = \mathrm{conv}(v)`,
     :math:`v = \mathrm{conv}^\top(u)` (``conv_transpose2d``), with ``u``/``v`` of the output/input image shapes,
     so the bound is the true Lipschitz constant of the layer (the reshaped-kernel spectral norm can be off by a
-    factor of up to the kernel size). The vectors are created on the first call, for that spatial size.
+    factor of up to the kernel size). The vectors are created on the first call at each spatial size and kept per
+    size, so the layer computes the same function at every size between two changes of the weight, whatever the
+    order of the sizes it sees; ``u``/``v`` (and the ``state_dict``) hold those of the size seen last.
 
     :param int in_channels: input channels.
     :param int out_channels: output channels.
@@ -337,18 +342,32 @@ class SpectralConv2d(_PowerIteration):
         self._init_fingerprint()
         self.register_buffer("v", torch.empty(0))
         self.register_buffer("u", torch.empty(0))
+        # (H, W) -> (v, u, training fingerprint, eval fingerprint) of the sizes seen before the current one
+        self._other_sizes: dict[tuple[int, int], tuple] = {}
 
     def _ensure_vectors(self, x: torch.Tensor) -> None:
         size = (self.in_channels,) + tuple(x.shape[-2:])
-        if tuple(self.v.shape) != size:
-            if _FROZEN[0] and self.v.numel():
-                raise RuntimeError("SpectralConv2d: input size changed inside frozen_power_iteration()")
-            with torch.no_grad():
-                self.v = _normalize_p(torch.randn(size, dtype=x.dtype, device=x.device), 2.0)
-                self.u = torch.zeros((self.out_channels,) + size[1:], dtype=x.dtype, device=x.device)
-                self._train_fp.fill_(float("nan"))
-                self._eval_fp = None
-                self._iterate(20)
+        if tuple(self.v.shape) == size:
+            return
+        with torch.no_grad():
+            if self.v.numel():  # put the current size's state aside, to resume it when that size comes back
+                self._other_sizes[tuple(self.v.shape[1:])] = (self.v, self.u, self._train_fp.clone(), self._eval_fp)
+            saved = self._other_sizes.pop(size[1:], None)
+            if saved is not None:
+                self.v, self.u, train_fp, self._eval_fp = saved
+                self._train_fp.copy_(train_fp)
+                return
+            # a size never seen has no function to keep yet: its vectors start here, frozen or not
+            self.v = _normalize_p(torch.randn(size, dtype=x.dtype, device=x.device), 2.0)
+            self.u = torch.zeros((self.out_channels,) + size[1:], dtype=x.dtype, device=x.device)
+            self._train_fp.fill_(float("nan"))
+            self._eval_fp = None
+            self._iterate(20)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .double(), .cuda() move the vectors of the other sizes too
+        self._other_sizes = {k: (fn(v), fn(u), fn(fp), eval_fp) for k, (v, u, fp, eval_fp) in self._other_sizes.items()}
+        return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # u and v are sized for the input's spatial size, which a freshly built layer does not know yet.
@@ -356,6 +375,7 @@ class SpectralConv2d(_PowerIteration):
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved))
+        self._other_sizes = {}  # the loaded weight is another function: vectors of other sizes are stale
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _iterate(self, n: int) -> None:
