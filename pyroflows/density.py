@@ -8,11 +8,9 @@ from collections.abc import Sequence
 import pyro.distributions as dist
 import torch
 from torch import nn
-from torch.distributions import constraints
 
 from .transforms import inverse
-from .transforms.base import FlowTransform, inverse_only
-from .transforms.validation import base_constraint
+from .transforms.base import Compose, FlowTransform, inverse_only
 
 
 class FlowDensity(nn.Module):
@@ -121,9 +119,9 @@ class FlowDensity(nn.Module):
         """``n`` samples in data space, the latent drawn at ``temperature`` (0 gives the mode path,
         the image of the latent's mean). Runs in eval mode and without gradients.
 
-        With ``clamp`` (default), samples are clipped to the flow's domain when it is an interval: a squashed
-        :class:`~pyroflows.transforms.Logit` inverts onto a slightly wider range than ``[0, 1]``,
-        :math:`(-\alpha/(1-2\alpha), 1 + \alpha/(1-2\alpha))`."""
+        With ``clamp`` (default), samples are clipped to the data range of a flow that starts with a
+        :class:`~pyroflows.transforms.Logit`, ``[0, 1]``: the model is a density on a slightly wider interval,
+        :math:`(-\alpha/(1-2\alpha), 1 + \alpha/(1-2\alpha))`, and :attr:`distribution` draws from all of it."""
         if n < 1:
             raise ValueError(f"sample: n must be >= 1, got {n!r}")
         was_training = self.training
@@ -136,14 +134,21 @@ class FlowDensity(nn.Module):
             x = inverse_only(self.flow, z)  # no log-det: a residual flow's would cost more than the inverse
         finally:
             self.train(was_training)
-        support = base_constraint(self.flow.domain)
-        if clamp and isinstance(support, constraints.interval):
-            x = x.clamp(support.lower_bound, support.upper_bound)
+        first = self.flow
+        while isinstance(first, Compose) and len(first):
+            first = first[0]
+        data_range = getattr(first, "data_range", None)
+        if clamp and data_range is not None:
+            x = x.clamp(*data_range)
         return x
 
     @property
     def distribution(self) -> dist.TransformedDistribution:
-        """The model as a Pyro distribution over data, usable as ``pyro.sample("x", d.distribution, obs=x)``."""
+        """The model as a Pyro distribution over data, usable as ``pyro.sample("x", d.distribution, obs=x)``.
+
+        Its support is the flow's domain (for image builders, the open interval of
+        :class:`~pyroflows.transforms.Logit`, a little wider than ``[0, 1]``): every draw lies in it and has a finite
+        ``log_prob``."""
         return dist.TransformedDistribution(self.base_dist(), inverse(self.flow))
 
 

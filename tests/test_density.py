@@ -72,7 +72,7 @@ def test_temperature_zero_samples_the_mode_path():
     assert torch.allclose(samples, expected.expand_as(samples), atol=1e-10)
     assert model.training  # sample() restores the mode it found
     wide = model.sample(2000, temperature=3.0)
-    assert float(wide.min()) >= 0.0 and float(wide.max()) <= 1.0  # clamped to the Logit's domain
+    assert float(wide.min()) >= 0.0 and float(wide.max()) <= 1.0  # clamped to the data range [0, 1]
     unclamped = model.sample(2000, temperature=3.0, clamp=False)
     assert float(unclamped.min()) < 0.0 or float(unclamped.max()) > 1.0
     varied = model.sample(4, temperature=0.7)
@@ -109,3 +109,30 @@ def test_vector_density_and_dtype_moves():
     model = model.double()  # buffers and parameters follow .to()
     assert model.log_prob(torch.randn(3, 2, dtype=torch.float64)).dtype == torch.float64
     assert model.sample(5).dtype == torch.float64
+
+
+@pytest.mark.parametrize("builder", ["glow", "realnvp", "residual"])
+def test_the_distribution_samples_inside_its_support_and_scores_every_draw(builder):
+    """``FlowDensity.distribution`` of an image model (trained-like: perturbed parameters, eval mode): its draws
+    lie in its support, and log_prob accepts them all with finite values; many lie outside [0, 1]."""
+    torch.manual_seed(0)
+    shape = (1, 4, 4)
+    flows = {
+        "glow": lambda: pyroflows.glow(shape, levels=2, steps=1, hidden_channels=8),
+        "realnvp": lambda: pyroflows.realnvp(shape, num_layers=1, hidden=8, levels=2),
+        "residual": lambda: pyroflows.residual_flow(shape, num_blocks=1, hidden=8, levels=2),
+    }
+    model = pyroflows.FlowDensity(flows[builder](), shape).double()
+    model.log_prob(torch.rand((16,) + shape, dtype=torch.float64))  # ActNorm's data-dependent init
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    d = model.distribution
+    with torch.no_grad():
+        x = d.sample((200,))
+        assert bool(d.support.check(x).all())
+        log_p = d.log_prob(x.clone())  # a copy: scored through the flow, not the remembered pair
+    assert torch.isfinite(log_p).all()
+    outside = float(((x < 0) | (x > 1)).any(-1).any(-1).any(-1).double().mean())
+    assert outside > 0.05, "the check is only meaningful if some draws leave [0, 1]"

@@ -114,6 +114,25 @@ def test_logit_log_det_formula_and_domain():
         Compose([Logit(alpha), Squeeze()])(torch.full((1, 1, 2, 2), -0.1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 0.3, 0.01])
+def test_logit_endpoints_of_the_data_range_are_inside_domain_and_round_trip(alpha, dtype):
+    """Pixels 0 and 1 are in the domain; their images are in the codomain and invert (no validation error)."""
+    t = Logit(alpha)
+    x = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=dtype).reshape(1, 1, 2, 2)
+    assert bool(t.domain.check(x).all())
+    y = t(x)
+    assert bool(t.codomain.check(y).all()) and torch.isfinite(y).all()
+    back = t.inv(y.clone())
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+    margin = alpha / (1 - 2 * alpha)  # the open domain: its ends map to -inf and +inf
+    for outside in (-margin, 1 + margin, -margin - 0.01):
+        with pytest.raises(ValueError, match="outside the transform's domain"):
+            t(torch.full((1, 1, 2, 2), outside, dtype=dtype))
+    z = torch.linspace(-30, 30, 61, dtype=torch.float64).reshape(1, 1, 1, 61)  # the codomain is the real line
+    assert bool(t.domain.check(Logit(alpha).double().inv(z)).all())
+
+
 def test_wrong_channel_count_is_named():
     t = AffineCoupling(3, mask="channel", hidden=4)
     with pytest.raises(ValueError, match=r"event shape \(3, \*, \*\)"):

@@ -11,8 +11,25 @@ from torch.distributions import constraints
 from .base import FlowTransform
 
 
+class _OpenInterval(constraints.Constraint):
+    """The open interval ``(lower, upper)`` (torch has closed and half-open ones only)."""
+
+    is_discrete = False
+    event_dim = 0
+
+    def __init__(self, lower: float, upper: float):
+        self.lower_bound, self.upper_bound = lower, upper
+        super().__init__()
+
+    def check(self, value):
+        return (self.lower_bound < value) & (value < self.upper_bound)
+
+    def __repr__(self):
+        return f"OpenInterval(lower_bound={self.lower_bound:.6g}, upper_bound={self.upper_bound:.6g})"
+
+
 class Logit(FlowTransform):
-    r"""Logit with squashing, :math:`y = \mathrm{logit}(\alpha + (1 - 2\alpha) x)` for :math:`x \in [0, 1]`.
+    r"""Logit with squashing, :math:`y = \mathrm{logit}(\alpha + (1 - 2\alpha) x)`, for pixels :math:`x \in [0, 1]`.
 
     .. math::
 
@@ -20,8 +37,15 @@ class Logit(FlowTransform):
         - \log(1 - p_i)\big], \qquad p = \alpha + (1 - 2\alpha) x,
 
     summed over the event. :math:`\alpha > 0` keeps the output finite at 0 and 1. As the first layer of a
-    density model (data to latent) it makes ``log_prob`` a density on :math:`[0, 1]^D`, so bits/dim are
+    density model (data to latent) it makes ``log_prob`` a density in pixel space, so bits/dim are
     directly comparable with published figures (Dinh et al., 2017, §4.1, use :math:`\alpha = 0.05`).
+
+    Domain and codomain: the map is a bijection from the open interval
+    :math:`(-\alpha/(1-2\alpha),\ 1 + \alpha/(1-2\alpha))`, which contains :math:`[0, 1]`, onto the whole real
+    line. A density model that starts with it is a normalised density on that interval (per pixel); its draws
+    (``FlowDensity.distribution.sample()``) land in the interval, slightly outside :math:`[0, 1]` where the model
+    puts mass there, and ``log_prob`` accepts every one of them. ``FlowDensity.sample`` clamps to :math:`[0, 1]`
+    for images.
 
     :param float alpha: squashing, in ``[0, 0.5)``.
     :param int event_dim: 3 for images, 1 for vectors.
@@ -46,16 +70,18 @@ class Logit(FlowTransform):
         super().__init__(event_dim=event_dim, event_shape=(None,) * event_dim)
         self.alpha = float(alpha)
         self._log_span = math.log1p(-2 * self.alpha)
+        margin = self.alpha / (1 - 2 * self.alpha)
+        self._domain = constraints.independent(_OpenInterval(-margin, 1.0 + margin), event_dim)
 
     @constraints.dependent_property(is_discrete=False)
     def domain(self):
-        return constraints.independent(constraints.unit_interval, self._event_dim)
+        r"""The open interval :math:`(-\alpha/(1-2\alpha), 1 + \alpha/(1-2\alpha))`, whose image is the real line."""
+        return self._domain
 
-    @constraints.dependent_property(is_discrete=False)
-    def codomain(self):
-        r"""The image of [0, 1]: :math:`(\mathrm{logit}\,\alpha, \mathrm{logit}(1 - \alpha))`."""
-        bound = math.log((1 - self.alpha) / self.alpha) if self.alpha > 0 else math.inf
-        return constraints.independent(constraints.interval(-bound, bound), self._event_dim)
+    @property
+    def data_range(self) -> tuple[float, float]:
+        """The range of the data this layer preprocesses, ``(0.0, 1.0)``: ``FlowDensity.sample`` clamps to it."""
+        return (0.0, 1.0)
 
     def _sum(self, t):
         return t.reshape(t.shape[: t.dim() - self._event_dim] + (-1,)).sum(-1)
