@@ -10,6 +10,8 @@ from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 
 #: The builders :func:`build_density` knows, by name.
 FLOWS = {"glow": glow, "realnvp": realnvp, "residual": residual_flow}
+# Builder options as checkpoints written before 0.2 name them (glow's steps/hidden_channels, residual's num_blocks).
+_RENAMED = {"steps": "num_layers", "hidden_channels": "hidden", "num_blocks": "num_layers"}
 
 
 def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
@@ -20,12 +22,12 @@ def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
 
     :param str flow: ``"glow"``, ``"realnvp"`` or ``"residual"`` (:func:`pyroflows.residual_flow`).
     :param shape: event shape, ``(C, H, W)`` for images or ``(D,)`` for vectors.
-    :param options: keyword arguments of the builder (e.g. ``levels``, ``steps``, ``hidden_channels``).
+    :param options: keyword arguments of the builder (e.g. ``levels``, ``num_layers``, ``hidden``).
 
     Example::
 
         >>> from pyroflows.train import build_density
-        >>> model = build_density("glow", (1, 8, 8), levels=2, steps=2, hidden_channels=8)
+        >>> model = build_density("glow", (1, 8, 8), levels=2, num_layers=2, hidden=8)
         >>> model.spec["flow"], model.event_shape
         ('glow', (1, 8, 8))
     """
@@ -57,7 +59,8 @@ def density_from_spec(spec: dict) -> FlowDensity:
         True
     """
     try:
-        return build_density(spec["flow"], spec["shape"], **spec.get("options", {}))
+        options = {_RENAMED.get(k, k): v for k, v in spec.get("options", {}).items()}
+        return build_density(spec["flow"], spec["shape"], **options)
     except KeyError as e:
         raise ValueError(f"model spec lacks {e.args[0]!r}: {spec!r}") from None
 
