@@ -59,12 +59,12 @@ def synthetic_images(n: int, size: int = 32, seed: int = 0) -> ImageDataset:
 DATASETS = {
     "digits": dict(
         data=lambda: (load_digits("train"), load_digits("test")),
-        model=dict(levels=2, steps=4, hidden_channels=64),
+        model=dict(levels=2, num_layers=4, hidden=64),
         batch=64,
     ),
     "synthetic32": dict(
         data=lambda: (synthetic_images(5000, seed=0), synthetic_images(500, seed=1)),
-        model=dict(levels=3, steps=8, hidden_channels=128),
+        model=dict(levels=3, num_layers=8, hidden=128),
         batch=64,
     ),
 }
@@ -83,7 +83,7 @@ def timed_fit(name: str, device: str, setting: str, steps: int, skip: int, lr: f
                 model,
                 train,
                 None,
-                steps=steps,
+                num_steps=steps,
                 batch_size=spec["batch"],
                 lr=lr,
                 warmup_steps=min(100, steps),

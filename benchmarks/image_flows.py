@@ -15,7 +15,7 @@ dequantised ``x`` in ``[0, 1]^D``: it includes the Jacobian of the logit preproc
 logit layer; for normflows the same logit is applied outside the model and its exact log-det is added, so
 both libraries are scored by one function on the same tensors (test noise drawn once from a fixed seed).
 
-Models. ``glow/pyroflows`` is ``pyroflows.glow((1, 8, 8), levels, steps=depth, hidden_channels)`` wrapped in
+Models. ``glow/pyroflows`` is ``pyroflows.glow((1, 8, 8), levels, num_layers=depth, hidden_channels)`` wrapped in
 ``pyroflows.FlowDensity``. ``glow/normflows`` is the same multi-scale Glow built from normflows parts: per
 level a squeeze, ``depth`` ``GlowBlock``s (ActNorm, LU 1x1 convolution, affine coupling with a
 3x3-1x1-3x3 conv net of ``hidden_channels``), then half of the channels factored out (``Merge``), in a
@@ -142,8 +142,8 @@ def build_pyroflows_glow(cfg: dict, validation: bool = True, learned_prior: bool
     flow = pyroflows.glow(
         SHAPE,
         levels=cfg["levels"],
-        steps=cfg["depth"],
-        hidden_channels=cfg["hidden_channels"],
+        num_layers=cfg["depth"],
+        hidden=cfg["hidden_channels"],
         logit_alpha=cfg["logit_alpha"],
         learned_prior=learned_prior,
     )

@@ -5,10 +5,10 @@ Three parts, each printed as a markdown table and stored in ``benchmarks/results
 (``residual_quick.json`` with ``--quick``, so a smoke test never overwrites real results).
 
 (a) Speed and memory. A pyroflows vector residual flow,
-``pyroflows.residual_flow(D, num_blocks=8, hidden=(128, 128), coeff=0.98, logdet="unbiased", n_exact_terms=2,
+``pyroflows.residual_flow(D, num_layers=8, hidden=(128, 128), coeff=0.98, logdet="unbiased", n_exact_terms=2,
 geom_p=0.5, actnorm=False)`` in ``pyroflows.FlowDensity(flow, (D,))``, trained by maximum likelihood
 (``loss = -model.log_prob(x).mean()``, Adam, lr 1e-3, batch 256) for D = 2 and D = 64, and a conv residual flow
-on 1x8x8 inputs (batch 256 of uniform pixels), ``pyroflows.residual_flow((1, 8, 8), num_blocks=4, hidden=32,
+on 1x8x8 inputs (batch 256 of uniform pixels), ``pyroflows.residual_flow((1, 8, 8), num_layers=4, hidden=32,
 levels=1, logit_alpha=None, actnorm=False, ...)`` (conv 3x3 -> LipSwish -> conv 1x1 -> LipSwish -> conv 3x3, 32
 hidden channels, no squeeze; 4 blocks of 32 channels because a step of 8 blocks of 64 takes seconds on CPU),
 next to the normflows model built to match, read off normflows' source:
@@ -239,7 +239,7 @@ def build(v: dict) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tens
         import pyroflows
 
         common = dict(
-            num_blocks=v["blocks"],
+            num_layers=v["blocks"],
             coeff=COEFF,
             logdet="unbiased",
             n_exact_terms=v["n_exact_terms"],
@@ -469,7 +469,7 @@ def train_toy(
     gen = torch.Generator().manual_seed(seed + 1)
     flow = pyroflows.residual_flow(
         2,
-        num_blocks=cfg["blocks"],
+        num_layers=cfg["blocks"],
         hidden=tuple(cfg["hidden"]),
         coeff=cfg["coeff"],
         logdet=cfg["logdet"],

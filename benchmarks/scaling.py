@@ -13,9 +13,9 @@ change, so weight-dependent caches such as power iterations are refreshed as in 
   4 × ``normflows.flows.Residual(LipschitzMLP([D, 128, 128, D]))`` (``reduce_memory``, 2 exact terms + geometric
   roulette on both sides) whose step also calls ``normflows.utils.update_lipschitz(model, 1)`` (pyroflows runs one
   power iteration per layer per update by itself);
-* images ``(3, s, s)``, s = 8, 16, 32: ``glow(levels=2, steps=2, hidden_channels=32, learned_prior=False)`` (like
+* images ``(3, s, s)``, s = 8, 16, 32: ``glow(levels=2, num_layers=2, hidden=32, learned_prior=False)`` (like
   for like with normflows) and the default ``glow`` with its learned factor-out prior, ``realnvp(levels=2,
-  num_layers=2, hidden=32)`` and ``residual_flow(num_blocks=2, hidden=32, levels=1, actnorm=False)`` in
+  num_layers=2, hidden=32)`` and ``residual_flow(num_layers=2, hidden=32, levels=1, actnorm=False)`` in
   ``FlowDensity`` (no logit layer, standard-normal data); peers: the normflows multi-scale Glow of the same
   levels/steps/width (``GlowBlock`` + ``Squeeze`` + ``Merge``), also shown beside realnvp as an architecture
   reference (normflows has no multi-scale RealNVP), and 2 × normflows ``Residual(LipschitzCNN([3, 32, 32, 3]))``.
@@ -171,7 +171,7 @@ def build_vector(label: str, dim: int, *, init_zeros: bool = True) -> Model:
         return _guide_model(parts, _Params(parts), dim)
     x = torch.randn(BATCH, dim, generator=torch.Generator().manual_seed(0))
     if label == "pyroflows residual_flow":
-        flow = pyroflows.residual_flow(dim, num_blocks=RES_BLOCKS, hidden=(RES_HIDDEN, RES_HIDDEN), actnorm=False)
+        flow = pyroflows.residual_flow(dim, num_layers=RES_BLOCKS, hidden=(RES_HIDDEN, RES_HIDDEN), actnorm=False)
         model = pyroflows.FlowDensity(flow, (dim,))
         return _density_model(model, model.log_prob, model.sample, x)
     if label == "normflows Residual":

@@ -61,13 +61,13 @@ def density_demo(steps: int, out: Path) -> None:
         shutil.rmtree(out)
     print(f"1. Glow on digits: {len(train)} train / {len(test)} test images, 8x8, {train.n_bins} levels")
     torch.manual_seed(0)
-    model = build_density("glow", train.shape, levels=2, steps=4, hidden_channels=64)
+    model = build_density("glow", train.shape, levels=2, num_layers=4, hidden=64)
     start = time.perf_counter()
     result = fit_density(
         model,
         train,
         test,
-        steps=steps,
+        num_steps=steps,
         batch_size=64,
         lr=2e-3,
         warmup_steps=50,

@@ -31,7 +31,7 @@ GUIDES: dict[str, Callable] = {
     "pyroflows.planar": lambda model: AutoNormalizingFlow(model, partial(pyroflows.planar_flow, num_layers=16)),
     "pyroflows.realnvp": lambda model: AutoNormalizingFlow(model, partial(pyroflows.realnvp, num_layers=8)),
     "pyroflows.residual": lambda model: AutoNormalizingFlow(
-        model, partial(pyroflows.residual_flow, num_blocks=4, hidden=(64,))
+        model, partial(pyroflows.residual_flow, num_layers=4, hidden=(64,))
     ),
 }
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._deprecation import renamed_kwargs
 from .transforms import (
     ActNorm,
     AffineCoupling,
@@ -41,15 +42,23 @@ def _fixed_permutation(dim: int, seed: int) -> torch.Tensor:
     return torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
 
 
-def _shape(input_dim_or_shape) -> tuple:
-    return (input_dim_or_shape,) if isinstance(input_dim_or_shape, int) else tuple(input_dim_or_shape)
+def _shape(shape_or_dim) -> tuple:
+    return (shape_or_dim,) if isinstance(shape_or_dim, int) else tuple(shape_or_dim)
 
 
-def _vector_dim(input_dim_or_shape, builder: str) -> int:
-    shape = _shape(input_dim_or_shape)
+def _vector_dim(shape_or_dim, builder: str) -> int:
+    shape = _shape(shape_or_dim)
     if len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 1:
         return shape[0]
-    raise ValueError(f"{builder}: expected a positive int or a shape (D,), got {input_dim_or_shape!r}")
+    raise ValueError(f"{builder}: expected a positive int or a shape (D,), got {shape_or_dim!r}")
+
+
+def _hidden_sizes(hidden, default: tuple, builder: str) -> tuple:
+    """Vector conditioner sizes: ``None`` (the default), an int (one hidden layer) or a sequence of ints."""
+    sizes = default if hidden is None else (hidden,) if isinstance(hidden, int) else tuple(hidden)
+    if not sizes or not all(isinstance(h, int) and h >= 1 for h in sizes):
+        raise ValueError(f"{builder}: hidden must be an int or a sequence of ints >= 1, got {hidden!r}")
+    return sizes
 
 
 def _image_shape(shape, builder: str) -> tuple[int, int, int]:
@@ -93,8 +102,8 @@ def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha) 
 
     def coupling(c, mask, flip):
         return [
-            ActNorm(c, event_dim=3),
-            AffineCoupling(c, mask=mask, hidden=hidden, scale_bound=scale_bound, flip=flip),
+            ActNorm((c, None, None)),
+            AffineCoupling((c, None, None), mask=mask, hidden=hidden, scale_bound=scale_bound, flip=flip),
         ]
 
     def level(c, remaining):
@@ -108,17 +117,18 @@ def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha) 
         parts.append(Squeeze())
         for i in range(num_layers):
             parts += coupling(4 * c, "channel", i % 2 == 1)
-        parts.append(MultiScale(4 * c, level(2 * c, remaining - 1), hidden_channels=hidden))
+        parts.append(MultiScale((4 * c, None, None), level(2 * c, remaining - 1), hidden=hidden))
         return Compose(parts)
 
     return _with_logit(level(shape[0], levels), logit_alpha)
 
 
+@renamed_kwargs(steps="num_layers", hidden_channels="hidden")
 def glow(
     shape: Sequence[int],
     levels: int = 3,
-    steps: int = 8,
-    hidden_channels: int = 128,
+    num_layers: int = 8,
+    hidden: int = 128,
     *,
     lu: bool = True,
     additive: bool = False,
@@ -127,15 +137,15 @@ def glow(
     learned_prior: bool = True,
 ) -> Compose:
     """Glow (Kingma & Dhariwal, 2018) as a density model (data to latent): an optional
-    :class:`~pyroflows.transforms.Logit` of data in ``[0, 1]``, then per level a squeeze and ``steps`` ×
+    :class:`~pyroflows.transforms.Logit` of data in ``[0, 1]``, then per level a squeeze and ``num_layers`` steps ×
     (ActNorm → Invertible1x1Conv → channel AffineCoupling), and, except at the last level, a factor-out of half
     the channels with a learned conditional prior (:class:`~pyroflows.transforms.MultiScale`; ``learned_prior=False``
     gives the factored channels the standard-normal base instead, as normflows' multi-scale Glow does).
 
     :param shape: the image shape ``(C, H, W)``; ``H`` and ``W`` must be divisible by ``2**levels``.
     :param int levels: number of levels (squeezes).
-    :param int steps: flow steps per level.
-    :param int hidden_channels: width of each coupling's conditioner.
+    :param int num_layers: flow steps per level (Glow's "K"; formerly ``steps``).
+    :param int hidden: width (channels) of each coupling's conditioner (formerly ``hidden_channels``).
     :param bool lu: LU-parameterised 1x1 convolutions.
     :param bool additive: additive (volume-preserving) couplings.
     :param float scale_bound: bound on each coupling's absolute log-scale.
@@ -145,41 +155,46 @@ def glow(
     Example::
 
         >>> import torch, pyroflows
-        >>> flow = pyroflows.glow((1, 8, 8), levels=2, steps=2, hidden_channels=16)
+        >>> flow = pyroflows.glow((1, 8, 8), levels=2, num_layers=2, hidden=16)
         >>> flow.forward_shape((1, 8, 8))
         (4, 4, 4)
-        >>> plain = pyroflows.glow((1, 8, 8), levels=2, steps=2, hidden_channels=16, learned_prior=False)
+        >>> plain = pyroflows.glow((1, 8, 8), levels=2, num_layers=2, hidden=16, learned_prior=False)
         >>> sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in flow.parameters())
         True
     """
     shape = _image_shape(shape, "glow")
-    if steps < 1:
-        raise ValueError(f"glow: steps must be >= 1, got {steps!r}")
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"glow: num_layers must be an int >= 1, got {num_layers!r}")
+    if not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"glow: hidden must be an int >= 1 (conditioner channels), got {hidden!r}")
     _check_levels(shape, levels, "glow", extra_squeeze=1)
 
     def level(c, remaining):
         c = 4 * c
         parts = [Squeeze()]
-        for _ in range(steps):
+        for _ in range(num_layers):
             parts += [
-                ActNorm(c, event_dim=3),
-                Invertible1x1Conv(c, lu=lu),
-                AffineCoupling(c, mask="channel", hidden=hidden_channels, additive=additive, scale_bound=scale_bound),
+                ActNorm((c, None, None)),
+                Invertible1x1Conv((c, None, None), lu=lu),
+                AffineCoupling(
+                    (c, None, None), mask="channel", hidden=hidden, additive=additive, scale_bound=scale_bound
+                ),
             ]
         if remaining > 1:
             inner = level(c // 2, remaining - 1)
-            parts.append(MultiScale(c, inner, prior=learned_prior, hidden_channels=hidden_channels))
+            parts.append(MultiScale((c, None, None), inner, prior=learned_prior, hidden=hidden))
         return Compose(parts)
 
     return _with_logit(level(shape[0], levels), logit_alpha)
 
 
-def planar_flow(input_dim: int, num_layers: int = 16) -> Compose:
+@renamed_kwargs(input_dim="shape")
+def planar_flow(shape: int | Sequence[int], num_layers: int = 16) -> Compose:
     """``num_layers`` :class:`~pyroflows.transforms.Planar` layers, then an elementwise affine map
     ``y = x * exp(s) + b`` (an inverted :class:`~pyroflows.transforms.ActNorm`) so the flow can shift and
     scale (``AutoNormalizingFlow``'s base is a fixed standard normal).
 
-    :param int input_dim: the event size ``D``.
+    :param shape: the event size ``D`` (or ``(D,)``).
     :param int num_layers: number of planar layers.
 
     Example::
@@ -191,14 +206,15 @@ def planar_flow(input_dim: int, num_layers: int = 16) -> Compose:
         5
         >>> init_fn = partial(pyroflows.planar_flow, num_layers=8)  # for AutoNormalizingFlow(model, init_fn)
     """
-    dim = _vector_dim(input_dim, "planar_flow")
+    dim = _vector_dim(shape, "planar_flow")
     if num_layers < 1:
         raise ValueError(f"planar_flow: num_layers must be >= 1, got {num_layers!r}")
     return Compose([Planar(dim) for _ in range(num_layers)] + [_output_affine(dim)])
 
 
+@renamed_kwargs(input_dim_or_shape="shape")
 def realnvp(
-    input_dim_or_shape: int | Sequence[int],
+    shape: int | Sequence[int],
     num_layers: int | None = None,
     hidden: Sequence[int] | int | None = None,
     scale_bound: float = 3.0,
@@ -223,10 +239,10 @@ def realnvp(
     and recurse; the last level has ``num_layers + 1`` checkerboard couplings. ActNorm precedes each coupling.
     The latent has shape ``flow.forward_shape((C, H, W))``.
 
-    :param input_dim_or_shape: the event size ``D`` (or ``(D,)``), or an image shape ``(C, H, W)``.
+    :param shape: the event size ``D`` (or ``(D,)``), or an image shape ``(C, H, W)``.
     :param int num_layers: couplings per block; default 8 (vectors) or 3 (images).
-    :param hidden: vector conditioner hidden sizes (default ``(max(64, 4D),) * 2``) or image conditioner
-        width (default 64).
+    :param hidden: vectors: conditioner hidden sizes, a tuple, or an int for one hidden layer (default
+        ``(max(64, 4D),) * 2``); images: conditioner width, an int (default 64).
     :param float scale_bound: bound on each coupling's absolute log-scale.
     :param int levels: image scales (default: as many as the size allows, at most 3).
     :param float logit_alpha: images: squashing of the first :class:`~pyroflows.transforms.Logit`; ``None``
@@ -240,14 +256,16 @@ def realnvp(
         >>> flow.log_abs_det_jacobian(x, flow(x)).shape
         torch.Size([5])
     """
-    shape = _shape(input_dim_or_shape)
-    if len(shape) == 3:
-        return _realnvp_image(shape, num_layers or 3, hidden or 64, scale_bound, levels, logit_alpha)
-    dim = _vector_dim(input_dim_or_shape, "realnvp")
-    num_layers = 8 if num_layers is None else num_layers
-    if num_layers < 1:
-        raise ValueError(f"realnvp: num_layers must be >= 1, got {num_layers!r}")
-    hidden = tuple(hidden) if hidden is not None else (max(64, 4 * dim),) * 2
+    image = len(_shape(shape)) == 3
+    num_layers = (3 if image else 8) if num_layers is None else num_layers
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"realnvp: num_layers must be an int >= 1, got {num_layers!r}")
+    if image:
+        if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
+            raise ValueError(f"realnvp: hidden must be an int >= 1 for images (conditioner channels), got {hidden!r}")
+        return _realnvp_image(shape, num_layers, 64 if hidden is None else hidden, scale_bound, levels, logit_alpha)
+    dim = _vector_dim(shape, "realnvp")
+    hidden = _hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "realnvp")
     half = make_mask("half", dim)
     parts = []
     for i in range(num_layers):
@@ -260,9 +278,10 @@ def realnvp(
     return Compose(parts)
 
 
+@renamed_kwargs(input_dim_or_shape="shape", num_blocks="num_layers")
 def residual_flow(
-    input_dim_or_shape: int | Sequence[int],
-    num_blocks: int = 4,
+    shape: int | Sequence[int],
+    num_layers: int = 4,
     hidden: int | Sequence[int] | None = None,
     coeff: float = 0.98,
     logdet: str = "unbiased",
@@ -274,13 +293,13 @@ def residual_flow(
 ) -> Compose:
     """A Residual Flow (Chen et al., 2019) of :class:`~pyroflows.transforms.ResidualBlock` layers.
 
-    Vectors ``D``: ``num_blocks`` × (ActNorm → residual MLP block), then an elementwise affine
+    Vectors ``D``: ``num_layers`` × (ActNorm → residual MLP block), then an elementwise affine
     ``y = x * exp(s) + b`` (so an ``AutoNormalizingFlow`` guide can place and scale its posterior). Images
-    ``(C, H, W)`` (a density model, data to latent): optional Logit, then per level ``num_blocks`` ×
+    ``(C, H, W)`` (a density model, data to latent): optional Logit, then per level ``num_layers`` ×
     (ActNorm → residual CNN block) with a squeeze between levels, and a final ActNorm.
 
-    :param input_dim_or_shape: ``D`` or ``(C, H, W)``.
-    :param int num_blocks: residual blocks (per level, for images).
+    :param shape: ``D`` (or ``(D,)``) or ``(C, H, W)``.
+    :param int num_layers: residual blocks (per level, for images; formerly ``num_blocks``).
     :param hidden: hidden sizes (vectors, default ``(128,)``) or hidden channels (images, default 64).
     :param float coeff: Lipschitz bound of every residual branch, in ``(0, 1)``.
     :param str logdet: training log-det estimator, ``"unbiased"``, ``"series"`` or ``"exact"``.
@@ -293,19 +312,19 @@ def residual_flow(
     Example::
 
         >>> import torch, pyroflows
-        >>> flow = pyroflows.residual_flow(2, num_blocks=2, hidden=(16,))
+        >>> flow = pyroflows.residual_flow(2, num_layers=2, hidden=(16,))
         >>> x = torch.randn(3, 2)
         >>> flow.log_abs_det_jacobian(x, flow(x)).shape
         torch.Size([3])
     """
-    if num_blocks < 1:
-        raise ValueError(f"residual_flow: num_blocks must be >= 1, got {num_blocks!r}")
-    shape = _shape(input_dim_or_shape)
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"residual_flow: num_layers must be an int >= 1, got {num_layers!r}")
+    shape = _shape(shape)
     kwargs = dict(coeff=coeff, logdet=logdet, **block_kwargs)
     if len(shape) == 1:
         dim = _vector_dim(shape, "residual_flow")
         parts = []
-        for _ in range(num_blocks):
+        for _ in range(num_layers):
             parts += ([ActNorm(dim)] if actnorm else []) + [ResidualBlock(dim, hidden, **kwargs)]
         return Compose(parts + [_output_affine(dim)])
     c, h, w = _image_shape(shape, "residual_flow")
@@ -317,10 +336,12 @@ def residual_flow(
         if level > 0:
             parts.append(Squeeze())
             c *= 4
-        for _ in range(num_blocks):
-            parts += ([ActNorm(c, event_dim=3)] if actnorm else []) + [ResidualBlock((c, None, None), hidden, **kwargs)]
+        for _ in range(num_layers):
+            parts += ([ActNorm((c, None, None))] if actnorm else []) + [
+                ResidualBlock((c, None, None), hidden, **kwargs)
+            ]
     if actnorm:
-        parts.append(ActNorm(c, event_dim=3))
+        parts.append(ActNorm((c, None, None)))
     return _with_logit(Compose(parts), logit_alpha)
 
 

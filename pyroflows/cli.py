@@ -2,7 +2,7 @@
 
 ::
 
-    pyroflows fit --data digits --flow glow --levels 2 --steps 4 --hidden 64 --epochs 20 --out runs/glow
+    pyroflows fit --data digits --flow glow --levels 2 --num-layers 4 --hidden 64 --epochs 20 --out runs/glow
     pyroflows fit ... --out runs/glow --resume          # continue a killed run
     pyroflows sample runs/glow/checkpoint.pt --n 64 --temperature 0.7 --out grid.png
     pyroflows eval runs/glow/checkpoint.pt --data digits
@@ -18,12 +18,14 @@ import sys
 
 from . import __version__
 
-# per flow: (builder option for --steps, for --hidden) and defaults sized for 8x8 digits on a CPU
+# per flow: defaults of the builder options (levels, num_layers, hidden), sized for 8x8 digits on a CPU
 _ARCH = {
-    "glow": ("steps", "hidden_channels", {"levels": 2, "steps": 4, "hidden": 64}),
-    "realnvp": ("num_layers", "hidden", {"levels": 2, "steps": 3, "hidden": 32}),
-    "residual": ("num_blocks", "hidden", {"levels": 2, "steps": 2, "hidden": 32}),
+    "glow": {"levels": 2, "num_layers": 4, "hidden": 64},
+    "realnvp": {"levels": 2, "num_layers": 3, "hidden": 32},
+    "residual": {"levels": 2, "num_layers": 2, "hidden": 32},
 }
+# flags renamed in 0.2: old flag -> new flag (the old ones still work until 0.3, with a warning)
+_RENAMED_FLAGS = {"--steps": "--num-layers", "--max-steps": "--num-steps"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,12 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--root", help="directory holding the MNIST / CIFAR-10 files")
     fit.add_argument("--n-bits", type=int, help="keep only the most significant bits of each pixel (e.g. 5)")
     fit.add_argument("--flow", default="glow", help="glow, realnvp or residual (default: glow)")
-    fit.add_argument("--levels", type=int, help="number of scales (default 2)")
-    fit.add_argument("--steps", type=int, help="flow steps / coupling layers / residual blocks per level")
+    defaults = "; ".join(f"{k} {v['levels']}/{v['num_layers']}/{v['hidden']}" for k, v in _ARCH.items())
+    fit.add_argument("--levels", type=int, help=f"number of scales (defaults levels/num-layers/hidden: {defaults})")
+    fit.add_argument(
+        "--num-layers", type=int, help="flow depth per level: glow steps, realnvp coupling layers, residual blocks"
+    )
     fit.add_argument("--hidden", type=int, help="hidden channels of the conditioner / residual networks")
     length = fit.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, help="training length in epochs (default 10)")
-    length.add_argument("--max-steps", type=int, help="training length in optimiser steps")
+    length.add_argument("--num-steps", type=int, help="training length in optimiser steps")
     length.add_argument(
         "--time-limit",
         type=float,
@@ -106,12 +111,12 @@ def _fit(args) -> int:
     flow = args.flow.lower()
     if flow not in _ARCH:
         raise ValueError(f"unknown flow {args.flow!r}; choose one of {', '.join(_ARCH)}")
-    steps_key, hidden_key, defaults = _ARCH[flow]
+    defaults = _ARCH[flow]
     for name in (
         "levels",
-        "steps",
+        "num_layers",
         "hidden",
-        "max_steps",
+        "num_steps",
         "batch_size",
         "eval_every",
         "sample_every",
@@ -131,11 +136,7 @@ def _fit(args) -> int:
     def pick(value, default):
         return value if value is not None else default
 
-    options = {
-        "levels": pick(args.levels, defaults["levels"]),
-        steps_key: pick(args.steps, defaults["steps"]),
-        hidden_key: pick(args.hidden, defaults["hidden"]),
-    }
+    options = {name: pick(getattr(args, name), default) for name, default in defaults.items()}
     torch.manual_seed(args.seed)  # --seed fixes the initial weights too
     model = build_density(flow, train.shape, **options)
     per_epoch = max(1, len(train) // args.batch_size)
@@ -143,8 +144,8 @@ def _fit(args) -> int:
         model,
         train,
         test,
-        steps=args.max_steps,
-        epochs=None if args.max_steps is not None else (1000.0 if args.time_limit else pick(args.epochs, 10.0)),
+        num_steps=args.num_steps,
+        epochs=None if args.num_steps is not None else (1000.0 if args.time_limit else pick(args.epochs, 10.0)),
         time_limit=60 * args.time_limit if args.time_limit else None,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -220,6 +221,12 @@ def main(argv=None) -> int:
         2
     """
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for i, arg in enumerate(argv):
+        old = arg.split("=", 1)[0]
+        if old in _RENAMED_FLAGS:
+            print(f"pyroflows: {old} is renamed {_RENAMED_FLAGS[old]} (the old name goes in 0.3)", file=sys.stderr)
+            argv[i] = _RENAMED_FLAGS[old] + arg[len(old) :]
     args = parser.parse_args(argv)
     from .train import CheckpointError, TrainingError
 

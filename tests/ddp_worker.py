@@ -14,7 +14,7 @@ def main(out: str) -> None:
 
     rank = int(os.environ["RANK"])
     torch.manual_seed(100 + rank)  # ranks build different weights: fit must start them from rank 0's
-    model = build_density("glow", (1, 8, 8), levels=1, steps=2, hidden_channels=8)
+    model = build_density("glow", (1, 8, 8), levels=1, num_layers=2, hidden=8)
     record = {}
 
     init = loop._init_actnorm
@@ -36,7 +36,7 @@ def main(out: str) -> None:
         model,
         load_digits("train"),
         load_digits("test"),
-        steps=8,
+        num_steps=8,
         batch_size=32,
         lr=2e-3,
         device="cpu",

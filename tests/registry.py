@@ -54,7 +54,7 @@ def _alternating_tensor_mask(shape):
 def _mixed_compose(shape):
     # A plain torch transform among FlowTransforms: Compose must handle both in one pass.
     scale = torch.linspace(0.5, 1.5, shape[0], dtype=torch.float64)  # plain transforms do not follow .to()
-    return Compose([Planar(shape[0]), AffineTransform(0.3, scale, event_dim=1), Permute(input_dim=shape[0])])
+    return Compose([Planar(shape[0]), AffineTransform(0.3, scale, event_dim=1), Permute(shape=shape[0])])
 
 
 CASES: dict[str, Case] = {
@@ -63,36 +63,36 @@ CASES: dict[str, Case] = {
     "affine_coupling_alternate": Case(lambda s: AffineCoupling(s[0], mask="alternate", hidden=(8, 8))),
     "affine_coupling_tensor_mask": Case(_alternating_tensor_mask),
     "actnorm": Case(lambda s: ActNorm(s[0])),
-    "actnorm_image": Case(lambda s: ActNorm(s[0], event_dim=3), shape=(2, 3, 3), vector=False),
-    "permute": Case(lambda s: Permute(input_dim=s[0])),
+    "actnorm_image": Case(lambda s: ActNorm((s[0], None, None)), shape=(2, 3, 3), vector=False),
+    "permute": Case(lambda s: Permute(shape=s[0])),
     "compose_mixed": Case(_mixed_compose),
     "inverse_planar": Case(lambda s: pyroflows.inverse(Planar(s[0]))),
     "inverse_realnvp": Case(lambda s: pyroflows.inverse(pyroflows.realnvp(s[0], num_layers=2, hidden=(8,)))),
     "planar_flow": Case(lambda s: pyroflows.planar_flow(s[0], num_layers=4)),
     "realnvp": Case(lambda s: pyroflows.realnvp(s[0], num_layers=4, hidden=(16,))),
-    "conv1x1_vector": Case(lambda s: Invertible1x1Conv(s[0], event_dim=1)),
+    "conv1x1_vector": Case(lambda s: Invertible1x1Conv(s)),
     # image layers, event shape (C, H, W)
-    "conv1x1": Case(lambda s: Invertible1x1Conv(s[0]), shape=(3, 2, 2), vector=False),
-    "conv1x1_lu": Case(lambda s: Invertible1x1Conv(s[0], lu=True), shape=(3, 2, 2), vector=False),
+    "conv1x1": Case(lambda s: Invertible1x1Conv(s), shape=(3, 2, 2), vector=False),
+    "conv1x1_lu": Case(lambda s: Invertible1x1Conv(s, lu=True), shape=(3, 2, 2), vector=False),
     "coupling_checkerboard": Case(
-        lambda s: AffineCoupling(s[0], mask="checkerboard", hidden=4), shape=(2, 3, 3), vector=False
+        lambda s: AffineCoupling(s, mask="checkerboard", hidden=4), shape=(2, 3, 3), vector=False
     ),
     "coupling_checkerboard_flip": Case(
-        lambda s: AffineCoupling(s[0], mask="checkerboard", hidden=4, flip=True), shape=(1, 3, 2), vector=False
+        lambda s: AffineCoupling(s, mask="checkerboard", hidden=4, flip=True), shape=(1, 3, 2), vector=False
     ),
-    "coupling_channel": Case(lambda s: AffineCoupling(s[0], mask="channel", hidden=4), shape=(3, 2, 2), vector=False),
+    "coupling_channel": Case(lambda s: AffineCoupling(s, mask="channel", hidden=4), shape=(3, 2, 2), vector=False),
     "coupling_channel_additive": Case(
-        lambda s: AffineCoupling(s[0], mask="channel", hidden=4, additive=True, flip=True),
+        lambda s: AffineCoupling(s, mask="channel", hidden=4, additive=True, flip=True),
         shape=(2, 2, 2),
         vector=False,
     ),
     "coupling_image_tensor_mask": Case(
-        lambda s: AffineCoupling(s[0], mask=torch.rand(s) > 0.5, hidden=4), shape=(2, 2, 2), vector=False
+        lambda s: AffineCoupling(s, mask=torch.rand(s) > 0.5, hidden=4), shape=(2, 2, 2), vector=False
     ),
     "squeeze": Case(lambda s: Squeeze(), shape=(2, 2, 4), vector=False),
     "multiscale": Case(
         lambda s: MultiScale(
-            s[0], Compose([Squeeze(), AffineCoupling(4 * (s[0] // 2), "channel", hidden=4)]), hidden_channels=4
+            s, Compose([Squeeze(), AffineCoupling((4 * (s[0] // 2), None, None), "channel", hidden=4)]), hidden=4
         ),
         shape=(2, 2, 2),
         vector=False,
@@ -104,12 +104,12 @@ CASES: dict[str, Case] = {
         vector=False,
     ),
     "glow": Case(
-        lambda s: pyroflows.glow(s, levels=2, steps=1, hidden_channels=4, logit_alpha=None),
+        lambda s: pyroflows.glow(s, levels=2, num_layers=1, hidden=4, logit_alpha=None),
         shape=(1, 4, 4),
         vector=False,
     ),
     "glow_no_prior": Case(
-        lambda s: pyroflows.glow(s, levels=2, steps=1, hidden_channels=4, logit_alpha=None, learned_prior=False),
+        lambda s: pyroflows.glow(s, levels=2, num_layers=1, hidden=4, logit_alpha=None, learned_prior=False),
         shape=(1, 4, 4),
         vector=False,
     ),
@@ -117,14 +117,14 @@ CASES: dict[str, Case] = {
     "residual_conv": Case(
         lambda s: ResidualBlock(s, hidden=4, coeff=0.9, logdet="exact"), shape=(2, 3, 3), vector=False
     ),
-    "residual_flow": Case(lambda s: pyroflows.residual_flow(s[0], num_blocks=2, hidden=(8,), logdet="exact")),
+    "residual_flow": Case(lambda s: pyroflows.residual_flow(s[0], num_layers=2, hidden=(8,), logdet="exact")),
     "residual_flow_image": Case(
-        lambda s: pyroflows.residual_flow(s, num_blocks=1, hidden=4, levels=2, logdet="exact", logit_alpha=None),
+        lambda s: pyroflows.residual_flow(s, num_layers=1, hidden=4, levels=2, logdet="exact", logit_alpha=None),
         shape=(1, 2, 2),
         vector=False,
     ),
     "glow_with_logit": Case(
-        lambda s: pyroflows.glow(s, levels=1, steps=2, hidden_channels=4, lu=False, additive=True),
+        lambda s: pyroflows.glow(s, levels=1, num_layers=2, hidden=4, lu=False, additive=True),
         shape=(2, 2, 2),
         vector=False,
         draw=unit_interval,

@@ -11,7 +11,7 @@ from pyroflows.transforms import ActNorm
 @pytest.mark.parametrize("event_dim,shape", [(1, (3,)), (3, (2, 4, 5))])
 def test_init_gives_zero_mean_unit_variance(event_dim, shape):
     torch.manual_seed(0)
-    t = ActNorm(shape[0], event_dim=event_dim)
+    t = ActNorm(shape if event_dim == 3 else shape[0])
     x = 4.0 + 3.0 * torch.randn((256,) + shape) * torch.arange(1, shape[0] + 1).reshape(
         (shape[0],) + (1,) * (event_dim - 1)
     )
@@ -52,7 +52,9 @@ def test_single_sample_keeps_identity():
 
 
 def test_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="num_features"):
+    with pytest.raises(ValueError, match="shape must be a positive int"):
         ActNorm(0)
+    with pytest.raises(ValueError, match="shape must be"):
+        ActNorm((3, 4))
     with pytest.raises(ValueError, match="event_dim"):
         ActNorm(3, event_dim=2)

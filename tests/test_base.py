@@ -40,7 +40,7 @@ def test_types_and_constraints():
     c = Compose([Planar(3), ActNorm(3)])
     assert isinstance(c, FlowTransform) and isinstance(c, torch.nn.Module)
     assert c.domain.event_dim == 1 and len(c) == 2 and isinstance(c[1], ActNorm)
-    image = ActNorm(2, event_dim=3)
+    image = ActNorm((2, None, None))
     assert image.domain.event_dim == 3 and image.event_shape == (2, None, None)
     assert hash(t) != hash(Planar(3))  # TransformModule's identity hash, usable in sets and dicts
 

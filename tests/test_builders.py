@@ -46,8 +46,12 @@ def test_builders_reject_bad_sizes():
         pyroflows.realnvp((1, 6, 6), levels=3)
     with pytest.raises(ValueError, match=r"image shape \(C, H, W\)"):
         pyroflows.glow((8, 8))
-    with pytest.raises(ValueError, match="steps"):
-        pyroflows.glow((1, 8, 8), steps=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        pyroflows.glow((1, 8, 8), num_layers=0)
+    with pytest.raises(ValueError, match="hidden"):
+        pyroflows.realnvp(4, hidden=(8, 0))
+    with pytest.raises(ValueError, match="hidden must be an int >= 1 for images"):
+        pyroflows.realnvp((1, 8, 8), hidden=(8, 8))
 
 
 @pytest.mark.parametrize(
@@ -76,3 +80,61 @@ def test_guide_fits_a_shifted_narrow_gaussian(init_fn, lr):
         z = guide.get_posterior().sample((20000,))
     assert torch.allclose(z.mean(0), loc, atol=0.05)
     assert torch.allclose(z.std(0), scale, rtol=0.15)
+
+
+def test_an_int_hidden_is_one_hidden_layer_for_vectors():
+    """realnvp(64, hidden=128) used to raise "'int' object is not iterable" although the signature takes an int."""
+    flow = pyroflows.realnvp(6, num_layers=2, hidden=16)
+    reference = pyroflows.realnvp(6, num_layers=2, hidden=(16,))
+    assert [tuple(p.shape) for p in flow.parameters()] == [tuple(p.shape) for p in reference.parameters()]
+
+
+@pytest.mark.parametrize(
+    "build,old,new",
+    [
+        (pyroflows.glow, dict(steps=2, hidden_channels=8), dict(num_layers=2, hidden=8)),
+        (pyroflows.residual_flow, dict(num_blocks=2), dict(num_layers=2)),
+        (pyroflows.realnvp, dict(input_dim_or_shape=(1, 8, 8)), dict(shape=(1, 8, 8))),
+        (pyroflows.planar_flow, dict(input_dim=3), dict(shape=3)),
+    ],
+    ids=["glow", "residual_flow", "realnvp", "planar_flow"],
+)
+def test_renamed_builder_arguments_warn_and_build_the_same_flow(build, old, new):
+    first = ((1, 8, 8),) if build in (pyroflows.glow, pyroflows.residual_flow) else ()
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning, match="is renamed"):
+        legacy = build(*first, **old)
+    torch.manual_seed(0)
+    current = build(*first, **new)
+    assert repr(legacy) == repr(current)
+    for a, b in zip(legacy.state_dict().values(), current.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(TypeError, match="got both"):
+        build(*first, **old, **new)
+
+
+def test_renamed_layer_arguments_warn_and_build_the_same_layer():
+    from pyroflows.transforms import ActNorm, AffineCoupling, Invertible1x1Conv, MultiScale, Permute, Planar, Squeeze
+
+    cases = [
+        (lambda: Planar(input_dim=3), lambda: Planar(3)),
+        (lambda: Permute(input_dim=3), lambda: Permute(shape=3)),
+        (lambda: ActNorm(num_features=2), lambda: ActNorm(2)),
+        (lambda: ActNorm(2, event_dim=3), lambda: ActNorm((2, None, None))),
+        (lambda: Invertible1x1Conv(2), lambda: Invertible1x1Conv((2, None, None))),
+        (lambda: Invertible1x1Conv(2, event_dim=1), lambda: Invertible1x1Conv((2,))),
+        (lambda: AffineCoupling(2, mask="channel"), lambda: AffineCoupling((2, None, None), mask="channel")),
+        (lambda: AffineCoupling(num_features=4), lambda: AffineCoupling(4)),
+        (
+            lambda: MultiScale(4, Squeeze(), hidden_channels=8),
+            lambda: MultiScale((4, None, None), Squeeze(), hidden=8),
+        ),
+    ]
+    for legacy, current in cases:
+        torch.manual_seed(0)
+        with pytest.warns(FutureWarning):
+            old = legacy()
+        torch.manual_seed(0)
+        new = current()
+        assert old.event_shape == new.event_shape and repr(old) == repr(new)
+        assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))

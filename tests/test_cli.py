@@ -19,13 +19,13 @@ from pyroflows.data import load_digits
 from pyroflows.train import evaluate, load_checkpoint, load_density
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = ["--levels", "1", "--steps", "1", "--hidden", "8", "--batch-size", "32", "--no-progress"]
+TINY = ["--levels", "1", "--num-layers", "1", "--hidden", "8", "--batch-size", "32", "--no-progress"]
 FIT_LINE = re.compile(r"step (\d+): test bits/dim (\S+); checkpoint (.+)")
 EVAL_LINE = re.compile(r"digits (\w+): (\S+) bits/dim \((\d+) images\)")
 
 
 def fit_argv(out, steps=20, *extra):
-    return ["fit", *TINY, "--max-steps", str(steps), "--out", str(out), *extra]
+    return ["fit", *TINY, "--num-steps", str(steps), "--out", str(out), *extra]
 
 
 def fit_line(stdout):
@@ -85,11 +85,8 @@ def test_fit_writes_checkpoint_metrics_samples_and_prints_bpd(tmp_path, capsys):
     assert (out / "samples.png").read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize(
-    "flow, steps_key, hidden_key",
-    [("glow", "steps", "hidden_channels"), ("realnvp", "num_layers", "hidden"), ("residual", "num_blocks", "hidden")],
-)
-def test_each_flow_trains_via_cli(flow, steps_key, hidden_key, tmp_path, capsys):
+@pytest.mark.parametrize("flow", ["glow", "realnvp", "residual"])
+def test_each_flow_trains_via_cli(flow, tmp_path, capsys):
     out = tmp_path / flow
     assert main(fit_argv(out, 3, "--flow", flow.upper())) == 0  # the name is case-insensitive
     step, bpd, _ = fit_line(capsys.readouterr().out)
@@ -97,7 +94,7 @@ def test_each_flow_trains_via_cli(flow, steps_key, hidden_key, tmp_path, capsys)
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] == 3
     assert ckpt["spec"]["flow"] == flow
-    assert ckpt["spec"]["options"] == {"levels": 1, steps_key: 1, hidden_key: 8}
+    assert ckpt["spec"]["options"] == {"levels": 1, "num_layers": 1, "hidden": 8}  # every builder, one vocabulary
     assert load_density(out / "checkpoint.pt").event_shape == (1, 8, 8)
 
 
@@ -298,8 +295,8 @@ def test_bad_checkpoint_exits_2(command, make, message, run, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ the command
 @pytest.mark.parametrize(
     "argv",
-    [[], ["fit"], ["fit", "--out", "x", "--epochs", "1", "--max-steps", "2"], ["sample"]],
-    ids=["no-command", "fit-without-out", "epochs-and-max-steps", "sample-without-checkpoint"],
+    [[], ["fit"], ["fit", "--out", "x", "--epochs", "1", "--num-steps", "2"], ["sample"]],
+    ids=["no-command", "fit-without-out", "epochs-and-num-steps", "sample-without-checkpoint"],
 )
 def test_usage_errors_exit_2_through_argparse(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -331,10 +328,10 @@ def test_eval_by_default_repeats_the_figure_fit_printed(run, capsys):
 
 
 def test_zero_or_negative_sizes_are_rejected_not_replaced_by_defaults(tmp_path, capsys):
-    for flag in ("--levels", "--steps", "--hidden", "--max-steps", "--eval-every"):
+    for flag in ("--levels", "--num-layers", "--hidden", "--num-steps", "--eval-every"):
         argv = ["fit", "--out", str(tmp_path / flag.strip("-")), flag, "0", "--no-progress"]
-        if flag != "--max-steps":
-            argv += ["--max-steps", "1"]
+        if flag != "--num-steps":
+            argv += ["--num-steps", "1"]
         assert main(argv) == 2
         assert f"{flag} must be >= 1" in capsys.readouterr().err
         assert not (tmp_path / flag.strip("-") / "checkpoint.pt").exists()
@@ -342,7 +339,36 @@ def test_zero_or_negative_sizes_are_rejected_not_replaced_by_defaults(tmp_path, 
 
 def test_time_limit_stops_the_run_early(tmp_path, capsys):
     out = tmp_path / "timed"
-    argv = ["fit", "--levels", "1", "--steps", "1", "--hidden", "8", "--time-limit", "0.02", "--out", str(out)]
+    argv = ["fit", "--levels", "1", "--num-layers", "1", "--hidden", "8", "--time-limit", "0.02", "--out", str(out)]
     assert main(argv + ["--no-progress"]) == 0
     step = load_checkpoint(out / "checkpoint.pt")["step"]
     assert 0 < step < 1000 * (1437 // 64)  # stopped by the clock, not by the 1000-epoch ceiling
+
+
+def test_renamed_flags_still_work_and_say_their_new_name(tmp_path, capsys):
+    out = tmp_path / "old_flags"
+    argv = [
+        "fit",
+        "--levels",
+        "1",
+        "--steps",
+        "1",
+        "--hidden",
+        "8",
+        "--max-steps=2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "--steps is renamed --num-layers" in err and "--max-steps is renamed --num-steps" in err
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 2 and ckpt["spec"]["options"]["num_layers"] == 1
+
+
+def test_fit_help_shows_the_default_sizes_of_each_flow(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "glow 2/4/64" in text and "realnvp 2/3/32" in text and "residual 2/2/32" in text

@@ -55,16 +55,20 @@ def test_rejects_bad_masks():
         AffineCoupling(3, mask="checkers")
     with pytest.raises(ValueError, match="only 0 and 1"):
         AffineCoupling(3, mask=torch.tensor([0, 2, 1]))
-    with pytest.raises(ValueError, match="num_features"):
+    with pytest.raises(ValueError, match="shape must be a positive int"):
         AffineCoupling(0)
+    with pytest.raises(ValueError, match="is a vector mask, but shape"):
+        AffineCoupling((2, 4, 4), mask="half")
+    with pytest.raises(ValueError, match="is an image mask, but shape"):
+        AffineCoupling((4,), mask="channel")
     with pytest.raises(ValueError, match="0 < split < C=1"):
-        AffineCoupling(1, mask="channel")
+        AffineCoupling((1, None, None), mask="channel")
     with pytest.raises(ValueError, match="split"):
-        AffineCoupling(4, mask="channel", split=4)
+        AffineCoupling((4, None, None), mask="channel", split=4)
     with pytest.raises(ValueError, match=r"shape \(1 or C, H, W\)"):
-        AffineCoupling(3, mask=torch.rand(2, 4, 4) > 0.5)
+        AffineCoupling((3, None, None), mask=torch.rand(2, 4, 4) > 0.5)
     with pytest.raises(ValueError, match="every pixel"):
-        AffineCoupling(3, mask=torch.ones(1, 4, 4, dtype=torch.bool))
+        AffineCoupling((3, None, None), mask=torch.ones(1, 4, 4, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("flip", [False, True])

@@ -15,7 +15,7 @@ from pyroflows.transforms import ActNorm, AffineCoupling
 
 def _model(seed=0, **kwargs):
     torch.manual_seed(seed)
-    flow = pyroflows.glow((1, 4, 4), levels=2, steps=2, hidden_channels=8, **kwargs)
+    flow = pyroflows.glow((1, 4, 4), levels=2, num_layers=2, hidden=8, **kwargs)
     model = FlowDensity(flow, (1, 4, 4)).double()
     model.log_prob(torch.rand(32, 1, 4, 4, dtype=torch.float64) * 0.9 + 0.05)  # data-dependent init
     with torch.no_grad():
@@ -26,7 +26,7 @@ def _model(seed=0, **kwargs):
 
 def test_first_training_call_initialises_every_actnorm():
     torch.manual_seed(0)
-    model = FlowDensity(pyroflows.glow((1, 4, 4), levels=2, steps=2, hidden_channels=8), (1, 4, 4))
+    model = FlowDensity(pyroflows.glow((1, 4, 4), levels=2, num_layers=2, hidden=8), (1, 4, 4))
     actnorms = [m for m in model.modules() if isinstance(m, ActNorm)]
     assert actnorms and not any(bool(a.initialized) for a in actnorms)
     model.log_prob(torch.rand(16, 1, 4, 4))
@@ -118,9 +118,9 @@ def test_the_distribution_samples_inside_its_support_and_scores_every_draw(build
     torch.manual_seed(0)
     shape = (1, 4, 4)
     flows = {
-        "glow": lambda: pyroflows.glow(shape, levels=2, steps=1, hidden_channels=8),
+        "glow": lambda: pyroflows.glow(shape, levels=2, num_layers=1, hidden=8),
         "realnvp": lambda: pyroflows.realnvp(shape, num_layers=1, hidden=8, levels=2),
-        "residual": lambda: pyroflows.residual_flow(shape, num_blocks=1, hidden=8, levels=2),
+        "residual": lambda: pyroflows.residual_flow(shape, num_layers=1, hidden=8, levels=2),
     }
     model = pyroflows.FlowDensity(flows[builder](), shape).double()
     model.log_prob(torch.rand((16,) + shape, dtype=torch.float64))  # ActNorm's data-dependent init

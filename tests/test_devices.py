@@ -27,9 +27,9 @@ def images(n, shape=(1, 8, 8), seed=0):
 def test_log_prob_agrees_across_devices_and_inverts(device, flow):
     torch.manual_seed(0)
     options = {
-        "glow": dict(levels=2, steps=2, hidden_channels=16),
+        "glow": dict(levels=2, num_layers=2, hidden=16),
         "realnvp": dict(levels=2, num_layers=2),
-        "residual": dict(levels=2, num_blocks=1, hidden=16, logdet="exact"),
+        "residual": dict(levels=2, num_layers=1, hidden=16, logdet="exact"),
     }[flow]
     model = build_density(flow, (1, 8, 8), **options)
     x = images(64)
@@ -51,12 +51,12 @@ def test_log_prob_agrees_across_devices_and_inverts(device, flow):
 @pytest.mark.parametrize("amp", [False, True])
 def test_fit_on_device_checkpoint_loads_on_cpu(device, amp, tmp_path):
     torch.manual_seed(0)
-    model = build_density("glow", (1, 8, 8), levels=2, steps=2, hidden_channels=16)
+    model = build_density("glow", (1, 8, 8), levels=2, num_layers=2, hidden=16)
     result = fit(
         model,
         load_digits("train"),
         load_digits("test"),
-        steps=30,
+        num_steps=30,
         batch_size=64,
         lr=2e-3,
         device=device,

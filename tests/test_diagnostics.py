@@ -112,7 +112,7 @@ def test_log_q_is_exact_for_a_residual_flow_guide():
         pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), torch.tensor([0.5, 2.0])).to_event(1))
 
     pyro.clear_param_store()
-    guide = AutoNormalizingFlow(model, partial(pyroflows.residual_flow, num_blocks=2, hidden=(16,)))
+    guide = AutoNormalizingFlow(model, partial(pyroflows.residual_flow, num_layers=2, hidden=(16,)))
     fit(model, guide, 30, num_particles=4, progress=False, seed=0)
     assert guide.training
     idata = D.to_inference_data(model, guide, num_samples=20)

@@ -12,10 +12,10 @@ from pyroflows.transforms import AffineCoupling, Compose, Invertible1x1Conv, Log
 
 def test_lu_and_plain_1x1_conv_give_the_same_map():
     torch.manual_seed(0)
-    plain = Invertible1x1Conv(4).double()
+    plain = Invertible1x1Conv((4, None, None)).double()
     with torch.no_grad():
         plain.weight.add_(0.3 * torch.randn(4, 4, dtype=torch.float64))
-    lu = Invertible1x1Conv(4, lu=True).double()
+    lu = Invertible1x1Conv((4, None, None), lu=True).double()
     p, l, u = torch.linalg.lu(plain.weight.detach())
     s = torch.diagonal(u)
     with torch.no_grad():
@@ -30,7 +30,7 @@ def test_lu_and_plain_1x1_conv_give_the_same_map():
 @pytest.mark.parametrize("lu", [False, True])
 def test_1x1_conv_log_det_is_positions_times_slogdet(lu):
     torch.manual_seed(1)
-    t = Invertible1x1Conv(3, lu=lu).double()
+    t = Invertible1x1Conv((3, None, None), lu=lu).double()
     with torch.no_grad():
         for p in t.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -38,7 +38,7 @@ def test_1x1_conv_log_det_is_positions_times_slogdet(lu):
     expected = 5 * 7 * torch.linalg.slogdet(t.weight_matrix())[1]
     assert torch.allclose(t.log_abs_det_jacobian(x, t(x)), expected.expand(2), atol=1e-10)
     assert torch.allclose(
-        torch.linalg.slogdet(Invertible1x1Conv(6, lu=lu).weight_matrix())[1], torch.zeros(()), atol=1e-5
+        torch.linalg.slogdet(Invertible1x1Conv((6, None, None), lu=lu).weight_matrix())[1], torch.zeros(()), atol=1e-5
     )
 
 
@@ -60,7 +60,7 @@ def test_squeeze_layout_and_errors():
 @pytest.mark.parametrize("flip", [False, True])
 def test_checkerboard_keeps_its_conditioning_pixels(flip):
     torch.manual_seed(0)
-    t = AffineCoupling(2, mask="checkerboard", hidden=8, flip=flip)
+    t = AffineCoupling((2, None, None), mask="checkerboard", hidden=8, flip=flip)
     with torch.no_grad():
         for p in t.parameters():
             p.add_(0.5 * torch.randn_like(p))
@@ -74,14 +74,14 @@ def test_checkerboard_keeps_its_conditioning_pixels(flip):
 
 def test_channel_coupling_keeps_its_conditioning_channels():
     torch.manual_seed(0)
-    t = AffineCoupling(5, mask="channel", hidden=8)
+    t = AffineCoupling((5, None, None), mask="channel", hidden=8)
     with torch.no_grad():
         for p in t.parameters():
             p.add_(0.5 * torch.randn_like(p))
     x = torch.randn(2, 5, 3, 3)
     y = t(x)
     assert torch.equal(y[:, :2], x[:, :2]) and not torch.allclose(y[:, 2:], x[:, 2:])
-    flipped = AffineCoupling(5, mask="channel", hidden=8, flip=True)
+    flipped = AffineCoupling((5, None, None), mask="channel", hidden=8, flip=True)
     assert torch.equal(flipped(x), x)  # zero-initialised: the identity
     with torch.no_grad():
         for p in flipped.parameters():
@@ -91,7 +91,7 @@ def test_channel_coupling_keeps_its_conditioning_channels():
 
 def test_additive_coupling_preserves_volume():
     torch.manual_seed(0)
-    t = AffineCoupling(4, mask="channel", hidden=8, additive=True)
+    t = AffineCoupling((4, None, None), mask="channel", hidden=8, additive=True)
     with torch.no_grad():
         for p in t.parameters():
             p.add_(torch.randn_like(p))
@@ -134,7 +134,7 @@ def test_logit_endpoints_of_the_data_range_are_inside_domain_and_round_trip(alph
 
 
 def test_wrong_channel_count_is_named():
-    t = AffineCoupling(3, mask="channel", hidden=4)
+    t = AffineCoupling((3, None, None), mask="channel", hidden=4)
     with pytest.raises(ValueError, match=r"event shape \(3, \*, \*\)"):
         t(torch.randn(2, 4, 4, 4))
     with pytest.raises(ValueError, match="Planar.forward expects event shape"):

@@ -74,8 +74,10 @@ def test_inverse_reports_non_convergence():
 
 
 def test_constructor_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="input_dim"):
+    with pytest.raises(ValueError, match="shape must be a positive int"):
         Planar(0)
+    with pytest.raises(ValueError, match="works on vectors"):
+        Planar((2, 3, 3))
     with pytest.raises(ValueError, match="max_iter"):
         Planar(2, max_iter=-1)
 

@@ -306,11 +306,11 @@ def test_inverse_gradients_match_finite_differences():
 
 
 def test_residual_flow_builder_checks_and_guides():
-    with pytest.raises(ValueError, match="num_blocks"):
-        pyroflows.residual_flow(2, num_blocks=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        pyroflows.residual_flow(2, num_layers=0)
     with pytest.raises(ValueError, match="coeff"):
         pyroflows.residual_flow(2, coeff=1.5)
-    flow = pyroflows.residual_flow(3, num_blocks=2, hidden=(8,), n_exact_terms=3, memory_efficient=False)
+    flow = pyroflows.residual_flow(3, num_layers=2, hidden=(8,), n_exact_terms=3, memory_efficient=False)
     blocks = [m for m in flow.modules() if isinstance(m, ResidualBlock)]
     assert len(blocks) == 2 and all(b.n_exact_terms == 3 and not b.memory_efficient for b in blocks)
 
@@ -334,7 +334,7 @@ def test_sampling_without_gradients_skips_the_log_det_until_asked(monkeypatch):
     import pyro.distributions as dist
 
     torch.manual_seed(0)
-    flow = pyroflows.residual_flow(3, num_blocks=2, hidden=(16,)).double().eval()
+    flow = pyroflows.residual_flow(3, num_layers=2, hidden=(16,)).double().eval()
     q = dist.TransformedDistribution(dist.Normal(torch.zeros(3).double(), 1.0).to_event(1), flow)
     calls = _count_log_dets(monkeypatch)
     y = q.sample((50,))
@@ -353,7 +353,7 @@ def test_sampling_without_gradients_skips_the_log_det_until_asked(monkeypatch):
 
 def test_calls_with_gradients_compute_the_log_det_once(monkeypatch):
     torch.manual_seed(0)
-    flow = pyroflows.residual_flow(3, num_blocks=2, hidden=(16,))
+    flow = pyroflows.residual_flow(3, num_layers=2, hidden=(16,))
     calls = _count_log_dets(monkeypatch)
     x = torch.randn(8, 3)
     y = flow(x)
@@ -364,7 +364,7 @@ def test_calls_with_gradients_compute_the_log_det_once(monkeypatch):
 
 def test_density_sample_runs_the_fixed_point_inverse_without_log_dets(monkeypatch):
     torch.manual_seed(0)
-    model = pyroflows.FlowDensity(pyroflows.residual_flow(4, num_blocks=2, hidden=(16,)), (4,)).double()
+    model = pyroflows.FlowDensity(pyroflows.residual_flow(4, num_layers=2, hidden=(16,)), (4,)).double()
     calls = _count_log_dets(monkeypatch)
     torch.manual_seed(1)
     x = model.sample(20)
@@ -397,7 +397,7 @@ def test_lazy_log_det_reaches_compositions_and_inverses():
 def test_memo_serves_a_never_trained_residual_flow_in_eval(grad):
     """The power iteration marks "never iterated in training" with a NaN buffer; NaN != NaN once made every
     memo lookup of such a flow miss, so log_prob after a draw re-ran the fixed-point inverse."""
-    flow = pyroflows.residual_flow(3, num_blocks=2, hidden=(8,)).eval()
+    flow = pyroflows.residual_flow(3, num_layers=2, hidden=(8,)).eval()
     x = torch.randn(4, 3)
     with torch.set_grad_enabled(grad):
         y = flow(x)
@@ -408,7 +408,7 @@ def test_density_log_prob_without_gradients_is_one_pass(monkeypatch):
     """FlowDensity.log_prob wants the log-det anyway: without gradients it must not run x + g(x) and then the
     log-det pass again (each block's forward_and_log_det exactly once), and it equals the value with gradients."""
     torch.manual_seed(0)
-    model = pyroflows.FlowDensity(pyroflows.residual_flow(3, num_blocks=2, hidden=(16,)), (3,)).double().eval()
+    model = pyroflows.FlowDensity(pyroflows.residual_flow(3, num_layers=2, hidden=(16,)), (3,)).double().eval()
     x = torch.randn(10, 3, dtype=torch.float64)
     with_grad = model.log_prob(x)
     calls = _count_log_dets(monkeypatch)

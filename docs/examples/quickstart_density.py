@@ -18,8 +18,8 @@ def main(steps: int = 600, out: str = "runs/digits-glow"):
     print(f"{len(train)} train / {len(test)} test images of shape {train.shape}, {train.n_bins} levels")
 
     torch.manual_seed(0)
-    model = build_density("glow", train.shape, levels=2, steps=4, hidden_channels=64)  # a FlowDensity
-    result = fit(model, train, test, steps=steps, batch_size=64, lr=2e-3, warmup_steps=50, out=out, progress=False)
+    model = build_density("glow", train.shape, levels=2, num_layers=4, hidden=64)  # a FlowDensity
+    result = fit(model, train, test, num_steps=steps, batch_size=64, lr=2e-3, warmup_steps=50, out=out, progress=False)
     print(f"{result.step} steps: test bits/dim {result.evals[-1]['test_bpd']:.3f}")  # uniform: log2(17) = 4.09
 
     samples = model.sample(64, temperature=0.7)  # (64, 1, 8, 8), data space [0, 1]

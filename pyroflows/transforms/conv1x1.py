@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._deprecation import renamed_kwargs
+from ._shapes import legacy_event_dim
 from .base import FlowTransform
 
 
@@ -35,27 +37,26 @@ class Invertible1x1Conv(FlowTransform):
 
     Reference: Kingma & Dhariwal, *Glow: Generative Flow with Invertible 1x1 Convolutions*, NeurIPS 2018.
 
-    :param int num_channels: ``C`` (images ``(..., C, H, W)``) or ``D`` (vectors ``(..., D)``).
+    :param shape: ``(C, H, W)`` for images ``(..., C, H, W)`` (``H``, ``W`` may be ``None``), ``D`` or ``(D,)``
+        for vectors ``(..., D)``. (Until pyroflows 0.3 an int still means image channels, with a warning.)
     :param bool lu: use the LU parameterisation.
-    :param int event_dim: 3 for images, 1 for vectors.
+    :param int event_dim: deprecated: ``3`` with an int ``shape`` means ``(C, None, None)``.
 
     Example::
 
         >>> import torch
         >>> from pyroflows.transforms import Invertible1x1Conv
-        >>> t = Invertible1x1Conv(4, lu=True)
+        >>> t = Invertible1x1Conv((4, None, None), lu=True)
         >>> x = torch.randn(2, 4, 3, 3)
         >>> torch.allclose(t.inv(t(x).clone()), x, atol=1e-5)
         True
     """
 
-    def __init__(self, num_channels: int, lu: bool = False, event_dim: int = 3):
-        if not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(f"Invertible1x1Conv: num_channels must be a positive int, got {num_channels!r}")
-        if event_dim not in (1, 3):
-            raise ValueError(f"Invertible1x1Conv: event_dim must be 1 or 3, got {event_dim!r}")
-        event_shape = (num_channels,) if event_dim == 1 else (num_channels, None, None)
-        super().__init__(event_dim=event_dim, event_shape=event_shape)
+    @renamed_kwargs(num_channels="shape")
+    def __init__(self, shape: int | tuple, lu: bool = False, event_dim: int | None = None):
+        event_shape = legacy_event_dim(shape, event_dim, "Invertible1x1Conv", default_image=True)
+        num_channels = event_shape[0]
+        super().__init__(event_dim=len(event_shape), event_shape=event_shape)
         self.num_channels = num_channels
         self.lu = lu
         w = _random_rotation(num_channels)
@@ -120,4 +121,4 @@ class Invertible1x1Conv(FlowTransform):
         return x, self._batch(y, -self._log_abs_det_weight() * self._positions(y))
 
     def extra_repr(self) -> str:
-        return f"num_channels={self.num_channels}, lu={self.lu}, event_dim={self._event_dim}"
+        return f"shape={self.event_shape}, lu={self.lu}"

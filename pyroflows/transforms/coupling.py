@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._deprecation import renamed_kwargs
 from ..nn.conditioners import MLP, ConvNet
+from ._shapes import legacy_image_channels, parse_shape
 from .base import FlowTransform
 
 VECTOR_MASKS = ("half", "alternate")
@@ -65,6 +67,10 @@ def _is_image_mask(mask) -> bool:
     return torch.as_tensor(mask).dim() == 3
 
 
+def _describe(mask) -> str:
+    return repr(mask) if isinstance(mask, str) else f"a tensor of shape {tuple(torch.as_tensor(mask).shape)}"
+
+
 class AffineCoupling(FlowTransform):
     r"""Affine coupling layer: with ``m`` the mask (``True`` = conditioning, passed unchanged),
 
@@ -87,8 +93,8 @@ class AffineCoupling(FlowTransform):
     References: Dinh, Sohl-Dickstein & Bengio, *Density estimation using Real NVP*, ICLR 2017;
     Kingma & Dhariwal, *Glow*, NeurIPS 2018; Dinh, Krueger & Bengio, *NICE*, 2015 (additive).
 
-    :param int num_features: ``D`` for vectors, ``C`` for images.
-    :param mask: see above; it also decides vectors vs images.
+    :param shape: ``D`` or ``(D,)`` for vectors, ``(C, H, W)`` for images (``H``, ``W`` may be ``None``).
+    :param mask: see above; a vector mask for a vector shape, an image mask for an image shape.
     :param hidden: vector conditioner hidden sizes (default ``(64, 64)``) or image conditioner width
         (an int, default 64).
     :param torch.nn.Module conditioner: optional replacement network: vectors ``(..., n_cond) -> (..., 2 n_trans)``;
@@ -108,13 +114,14 @@ class AffineCoupling(FlowTransform):
         >>> x = torch.randn(3, 4)
         >>> torch.equal(t(x), x)  # identity at init
         True
-        >>> AffineCoupling(2, mask="checkerboard", hidden=8)(torch.randn(5, 2, 4, 4)).shape
+        >>> AffineCoupling((2, None, None), mask="checkerboard", hidden=8)(torch.randn(5, 2, 4, 4)).shape
         torch.Size([5, 2, 4, 4])
     """
 
+    @renamed_kwargs(num_features="shape")
     def __init__(
         self,
-        num_features: int,
+        shape: int | tuple,
         mask: str | torch.Tensor = "half",
         hidden: Sequence[int] | int | None = None,
         conditioner: nn.Module | None = None,
@@ -123,14 +130,22 @@ class AffineCoupling(FlowTransform):
         flip: bool = False,
         split: int | None = None,
     ):
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"AffineCoupling: num_features must be a positive int, got {num_features!r}")
         if not scale_bound > 0:
             raise ValueError(f"AffineCoupling: scale_bound must be positive, got {scale_bound!r}")
         image = _is_image_mask(mask)
-        super().__init__(
-            event_dim=3 if image else 1, event_shape=(num_features, None, None) if image else (num_features,)
-        )
+        if image and isinstance(shape, int):
+            event_shape = legacy_image_channels(
+                shape, "AffineCoupling", f"an int shape with an image mask ({_describe(mask)})"
+            )
+        else:
+            event_shape = parse_shape(shape, "AffineCoupling")
+        if image != (len(event_shape) == 3):
+            kind = "an image" if image else "a vector"
+            raise ValueError(
+                f"AffineCoupling: mask {_describe(mask)} is {kind} mask, but shape {shape!r} is not {kind} shape"
+            )
+        num_features = event_shape[0]
+        super().__init__(event_dim=len(event_shape), event_shape=event_shape)
         self.num_features = num_features
         self.scale_bound = float(scale_bound)
         self.additive = additive
@@ -265,7 +280,4 @@ class AffineCoupling(FlowTransform):
         return self._couple(y, inverse=True)
 
     def extra_repr(self) -> str:
-        return (
-            f"num_features={self.num_features}, mode={self._mode}, scale_bound={self.scale_bound}, "
-            f"additive={self.additive}"
-        )
+        return f"shape={self.event_shape}, mode={self._mode}, scale_bound={self.scale_bound}, additive={self.additive}"

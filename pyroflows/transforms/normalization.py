@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._deprecation import renamed_kwargs
+from ._shapes import legacy_event_dim
 from .base import FlowTransform
 
 
@@ -33,8 +35,9 @@ class ActNorm(FlowTransform):
 
     Reference: Kingma & Dhariwal, *Glow: Generative Flow with Invertible 1x1 Convolutions*, NeurIPS 2018.
 
-    :param int num_features: ``D`` for vectors ``(..., D)``, ``C`` for images ``(..., C, H, W)``.
-    :param int event_dim: 1 for vectors, 3 for images.
+    :param shape: ``D`` or ``(D,)`` for vectors ``(..., D)``; ``(C, H, W)`` for images ``(..., C, H, W)``
+        (``H``, ``W`` may be ``None``: any size).
+    :param int event_dim: deprecated: ``3`` with an int ``shape`` means ``(C, None, None)``.
     :param float eps: floor on the standard deviation used by the init.
 
     Example::
@@ -49,13 +52,11 @@ class ActNorm(FlowTransform):
 
     sign = +1  # elementwise and increasing, as torch's ``sign`` asks
 
-    def __init__(self, num_features: int, event_dim: int = 1, eps: float = 1e-6):
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"ActNorm: num_features must be a positive int, got {num_features!r}")
-        if event_dim not in (1, 3):
-            raise ValueError(f"ActNorm: event_dim must be 1 (vectors) or 3 (images), got {event_dim!r}")
+    @renamed_kwargs(num_features="shape")
+    def __init__(self, shape: int | tuple, event_dim: int | None = None, *, eps: float = 1e-6):
+        event_shape = legacy_event_dim(shape, event_dim, "ActNorm")
+        event_dim, num_features = len(event_shape), event_shape[0]
         shape = (num_features,) if event_dim == 1 else (num_features, 1, 1)
-        event_shape = (num_features,) if event_dim == 1 else (num_features, None, None)
         super().__init__(event_dim=event_dim, event_shape=event_shape)
         self.num_features = num_features
         self.eps = eps
@@ -129,4 +130,4 @@ class ActNorm(FlowTransform):
         return x, log_det.expand(y.shape[: y.dim() - self._event_dim])
 
     def extra_repr(self) -> str:
-        return f"num_features={self.num_features}, event_dim={self._event_dim}"
+        return f"shape={self.event_shape}"

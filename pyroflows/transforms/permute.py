@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._deprecation import renamed_kwargs
+from ._shapes import parse_shape
 from .base import FlowTransform
 
 
@@ -15,7 +17,7 @@ class Permute(FlowTransform):
     load a trained one. Here the permutation is a buffer.
 
     :param permutation: a permutation of ``range(D)``; ``None`` draws one from torch's RNG.
-    :param int input_dim: ``D``, needed when ``permutation`` is ``None``.
+    :param shape: the event size ``D`` (or ``(D,)``), needed when ``permutation`` is ``None``.
 
     Example::
 
@@ -25,11 +27,15 @@ class Permute(FlowTransform):
         tensor([12., 10., 11.])
     """
 
-    def __init__(self, permutation: torch.Tensor | None = None, input_dim: int | None = None):
+    @renamed_kwargs(input_dim="shape")
+    def __init__(self, permutation: torch.Tensor | None = None, shape: int | tuple[int] | None = None):
         if permutation is None:
-            if input_dim is None or input_dim < 1:
-                raise ValueError("Permute: give a permutation or a positive input_dim")
-            permutation = torch.randperm(input_dim)
+            if shape is None:
+                raise ValueError("Permute: give a permutation or the event size shape=D")
+            shape = parse_shape(shape, "Permute")
+            if len(shape) != 1:
+                raise ValueError(f"Permute: works on vectors, shape must be D or (D,), got {shape!r}")
+            permutation = torch.randperm(shape[0])
         permutation = torch.as_tensor(permutation, dtype=torch.long)
         dim = permutation.numel()
         if permutation.dim() != 1 or not torch.equal(permutation.sort().values, torch.arange(dim)):

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._deprecation import renamed_kwargs
+from ._shapes import parse_shape
 from .base import FlowTransform
 
 
@@ -33,7 +35,7 @@ class Planar(FlowTransform):
     ``RuntimeError`` with the residual reached if it does not converge in ``max_iter`` steps. Gradients
     flow through the inverse by the implicit-function theorem (one differentiable Newton step at the root).
 
-    :param int input_dim: the event size ``D``; inputs have shape ``(..., D)``.
+    :param shape: the event size, ``D`` or ``(D,)``; inputs have shape ``(..., D)``.
     :param int max_iter: the inverse's iteration limit.
     :param float margin: :math:`\delta \in (0, 1)`, how far :math:`w^\top \hat u` stays above -1.
 
@@ -49,9 +51,12 @@ class Planar(FlowTransform):
         True
     """
 
-    def __init__(self, input_dim: int, *, max_iter: int = 100, margin: float = 1e-4):
-        if not isinstance(input_dim, int) or input_dim < 1:
-            raise ValueError(f"Planar: input_dim must be a positive int, got {input_dim!r}")
+    @renamed_kwargs(input_dim="shape")
+    def __init__(self, shape: int | tuple[int], *, max_iter: int = 100, margin: float = 1e-4):
+        shape = parse_shape(shape, "Planar")
+        if len(shape) != 1:
+            raise ValueError(f"Planar: works on vectors, shape must be D or (D,), got {shape!r}")
+        input_dim = shape[0]
         if max_iter < 0:
             raise ValueError(f"Planar: max_iter must be >= 0, got {max_iter!r}")
         if not 0.0 < margin < 1.0:
@@ -137,4 +142,4 @@ class Planar(FlowTransform):
         )
 
     def extra_repr(self) -> str:
-        return f"input_dim={self.input_dim}"
+        return f"shape={self.event_shape}"

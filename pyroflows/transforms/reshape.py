@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._deprecation import renamed_kwargs
+from ._shapes import legacy_image_channels, parse_shape
 from .base import FlowTransform, forward_and_log_det, inverse_and_log_det
 
 
@@ -73,18 +75,19 @@ class MultiScale(FlowTransform):
     Reference: Dinh, Sohl-Dickstein & Bengio, *Density estimation using Real NVP*, ICLR 2017, §3.6;
     Kingma & Dhariwal, *Glow*, NeurIPS 2018 (learned prior for the factored half).
 
-    :param int num_channels: ``C`` of the input.
+    :param shape: the input's ``(C, H, W)`` (``H``, ``W`` may be ``None``).
     :param inner: the transform applied to the kept channels, shape ``(C_keep, H, W)`` to any shape of the same size.
     :param int keep_channels: ``C_keep`` (default ``C // 2``).
     :param bool prior: add the learned conditional prior coupling on the factored channels.
-    :param int hidden_channels: the prior's conditioner width.
+    :param int hidden: the prior's conditioner width.
 
     Example::
 
         >>> import torch
         >>> from pyroflows.transforms import AffineCoupling, MultiScale, Squeeze, Compose
-        >>> inner = Compose([Squeeze(), AffineCoupling(8, mask="channel", hidden=8)])  # (2, 4, 4) -> (8, 2, 2)
-        >>> layer = MultiScale(4, inner, hidden_channels=8)  # keeps the last 2 of 4 channels
+        >>> coupling = AffineCoupling((8, None, None), mask="channel", hidden=8)
+        >>> inner = Compose([Squeeze(), coupling])  # (2, 4, 4) -> (8, 2, 2)
+        >>> layer = MultiScale((4, None, None), inner, hidden=8)  # keeps the last 2 of 4 channels
         >>> x = torch.randn(3, 4, 4, 4)
         >>> y = layer(x)
         >>> y.shape, layer.log_abs_det_jacobian(x, y).shape
@@ -93,18 +96,26 @@ class MultiScale(FlowTransform):
         True
     """
 
+    @renamed_kwargs(num_channels="shape", hidden_channels="hidden")
     def __init__(
         self,
-        num_channels: int,
+        shape: tuple,
         inner: torch.distributions.Transform,
         keep_channels: int | None = None,
         prior: bool = True,
-        hidden_channels: int = 64,
+        hidden: int = 64,
     ):
+        if isinstance(shape, int):
+            event_shape = legacy_image_channels(shape, "MultiScale", "an int shape")
+        else:
+            event_shape = parse_shape(shape, "MultiScale")
+        if len(event_shape) != 3:
+            raise ValueError(f"MultiScale: works on images, shape must be (C, H, W), got {shape!r}")
+        num_channels = event_shape[0]
         keep = num_channels // 2 if keep_channels is None else keep_channels
         if not 0 < keep < num_channels:
             raise ValueError(f"MultiScale: keep_channels must lie in (0, {num_channels}), got {keep!r}")
-        super().__init__(event_dim=3, event_shape=(num_channels, None, None))
+        super().__init__(event_dim=3, event_shape=event_shape)
         self.num_channels = num_channels
         self.keep_channels = keep
         self.inner = inner
@@ -114,7 +125,7 @@ class MultiScale(FlowTransform):
 
             # channel groups [factored, kept]; flip: the kept channels condition, the factored ones move
             self.prior = AffineCoupling(
-                num_channels, mask="channel", split=num_channels - keep, flip=True, hidden=hidden_channels
+                (num_channels, None, None), mask="channel", split=num_channels - keep, flip=True, hidden=hidden
             )
 
     def _split(self, x):
@@ -140,4 +151,4 @@ class MultiScale(FlowTransform):
         return x, log_det
 
     def extra_repr(self) -> str:
-        return f"num_channels={self.num_channels}, keep_channels={self.keep_channels}"
+        return f"shape={self.event_shape}, keep_channels={self.keep_channels}"

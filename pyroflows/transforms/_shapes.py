@@ -1,0 +1,58 @@
+"""The one way a layer is told its event: ``shape``, an int ``D`` or ``(D,)`` for vectors, ``(C, H, W)`` for images
+(``H``, ``W`` may be ``None``: any size)."""
+
+from __future__ import annotations
+
+import warnings
+
+from .._deprecation import REMOVAL
+
+
+def parse_shape(shape, where: str) -> tuple:
+    """``shape`` as a tuple ``(D,)`` or ``(C, H, W)``; ``ValueError`` naming ``where`` for anything else."""
+    tup = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (tuple, list)) else None
+    ok = tup is not None and len(tup) in (1, 3) and isinstance(tup[0], int) and tup[0] >= 1
+    ok = ok and all(s is None or (isinstance(s, int) and s >= 1) for s in tup[1:])
+    if not ok:
+        raise ValueError(
+            f"{where}: shape must be a positive int D or (D,) for vectors, or (C, H, W) for images "
+            f"(H, W may be None), got {shape!r}"
+        )
+    return tup
+
+
+def legacy_event_dim(shape, event_dim, where: str, default_image: bool = False) -> tuple:
+    """Resolve the old ``(int, event_dim)`` way of choosing vector or image, warning where it is used.
+
+    ``event_dim`` given, or an int ``shape`` for a layer whose int used to mean image channels
+    (``default_image``), means the old convention: an int with ``event_dim=3`` is ``(C, None, None)``.
+    """
+    if event_dim is None and not (default_image and isinstance(shape, int)):
+        return parse_shape(shape, where)
+    if event_dim is None:
+        return legacy_image_channels(shape, where, "an int shape")
+    if event_dim not in (1, 3):
+        raise ValueError(f"{where}: event_dim must be 1 (vectors) or 3 (images), got {event_dim!r}")
+    warnings.warn(
+        f"{where}: event_dim is deprecated and will be removed in pyroflows {REMOVAL}; pass shape=(C, None, None) "
+        "for images, D or (D,) for vectors",
+        FutureWarning,
+        stacklevel=4,
+    )
+    if isinstance(shape, int):
+        return parse_shape((shape,) if event_dim == 1 else (shape, None, None), where)
+    tup = parse_shape(shape, where)
+    if len(tup) != event_dim:
+        raise ValueError(f"{where}: shape {shape!r} does not have event_dim={event_dim} dimensions")
+    return tup
+
+
+def legacy_image_channels(channels: int, where: str, what: str) -> tuple:
+    """``(channels, None, None)`` for an int that meant image channels before 0.2, with a ``FutureWarning``."""
+    warnings.warn(
+        f"{where}: {what} means image channels ({channels}, None, None) until pyroflows {REMOVAL}, and vectors after; "
+        f"pass shape=({channels}, None, None)",
+        FutureWarning,
+        stacklevel=5,
+    )
+    return parse_shape((channels, None, None), where)
