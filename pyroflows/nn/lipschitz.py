@@ -96,6 +96,33 @@ class _PowerIteration(nn.Module):
     def _iterate(self, n: int) -> None:
         raise NotImplementedError
 
+    # A conversion (.to(), .double(), .float(), .cuda()) rounds the weight, so its fingerprint changes although the
+    # function does not: vectors that were up to date before stay up to date (re-stamped), or the next call would
+    # iterate again and the converted layer would compute another map than the original.
+    def _apply(self, fn, *args, **kwargs):
+        if "_fp_probe" not in self._buffers:
+            return super()._apply(fn, *args, **kwargs)
+        with torch.no_grad():
+            fp = self._fingerprint()
+            marks = self._current_marks(fp)
+        self._convert_extra(fn)
+        out = super()._apply(fn, *args, **kwargs)
+        with torch.no_grad():
+            self._restamp(marks, self._fingerprint())
+        return out
+
+    def _convert_extra(self, fn) -> None:
+        """Convert state kept outside parameters and buffers (nothing here)."""
+
+    def _current_marks(self, fp: torch.Tensor) -> dict:
+        return {"train": bool(fp == self._train_fp), "eval": self._eval_fp is not None and self._eval_fp == float(fp)}
+
+    def _restamp(self, marks: dict, fp: torch.Tensor) -> None:
+        if marks["train"]:
+            self._train_fp.copy_(fp)
+        if marks["eval"]:
+            self._eval_fp = float(fp)
+
     def _sigma(self, v: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -364,10 +391,22 @@ class SpectralConv2d(_PowerIteration):
             self._eval_fp = None
             self._iterate(20)
 
-    def _apply(self, fn, *args, **kwargs):
+    def _convert_extra(self, fn) -> None:
         # .to(), .double(), .cuda() move the vectors of the other sizes too
         self._other_sizes = {k: (fn(v), fn(u), fn(fp), eval_fp) for k, (v, u, fp, eval_fp) in self._other_sizes.items()}
-        return super()._apply(fn, *args, **kwargs)
+
+    def _current_marks(self, fp: torch.Tensor) -> dict:
+        marks = super()._current_marks(fp)
+        marks["sizes"] = {k: (bool(e[2] == fp), e[3] == float(fp)) for k, e in self._other_sizes.items()}
+        return marks
+
+    def _restamp(self, marks: dict, fp: torch.Tensor) -> None:
+        super()._restamp(marks, fp)
+        for k, (train, evaluated) in marks["sizes"].items():
+            v, u, train_fp, eval_fp = self._other_sizes[k]
+            if train:
+                train_fp.copy_(fp)
+            self._other_sizes[k] = (v, u, train_fp, float(fp) if evaluated else eval_fp)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # u and v are sized for the input's spatial size, which a freshly built layer does not know yet.
