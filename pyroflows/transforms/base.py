@@ -246,6 +246,11 @@ class FlowTransform(TransformModule):
             return self._event_shape
         return tuple(self.forward_shape(self._event_shape))
 
+    def _positions(self, x: torch.Tensor) -> int:
+        """Positions per feature of ``x``'s event: 1 for vectors, ``H·W`` for images (a per-channel layer's log-det
+        is its per-position log-det times this)."""
+        return 1 if self._event_dim == 1 else x.shape[-1] * x.shape[-2]
+
     # ----------------------------------------------------------------- the remembered pair
     def _memo_mode(self) -> tuple[bool, bool]:
         return self.training, torch.is_grad_enabled()
@@ -440,7 +445,9 @@ def inverse(t: Transform) -> Transform:
     """Module-aware inverse of ``t``; see :class:`Inverse`.
 
     ``inverse(inverse(t)) is t`` for every ``t``, an :class:`Inverse` included, and ``inverse(t)`` returns the
-    same module on every call while that module is alive.
+    same module on every call while that module is alive. (The one exception is a double inverse built by hand,
+    ``d = Inverse(Inverse(t))``, which this function never builds: ``inverse(d)`` unwraps to ``Inverse(t)`` and
+    ``inverse(inverse(d))`` to ``t``.)
 
     :param torch.distributions.Transform t: a bijective transform.
     :returns: ``t.base`` when ``t`` is an :class:`Inverse`; otherwise ``t``'s :class:`Inverse`.
