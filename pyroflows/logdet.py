@@ -28,6 +28,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch.distributions.utils import _sum_rightmost
 
 from .nn.lipschitz import frozen_power_iteration
 
@@ -102,7 +103,7 @@ def draw_probe(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _per_sample_dot(a: torch.Tensor, b: torch.Tensor, event_dim: int) -> torch.Tensor:
-    return (a * b).reshape(a.shape[: a.dim() - event_dim] + (-1,)).sum(-1)
+    return _sum_rightmost(a * b, event_dim)
 
 
 def neumann_terms(

@@ -90,9 +90,6 @@ class Invertible1x1Conv(FlowTransform):
             return self.log_s.sum()
         return torch.linalg.slogdet(self.weight)[1]
 
-    def _positions(self, x: torch.Tensor) -> int:
-        return 1 if self._event_dim == 1 else x.shape[-1] * x.shape[-2]
-
     def _mix(self, matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._event_dim == 1:
             return x @ matrix.T

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.distributions.utils import _sum_rightmost
 
 from .._deprecation import renamed_kwargs
 from ..nn.conditioners import MLP, ConvNet
@@ -271,7 +272,7 @@ class AffineCoupling(FlowTransform):
         batch = x.shape[: x.dim() - event_dim]
         if log_scale is None:
             return x.new_zeros(batch)
-        return sign * log_scale.reshape(batch + (-1,)).sum(-1)
+        return sign * _sum_rightmost(log_scale, event_dim)
 
     def forward_and_log_det(self, x):
         return self._couple(x, inverse=False)

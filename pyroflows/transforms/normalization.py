@@ -74,9 +74,6 @@ class ActNorm(FlowTransform):
         super()._load_from_state_dict(*args, **kwargs)
         self._known_initialized = False
 
-    def _positions(self, x: torch.Tensor) -> int:
-        return 1 if self._event_dim == 1 else x.shape[-1] * x.shape[-2]
-
     def _reduce_dims(self, x: torch.Tensor) -> tuple[int, ...]:
         """All dims but the feature/channel dim."""
         feature_dim = x.dim() - self._event_dim

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.distributions import constraints
+from torch.distributions.utils import _sum_rightmost
 
 from .base import FlowTransform
 
@@ -84,7 +85,7 @@ class Logit(FlowTransform):
         return (0.0, 1.0)
 
     def _sum(self, t):
-        return t.reshape(t.shape[: t.dim() - self._event_dim] + (-1,)).sum(-1)
+        return _sum_rightmost(t, self._event_dim)
 
     def forward_and_log_det(self, x):
         p = self.alpha + (1 - 2 * self.alpha) * x
