@@ -69,11 +69,12 @@ def _close(a, b, dtype, what: str, check: str, **override) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- dtype handling
-def to_dtype(t, dtype: torch.dtype):
-    """``t.to(dtype)``, also converting the tensors of plain (non-``nn.Module``) torch transforms among the parts of
-    any composition inside ``t`` (e.g. an ``AffineTransform`` scale), which ``.to()`` does not reach. Without this a
-    float32 build of a composition with a float64 plain part computes in float64 and its inverse then feeds float64
-    into float32 layers."""
+def to_dtype(t, dtype: torch.dtype | torch.device | str):
+    """``t.to(dtype)`` (or ``t.to(device)``), also converting the tensors of plain (non-``nn.Module``) torch
+    transforms among the parts of any composition inside ``t`` (e.g. an ``AffineTransform`` scale), which ``.to()``
+    does not reach. Without this a float32 build of a composition with a float64 plain part computes in float64 and
+    its inverse then feeds float64 into float32 layers."""
+    is_dtype = isinstance(dtype, torch.dtype)
     if isinstance(t, torch.nn.Module):
         t = t.to(dtype)
     stack, seen = [t], set()
@@ -91,7 +92,7 @@ def to_dtype(t, dtype: torch.dtype):
             stack.extend(m.children())
             continue
         for name, value in list(vars(m).items()):
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if isinstance(value, torch.Tensor) and (value.is_floating_point() or not is_dtype):
                 setattr(m, name, value.to(dtype))
     return t
 

@@ -10,6 +10,9 @@ stated in tests/conformance.py.
 
 from __future__ import annotations
 
+import copy
+import os
+
 import pyro.distributions as dist
 import pytest
 import torch
@@ -40,7 +43,7 @@ from test_transforms_generic import _draw
 from torch.distributions import AffineTransform
 
 import pyroflows
-from pyroflows.transforms import Compose
+from pyroflows.transforms import Compose, forward_and_log_det, inverse_and_log_det
 
 DTYPES = [torch.float64, torch.float32]
 BATCH_SHAPES = [(), (5,), (3, 4)]
@@ -233,3 +236,43 @@ def test_copies(case_name, dtype):
     d = dist.TransformedDistribution(base, [transform])
     torch.manual_seed(0)
     check_distribution_copies(d, d.sample((3,)))
+
+
+# ------------------------------------------------------------------------------------------- on an accelerator
+# The cases below exist only on a machine with a GPU (CI has none): the same layer on the accelerator computes
+# what it computes on the CPU, in both directions, and the device-independent checks hold there.
+# PYROFLOWS_TEST_ACCELERATOR=cpu runs them against a CPU copy, to check the test itself on a machine without one.
+ACCELERATORS = [os.environ["PYROFLOWS_TEST_ACCELERATOR"]] if os.environ.get("PYROFLOWS_TEST_ACCELERATOR") else []
+ACCELERATORS += ["cuda"] if torch.cuda.is_available() and "cuda" not in ACCELERATORS else []
+
+
+if ACCELERATORS:  # defined only where there is one: no skipped placeholders on a CPU machine
+
+    @pytest.mark.parametrize("device", ACCELERATORS)
+    def test_on_accelerator(case_name, dtype, device):
+        t, shape = _build(case_name, dtype)
+        x, y0 = _x(case_name, (4,), shape, dtype), _y(case_name, t, (4,), shape, dtype)
+        with torch.no_grad():
+            y_cpu, ld_cpu = forward_and_log_det(t, x)
+            x0_cpu, ild_cpu = inverse_and_log_det(t, y0)
+        g = to_dtype(copy.deepcopy(t), torch.device(device))
+        xd, yd = x.to(device), y0.to(device)
+        with torch.no_grad():
+            y, ld = forward_and_log_det(g, xd)
+            x0, ild = inverse_and_log_det(g, yd)
+        # float32 on CUDA: cuDNN convolutions run in TF32 (10-bit mantissa) by default, hence the looser tolerance
+        kw = dict(atol=1e-8, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-3, rtol=2e-3)
+        for name, got, want in (
+            ("y", y, y_cpu),
+            ("log-det", ld, ld_cpu),
+            ("x", x0, x0_cpu),
+            ("inverse log-det", ild, ild_cpu),
+        ):
+            assert got.device.type == torch.device(device).type, f"{name} computed on {got.device}"
+            torch.testing.assert_close(got.cpu(), want, **kw, msg=lambda m, n=name: f"{device} vs cpu, {n}: {m}")
+        check_inverse_cloned(g, xd, yd)
+        check_forward_inverse(g, xd, cached=True)
+        check_with_cache(g, xd)
+        check_domain_codomain(g, xd, yd)
+        check_batched_jacobian(g, xd[:3], yd[:3])
+        check_dtype_conversion(g, xd)
