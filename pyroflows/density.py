@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .data.images import check_pixels, dequantize
 from .transforms import inverse
 from .transforms.base import Compose, FlowTransform, inverse_only
 
@@ -32,7 +33,7 @@ class FlowDensity(nn.Module):
     Example::
 
         >>> import torch, pyroflows
-        >>> model = pyroflows.FlowDensity(pyroflows.glow((1, 8, 8), levels=2, steps=1, hidden_channels=8), (1, 8, 8))
+        >>> model = pyroflows.FlowDensity(pyroflows.glow((1, 8, 8), levels=2, num_layers=1, hidden=8), (1, 8, 8))
         >>> pixels = torch.randint(0, 256, (4, 1, 8, 8))
         >>> model.bits_per_dim(pixels).shape
         torch.Size([4])
@@ -94,25 +95,20 @@ class FlowDensity(nn.Module):
     def bits_per_dim(self, x: torch.Tensor, n_bins: int = 256, generator: torch.Generator | None = None):
         r"""Per-example bits/dim of integer-valued pixels ``x`` in ``[0, n_bins)`` (any numeric dtype).
 
-        Dequantises uniformly, :math:`\tilde x = (x + u)/n_{bins}`, :math:`u \sim U[0, 1)^D`, and returns
-        :math:`\big(-\log p(\tilde x) + D \log n_{bins}\big) / (D \log 2)`, which includes the logit Jacobian
-        of the flow's preprocessing: the standard figure of the RealNVP/Glow papers.
+        Dequantises uniformly with :func:`pyroflows.data.dequantize` in the model's dtype,
+        :math:`\tilde x = (x + u)/n_{bins}`, :math:`u \sim U[0, 1)^D`, and returns
+        :math:`\big(-\log p(\tilde x) + D \log n_{bins}\big) / (D \log 2)`
+        (:func:`pyroflows.density.to_bits_per_dim`), which includes the logit Jacobian of the flow's preprocessing:
+        the standard figure of the RealNVP/Glow papers. :func:`pyroflows.train.evaluate` reports the mean of this.
 
         :param x: pixels, shape ``batch + event_shape``.
         :param int n_bins: number of intensity levels (256 for 8-bit images, 17 for scikit-learn's digits).
-        :param generator: optional torch generator for the dequantisation noise.
+        :param generator: optional torch generator for the dequantisation noise (drawn on its device).
         """
         self._check(x)
-        if x.is_floating_point() and not bool((x == torch.round(x)).all()):
-            raise ValueError("bits_per_dim expects integer-valued pixels (e.g. 0..255), got non-integer values")
-        low, high = float(x.min()), float(x.max())
-        if low < 0 or high > n_bins - 1:
-            raise ValueError(f"bits_per_dim expects pixels in [0, {n_bins - 1}], got range [{low:g}, {high:g}]")
-        dtype = self._loc.dtype
-        noise = torch.rand(x.shape, generator=generator, dtype=dtype, device="cpu" if generator else x.device)
-        x_cont = (x.to(dtype) + noise.to(x.device)) / n_bins
-        log_p = self.log_prob(x_cont) - self.dim * math.log(n_bins)
-        return -log_p / (self.dim * math.log(2.0))
+        check_pixels(x, n_bins, "FlowDensity.bits_per_dim")
+        x_cont = dequantize(x.to(self._loc.dtype), n_bins, generator)
+        return to_bits_per_dim(self.log_prob(x_cont), self.dim, n_bins)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, clamp: bool = True) -> torch.Tensor:
@@ -152,4 +148,24 @@ class FlowDensity(nn.Module):
         return dist.TransformedDistribution(self.base_dist(), inverse(self.flow))
 
 
-__all__ = ["FlowDensity"]
+def to_bits_per_dim(log_prob: torch.Tensor, dim: int, n_bins: int) -> torch.Tensor:
+    r"""Bits/dim of integer pixels from the log-density of their dequantised values in :math:`[0, 1)^D`:
+    :math:`\big(-\log p(\tilde x) + D \log n_{bins}\big) / (D \log 2)`, elementwise.
+
+    The one formula behind :meth:`pyroflows.FlowDensity.bits_per_dim`, :func:`pyroflows.train.evaluate` and the
+    training loss of :func:`pyroflows.train.fit` (which applies it to the batch mean of ``log_prob``).
+
+    :param log_prob: log-densities in nats, any shape.
+    :param int dim: the number of data dimensions ``D``.
+    :param int n_bins: the number of intensity levels.
+
+    Example::
+
+        >>> import math, torch
+        >>> to_bits_per_dim(torch.tensor([0.0]), 64, 256)  # the uniform density on [0, 1): 8 bits per pixel
+        tensor([8.])
+    """
+    return -(log_prob - dim * math.log(n_bins)) / (dim * math.log(2.0))
+
+
+__all__ = ["FlowDensity", "to_bits_per_dim"]

@@ -25,6 +25,7 @@ __all__ = [
     "DATASETS",
     "ImageDataset",
     "as_image_dataset",
+    "check_pixels",
     "dequantize",
     "get_dataset",
     "load_cifar10",
@@ -51,6 +52,46 @@ def _as_tensor(data) -> torch.Tensor:
         return data
     array = np.asarray(data)
     return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def check_pixels(x: torch.Tensor, n_bins: int, name: str) -> None:
+    """The one check of integer pixels: ``ValueError`` naming ``name`` unless ``x`` holds integer values (an integer
+    dtype, or a floating one holding finite whole numbers) in ``[0, n_bins)``.
+
+    :param x: the pixels, any shape (an empty tensor passes).
+    :param int n_bins: number of intensity levels.
+    :param str name: who checks, for the message (``"ImageDataset"``, ``"FlowDensity.bits_per_dim"``, ...).
+
+    Example::
+
+        >>> import torch
+        >>> check_pixels(torch.tensor([0, 16]), 17, "mine")
+        >>> check_pixels(torch.tensor([0.5]), 17, "mine")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+          ...
+        ValueError: mine: pixels must be integer-valued, got non-integer values (they look like intensities ...)
+    """
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"{name}: pixels must be integer-valued numbers, got dtype {x.dtype}")
+    if not x.numel():
+        return
+    if x.is_floating_point():
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name}: pixels contain NaN or infinite values")
+        if not bool((x == torch.round(x)).all()):
+            hint = (
+                " (they look like intensities scaled to [0, 1]: pass the integer pixels, e.g. without "
+                "torchvision's ToTensor)"
+                if float(x.max()) <= 1.0
+                else ""
+            )
+            raise ValueError(f"{name}: pixels must be integer-valued, got non-integer values{hint}")
+    low, high = x.min().item(), x.max().item()
+    if low < 0 or high >= n_bins:
+        raise ValueError(
+            f"{name}: pixel values must lie in [0, n_bins) = [0, {n_bins}) (integer-valued pixels in "
+            f"[0, {n_bins - 1}]), got range [{low:g}, {high:g}]"
+        )
 
 
 class ImageDataset(Dataset):
@@ -89,25 +130,7 @@ class ImageDataset(Dataset):
             raise ValueError(
                 f"ImageDataset: images must have shape (N, C, H, W) or (N, H, W), got {tuple(images.shape)}"
             )
-        if images.dtype == torch.bool or images.is_complex():
-            raise ValueError(f"ImageDataset: images must be integer-valued numbers, got dtype {images.dtype}")
-        if images.numel():
-            if images.is_floating_point():
-                if not bool(torch.isfinite(images).all()):
-                    raise ValueError("ImageDataset: images contain NaN or infinite values")
-                if not bool((images == torch.round(images)).all()):
-                    hint = (
-                        " (they look like intensities scaled to [0, 1]: pass the integer pixels, e.g. without "
-                        "torchvision's ToTensor)"
-                        if float(images.max()) <= 1.0
-                        else ""
-                    )
-                    raise ValueError(f"ImageDataset: images must be integer-valued, got non-integer values{hint}")
-            low, high = images.min().item(), images.max().item()
-            if low < 0 or high >= n_bins:
-                raise ValueError(
-                    f"ImageDataset: pixel values must lie in [0, n_bins) = [0, {n_bins}), got range [{low:g}, {high:g}]"
-                )
+        check_pixels(images, n_bins, "ImageDataset")
         self.images = images.to(_storage_dtype(n_bins)).contiguous()
         self.n_bins = n_bins
         if labels is not None:
