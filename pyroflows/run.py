@@ -1,0 +1,645 @@
+"""The run engine under both trainers, :func:`pyroflows.train.fit` (density maximum likelihood) and
+:func:`pyroflows.infer.fit` (SVI): one set of conventions for a run of optimiser steps.
+
+- **errors**: :class:`TrainingError` for a non-finite loss or gradient (:func:`check_finite`, called before every
+  update), :class:`CheckpointError` for an unusable checkpoint, :class:`CheckpointExistsError` for a checkpoint
+  that a run without ``resume`` would overwrite;
+- **steps** are counted from 1: "step N" is the N-th optimiser update, and a checkpoint of step N holds the state
+  after it;
+- **checkpoints** are written atomically (:func:`atomic_torch_save`) and read with :func:`load_checkpoint`; a run
+  resumes by one policy (:func:`resume_source`, :func:`check_settings`): an existing checkpoint without ``resume``
+  is an error, so is resuming with changed settings; RNG states travel with them (:func:`rng_state`);
+- **the learning rate** follows one schedule (:func:`lr_factor`): a linear warm-up, then constant, cosine or
+  exponential decay to a final factor;
+- **progress** is one tqdm bar (:func:`progress_bar`): ``progress=None`` shows it when stderr is a terminal;
+- **arguments** are checked in one place per run (the trainers' frozen configs) with :func:`check_int`,
+  :func:`check_number` and :func:`check_choice`, and renamed keywords warn through :func:`renamed`.
+
+This module imports only the standard library, NumPy (for its global RNG state), torch and tqdm: nothing from the
+rest of pyroflows, so that the two trainers share it without importing each other.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import random
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "pyroflows-checkpoint"
+"""The ``"format"`` marker of density checkpoints, the default that :func:`load_checkpoint` expects."""
+VERSION = 1
+"""The checkpoint format version this release writes; :func:`load_checkpoint` refuses newer ones."""
+CHECKPOINT = "checkpoint.pt"
+"""The checkpoint's file name inside a run directory (``out``)."""
+SCHEDULES = ("constant", "cosine", "exponential")
+"""The learning-rate schedules of :func:`lr_factor`."""
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class TrainingError(RuntimeError):
+    """A run stopped on a non-finite loss or gradient, before the update (see :func:`check_finite`). The message
+    names the step (counted from 1), says that the parameters keep their values after the step before, and names
+    the last good checkpoint when there is one (left untouched).
+
+    A subclass of ``RuntimeError``, raised by :func:`pyroflows.train.fit` and :func:`pyroflows.infer.fit`.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.infer import fit
+        >>> from pyroflows.train import TrainingError
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        ...     pyro.factor("impossible", torch.tensor(float("-inf")))  # p(x) = 0 everywhere: the loss is +inf
+        >>> pyro.clear_param_store()
+        >>> try:
+        ...     fit(model, AutoNormal(model), num_steps=10, progress=False, seed=0)
+        ... except TrainingError as err:
+        ...     print(str(err).split(";")[0])
+        fit: the loss is inf at step 1
+    """
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, corrupted, not ours, for another architecture, written with other
+    settings, or one that a run without ``resume`` would overwrite (:class:`CheckpointExistsError`).
+
+    Example::
+
+        >>> from pyroflows.train import CheckpointError, load_density
+        >>> try:
+        ...     load_density("no/such/checkpoint.pt")
+        ... except CheckpointError as e:
+        ...     print(e)
+        no checkpoint at 'no/such/checkpoint.pt'
+    """
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A run without ``resume`` found a checkpoint where it would write its own: never overwritten silently.
+
+    Both a :class:`CheckpointError` and a ``FileExistsError``.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> from pyroflows.run import CheckpointExistsError, resume_source
+        >>> path = os.path.join(tempfile.mkdtemp(), "checkpoint.pt")
+        >>> open(path, "wb").close()
+        >>> try:
+        ...     resume_source(path, False, caller="fit")
+        ... except CheckpointExistsError as err:
+        ...     print(isinstance(err, FileExistsError), "already exists" in str(err))
+        True True
+    """
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def _describe(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"{'<' if high_open else '<='} {high}" if high is not None else "a number"
+
+
+def check_number(
+    caller: str,
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = True,
+    high_open: bool = True,
+    optional: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming ``name`` and ``value`` unless ``value`` is a finite real number in the range
+    (or ``None`` when ``optional``). ``bool`` is not a number here.
+
+    :param str caller: the function to name in the message (``"fit"``).
+    :param str name: the argument's name.
+    :param value: the value to check.
+    :param low: the lower bound (``None``: none); excluded when ``low_open``.
+    :param high: the upper bound (``None``: none); excluded when ``high_open``.
+    :param bool low_open: whether ``low`` itself is excluded.
+    :param bool high_open: whether ``high`` itself is excluded.
+    :param bool optional: whether ``None`` is allowed.
+
+    Example::
+
+        >>> check_number("fit", "lr", 1e-3, 0)
+        >>> check_number("fit", "lr", 0.0, 0)
+        Traceback (most recent call last):
+          ...
+        ValueError: fit: lr must be > 0 (a finite number), got 0.0
+    """
+    if value is None and optional:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        allowed = ("None or " if optional else "") + _describe(low, high, low_open, high_open)
+        raise ValueError(f"{caller}: {name} must be {allowed} (a finite number), got {value!r}")
+
+
+def check_int(caller: str, name: str, value, low: int | None = None, *, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` and ``value`` unless ``value`` is an integer ``>= low`` (or ``None``
+    when ``optional``). ``bool`` is not an integer here.
+
+    :param str caller: the function to name in the message.
+    :param str name: the argument's name.
+    :param value: the value to check.
+    :param low: the smallest allowed value (``None``: any integer).
+    :param bool optional: whether ``None`` is allowed.
+
+    Example::
+
+        >>> check_int("fit", "batch_size", 0, 1)
+        Traceback (most recent call last):
+          ...
+        ValueError: fit: batch_size must be an int >= 1, got 0
+    """
+    if value is None and optional:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (low is not None and value < low):
+        allowed = ("None or " if optional else "") + "an int" + (f" >= {low}" if low is not None else "")
+        raise ValueError(f"{caller}: {name} must be {allowed}, got {value!r}")
+
+
+def check_choice(caller: str, name: str, value, choices: Iterable) -> None:
+    """Raise ``ValueError`` naming ``name``, ``value`` and the choices unless ``value`` is one of ``choices``.
+
+    :param str caller: the function to name in the message.
+    :param str name: the argument's name.
+    :param value: the value to check.
+    :param choices: the allowed values.
+
+    Example::
+
+        >>> check_choice("fit", "lr_schedule", "step", SCHEDULES)
+        Traceback (most recent call last):
+          ...
+        ValueError: fit: lr_schedule must be one of ('constant', 'cosine', 'exponential'), got 'step'
+    """
+    choices = tuple(choices)
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        raise ValueError(f"{caller}: {name} must be one of {choices}, got {value!r}")
+
+
+def check_resume(caller: str, resume, target) -> None:
+    """Check a ``resume`` argument: ``True``, ``False``, ``"auto"`` or a checkpoint path; ``True`` and ``"auto"``
+    need a ``target`` (the checkpoint the run writes).
+
+    :param str caller: the function to name in the message.
+    :param resume: the value to check.
+    :param target: the run's checkpoint file (``None`` when the run writes none).
+
+    Example::
+
+        >>> check_resume("fit", True, None)
+        Traceback (most recent call last):
+          ...
+        ValueError: fit: resume=True needs out= (the run directory holding checkpoint.pt)
+    """
+    if not (isinstance(resume, (bool, str, os.PathLike))):
+        raise ValueError(f"{caller}: resume must be True, False, 'auto' or a checkpoint path, got {resume!r}")
+    if (resume is True or resume == "auto") and target is None:
+        raise ValueError(f"{caller}: resume={resume!r} needs out= (the run directory holding {CHECKPOINT})")
+
+
+def renamed(caller: str, old: str, new: str, old_value, new_value, *, note: str = "", stacklevel: int = 3):
+    """The value of a renamed keyword argument: ``new_value``, or ``old_value`` with a ``FutureWarning`` when the
+    caller still uses the old name (``None`` means "not given"); both given is a ``ValueError``.
+
+    :param str caller: the function to name in the messages.
+    :param str old: the old keyword.
+    :param str new: the new keyword.
+    :param old_value: the value given under the old name (``None``: not given).
+    :param new_value: the value given under the new name (``None``: not given).
+    :param str note: added to the warning after the names (e.g. a change of meaning).
+    :param int stacklevel: as for ``warnings.warn``; the default points at the caller of the function that asks.
+
+    Example::
+
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     renamed("fit", "steps", "num_steps", 20, None)
+        20
+        >>> print(caught[0].category.__name__, caught[0].message)
+        FutureWarning fit: 'steps' is renamed 'num_steps'; the old name will be removed in 0.3
+    """
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise ValueError(f"{caller}: give {new}= (or its old name {old}=), not both")
+    message = f"{caller}: {old!r} is renamed {new!r}{note}; the old name will be removed in 0.3"
+    warnings.warn(message, FutureWarning, stacklevel=stacklevel)
+    return old_value
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _default_mode(fd: int) -> None:
+    """Give a ``mkstemp`` file (mode 0600) the mode a plain ``open`` would (0666 less the umask)."""
+    if os.name != "posix":
+        return
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (where the platform allows opening a directory)."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` atomically: temp file in the target directory, ``fsync``, ``os.replace``.
+
+    If the process dies at any point, ``path`` still holds its previous content (or does not exist); a
+    leftover temporary file (``.<name>.*.tmp``) is harmless and removed when the save fails in-process.
+
+    :param obj: anything ``torch.save`` accepts.
+    :param path: the destination file; its directory is created if needed.
+
+    Example::
+
+        >>> import tempfile, os, torch
+        >>> d = tempfile.mkdtemp()
+        >>> atomic_torch_save({"a": torch.ones(2)}, os.path.join(d, "c.pt"))
+        >>> torch.load(os.path.join(d, "c.pt"))["a"]
+        tensor([1., 1.])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _default_mode(fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_directory(path.parent)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device | None = "cpu", marker: str = FORMAT
+) -> dict:
+    """Read a checkpoint: a dict carrying the ``"format"`` entry ``marker``.
+
+    :func:`pyroflows.train.fit` writes model, recipe (``"spec"``), optimiser, schedule and EMA states, the
+    ``"step"``, the loss history, the settings (``"config"``) and the RNG states; :func:`pyroflows.infer.fit`
+    writes its own (marker ``"pyroflows-svi-1"``), and :func:`pyroflows.infer.save_guide` a guide
+    (``"pyroflows-guide-1"``). Loaded with ``torch.load(weights_only=True)``: no code in the file is executed.
+
+    :param path: the checkpoint file (``out/checkpoint.pt``).
+    :param map_location: where to load the tensors, as for ``torch.load``.
+    :param str marker: the ``"format"`` entry the file must carry (default: a density checkpoint's).
+    :raises CheckpointError: when the file is missing, truncated/corrupted, not a pyroflows checkpoint of that
+        kind, or of a newer format version.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "checkpoint.pt")
+        >>> atomic_torch_save({"format": "my-run", "step": 3}, path)
+        >>> load_checkpoint(path, marker="my-run")["step"]
+        3
+        >>> load_checkpoint(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+          ...
+        pyroflows.run.CheckpointError: '...checkpoint.pt' is not a pyroflows checkpoint (no 'pyroflows-checkpoint' ...
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {str(path)!r}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read (corrupted or truncated file?): "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != marker:
+        raise CheckpointError(f"{str(path)!r} is not a pyroflows checkpoint (no {marker!r} marker)")
+    if ckpt.get("version", 0) > VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {ckpt['version']}, newer than {VERSION}")
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------------ resume policy
+def resume_source(target, resume, *, caller: str, hint: str = "resume=True") -> Path | None:
+    """The one resume policy: which checkpoint a run continues from, or ``None`` for a fresh start.
+
+    - ``resume=False``: a fresh start; an existing ``target`` is a :class:`CheckpointExistsError` naming it and how
+      to resume (never overwritten silently);
+    - ``resume=True``: ``target``, which must exist (else :class:`CheckpointError`);
+    - ``resume="auto"``: ``target`` when it exists, else a fresh start;
+    - a path: that checkpoint (which must exist); the run then writes to ``target``.
+
+    :param target: the checkpoint file the run writes (``out/checkpoint.pt``), or ``None`` when it writes none.
+    :param resume: ``True``, ``False``, ``"auto"`` or a checkpoint path.
+    :param str caller: the function to name in messages.
+    :param str hint: how the user asks for a resume, for the message (e.g. ``"resume=True (pyroflows fit
+        --resume)"``).
+    :returns: the checkpoint to load, or ``None``.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "checkpoint.pt")
+        >>> resume_source(path, "auto", caller="fit") is None  # nothing there yet: a fresh start
+        True
+        >>> resume_source(path, True, caller="fit")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+          ...
+        pyroflows.run.CheckpointError: fit: no checkpoint at '...checkpoint.pt' to resume from
+    """
+    target = Path(target) if target is not None else None
+    if resume is False:
+        if target is not None and target.is_file():
+            raise CheckpointExistsError(
+                f"{caller}: {str(target)!r} already exists; pass {hint} to continue that run, or choose another "
+                "output directory"
+            )
+        return None
+    if resume == "auto":
+        return target if target is not None and target.is_file() else None
+    source = target if resume is True else Path(resume)
+    if source is None or not source.is_file():
+        raise CheckpointError(f"{caller}: no checkpoint at {str(source)!r} to resume from")
+    return source
+
+
+def check_settings(saved: dict, now: dict, *, source, caller: str) -> None:
+    """Refuse to resume a run with settings that change its trajectory: a :class:`CheckpointError` naming each
+    changed setting as ``name: saved X, now Y``.
+
+    :param dict saved: the settings stored in the checkpoint.
+    :param dict now: the settings of the resuming call; only these names are compared.
+    :param source: the checkpoint, for the message.
+    :param str caller: the function to name in the message.
+
+    Example::
+
+        >>> check_settings({"lr": 0.01, "seed": 0}, {"lr": 0.02, "seed": 0}, source="run/checkpoint.pt",
+        ...                caller="fit")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+          ...
+        pyroflows.run.CheckpointError: fit: checkpoint ... with other settings (lr: saved 0.01, now 0.02); ...
+    """
+    changed = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise CheckpointError(
+            f"{caller}: checkpoint {str(source)!r} was written with other settings ({', '.join(changed)}); resume "
+            "with the same settings, or start a new run elsewhere"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ RNG state
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU and (if present) CUDA generator states, as tensors and plain types only,
+    so the checkpoint loads with ``torch.load(weights_only=True)``.
+
+    Example::
+
+        >>> import torch
+        >>> state = rng_state()
+        >>> a = torch.rand(2)
+        >>> set_rng_state(state)
+        >>> torch.equal(torch.rand(2), a)
+        True
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved, wherever its tensors were loaded (a checkpoint read with
+    ``map_location="cuda"`` holds them on the GPU; generator states are CPU tensors).
+
+    :param dict state: a :func:`rng_state` result (e.g. from a checkpoint).
+
+    Example::
+
+        >>> import random
+        >>> state = rng_state()
+        >>> a = random.random()
+        >>> set_rng_state(state)
+        >>> random.random() == a
+        True
+    """
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    keys = n["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in states])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def lr_factor(
+    schedule: str, num_steps: int, warmup_steps: int = 0, final_factor: float = 1.0
+) -> Callable[[int], float]:
+    r"""The learning-rate factor of step index ``s`` (0 for the first update), for ``LambdaLR``.
+
+    A linear warm-up, :math:`\min(1, (s + 1)/w)` over ``warmup_steps`` :math:`w`, times a decay over the run:
+    ``"constant"`` 1, ``"cosine"`` from 1 to ``final_factor`` along half a cosine, ``"exponential"``
+    :math:`f^{s/(n-1)}`; both reach ``final_factor`` at the last step. The factor is a plain function, so
+    ``LambdaLR.state_dict`` holds only the step count: the schedule is rebuilt from the settings on resume.
+
+    :param str schedule: ``"constant"``, ``"cosine"`` or ``"exponential"``.
+    :param int num_steps: the number of steps of the run.
+    :param int warmup_steps: linear warm-up steps (0: none).
+    :param float final_factor: the factor at the last step of a decaying schedule.
+
+    Example::
+
+        >>> f = lr_factor("cosine", 5, warmup_steps=2, final_factor=0.1)
+        >>> [round(f(s), 4) for s in range(5)]
+        [0.5, 0.8682, 0.55, 0.2318, 0.1]
+        >>> [lr_factor("constant", 5, warmup_steps=4)(s) for s in range(5)]
+        [0.25, 0.5, 0.75, 1.0, 1.0]
+    """
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        t = min(step / max(num_steps - 1, 1), 1.0)
+        if schedule == "cosine":
+            decay = final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * t))
+        elif schedule == "exponential":
+            decay = final_factor**t
+        else:
+            decay = 1.0
+        return warm * decay
+
+    return factor
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, num_steps: int, warmup_steps: int = 0, final_factor: float = 1.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR(optimizer, lr_factor(...))``: the schedule of both trainers, stepped once per update.
+
+    :param optimizer: the optimiser whose learning rate (the peak, ``lr``) is scaled.
+    :param str schedule: as for :func:`lr_factor`.
+    :param int num_steps: as for :func:`lr_factor`.
+    :param int warmup_steps: as for :func:`lr_factor`.
+    :param float final_factor: as for :func:`lr_factor`.
+
+    Example::
+
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> sched = make_scheduler(opt, "constant", 10, warmup_steps=2)
+        >>> opt.param_groups[0]["lr"]
+        0.05
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, num_steps, warmup_steps, final_factor))
+
+
+# ------------------------------------------------------------------------------------------------ finite check
+def check_finite(
+    caller: str,
+    step: int,
+    loss: float,
+    grad_norm: float | None = None,
+    *,
+    cause: BaseException | None = None,
+    checkpoint: tuple | None = None,
+    params: Iterable[torch.Tensor] = (),
+) -> None:
+    """The check before every update: a :class:`TrainingError` when the loss or the gradient norm is not finite.
+
+    The message reads ``"<caller>: the loss is nan at step N; stopped before the update, ..."`` (or ``"the
+    gradient norm is inf at step N (loss L)"``), with ``N`` counted from 1 (the N-th update), and names the last
+    good checkpoint when there is one.
+
+    :param str caller: the function to name (``"fit"``).
+    :param int step: the step being taken, counted from 1.
+    :param float loss: the loss of this step.
+    :param grad_norm: the global gradient norm (``None``: not computed yet, only the loss is checked).
+    :param cause: the exception that made the loss non-finite (validation naming a layer), chained and quoted.
+    :param checkpoint: ``(path, step)`` of the last good checkpoint, or ``None``.
+    :param params: parameters whose gradients are cleared before raising, so no later update applies them.
+
+    Example::
+
+        >>> check_finite("fit", 3, 1.25, 0.5)  # finite: nothing happens
+        >>> check_finite("fit", 3, float("nan"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+          ...
+        pyroflows.run.TrainingError: fit: the loss is nan at step 3; stopped before the update, the parameters ...
+    """
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    if not math.isfinite(loss):
+        bad = f"the loss is {loss} at step {step}" + (f" ({cause})" if cause is not None else "")
+    else:
+        bad = f"the gradient norm is {grad_norm} at step {step} (loss {loss:.4g})"
+    where = f"; the last good checkpoint is {str(checkpoint[0])!r} (step {checkpoint[1]})" if checkpoint else ""
+    for p in params:
+        p.grad = None
+    raise TrainingError(
+        f"{caller}: {bad}; stopped before the update, the parameters keep their values after step {step - 1}"
+        f"{where}. Lower lr, set clip_norm, or check the model and data for invalid values (e.g. a scale that can "
+        "reach zero)."
+    ) from cause
+
+
+# ------------------------------------------------------------------------------------------------ progress
+def progress_bar(total: int, progress: bool | None, *, desc: str, initial: int = 0, enabled: bool = True):
+    """The tqdm bar of a run: ``progress=None`` shows it only when stderr is a terminal, ``True`` always,
+    ``False`` never; ``enabled=False`` (e.g. a rank other than 0) never. A disabled bar accepts every call.
+
+    :param int total: the number of steps of the run.
+    :param progress: ``None``, ``True`` or ``False``.
+    :param str desc: the bar's label (``"fit"``, ``"svi"``).
+    :param int initial: steps already done (a resumed run).
+    :param bool enabled: ``False`` silences the bar whatever ``progress`` says.
+
+    Example::
+
+        >>> bar = progress_bar(10, False, desc="fit")
+        >>> bar.update(1); bar.close()
+    """
+    from tqdm.auto import tqdm
+
+    disable = True if not enabled else (None if progress is None else not progress)  # None: tty only
+    return tqdm(total=total, initial=initial, disable=disable, desc=desc, unit="step", dynamic_ncols=True)
+
+
+__all__ = [
+    "CHECKPOINT",
+    "FORMAT",
+    "SCHEDULES",
+    "VERSION",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "TrainingError",
+    "atomic_torch_save",
+    "check_choice",
+    "check_finite",
+    "check_int",
+    "check_number",
+    "check_resume",
+    "check_settings",
+    "load_checkpoint",
+    "lr_factor",
+    "make_scheduler",
+    "progress_bar",
+    "rng_state",
+    "renamed",
+    "resume_source",
+    "set_rng_state",
+]
