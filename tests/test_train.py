@@ -17,6 +17,7 @@ from pyroflows.data import load_digits
 from pyroflows.data.toy import TwoMoons
 from pyroflows.train import (
     CheckpointError,
+    CheckpointExistsError,
     TrainingError,
     atomic_torch_save,
     build_density,
@@ -27,7 +28,7 @@ from pyroflows.train import (
 )
 from pyroflows.transforms import ActNorm
 
-TINY = dict(levels=1, steps=2, hidden_channels=8)
+TINY = dict(levels=1, num_layers=2, hidden=8)
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +41,12 @@ def tiny(flow="glow", **options):
     if flow == "glow":
         return build_density("glow", (1, 8, 8), **{**TINY, **options})
     if flow == "residual":
-        return build_density("residual", (1, 8, 8), **{"levels": 1, "num_blocks": 1, "hidden": 8, **options})
+        return build_density("residual", (1, 8, 8), **{"levels": 1, "num_layers": 1, "hidden": 8, **options})
     return build_density(flow, (1, 8, 8), **options)
 
 
 def run(model, data, out=None, **kw):
-    kw = {"steps": 12, "batch_size": 32, "lr": 2e-3, "device": "cpu", "progress": False, **kw}
+    kw = {"num_steps": 12, "batch_size": 32, "lr": 2e-3, "device": "cpu", "progress": False, **kw}
     return fit(model, *data, out=out, **kw)
 
 
@@ -60,7 +61,7 @@ def states_equal(a, b, atol=0.0):
 
 # ------------------------------------------------------------------------------------------------ basics
 def test_fit_trains_and_writes(digits, tmp_path):
-    result = run(tiny(), digits, tmp_path, steps=40, eval_every=20, warmup_steps=5)
+    result = run(tiny(), digits, tmp_path, num_steps=40, eval_every=20, warmup_steps=5)
     assert result.step == 40 and len(result.losses) == 40
     assert all(math.isfinite(v) for v in result.losses)
     assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.3  # bits/dim actually falls
@@ -77,10 +78,10 @@ def test_fit_trains_and_writes(digits, tmp_path):
 
 def test_actnorm_initialised_once_on_init_batch(digits):
     model = tiny()
-    run(model, digits, steps=1, lr=0.0)
+    run(model, digits, num_steps=1, lr=1e-12)
     norms = [m for m in model.modules() if isinstance(m, ActNorm)]
     assert norms and all(bool(m.initialized) for m in norms)
-    # with lr 0 the first ActNorm still standardises its input (logit, squeezed data) per channel
+    # with a negligible lr the first ActNorm still standardises its input (logit, squeezed data) per channel
     logit, squeeze = model.flow.parts[0], model.flow.parts[1].parts[0]
     assert (type(logit).__name__, type(squeeze).__name__, model.flow.parts[1].parts[1]) == (
         "Logit",
@@ -103,12 +104,21 @@ def test_evaluate_is_repeatable_and_leaves_global_rng_alone(digits):
     assert evaluate(model, digits[1], seed=6) != a
 
 
+def test_evaluate_is_the_mean_of_bits_per_dim(digits):
+    """Bits/dim has one implementation: evaluate averages FlowDensity.bits_per_dim (same noise, same formula)."""
+    model, test = tiny().eval(), digits[1]
+    value = evaluate(model, test, batch_size=10_000, seed=4)
+    with torch.no_grad():
+        direct = model.bits_per_dim(test.images, test.n_bins, torch.Generator().manual_seed(4))
+    assert value == pytest.approx(float(direct.double().mean()), abs=1e-6)
+
+
 def test_fit_on_continuous_2d_data_reports_nats_and_plots(tmp_path):
     toy = TwoMoons()
     torch.manual_seed(0)
     train, test = toy.sample(2000), toy.sample(500)
-    model = build_density("residual", (2,), num_blocks=2, hidden=(32,), logdet="exact")
-    result = fit(model, train, test, steps=60, batch_size=128, lr=5e-3, device="cpu", out=tmp_path, progress=False)
+    model = build_density("residual", (2,), num_layers=2, hidden=(32,), logdet="exact")
+    result = fit(model, train, test, num_steps=60, batch_size=128, lr=5e-3, device="cpu", out=tmp_path, progress=False)
     assert "test_nll" in result.evals[-1] and math.isfinite(result.evals[-1]["test_nll"])
     assert result.losses[-1] < result.losses[0]
     assert (tmp_path / "samples.png").stat().st_size > 1000  # density plot with samples
@@ -119,16 +129,20 @@ def test_bad_data_is_rejected(digits):
         run(tiny(), (torch.randint(0, 17, (50, 1, 4, 4)),))
     with pytest.raises(ValueError, match="NaN"):
         run(build_density("realnvp", (2,), num_layers=2), (torch.tensor([[0.0, math.nan]] * 10),), batch_size=4)
-    with pytest.raises(ValueError, match="steps= and epochs="):
-        fit(tiny(), digits[0], steps=3, epochs=1)
+    with pytest.raises(ValueError, match="exactly one of num_steps= and epochs="):
+        fit(tiny(), digits[0], num_steps=3, epochs=1)
     with pytest.raises(ValueError, match="batch_size"):
         run(tiny(), digits, batch_size=5000)
     with pytest.raises(ValueError, match="optimizer"):
         run(tiny(), digits, optimizer="sgd")
+    pixels = digits[0].images.float()  # integer pixels stored as floats: checked like any other pixels
+    with pytest.raises(ValueError, match=r"^fit: training data \(n_bins=17\): pixels must be integer-valued"):
+        fit(tiny(), pixels + 0.5, n_bins=17, num_steps=1, device="cpu", progress=False)
+    assert run(tiny(), (pixels,), n_bins=17, num_steps=2).step == 2
 
 
 def test_epochs_count_whole_passes(digits):
-    result = run(tiny(), digits, steps=None, epochs=0.5, batch_size=100, eval_every=None)
+    result = run(tiny(), digits, num_steps=None, epochs=0.5, batch_size=100, eval_every=None)
     assert result.step == round(0.5 * (1437 // 100))
 
 
@@ -152,7 +166,7 @@ def kill_at_forward(model, n):
 
 @pytest.mark.parametrize("flow", ["glow", "residual"])
 def test_resume_repeats_the_uninterrupted_run(digits, tmp_path, flow):
-    kw = dict(steps=24, checkpoint_every=8, eval_every=8, ema=0.9, warmup_steps=4, sample_every=None)
+    kw = dict(num_steps=24, checkpoint_every=8, eval_every=8, ema=0.9, warmup_steps=4, sample_every=None)
     whole = run(tiny(flow), digits, tmp_path / "whole", **kw)
 
     killed = tiny(flow)
@@ -163,7 +177,7 @@ def test_resume_repeats_the_uninterrupted_run(digits, tmp_path, flow):
 
     torch.manual_seed(123)  # the resumed process starts from a different RNG state and different weights
     resumed = run(
-        tiny(flow, **({"hidden_channels": 8} if flow == "glow" else {})), digits, tmp_path / "killed", resume=True, **kw
+        tiny(flow, **({"hidden": 8} if flow == "glow" else {})), digits, tmp_path / "killed", resume=True, **kw
     )
     assert resumed.step == 24
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(whole.losses), rtol=0, atol=1e-5)
@@ -180,21 +194,25 @@ def test_resume_repeats_the_uninterrupted_run(digits, tmp_path, flow):
 def test_resume_errors(digits, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         run(tiny(), digits, tmp_path, resume=True)
-    run(tiny(), digits, tmp_path, steps=4)
-    with pytest.raises(FileExistsError, match="already exists"):
-        run(tiny(), digits, tmp_path, steps=4)
+    run(tiny(), digits, tmp_path, num_steps=4)
+    with pytest.raises(CheckpointExistsError, match="already exists") as exists:
+        run(tiny(), digits, tmp_path, num_steps=4)
+    assert isinstance(exists.value, CheckpointError) and isinstance(exists.value, FileExistsError)
+    assert str(tmp_path / "checkpoint.pt") in str(exists.value) and "resume=True" in str(exists.value)
     with pytest.raises(CheckpointError, match="different architecture|is for model"):
-        run(tiny(hidden_channels=16), digits, tmp_path, steps=8, resume=True)
-    with pytest.raises(CheckpointError, match="no EMA"):
-        run(tiny(), digits, tmp_path, steps=8, resume=True, ema=0.9)
+        run(tiny(hidden=16), digits, tmp_path, num_steps=8, resume=True)
+    with pytest.raises(CheckpointError, match="ema: saved None, now 0.9"):
+        run(tiny(), digits, tmp_path, num_steps=8, resume=True, ema=0.9)
+    with pytest.raises(CheckpointError, match=r"lr: saved 0.002, now 0.001.*seed: saved 0, now 1"):
+        run(tiny(), digits, tmp_path, num_steps=8, resume=True, lr=1e-3, seed=1)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4  # none of that touched the checkpoint
     # "auto" resumes when there is a checkpoint and starts fresh when there is none
-    assert run(tiny(), digits, tmp_path, steps=6, resume="auto").losses.__len__() == 6
-    assert run(tiny(), digits, tmp_path / "new", steps=3, resume="auto").step == 3
+    assert run(tiny(), digits, tmp_path, num_steps=6, resume="auto").losses.__len__() == 6
+    assert run(tiny(), digits, tmp_path / "new", num_steps=3, resume="auto").step == 3
 
 
 def test_corrupted_and_foreign_checkpoints(digits, tmp_path):
-    run(tiny(), digits, tmp_path, steps=3)
+    run(tiny(), digits, tmp_path, num_steps=3)
     good = (tmp_path / "checkpoint.pt").read_bytes()
     bad = tmp_path / "bad.pt"
     bad.write_bytes(good[: len(good) // 2])
@@ -215,11 +233,12 @@ def test_atomic_save_survives_a_kill_between_write_and_rename(tmp_path):
     atomic_torch_save({"v": torch.arange(3)}, target)
     script = textwrap.dedent(f"""
         import os, torch
+        from pyroflows import run
         from pyroflows.train import checkpoint
         def die(*a, **k):
             os._exit(9)  # the process is killed after the temp file is written, before the rename
-        checkpoint.os.replace = die
-        checkpoint.atomic_torch_save({{"v": torch.arange(1000)}}, {str(target)!r})
+        run.os.replace = die
+        checkpoint.atomic_torch_save({{"v": torch.arange(1000)}}, {str(target)!r})  # the old import path
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == 9
@@ -229,7 +248,7 @@ def test_atomic_save_survives_a_kill_between_write_and_rename(tmp_path):
 
 
 def test_crash_inside_a_checkpoint_write_keeps_the_previous_one(digits, tmp_path, monkeypatch):
-    from pyroflows.train import checkpoint
+    from pyroflows import run as engine
 
     replace, calls = os.replace, {"n": 0}
 
@@ -239,18 +258,18 @@ def test_crash_inside_a_checkpoint_write_keeps_the_previous_one(digits, tmp_path
             raise Interrupt
         return replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", flaky)
+    monkeypatch.setattr(engine.os, "replace", flaky)
     with pytest.raises(Interrupt):
-        run(tiny(), digits, tmp_path, steps=12, checkpoint_every=4)
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+        run(tiny(), digits, tmp_path, num_steps=12, checkpoint_every=4)
+    monkeypatch.setattr(engine.os, "replace", replace)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # cleaned up in-process
-    assert run(tiny(), digits, tmp_path, steps=12, checkpoint_every=4, resume=True).step == 12
+    assert run(tiny(), digits, tmp_path, num_steps=12, checkpoint_every=4, resume=True).step == 12
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(digits, tmp_path):
     model = tiny()
-    run(model, digits, tmp_path, steps=10, checkpoint_every=5)
+    run(model, digits, tmp_path, num_steps=10, checkpoint_every=5)
     good = (tmp_path / "checkpoint.pt").read_bytes()
     coupling_weight = next(p for n, p in model.named_parameters() if "net" in n and p.dim() == 4)
     calls = {"n": 0}
@@ -262,8 +281,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(digits, 
                 coupling_weight.fill_(math.nan)
 
     model.register_forward_pre_hook(poison)
-    with pytest.raises(TrainingError, match=r"step 13\b.*last good checkpoint .*step 10"):
-        run(model, digits, tmp_path, steps=20, checkpoint_every=5, resume=True)
+    with pytest.raises(TrainingError, match=r"^fit: the loss is nan at step 13\b.*last good checkpoint .*step 10"):
+        run(model, digits, tmp_path, num_steps=20, checkpoint_every=5, resume=True)
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
 
 
@@ -271,23 +290,23 @@ def test_non_finite_gradient_is_caught(digits, monkeypatch):
     model = tiny()
     param = next(model.parameters())
     param.register_hook(lambda g: torch.full_like(g, math.inf))
-    with pytest.raises(TrainingError, match="non-finite gradient norm at step 1"):
-        run(model, digits, steps=3)
+    with pytest.raises(TrainingError, match=r"^fit: the gradient norm is (inf|nan) at step 1\b"):
+        run(model, digits, num_steps=3)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # no update was applied
 
 
 # ------------------------------------------------------------------------------------------------ devices
 def test_amp_runs_conditioners_in_bfloat16_on_cpu(digits):
     model = tiny()
-    result = run(model, digits, steps=15, amp=True)
+    result = run(model, digits, num_steps=15, amp=True)
     assert all(math.isfinite(v) for v in result.losses) and result.losses[-1] < result.losses[0]
     nets = [m for m in model.modules() if hasattr(m, "compute_dtype")]
     assert nets and all(m.compute_dtype == torch.bfloat16 for m in nets)
 
 
 def test_compile_opt_in_gives_the_same_losses(digits):
-    eager = run(tiny(), digits, steps=4)
-    compiled = run(tiny(), digits, steps=4, compile="eager")
+    eager = run(tiny(), digits, num_steps=4)
+    compiled = run(tiny(), digits, num_steps=4, compile="eager")
     torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=0, atol=1e-5)
     assert torch.distributions.Distribution._validate_args  # torch.compile's global switch-off was undone
 
@@ -335,11 +354,11 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
 
 
 def test_time_limit_stops_early_with_a_checkpoint_and_resume_continues(digits, tmp_path):
-    first = run(tiny(), digits, tmp_path, steps=100000, time_limit=1.0, eval_every=None)
+    first = run(tiny(), digits, tmp_path, num_steps=100000, time_limit=1.0, eval_every=None)
     assert 0 < first.step < 100000 and len(first.losses) == first.step
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == first.step and first.evals[-1]["step"] == first.step  # finished as at the last step
-    second = run(tiny(), digits, tmp_path, steps=first.step + 5, resume=True)
+    second = run(tiny(), digits, tmp_path, num_steps=first.step + 5, resume=True)
     assert second.step == first.step + 5 and len(second.losses) == first.step + 5
     with pytest.raises(ValueError, match="time_limit"):
         run(tiny(), digits, time_limit=0)

@@ -1,15 +1,20 @@
 """Training density models: :func:`~pyroflows.train.fit` (maximum likelihood, checkpoints, resume, DDP under
-``torchrun``), :func:`~pyroflows.train.evaluate`, and models by name (:func:`~pyroflows.train.build_density`) so
-checkpoints can rebuild them."""
+``torchrun``), configured by a :class:`~pyroflows.train.FitConfig`, :func:`~pyroflows.train.evaluate`, and models
+by name (:func:`~pyroflows.train.build_density`) so checkpoints can rebuild them. The run engine underneath
+(errors, atomic checkpoints, resume policy, schedule, progress) is :mod:`pyroflows.run`, shared with
+:func:`pyroflows.infer.fit`; its errors and checkpoint functions are re-exported here."""
 
-from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_model_state
+from ..run import CheckpointError, CheckpointExistsError, TrainingError, atomic_torch_save, load_checkpoint
+from .checkpoint import load_model_state
 from .evaluation import evaluate
-from .loop import FitResult, TrainingError, fit
+from .loop import FitConfig, FitResult, fit
 from .models import FLOWS, build_density, density_from_spec, load_density
 
 __all__ = [
     "FLOWS",
     "CheckpointError",
+    "CheckpointExistsError",
+    "FitConfig",
     "FitResult",
     "TrainingError",
     "atomic_torch_save",

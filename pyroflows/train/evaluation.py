@@ -2,14 +2,13 @@ r"""Training data held in (device) memory, and :func:`evaluate`: mean test bits/
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 
-from ..data.images import ImageDataset, as_image_dataset, dequantize
-from ..density import FlowDensity
+from ..data.images import ImageDataset, as_image_dataset, check_pixels, dequantize
+from ..density import FlowDensity, to_bits_per_dim
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -26,38 +25,37 @@ class _Data:
         return xb if self.n_bins is None else dequantize(xb, self.n_bins, generator)
 
 
-def _as_data(data, n_bins: int | None, shape: tuple, device: torch.device, name: str) -> _Data:
+def _as_data(data, n_bins: int | None, shape: tuple, device: torch.device, name: str, caller: str = "fit") -> _Data:
     if isinstance(data, ImageDataset) or (isinstance(data, torch.Tensor) and not data.is_floating_point()):
         data = as_image_dataset(data, n_bins)
         x, n_bins = data.images, data.n_bins
     elif isinstance(data, torch.Tensor):
         if n_bins is not None:  # integer-valued pixels stored as floats
-            if not bool((data == torch.round(data)).all()):
-                raise ValueError(f"fit: {name} has non-integer values but n_bins={n_bins} was given")
-            data = as_image_dataset(data.to(torch.int64), n_bins)
-            x = data.images
+            check_pixels(data, n_bins, f"{caller}: {name} (n_bins={n_bins})")
+            x = as_image_dataset(data, n_bins).images
         else:
             x = data
     else:  # any Dataset of images
         data = as_image_dataset(data, n_bins)
         x, n_bins = data.images, data.n_bins
     if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"fit: {name} is empty")
+        raise ValueError(f"{caller}: {name} is empty")
     if tuple(x.shape[1:]) != tuple(shape):
         raise ValueError(
-            f"fit: {name} has items of shape {tuple(x.shape[1:])} but the model expects event shape {tuple(shape)}"
+            f"{caller}: {name} has items of shape {tuple(x.shape[1:])} but the model expects event shape {tuple(shape)}"
         )
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"fit: {name} contains NaN or inf")
+        raise ValueError(f"{caller}: {name} contains NaN or inf")
     return _Data(x.to(device), n_bins)
 
 
 def _loss_units(data: _Data, dim: int):
-    """Maps the mean negative log-density (nats, of the dequantised data) to the reported loss."""
+    """Maps a (mean) log-density in nats, of the dequantised data, to the reported loss: bits/dim for images
+    (:func:`~pyroflows.density.to_bits_per_dim`, the formula of ``FlowDensity.bits_per_dim``), nats otherwise."""
     if data.n_bins is None:
-        return lambda nll: nll
-    offset = dim * math.log(data.n_bins)
-    return lambda nll: (nll + offset) / (dim * math.log(2.0))
+        return lambda log_prob: -log_prob
+    n_bins = data.n_bins
+    return lambda log_prob: to_bits_per_dim(log_prob, dim, n_bins)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -87,17 +85,16 @@ def evaluate(
 
         >>> import pyroflows
         >>> from pyroflows.data import load_digits
-        >>> model = pyroflows.FlowDensity(pyroflows.glow((1, 8, 8), levels=1, steps=1, hidden_channels=8),
+        >>> model = pyroflows.FlowDensity(pyroflows.glow((1, 8, 8), levels=1, num_layers=1, hidden=8),
         ...                               (1, 8, 8))
         >>> 0 < evaluate(model, load_digits("test"))
         True
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    d = _as_data(data, n_bins, model.event_shape, device, "evaluation data")
+    d = _as_data(data, n_bins, model.event_shape, device, "evaluation data", caller="evaluate")
     rank, world = 0, 1
     if torch_dist.is_available() and torch_dist.is_initialized():
         rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
-    units = _loss_units(d, model.dim)
     generator = torch.Generator(device=device).manual_seed(seed + rank)
     index = torch.arange(rank, len(d), world, device=device)
     was_training = model.training
@@ -108,8 +105,11 @@ def evaluate(
         with torch.random.fork_rng(devices=devices):  # estimators' probes must not move training's RNG
             torch.manual_seed(seed + rank)
             for start in range(0, len(index), batch_size):
-                xb = d.batch(index[start : start + batch_size], generator)
-                total += units(-model.log_prob(xb)).double().sum()
+                xb = d.x[index[start : start + batch_size]]
+                if d.n_bins is None:
+                    total += (-model.log_prob(xb)).double().sum()
+                else:  # the dequantisation and the formula of FlowDensity.bits_per_dim, by calling it
+                    total += model.bits_per_dim(xb, d.n_bins, generator).double().sum()
     finally:
         model.train(was_training)
     count = torch.tensor(float(len(index)), dtype=torch.float64, device=device)

@@ -1,4 +1,5 @@
-r"""Maximum-likelihood training of a :class:`~pyroflows.FlowDensity`: :func:`fit` and :func:`evaluate`.
+r"""Maximum-likelihood training of a :class:`~pyroflows.FlowDensity`: :func:`fit`, configured by one frozen
+:class:`FitConfig`, on the run engine of :mod:`pyroflows.run` (errors, checkpoints, resume, schedule, progress).
 
 Images (an :class:`~pyroflows.data.ImageDataset` or an integer tensor) are dequantised on the device each step,
 :math:`\tilde x = (x + u)/n_{bins}`, and the loss is bits/dim; float data (e.g. 2-D toys) is used as is and the
@@ -13,10 +14,10 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -26,21 +27,34 @@ from torch.utils.data import DistributedSampler
 
 from ..density import FlowDensity
 from ..nn.conditioners import set_compute_dtype
-from . import distributed
-from .checkpoint import (
+from ..run import (
+    CHECKPOINT,
     FORMAT,
     VERSION,
     CheckpointError,
+    TrainingError,
     atomic_torch_save,
+    check_choice,
+    check_finite,
+    check_int,
+    check_number,
+    check_resume,
+    check_settings,
     load_checkpoint,
-    load_model_state,
+    make_scheduler,
+    progress_bar,
+    renamed,
+    resume_source,
     rng_state,
     set_rng_state,
 )
+from . import distributed
+from .checkpoint import load_model_state
 from .evaluation import _as_data, _Data, _loss_units, evaluate
 
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+OPTIMIZERS = ("adam", "adamax")
+# the settings that change a run's trajectory: resuming with any of them changed is a CheckpointError
 _TRAJECTORY_KEYS = (
     "batch_size",
     "lr",
@@ -52,32 +66,87 @@ _TRAJECTORY_KEYS = (
     "world_size",
     "amp",
     "weight_decay",
+    "n_bins",
 )
+_RESUME_HINT = "resume=True (pyroflows fit --resume)"
 
 
-class TrainingError(RuntimeError):
-    """Training stopped on a non-finite loss or gradient, before the update. The message names the step; for
-    density training (:func:`fit`) also the last good checkpoint, which is left untouched; for
-    :func:`pyroflows.infer.fit` the parameters keep their values from the step before.
+@dataclass(frozen=True)
+class FitConfig:
+    """The settings of one :func:`fit` run, checked in one place (``ValueError`` naming the argument and value).
 
-    A subclass of ``RuntimeError``, raised by :func:`fit` and :func:`pyroflows.infer.fit`.
+    :func:`fit` builds it from its keywords; each field is the keyword of the same name, documented there:
+    ``num_steps``, ``epochs``, ``n_bins``, ``batch_size``, ``lr``, ``optimizer``, ``weight_decay``,
+    ``warmup_steps``, ``clip_norm``, ``ema``, ``eval_every``, ``eval_batch_size``, ``sample_every``,
+    ``n_samples``, ``temperature``, ``checkpoint_every``, ``log_every``, ``out`` (a ``Path`` or ``None``),
+    ``resume``, ``device``, ``amp``, ``compile``, ``seed``, ``init_batch_size``, ``progress``, ``time_limit``.
 
     Example::
 
-        >>> import pyro, pyro.distributions as dist, torch
-        >>> from pyro.infer.autoguide import AutoNormal
-        >>> from pyroflows.infer import fit
-        >>> from pyroflows.train import TrainingError
-        >>> def model():
-        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
-        ...     pyro.factor("impossible", torch.tensor(float("-inf")))  # p(x) = 0 everywhere: the loss is +inf
-        >>> pyro.clear_param_store()
-        >>> try:
-        ...     fit(model, AutoNormal(model), num_steps=10, progress=False, seed=0)
-        ... except TrainingError as err:
-        ...     print(str(err).split(";")[0])
-        fit: the loss is inf at step 0
+        >>> from pyroflows.train import FitConfig
+        >>> FitConfig(num_steps=100, lr=1e-3).warmup_steps
+        0
+        >>> FitConfig(num_steps=0)
+        Traceback (most recent call last):
+          ...
+        ValueError: fit: num_steps must be None or an int >= 1, got 0
     """
+
+    num_steps: int | None = None
+    epochs: float | None = None
+    n_bins: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    clip_norm: float | None = 50.0
+    ema: float | None = None
+    eval_every: int | None = None
+    eval_batch_size: int = 500
+    sample_every: int | None = None
+    n_samples: int = 64
+    temperature: float = 0.7
+    checkpoint_every: int | None = None
+    log_every: int = 10
+    out: Path | None = None
+    resume: bool | str | Path = False
+    device: Any = "auto"
+    amp: bool = False
+    compile: bool | str = False
+    seed: int = 0
+    init_batch_size: int = 512
+    progress: bool | None = None
+    time_limit: float | None = None
+
+    def __post_init__(self):
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+        c = "fit"
+        check_int(c, "num_steps", self.num_steps, 1, optional=True)
+        check_number(c, "epochs", self.epochs, 0, optional=True)
+        if (self.num_steps is None) == (self.epochs is None):
+            raise ValueError("fit: give exactly one of num_steps= and epochs=")
+        check_int(c, "n_bins", self.n_bins, 2, optional=True)
+        check_int(c, "batch_size", self.batch_size, 1)
+        check_number(c, "lr", self.lr, 0)
+        check_choice(c, "optimizer", str(self.optimizer).lower(), OPTIMIZERS)
+        check_number(c, "weight_decay", self.weight_decay, 0, low_open=False)
+        check_int(c, "warmup_steps", self.warmup_steps, 0)
+        check_number(c, "clip_norm", self.clip_norm, 0, optional=True)
+        check_number(c, "ema", self.ema, 0, 1, optional=True)
+        for name in ("eval_every", "sample_every", "checkpoint_every"):
+            check_int(c, name, getattr(self, name), 1, optional=True)
+        for name in ("eval_batch_size", "n_samples", "log_every", "init_batch_size"):
+            check_int(c, name, getattr(self, name), 1)
+        check_number(c, "temperature", self.temperature, 0, low_open=False)
+        check_resume(c, self.resume, self.out)
+        check_choice(c, "amp", self.amp, (True, False))
+        if not isinstance(self.compile, (bool, str)):
+            raise ValueError(f"fit: compile must be True, False or a backend name, got {self.compile!r}")
+        check_int(c, "seed", self.seed)
+        check_choice(c, "progress", self.progress, (None, True, False))
+        check_number(c, "time_limit", self.time_limit, 0, optional=True)
 
 
 @dataclass
@@ -87,9 +156,11 @@ class FitResult:
     :ivar model: the trained model (the object passed in, trained in place).
     :ivar ema_model: the exponential moving average of the weights (``None`` without ``ema``).
     :ivar int step: number of optimiser steps taken in total (including those before a resume).
-    :ivar list losses: training loss per step (bits/dim for images, nats for float data), mean over ranks.
+    :ivar list losses: training loss per step (bits/dim for images, nats for float data), mean over ranks;
+        ``losses[i]`` is the loss of step ``i + 1``.
     :ivar list evals: ``{"step", "test_bpd" or "test_nll", ...}`` per evaluation.
     :ivar out: output directory (``None`` when nothing was written).
+    :ivar float seconds: wall time of this call's training loop.
 
     Example: continuous 2-D data, so the loss and the evaluation are in nats::
 
@@ -97,7 +168,8 @@ class FitResult:
         >>> from pyroflows.data import get_toy
         >>> from pyroflows.train import build_density, fit
         >>> x = get_toy("two_moons").sample(256, torch.Generator().manual_seed(0))
-        >>> result = fit(build_density("realnvp", (2,), num_layers=2), x, x, steps=3, device="cpu", progress=False)
+        >>> result = fit(build_density("realnvp", (2,), num_layers=2), x, x, num_steps=3, device="cpu",
+        ...              progress=False)
         >>> result.step, len(result.losses), sorted(result.evals[-1]), result.checkpoint
         (3, 3, ['step', 'test_nll'], None)
     """
@@ -108,6 +180,7 @@ class FitResult:
     losses: list = field(default_factory=list)
     evals: list = field(default_factory=list)
     out: Path | None = None
+    seconds: float = 0.0
 
     @property
     def checkpoint(self) -> Path | None:
@@ -117,7 +190,304 @@ class FitResult:
         return self.out / CHECKPOINT
 
 
-# ------------------------------------------------------------------------------------------------ helpers
+@dataclass
+class _Run:
+    """The mutable state of one :func:`fit` call, passed between its pieces."""
+
+    cfg: FitConfig
+    ctx: Any
+    model: FlowDensity
+    data: _Data
+    test_data: _Data | None
+    units: Any
+    sampler: DistributedSampler
+    per_epoch: int
+    total: int
+    settings: dict
+    ckpt_path: Path | None
+    optim: torch.optim.Optimizer | None = None
+    schedule: Any = None
+    ema_model: AveragedModel | None = None
+    net: nn.Module | None = None
+    losses: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    start: int = 0
+    reached: int = 0
+    last_saved: int | None = None
+    metrics: Any = None
+    bar: Any = None
+    order: torch.Tensor | None = None
+    order_epoch: int = -1
+    t0: float = 0.0
+
+    @property
+    def writes(self) -> bool:
+        return self.ctx.is_main and self.cfg.out is not None
+
+    @property
+    def eval_model(self) -> FlowDensity:
+        return self.model if self.ema_model is None else self.ema_model.module
+
+    def last_good(self) -> tuple | None:
+        """``(path, step)`` of the last checkpoint this run wrote or resumed from, for error messages."""
+        return (self.ckpt_path, self.last_saved) if self.last_saved is not None and self.writes else None
+
+
+# ------------------------------------------------------------------------------------------------ fit
+def fit(
+    model: FlowDensity,
+    train,
+    test=None,
+    *,
+    n_bins: int | None = None,
+    num_steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    clip_norm: float | None = 50.0,
+    ema: float | None = None,
+    eval_every: int | None = None,
+    eval_batch_size: int = 500,
+    sample_every: int | None = None,
+    n_samples: int = 64,
+    temperature: float = 0.7,
+    checkpoint_every: int | None = None,
+    log_every: int = 10,
+    out: str | os.PathLike | None = None,
+    resume: bool | str | os.PathLike = False,
+    device: str | torch.device | None = "auto",
+    amp: bool = False,
+    compile: bool | str = False,  # noqa: A002 - mirrors torch.compile
+    seed: int = 0,
+    init_batch_size: int = 512,
+    progress: bool | None = None,
+    time_limit: float | None = None,
+    steps: int | None = None,
+) -> FitResult:
+    r"""Train ``model`` by maximum likelihood on ``train``.
+
+    The loop: ActNorm's data-dependent init once, on a dedicated batch of ``init_batch_size`` examples (under
+    ``torchrun``, each rank's shard, statistics all-reduced); then ``num_steps`` optimiser steps on batches drawn
+    without replacement per epoch (``DistributedSampler`` order); linear learning-rate warm-up; gradient-norm
+    clipping; optional EMA of the weights; test evaluation, sample grids (density plots for 2-D data), JSON-lines
+    metrics and atomic checkpoints at the given intervals, and all of them once more at the end. Steps are counted
+    from 1, in errors, metrics, evaluations and checkpoints alike (:mod:`pyroflows.run`).
+
+    Under ``torchrun`` with more than one process the model is wrapped in ``DistributedDataParallel``, the
+    data are sharded, ``batch_size`` is per process, and only rank 0 writes files.
+
+    :param model: a :class:`~pyroflows.FlowDensity` (e.g. from :func:`pyroflows.train.build_density`, whose
+        recipe goes into the checkpoint so ``pyroflows sample`` can rebuild it). Trained in place.
+    :param train: training data: an :class:`~pyroflows.data.ImageDataset`, an integer tensor ``(N, C, H, W)`` of
+        pixels in ``[0, n_bins)``, any ``Dataset`` of images, or a float tensor ``(N, *event_shape)`` of
+        continuous data (loss in nats). Held in (device) memory.
+    :param test: evaluation data of the same kind (optional).
+    :param n_bins: intensity levels of integer pixels given as a tensor (default 256; an ``ImageDataset`` knows
+        its own).
+    :param num_steps: number of optimiser steps in total (a resumed run continues up to it); or give ``epochs``.
+    :param epochs: training length in passes over ``train`` instead of ``num_steps`` (may be fractional).
+    :param int batch_size: examples per step (per process under DDP).
+    :param float lr: peak learning rate.
+    :param str optimizer: ``"adam"`` or ``"adamax"``.
+    :param float weight_decay: the optimiser's weight decay.
+    :param int warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr``.
+    :param clip_norm: clip the global gradient norm (``None``: no clipping; the norm is still checked).
+    :param ema: EMA decay in ``(0, 1)`` (e.g. ``0.999``); evaluation and samples then use the averaged weights.
+    :param eval_every: evaluate on ``test`` every so many steps (and at the end).
+    :param int eval_batch_size: batch size of the evaluations.
+    :param sample_every: write ``samples_<step>.png`` every so many steps (and ``samples.png`` at the end).
+    :param int n_samples: images per sample grid.
+    :param float temperature: the latent's temperature for the sample grids.
+    :param checkpoint_every: write ``checkpoint.pt`` every so many steps (and at the end); needs ``out``.
+    :param int log_every: with ``out``, write a ``metrics.jsonl`` record every so many steps.
+    :param out: the run directory (``checkpoint.pt``, ``metrics.jsonl``, PNGs); ``None`` writes nothing.
+    :param resume: ``True`` continues from ``out/checkpoint.pt`` (error if missing), ``"auto"`` when it exists,
+        or a path to a checkpoint. Without it, an existing checkpoint in ``out`` is a
+        :class:`~pyroflows.run.CheckpointExistsError` (never overwritten). The settings that shape the run's
+        trajectory (batch size, learning rate, optimiser, warm-up, clipping, EMA, seed, number of processes,
+        ``amp``, weight decay, ``n_bins``) must be those of the checkpoint; ``num_steps`` may grow.
+    :param device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+    :param bool amp: run the conditioner networks in bfloat16 (:func:`pyroflows.nn.set_compute_dtype`);
+        log-dets stay in float32.
+    :param compile: ``True`` or a backend name: run the forward pass through ``torch.compile``. (torch.compile
+        switches ``torch.distributions`` validation off process-wide; ``fit`` restores the previous setting.)
+    :param int seed: seeds the batch order, the dequantisation noise and the estimators' randomness.
+    :param int init_batch_size: examples for ActNorm's data-dependent initialisation.
+    :param time_limit: stop after the step during which this many seconds of training have passed, and finish
+        as at the last step (evaluation, samples, checkpoint); ``resume=True`` later continues towards
+        ``num_steps``.
+    :param progress: tqdm progress bar (``None``: only when stderr is a terminal); ``False`` also silences the
+        evaluation lines.
+    :param steps: the old name of ``num_steps`` (a ``FutureWarning``; removed in 0.3).
+    :raises ValueError: for a setting out of range (:class:`FitConfig` names it) or unusable data.
+    :raises TrainingError: on a non-finite loss or gradient norm, naming the step; nothing is overwritten.
+    :raises CheckpointError: for a missing, corrupted or other-architecture checkpoint on resume, or one written
+        with other settings; :class:`~pyroflows.run.CheckpointExistsError` for an existing one without ``resume``.
+
+    Example::
+
+        >>> import pyroflows
+        >>> from pyroflows.data import load_digits
+        >>> from pyroflows.train import build_density, fit
+        >>> model = build_density("glow", (1, 8, 8), levels=1, num_layers=2, hidden=16)
+        >>> result = fit(model, load_digits("train"), load_digits("test"), num_steps=20, device="cpu",
+        ...              progress=False)
+        >>> result.step, len(result.losses), result.evals[-1]["test_bpd"] < 5
+        (20, 20, True)
+    """
+    given = dict(locals())
+    given["num_steps"] = renamed("fit", "steps", "num_steps", steps, num_steps)
+    config = FitConfig(**{f.name: given[f.name] for f in fields(FitConfig)})
+    if not isinstance(model, FlowDensity):
+        raise TypeError(f"fit: model must be a pyroflows.FlowDensity, got {type(model).__name__}")
+    ctx = distributed.setup(config.device)
+    try:
+        return _fit(model, train, test, config, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _fit(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> FitResult:
+    run = _setup(model, train, test, cfg, ctx)
+    model.train()
+    run.t0 = time.perf_counter()
+    try:
+        for step in range(run.start, run.total):
+            value, grad_norm = _step(run, step + 1)
+            if _after_step(run, step + 1, value, grad_norm):
+                break
+    finally:
+        run.bar.close()
+        run.metrics.close()
+    return FitResult(
+        model,
+        run.ema_model.module if run.ema_model is not None else None,
+        run.reached,
+        run.losses,
+        run.evals,
+        cfg.out if run.writes else None,
+        time.perf_counter() - run.t0,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def _setup(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> _Run:
+    """Data, batches, the checkpoint to resume from (checked before anything changes), optimiser and schedule,
+    then the restored or freshly initialised state, the wrapped network, metrics file and progress bar."""
+    run = _prepare(model, train, test, cfg, ctx)
+    source = resume_source(run.ckpt_path, cfg.resume, caller="fit", hint=_RESUME_HINT)
+    ckpt = load_checkpoint(source, map_location=ctx.device) if source is not None else None
+    if ckpt is not None:
+        trajectory = {k: run.settings[k] for k in _TRAJECTORY_KEYS}
+        check_settings(ckpt["config"], trajectory, source=source, caller="fit")
+    if cfg.amp:
+        set_compute_dtype(model, torch.bfloat16)
+    run.optim = _make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    run.schedule = make_scheduler(run.optim, "constant", run.total, cfg.warmup_steps)
+    if ckpt is not None:
+        _restore(run, ckpt, source)
+    else:
+        _fresh_start(run)
+    run.net = _wrap(model, cfg, ctx)
+    if run.writes:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    run.metrics = _Metrics(cfg.out / METRICS if run.writes else None, run.start if ckpt is not None else None)
+    run.bar = progress_bar(run.total, cfg.progress, desc="fit", initial=run.start, enabled=ctx.is_main)
+    return run
+
+
+def _prepare(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> _Run:
+    """The model on its device, the data in memory, the batch order and the run's length and settings."""
+    dev = ctx.device
+    model.to(dev)
+    data = _as_data(train, cfg.n_bins, model.event_shape, dev, "training data")
+    test_n_bins = data.n_bins if cfg.n_bins is None else cfg.n_bins
+    test_data = _as_data(test, test_n_bins, model.event_shape, dev, "test data") if test is not None else None
+    sampler = DistributedSampler(
+        range(len(data)),
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=ctx.distributed,
+    )
+    per_epoch = len(sampler) // cfg.batch_size
+    if per_epoch < 1:
+        raise ValueError(f"fit: batch_size {cfg.batch_size} exceeds the {len(sampler)} training examples per process")
+    total = cfg.num_steps if cfg.num_steps is not None else max(1, round(float(cfg.epochs) * per_epoch))
+    settings = {
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "optimizer": cfg.optimizer,
+        "warmup_steps": cfg.warmup_steps,
+        "clip_norm": cfg.clip_norm,
+        "ema": cfg.ema,
+        "seed": cfg.seed,
+        "world_size": ctx.world_size,
+        "amp": bool(cfg.amp),
+        "weight_decay": cfg.weight_decay,
+        "steps": total,
+        "n_bins": data.n_bins,
+    }
+    ckpt_path = cfg.out / CHECKPOINT if cfg.out is not None else None
+    units = _loss_units(data, model.dim)
+    return _Run(cfg, ctx, model, data, test_data, units, sampler, per_epoch, total, settings, ckpt_path)
+
+
+def _restore(run: _Run, ckpt: dict, source: Path) -> None:
+    """Model, optimiser, schedule, EMA, history and RNG states as they were after the checkpoint's step."""
+    model, cfg = run.model, run.cfg
+    load_model_state(model, ckpt["model"], f"checkpoint {str(source)!r}")
+    spec = getattr(model, "spec", None)
+    if ckpt.get("spec") is not None and spec is not None and ckpt["spec"] != spec:
+        raise CheckpointError(f"checkpoint {str(source)!r} is for model {ckpt['spec']}, not {spec}")
+    run.optim.load_state_dict(ckpt["optimizer"])
+    run.schedule.load_state_dict(ckpt["scheduler"])
+    if cfg.ema:  # check_settings made sure that the run saved EMA weights
+        run.ema_model = _averaged(model, cfg.ema)
+        run.ema_model.load_state_dict(ckpt["ema"])
+    run.start = run.reached = run.last_saved = int(ckpt["step"])
+    run.losses, run.evals = list(ckpt["losses"]), list(ckpt["evals"])
+    ctx = run.ctx
+    rng = ckpt["rng"][ctx.rank] if ctx.rank < len(ckpt["rng"]) else None
+    if rng is not None:
+        set_rng_state(rng)
+    else:
+        torch.manual_seed(cfg.seed + 7919 * ctx.rank + run.start)
+
+
+def _fresh_start(run: _Run) -> None:
+    """Rank 0's weights on every rank, ActNorm's data-dependent init, the EMA, and the seeded RNG."""
+    model, cfg, ctx = run.model, run.cfg, run.ctx
+    if ctx.distributed:  # every rank starts from rank 0's weights (1x1 convs, conditioners)
+        for tensor in model.state_dict().values():
+            torch_dist.broadcast(tensor, src=0)
+    _init_actnorm(model, run.data, cfg.init_batch_size, cfg.seed, ctx)  # also sizes lazily sized buffers
+    if cfg.ema:
+        run.ema_model = _averaged(model, cfg.ema)
+        run.ema_model.update_parameters(model)
+    torch.manual_seed(cfg.seed + 7919 * ctx.rank)
+
+
+def _wrap(model: FlowDensity, cfg: FitConfig, ctx) -> nn.Module:
+    """The network the steps run through: DDP across processes, ``torch.compile`` on request."""
+    net: nn.Module = model
+    dev = ctx.device
+    if ctx.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:
+        # The first torch.compile of a process turns torch.distributions' default validation off for good
+        # (dynamo's one-time patching), and with it pyroflows' validation when that follows torch: keep the
+        # user's setting instead of changing it behind their back.
+        validate = torch.distributions.Distribution._validate_args
+        net = torch.compile(net, backend=cfg.compile if isinstance(cfg.compile, str) else "inductor")
+        torch.distributions.Distribution.set_default_validate_args(validate)
+    return net
+
+
 def _make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float):
     key = str(name).lower()
     if key == "adam":
@@ -125,6 +495,115 @@ def _make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight
     if key == "adamax":
         return torch.optim.Adamax(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"fit: unknown optimizer {name!r}; choose 'adam' or 'adamax'")
+
+
+# ------------------------------------------------------------------------------------------------ one step
+def _batch(run: _Run, step: int) -> torch.Tensor:
+    """The dequantised batch of ``step`` (counted from 1): a pure function of ``(seed, step)`` and the rank."""
+    epoch, b = divmod(step - 1, run.per_epoch)
+    if epoch != run.order_epoch:
+        run.sampler.set_epoch(epoch)
+        run.order, run.order_epoch = torch.tensor(list(run.sampler), device=run.ctx.device), epoch
+    size = run.cfg.batch_size
+    return run.data.batch(run.order[b * size : (b + 1) * size])
+
+
+def _step(run: _Run, step: int) -> tuple[float, float]:
+    """One update: the loss (mean over ranks) and the gradient norm are checked before the optimiser moves."""
+    xb = _batch(run, step)
+    error = None
+    try:
+        loss = run.units(run.net(xb).mean())
+    except (RuntimeError, ValueError) as e:  # validation found a non-finite value inside a layer
+        error, loss = e, torch.full((), math.nan, device=run.ctx.device)
+    value = float(distributed.all_mean(loss.detach(), run.ctx))
+    check_finite("fit", step, value, cause=error, checkpoint=run.last_good())
+    run.optim.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = run.cfg.clip_norm if run.cfg.clip_norm is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip))
+    check_finite("fit", step, value, grad_norm, checkpoint=run.last_good(), params=run.model.parameters())
+    run.optim.step()
+    run.schedule.step()
+    if run.ema_model is not None:
+        run.ema_model.update_parameters(run.model)
+    run.losses.append(value)
+    return value, grad_norm
+
+
+def _after_step(run: _Run, done: int, value: float, grad_norm: float) -> bool:
+    """Metrics, progress, evaluation, samples and checkpoint after step ``done``; whether the run is over."""
+    cfg = run.cfg
+    run.reached = done
+    if done % cfg.log_every == 0 or done == run.total:
+        lr = run.optim.param_groups[0]["lr"]
+        seconds = round(time.perf_counter() - run.t0, 3)
+        run.metrics.write(step=done, loss=value, lr=lr, grad_norm=grad_norm, seconds=seconds)
+    run.bar.set_postfix({"bpd" if run.data.n_bins else "nll": f"{value:.3f}"}, refresh=False)
+    run.bar.update(1)
+    final = done == run.total or (cfg.time_limit is not None and _out_of_time(run.t0, cfg.time_limit, run.ctx))
+    if (cfg.eval_every and done % cfg.eval_every == 0) or final:
+        _evaluate(run, done)
+    if cfg.sample_every and done % cfg.sample_every == 0 and not final:
+        _samples(run, done, f"samples_{done:07d}.png")
+    if final:
+        _samples(run, done, "samples.png")
+    if cfg.out is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final):
+        _save(run, done)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def _evaluate(run: _Run, step: int) -> None:
+    if run.test_data is None:
+        return
+    cfg = run.cfg
+    value = evaluate(
+        run.eval_model, run.test_data.x, run.test_data.n_bins, cfg.eval_batch_size, seed=cfg.seed, device=run.ctx.device
+    )
+    record = {"step": step, ("test_bpd" if run.data.n_bins else "test_nll"): value}
+    run.evals.append(record)
+    run.metrics.write(**record)
+    if run.ctx.is_main and cfg.progress is not False:
+        run.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
+
+
+def _samples(run: _Run, step: int, name: str) -> None:
+    if run.writes:
+        cfg = run.cfg
+        _save_samples(run.eval_model, run.data, cfg.out / name, cfg.n_samples, cfg.temperature, cfg.seed + step)
+
+
+def _save(run: _Run, step: int) -> None:
+    """The checkpoint of ``step``: collective under DDP (RNG states are gathered); rank 0 writes."""
+    model = run.model
+    if not _all_finite(model):  # never replace a good checkpoint with broken weights (same on every rank)
+        last = f"step {run.last_saved}" if run.last_saved is not None else "no checkpoint"
+        raise TrainingError(f"fit: the parameters are not finite after step {step}; kept the checkpoint of {last}")
+    rngs = [rng_state()]
+    if run.ctx.distributed:
+        gathered = [None] * run.ctx.world_size if run.ctx.is_main else None
+        torch_dist.gather_object(rngs[0], gathered, dst=0)
+        rngs = gathered
+    if run.writes:
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "spec": getattr(model, "spec", None),
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": run.optim.state_dict(),
+            "scheduler": run.schedule.state_dict(),
+            "ema": run.ema_model.state_dict() if run.ema_model is not None else None,
+            "losses": run.losses,
+            "evals": run.evals,
+            "rng": rngs,
+            "config": run.settings,
+            "event_shape": list(model.event_shape),
+            "n_bins": run.data.n_bins,
+        }
+        atomic_torch_save(payload, run.ckpt_path)
+    run.last_saved = step
 
 
 def _all_finite(module: nn.Module) -> bool:
@@ -186,398 +665,6 @@ def _save_samples(model: FlowDensity, data: _Data, path: Path, n: int, temperatu
         plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------------------ fit
-def fit(
-    model: FlowDensity,
-    train,
-    test=None,
-    *,
-    n_bins: int | None = None,
-    steps: int | None = None,
-    epochs: float | None = None,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    warmup_steps: int = 0,
-    clip_norm: float | None = 50.0,
-    ema: float | None = None,
-    eval_every: int | None = None,
-    eval_batch_size: int = 500,
-    sample_every: int | None = None,
-    n_samples: int = 64,
-    temperature: float = 0.7,
-    checkpoint_every: int | None = None,
-    log_every: int = 10,
-    out: str | os.PathLike | None = None,
-    resume: bool | str = False,
-    device: str | torch.device | None = "auto",
-    amp: bool = False,
-    compile: bool | str = False,  # noqa: A002 - mirrors torch.compile
-    seed: int = 0,
-    init_batch_size: int = 512,
-    progress: bool | None = None,
-    time_limit: float | None = None,
-) -> FitResult:
-    r"""Train ``model`` by maximum likelihood on ``train``.
-
-    The loop: ActNorm's data-dependent init once, on a dedicated batch of ``init_batch_size`` examples (under
-    ``torchrun``, each rank's shard, statistics all-reduced); then ``steps`` optimiser steps on batches drawn
-    without replacement per epoch (``DistributedSampler`` order); linear learning-rate warm-up; gradient-norm
-    clipping; optional EMA of the weights; test evaluation, sample grids (density plots for 2-D data), JSON-lines
-    metrics and atomic checkpoints at the given intervals, and all of them once more at the end.
-
-    Under ``torchrun`` with more than one process the model is wrapped in ``DistributedDataParallel``, the
-    data are sharded, ``batch_size`` is per process, and only rank 0 writes files.
-
-    :param model: a :class:`~pyroflows.FlowDensity` (e.g. from :func:`pyroflows.train.build_density`, whose
-        recipe goes into the checkpoint so ``pyroflows sample`` can rebuild it). Trained in place.
-    :param train: training data: an :class:`~pyroflows.data.ImageDataset`, an integer tensor ``(N, C, H, W)`` of
-        pixels in ``[0, n_bins)``, any ``Dataset`` of images, or a float tensor ``(N, *event_shape)`` of
-        continuous data (loss in nats). Held in (device) memory.
-    :param test: evaluation data of the same kind (optional).
-    :param n_bins: intensity levels of integer pixels given as a tensor (default 256; an ``ImageDataset`` knows
-        its own).
-    :param steps: number of optimiser steps in total (a resumed run continues up to it); or give ``epochs``.
-    :param epochs: training length in passes over ``train`` instead of ``steps`` (may be fractional).
-    :param int batch_size: examples per step (per process under DDP).
-    :param float lr: peak learning rate.
-    :param str optimizer: ``"adam"`` or ``"adamax"``.
-    :param float weight_decay: the optimiser's weight decay.
-    :param int warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr``.
-    :param clip_norm: clip the global gradient norm (``None``: no clipping; the norm is still checked).
-    :param ema: EMA decay (e.g. ``0.999``); evaluation and samples then use the averaged weights.
-    :param eval_every: evaluate on ``test`` every so many steps (and at the end).
-    :param int eval_batch_size: batch size of the evaluations.
-    :param sample_every: write ``samples_<step>.png`` every so many steps (and ``samples.png`` at the end).
-    :param int n_samples: images per sample grid.
-    :param float temperature: the latent's temperature for the sample grids.
-    :param checkpoint_every: write ``checkpoint.pt`` every so many steps (and at the end); needs ``out``.
-    :param int log_every: with ``out``, write a ``metrics.jsonl`` record every so many steps.
-    :param out: output directory (checkpoint, ``metrics.jsonl``, PNGs); ``None`` writes nothing.
-    :param resume: ``True`` continues from ``out/checkpoint.pt`` (error if missing), ``"auto"`` when it exists,
-        or a path to a checkpoint. Without it, an existing checkpoint in ``out`` is an error (never overwritten).
-    :param device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a ``torch.device``.
-    :param bool amp: run the conditioner networks in bfloat16 (:func:`pyroflows.nn.set_compute_dtype`);
-        log-dets stay in float32.
-    :param compile: ``True`` or a backend name: run the forward pass through ``torch.compile``. (torch.compile
-        switches ``torch.distributions`` validation off process-wide; ``fit`` restores the previous setting.)
-    :param int seed: seeds the batch order, the dequantisation noise and the estimators' randomness.
-    :param int init_batch_size: examples for ActNorm's data-dependent initialisation.
-    :param time_limit: stop after the step during which this many seconds of training have passed, and finish
-        as at the last step (evaluation, samples, checkpoint); ``resume=True`` later continues towards ``steps``.
-    :param progress: tqdm progress bar (``None``: only when stderr is a terminal); ``False`` also silences the
-        evaluation lines.
-    :raises TrainingError: on a non-finite loss or gradient norm, naming the step; nothing is overwritten.
-    :raises CheckpointError: for a missing, corrupted or other-architecture checkpoint on resume.
-
-    Example::
-
-        >>> import pyroflows
-        >>> from pyroflows.data import load_digits
-        >>> from pyroflows.train import build_density, fit
-        >>> model = build_density("glow", (1, 8, 8), levels=1, steps=2, hidden_channels=16)
-        >>> result = fit(model, load_digits("train"), load_digits("test"), steps=20, device="cpu",
-        ...              progress=False)
-        >>> result.step, len(result.losses), result.evals[-1]["test_bpd"] < 5
-        (20, 20, True)
-    """
-    if time_limit is not None and time_limit <= 0:
-        raise ValueError(f"fit: time_limit must be > 0 seconds, got {time_limit}")
-    if not isinstance(model, FlowDensity):
-        raise TypeError(f"fit: model must be a pyroflows.FlowDensity, got {type(model).__name__}")
-    if batch_size < 1:
-        raise ValueError(f"fit: batch_size must be >= 1, got {batch_size}")
-    if ema is not None and not 0.0 < ema < 1.0:
-        raise ValueError(f"fit: ema decay must be in (0, 1), got {ema}")
-    if (steps is None) == (epochs is None):
-        raise ValueError("fit: give exactly one of steps= and epochs=")
-    if (resume is True or resume == "auto") and out is None:
-        raise ValueError("fit: resume needs out= (the directory holding checkpoint.pt)")
-
-    ctx = distributed.setup(device)
-    try:
-        return _fit(**locals())
-    finally:
-        distributed.teardown(ctx)
-
-
-def _fit(
-    model,
-    train,
-    test,
-    *,
-    ctx,
-    n_bins,
-    steps,
-    epochs,
-    batch_size,
-    lr,
-    optimizer,
-    weight_decay,
-    warmup_steps,
-    clip_norm,
-    ema,
-    eval_every,
-    eval_batch_size,
-    sample_every,
-    n_samples,
-    temperature,
-    checkpoint_every,
-    log_every,
-    out,
-    resume,
-    device,
-    amp,
-    compile,
-    seed,
-    init_batch_size,
-    progress,
-    time_limit,
-) -> FitResult:
-    from tqdm.auto import tqdm
-
-    dev = ctx.device
-    out = Path(out) if out is not None else None
-    model.to(dev)
-    data = _as_data(train, n_bins, model.event_shape, dev, "training data")
-    test_data = (
-        _as_data(test, data.n_bins if n_bins is None else n_bins, model.event_shape, dev, "test data")
-        if test is not None
-        else None
-    )
-    units = _loss_units(data, model.dim)
-
-    sampler = DistributedSampler(
-        range(len(data)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=ctx.distributed
-    )
-    per_epoch = len(sampler) // batch_size
-    if per_epoch < 1:
-        raise ValueError(f"fit: batch_size {batch_size} exceeds the {len(sampler)} training examples per process")
-    total = int(steps) if steps is not None else max(1, round(float(epochs) * per_epoch))
-
-    config = {
-        "batch_size": batch_size,
-        "lr": lr,
-        "optimizer": optimizer,
-        "warmup_steps": warmup_steps,
-        "clip_norm": clip_norm,
-        "ema": ema,
-        "seed": seed,
-        "world_size": ctx.world_size,
-        "amp": bool(amp),
-        "weight_decay": weight_decay,
-        "steps": total,
-        "n_bins": data.n_bins,
-    }
-
-    # --------------------------------------------------------------- resume or fresh start
-    ckpt_path = out / CHECKPOINT if out is not None else None
-    source = None
-    if isinstance(resume, (str, os.PathLike)) and resume != "auto":
-        source = Path(resume)
-    elif resume is True or resume == "auto":
-        if resume is True or ckpt_path.is_file():
-            source = ckpt_path
-    if source is None and ckpt_path is not None and ckpt_path.is_file():
-        raise FileExistsError(
-            f"fit: {str(ckpt_path)!r} already exists; pass resume=True (pyroflows fit --resume) to continue "
-            "that run, or choose another output directory"
-        )
-    ckpt = load_checkpoint(source, map_location=dev) if source is not None else None
-
-    if amp:
-        set_compute_dtype(model, torch.bfloat16)
-    optim = _make_optimizer(optimizer, model.parameters(), lr, weight_decay)
-    warm = max(int(warmup_steps), 0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    ema_model = None
-
-    losses: list[float] = []
-    evals: list[dict] = []
-    start = 0
-    if ckpt is not None:
-        load_model_state(model, ckpt["model"], f"checkpoint {str(source)!r}")
-        spec = getattr(model, "spec", None)
-        if ckpt.get("spec") is not None and spec is not None and ckpt["spec"] != spec:
-            raise CheckpointError(f"checkpoint {str(source)!r} is for model {ckpt['spec']}, not {spec}")
-        optim.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["scheduler"])
-        if ema:
-            if ckpt.get("ema") is None:
-                raise CheckpointError(f"checkpoint {str(source)!r} holds no EMA weights but ema={ema} was asked for")
-            ema_model = _averaged(model, ema)
-            ema_model.load_state_dict(ckpt["ema"])
-        start, losses, evals = int(ckpt["step"]), list(ckpt["losses"]), list(ckpt["evals"])
-        changed = {
-            k: (ckpt["config"].get(k), config[k]) for k in _TRAJECTORY_KEYS if ckpt["config"].get(k) != config[k]
-        }
-        if changed:
-            warnings.warn(
-                f"fit: resuming with changed settings {changed}; the run will not repeat the original", stacklevel=3
-            )
-        rng = ckpt["rng"][ctx.rank] if ctx.rank < len(ckpt["rng"]) else None
-        if rng is not None:
-            set_rng_state(rng)
-        else:
-            torch.manual_seed(seed + 7919 * ctx.rank + start)
-    else:
-        if ctx.distributed:  # every rank starts from rank 0's weights (1x1 convs, conditioners)
-            for tensor in model.state_dict().values():
-                torch_dist.broadcast(tensor, src=0)
-        _init_actnorm(model, data, init_batch_size, seed, ctx)  # also gives lazily sized buffers their size
-        if ema:
-            ema_model = _averaged(model, ema)
-            ema_model.update_parameters(model)
-        torch.manual_seed(seed + 7919 * ctx.rank)
-
-    net: nn.Module = model
-    if ctx.distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if compile:
-        # The first torch.compile of a process turns torch.distributions' default validation off for good
-        # (dynamo's one-time patching), and with it pyroflows' validation when that follows torch: keep the
-        # user's setting instead of changing it behind their back.
-        validate = torch.distributions.Distribution._validate_args
-        net = torch.compile(net, backend=compile if isinstance(compile, str) else "inductor")
-        torch.distributions.Distribution.set_default_validate_args(validate)
-
-    writes = ctx.is_main and out is not None
-    if writes:
-        out.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(out / METRICS if writes else None, start if ckpt is not None else None)
-
-    def eval_model() -> FlowDensity:
-        return model if ema_model is None else ema_model.module
-
-    def save(step: int) -> None:
-        """Collective under DDP (RNG states are gathered); rank 0 writes."""
-        if not _all_finite(model):  # never replace a good checkpoint with broken weights (same on every rank)
-            raise TrainingError(f"step {step}: parameters are not finite; kept the checkpoint of an earlier step")
-        rngs = [rng_state()]
-        if ctx.distributed:
-            gathered = [None] * ctx.world_size if ctx.is_main else None
-            torch_dist.gather_object(rngs[0], gathered, dst=0)
-            rngs = gathered
-        if not writes:
-            return
-        atomic_torch_save(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "spec": getattr(model, "spec", None),
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optim.state_dict(),
-                "scheduler": schedule.state_dict(),
-                "ema": ema_model.state_dict() if ema_model is not None else None,
-                "losses": losses,
-                "evals": evals,
-                "rng": rngs,
-                "config": config,
-                "event_shape": list(model.event_shape),
-                "n_bins": data.n_bins,
-            },
-            ckpt_path,
-        )
-
-    def run_eval(step: int) -> None:
-        if test_data is None:
-            return
-        value = evaluate(eval_model(), test_data.x, test_data.n_bins, eval_batch_size, seed=seed, device=dev)
-        record = {"step": step, ("test_bpd" if data.n_bins else "test_nll"): value}
-        evals.append(record)
-        metrics.write(**record)
-        if ctx.is_main and progress is not False:
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
-
-    def samples(step: int, name: str) -> None:
-        if writes:
-            _save_samples(eval_model(), data, out / name, n_samples, temperature, seed + step)
-
-    quiet = True if not ctx.is_main else (None if progress is None else not progress)  # None: tty only
-    bar = tqdm(total=total, initial=start, disable=quiet, desc="fit", dynamic_ncols=True)
-    unit = "bpd" if data.n_bins else "nll"
-    order, order_epoch = None, -1
-    last_saved = start if ckpt is not None else None
-    model.train()
-    t0 = time.perf_counter()
-    reached = max(start, total) if start >= total else start
-    try:
-        for step in range(start, total):
-            epoch, b = divmod(step, per_epoch)
-            if epoch != order_epoch:
-                sampler.set_epoch(epoch)
-                order, order_epoch = torch.tensor(list(sampler), device=dev), epoch
-            xb = data.batch(order[b * batch_size : (b + 1) * batch_size])
-            error = None
-            try:
-                loss = units(-net(xb).mean())
-            except (RuntimeError, ValueError) as e:  # validation found a non-finite value inside a layer
-                error, loss = e, torch.full((), math.nan, device=dev)
-            loss_all = distributed.all_mean(loss.detach(), ctx)
-            value = float(loss_all)
-            if not math.isfinite(value):
-                where = (
-                    f"; the last good checkpoint is {str(ckpt_path)!r} (step {last_saved})"
-                    if last_saved is not None and writes
-                    else ""
-                )
-                cause = f": {error}" if error is not None else ""
-                raise TrainingError(f"non-finite training loss at step {step + 1}{cause}{where}") from error
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm is not None else math.inf)
-            )
-            if not math.isfinite(grad_norm):
-                where = (
-                    f"; the last good checkpoint is {str(ckpt_path)!r} (step {last_saved})"
-                    if last_saved is not None and writes
-                    else ""
-                )
-                raise TrainingError(f"non-finite gradient norm at step {step + 1} (loss {value:.4g}){where}")
-            optim.step()
-            schedule.step()
-            if ema_model is not None:
-                ema_model.update_parameters(model)
-            losses.append(value)
-            done = reached = step + 1
-            if done % max(log_every, 1) == 0 or done == total:
-                metrics.write(
-                    step=done,
-                    loss=value,
-                    lr=optim.param_groups[0]["lr"],
-                    grad_norm=grad_norm,
-                    seconds=round(time.perf_counter() - t0, 3),
-                )
-            bar.set_postfix({unit: f"{value:.3f}"}, refresh=False)
-            bar.update(1)
-            final = done == total or (time_limit is not None and _out_of_time(t0, time_limit, ctx))
-            if eval_every and done % eval_every == 0 or final:
-                run_eval(done)
-            if sample_every and done % sample_every == 0 and not final:
-                samples(done, f"samples_{done:07d}.png")
-            if final:
-                samples(done, "samples.png")
-            if out is not None and (checkpoint_every and done % checkpoint_every == 0 or final):
-                save(done)
-                last_saved = done
-            if final:
-                break
-    finally:
-        bar.close()
-        metrics.close()
-    return FitResult(
-        model,
-        ema_model.module if ema_model is not None else None,
-        reached,
-        losses,
-        evals,
-        out if writes else None,
-    )
-
-
 def _out_of_time(t0: float, limit: float, ctx) -> bool:
     """Rank 0's clock decides for all ranks, so that they stop at the same step."""
     over = time.perf_counter() - t0 >= limit
@@ -606,4 +693,4 @@ def _init_actnorm(model: FlowDensity, data: _Data, size: int, seed: int, ctx) ->
     model.log_prob(data.batch(shard, gen))
 
 
-__all__ = ["FitResult", "TrainingError", "fit"]
+__all__ = ["FitConfig", "FitResult", "TrainingError", "fit"]

@@ -80,7 +80,7 @@ def load_density(path, ema: bool = False, map_location="cpu") -> FlowDensity:
         >>> from pyroflows.data import load_digits
         >>> from pyroflows.train import build_density, fit, load_density
         >>> model = build_density("realnvp", (1, 8, 8), levels=1, num_layers=1, hidden=4)
-        >>> result = fit(model, load_digits("train"), steps=2, out=tempfile.mkdtemp(), device="cpu", progress=False)
+        >>> result = fit(model, load_digits("train"), num_steps=2, out=tempfile.mkdtemp(), device="cpu", progress=False)
         >>> reloaded = load_density(result.checkpoint)
         >>> reloaded.training, reloaded.sample(3).shape
         (False, torch.Size([3, 1, 8, 8]))
