@@ -1,5 +1,7 @@
-"""Variational inference with flow guides: :func:`fit` runs SVI with the checks a long run needs, and
-:func:`save_guide` / :func:`load_guide` / :func:`sync_param_store` keep a fitted guide across processes.
+"""Variational inference with flow guides: :func:`fit` runs SVI with the checks a long run needs, configured by one
+frozen :class:`SVIConfig` on the run engine of :mod:`pyroflows.run` (the one that :func:`pyroflows.train.fit`
+uses too), and :func:`save_guide` / :func:`load_guide` / :func:`sync_param_store` keep a fitted guide across
+processes.
 
 Guides are Pyro's own ``AutoNormalizingFlow`` with a pyroflows builder::
 
@@ -15,7 +17,9 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
@@ -24,11 +28,34 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 
-from .train import TrainingError, atomic_torch_save
-from .train.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
+from .run import (
+    CHECKPOINT,
+    SCHEDULES,
+    VERSION,
+    CheckpointError,
+    CheckpointExistsError,
+    TrainingError,
+    atomic_torch_save,
+    check_choice,
+    check_finite,
+    check_int,
+    check_number,
+    check_resume,
+    check_settings,
+    load_checkpoint,
+    make_scheduler,
+    progress_bar,
+    renamed,
+    resume_source,
+    rng_state,
+    set_rng_state,
+)
 from .transforms import ActNorm
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "SVIConfig",
     "SVIResult",
     "TrainingError",
     "fit",
@@ -41,17 +68,23 @@ __all__ = [
     "sync_param_store",
 ]
 
-_SCHEDULES = ("constant", "cosine", "exponential")
+_SVI_FORMAT = "pyroflows-svi-1"
+_GUIDE_FORMAT = "pyroflows-guide-1"
+_RESUME_HINT = "resume=True (or 'auto')"
 
 
 @dataclass
 class SVIResult:
     """What :func:`fit` returns.
 
-    :ivar numpy.ndarray losses: the loss (negative ELBO estimate) at every step, shape ``(num_steps,)``.
+    :ivar numpy.ndarray losses: the loss (negative ELBO estimate) at every step, shape ``(num_steps,)``;
+        ``losses[i]`` is the loss of step ``i + 1``.
     :ivar guide: the fitted guide (the same object that was passed in).
     :ivar float seconds: wall time of the optimisation.
     :ivar numpy.ndarray lr: the learning rate used at every step, shape ``(num_steps,)``.
+    :ivar int step: number of optimiser steps taken in total (including those before a resume).
+    :ivar out: the run directory (``None`` when none was given).
+    :ivar checkpoint: the checkpoint file written (``None`` when none was).
 
     Example::
 
@@ -63,8 +96,8 @@ class SVIResult:
         >>> pyro.clear_param_store()
         >>> guide = AutoNormal(model)
         >>> result = fit(model, guide, num_steps=50, lr=0.05, progress=False, seed=0)
-        >>> result.losses.shape, result.lr.shape, result.guide is guide
-        ((50,), (50,), True)
+        >>> result.losses.shape, result.lr.shape, result.guide is guide, result.step
+        ((50,), (50,), True, 50)
         >>> round(float(result.lr[0]), 4), round(float(result.lr[-1]), 4)  # cosine decay to lr * final_lr_factor
         (0.05, 0.0025)
         >>> bool((result.elbo == -result.losses).all()), type(result.final_elbo(window=10))
@@ -75,6 +108,9 @@ class SVIResult:
     guide: Callable
     seconds: float
     lr: np.ndarray = field(repr=False)
+    step: int = 0
+    out: Path | None = None
+    checkpoint: Path | None = None
 
     @property
     def elbo(self) -> np.ndarray:
@@ -82,38 +118,121 @@ class SVIResult:
         return -self.losses
 
     def final_elbo(self, window: int = 100) -> float:
-        """Mean ELBO estimate over the last ``window`` steps (a noisy per-step estimate smoothed)."""
+        """Mean ELBO estimate over the last ``window`` steps (a noisy per-step estimate smoothed).
+
+        :param int window: how many of the last steps to average.
+        """
         return float(self.elbo[-window:].mean())
 
 
-def _lr_factor(schedule: str, num_steps: int, final_factor: float, warmup: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        t = min(step / max(num_steps - 1, 1), 1.0)
-        if schedule == "cosine":
-            decay = final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * t))
-        elif schedule == "exponential":
-            decay = final_factor**t
-        else:
-            decay = 1.0
-        return warm * decay
+@dataclass(frozen=True)
+class SVIConfig:
+    """The settings of one :func:`fit` run, checked in one place (``ValueError`` naming the argument and value).
 
-    return factor
+    :func:`fit` builds it from its keywords; each field is the keyword of the same name, documented there:
+    ``num_steps``, ``lr``, ``optimizer``, ``optimizer_kwargs``, ``lr_schedule``, ``final_lr_factor``,
+    ``warmup_steps``, ``num_particles``, ``vectorize_particles``, ``clip_norm``, ``progress``, ``seed``, ``out``
+    (the run directory, a ``Path`` or ``None``), ``checkpoint_every`` and ``resume``. ``checkpoint`` is the
+    checkpoint file: ``out/checkpoint.pt``, or the file given to :func:`fit`'s deprecated ``checkpoint=``.
+
+    Example::
+
+        >>> from pyroflows.infer import SVIConfig
+        >>> SVIConfig(num_steps=100, out="runs/svi").checkpoint.as_posix()
+        'runs/svi/checkpoint.pt'
+        >>> SVIConfig(final_lr_factor=2.0)
+        Traceback (most recent call last):
+          ...
+        ValueError: fit: final_lr_factor must be in (0, 1] (a finite number), got 2.0
+    """
+
+    num_steps: int = 1000
+    lr: float = 1e-2
+    optimizer: Any = torch.optim.Adam
+    optimizer_kwargs: dict | None = None
+    lr_schedule: str = "cosine"
+    final_lr_factor: float = 0.05
+    warmup_steps: int = 0
+    num_particles: int = 1
+    vectorize_particles: bool = True
+    clip_norm: float | None = 10.0
+    progress: bool | None = None
+    seed: int | None = None
+    out: Path | None = None
+    checkpoint: Path | None = None
+    checkpoint_every: int | None = None
+    resume: bool | str | Path = False
+
+    def __post_init__(self):
+        self._paths()
+        c = "fit"
+        check_int(c, "num_steps", self.num_steps, 1)
+        check_number(c, "lr", self.lr, 0)
+        if not callable(self.optimizer):
+            raise ValueError(f"fit: optimizer must be a torch.optim.Optimizer class, got {self.optimizer!r}")
+        if self.optimizer_kwargs is not None and not isinstance(self.optimizer_kwargs, dict):
+            raise ValueError(f"fit: optimizer_kwargs must be None or a dict, got {self.optimizer_kwargs!r}")
+        check_choice(c, "lr_schedule", self.lr_schedule, SCHEDULES)
+        check_number(c, "final_lr_factor", self.final_lr_factor, 0, 1, high_open=False)
+        check_int(c, "warmup_steps", self.warmup_steps, 0)
+        check_int(c, "num_particles", self.num_particles, 1)
+        check_choice(c, "vectorize_particles", self.vectorize_particles, (True, False))
+        check_number(c, "clip_norm", self.clip_norm, 0, optional=True)
+        check_choice(c, "progress", self.progress, (None, True, False))
+        check_int(c, "seed", self.seed, optional=True)
+        check_int(c, "checkpoint_every", self.checkpoint_every, 1, optional=True)
+        if self.checkpoint_every is not None and self.checkpoint is None:
+            raise ValueError("fit: checkpoint_every needs out= (the run directory to save checkpoint.pt in)")
+        check_resume(c, self.resume, self.checkpoint)
+
+    def _paths(self) -> None:
+        out = Path(self.out) if self.out is not None else None
+        file = Path(self.checkpoint) if self.checkpoint is not None else None
+        if out is not None and file is not None and file != out / CHECKPOINT:
+            raise ValueError("fit: give out= (a run directory) or the old checkpoint= (a file), not both")
+        object.__setattr__(self, "out", out)
+        object.__setattr__(self, "checkpoint", file if file is not None else (out / CHECKPOINT if out else None))
+
+    @property
+    def every(self) -> int:
+        """Steps between checkpoints: ``checkpoint_every``, by default a tenth of ``num_steps``."""
+        return self.checkpoint_every or max(1, self.num_steps // 10)
+
+    def settings(self, guide) -> dict:
+        """The settings that shape the run's trajectory, stored in its checkpoints and compared on resume."""
+        return {
+            "guide": type(guide).__name__,
+            "num_steps": self.num_steps,
+            "lr": float(self.lr),
+            "optimizer": getattr(self.optimizer, "__name__", str(self.optimizer)),
+            "lr_schedule": self.lr_schedule,
+            "final_lr_factor": float(self.final_lr_factor),
+            "warmup_steps": self.warmup_steps,
+            "num_particles": self.num_particles,
+            "clip_norm": self.clip_norm,
+        }
 
 
-def _check_fit_args(num_steps, lr, num_particles, lr_schedule, final_lr_factor, clip_norm):
-    if not isinstance(num_steps, int) or num_steps < 0:
-        raise ValueError(f"fit: num_steps must be a non-negative int, got {num_steps!r}")
-    if not lr > 0:
-        raise ValueError(f"fit: lr must be > 0, got {lr!r}")
-    if not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"fit: num_particles must be a positive int, got {num_particles!r}")
-    if lr_schedule not in _SCHEDULES:
-        raise ValueError(f"fit: lr_schedule must be one of {_SCHEDULES}, got {lr_schedule!r}")
-    if not 0 < final_lr_factor <= 1:
-        raise ValueError(f"fit: final_lr_factor must be in (0, 1], got {final_lr_factor!r}")
-    if clip_norm is not None and not clip_norm > 0:
-        raise ValueError(f"fit: clip_norm must be > 0 or None, got {clip_norm!r}")
+@dataclass
+class _SVIRun:
+    """The mutable state of one :func:`fit` call, passed between its pieces."""
+
+    cfg: SVIConfig
+    model: Callable
+    guide: Callable
+    args: tuple
+    kwargs: dict
+    elbo: ELBO
+    settings: dict
+    losses: np.ndarray
+    lrs: np.ndarray
+    first: int = 0
+    saved: dict | None = None
+    last_checkpoint: tuple | None = None
+    opt: torch.optim.Optimizer | None = None
+    sched: Any = None
+    params: list = field(default_factory=list)
+    known: set = field(default_factory=set)
 
 
 def fit(
@@ -133,12 +252,13 @@ def fit(
     vectorize_particles: bool = True,
     loss: ELBO | None = None,
     clip_norm: float | None = 10.0,
-    progress: bool = True,
+    progress: bool | None = None,
     seed: int | None = None,
     callback: Callable[[int, float], None] | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
-    resume: bool | str = False,
+    resume: bool | str | os.PathLike = False,
+    checkpoint: str | os.PathLike | None = None,
 ) -> SVIResult:
     """Fit ``guide`` to ``model``'s posterior by stochastic variational inference.
 
@@ -146,8 +266,8 @@ def fit(
     update), with these additions:
 
     - the loss and every gradient are checked *before* the update; a non-finite value stops the run with
-      :class:`~pyroflows.train.TrainingError` naming the step, and the parameters stay at their last finite
-      values;
+      :class:`~pyroflows.train.TrainingError` naming the step (counted from 1, as in :func:`pyroflows.train.fit`),
+      and the parameters stay at their last finite values;
     - a guide without parameters (``AutoNormalizingFlow`` given a plain list of transforms, or ``t.inv``, trains
       silently with an empty param store in Pyro) is an error, and so is a guide none of whose parameters get a
       gradient (a stale param store entry shadowing the guide's module);
@@ -161,7 +281,7 @@ def fit(
 
     :param model: a Pyro model.
     :param guide: a Pyro guide, e.g. ``AutoNormalizingFlow(model, partial(pyroflows.realnvp, num_layers=8))``.
-    :param int num_steps: optimisation steps.
+    :param int num_steps: optimisation steps (at least 1).
     :param model_args: positional arguments of ``model`` and ``guide``.
     :param dict model_kwargs: keyword arguments of ``model`` and ``guide``.
     :param float lr: peak learning rate.
@@ -175,18 +295,22 @@ def fit(
         ``pyro.plate``-annotated models, as Pyro's ``Trace_ELBO``).
     :param loss: a Pyro ``ELBO`` instance instead of ``Trace_ELBO(num_particles, vectorize_particles)``.
     :param float clip_norm: clip the global gradient norm; ``None`` disables clipping.
-    :param bool progress: show a progress bar.
+    :param progress: show a progress bar (``None``, the default: only when stderr is a terminal).
     :param int seed: ``pyro.set_rng_seed(seed)`` first.
-    :param callback: called as ``callback(step, loss)`` after every step.
-    :param checkpoint: a file that the run is saved to atomically every ``checkpoint_every`` steps and at the end:
-        the guide's ``state_dict``, the optimiser and schedule states, the losses and learning rates so far, the
-        RNG states and the settings. An existing file is never overwritten unless the run resumes from it.
+    :param callback: called as ``callback(step, loss)`` after every step, ``step`` counted from 1.
+    :param out: the run directory: ``out/checkpoint.pt`` is saved atomically every ``checkpoint_every`` steps and
+        at the end, with the guide's ``state_dict``, the optimiser and schedule states, the losses and learning
+        rates so far, the RNG states and the settings. An existing checkpoint is never overwritten unless the run
+        resumes from it (:class:`~pyroflows.run.CheckpointExistsError`).
     :param int checkpoint_every: steps between checkpoints (default: a tenth of ``num_steps``).
-    :param resume: ``True`` continues from ``checkpoint`` (an error if it is missing), ``"auto"`` when it exists,
-        ``False`` starts afresh (an error if ``checkpoint`` exists). Give a freshly built guide of the same kind and
-        the same arguments (the settings are checked): the continued run takes the steps an uninterrupted run
-        would have taken, draw for draw.
+    :param resume: ``True`` continues from ``out/checkpoint.pt`` (an error if it is missing), ``"auto"`` when it
+        exists, ``False`` starts afresh (an error if the checkpoint exists), or the path of a checkpoint to continue.
+        Give a freshly built guide of the same kind and the same settings (they are checked): the continued run
+        takes the steps an uninterrupted run would have taken, draw for draw.
+    :param checkpoint: the old form of ``out``: the checkpoint *file* itself (a ``FutureWarning``; removed in
+        0.3).
     :returns: :class:`SVIResult` with the loss trace (of all steps, those before a resume included).
+    :raises ValueError: for a setting out of range (:class:`SVIConfig` names it).
     :raises CheckpointError: for a missing, unreadable or foreign checkpoint on resume, or settings that differ.
 
     Example::
@@ -203,131 +327,113 @@ def fit(
         >>> result.losses.shape, abs(result.final_elbo(50)) < 0.2  # log Z = 0, so ELBO -> 0
         ((300,), True)
     """
-    _check_fit_args(num_steps, lr, num_particles, lr_schedule, final_lr_factor, clip_norm)
-    model_kwargs = dict(model_kwargs or {})
-    settings = {
-        "guide": type(guide).__name__,
-        "num_steps": num_steps,
-        "lr": float(lr),
-        "optimizer": getattr(optimizer, "__name__", str(optimizer)),
-        "lr_schedule": lr_schedule,
-        "final_lr_factor": float(final_lr_factor),
-        "warmup_steps": warmup_steps,
-        "num_particles": num_particles,
-        "clip_norm": clip_norm,
-    }
-    saved = _open_svi_checkpoint(checkpoint, checkpoint_every, resume, settings)
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    sync_param_store(guide, *model_args, **model_kwargs)
+    given = dict(locals())
+    if checkpoint is not None:
+        note = " (a run directory; the checkpoint file is out/checkpoint.pt)"
+        renamed("fit", "checkpoint", "out", checkpoint, out, note=note)
+    cfg = SVIConfig(**{f.name: given[f.name] for f in fields(SVIConfig)})
+    run = _svi_setup(model, guide, tuple(model_args), dict(model_kwargs or {}), loss, cfg)
+    bar = progress_bar(cfg.num_steps, cfg.progress, desc="svi", initial=run.first)
+    start = time.perf_counter()
+    try:
+        for step in range(run.first + 1, cfg.num_steps + 1):
+            loss_value = _svi_step(run, step)
+            if cfg.checkpoint is not None and (step % cfg.every == 0 or step == cfg.num_steps):
+                _svi_save(run, step)
+            if callback is not None:
+                callback(step, loss_value)
+            bar.update(1)
+            if step % 10 == 1 or step == cfg.num_steps:
+                bar.set_postfix(elbo=f"{-np.mean(run.losses[max(0, step - 50) : step]):.4g}", refresh=False)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    return SVIResult(run.losses, guide, seconds, run.lrs, cfg.num_steps, cfg.out, cfg.checkpoint)
+
+
+def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) -> _SVIRun:
+    """The checkpoint to resume from (settings checked before anything changes), the seed, the param store, the
+    ELBO, then the guide's state, the history so far and the RNG exactly as they were after the saved step."""
+    source = resume_source(cfg.checkpoint, cfg.resume, caller="fit", hint=_RESUME_HINT)
+    saved = load_checkpoint(source, marker=_SVI_FORMAT) if source is not None else None
+    settings = cfg.settings(guide)
+    if saved is not None:
+        check_settings(saved["settings"], settings, source=source, caller="fit")
+    if cfg.seed is not None:
+        pyro.set_rng_seed(cfg.seed)
+    sync_param_store(guide, *args, **kwargs)
     elbo = loss
     if elbo is None:
         # give the plate nesting rather than letting Trace_ELBO guess it (it logs its guess at INFO level)
-        nesting = max_plate_nesting(model, guide, *model_args, **model_kwargs)
+        nesting = max_plate_nesting(model, guide, *args, **kwargs)
         elbo = Trace_ELBO(
-            num_particles=num_particles, vectorize_particles=vectorize_particles, max_plate_nesting=nesting
+            num_particles=cfg.num_particles, vectorize_particles=cfg.vectorize_particles, max_plate_nesting=nesting
         )
-
-    factor = _lr_factor(lr_schedule, num_steps, final_lr_factor, warmup_steps)
-    opt = None
-    params: list[torch.Tensor] = []
-    losses = np.full(num_steps, np.nan)
-    lrs = np.full(num_steps, np.nan)
-    first = 0
-    if saved is not None:  # the guide's state, the history so far, then the RNG exactly as it was after that step
-        _load_guide_state(guide, saved["guide"], os.fspath(checkpoint), "fit", *model_args, **model_kwargs)
-        first = int(saved["step"])
-        losses[:first] = saved["losses"].numpy()
-        lrs[:first] = saved["lrs"].numpy()
+    losses, lrs = np.full(cfg.num_steps, np.nan), np.full(cfg.num_steps, np.nan)
+    run = _SVIRun(cfg, model, guide, args, kwargs, elbo, settings, losses, lrs, saved=saved)
+    if saved is not None:
+        _load_guide_state(guide, saved["guide"], os.fspath(source), "fit", *args, **kwargs)
+        run.first = int(saved["step"])
+        run.losses[: run.first] = saved["losses"].numpy()
+        run.lrs[: run.first] = saved["lrs"].numpy()
+        run.last_checkpoint = (source, run.first)
         set_rng_state(saved["rng"])
-    every = checkpoint_every or max(1, num_steps // 10)
-
-    def save(done: int) -> None:
-        payload = {
-            "format": _SVI_FORMAT,
-            "step": done,
-            "settings": settings,
-            "guide": _guide_payload(guide),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "losses": torch.from_numpy(losses[:done].copy()),
-            "lrs": torch.from_numpy(lrs[:done].copy()),
-            "rng": rng_state(),
-        }
-        atomic_torch_save(payload, checkpoint)
-
-    bar = _progress(num_steps, progress)
-    if bar is not None and first:
-        bar.update(first)
-    start = time.perf_counter()
-    for step in range(first, num_steps):
-        with poutine.trace(param_only=True) as capture:
-            loss_value = elbo.loss_and_grads(model, guide, *model_args, **model_kwargs)
-        step_params = {id(p): p for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())}
-        if opt is None:
-            params = _first_step_params(step_params)
-            known = set(step_params)
-            opt = optimizer(params, lr=lr, **_optimizer_kwargs(optimizer, optimizer_kwargs))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-            if saved is not None:
-                opt.load_state_dict(saved["optimizer"])
-                sched.load_state_dict(saved["scheduler"])
-        elif not known.issuperset(step_params):  # a guide may create parameters lazily
-            new = [p for k, p in step_params.items() if k not in known]
-            known.update(id(p) for p in new)
-            params += new
-            opt.add_param_group({"params": new})
-        loss_value = float(loss_value)
-        # one fused norm over all gradients: non-finite if any gradient is
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm is not None else math.inf)
-        _check_finite(step, loss_value, float(grad_norm), params)
-        lrs[step] = opt.param_groups[0]["lr"]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        losses[step] = loss_value
-        if checkpoint is not None and ((step + 1) % every == 0 or step + 1 == num_steps):
-            save(step + 1)
-        if callback is not None:
-            callback(step, loss_value)
-        if bar is not None:
-            bar.update(1)
-            if step % 10 == 0 or step == num_steps - 1:
-                bar.set_postfix(elbo=f"{-np.mean(losses[max(0, step - 49) : step + 1]):.4g}", refresh=False)
-    if bar is not None:
-        bar.close()
-    return SVIResult(losses=losses, guide=guide, seconds=time.perf_counter() - start, lr=lrs)
+    return run
 
 
-_SVI_FORMAT = "pyroflows-svi-1"
+def _svi_step(run: _SVIRun, step: int) -> float:
+    """One update, ``step`` counted from 1: the ELBO's loss and gradients, checked before the optimiser moves."""
+    with poutine.trace(param_only=True) as capture:
+        loss_value = run.elbo.loss_and_grads(run.model, run.guide, *run.args, **run.kwargs)
+    step_params = {id(p): p for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())}
+    if run.opt is None:
+        _svi_optimizer(run, step_params)
+    elif not run.known.issuperset(step_params):  # a guide may create parameters lazily
+        new = [p for k, p in step_params.items() if k not in run.known]
+        run.known.update(id(p) for p in new)
+        run.params += new
+        run.opt.add_param_group({"params": new})
+    loss_value = float(loss_value)
+    # one fused norm over all gradients: non-finite if any gradient is
+    clip = run.cfg.clip_norm if run.cfg.clip_norm is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, clip))
+    check_finite("fit", step, loss_value, grad_norm, checkpoint=run.last_checkpoint, params=run.params)
+    run.lrs[step - 1] = run.opt.param_groups[0]["lr"]
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.sched.step()
+    run.losses[step - 1] = loss_value
+    return loss_value
 
 
-def _open_svi_checkpoint(checkpoint, checkpoint_every, resume, settings: dict) -> dict | None:
-    """Check the checkpoint arguments; the saved run to continue, or ``None`` for a fresh start."""
-    if resume not in (True, False, "auto"):
-        raise ValueError(f"fit: resume must be True, False or 'auto', got {resume!r}")
-    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-        raise ValueError(f"fit: checkpoint_every must be a positive int, got {checkpoint_every!r}")
-    if checkpoint is None:
-        if resume is not False or checkpoint_every is not None:
-            raise ValueError("fit: resume and checkpoint_every need checkpoint= (the file to save to)")
-        return None
-    path = os.fspath(checkpoint)
-    exists = os.path.isfile(path)
-    if not exists:
-        if resume is True:
-            raise CheckpointError(f"fit: no checkpoint at {path!r} to resume from")
-        return None
-    if resume is False:
-        raise CheckpointError(
-            f"fit: {path!r} already exists; pass resume=True (or 'auto') to continue that run, or remove the file"
-        )
-    saved = load_checkpoint(path, marker=_SVI_FORMAT)
-    differ = {k: (saved["settings"].get(k), v) for k, v in settings.items() if saved["settings"].get(k) != v}
-    if differ:
-        detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
-        raise CheckpointError(f"fit: checkpoint {path!r} was written with other settings ({detail})")
-    return saved
+def _svi_optimizer(run: _SVIRun, step_params: dict) -> None:
+    """The optimiser and schedule, built on the first step's parameters (restored when resuming)."""
+    cfg = run.cfg
+    run.params = _first_step_params(step_params)
+    run.known = set(step_params)
+    run.opt = cfg.optimizer(run.params, lr=cfg.lr, **_optimizer_kwargs(cfg.optimizer, cfg.optimizer_kwargs))
+    run.sched = make_scheduler(run.opt, cfg.lr_schedule, cfg.num_steps, cfg.warmup_steps, cfg.final_lr_factor)
+    if run.saved is not None:
+        run.opt.load_state_dict(run.saved["optimizer"])
+        run.sched.load_state_dict(run.saved["scheduler"])
+
+
+def _svi_save(run: _SVIRun, done: int) -> None:
+    """The checkpoint after step ``done``, written atomically."""
+    payload = {
+        "format": _SVI_FORMAT,
+        "version": VERSION,
+        "step": done,
+        "settings": run.settings,
+        "guide": _guide_payload(run.guide),
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "losses": torch.from_numpy(run.losses[:done].copy()),
+        "lrs": torch.from_numpy(run.lrs[:done].copy()),
+        "rng": rng_state(),
+    }
+    atomic_torch_save(payload, run.cfg.checkpoint)
+    run.last_checkpoint = (run.cfg.checkpoint, done)
 
 
 def _optimizer_kwargs(optimizer, kwargs) -> dict:
@@ -335,14 +441,6 @@ def _optimizer_kwargs(optimizer, kwargs) -> dict:
     if optimizer in (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax):
         kwargs.setdefault("foreach", True)  # one fused update for the many small tensors of a flow (CPU too)
     return kwargs
-
-
-def _progress(num_steps, progress):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=num_steps, desc="svi", unit="step", dynamic_ncols=True)
 
 
 def _first_step_params(step_params: dict) -> list[torch.Tensor]:
@@ -361,22 +459,6 @@ def _first_step_params(step_params: dict) -> list[torch.Tensor]:
             "pyro.clear_param_store() before building a new guide."
         )
     return params
-
-
-def _check_finite(step: int, loss_value: float, grad_norm: float, params: list[torch.Tensor]) -> None:
-    bad = None
-    if not math.isfinite(loss_value):
-        bad = f"the loss is {loss_value}"
-    elif not math.isfinite(grad_norm):
-        bad = f"the gradient norm is {grad_norm}"
-    if bad is not None:
-        for p in params:
-            p.grad = None
-        raise TrainingError(
-            f"fit: {bad} at step {step}; stopped before the update, the parameters keep their values after "
-            f"step {step - 1}. Lower lr, set clip_norm, or check the model for invalid values (e.g. a scale "
-            "that can reach zero)."
-        )
 
 
 def plate_nesting(trace) -> int:
@@ -635,7 +717,7 @@ def save_guide(guide, path: str | os.PathLike) -> None:
 
 
 def _guide_payload(guide) -> dict:
-    return {"format": "pyroflows-guide-1", "class": type(guide).__name__, "state": guide.state_dict()}
+    return {"format": _GUIDE_FORMAT, "class": type(guide).__name__, "state": guide.state_dict()}
 
 
 def load_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs):
@@ -650,7 +732,8 @@ def load_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs):
     :param model_args: positional arguments of the model and guide, to build ``guide`` first.
     :param model_kwargs: keyword arguments of the model and guide, likewise.
     :returns: ``guide``, with the saved parameters and buffers.
-    :raises ValueError: if ``path`` is not a saved guide, or holds a guide of another class or architecture.
+    :raises ValueError: if ``path`` is missing or not a saved guide (read with :func:`pyroflows.run.load_checkpoint`),
+        or holds a guide of another class or architecture.
 
     Example::
 
@@ -678,9 +761,12 @@ def load_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs):
         >>> torch.equal(a, loaded(y)["mu"])  # the same draws: parameters and buffers match
         True
     """
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != "pyroflows-guide-1":
-        raise ValueError(f"load_guide: {os.fspath(path)!r} is not a guide saved by pyroflows.infer.save_guide")
+    try:
+        payload = load_checkpoint(path, marker=_GUIDE_FORMAT)
+    except CheckpointError as err:
+        raise ValueError(
+            f"load_guide: {os.fspath(path)!r} is not a guide saved by pyroflows.infer.save_guide ({err})"
+        ) from err
     return _load_guide_state(guide, payload, os.fspath(path), "load_guide", *model_args, **model_kwargs)
 
 

@@ -14,12 +14,21 @@ import torch
 from pyro.infer.autoguide import AutoNormal, AutoNormalizingFlow
 
 import pyroflows
-from pyroflows.infer import SVIResult, TrainingError, fit, load_guide, save_guide, sync_param_store
+from pyroflows.infer import (
+    CheckpointError,
+    CheckpointExistsError,
+    SVIResult,
+    TrainingError,
+    fit,
+    load_guide,
+    save_guide,
+    sync_param_store,
+)
 
 BUILDERS = {
     "planar": partial(pyroflows.planar_flow, num_layers=4),
     "realnvp": partial(pyroflows.realnvp, num_layers=4, hidden=(32, 32)),
-    "residual": partial(pyroflows.residual_flow, num_blocks=2, hidden=(32,)),
+    "residual": partial(pyroflows.residual_flow, num_layers=2, hidden=(32,)),
 }
 
 
@@ -81,14 +90,17 @@ def test_non_finite_loss_stops_before_the_update():
         pyro.sample("z", dist.Normal(0.0, 1.0))
         pyro.factor("f", torch.tensor(float("nan") if state["bad"] else 0.0))
 
-    def callback(step, loss):
+    def callback(step, loss):  # step counts from 1
         snapshots.append(guide.locs.z.item())
-        state["bad"] = step == 4  # the loss of step 5 is NaN
+        state["bad"] = step == 5  # the loss of step 6 is NaN
 
     pyro.clear_param_store()
     guide = AutoNormal(model)
     snapshots = []
-    with pyro.validation_enabled(False), pytest.raises(TrainingError, match=r"the loss is nan at step 5.*after step 4"):
+    with (
+        pyro.validation_enabled(False),
+        pytest.raises(TrainingError, match=r"^fit: the loss is nan at step 6; .*after step 5"),
+    ):
         fit(model, guide, 20, progress=False, callback=callback)
     assert len(snapshots) == 5 and guide.locs.z.item() == snapshots[-1]  # no update from the bad step
 
@@ -100,7 +112,7 @@ def test_non_finite_gradient_stops():
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
         pyro.factor("f", torch.sqrt(z - z.detach()))  # value 0, gradient inf
 
-    with pytest.raises(TrainingError, match="gradient norm is (inf|nan) at step 0"):
+    with pytest.raises(TrainingError, match=r"^fit: the gradient norm is (inf|nan) at step 1\b"):
         fit(model, AutoNormal(model), 3, progress=False)
 
 
@@ -116,6 +128,12 @@ def test_guide_without_parameters_is_an_error():
     "kwargs, match",
     [
         (dict(num_steps=-1), "num_steps"),
+        (dict(num_steps=0), "num_steps must be an int >= 1, got 0"),
+        (dict(lr=float("inf")), "lr must be > 0"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(checkpoint_every=5), "checkpoint_every needs out="),
+        (dict(resume=True), "resume=True needs out="),
+        (dict(resume="sometimes"), "no checkpoint at 'sometimes'"),
         (dict(lr=0.0), "lr must be > 0"),
         (dict(num_particles=0), "num_particles"),
         (dict(lr_schedule="step"), "lr_schedule"),
@@ -124,8 +142,8 @@ def test_guide_without_parameters_is_an_error():
     ],
 )
 def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        fit(gaussian_model, AutoNormal(gaussian_model), **{"num_steps": 5, **kwargs})
+    with pytest.raises((ValueError, pyroflows.run.CheckpointError), match=match):
+        fit(gaussian_model, AutoNormal(gaussian_model), **{"num_steps": 5, "progress": False, **kwargs})
 
 
 def _fixed_draws(guide, n=5):
@@ -234,7 +252,7 @@ def test_progress_bar_shows_elbo(capsys):
 
 def _interrupt_after(n):
     def callback(step, loss):
-        if step + 1 == n:
+        if step == n:
             raise KeyboardInterrupt  # the process dies after step n (the checkpoint before it survives)
 
     return callback
@@ -249,40 +267,56 @@ def test_checkpoint_resume_repeats_the_uninterrupted_run(name, tmp_path):
     def run(path, **extra):
         pyro.clear_param_store()
         guide = AutoNormalizingFlow(constrained_model, BUILDERS[name])
-        return fit(constrained_model, guide, 20, checkpoint=path, **kwargs, **extra), guide
+        return fit(constrained_model, guide, 20, out=path, **kwargs, **extra), guide
 
-    full, full_guide = run(tmp_path / "full.pt")
+    full, full_guide = run(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut.pt", callback=_interrupt_after(12))
-    assert torch.load(tmp_path / "cut.pt", weights_only=True)["step"] == 10
-    resumed, guide = run(tmp_path / "cut.pt", resume=True)
+        run(tmp_path / "cut", callback=_interrupt_after(12))
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 10
+    resumed, guide = run(tmp_path / "cut", resume=True)
     np.testing.assert_array_equal(resumed.losses, full.losses)
     np.testing.assert_array_equal(resumed.lr, full.lr)
     for (k, a), b in zip(full_guide.state_dict().items(), guide.state_dict().values()):
         assert torch.equal(a, b), k
     store = pyro.get_param_store()  # the guide trains through the store: both hold the resumed tensors
     assert all(store[n] is p or torch.equal(store[n], p) for n, p in guide.named_parameters() if n in store)
-    again, _ = run(tmp_path / "cut.pt", resume=True)  # a finished run resumes to nothing
+    assert (resumed.step, resumed.out, resumed.checkpoint) == (20, tmp_path / "cut", tmp_path / "cut" / "checkpoint.pt")
+    again, _ = run(tmp_path / "cut", resume=True)  # a finished run resumes to nothing
     np.testing.assert_array_equal(again.losses, full.losses)
 
 
 def test_checkpoint_errors(tmp_path):
-    path = tmp_path / "svi.pt"
+    out = tmp_path / "svi"
     pyro.clear_param_store()
     guide = AutoNormal(gaussian_model)
-    with pytest.raises(pyroflows.train.CheckpointError, match="no checkpoint"):
-        fit(gaussian_model, guide, 4, checkpoint=path, resume=True, progress=False)
-    fit(gaussian_model, guide, 4, checkpoint=path, progress=False)
-    with pytest.raises(pyroflows.train.CheckpointError, match="already exists"):
-        fit(gaussian_model, guide, 4, checkpoint=path, progress=False)  # never overwrites a run silently
-    with pytest.raises(pyroflows.train.CheckpointError, match="num_steps: saved 4, now 8"):
-        fit(gaussian_model, AutoNormal(gaussian_model), 8, checkpoint=path, resume="auto", progress=False)
-    with pytest.raises(ValueError, match="need checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        fit(gaussian_model, guide, 4, out=out, resume=True, progress=False)
+    fit(gaussian_model, guide, 4, out=out, progress=False)
+    with pytest.raises(CheckpointExistsError, match="already exists") as exists:
+        fit(gaussian_model, guide, 4, out=out, progress=False)  # never overwrites a run silently
+    assert isinstance(exists.value, FileExistsError) and str(out / "checkpoint.pt") in str(exists.value)
+    with pytest.raises(CheckpointError, match="num_steps: saved 4, now 8"):
+        fit(gaussian_model, AutoNormal(gaussian_model), 8, out=out, resume="auto", progress=False)
+    with pytest.raises(ValueError, match="needs out="):
         fit(gaussian_model, guide, 4, resume=True, progress=False)
     with pytest.raises(ValueError, match="checkpoint_every"):
-        fit(gaussian_model, guide, 4, checkpoint=tmp_path / "b.pt", checkpoint_every=0, progress=False)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(pyroflows.train.CheckpointError, match="cannot be read"):
-        fit(gaussian_model, guide, 4, checkpoint=tmp_path / "junk.pt", resume=True, progress=False)
-    fresh = fit(gaussian_model, guide, 4, checkpoint=tmp_path / "new.pt", resume="auto", progress=False)
-    assert (tmp_path / "new.pt").is_file() and np.isfinite(fresh.losses).all()
+        fit(gaussian_model, guide, 4, out=tmp_path / "b", checkpoint_every=0, progress=False)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        fit(gaussian_model, guide, 4, out=tmp_path / "junk", resume=True, progress=False)
+    fresh = fit(gaussian_model, guide, 4, out=tmp_path / "new", resume="auto", progress=False)
+    assert (tmp_path / "new" / "checkpoint.pt").is_file() and np.isfinite(fresh.losses).all()
+    assert fresh.checkpoint == tmp_path / "new" / "checkpoint.pt"
+
+
+def test_checkpoint_is_the_deprecated_name_of_out_and_keeps_its_file_meaning(tmp_path):
+    pyro.clear_param_store()
+    with pytest.warns(FutureWarning, match="fit: 'checkpoint' is renamed 'out'.*removed in 0.3"):
+        result = fit(gaussian_model, AutoNormal(gaussian_model), 4, checkpoint=tmp_path / "svi.pt", progress=False)
+    assert (tmp_path / "svi.pt").is_file() and result.checkpoint == tmp_path / "svi.pt" and result.out is None
+    pyro.clear_param_store()
+    with pytest.warns(FutureWarning), pytest.raises(CheckpointError, match="already exists"):
+        fit(gaussian_model, AutoNormal(gaussian_model), 4, checkpoint=tmp_path / "svi.pt", progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        fit(gaussian_model, AutoNormal(gaussian_model), 4, checkpoint=tmp_path / "a.pt", out=tmp_path / "b")
