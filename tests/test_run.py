@@ -1,0 +1,257 @@
+"""pyroflows.run, the engine under both trainers: pyroflows.train.fit and pyroflows.infer.fit share one contract
+(step numbering, errors, resume policy, argument checks, renamed keywords), and the engine stays small and neutral."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal
+
+import pyroflows
+from pyroflows import infer, run, train
+from pyroflows.data import get_toy
+from pyroflows.infer import SVIConfig
+from pyroflows.train import FitConfig, build_density
+
+PACKAGE = Path(pyroflows.__file__).parent
+MAX_FUNCTION_LINES = 60
+
+
+def toy():
+    return get_toy("two_moons").sample(256, torch.Generator().manual_seed(0))
+
+
+def density_fit(out=None, **kw):
+    torch.manual_seed(0)
+    model = build_density("realnvp", (2,), num_layers=2)
+    kw = {"num_steps": 4, "batch_size": 32, "lr": 2e-3, "device": "cpu", "progress": False, **kw}
+    return train.fit(model, toy(), out=out, **kw), model
+
+
+def gaussian():
+    pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+def svi_fit(out=None, **kw):
+    pyro.clear_param_store()
+    return infer.fit(gaussian, AutoNormal(gaussian), **{"num_steps": 4, "progress": False, "seed": 0, **kw}, out=out)
+
+
+# ------------------------------------------------------------------------------------------------ one contract
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own warning, before ours stops the run
+def test_both_trainers_number_the_failing_step_alike():
+    """A NaN loss at the third update is "step 3" in both, and both keep the values after step 2."""
+    expected = (
+        r"^fit: the loss is nan at step 3\b.*stopped before the update, the parameters keep their values after step 2"
+    )
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * math.nan if calls["n"] == 3 else output
+
+    torch.manual_seed(0)
+    model = build_density("realnvp", (2,), num_layers=2)
+    model.register_forward_hook(poison)
+    with pytest.raises(run.TrainingError, match=expected):
+        train.fit(model, toy(), num_steps=5, batch_size=32, device="cpu", progress=False)
+
+    state = {"bad": False}
+
+    def model_with_factor():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.factor("f", torch.tensor(math.nan if state["bad"] else 0.0))
+
+    def callback(step, loss):
+        state["bad"] = step == 2
+
+    pyro.clear_param_store()
+    with pyro.validation_enabled(False), pytest.raises(run.TrainingError, match=expected):
+        infer.fit(model_with_factor, AutoNormal(model_with_factor), 5, callback=callback, progress=False)
+
+
+def test_an_existing_checkpoint_is_the_same_error_in_both(tmp_path):
+    density_fit(tmp_path / "density")
+    svi_fit(tmp_path / "svi")
+    errors = []
+    for again in (lambda: density_fit(tmp_path / "density"), lambda: svi_fit(tmp_path / "svi")):
+        with pytest.raises(run.CheckpointExistsError) as caught:
+            again()
+        errors.append(caught.value)
+    for err, name in zip(errors, ("density", "svi"), strict=True):
+        assert isinstance(err, run.CheckpointError) and isinstance(err, FileExistsError)
+        assert str(err).startswith(f"fit: {str(tmp_path / name / 'checkpoint.pt')!r} already exists; pass resume=True")
+    assert train.CheckpointExistsError is infer.CheckpointExistsError is run.CheckpointExistsError
+
+
+def test_resuming_with_changed_settings_fails_in_both(tmp_path):
+    density_fit(tmp_path / "density")
+    svi_fit(tmp_path / "svi")
+    with pytest.raises(run.CheckpointError, match=r"other settings \(lr: saved 0.002, now 0.001\)"):
+        density_fit(tmp_path / "density", lr=1e-3, num_steps=6, resume=True)
+    with pytest.raises(run.CheckpointError, match=r"other settings \(lr: saved 0.01, now 0.02, warmup_steps: saved 0"):
+        svi_fit(tmp_path / "svi", lr=0.02, warmup_steps=2, resume=True)
+    # unchanged settings resume (a density run may grow longer: its schedule does not depend on the length)
+    assert density_fit(tmp_path / "density", num_steps=6, resume=True)[0].step == 6
+    assert svi_fit(tmp_path / "svi", resume=True).step == 4
+
+
+# ------------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("num_steps", 0),
+        ("num_steps", 2.5),
+        ("lr", 0.0),
+        ("lr", math.nan),
+        ("lr", math.inf),
+        ("warmup_steps", -1),
+        ("clip_norm", 0.0),
+        ("batch_size", 0),
+        ("eval_batch_size", 0),
+        ("ema", 1.0),
+        ("time_limit", math.inf),
+        ("checkpoint_every", 0),
+        ("seed", "zero"),
+    ],
+)
+def test_fit_config_names_the_bad_argument(name, value):
+    with pytest.raises(ValueError, match=rf"^fit: {name} must be .*, got {value!r}$"):
+        FitConfig(**{"num_steps": 10, name: value})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("num_steps", 0),
+        ("lr", -1.0),
+        ("final_lr_factor", 0.0),
+        ("warmup_steps", -2),
+        ("num_particles", 0),
+        ("clip_norm", -1.0),
+        ("lr_schedule", "linear"),
+        ("progress", "yes"),
+    ],
+)
+def test_svi_config_names_the_bad_argument(name, value):
+    with pytest.raises(ValueError, match=rf"^fit: {name} must be .*, got {value!r}$"):
+        SVIConfig(**{name: value})
+
+
+def test_configs_are_frozen_and_fit_builds_them_from_its_keywords():
+    config = FitConfig(num_steps=3, out="runs/a")
+    assert config.out == Path("runs/a")
+    with pytest.raises(AttributeError):
+        config.lr = 1.0
+    assert {f for f in FitConfig.__dataclass_fields__} <= set(train.fit.__code__.co_varnames)
+    assert {f for f in SVIConfig.__dataclass_fields__} <= set(infer.fit.__code__.co_varnames)
+
+
+# ------------------------------------------------------------------------------------------------ renamed keywords
+def test_steps_is_the_deprecated_name_of_num_steps():
+    torch.manual_seed(0)
+    model = build_density("realnvp", (2,), num_layers=2)
+    with pytest.warns(
+        FutureWarning, match=r"^fit: 'steps' is renamed 'num_steps'; the old name will be removed in 0\.3$"
+    ):
+        result = train.fit(model, toy(), steps=3, batch_size=32, device="cpu", progress=False)
+    assert result.step == 3 and len(result.losses) == 3
+    with pytest.raises(ValueError, match="not both"):
+        train.fit(model, toy(), steps=3, num_steps=3, device="cpu", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ shared pieces
+def test_the_schedule_is_the_two_trainers_old_ones_exactly():
+    for warm in (0, 1, 4):  # train's old LambdaLR: linear warm-up, then constant
+        old = [min(1.0, (s + 1) / warm) if warm else 1.0 for s in range(10)]
+        assert [run.lr_factor("constant", 10, warm)(s) for s in range(10)] == old
+    n, f, warm = 11, 0.1, 3  # infer's old _lr_factor: warm-up times a cosine to final_lr_factor
+    old = [
+        (min(1.0, (s + 1) / warm)) * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(s / (n - 1), 1.0))))
+        for s in range(n)
+    ]
+    assert [run.lr_factor("cosine", n, warm, f)(s) for s in range(n)] == old
+
+
+def test_progress_none_means_only_on_a_terminal():
+    assert run.progress_bar(3, None, desc="t").disable  # pytest captures stderr: not a terminal
+    assert not run.progress_bar(3, True, desc="t").disable
+    assert run.progress_bar(3, True, desc="t", enabled=False).disable
+
+
+def test_old_import_paths_still_work():
+    from pyroflows.train import checkpoint
+
+    assert checkpoint.atomic_torch_save is run.atomic_torch_save
+    assert checkpoint.load_checkpoint is train.load_checkpoint is run.load_checkpoint
+    assert checkpoint.rng_state is run.rng_state and checkpoint.set_rng_state is run.set_rng_state
+    assert train.TrainingError is infer.TrainingError is run.TrainingError
+    assert train.CheckpointError is checkpoint.CheckpointError is run.CheckpointError
+
+
+# ------------------------------------------------------------------------------------------------ structure
+def _imports(path: Path) -> set[str]:
+    """Modules a file imports, relative imports resolved against the pyroflows package."""
+    tree = ast.parse(path.read_text())
+    package = ".".join(("pyroflows",) + path.relative_to(PACKAGE).parent.parts)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = base[: len(base) - node.level + 1] if node.level else []
+            found.add(".".join(base + ([node.module] if node.module else [])))
+    return found
+
+
+def test_the_engine_is_neutral_and_infer_does_not_import_train():
+    run_imports = _imports(PACKAGE / "run.py")
+    assert not {m for m in run_imports if m.startswith("pyroflows")}, run_imports
+    assert {m.split(".")[0] for m in run_imports} <= {
+        "__future__",
+        "math",
+        "numbers",
+        "os",
+        "random",
+        "tempfile",
+        "warnings",
+        "collections",
+        "pathlib",
+        "typing",
+        "numpy",
+        "torch",
+        "tqdm",
+    }
+    infer_imports = _imports(PACKAGE / "infer.py")
+    assert "pyroflows.run" in infer_imports
+    assert not {m for m in infer_imports if m.startswith(("pyroflows.train", "pyroflows.density"))}, infer_imports
+
+
+def _function_lengths():
+    """(lines, where) of every function in train/, infer.py and run.py: from ``def`` to its last line, the
+    docstring not counted."""
+    files = sorted((PACKAGE / "train").glob("*.py")) + [PACKAGE / "infer.py", PACKAGE / "run.py"]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                doc = node.body[0]
+                if (
+                    isinstance(doc, ast.Expr)
+                    and isinstance(doc.value, ast.Constant)
+                    and isinstance(doc.value.value, str)
+                ):
+                    lines -= doc.end_lineno - doc.lineno + 1
+                yield lines, f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}"
+
+
+def test_no_run_engine_function_is_longer_than_60_lines():
+    long = sorted(item for item in _function_lengths() if item[0] > MAX_FUNCTION_LINES)
+    assert not long, long
