@@ -8,6 +8,9 @@ Parts (each also runs standalone as ``python benchmarks/<script>.py``):
 * ``scaling``: ms/step and peak memory of every layer family as the size grows, scaling exponents (``scaling.py``);
 * ``sampling``: samples/s of every builder, the residual flow's fixed-point inverse included (``sampling.py``).
 
+Standalone only: ``exact_logdet.py`` times the exact residual log-det's two methods on one device (its figures
+decide ``exact_log_det(method="auto")``; run it on a GPU machine).
+
 Each run writes ``benchmarks/results/<name>.json`` (``<name>_quick.json`` with ``--quick``) and regenerates
 ``benchmarks/RESULTS.md`` (:mod:`benchmarks.report`). The peers other than Pyro come with the ``bench`` extra
 (``pip install -e ".[bench]"``: normflows); a part whose peer is missing skips it with a note.

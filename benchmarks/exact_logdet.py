@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _common  # noqa: E402
-
 from pyroflows.logdet import exact_log_det  # noqa: E402
 from pyroflows.nn import frozen_power_iteration  # noqa: E402
 from pyroflows.transforms import ResidualBlock  # noqa: E402
@@ -79,7 +78,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     warmup, rounds = (1, 3) if args.quick else (5, 30)
     rows = [_row(s, args.batch, args.device, warmup, rounds, grad) for grad in (False, True) for s in SIZES]
-    payload = {"machine": _common.machine(), "device": args.device, "commit": _common.git_commit(), "rows": rows}
+    payload = {
+        "benchmark": "exact_logdet",
+        "command": _common.command_line("benchmarks/exact_logdet.py", argv),
+        "quick": args.quick,
+        "machine": _common.machine(),
+        "device": args.device,
+        "commit": _common.git_commit(),
+        "rows": rows,
+    }
     if args.device != "cpu":
         payload["device_name"] = torch.cuda.get_device_name()
     for r in rows:

@@ -269,7 +269,32 @@ def _gpu(d: dict) -> str:
     )
 
 
-RENDERERS = {"vi_energies": _vi, "image_flows": _image_flows, "residual": _residual, "gpu_density": _gpu}
+def _exact_logdet(d: dict) -> str:
+    rows = [
+        [
+            "x".join(map(str, r["shape"])),
+            "yes" if r["grad"] else "no",
+            _f(r["vjp_ms"]),
+            _f(r["vmap_ms"]),
+            _f(r["vjp_over_vmap"]),
+            f"{r['max_abs_diff']:.1e}",
+        ]
+        for r in d["rows"]
+    ]
+    head = ["event shape", "gradients", "vjp ms", "vmap ms", "vjp / vmap (> 1: vmap faster)", "max |difference|"]
+    device = d.get("device_name", d.get("device"))
+    return (
+        _table(head, rows) + f"\n\nBoth methods on {device}, interleaved in one process, batch {d['rows'][0]['batch']}."
+    )
+
+
+RENDERERS = {
+    "vi_energies": _vi,
+    "image_flows": _image_flows,
+    "residual": _residual,
+    "gpu_density": _gpu,
+    "exact_logdet": _exact_logdet,
+}
 
 
 def _environment(d: dict) -> dict | None:

@@ -28,6 +28,7 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 
+from ._deprecation import renamed
 from .run import (
     CHECKPOINT,
     SCHEDULES,
@@ -45,7 +46,6 @@ from .run import (
     load_checkpoint,
     make_scheduler,
     progress_bar,
-    renamed,
     resume_source,
     rng_state,
     set_rng_state,

@@ -26,7 +26,6 @@ import numbers
 import os
 import random
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -219,37 +218,6 @@ def check_resume(caller: str, resume, target) -> None:
         raise ValueError(f"{caller}: resume must be True, False, 'auto' or a checkpoint path, got {resume!r}")
     if (resume is True or resume == "auto") and target is None:
         raise ValueError(f"{caller}: resume={resume!r} needs out= (the run directory holding {CHECKPOINT})")
-
-
-def renamed(caller: str, old: str, new: str, old_value, new_value, *, note: str = "", stacklevel: int = 3):
-    """The value of a renamed keyword argument: ``new_value``, or ``old_value`` with a ``FutureWarning`` when the
-    caller still uses the old name (``None`` means "not given"); both given is a ``ValueError``.
-
-    :param str caller: the function to name in the messages.
-    :param str old: the old keyword.
-    :param str new: the new keyword.
-    :param old_value: the value given under the old name (``None``: not given).
-    :param new_value: the value given under the new name (``None``: not given).
-    :param str note: added to the warning after the names (e.g. a change of meaning).
-    :param int stacklevel: as for ``warnings.warn``; the default points at the caller of the function that asks.
-
-    Example::
-
-        >>> import warnings
-        >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always")
-        ...     renamed("fit", "steps", "num_steps", 20, None)
-        20
-        >>> print(caught[0].category.__name__, caught[0].message)
-        FutureWarning fit: 'steps' is renamed 'num_steps'; the old name will be removed in 0.3
-    """
-    if old_value is None:
-        return new_value
-    if new_value is not None:
-        raise ValueError(f"{caller}: give {new}= (or its old name {old}=), not both")
-    message = f"{caller}: {old!r} is renamed {new!r}{note}; the old name will be removed in 0.3"
-    warnings.warn(message, FutureWarning, stacklevel=stacklevel)
-    return old_value
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -639,7 +607,6 @@ __all__ = [
     "make_scheduler",
     "progress_bar",
     "rng_state",
-    "renamed",
     "resume_source",
     "set_rng_state",
 ]

@@ -312,7 +312,7 @@ def test_checkpoint_errors(tmp_path):
 
 def test_checkpoint_is_the_deprecated_name_of_out_and_keeps_its_file_meaning(tmp_path):
     pyro.clear_param_store()
-    with pytest.warns(FutureWarning, match="fit: 'checkpoint' is renamed 'out'.*removed in 0.3"):
+    with pytest.warns(FutureWarning, match="fit: 'checkpoint' is renamed 'out'.*removed in pyroflows 0.3"):
         result = fit(gaussian_model, AutoNormal(gaussian_model), 4, checkpoint=tmp_path / "svi.pt", progress=False)
     assert (tmp_path / "svi.pt").is_file() and result.checkpoint == tmp_path / "svi.pt" and result.out is None
     pyro.clear_param_store()

@@ -158,7 +158,7 @@ def test_steps_is_the_deprecated_name_of_num_steps():
     torch.manual_seed(0)
     model = build_density("realnvp", (2,), num_layers=2)
     with pytest.warns(
-        FutureWarning, match=r"^fit: 'steps' is renamed 'num_steps'; the old name will be removed in 0\.3$"
+        FutureWarning, match=r"^fit: 'steps' is renamed 'num_steps'; the old name will be removed in pyroflows 0\.3$"
     ):
         result = train.fit(model, toy(), steps=3, batch_size=32, device="cpu", progress=False)
     assert result.step == 3 and len(result.losses) == 3

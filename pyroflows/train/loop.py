@@ -25,6 +25,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
+from .._deprecation import renamed
 from ..density import FlowDensity
 from ..nn.conditioners import set_compute_dtype
 from ..run import (
@@ -43,7 +44,6 @@ from ..run import (
     load_checkpoint,
     make_scheduler,
     progress_bar,
-    renamed,
     resume_source,
     rng_state,
     set_rng_state,
