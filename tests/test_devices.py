@@ -73,3 +73,23 @@ def test_fit_on_device_checkpoint_loads_on_cpu(device, amp, tmp_path):
     # same weights; on CUDA the noise generator differs from the CPU one, so only statistically equal there
     tol = 1e-4 if device.type == "cpu" else 0.02
     assert cpu_bpd == pytest.approx(dev_bpd, abs=tol)
+
+
+def test_a_run_resumed_on_the_device_repeats_the_uninterrupted_one(device, tmp_path):
+    """Checkpoints of a run on ``device`` hold that device's RNG states; resuming (the checkpoint read onto the
+    device) restores them and repeats the uninterrupted run step for step."""
+    digits = load_digits("train")
+    kw = dict(batch_size=32, lr=2e-3, device=device, progress=False, checkpoint_every=4, eval_every=None)
+
+    def model():
+        torch.manual_seed(0)
+        return build_density("glow", (1, 8, 8), levels=1, num_layers=2, hidden=8)
+
+    whole = fit(model(), digits, num_steps=8, out=tmp_path / "whole", **kw)
+    fit(model(), digits, num_steps=4, out=tmp_path / "parts", **kw)
+    torch.manual_seed(123)  # another RNG state: the resume must restore the saved one
+    resumed = fit(model(), digits, num_steps=8, out=tmp_path / "parts", resume=True, **kw)
+    assert resumed.step == 8
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(whole.losses), rtol=0, atol=1e-6)
+    for (name, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, equal_nan=True, msg=name)
