@@ -426,13 +426,14 @@ def psis_khat(
             "model's support, or a diverged guide)"
         )
     lw, khat = compat.psislw(log_ratio)
-    w = np.exp(lw - np.max(lw))
-    w /= w.sum()
+    shifted = lw - np.max(lw)
+    log_weights = shifted - np.log(np.sum(np.exp(shifted)))  # normalised in log space: no log(0) for tiny weights
+    w = np.exp(log_weights)
     means = {k: np.tensordot(w, v.astype(np.float64), axes=(0, 0)) for k, v in latent.items()}
     return PSISResult(
         khat=khat,
         ess=float(1.0 / np.sum(w**2)),
-        log_weights=np.log(w),
+        log_weights=log_weights,
         means=means,
         elbo=float(np.mean(log_ratio)),
         iw_elbo=_logmeanexp(log_ratio),

@@ -188,6 +188,16 @@ def test_psis_corrects_the_mean_of_an_offset_guide():
     np.testing.assert_allclose(np.exp(res.log_weights).sum(), 1.0, rtol=1e-9)
 
 
+def test_psis_log_weights_stay_finite_when_most_weights_underflow():
+    """A guide far from the posterior: most normalised weights underflow to 0 in linear space; the log weights are
+    normalised in log space (log(0) once raised a RuntimeWarning and returned -inf)."""
+    m, s, _ = posterior()
+    pyro.set_rng_seed(2)
+    res = D.psis_khat(normal_model, gaussian_guide(m + 60 * s, 3 * s), num_samples=2000)
+    assert np.all(np.isfinite(res.log_weights)) and res.log_weights.min() < -750  # exp underflows below -745
+    np.testing.assert_allclose(np.exp(res.log_weights).sum(), 1.0, rtol=1e-9)
+
+
 def test_psislw_smooths_the_right_tail_of_the_log_ratios():
     """Pins the sign convention (0.x smooths exp(+x); 1.x is called with -x): a heavy right tail of log p - log q
     (q misses mass) gives a large k̂, a heavy left tail alone does not."""
