@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -17,6 +18,7 @@ from .report import write_report
 #: part -> (module, results name)
 SCRIPTS = {
     "vi": ("vi_energies", "vi_energies"),
+    "guides": ("vi_guides", "vi_guides"),
     "image": ("image_flows", "image_flows"),
     "residual": ("residual", "residual"),
     "scaling": ("scaling", "scaling"),
@@ -31,6 +33,8 @@ def _argv(part: str, quick: bool, out: Path) -> list[str] | None:
     if part in ("scaling", "sampling"):
         return [*quick_flag, "--out", str(out)]
     argv = [*quick_flag, "--out", str(_common.result_path(out, name, quick))]
+    if part == "guides":
+        argv += ["--workers", str(max(1, (os.cpu_count() or 2)))]
     if not _common.have_normflows():
         if part == "residual":
             return None  # every row of it is a comparison with normflows

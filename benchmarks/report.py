@@ -288,7 +288,21 @@ def _exact_logdet(d: dict) -> str:
     )
 
 
+def _vi_guides(d: dict) -> str:
+    from benchmarks.vi_guides import markdown
+
+    budget = d["budget"]
+    out = [
+        f"KL(q‖p) (k̂ median over 5 draw sets, training seconds) at {budget['steps']} steps × {budget['particles']} "
+        f"particles; {budget['draws']} draws for the ELBO."
+    ]
+    for recipe in dict.fromkeys(r["recipe"] for r in d["rows"]):
+        out.append(f"**{recipe}**\n\n" + markdown(d["rows"], recipe))
+    return "\n\n".join(out)
+
+
 RENDERERS = {
+    "vi_guides": _vi_guides,
     "vi_energies": _vi,
     "image_flows": _image_flows,
     "residual": _residual,

@@ -2,6 +2,7 @@
 and the dispatcher's arguments. No timing assertions."""
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -96,3 +97,19 @@ def test_dispatcher_arguments(tmp_path):
     assert suite._argv("image", False, tmp_path)[1].endswith("image_flows.json")
     with pytest.raises(SystemExit):
         suite.main(["nonsense"])
+
+
+def test_vi_guides_tiny(tmp_path):
+    """The equal-budget VI benchmark runs end to end (two guides, one model, a few steps) and its report renders."""
+    from benchmarks import vi_guides
+
+    out = tmp_path / "vi_guides_quick.json"
+    argv = ["--quick", "--workers", "1", "--models", "banana", "--guides", "AutoNormal,realnvp(8)"]
+    payload = vi_guides.main([*argv, "--recipes", "plain;fit:num_particles=2", "--out", str(out)])
+    rows = {(r["guide"], r["recipe"]): r for r in payload["rows"]}
+    assert set(rows) == {("AutoNormal", "plain"), ("realnvp(8)", "plain"), ("realnvp(8)", "fit:num_particles=2")}
+    assert all("error" not in r and math.isfinite(r["kl"]) and r["kl_se"] >= 0 for r in rows.values())
+    assert json.loads(out.read_text())["benchmark"] == "vi_guides"
+    text = report.section(out)
+    assert "| realnvp(8) |" in text and "could not render" not in text
+    assert suite._argv("guides", True, tmp_path)[-2] == "--workers"

@@ -1,0 +1,230 @@
+"""Flow guides against Pyro's autoguides at equal budget: KL(q‖p) on posteriors with an exact log Z.
+
+Models (exact ``log Z`` known):
+
+* ``eight_schools_centered``: the centred eight-schools model (funnel geometry between ``mu``, ``tau`` and
+  ``theta``); ``log p(y)`` by quadrature over ``tau`` (``examples/vi_models.py``);
+* ``funnel10``: Neal's funnel in 10 dimensions, no observations, ``log Z = 0``;
+* ``banana``: ``z1 ~ N(0, 1.5²)``, ``z2 | z1 ~ N(z1²/2 - 1, 0.5²)``, no observations, ``log Z = 0``.
+
+Every guide is trained the same way in the ``plain`` recipe: ``SVI`` with ``Trace_ELBO(num_particles=8,
+vectorize_particles=True)`` and ``ClippedAdam(lr=3e-3)`` for 2000 steps (16,000 particle-steps). The ``fit``
+recipe trains pyroflows' guides through :func:`pyroflows.infer.fit` with its defaults at the same budget
+(``num_steps = 16000 / num_particles``); ``fit:KEY=VALUE,...`` with other settings, to choose the defaults.
+KL(q‖p) = log Z − ELBO, the ELBO from 10,000 guide draws (its standard error is reported); k̂ is the median over 5
+independent sets of 2,000 draws (PSIS, Yao et al. 2018). Wall time is
+the training time of each job in its own process (one thread), so rows are comparable within one run.
+
+::
+
+    python benchmarks/vi_guides.py --workers 16 --out benchmarks/results/vi_guides.json
+    python benchmarks/vi_guides.py --quick      # a few steps: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+
+STEPS, PARTICLES, LR = 2000, 8, 3e-3
+GUIDES = [
+    "AutoNormal",
+    "AutoIAFNormal(2)",
+    "planar_flow(16)",
+    "realnvp(8)",
+    "residual_flow(8)",
+    "autoregressive_flow(4)",
+    "spline_flow(8)",
+]
+MODELS = ["eight_schools_centered", "funnel10", "banana"]
+
+
+def _banana():
+    import pyro
+    import pyro.distributions as dist
+
+    z1 = pyro.sample("z1", dist.Normal(0.0, 1.5))
+    pyro.sample("z2", dist.Normal(0.5 * z1**2 - 1.0, 0.5))
+
+
+def model_spec(name: str):
+    """``(model, model_args, log_z)``."""
+    import vi_models
+
+    if name == "eight_schools_centered":
+        log_z = float(vi_models.eight_schools_exact_moments()["log_evidence"])
+        return vi_models.eight_schools_centered, (vi_models.Y, vi_models.SIGMA), log_z
+    if name == "funnel10":
+        return vi_models.funnel, (10,), 0.0
+    if name == "banana":
+        return _banana, (), 0.0
+    raise ValueError(f"unknown model {name!r}")
+
+
+def make_guide(name: str, model):
+    """A fresh guide by name, or ``None`` when this pyroflows has no such builder."""
+    from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
+
+    import pyroflows
+
+    if name == "AutoNormal":
+        return AutoNormal(model)
+    if name == "AutoIAFNormal(2)":
+        return AutoIAFNormal(model, num_transforms=2)
+    builder, _, arg = name.partition("(")
+    fn = getattr(pyroflows, builder, None)
+    if fn is None:
+        return None
+    return AutoNormalizingFlow(model, partial(fn, num_layers=int(arg.rstrip(")"))))
+
+
+def _train_plain(model, guide, args, steps: int, particles: int) -> list[float]:
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": LR}), Trace_ELBO(particles, vectorize_particles=True))
+    return [svi.step(*args) for _ in range(steps)]
+
+
+def _train_fit(model, guide, args, budget: int, options: dict) -> list[float]:
+    """``infer.fit`` with its defaults, or with ``options`` (e.g. ``num_particles=8, lr=0.003``), at ``budget``
+    particle-steps."""
+    import pyroflows
+
+    particles = options.get("num_particles", pyroflows.infer.SVIConfig().num_particles)
+    result = pyroflows.infer.fit(
+        model, guide, num_steps=max(1, budget // particles), model_args=args, progress=False, **options
+    )
+    return [float(v) for v in result.losses]
+
+
+def _options(recipe: str) -> dict:
+    """``"fit:num_particles=8,lr=0.003"`` -> ``{"num_particles": 8, "lr": 0.003}``."""
+    _, _, spec = recipe.partition(":")
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        out[key] = int(value) if value.isdigit() else float(value) if value[:1].isdigit() else value
+    return out
+
+
+def run_job(model_name: str, guide_name: str, recipe: str, steps: int, particles: int, draws: int, seed: int):
+    """Train one guide on one model and evaluate it; returns a result row (``error`` on failure)."""
+    import pyro
+    import torch
+
+    from pyroflows.diagnostics import psis_khat
+
+    torch.set_num_threads(1)
+    row = {"model": model_name, "guide": guide_name, "recipe": recipe}
+    try:
+        model, args, log_z = model_spec(model_name)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        guide = make_guide(guide_name, model)
+        if guide is None:
+            return {**row, "error": "not available in this pyroflows"}
+        start = time.perf_counter()
+        if recipe == "plain":
+            losses = _train_plain(model, guide, args, steps, particles)
+        else:
+            losses = _train_fit(model, guide, args, steps * particles, _options(recipe))
+        row["train_s"] = time.perf_counter() - start
+        big = psis_khat(model, guide, num_samples=draws, model_args=args, seed=seed + 1)
+        row["elbo"] = big.elbo
+        row["kl"] = log_z - big.elbo
+        sets = [psis_khat(model, guide, num_samples=draws // 5, model_args=args, seed=seed + 2 + k) for k in range(5)]
+        row["khat_median"] = statistics.median(s.khat for s in sets)
+        # the standard error of the 10,000-draw ELBO from the spread of five 2,000-draw ELBOs: sd / sqrt(5)
+        row["kl_se"] = statistics.stdev(s.elbo for s in sets) / math.sqrt(len(sets))
+        row["final_loss"] = statistics.fmean(losses[-50:])
+    except Exception as e:  # a guide that diverges is a result, not a crash of the benchmark
+        row["error"] = f"{type(e).__name__}: {e}"
+        row["traceback"] = traceback.format_exc(limit=3)
+    return row
+
+
+def markdown(rows: list[dict], recipe: str) -> str:
+    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    guides = [g for g in GUIDES if any(r["guide"] == g and r["recipe"] == recipe for r in rows)]
+    cell = {(r["model"], r["guide"]): r for r in rows if r["recipe"] == recipe}
+    lines = ["| guide | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for g in guides:
+        out = []
+        for m in models:
+            r = cell.get((m, g))
+            if r is None or "error" in r:
+                out.append("–" if r is None else "error")
+            else:
+                out.append(f"{r['kl']:.3f} (k̂ {r['khat_median']:.2f}, {r['train_s']:.0f} s)")
+        lines.append(f"| {g} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="20 steps, 500 draws: checks the script runs")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--guides", default=",".join(GUIDES))
+    p.add_argument(
+        "--recipes",
+        default="plain;fit",
+        help="plain (SVI, 8 particles, ClippedAdam 3e-3), fit (infer.fit's defaults), or fit:KEY=VALUE,... "
+        "(infer.fit with those options), separated by ';'",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON file (rows are also appended to OUT.jsonl as they finish)")
+    args = p.parse_args(argv)
+    steps, draws = (20, 500) if args.quick else (STEPS, 10_000)
+    jobs = [
+        (m, g, r)
+        for r in args.recipes.split(";")
+        for m in args.models.split(",")
+        for g in args.guides.split(",")
+        if not (r.startswith("fit") and g.startswith("Auto"))  # infer.fit is pyroflows' recipe for its guides
+    ]
+    partial_log = Path(args.out).with_suffix(".jsonl") if args.out else None
+    rows, start = [], time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = [pool.submit(run_job, m, g, r, steps, PARTICLES, draws, args.seed) for m, g, r in jobs]
+        for f in as_completed(futures):
+            row = f.result()
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+            if partial_log is not None:
+                with partial_log.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+    from benchmarks import _common
+
+    payload = {
+        "benchmark": "vi_guides",
+        "command": _common.command_line("benchmarks/vi_guides.py", argv),
+        "quick": args.quick,
+        "machine": _common.machine(),
+        "commit": _common.git_commit(),
+        "budget": {"steps": steps, "particles": PARTICLES, "lr": LR, "draws": draws},
+        "wall_s": time.perf_counter() - start,
+        "rows": sorted(rows, key=lambda r: (r["recipe"], r["model"], r["guide"])),
+    }
+    for recipe in dict.fromkeys(r for _, _, r in jobs):
+        print(f"\n{recipe}:\n" + markdown(rows, recipe))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(payload, indent=1))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
