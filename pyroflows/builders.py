@@ -11,6 +11,7 @@ import torch
 from ._deprecation import renamed_kwargs
 from .transforms import (
     ActNorm,
+    AffineAutoregressive,
     AffineCoupling,
     Compose,
     Invertible1x1Conv,
@@ -278,6 +279,53 @@ def realnvp(
     return Compose(parts)
 
 
+def autoregressive_flow(
+    shape: int | Sequence[int],
+    num_layers: int = 4,
+    hidden: Sequence[int] | int | None = None,
+    scale_bound: float = 3.0,
+) -> Compose:
+    """An affine autoregressive flow for vectors: ``num_layers`` × (ActNorm →
+    :class:`~pyroflows.transforms.AffineAutoregressive`), the autoregressive order alternating between the identity
+    and its reverse, then an elementwise affine map ``y = x * exp(s) + b`` (an inverted ActNorm) so that an
+    ``AutoNormalizingFlow`` guide can place and scale its fixed standard-normal base.
+
+    As a guide (base noise to posterior) it is an IAF: sampling and the log-density of a draw take one parallel
+    pass per layer. As a density model (data to latent) it is a MAF: the likelihood takes one pass, sampling ``D``
+    sequential passes per layer.
+
+    :param shape: the event size ``D`` (or ``(D,)``); image shapes are not supported.
+    :param int num_layers: autoregressive layers.
+    :param hidden: MADE hidden sizes, a tuple, or an int for one hidden layer (default ``(max(64, 4D),) * 2``).
+    :param float scale_bound: bound on each layer's absolute log-scale.
+
+    Example::
+
+        >>> from functools import partial
+        >>> import torch
+        >>> import pyroflows
+        >>> flow = pyroflows.autoregressive_flow(3, num_layers=2, hidden=(16,))
+        >>> len(flow)  # 2 x (ActNorm, AffineAutoregressive) + the output affine map
+        5
+        >>> x = torch.randn(5, 3)
+        >>> flow.log_abs_det_jacobian(x, flow(x)).shape
+        torch.Size([5])
+        >>> init_fn = partial(pyroflows.autoregressive_flow, num_layers=4)  # for AutoNormalizingFlow(model, init_fn)
+    """
+    dim = _vector_dim(shape, "autoregressive_flow")
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+        raise ValueError(f"autoregressive_flow: num_layers must be an int >= 1, got {num_layers!r}")
+    if not scale_bound > 0:
+        raise ValueError(f"autoregressive_flow: scale_bound must be positive, got {scale_bound!r}")
+    sizes = _hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "autoregressive_flow")
+    parts = []
+    for i in range(num_layers):
+        order = torch.arange(dim) if i % 2 == 0 else torch.arange(dim).flip(0)
+        parts += [ActNorm(dim), AffineAutoregressive(dim, hidden=sizes, order=order, scale_bound=scale_bound)]
+    parts.append(_output_affine(dim))
+    return Compose(parts)
+
+
 @renamed_kwargs(input_dim_or_shape="shape", num_blocks="num_layers")
 def residual_flow(
     shape: int | Sequence[int],
@@ -345,4 +393,4 @@ def residual_flow(
     return _with_logit(Compose(parts), logit_alpha)
 
 
-__all__ = ["glow", "planar_flow", "realnvp", "residual_flow"]
+__all__ = ["autoregressive_flow", "glow", "planar_flow", "realnvp", "residual_flow"]

@@ -16,6 +16,7 @@ from torch.distributions import AffineTransform
 import pyroflows
 from pyroflows.transforms import (
     ActNorm,
+    AffineAutoregressive,
     AffineCoupling,
     Compose,
     Invertible1x1Conv,
@@ -70,6 +71,11 @@ CASES: dict[str, Case] = {
     "inverse_realnvp": Case(lambda s: pyroflows.inverse(pyroflows.realnvp(s[0], num_layers=2, hidden=(8,)))),
     "planar_flow": Case(lambda s: pyroflows.planar_flow(s[0], num_layers=4)),
     "realnvp": Case(lambda s: pyroflows.realnvp(s[0], num_layers=4, hidden=(16,))),
+    "autoregressive": Case(lambda s: AffineAutoregressive(s[0], hidden=(8,))),
+    "autoregressive_reversed": Case(
+        lambda s: AffineAutoregressive(s[0], hidden=(8, 8), order=torch.arange(s[0]).flip(0))
+    ),
+    "autoregressive_flow": Case(lambda s: pyroflows.autoregressive_flow(s[0], num_layers=2, hidden=(8,))),
     "conv1x1_vector": Case(lambda s: Invertible1x1Conv(s)),
     # image layers, event shape (C, H, W)
     "conv1x1": Case(lambda s: Invertible1x1Conv(s), shape=(3, 2, 2), vector=False),

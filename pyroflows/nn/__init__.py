@@ -10,11 +10,13 @@ from .lipschitz import (
     lipschitz_cnn,
     lipschitz_mlp,
 )
+from .made import MADE
 
 __all__ = [
     "ConvNet",
     "LearnableNorm",
     "LipSwish",
+    "MADE",
     "MLP",
     "SpectralConv2d",
     "SpectralLinear",

@@ -1,6 +1,7 @@
 """Flow layers: Pyro ``TransformModule`` subclasses that know their own log-det
 (see :class:`~pyroflows.transforms.FlowTransform`)."""
 
+from .autoregressive import AffineAutoregressive
 from .base import (
     Compose,
     FlowTransform,
@@ -23,6 +24,7 @@ from .validation import enable_validation, is_validation_enabled
 
 __all__ = [
     "ActNorm",
+    "AffineAutoregressive",
     "AffineCoupling",
     "Compose",
     "FlowTransform",

@@ -1,0 +1,135 @@
+r"""MADE, the masked autoencoder of Germain et al. (2015): the conditioner of autoregressive flow layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _check_order(order, dim: int, where: str) -> torch.Tensor:
+    """``order`` as a long tensor, a permutation of ``range(dim)``; ``ValueError`` naming ``order`` otherwise."""
+    if order is None:
+        return torch.arange(dim)
+    try:
+        tensor = torch.as_tensor(order)
+    except (TypeError, ValueError, RuntimeError):
+        tensor = None
+    integer = tensor is not None and not tensor.is_floating_point() and not tensor.is_complex()
+    ok = integer and tensor.dtype != torch.bool and tensor.dim() == 1 and tensor.numel() == dim
+    if not (ok and torch.equal(torch.sort(tensor.detach().cpu().long()).values, torch.arange(dim))):
+        raise ValueError(f"{where}: order must be a permutation of range({dim}), got {order!r}")
+    return tensor.detach().cpu().long().clone()
+
+
+def _hidden_degrees(width: int, dim: int) -> torch.Tensor:
+    """Degrees ``1, 2, ..., D-1, 1, 2, ...`` of a hidden layer's units (all 1 when ``D = 1``): deterministic, so
+    rebuilding a network gives the same masks whatever the global RNG state."""
+    return torch.arange(width) % max(1, dim - 1) + 1
+
+
+class MADE(nn.Module):
+    r"""Masked autoencoder for distribution estimation (Germain et al., 2015): a dense network
+    :math:`\mathbb{R}^D \to \mathbb{R}^{K \times D}` whose outputs for coordinate :math:`i` depend only on the inputs
+    :math:`x_j` with ``order[j] < order[i]``.
+
+    Each input gets the degree ``order[j] + 1``, each hidden unit a degree in :math:`\{1, \dots, D-1\}` (cycled,
+    not drawn, so a rebuilt network has the same masks), and a weight is kept only where it cannot carry
+    information from a later coordinate to an earlier one: hidden unit of degree :math:`m` sees inputs of degree
+    :math:`\le m`, output :math:`i` sees hidden units of degree :math:`< \text{order}[i] + 1`. The masks multiply the
+    weights in every call (so masked weights get zero gradient) and are buffers, as is ``order``; they follow
+    ``.to()`` and the ``state_dict``. The last layer's weight and bias start at zero, so every output starts at 0.
+    The first coordinate in the order sees no input: its outputs are learnable constants (with ``D = 1`` all are).
+
+    Reference: Germain, Gregor, Murray & Larochelle, *MADE: Masked Autoencoder for Distribution Estimation*,
+    ICML 2015.
+
+    :param int dim: the input size ``D``.
+    :param hidden: hidden layer sizes (an int for one layer; an empty tuple gives a masked linear map).
+    :param int num_outputs: outputs per coordinate ``K`` (2 for a shift and a log-scale).
+    :param order: a permutation of ``range(D)``; coordinate ``i`` is the ``order[i]``-th in the autoregressive
+        order. Default: the identity, ``x_i`` depends on ``x_0, ..., x_{i-1}``.
+    :param torch.nn.Module activation: nonlinearity between layers (default ``ReLU``; ``ELU`` gives a smooth map).
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn.made import MADE
+        >>> net = MADE(3, hidden=(16,), num_outputs=2, order=[2, 0, 1])
+        >>> net(torch.randn(5, 3)).shape
+        torch.Size([5, 2, 3])
+        >>> net(torch.randn(5, 3)).abs().max().item()  # zero last layer: outputs start at 0
+        0.0
+        >>> net.connectivity()[1].sum().item()  # coordinate 1 is first in the order: it sees nothing
+        0
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] | int = (64, 64),
+        num_outputs: int = 2,
+        order: Sequence[int] | torch.Tensor | None = None,
+        activation: nn.Module | None = None,
+    ):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"MADE: dim must be a positive int, got {dim!r}")
+        if not isinstance(num_outputs, int) or num_outputs < 1:
+            raise ValueError(f"MADE: num_outputs must be a positive int, got {num_outputs!r}")
+        sizes = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        if not all(isinstance(h, int) and h >= 1 for h in sizes):
+            raise ValueError(f"MADE: hidden must be an int or a sequence of ints >= 1, got {hidden!r}")
+        order = _check_order(order, dim, "MADE")
+        self.dim, self.hidden, self.num_outputs = dim, sizes, num_outputs
+        self.register_buffer("order", order)
+        self.activation = activation if activation is not None else nn.ReLU()
+
+        in_degrees = order + 1
+        degrees = [in_degrees] + [_hidden_degrees(h, dim) for h in sizes]
+        widths = [dim, *sizes]
+        self.layers = nn.ModuleList()
+        self._mask_names = []
+        for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+            self.layers.append(nn.Linear(fan_in, fan_out))
+            self._add_mask(i, degrees[i + 1][:, None] >= degrees[i][None, :])
+        # Output row k * D + i (output k of coordinate i) sees units of degree < order[i] + 1.
+        out_degrees = in_degrees.repeat(num_outputs)
+        last = nn.Linear(widths[-1], num_outputs * dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.layers.append(last)
+        self._add_mask(len(sizes), out_degrees[:, None] > degrees[-1][None, :])
+
+    def _add_mask(self, i: int, mask: torch.Tensor) -> None:
+        name = f"mask_{i}"
+        self.register_buffer(name, mask.to(torch.get_default_dtype()))
+        self._mask_names.append(name)
+
+    def masks(self) -> list[torch.Tensor]:
+        """The weight masks, first layer to last (0/1 tensors of the weights' shapes)."""
+        return [getattr(self, name) for name in self._mask_names]
+
+    def connectivity(self) -> torch.Tensor:
+        """Per coordinate, which inputs its outputs may depend on: a ``(D, D)`` 0/1 long tensor, row ``i``
+        marking the ``j`` with ``order[j] < order[i]`` (the connectivity of the masks, multiplied through)."""
+        reach = None
+        for mask in self.masks():
+            m = (mask != 0).long()
+            reach = m if reach is None else (m @ reach).clamp(max=1)
+        return reach[: self.dim]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., D) -> (..., num_outputs, D)``."""
+        h = x
+        last = len(self.layers) - 1
+        for i, (layer, mask) in enumerate(zip(self.layers, self.masks())):
+            h = F.linear(h, layer.weight * mask, layer.bias)
+            if i < last:
+                h = self.activation(h)
+        return h.reshape(x.shape[:-1] + (self.num_outputs, self.dim))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, hidden={self.hidden}, num_outputs={self.num_outputs}"
