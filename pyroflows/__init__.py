@@ -6,7 +6,7 @@ usable as ``AutoNormalizingFlow`` guides (``partial(pyroflows.realnvp, num_layer
 """
 
 from . import data, infer, logdet, nn, train, transforms
-from .builders import autoregressive_flow, glow, planar_flow, realnvp, residual_flow
+from .builders import autoregressive_flow, glow, planar_flow, realnvp, residual_flow, spline_flow
 from .density import FlowDensity
 from .transforms import Compose, FlowTransform, Inverse, enable_validation, inverse, is_validation_enabled
 
@@ -30,6 +30,7 @@ __all__ = [
     "planar_flow",
     "realnvp",
     "residual_flow",
+    "spline_flow",
     "train",
     "transforms",
 ]

@@ -25,6 +25,7 @@ from pyroflows.transforms import (
     Permute,
     Planar,
     ResidualBlock,
+    SplineCoupling,
     Squeeze,
 )
 
@@ -75,6 +76,8 @@ CASES: dict[str, Case] = {
     "autoregressive_reversed": Case(
         lambda s: AffineAutoregressive(s[0], hidden=(8, 8), order=torch.arange(s[0]).flip(0))
     ),
+    "spline_coupling": Case(lambda s: SplineCoupling(s[0], hidden=(8,))),
+    "spline_flow": Case(lambda s: pyroflows.spline_flow(s[0], num_layers=2, hidden=(8,))),
     "autoregressive_flow": Case(lambda s: pyroflows.autoregressive_flow(s[0], num_layers=2, hidden=(8,))),
     "conv1x1_vector": Case(lambda s: Invertible1x1Conv(s)),
     # image layers, event shape (C, H, W)

@@ -20,6 +20,7 @@ from .planar import Planar
 from .preprocess import Logit
 from .reshape import MultiScale, Squeeze
 from .residual import ResidualBlock
+from .spline import SplineCoupling, rational_quadratic_spline
 from .validation import enable_validation, is_validation_enabled
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Permute",
     "Planar",
     "ResidualBlock",
+    "SplineCoupling",
     "Squeeze",
     "enable_validation",
     "forward_and_log_det",
@@ -44,4 +46,5 @@ __all__ = [
     "inverse_only",
     "is_validation_enabled",
     "make_mask",
+    "rational_quadratic_spline",
 ]
