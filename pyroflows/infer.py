@@ -85,6 +85,7 @@ class SVIResult:
     :ivar int step: number of optimiser steps taken in total (including those before a resume).
     :ivar out: the run directory (``None`` when none was given).
     :ivar checkpoint: the checkpoint file written (``None`` when none was).
+    :ivar list skipped: the steps (counted from 1) whose non-finite loss or gradient was skipped (no update).
 
     Example::
 
@@ -111,6 +112,7 @@ class SVIResult:
     step: int = 0
     out: Path | None = None
     checkpoint: Path | None = None
+    skipped: list = field(default_factory=list)
 
     @property
     def elbo(self) -> np.ndarray:
@@ -131,7 +133,8 @@ class SVIConfig:
 
     :func:`fit` builds it from its keywords; each field is the keyword of the same name, documented there:
     ``num_steps``, ``lr``, ``optimizer``, ``optimizer_kwargs``, ``lr_schedule``, ``final_lr_factor``,
-    ``warmup_steps``, ``num_particles``, ``vectorize_particles``, ``clip_norm``, ``progress``, ``seed``, ``out``
+    ``warmup_steps``, ``num_particles``, ``vectorize_particles``, ``clip_norm``, ``skip_nonfinite``, ``progress``,
+    ``seed``, ``out``
     (the run directory, a ``Path`` or ``None``), ``checkpoint_every`` and ``resume``. ``checkpoint`` is the
     checkpoint file: ``out/checkpoint.pt``, or the file given to :func:`fit`'s deprecated ``checkpoint=``.
 
@@ -156,6 +159,7 @@ class SVIConfig:
     num_particles: int = 1
     vectorize_particles: bool = True
     clip_norm: float | None = 10.0
+    skip_nonfinite: int = 10
     progress: bool | None = None
     seed: int | None = None
     out: Path | None = None
@@ -176,6 +180,7 @@ class SVIConfig:
         check_number(c, "final_lr_factor", self.final_lr_factor, 0, 1, high_open=False)
         check_int(c, "warmup_steps", self.warmup_steps, 0)
         check_int(c, "num_particles", self.num_particles, 1)
+        check_int(c, "skip_nonfinite", self.skip_nonfinite, 0)
         check_choice(c, "vectorize_particles", self.vectorize_particles, (True, False))
         check_number(c, "clip_norm", self.clip_norm, 0, optional=True)
         check_choice(c, "progress", self.progress, (None, True, False))
@@ -210,6 +215,7 @@ class SVIConfig:
             "warmup_steps": self.warmup_steps,
             "num_particles": self.num_particles,
             "clip_norm": self.clip_norm,
+            "skip_nonfinite": self.skip_nonfinite,
         }
 
 
@@ -233,6 +239,7 @@ class _SVIRun:
     sched: Any = None
     params: list = field(default_factory=list)
     known: set = field(default_factory=set)
+    skipped: list = field(default_factory=list)  # steps (from 1) whose non-finite loss or gradient was skipped
 
 
 def fit(
@@ -252,6 +259,7 @@ def fit(
     vectorize_particles: bool = True,
     loss: ELBO | None = None,
     clip_norm: float | None = 10.0,
+    skip_nonfinite: int = 10,
     progress: bool | None = None,
     seed: int | None = None,
     callback: Callable[[int, float], None] | None = None,
@@ -265,9 +273,11 @@ def fit(
     Each step is Pyro's ``SVI.step`` (parameters captured from a trace, ``loss_and_grads``, one optimiser
     update), with these additions:
 
-    - the loss and every gradient are checked *before* the update; a non-finite value stops the run with
-      :class:`~pyroflows.train.TrainingError` naming the step (counted from 1, as in :func:`pyroflows.train.fit`),
-      and the parameters stay at their last finite values;
+    - the loss and every gradient are checked *before* the update. A step whose loss or gradient is not finite
+      (one unlucky draw, say a scale that underflows in a funnel) makes no update, and the run goes on: up to
+      ``skip_nonfinite`` such steps in a row, counted in :attr:`SVIResult.skipped` (as NumPyro's
+      ``stable_update``). One more in a row stops the run with :class:`~pyroflows.train.TrainingError` naming the
+      step (counted from 1, as in :func:`pyroflows.train.fit`), the parameters at their last finite values;
     - a guide without parameters (``AutoNormalizingFlow`` given a plain list of transforms, or ``t.inv``, trains
       silently with an empty param store in Pyro) is an error, and so is a guide none of whose parameters get a
       gradient (a stale param store entry shadowing the guide's module);
@@ -295,6 +305,8 @@ def fit(
         ``pyro.plate``-annotated models, as Pyro's ``Trace_ELBO``).
     :param loss: a Pyro ``ELBO`` instance instead of ``Trace_ELBO(num_particles, vectorize_particles)``.
     :param float clip_norm: clip the global gradient norm; ``None`` disables clipping.
+    :param int skip_nonfinite: how many steps in a row may have a non-finite loss or gradient (skipped, no update)
+        before the run stops; 0 stops at the first.
     :param progress: show a progress bar (``None``, the default: only when stderr is a terminal).
     :param int seed: ``pyro.set_rng_seed(seed)`` first.
     :param callback: called as ``callback(step, loss)`` after every step, ``step`` counted from 1.
@@ -348,7 +360,7 @@ def fit(
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    return SVIResult(run.losses, guide, seconds, run.lrs, cfg.num_steps, cfg.out, cfg.checkpoint)
+    return SVIResult(run.losses, guide, seconds, run.lrs, cfg.num_steps, cfg.out, cfg.checkpoint, run.skipped)
 
 
 def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) -> _SVIRun:
@@ -376,6 +388,7 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
         run.first = int(saved["step"])
         run.losses[: run.first] = saved["losses"].numpy()
         run.lrs[: run.first] = saved["lrs"].numpy()
+        run.skipped = [int(s) for s in saved.get("skipped", [])]
         run.last_checkpoint = (source, run.first)
         set_rng_state(saved["rng"])
     return run
@@ -397,9 +410,14 @@ def _svi_step(run: _SVIRun, step: int) -> float:
     # one fused norm over all gradients: non-finite if any gradient is
     clip = run.cfg.clip_norm if run.cfg.clip_norm is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, clip))
-    check_finite("fit", step, loss_value, grad_norm, checkpoint=run.last_checkpoint, params=run.params)
+    finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+    in_a_row = next((k for k in range(len(run.skipped)) if run.skipped[-1 - k] != step - 1 - k), len(run.skipped))
+    if finite or in_a_row >= run.cfg.skip_nonfinite:
+        check_finite("fit", step, loss_value, grad_norm, checkpoint=run.last_checkpoint, params=run.params)
+        run.opt.step()
+    else:
+        run.skipped.append(step)  # one unlucky draw: no update, the schedule and the step count go on
     run.lrs[step - 1] = run.opt.param_groups[0]["lr"]
-    run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     run.sched.step()
     run.losses[step - 1] = loss_value
@@ -430,6 +448,7 @@ def _svi_save(run: _SVIRun, done: int) -> None:
         "scheduler": run.sched.state_dict(),
         "losses": torch.from_numpy(run.losses[:done].copy()),
         "lrs": torch.from_numpy(run.lrs[:done].copy()),
+        "skipped": list(run.skipped),
         "rng": rng_state(),
     }
     atomic_torch_save(payload, run.cfg.checkpoint)

@@ -62,10 +62,10 @@ class TrainingError(RuntimeError):
         ...     pyro.factor("impossible", torch.tensor(float("-inf")))  # p(x) = 0 everywhere: the loss is +inf
         >>> pyro.clear_param_store()
         >>> try:
-        ...     fit(model, AutoNormal(model), num_steps=10, progress=False, seed=0)
+        ...     fit(model, AutoNormal(model), num_steps=20, progress=False, seed=0)  # 10 skipped steps in a row
         ... except TrainingError as err:
         ...     print(str(err).split(";")[0])
-        fit: the loss is inf at step 1
+        fit: the loss is inf at step 11
     """
 
 

@@ -101,8 +101,34 @@ def test_non_finite_loss_stops_before_the_update():
         pyro.validation_enabled(False),
         pytest.raises(TrainingError, match=r"^fit: the loss is nan at step 6; .*after step 5"),
     ):
-        fit(model, guide, 20, progress=False, callback=callback)
+        fit(model, guide, 20, progress=False, callback=callback, skip_nonfinite=0)
     assert len(snapshots) == 5 and guide.locs.z.item() == snapshots[-1]  # no update from the bad step
+
+
+def test_an_occasional_non_finite_step_is_skipped_and_a_persistent_one_stops():
+    bad_steps = {6, 7}
+    state = {"step": 1}
+
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.factor("f", torch.tensor(float("nan") if state["step"] in bad_steps else 0.0))
+
+    def callback(step, loss):
+        snapshots.append(guide.locs.z.item())
+        state["step"] = step + 1
+
+    pyro.clear_param_store()
+    guide, snapshots = AutoNormal(model), []
+    with pyro.validation_enabled(False):
+        result = fit(model, guide, 12, progress=False, callback=callback, skip_nonfinite=2, seed=0)
+    assert result.skipped == [6, 7] and result.step == 12 and len(snapshots) == 12
+    assert snapshots[4] == snapshots[5] == snapshots[6] != snapshots[7]  # no update at steps 6 and 7, then again
+    assert np.isnan(result.losses[5:7]).all() and np.isfinite(np.delete(result.losses, [5, 6])).all()
+    bad_steps.update(range(6, 100))  # from step 6 on: two skipped, the third in a row stops the run
+    pyro.clear_param_store()
+    guide, snapshots, state["step"] = AutoNormal(model), [], 1
+    with pyro.validation_enabled(False), pytest.raises(TrainingError, match=r"^fit: the loss is nan at step 8; "):
+        fit(model, guide, 12, progress=False, callback=callback, skip_nonfinite=2, seed=0)
 
 
 def test_non_finite_gradient_stops():
@@ -113,7 +139,7 @@ def test_non_finite_gradient_stops():
         pyro.factor("f", torch.sqrt(z - z.detach()))  # value 0, gradient inf
 
     with pytest.raises(TrainingError, match=r"^fit: the gradient norm is (inf|nan) at step 1\b"):
-        fit(model, AutoNormal(model), 3, progress=False)
+        fit(model, AutoNormal(model), 3, progress=False, skip_nonfinite=0)
 
 
 def test_guide_without_parameters_is_an_error():

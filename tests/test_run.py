@@ -73,7 +73,9 @@ def test_both_trainers_number_the_failing_step_alike():
 
     pyro.clear_param_store()
     with pyro.validation_enabled(False), pytest.raises(run.TrainingError, match=expected):
-        infer.fit(model_with_factor, AutoNormal(model_with_factor), 5, callback=callback, progress=False)
+        infer.fit(
+            model_with_factor, AutoNormal(model_with_factor), 5, callback=callback, progress=False, skip_nonfinite=0
+        )
 
 
 def test_an_existing_checkpoint_is_the_same_error_in_both(tmp_path):
