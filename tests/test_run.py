@@ -97,7 +97,7 @@ def test_resuming_with_changed_settings_fails_in_both(tmp_path):
     svi_fit(tmp_path / "svi")
     with pytest.raises(run.CheckpointError, match=r"other settings \(lr: saved 0.002, now 0.001\)"):
         density_fit(tmp_path / "density", lr=1e-3, num_steps=6, resume=True)
-    with pytest.raises(run.CheckpointError, match=r"other settings \(lr: saved 0.01, now 0.02, warmup_steps: saved 0"):
+    with pytest.raises(run.CheckpointError, match=r"other settings \(lr: saved 0.003, now 0.02, warmup_steps: saved 0"):
         svi_fit(tmp_path / "svi", lr=0.02, warmup_steps=2, resume=True)
     # unchanged settings resume (a density run may grow longer: its schedule does not depend on the length)
     assert density_fit(tmp_path / "density", num_steps=6, resume=True)[0].step == 6
