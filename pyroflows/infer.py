@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -423,7 +424,9 @@ def _svi_step(run: _SVIRun, step: int) -> float:
         run.skipped.append(step)  # one unlucky draw: no update, the schedule and the step count go on
     run.lrs[step - 1] = run.opt.param_groups[0]["lr"]
     run.opt.zero_grad(set_to_none=True)
-    run.sched.step()
+    with warnings.catch_warnings():  # a skipped first step: torch warns of a schedule step before any update
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`", category=UserWarning)
+        run.sched.step()
     run.losses[step - 1] = loss_value
     return loss_value
 
