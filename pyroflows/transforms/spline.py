@@ -13,7 +13,7 @@ from torch import nn
 from ..nn.conditioners import MLP
 from ._shapes import parse_shape
 from .base import FlowTransform
-from .coupling import make_mask
+from .coupling import VectorSplit, make_mask
 
 DEFAULT_MIN_BIN_WIDTH = 1e-3
 DEFAULT_MIN_BIN_HEIGHT = 1e-3
@@ -196,7 +196,7 @@ def _check_spline_args(num_bins, bound, where: str) -> None:
         raise ValueError(f"{where}: bound must be a positive finite number, got {bound!r}")
 
 
-class SplineCoupling(FlowTransform):
+class SplineCoupling(VectorSplit, FlowTransform):
     r"""Rational-quadratic spline coupling layer for vectors: with ``m`` the mask (``True`` = conditioning, passed
     unchanged),
 
@@ -271,28 +271,12 @@ class SplineCoupling(FlowTransform):
         self.num_bins = num_bins
         self.bound = float(bound)
         self.flip = flip
-        self.register_buffer("mask", mask)
-        cond_idx, trans_idx = torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
-        self.register_buffer("_cond_idx", cond_idx, persistent=False)
-        self.register_buffer("_trans_idx", trans_idx, persistent=False)
-        self.register_buffer("_unsort", torch.argsort(torch.cat([cond_idx, trans_idx])), persistent=False)
-        # Two contiguous blocks (the half mask, flipped or not): split by views instead of gathers.
-        self._blocks = None
-        if n_cond and bool((cond_idx.diff() == 1).all()) and bool((trans_idx.diff() == 1).all()):
-            if int(cond_idx[0]) == 0:
-                self._blocks = (False, n_cond, n_trans)  # (transformed block first?, first size, second size)
-            elif int(trans_idx[0]) == 0:
-                self._blocks = (True, n_trans, n_cond)
+        self._init_vector_split(mask)
         self._n_trans = n_trans
         self.conditioner = conditioner or MLP(n_cond, n_trans * (3 * num_bins - 1), hidden)
 
     def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._blocks is None:
-            x_cond, x_trans = x[..., self._cond_idx], x[..., self._trans_idx]
-        else:
-            trans_first, first, second = self._blocks
-            a, b = x.split([first, second], dim=-1)
-            x_cond, x_trans = (b, a) if trans_first else (a, b)
+        x_cond, x_trans = self._vector_split(x)
         params = self.conditioner(x_cond)
         params = params.reshape(params.shape[:-1] + (self._n_trans, 3 * self.num_bins - 1))
         k = self.num_bins
@@ -300,11 +284,7 @@ class SplineCoupling(FlowTransform):
         y_trans, log_derivative = rational_quadratic_spline(
             x_trans, widths, heights, derivatives, self.bound, inverse=inverse
         )
-        if self._blocks is None:
-            y = torch.cat([x_cond, y_trans], dim=-1)[..., self._unsort]
-        else:
-            y = torch.cat([y_trans, x_cond] if trans_first else [x_cond, y_trans], dim=-1)
-        return y, log_derivative.sum(dim=-1)
+        return self._vector_merge(x_cond, y_trans), log_derivative.sum(dim=-1)
 
     def forward_and_log_det(self, x):
         return self._couple(x, inverse=False)
