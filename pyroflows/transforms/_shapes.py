@@ -21,6 +21,14 @@ def parse_shape(shape, where: str) -> tuple:
     return tup
 
 
+def vector_dim(shape, where: str) -> int:
+    """``D`` from ``D`` or ``(D,)``; ``ValueError`` naming ``where`` for an image shape or anything else."""
+    event_shape = parse_shape(shape, where)
+    if len(event_shape) != 1:
+        raise ValueError(f"{where}: works on vectors, shape must be D or (D,), not an image shape; got {shape!r}")
+    return event_shape[0]
+
+
 def legacy_event_dim(shape, event_dim, where: str, default_image: bool = False) -> tuple:
     """Resolve the old ``(int, event_dim)`` way of choosing vector or image, warning where it is used.
 

@@ -8,16 +8,8 @@ import torch
 from torch import nn
 
 from ..nn.made import MADE, _check_order
-from ._shapes import parse_shape
+from ._shapes import vector_dim
 from .base import FlowTransform
-
-
-def _vector_shape(shape, where: str) -> int:
-    """``D`` from ``D`` or ``(D,)``; ``ValueError`` naming ``shape`` for an image shape or anything else."""
-    event_shape = parse_shape(shape, where)
-    if len(event_shape) != 1:
-        raise ValueError(f"{where}: shape must be a vector shape D or (D,), not an image shape, got {shape!r}")
-    return event_shape[0]
 
 
 class AffineAutoregressive(FlowTransform):
@@ -84,7 +76,7 @@ class AffineAutoregressive(FlowTransform):
         scale_bound: float = 3.0,
         conditioner: nn.Module | None = None,
     ):
-        dim = _vector_shape(shape, "AffineAutoregressive")
+        dim = vector_dim(shape, "AffineAutoregressive")
         if not scale_bound > 0:
             raise ValueError(f"AffineAutoregressive: scale_bound must be positive, got {scale_bound!r}")
         super().__init__(event_dim=1, event_shape=(dim,))

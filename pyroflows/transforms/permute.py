@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._deprecation import renamed_kwargs
-from ._shapes import parse_shape
+from ._shapes import vector_dim
 from .base import FlowTransform
 
 
@@ -32,10 +32,7 @@ class Permute(FlowTransform):
         if permutation is None:
             if shape is None:
                 raise ValueError("Permute: give a permutation or the event size shape=D")
-            shape = parse_shape(shape, "Permute")
-            if len(shape) != 1:
-                raise ValueError(f"Permute: works on vectors, shape must be D or (D,), got {shape!r}")
-            permutation = torch.randperm(shape[0])
+            permutation = torch.randperm(vector_dim(shape, "Permute"))
         permutation = torch.as_tensor(permutation, dtype=torch.long)
         dim = permutation.numel()
         if permutation.dim() != 1 or not torch.equal(permutation.sort().values, torch.arange(dim)):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._deprecation import renamed_kwargs
-from ._shapes import parse_shape
+from ._shapes import vector_dim
 from .base import FlowTransform
 
 
@@ -53,10 +53,7 @@ class Planar(FlowTransform):
 
     @renamed_kwargs(input_dim="shape")
     def __init__(self, shape: int | tuple[int], *, max_iter: int = 100, margin: float = 1e-4):
-        shape = parse_shape(shape, "Planar")
-        if len(shape) != 1:
-            raise ValueError(f"Planar: works on vectors, shape must be D or (D,), got {shape!r}")
-        input_dim = shape[0]
+        input_dim = vector_dim(shape, "Planar")
         if max_iter < 0:
             raise ValueError(f"Planar: max_iter must be >= 0, got {max_iter!r}")
         if not 0.0 < margin < 1.0:

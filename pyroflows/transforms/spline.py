@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.conditioners import MLP
-from ._shapes import parse_shape
+from ._shapes import vector_dim
 from .base import FlowTransform
 from .coupling import VectorSplit, make_mask
 
@@ -182,13 +182,6 @@ def _hidden_sizes(hidden, where: str) -> tuple:
     return sizes
 
 
-def _vector_dim(shape, where: str) -> int:
-    event_shape = parse_shape(shape, where)
-    if len(event_shape) != 1:
-        raise ValueError(f"{where}: shape must be a vector shape D or (D,) (splines act on vectors), got {shape!r}")
-    return event_shape[0]
-
-
 def _check_spline_args(num_bins, bound, where: str) -> None:
     if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 2:
         raise ValueError(f"{where}: num_bins must be an int >= 2, got {num_bins!r}")
@@ -258,7 +251,7 @@ class SplineCoupling(VectorSplit, FlowTransform):
         conditioner: nn.Module | None = None,
         flip: bool = False,
     ):
-        dim = _vector_dim(shape, "SplineCoupling")
+        dim = vector_dim(shape, "SplineCoupling")
         _check_spline_args(num_bins, bound, "SplineCoupling")
         hidden = _hidden_sizes(hidden, "SplineCoupling")
         super().__init__(event_dim=1, event_shape=(dim,))
