@@ -103,26 +103,13 @@ def _dataset(name, root, split, n_bits):
     return data.reduce_bits(n_bits) if n_bits else data
 
 
-def _fit(args) -> int:
-    import torch
-
-    from .train import build_density, fit
-
+def _check_fit_args(args) -> str:
+    """The flow's name, after checking the sizes and lengths a user can get wrong (one line each, exit 2)."""
     flow = args.flow.lower()
     if flow not in _ARCH:
         raise ValueError(f"unknown flow {args.flow!r}; choose one of {', '.join(_ARCH)}")
-    defaults = _ARCH[flow]
-    for name in (
-        "levels",
-        "num_layers",
-        "hidden",
-        "num_steps",
-        "batch_size",
-        "eval_every",
-        "sample_every",
-        "checkpoint_every",
-        "warmup",
-    ):
+    sizes = ("levels", "num_layers", "hidden", "num_steps", "batch_size", "eval_every", "sample_every")
+    for name in (*sizes, "checkpoint_every", "warmup"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {value}")
@@ -130,6 +117,16 @@ def _fit(args) -> int:
         raise ValueError(f"--time-limit must be > 0 minutes, got {args.time_limit}")
     if args.epochs is not None and args.epochs <= 0:
         raise ValueError(f"--epochs must be > 0, got {args.epochs}")
+    return flow
+
+
+def _fit(args) -> int:
+    import torch
+
+    from .train import build_density, fit
+
+    flow = _check_fit_args(args)
+    defaults = _ARCH[flow]
     train = _dataset(args.data, args.root, "train", args.n_bits)
     test = _dataset(args.data, args.root, "test", args.n_bits)
 
