@@ -72,43 +72,45 @@ def _describe(mask) -> str:
     return repr(mask) if isinstance(mask, str) else f"a tensor of shape {tuple(torch.as_tensor(mask).shape)}"
 
 
-class VectorSplit:
-    """Mixin of vector coupling layers: the conditioning and transformed coordinates of a boolean ``mask`` (kept as
-    the ``mask`` buffer), split from an input and merged back into an output of the same layout."""
-
-    def _init_vector_split(self, mask: torch.Tensor) -> None:
-        self.register_buffer("mask", mask)
-        cond_idx, trans_idx = torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
-        self.register_buffer("_cond_idx", cond_idx, persistent=False)
-        self.register_buffer("_trans_idx", trans_idx, persistent=False)
-        # y = cat([y_cond, y_trans])[..., _unsort] puts every coordinate back in place.
-        self.register_buffer("_unsort", torch.argsort(torch.cat([cond_idx, trans_idx])), persistent=False)
-        # A mask of two contiguous blocks (the half mask, flipped or not) splits by views instead of gathers:
-        # the gathers' scatter-add backward made a vector coupling step about 20% slower.
-        n_cond, n_trans = cond_idx.numel(), trans_idx.numel()
-        self._blocks = None
-        if n_cond and bool((cond_idx.diff() == 1).all()) and bool((trans_idx.diff() == 1).all()):
-            if int(cond_idx[0]) == 0:
-                self._blocks = (False, n_cond, n_trans)  # (transformed block first?, first size, second size)
-            elif int(trans_idx[0]) == 0:
-                self._blocks = (True, n_trans, n_cond)
-
-    def _vector_split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_cond, x_trans)``."""
-        if self._blocks is None:
-            return x[..., self._cond_idx], x[..., self._trans_idx]
-        trans_first, first, second = self._blocks
-        a, b = x.split([first, second], dim=-1)
-        return (b, a) if trans_first else (a, b)
-
-    def _vector_merge(self, x_cond: torch.Tensor, y_trans: torch.Tensor) -> torch.Tensor:
-        """The output with every coordinate back in its place."""
-        if self._blocks is None:
-            return torch.cat([x_cond, y_trans], dim=-1)[..., self._unsort]
-        return torch.cat([y_trans, x_cond] if self._blocks[0] else [x_cond, y_trans], dim=-1)
+# The conditioning and transformed coordinates of a vector coupling's boolean mask (kept as the layer's ``mask``
+# buffer), split from an input and merged back into an output of the same layout: shared by AffineCoupling and
+# SplineCoupling.
+def init_vector_split(layer: nn.Module, mask: torch.Tensor) -> None:
+    """Register ``mask`` and the index buffers of the split on ``layer``."""
+    layer.register_buffer("mask", mask)
+    cond_idx, trans_idx = torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
+    layer.register_buffer("_cond_idx", cond_idx, persistent=False)
+    layer.register_buffer("_trans_idx", trans_idx, persistent=False)
+    # y = cat([y_cond, y_trans])[..., _unsort] puts every coordinate back in place.
+    layer.register_buffer("_unsort", torch.argsort(torch.cat([cond_idx, trans_idx])), persistent=False)
+    # A mask of two contiguous blocks (the half mask, flipped or not) splits by views instead of gathers:
+    # the gathers' scatter-add backward made a vector coupling step about 20% slower.
+    n_cond, n_trans = cond_idx.numel(), trans_idx.numel()
+    layer._blocks = None
+    if n_cond and bool((cond_idx.diff() == 1).all()) and bool((trans_idx.diff() == 1).all()):
+        if int(cond_idx[0]) == 0:
+            layer._blocks = (False, n_cond, n_trans)  # (transformed block first?, first size, second size)
+        elif int(trans_idx[0]) == 0:
+            layer._blocks = (True, n_trans, n_cond)
 
 
-class AffineCoupling(VectorSplit, FlowTransform):
+def vector_split(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_cond, x_trans)`` of ``x`` for a layer set up by :func:`init_vector_split`."""
+    if layer._blocks is None:
+        return x[..., layer._cond_idx], x[..., layer._trans_idx]
+    trans_first, first, second = layer._blocks
+    a, b = x.split([first, second], dim=-1)
+    return (b, a) if trans_first else (a, b)
+
+
+def vector_merge(layer: nn.Module, x_cond: torch.Tensor, y_trans: torch.Tensor) -> torch.Tensor:
+    """The output with every coordinate back in its place (the inverse of :func:`vector_split`)."""
+    if layer._blocks is None:
+        return torch.cat([x_cond, y_trans], dim=-1)[..., layer._unsort]
+    return torch.cat([y_trans, x_cond] if layer._blocks[0] else [x_cond, y_trans], dim=-1)
+
+
+class AffineCoupling(FlowTransform):
     r"""Affine coupling layer: with ``m`` the mask (``True`` = conditioning, passed unchanged),
 
     .. math::
@@ -203,7 +205,7 @@ class AffineCoupling(VectorSplit, FlowTransform):
             raise ValueError("AffineCoupling: the mask marks every coordinate as conditioning; none is transformed")
         if split is not None:
             raise ValueError("AffineCoupling: split applies to the image channel mask only")
-        self._init_vector_split(mask)
+        init_vector_split(self, mask)
         hidden = (64, 64) if hidden is None else ((hidden,) if isinstance(hidden, int) else tuple(hidden))
         self.conditioner = conditioner or MLP(n_cond, self._n_params * n_trans, hidden)
 
@@ -257,10 +259,10 @@ class AffineCoupling(VectorSplit, FlowTransform):
         """Returns ``(output, log|det d output / d input|)`` for the forward or inverse map."""
         sign = -1.0 if inverse else 1.0
         if self._mode == "vector":
-            x_cond, x_trans = self._vector_split(x)
+            x_cond, x_trans = vector_split(self, x)
             shift, log_scale = self._scale(self.conditioner(x_cond))
             y_trans = self._affine(x_trans, shift, log_scale, inverse)
-            return self._vector_merge(x_cond, y_trans), self._sum(log_scale, x, 1, sign)
+            return vector_merge(self, x_cond, y_trans), self._sum(log_scale, x, 1, sign)
         if self._mode == "channel":
             x_cond, x_trans = self._split_channels(x)
             shift, log_scale = self._scale(self.conditioner(x_cond))

@@ -13,7 +13,7 @@ from torch import nn
 from ..nn.conditioners import MLP
 from ._shapes import vector_dim
 from .base import FlowTransform
-from .coupling import VectorSplit, make_mask
+from .coupling import init_vector_split, make_mask, vector_merge, vector_split
 
 DEFAULT_MIN_BIN_WIDTH = 1e-3
 DEFAULT_MIN_BIN_HEIGHT = 1e-3
@@ -189,7 +189,7 @@ def _check_spline_args(num_bins, bound, where: str) -> None:
         raise ValueError(f"{where}: bound must be a positive finite number, got {bound!r}")
 
 
-class SplineCoupling(VectorSplit, FlowTransform):
+class SplineCoupling(FlowTransform):
     r"""Rational-quadratic spline coupling layer for vectors: with ``m`` the mask (``True`` = conditioning, passed
     unchanged),
 
@@ -264,12 +264,12 @@ class SplineCoupling(VectorSplit, FlowTransform):
         self.num_bins = num_bins
         self.bound = float(bound)
         self.flip = flip
-        self._init_vector_split(mask)
+        init_vector_split(self, mask)
         self._n_trans = n_trans
         self.conditioner = conditioner or MLP(n_cond, n_trans * (3 * num_bins - 1), hidden)
 
     def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        x_cond, x_trans = self._vector_split(x)
+        x_cond, x_trans = vector_split(self, x)
         params = self.conditioner(x_cond)
         params = params.reshape(params.shape[:-1] + (self._n_trans, 3 * self.num_bins - 1))
         k = self.num_bins
@@ -277,7 +277,7 @@ class SplineCoupling(VectorSplit, FlowTransform):
         y_trans, log_derivative = rational_quadratic_spline(
             x_trans, widths, heights, derivatives, self.bound, inverse=inverse
         )
-        return self._vector_merge(x_cond, y_trans), log_derivative.sum(dim=-1)
+        return vector_merge(self, x_cond, y_trans), log_derivative.sum(dim=-1)
 
     def forward_and_log_det(self, x):
         return self._couple(x, inverse=False)
