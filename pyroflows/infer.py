@@ -49,6 +49,7 @@ from .run import (
     progress_bar,
     resume_source,
     rng_state,
+    run_lock,
     set_rng_state,
 )
 from .transforms import ActNorm
@@ -349,7 +350,13 @@ def fit(
         note = " (a run directory; the checkpoint file is out/checkpoint.pt)"
         renamed("fit", "checkpoint", "out", checkpoint, out, note=note)
     cfg = SVIConfig(**{f.name: given[f.name] for f in fields(SVIConfig)})
-    run = _svi_setup(model, guide, tuple(model_args), dict(model_kwargs or {}), loss, cfg)
+    with run_lock(cfg.checkpoint.parent if cfg.checkpoint is not None else None, "fit"):
+        return _svi_loop(model, guide, tuple(model_args), dict(model_kwargs or {}), loss, callback, cfg)
+
+
+def _svi_loop(model, guide, args: tuple, kwargs: dict, loss, callback, cfg: SVIConfig) -> SVIResult:
+    """The steps of :func:`fit`, with checkpoints and progress, once the run directory is locked."""
+    run = _svi_setup(model, guide, args, kwargs, loss, cfg)
     bar = progress_bar(cfg.num_steps, cfg.progress, desc="svi", initial=run.first)
     start = time.perf_counter()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from pathlib import Path
 
 import pyro
@@ -218,6 +219,8 @@ def test_the_engine_is_neutral_and_infer_does_not_import_train():
     assert not {m for m in run_imports if m.startswith("pyroflows")}, run_imports
     assert {m.split(".")[0] for m in run_imports} <= {
         "__future__",
+        "contextlib",
+        "fcntl",
         "math",
         "numbers",
         "os",
@@ -257,3 +260,53 @@ def _function_lengths():
 def test_no_run_engine_function_is_longer_than_60_lines():
     long = sorted(item for item in _function_lengths() if item[0] > MAX_FUNCTION_LINES)
     assert not long, long
+
+
+# ------------------------------------------------------------------------------------------------ the run directory
+def test_a_second_writer_into_a_run_directory_is_refused_in_both(tmp_path):
+    """Two runs into one directory: the one that comes second fails at once, naming the directory, and touches
+    nothing; the lock is released when the first one ends (also when it fails)."""
+    for name, fit_into in (("density", density_fit), ("svi", svi_fit)):
+        out = tmp_path / name
+        with run.run_lock(out, "other run"):  # another writer holds the directory (a separate open file)
+            with pytest.raises(run.RunLockedError, match=rf"^fit: {re.escape(str(out))} is in use by another run"):
+                fit_into(out)
+            assert not (out / run.CHECKPOINT).exists()
+        fit_into(out)  # released: the run goes ahead
+        assert (out / run.CHECKPOINT).is_file()
+        with pytest.raises(run.CheckpointExistsError):  # fails inside the lock: the lock is released all the same
+            fit_into(out)
+        with run.run_lock(out, "check"):
+            pass
+
+
+def test_the_command_line_reports_a_locked_directory_in_one_line(tmp_path, capsys):
+    from pyroflows.cli import main
+
+    out = tmp_path / "run"
+    argv = ["fit", "--levels", "1", "--num-layers", "1", "--hidden", "8", "--num-steps", "2", "--out", str(out)]
+    with run.run_lock(out, "the first run"):
+        assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is in use by another run" in err[0] and not (out / run.CHECKPOINT).exists()
+
+
+def test_the_lock_of_a_killed_process_is_released_by_the_os(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from pyroflows.run import run_lock\nimport time\nwith run_lock({str(out)!r}, 'x'):\n"
+         "    print('locked', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(run.RunLockedError):
+            density_fit(out)
+    finally:
+        holder.kill()  # SIGKILL: no cleanup code runs in the holder
+        holder.wait(timeout=30)
+    density_fit(out)  # no stale lock file blocks the next run
+    assert (out / run.CHECKPOINT).is_file()

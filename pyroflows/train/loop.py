@@ -46,6 +46,7 @@ from ..run import (
     progress_bar,
     resume_source,
     rng_state,
+    run_lock,
     set_rng_state,
 )
 from . import distributed
@@ -345,7 +346,8 @@ def fit(
         raise TypeError(f"fit: model must be a pyroflows.FlowDensity, got {type(model).__name__}")
     ctx = distributed.setup(config.device)
     try:
-        return _fit(model, train, test, config, ctx)
+        with run_lock(config.out if ctx.rank == 0 else None, "fit"):  # rank 0 is the one that writes
+            return _fit(model, train, test, config, ctx)
     finally:
         distributed.teardown(ctx)
 
