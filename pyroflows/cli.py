@@ -225,6 +225,7 @@ def main(argv=None) -> int:
             print(f"pyroflows: {old} is renamed {_RENAMED_FLAGS[old]} (the old name goes in 0.3)", file=sys.stderr)
             argv[i] = _RENAMED_FLAGS[old] + arg[len(old) :]
     args = parser.parse_args(argv)
+    from .run import RunInterrupted
     from .train import CheckpointError, TrainingError
 
     try:
@@ -236,6 +237,9 @@ def main(argv=None) -> int:
     except TrainingError as e:
         print(f"pyroflows {args.command}: training stopped: {e}", file=sys.stderr)
         return 1
+    except RunInterrupted as e:  # SIGINT/SIGTERM: the step finished and the checkpoint is written
+        print(f"pyroflows {args.command}: {str(e).removeprefix('fit: ')}", file=sys.stderr)
+        return e.exit_code
 
 
 __all__ = ["main"]

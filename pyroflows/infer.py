@@ -51,6 +51,7 @@ from .run import (
     rng_state,
     run_lock,
     set_rng_state,
+    stop_on_signals,
 )
 from .transforms import ActNorm
 
@@ -360,15 +361,18 @@ def _svi_loop(model, guide, args: tuple, kwargs: dict, loss, callback, cfg: SVIC
     bar = progress_bar(cfg.num_steps, cfg.progress, desc="svi", initial=run.first)
     start = time.perf_counter()
     try:
-        for step in range(run.first + 1, cfg.num_steps + 1):
-            loss_value = _svi_step(run, step)
-            if cfg.checkpoint is not None and (step % cfg.every == 0 or step == cfg.num_steps):
-                _svi_save(run, step)
-            if callback is not None:
-                callback(step, loss_value)
-            bar.update(1)
-            if step % 10 == 1 or step == cfg.num_steps:
-                bar.set_postfix(elbo=f"{-np.mean(run.losses[max(0, step - 50) : step]):.4g}", refresh=False)
+        with stop_on_signals() as request:  # SIGINT/SIGTERM: finish the step, checkpoint, then stop
+            for step in range(run.first + 1, cfg.num_steps + 1):
+                loss_value = _svi_step(run, step)
+                due = step % cfg.every == 0 or step == cfg.num_steps or request.signum is not None
+                if cfg.checkpoint is not None and due:
+                    _svi_save(run, step)
+                if callback is not None:
+                    callback(step, loss_value)
+                bar.update(1)
+                if step % 10 == 1 or step == cfg.num_steps:
+                    bar.set_postfix(elbo=f"{-np.mean(run.losses[max(0, step - 50) : step]):.4g}", refresh=False)
+                request.stop("fit", step, cfg.checkpoint, "continue with fit(..., resume=True)")
     finally:
         bar.close()
     seconds = time.perf_counter() - start

@@ -26,7 +26,9 @@ import math
 import numbers
 import os
 import random
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -224,6 +226,87 @@ def check_resume(caller: str, resume, target) -> None:
         raise ValueError(f"{caller}: resume must be True, False, 'auto' or a checkpoint path, got {resume!r}")
     if (resume is True or resume == "auto") and target is None:
         raise ValueError(f"{caller}: resume={resume!r} needs out= (the run directory holding {CHECKPOINT})")
+
+
+# ------------------------------------------------------------------------------------------------ signals
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM: it finished the step under way and wrote its checkpoint first.
+
+    A ``KeyboardInterrupt`` (so code that stops on Ctrl-C stops on it too), with the message the command line prints
+    and :attr:`exit_code`, ``128 + signal number`` (130 for SIGINT, 143 for SIGTERM).
+
+    :param str message: where the checkpoint is and how to resume.
+    :param int signum: the signal.
+
+    Example::
+
+        >>> import signal
+        >>> RunInterrupted("fit: stopped", signal.SIGTERM).exit_code
+        143
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signum``, the shell's convention for a process ended by a signal."""
+        return 128 + self.signum
+
+
+class StopRequest:
+    """What :func:`stop_on_signals` yields: :attr:`signum` is ``None`` until SIGINT or SIGTERM arrives."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def stop(self, caller: str, done: int, checkpoint, resume_hint: str) -> None:
+        """Raise :class:`RunInterrupted` if a signal arrived: after step ``done``, with ``checkpoint`` (a path, or
+        ``None`` when the run writes nothing) in the message."""
+        if self.signum is None:
+            return
+        name = signal.Signals(self.signum).name
+        saved = f"checkpoint {str(checkpoint)!r}; {resume_hint}" if checkpoint else "nothing saved (no out=)"
+        raise RunInterrupted(f"{caller}: stopped by {name} after step {done}; {saved}", self.signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals(enabled: bool = True):
+    """While the block runs, SIGINT and SIGTERM ask the run to stop after the step under way (a
+    :class:`StopRequest`) instead of killing it mid-step; a second SIGINT raises ``KeyboardInterrupt`` at once
+    (atomic checkpoint writes leave the last good checkpoint intact). The previous handlers come back on exit.
+    Only in the main thread (where Python runs signal handlers), and only when ``enabled``.
+
+    :param bool enabled: install the handlers (``False``: a request that is never set, e.g. under DDP).
+
+    Example::
+
+        >>> import signal
+        >>> with stop_on_signals() as request:
+        ...     signal.raise_signal(signal.SIGTERM)
+        >>> signal.Signals(request.signum).name
+        'SIGTERM'
+    """
+    request = StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if request.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+            raise KeyboardInterrupt
+        request.signum = signum
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 # ------------------------------------------------------------------------------------------------ the run directory
@@ -660,7 +743,9 @@ __all__ = [
     "VERSION",
     "CheckpointError",
     "CheckpointExistsError",
+    "RunInterrupted",
     "RunLockedError",
+    "StopRequest",
     "TrainingError",
     "atomic_torch_save",
     "check_choice",
@@ -677,4 +762,5 @@ __all__ = [
     "run_lock",
     "resume_source",
     "set_rng_state",
+    "stop_on_signals",
 ]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import ast
 import math
 import re
+import signal
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -221,6 +223,8 @@ def test_the_engine_is_neutral_and_infer_does_not_import_train():
         "__future__",
         "contextlib",
         "fcntl",
+        "signal",
+        "threading",
         "math",
         "numbers",
         "os",
@@ -310,3 +314,69 @@ def test_the_lock_of_a_killed_process_is_released_by_the_os(tmp_path):
         holder.wait(timeout=30)
     density_fit(out)  # no stale lock file blocks the next run
     assert (out / run.CHECKPOINT).is_file()
+
+
+# ------------------------------------------------------------------------------------------------ signals
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_finishes_the_step_checkpoints_and_the_resumed_run_repeats_the_uninterrupted_one(tmp_path, signum):
+    # density: the signal arrives during step 3 (a forward hook raises it), checkpoint_every would only save at 8
+    whole, _ = density_fit(tmp_path / "whole", num_steps=8, checkpoint_every=8)
+    calls = {"n": 0}
+
+    def raise_at_third(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signum)
+        return output
+
+    torch.manual_seed(0)
+    model = build_density("realnvp", (2,), num_layers=2)
+    model.register_forward_hook(raise_at_third)
+    kw = {"num_steps": 8, "batch_size": 32, "lr": 2e-3, "device": "cpu", "progress": False, "checkpoint_every": 8}
+    with pytest.raises(run.RunInterrupted, match=r"^fit: stopped by SIG\w+ after step 3; checkpoint .*resume") as info:
+        train.fit(model, toy(), out=tmp_path / "cut", **kw)
+    assert info.value.exit_code == 128 + signum and isinstance(info.value, KeyboardInterrupt)
+    assert run.load_checkpoint(tmp_path / "cut" / run.CHECKPOINT)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    resumed, _ = density_fit(tmp_path / "cut", num_steps=8, checkpoint_every=8, resume=True)
+    assert resumed.losses == pytest.approx(whole.losses, abs=1e-6)
+
+    # SVI: the signal arrives in the callback of step 5
+    full = svi_fit(tmp_path / "svi_whole", num_steps=10)
+
+    def callback(step, loss):
+        if step == 5:
+            signal.raise_signal(signum)
+
+    with pytest.raises(run.RunInterrupted, match=r"after step 5; checkpoint"):
+        svi_fit(tmp_path / "svi_cut", num_steps=10, callback=callback)
+    resumed = svi_fit(tmp_path / "svi_cut", num_steps=10, resume=True)
+    np.testing.assert_allclose(resumed.losses, full.losses, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_the_command_line_stops_on_a_signal_with_one_line_and_the_shell_exit_code(tmp_path, signum, code):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = ["fit", "--levels", "1", "--num-layers", "1", "--hidden", "8", "--num-steps", "100000", "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyroflows.cli", *argv, "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.2)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "stopped by" in lines[0] and "--resume" in lines[0], err
+    step = run.load_checkpoint(out / run.CHECKPOINT)["step"]
+    assert f"after step {step};" in lines[0]

@@ -48,6 +48,7 @@ from ..run import (
     rng_state,
     run_lock,
     set_rng_state,
+    stop_on_signals,
 )
 from . import distributed
 from .checkpoint import load_model_state
@@ -357,10 +358,16 @@ def _fit(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> FitResult:
     model.train()
     run.t0 = time.perf_counter()
     try:
-        for step in range(run.start, run.total):
-            value, grad_norm = _step(run, step + 1)
-            if _after_step(run, step + 1, value, grad_norm):
-                break
+        # SIGINT/SIGTERM: finish the step, checkpoint, then stop (one process only: under DDP the ranks would have
+        # to agree on the step first)
+        with stop_on_signals(enabled=ctx.world_size == 1) as request:
+            for step in range(run.start, run.total):
+                value, grad_norm = _step(run, step + 1)
+                if _after_step(run, step + 1, value, grad_norm):
+                    break
+                if request.signum is not None and cfg.out is not None and run.last_saved != step + 1:
+                    _save(run, step + 1)
+                request.stop("fit", step + 1, run.ckpt_path if cfg.out is not None else None, _RESUME_HINT)
     finally:
         run.bar.close()
         run.metrics.close()
