@@ -25,6 +25,7 @@ from .transforms import (
     inverse,
     make_mask,
 )
+from .transforms._shapes import hidden_sizes, vector_dim
 
 
 def _output_affine(dim: int):
@@ -46,21 +47,6 @@ def _fixed_permutation(dim: int, seed: int) -> torch.Tensor:
 
 def _shape(shape_or_dim) -> tuple:
     return (shape_or_dim,) if isinstance(shape_or_dim, int) else tuple(shape_or_dim)
-
-
-def _vector_dim(shape_or_dim, builder: str) -> int:
-    shape = _shape(shape_or_dim)
-    if len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 1:
-        return shape[0]
-    raise ValueError(f"{builder}: expected a positive int or a shape (D,), got {shape_or_dim!r}")
-
-
-def _hidden_sizes(hidden, default: tuple, builder: str) -> tuple:
-    """Vector conditioner sizes: ``None`` (the default), an int (one hidden layer) or a sequence of ints."""
-    sizes = default if hidden is None else (hidden,) if isinstance(hidden, int) else tuple(hidden)
-    if not sizes or not all(isinstance(h, int) and h >= 1 for h in sizes):
-        raise ValueError(f"{builder}: hidden must be an int or a sequence of ints >= 1, got {hidden!r}")
-    return sizes
 
 
 def _image_shape(shape, builder: str) -> tuple[int, int, int]:
@@ -208,7 +194,7 @@ def planar_flow(shape: int | Sequence[int], num_layers: int = 16) -> Compose:
         5
         >>> init_fn = partial(pyroflows.planar_flow, num_layers=8)  # for AutoNormalizingFlow(model, init_fn)
     """
-    dim = _vector_dim(shape, "planar_flow")
+    dim = vector_dim(shape, "planar_flow")
     if num_layers < 1:
         raise ValueError(f"planar_flow: num_layers must be >= 1, got {num_layers!r}")
     return Compose([Planar(dim) for _ in range(num_layers)] + [_output_affine(dim)])
@@ -266,8 +252,8 @@ def realnvp(
         if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
             raise ValueError(f"realnvp: hidden must be an int >= 1 for images (conditioner channels), got {hidden!r}")
         return _realnvp_image(shape, num_layers, 64 if hidden is None else hidden, scale_bound, levels, logit_alpha)
-    dim = _vector_dim(shape, "realnvp")
-    hidden = _hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "realnvp")
+    dim = vector_dim(shape, "realnvp")
+    hidden = hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "realnvp")
     half = make_mask("half", dim)
     parts = []
     for i in range(num_layers):
@@ -313,12 +299,12 @@ def autoregressive_flow(
         torch.Size([5])
         >>> init_fn = partial(pyroflows.autoregressive_flow, num_layers=4)  # for AutoNormalizingFlow(model, init_fn)
     """
-    dim = _vector_dim(shape, "autoregressive_flow")
+    dim = vector_dim(shape, "autoregressive_flow")
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
         raise ValueError(f"autoregressive_flow: num_layers must be an int >= 1, got {num_layers!r}")
     if not scale_bound > 0:
         raise ValueError(f"autoregressive_flow: scale_bound must be positive, got {scale_bound!r}")
-    sizes = _hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "autoregressive_flow")
+    sizes = hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "autoregressive_flow")
     parts = []
     for i in range(num_layers):
         order = torch.arange(dim) if i % 2 == 0 else torch.arange(dim).flip(0)
@@ -371,7 +357,7 @@ def residual_flow(
     shape = _shape(shape)
     kwargs = dict(coeff=coeff, logdet=logdet, **block_kwargs)
     if len(shape) == 1:
-        dim = _vector_dim(shape, "residual_flow")
+        dim = vector_dim(shape, "residual_flow")
         parts = []
         for _ in range(num_layers):
             parts += ([ActNorm(dim)] if actnorm else []) + [ResidualBlock(dim, hidden, **kwargs)]
@@ -430,10 +416,10 @@ def spline_flow(
         (True, torch.Size([5]))
         >>> init_fn = partial(pyroflows.spline_flow, num_layers=8)  # for AutoNormalizingFlow(model, init_fn)
     """
-    dim = _vector_dim(shape, "spline_flow")
+    dim = vector_dim(shape, "spline_flow")
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
         raise ValueError(f"spline_flow: num_layers must be an int >= 1, got {num_layers!r}")
-    hidden = _hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "spline_flow")
+    hidden = hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "spline_flow")
     parts = []
     for i in range(num_layers):
         # With D = 1 there is nothing to condition on: every coupling is a learned elementwise spline.

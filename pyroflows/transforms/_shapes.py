@@ -29,6 +29,14 @@ def vector_dim(shape, where: str) -> int:
     return event_shape[0]
 
 
+def hidden_sizes(hidden, default: tuple, where: str) -> tuple:
+    """Vector conditioner sizes: ``None`` (``default``), an int (one hidden layer) or a sequence of ints >= 1."""
+    sizes = default if hidden is None else (hidden,) if isinstance(hidden, int) else tuple(hidden)
+    if not sizes or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in sizes):
+        raise ValueError(f"{where}: hidden must be an int or a sequence of ints >= 1, got {hidden!r}")
+    return sizes
+
+
 def legacy_event_dim(shape, event_dim, where: str, default_image: bool = False) -> tuple:
     """Resolve the old ``(int, event_dim)`` way of choosing vector or image, warning where it is used.
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.conditioners import MLP
-from ._shapes import vector_dim
+from ._shapes import hidden_sizes, vector_dim
 from .base import FlowTransform
 from .coupling import init_vector_split, make_mask, vector_merge, vector_split
 
@@ -175,13 +175,6 @@ def rational_quadratic_spline(
     return torch.where(inside, out, x), torch.where(inside, log_derivative, torch.zeros_like(log_derivative))
 
 
-def _hidden_sizes(hidden, where: str) -> tuple:
-    sizes = (64, 64) if hidden is None else (hidden,) if isinstance(hidden, int) else tuple(hidden)
-    if not sizes or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in sizes):
-        raise ValueError(f"{where}: hidden must be an int or a sequence of ints >= 1, got {hidden!r}")
-    return sizes
-
-
 def _check_spline_args(num_bins, bound, where: str) -> None:
     if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 2:
         raise ValueError(f"{where}: num_bins must be an int >= 2, got {num_bins!r}")
@@ -253,7 +246,7 @@ class SplineCoupling(FlowTransform):
     ):
         dim = vector_dim(shape, "SplineCoupling")
         _check_spline_args(num_bins, bound, "SplineCoupling")
-        hidden = _hidden_sizes(hidden, "SplineCoupling")
+        hidden = hidden_sizes(hidden, (64, 64), "SplineCoupling")
         super().__init__(event_dim=1, event_shape=(dim,))
         mask = make_mask(mask, dim, flip)
         n_cond = int(mask.sum())
