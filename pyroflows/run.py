@@ -22,6 +22,7 @@ rest of pyroflows, so that the two trainers share it without importing each othe
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import numbers
 import os
@@ -337,6 +338,7 @@ def run_lock(directory, caller: str):
     :param directory: the run directory (created if needed), or ``None``.
     :param str caller: the function to name in the error.
     :raises RunLockedError: when another process (or another open run in this one) holds the lock.
+    :raises OutputError: when the directory cannot be created or written (read-only, a file of that name).
 
     Example::
 
@@ -354,8 +356,16 @@ def run_lock(directory, caller: str):
         yield
         return
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / LOCK, "a")  # noqa: SIM115 - held open for the whole run
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / LOCK, "a")  # noqa: SIM115 - held open for the whole run
+    except OSError as e:
+        error = OutputError(
+            f"{caller}: cannot use {str(directory)!r} as the run directory: {e.strerror or e}"
+            + (" (a file of that name exists)" if directory.is_file() else "")
+        )
+        error.errno = e.errno
+        raise error from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -393,14 +403,90 @@ def _fsync_directory(directory: Path) -> None:
         os.close(dir_fd)
 
 
+class OutputError(OSError):
+    """A file of a run could not be written (disk full, read-only or missing directory, no permission).
+
+    Raised by :func:`atomic_write` (and so :func:`atomic_torch_save` and :func:`pyroflows.plots.save_image_grid`):
+    the message names the file and the operating system's reason, and says that the destination keeps its previous
+    content and no partial file was left. The trainers add which checkpoint is the last good one; the command line
+    prints the message on one line and exits with status 2. ``errno`` is the underlying error's.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> from pyroflows.run import OutputError, atomic_write
+        >>> blocker = os.path.join(tempfile.mkdtemp(), "file")
+        >>> open(blocker, "w").close()
+        >>> try:  # the "directory" is a regular file
+        ...     atomic_write(os.path.join(blocker, "out.txt"), lambda f: f.write(b"x"), what="notes")
+        ... except OutputError as err:
+        ...     print(str(err).startswith("could not write notes"), os.listdir(os.path.dirname(blocker)))
+        True ['file']
+    """
+
+
+def _output_error(what: str, path: Path, err: OSError) -> OutputError:
+    reason = err.strerror or str(err)
+    error = OutputError(
+        f"could not write {what} {str(path)!r}: {reason}; nothing partial was left and "
+        f"{'its previous content is unchanged' if path.is_file() else 'no file was created'}"
+    )
+    error.errno = err.errno
+    return error
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any], *, what: str = "file") -> None:
+    """Write a file atomically: ``write(f)`` fills a temporary file (binary) in the target directory, which is
+    ``fsync``-ed and renamed over ``path``.
+
+    If the process dies at any point, ``path`` still holds its previous content (or does not exist). If writing
+    fails in-process (e.g. ``ENOSPC``, ``EROFS``, ``EACCES``), the temporary file is removed and an
+    :class:`OutputError` names the file and the reason: never a partial or empty file at ``path``.
+
+    :param path: the destination file; its directory is created if needed.
+    :param write: called with the open binary file object.
+    :param str what: what the file is, for the error message (e.g. ``"checkpoint"``).
+    :raises OutputError: the file could not be written.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+        >>> atomic_write(path, lambda f: f.write(b"hello"))
+        >>> open(path).read()
+        'hello'
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _default_mode(fd)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise _output_error(what, path, e) from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    _fsync_directory(path.parent)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` atomically: temp file in the target directory, ``fsync``, ``os.replace``.
+    """``torch.save(obj, path)`` atomically (:func:`atomic_write`): temp file in the target directory, ``fsync``,
+    ``os.replace``.
 
     If the process dies at any point, ``path`` still holds its previous content (or does not exist); a
     leftover temporary file (``.<name>.*.tmp``) is harmless and removed when the save fails in-process.
 
     :param obj: anything ``torch.save`` accepts.
     :param path: the destination file; its directory is created if needed.
+    :raises OutputError: the file could not be written (the previous checkpoint at ``path`` is intact).
 
     Example::
 
@@ -410,23 +496,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         >>> torch.load(os.path.join(d, "c.pt"))["a"]
         tensor([1., 1.])
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    _default_mode(fd)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(path.parent)
+    buffer = io.BytesIO()  # serialised first: torch's zip writer reports a failed write (ENOSPC) as a bare
+    torch.save(obj, buffer)  # RuntimeError, a plain file write as the OSError it is
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), what="checkpoint")
 
 
 def load_checkpoint(
@@ -743,11 +815,13 @@ __all__ = [
     "VERSION",
     "CheckpointError",
     "CheckpointExistsError",
+    "OutputError",
     "RunInterrupted",
     "RunLockedError",
     "StopRequest",
     "TrainingError",
     "atomic_torch_save",
+    "atomic_write",
     "check_choice",
     "check_finite",
     "check_int",

@@ -77,10 +77,11 @@ def test_image_grid_rejects_non_4d(shape):
 @pytest.mark.parametrize(
     "n, nrow, min_size, expected",
     [
-        (16, None, 256, (37 * 6, 37 * 6)),  # 4x4 grid of 8x8: 37 px, factor 256 // 37 = 6
+        (16, None, 256, (37 * 7, 37 * 7)),  # 4x4 grid of 8x8: 37 px, factor ceil(256 / 37) = 7
         (16, None, 74, (74, 74)),  # exactly twice
+        (16, None, 75, (111, 111)),  # one pixel more: three times
         (16, None, 10, (37, 37)),  # min_size below the grid: never shrunk
-        (6, 3, 100, (19 * 3, 28 * 3)),  # the longer side (28) sets the factor 100 // 28 = 3
+        (6, 3, 100, (19 * 4, 28 * 4)),  # the longer side (28) sets the factor ceil(100 / 28) = 4
     ],
 )
 def test_save_image_grid_enlarges_by_an_integer_factor(tmp_path, n, nrow, min_size, expected):
@@ -96,7 +97,7 @@ def test_save_image_grid_gray_is_nearest_neighbour_and_scaled_to_0_1(tmp_path):
     images[0, 0, 0, 0] = 1.0  # one white pixel in the first (black) image
     images[3] = 2.0  # out of range: clamped to white
     path = tmp_path / "nested" / "dir" / "gray.png"  # missing directories are created
-    save_image_grid(images, path, min_size=95)  # 2x2 grid: 19 px, factor 5
+    save_image_grid(images, path, min_size=95)  # 2x2 grid: 19 px, factor 5 (exactly)
     image = mpimg.imread(path)
     assert image.shape[:2] == (95, 95)
     gray = image[..., 0]
@@ -116,7 +117,7 @@ def test_save_image_grid_rgb(tmp_path):
     images[0, 0] = 1.0  # red
     images[1, 2] = 1.0  # blue
     path = tmp_path / "rgb.png"
-    save_image_grid(images, path, nrow=2, min_size=28)  # 10 x 19 grid, factor 1
+    save_image_grid(images, path, nrow=2, min_size=19)  # 10 x 19 grid, factor 1
     image = mpimg.imread(path)
     assert image.shape[:2] == (10, 19) and image.shape[2] in (3, 4)
     assert tuple(image[1, 1, :3]) == (1.0, 0.0, 0.0)
@@ -179,3 +180,52 @@ def test_plot_density_2d_with_samples_and_without_path(tmp_path):
     finally:
         plt.close(fig)
     assert not any(tmp_path.iterdir())
+
+
+def test_save_image_grid_default_makes_mnist_grids_readable(tmp_path):
+    """64 samples of 28x28: a 233-pixel grid is written at 3x (699 px), not at its tiny native size."""
+    save_image_grid(torch.rand(64, 1, 28, 28), tmp_path / "mnist.png")
+    assert mpimg.imread(tmp_path / "mnist.png").shape[:2] == (699, 699)
+
+
+@pytest.mark.parametrize("name", ["grid.xyz", "grid.jpg", "grid"])
+def test_save_image_grid_writes_only_png(tmp_path, name):
+    with pytest.raises(ValueError, match=r"save_image_grid: only PNG.*\.png"):
+        save_image_grid(torch.rand(4, 1, 8, 8), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_image_grid_refuses_a_directory(tmp_path):
+    (tmp_path / "d.png").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        save_image_grid(torch.rand(4, 1, 8, 8), tmp_path / "d.png")
+
+
+def test_save_image_grid_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A write that fails half-way (disk full) raises OutputError naming the file and leaves the old grid."""
+    import errno
+
+    import matplotlib.pyplot as plt
+
+    from pyroflows.run import OutputError
+
+    path = tmp_path / "grid.png"
+    save_image_grid(torch.zeros(4, 1, 8, 8), path)
+    before = path.read_bytes()
+
+    def full(f, *args, **kwargs):
+        f.write(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plt, "imsave", full)
+    with pytest.raises(OutputError, match="could not write image grid .*No space left on device.*unchanged") as info:
+        save_image_grid(torch.ones(4, 1, 8, 8), path)
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+
+def test_plot_density_2d_refuses_unknown_formats(tmp_path):
+    with pytest.raises(ValueError, match="cannot write a 'xyz' file"):
+        plot_density_2d(lambda x: -x.pow(2).sum(-1), tmp_path / "d.xyz", grid=10)
+    assert list(tmp_path.iterdir()) == []
