@@ -18,14 +18,21 @@ import sys
 
 from . import __version__
 
-# per flow: defaults of the builder options (levels, num_layers, hidden), sized for 8x8 digits on a CPU
-_ARCH = {
-    "glow": {"levels": 2, "num_layers": 4, "hidden": 64},
-    "realnvp": {"levels": 2, "num_layers": 3, "hidden": 32},
-    "residual": {"levels": 2, "num_layers": 2, "hidden": 32},
-}
+_FLOWS = ("glow", "realnvp", "residual")
 # flags renamed in 0.2: old flag -> new flag (the old ones still work until 0.3, with a warning)
 _RENAMED_FLAGS = {"--steps": "--num-layers", "--max-steps": "--num-steps"}
+
+
+_ARCH_HELP = """\
+default architecture (levels / num-layers / hidden), by image size and device:
+
+  flow      8x8 CPU     28x28 CPU   8x8 GPU      28x28 / 32x32 GPU
+  glow      2 / 4 / 64  2 / 8 / 64  2 / 8 / 128  2 / 16 / 256, 3 / 16 / 256
+  realnvp   2 / 3 / 32  2 / 4 / 32  2 / 4 / 64   3 / 8 / 64
+  residual  2 / 2 / 32  2 / 2 / 32  2 / 4 / 64   3 / 4 / 128
+
+"8x8" is any image whose longer side is at most 16 pixels; levels are capped by what the size allows.
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,13 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyroflows {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fit = sub.add_parser("fit", help="train a flow on an image data set by maximum likelihood")
+    fit = sub.add_parser(
+        "fit",
+        help="train a flow on an image data set by maximum likelihood",
+        epilog=_ARCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     fit.add_argument("--data", default="digits", help="digits (embedded), mnist or cifar10 (default: digits)")
     fit.add_argument("--root", help="directory holding the MNIST / CIFAR-10 files")
     fit.add_argument("--n-bits", type=int, help="keep only the most significant bits of each pixel (e.g. 5)")
     fit.add_argument("--flow", default="glow", help="glow, realnvp or residual (default: glow)")
-    defaults = "; ".join(f"{k} {v['levels']}/{v['num_layers']}/{v['hidden']}" for k, v in _ARCH.items())
-    fit.add_argument("--levels", type=int, help=f"number of scales (defaults levels/num-layers/hidden: {defaults})")
+    fit.add_argument("--levels", type=int, help="number of scales (default: by image size and device, below)")
     fit.add_argument(
         "--num-layers", type=int, help="flow depth per level: glow steps, realnvp coupling layers, residual blocks"
     )
@@ -59,8 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps (default 100)")
     fit.add_argument("--clip-norm", type=float, default=50.0)
     fit.add_argument("--ema", type=float, help="EMA decay of the weights used for evaluation, e.g. 0.999")
-    fit.add_argument("--eval-every", type=int, help="steps between test evaluations (default: once per epoch)")
-    fit.add_argument("--sample-every", type=int, help="steps between sample grids")
+    fit.add_argument(
+        "--eval-every",
+        type=_int_or_auto,
+        default="auto",
+        help="steps between test evaluations, or auto (default): after at least an epoch, once training since the "
+        "last evaluation took 9x as long as it did, so evaluation stays under a tenth of the run",
+    )
+    fit.add_argument(
+        "--eval-batch-size", type=int, default=250, help="images per evaluation batch: bounds its memory (default 250)"
+    )
+    fit.add_argument(
+        "--sample-every", type=int, help="steps between sample grids samples_step<N>.png (default: at each evaluation)"
+    )
     fit.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: once per epoch)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     fit.add_argument("--amp", action="store_true", help="bfloat16 conditioner networks (log-dets stay float32)")
@@ -68,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--out", required=True, help="output directory: checkpoint.pt, metrics.jsonl, samples.png")
     fit.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
-    fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fit.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (a line per evaluation is printed still)"
+    )
 
     sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint as PNG")
     sample.add_argument("checkpoint")
@@ -103,12 +127,24 @@ def _dataset(name, root, split, n_bits):
     return data.reduce_bits(n_bits) if n_bits else data
 
 
+def _int_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or auto, got {text!r}") from None
+
+
 def _check_fit_args(args) -> str:
     """The flow's name, after checking the sizes and lengths a user can get wrong (one line each, exit 2)."""
     flow = args.flow.lower()
-    if flow not in _ARCH:
-        raise ValueError(f"unknown flow {args.flow!r}; choose one of {', '.join(_ARCH)}")
-    sizes = ("levels", "num_layers", "hidden", "num_steps", "batch_size", "eval_every", "sample_every")
+    if flow not in _FLOWS:
+        raise ValueError(f"unknown flow {args.flow!r}; choose one of {', '.join(_FLOWS)}")
+    every = None if args.eval_every == "auto" else args.eval_every
+    sizes = ("levels", "num_layers", "hidden", "num_steps", "batch_size", "eval_batch_size", "sample_every")
+    if every is not None and every < 1:
+        raise ValueError(f"--eval-every must be >= 1 or auto, got {every}")
     for name in (*sizes, "checkpoint_every", "warmup"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
@@ -123,19 +159,28 @@ def _check_fit_args(args) -> str:
 def _fit(args) -> int:
     import torch
 
-    from .train import build_density, fit
+    from .train import build_density, default_options, fit
 
     flow = _check_fit_args(args)
-    defaults = _ARCH[flow]
     train = _dataset(args.data, args.root, "train", args.n_bits)
     test = _dataset(args.data, args.root, "test", args.n_bits)
 
     def pick(value, default):
         return value if value is not None else default
 
+    defaults = default_options(flow, train.shape, args.device)
     options = {name: pick(getattr(args, name), default) for name, default in defaults.items()}
     torch.manual_seed(args.seed)  # --seed fixes the initial weights too
     model = build_density(flow, train.shape, **options)
+    given = [name for name in defaults if getattr(args, name) is not None]
+    chosen = ", ".join(f"{name} {value}" for name, value in options.items())
+    source = "as given" if len(given) == len(defaults) else f"defaults for {'x'.join(map(str, train.shape))}"
+    size = sum(p.numel() for p in model.parameters())
+    print(
+        f"fit: {flow} ({chosen}; {source}), {size:,} parameters, {len(train)} training / {len(test)} test images",
+        file=sys.stderr,
+        flush=True,
+    )
     per_epoch = max(1, len(train) // args.batch_size)
     result = fit(
         model,
@@ -150,7 +195,8 @@ def _fit(args) -> int:
         warmup_steps=args.warmup,
         clip_norm=args.clip_norm,
         ema=args.ema,
-        eval_every=pick(args.eval_every, per_epoch),
+        eval_every=args.eval_every,
+        eval_batch_size=args.eval_batch_size,
         sample_every=args.sample_every,
         checkpoint_every=pick(args.checkpoint_every, per_epoch),
         out=args.out,
@@ -206,8 +252,9 @@ def _eval(args) -> int:
 def main(argv=None) -> int:
     """Entry point of the ``pyroflows`` command; returns the exit status.
 
-    Errors a user can fix (bad options, missing files, unusable checkpoints) print one line to standard error and
-    return 2; a training run stopped by a non-finite loss returns 1.
+    Errors a user can fix (bad options, missing files, unusable checkpoints, an output that cannot be written: disk
+    full, read-only) print one line to standard error and return 2; a training run stopped by a non-finite loss
+    returns 1.
 
     :param argv: the arguments after ``pyroflows`` (default: ``sys.argv[1:]``).
 
@@ -225,12 +272,12 @@ def main(argv=None) -> int:
             print(f"pyroflows: {old} is renamed {_RENAMED_FLAGS[old]} (the old name goes in 0.3)", file=sys.stderr)
             argv[i] = _RENAMED_FLAGS[old] + arg[len(old) :]
     args = parser.parse_args(argv)
-    from .run import RunInterrupted
+    from .run import OutputError, RunInterrupted
     from .train import CheckpointError, TrainingError
 
     try:
         return {"fit": _fit, "sample": _sample, "eval": _eval}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, OutputError) as e:
         message = str(e).removeprefix(f"{args.command}: ")
         print(f"pyroflows {args.command}: error: {message}", file=sys.stderr)
         return 2

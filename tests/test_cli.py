@@ -64,7 +64,11 @@ def test_fit_writes_checkpoint_metrics_samples_and_prints_bpd(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(fit_argv(out)) == 0
     captured = capsys.readouterr()
-    assert captured.err == ""
+    header, *reports = captured.err.splitlines()  # the model, then one line per evaluation (--no-progress too)
+    assert re.fullmatch(r"fit: glow \(levels 1, num_layers 1, hidden 8; as given\), [\d,]+ parameters, "
+                        r"\d+ training / \d+ test images", header), header  # fmt: skip
+    assert reports and all(re.match(r"fit: step \d+/20 \(epoch [\d.]+\), train [\d.]+ bits/dim, test [\d.]+ bits/dim, "
+                                     r"\d+ img/s", line) for line in reports), reports  # fmt: skip
     step, bpd, ckpt_path = fit_line(captured.out)
     assert step == 20
     assert math.isfinite(bpd) and 0 < bpd < 8  # log2(17) = 4.09 for a uniform model of 17-level pixels
@@ -187,7 +191,7 @@ def test_sample_writes_png_grid(run, tmp_path, capsys):
     assert out.read_bytes()[:8] == PNG_MAGIC
     image = mpimg.imread(out)
     side = 4 * (8 + 1) + 1  # 4x4 grid of 8x8 images, 1-pixel padding
-    factor = 256 // side  # enlarged towards save_image_grid's min_size
+    factor = math.ceil(512 / side)  # enlarged to save_image_grid's min_size, at least
     assert image.shape[:2] == (side * factor, side * factor)
     assert image.ndim == 3 and image.shape[2] in (3, 4)
     # a gray-scale grid: equal RGB channels, white padding, some non-white sample pixels
@@ -368,7 +372,89 @@ def test_renamed_flags_still_work_and_say_their_new_name(tmp_path, capsys):
 
 
 def test_fit_help_shows_the_default_sizes_of_each_flow(capsys):
+    """The table in ``fit --help`` is SIZE_DEFAULTS, row by row (so the two cannot drift apart)."""
+    from pyroflows.train import SIZE_DEFAULTS
+
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "glow 2/4/64" in text and "realnvp 2/3/32" in text and "residual 2/2/32" in text
+    lines = capsys.readouterr().out.splitlines()
+    for flow, table in SIZE_DEFAULTS.items():
+        row = next(line for line in lines if line.split()[:1] == [flow])
+        for key in (("small", "cpu"), ("large", "cpu"), ("small", "cuda"), ("large", "cuda")):
+            assert " / ".join(map(str, table[key])) in row, (flow, key, row)
+
+
+@pytest.mark.parametrize(
+    "shape, device, expected",
+    [((1, 8, 8), "cpu", (2, 4, 64)), ((1, 28, 28), "cpu", (2, 8, 64)), ((3, 32, 32), "cuda", (3, 16, 256)),
+     ((1, 28, 28), "cuda", (2, 16, 256))],
+)  # fmt: skip
+def test_glow_defaults_follow_image_size_and_device(shape, device, expected):
+    from pyroflows.train import default_options
+
+    assert tuple(default_options("glow", shape, device).values()) == expected
+
+
+def test_fit_on_28x28_uses_the_large_image_defaults(tmp_path, monkeypatch, capsys):
+    """No architecture flags on MNIST-size images: the model is built with the 28x28 CPU sizes, and says so."""
+    from pyroflows.data import ImageDataset
+    from pyroflows.train import default_options
+
+    g = torch.Generator().manual_seed(0)
+    fake = {
+        s: ImageDataset(torch.randint(0, 256, (n, 1, 28, 28), generator=g)) for s, n in (("train", 32), ("test", 8))
+    }
+    monkeypatch.setattr("pyroflows.cli._dataset", lambda name, root, split, n_bits: fake[split])
+    out = tmp_path / "r"
+    argv = ["fit", "--data", "mnist", "--root", str(tmp_path), "--device", "cpu", "--num-steps", "1", "--batch-size",
+            "16", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    options = load_checkpoint(out / "checkpoint.pt")["spec"]["options"]
+    assert options == default_options("glow", (1, 28, 28), "cpu") == {"levels": 2, "num_layers": 8, "hidden": 64}
+    assert "glow (levels 2, num_layers 8, hidden 64; defaults for 1x28x28)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ outputs that fail
+def test_disk_full_is_one_line_exit_2_and_the_last_checkpoint_survives(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+    import stat
+
+    from pyroflows import run as engine
+
+    fsync, files = os.fsync, {"n": 0}
+
+    def full(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            files["n"] += 1
+            if files["n"] == 2:  # the file after the first checkpoint (the final sample grid)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(fd)
+
+    monkeypatch.setattr(engine.os, "fsync", full)
+    out = tmp_path / "run"
+    assert main(fit_argv(out, 8, "--checkpoint-every", "4", "--sample-every", "100")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("pyroflows fit: error: could not write ") and "No space left on device" in err
+    assert "(step 4) is intact" in err
+    monkeypatch.setattr(engine.os, "fsync", fsync)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert main(fit_argv(out, 8, "--checkpoint-every", "4", "--sample-every", "100", "--resume")) == 0
+
+
+def test_an_output_directory_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(fit_argv(blocker / "run", 2)) == 2
+    *header, err = capsys.readouterr().err.strip().splitlines()  # the model line, then the error
+    assert len(header) == 1 and err.startswith("pyroflows fit: error: cannot use") and "as the run directory" in err
+
+
+@pytest.mark.parametrize("name", ["x.xyz", "existing_dir"])
+def test_sample_refuses_outputs_it_cannot_write(run, tmp_path, capsys, name):
+    (tmp_path / "existing_dir").mkdir()
+    assert main(["sample", str(run / "checkpoint.pt"), "--n", "4", "--out", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pyroflows sample: error:"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing_dir"]

@@ -223,6 +223,7 @@ def test_the_engine_is_neutral_and_infer_does_not_import_train():
         "__future__",
         "contextlib",
         "fcntl",
+        "io",
         "signal",
         "threading",
         "math",
@@ -291,8 +292,10 @@ def test_the_command_line_reports_a_locked_directory_in_one_line(tmp_path, capsy
     argv = ["fit", "--levels", "1", "--num-layers", "1", "--hidden", "8", "--num-steps", "2", "--out", str(out)]
     with run.run_lock(out, "the first run"):
         assert main([*argv, "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is in use by another run" in err[0] and not (out / run.CHECKPOINT).exists()
+    *header, err = capsys.readouterr().err.strip().splitlines()  # the model's line, then the error
+    assert len(header) == 1 and header[0].startswith("fit: glow")
+    assert err.startswith("pyroflows fit: error:") and "is in use by another run" in err
+    assert not (out / run.CHECKPOINT).exists()
 
 
 def test_the_lock_of_a_killed_process_is_released_by_the_os(tmp_path):
@@ -376,7 +379,8 @@ def test_the_command_line_stops_on_a_signal_with_one_line_and_the_shell_exit_cod
     finally:
         proc.kill()
     assert proc.returncode == code
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "stopped by" in lines[0] and "--resume" in lines[0], err
+    header, *reports, last = err.strip().splitlines()  # the model, the evaluation lines, then one about the stop
+    assert header.startswith("fit: glow") and all(line.startswith("fit: step ") for line in reports), err
+    assert "stopped by" in last and "--resume" in last, err
     step = run.load_checkpoint(out / run.CHECKPOINT)["step"]
-    assert f"after step {step};" in lines[0]
+    assert f"after step {step};" in last

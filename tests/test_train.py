@@ -362,3 +362,105 @@ def test_time_limit_stops_early_with_a_checkpoint_and_resume_continues(digits, t
     assert second.step == first.step + 5 and len(second.losses) == first.step + 5
     with pytest.raises(ValueError, match="time_limit"):
         run(tiny(), digits, time_limit=0)
+
+
+# ------------------------------------------------------------------------------------------------ reports, outputs
+def test_a_line_per_evaluation_without_the_bar(digits, capfd):
+    """progress=False hides the bar, not the report: step, epoch, train and test bits/dim, img/s, ETA on stderr."""
+    run(tiny(), digits, num_steps=30, eval_every=10)
+    captured = capfd.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 3 and captured.out == "", captured
+    for i, line in enumerate(lines, 1):
+        assert line.startswith(f"fit: step {10 * i}/30 (epoch "), line
+        assert "train " in line and "test " in line and "bits/dim" in line and " img/s" in line
+    assert "ETA " in lines[0] and "ETA " not in lines[-1]  # nothing left after the last step
+    run(tiny(), digits, num_steps=10, eval_every=5, report=False)
+    assert capfd.readouterr().err == ""
+
+
+def test_auto_evaluation_keeps_evaluation_under_a_tenth_of_the_run(digits, monkeypatch):
+    """eval_every="auto": the first evaluation after an epoch, each later one only after 9x the last one's time."""
+    import time
+
+    from pyroflows.train import loop
+
+    calls, real = [], loop.evaluate
+
+    def slow(*args, **kwargs):
+        start = time.perf_counter()
+        time.sleep(0.15)  # an expensive evaluation (a residual flow's exact log-det, say)
+        value = real(*args, **kwargs)
+        calls.append((start, time.perf_counter()))
+        return value
+
+    monkeypatch.setattr(loop, "evaluate", slow)
+    per_epoch = len(digits[0]) // 32
+    result = run(tiny(), digits, num_steps=4 * per_epoch, eval_every="auto")
+    steps = [e["step"] for e in result.evals]
+    assert steps[0] == per_epoch and steps[-1] == 4 * per_epoch and steps == sorted(set(steps))
+    for (_, end), (start, _), step, nxt in zip(calls, calls[1:-1], steps, steps[1:-1]):
+        assert start - end >= 9 * 0.15 and nxt - step >= per_epoch  # 9x the evaluation's time, and an epoch
+
+
+def test_a_sample_grid_at_each_evaluation(digits, tmp_path):
+    run(tiny(), digits, tmp_path, num_steps=20, eval_every=10)
+    grids = sorted(p.name for p in tmp_path.glob("samples*.png"))
+    assert grids == ["samples.png", "samples_step0000010.png"]  # the last step's grid is samples.png
+
+
+def test_disk_full_keeps_the_last_checkpoint_and_leaves_no_partial_file(digits, tmp_path, monkeypatch):
+    """ENOSPC while writing the second checkpoint: OutputError naming the file, the reason and the last good
+    checkpoint; the first checkpoint is intact, no temporary file is left, and the run resumes from it."""
+    import errno
+
+    from pyroflows import run as engine
+    from pyroflows.train import OutputError
+
+    fsync, calls = os.fsync, {"n": 0}
+
+    def full(fd):
+        import stat
+
+        calls["n"] += stat.S_ISREG(os.fstat(fd).st_mode)  # files only: directories are fsync-ed too
+        if calls["n"] == 2 and stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(fd)
+
+    monkeypatch.setattr(engine.os, "fsync", full)
+    with pytest.raises(OutputError) as info:
+        run(tiny(), digits, tmp_path, num_steps=12, checkpoint_every=4, eval_every=None, sample_every=100)
+    message = str(info.value)
+    assert "could not write checkpoint" in message and "No space left on device" in message
+    assert f"the last good checkpoint {tmp_path / 'checkpoint.pt'} (step 4) is intact" in message
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.setattr(engine.os, "fsync", fsync)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert run(tiny(), digits, tmp_path, num_steps=12, checkpoint_every=4, resume=True).step == 12
+
+
+def test_a_full_metrics_file_is_cut_back_to_whole_lines(tmp_path, monkeypatch):
+    import errno
+
+    from pyroflows.train import OutputError
+    from pyroflows.train.loop import _Metrics
+
+    metrics = _Metrics(tmp_path / "m.jsonl", None)
+    metrics.write(step=1, loss=1.0)
+    real = metrics.file
+
+    class Full:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def write(self, data):
+            real.write(data[:5])  # a torn line, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    metrics.file = Full()
+    with pytest.raises(OutputError, match="could not write metrics .*No space left.*earlier lines are intact"):
+        metrics.write(step=2, loss=0.5)
+    metrics.file = real
+    metrics.close()
+    assert [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()] == [{"step": 1, "loss": 1.0}]

@@ -4,11 +4,18 @@ by name (:func:`~pyroflows.train.build_density`) so checkpoints can rebuild them
 (errors, atomic checkpoints, resume policy, schedule, progress) is :mod:`pyroflows.run`, shared with
 :func:`pyroflows.infer.fit`; its errors and checkpoint functions are re-exported here."""
 
-from ..run import CheckpointError, CheckpointExistsError, TrainingError, atomic_torch_save, load_checkpoint
+from ..run import (
+    CheckpointError,
+    CheckpointExistsError,
+    OutputError,
+    TrainingError,
+    atomic_torch_save,
+    load_checkpoint,
+)
 from .checkpoint import load_model_state
 from .evaluation import evaluate
 from .loop import FitConfig, FitResult, fit
-from .models import FLOWS, build_density, density_from_spec, load_density
+from .models import FLOWS, SIZE_DEFAULTS, build_density, default_options, density_from_spec, load_density
 
 __all__ = [
     "FLOWS",
@@ -16,9 +23,12 @@ __all__ = [
     "CheckpointExistsError",
     "FitConfig",
     "FitResult",
+    "OutputError",
+    "SIZE_DEFAULTS",
     "TrainingError",
     "atomic_torch_save",
     "build_density",
+    "default_options",
     "density_from_spec",
     "evaluate",
     "fit",

@@ -10,9 +10,11 @@ so a resumed run repeats the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -33,8 +35,10 @@ from ..run import (
     FORMAT,
     VERSION,
     CheckpointError,
+    OutputError,
     TrainingError,
     atomic_torch_save,
+    atomic_write,
     check_choice,
     check_finite,
     check_int,
@@ -81,7 +85,8 @@ class FitConfig:
     ``num_steps``, ``epochs``, ``n_bins``, ``batch_size``, ``lr``, ``optimizer``, ``weight_decay``,
     ``warmup_steps``, ``clip_norm``, ``ema``, ``eval_every``, ``eval_batch_size``, ``sample_every``,
     ``n_samples``, ``temperature``, ``checkpoint_every``, ``log_every``, ``out`` (a ``Path`` or ``None``),
-    ``resume``, ``device``, ``amp``, ``compile``, ``seed``, ``init_batch_size``, ``progress``, ``time_limit``.
+    ``resume``, ``device``, ``amp``, ``compile``, ``seed``, ``init_batch_size``, ``progress``, ``time_limit``,
+    ``report``.
 
     Example::
 
@@ -104,7 +109,7 @@ class FitConfig:
     warmup_steps: int = 0
     clip_norm: float | None = 50.0
     ema: float | None = None
-    eval_every: int | None = None
+    eval_every: int | str | None = None
     eval_batch_size: int = 500
     sample_every: int | None = None
     n_samples: int = 64
@@ -120,6 +125,7 @@ class FitConfig:
     init_batch_size: int = 512
     progress: bool | None = None
     time_limit: float | None = None
+    report: bool = True
 
     def __post_init__(self):
         if self.out is not None:
@@ -137,7 +143,9 @@ class FitConfig:
         check_int(c, "warmup_steps", self.warmup_steps, 0)
         check_number(c, "clip_norm", self.clip_norm, 0, optional=True)
         check_number(c, "ema", self.ema, 0, 1, optional=True)
-        for name in ("eval_every", "sample_every", "checkpoint_every"):
+        if self.eval_every != "auto":
+            check_int(c, "eval_every", self.eval_every, 1, optional=True)
+        for name in ("sample_every", "checkpoint_every"):
             check_int(c, name, getattr(self, name), 1, optional=True)
         for name in ("eval_batch_size", "n_samples", "log_every", "init_batch_size"):
             check_int(c, name, getattr(self, name), 1)
@@ -149,6 +157,7 @@ class FitConfig:
         check_int(c, "seed", self.seed)
         check_choice(c, "progress", self.progress, (None, True, False))
         check_number(c, "time_limit", self.time_limit, 0, optional=True)
+        check_choice(c, "report", self.report, (True, False))
 
 
 @dataclass
@@ -221,6 +230,9 @@ class _Run:
     order: torch.Tensor | None = None
     order_epoch: int = -1
     t0: float = 0.0
+    last_eval_step: int = 0  # the step of the last evaluation (or the start), for the report and "auto"
+    last_eval_end: float = 0.0  # perf_counter when it finished
+    last_eval_seconds: float | None = None  # how long it took
 
     @property
     def writes(self) -> bool:
@@ -251,7 +263,7 @@ def fit(
     warmup_steps: int = 0,
     clip_norm: float | None = 50.0,
     ema: float | None = None,
-    eval_every: int | None = None,
+    eval_every: int | str | None = None,
     eval_batch_size: int = 500,
     sample_every: int | None = None,
     n_samples: int = 64,
@@ -267,6 +279,7 @@ def fit(
     init_batch_size: int = 512,
     progress: bool | None = None,
     time_limit: float | None = None,
+    report: bool = True,
     steps: int | None = None,
 ) -> FitResult:
     r"""Train ``model`` by maximum likelihood on ``train``.
@@ -298,9 +311,13 @@ def fit(
     :param int warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr``.
     :param clip_norm: clip the global gradient norm (``None``: no clipping; the norm is still checked).
     :param ema: EMA decay in ``(0, 1)`` (e.g. ``0.999``); evaluation and samples then use the averaged weights.
-    :param eval_every: evaluate on ``test`` every so many steps (and at the end).
-    :param int eval_batch_size: batch size of the evaluations.
-    :param sample_every: write ``samples_<step>.png`` every so many steps (and ``samples.png`` at the end).
+    :param eval_every: evaluate on ``test`` every so many steps (and at the end); ``"auto"``: after at least one
+        epoch and once the training time since the last evaluation is at least 9 times what that evaluation took,
+        so evaluations take at most about a tenth of the run whatever they cost (a residual flow's exact
+        evaluation can cost as much as a hundred training steps); ``None``: at the end only.
+    :param int eval_batch_size: batch size of the evaluations (bounds their memory).
+    :param sample_every: write ``samples_step<step>.png`` every so many steps (and ``samples.png`` at the end);
+        ``None``: at every evaluation.
     :param int n_samples: images per sample grid.
     :param float temperature: the latent's temperature for the sample grids.
     :param checkpoint_every: write ``checkpoint.pt`` every so many steps (and at the end); needs ``out``.
@@ -321,8 +338,10 @@ def fit(
     :param time_limit: stop after the step during which this many seconds of training have passed, and finish
         as at the last step (evaluation, samples, checkpoint); ``resume=True`` later continues towards
         ``num_steps``.
-    :param progress: tqdm progress bar (``None``: only when stderr is a terminal); ``False`` also silences the
-        evaluation lines.
+    :param progress: tqdm progress bar (``None``: only when stderr is a terminal).
+    :param bool report: print one line per evaluation to stderr, with or without the bar: step, epoch, mean
+        training loss since the last evaluation, test bits/dim (or NLL), training images per second and the
+        estimated time left.
     :param steps: the old name of ``num_steps`` (a ``FutureWarning``; removed in 0.3).
     :raises ValueError: for a setting out of range (:class:`FitConfig` names it) or unusable data.
     :raises TrainingError: on a non-finite loss or gradient norm, naming the step; nothing is overwritten.
@@ -356,7 +375,8 @@ def fit(
 def _fit(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> FitResult:
     run = _setup(model, train, test, cfg, ctx)
     model.train()
-    run.t0 = time.perf_counter()
+    run.t0 = run.last_eval_end = time.perf_counter()
+    run.last_eval_step = run.start
     try:
         # SIGINT/SIGTERM: finish the step, checkpoint, then stop (one process only: under DDP the ranks would have
         # to agree on the step first)
@@ -368,6 +388,12 @@ def _fit(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> FitResult:
                 if request.signum is not None and cfg.out is not None and run.last_saved != step + 1:
                     _save(run, step + 1)
                 request.stop("fit", step + 1, run.ckpt_path if cfg.out is not None else None, _RESUME_HINT)
+    except OutputError as e:  # disk full, read-only: say which checkpoint is the last good one
+        last = run.last_good()
+        where = f"{last[0]} (step {last[1]}) is intact" if last else "no checkpoint of this run was written"
+        error = OutputError(f"fit: {e}; the last good checkpoint {where}")
+        error.errno = e.errno
+        raise error from e
     finally:
         run.bar.close()
         run.metrics.close()
@@ -551,10 +577,11 @@ def _after_step(run: _Run, done: int, value: float, grad_norm: float) -> bool:
     run.bar.set_postfix({"bpd" if run.data.n_bins else "nll": f"{value:.3f}"}, refresh=False)
     run.bar.update(1)
     final = done == run.total or (cfg.time_limit is not None and _out_of_time(run.t0, cfg.time_limit, run.ctx))
-    if (cfg.eval_every and done % cfg.eval_every == 0) or final:
+    evaluates = final or _eval_due(run, done)
+    if evaluates:
         _evaluate(run, done)
-    if cfg.sample_every and done % cfg.sample_every == 0 and not final:
-        _samples(run, done, f"samples_{done:07d}.png")
+    if not final and (done % cfg.sample_every == 0 if cfg.sample_every else evaluates):
+        _samples(run, done, f"samples_step{done:07d}.png")
     if final:
         _samples(run, done, "samples.png")
     if cfg.out is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final):
@@ -563,18 +590,77 @@ def _after_step(run: _Run, done: int, value: float, grad_norm: float) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ outputs
+def _eval_due(run: _Run, done: int) -> bool:
+    """Whether ``eval_every`` asks for an evaluation after step ``done`` (the last step always has one).
+
+    ``"auto"``: at least an epoch since the last evaluation, and at least 9x its duration of training since
+    (rank 0's clock decides for all ranks)."""
+    every = run.cfg.eval_every
+    if every is None:
+        return False
+    if every != "auto":
+        return done % every == 0
+    if done - run.last_eval_step < run.per_epoch:
+        return False
+    if run.last_eval_seconds is None:
+        return True
+    budget = 9.0 * run.last_eval_seconds
+    return _out_of_time(run.last_eval_end, budget, run.ctx)
+
+
 def _evaluate(run: _Run, step: int) -> None:
-    if run.test_data is None:
-        return
     cfg = run.cfg
-    value = evaluate(
-        run.eval_model, run.test_data.x, run.test_data.n_bins, cfg.eval_batch_size, seed=cfg.seed, device=run.ctx.device
-    )
-    record = {"step": step, ("test_bpd" if run.data.n_bins else "test_nll"): value}
-    run.evals.append(record)
-    run.metrics.write(**record)
-    if run.ctx.is_main and cfg.progress is not False:
-        run.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
+    started = time.perf_counter()
+    record = {"step": step}
+    if run.test_data is not None:
+        value = evaluate(
+            run.eval_model,
+            run.test_data.x,
+            run.test_data.n_bins,
+            cfg.eval_batch_size,
+            seed=cfg.seed,
+            device=run.ctx.device,
+        )
+        record["test_bpd" if run.data.n_bins else "test_nll"] = value
+        run.evals.append(record)
+        run.metrics.write(**record)
+    if run.ctx.is_main and cfg.report:
+        _report(run, step, record, started)
+    run.last_eval_end = time.perf_counter()
+    run.last_eval_seconds = run.last_eval_end - started
+    run.last_eval_step = step
+
+
+def _report(run: _Run, step: int, record: dict, started: float) -> None:
+    """One line per evaluation on stderr (above the bar when there is one)."""
+    steps = step - run.last_eval_step
+    seconds = max(started - run.last_eval_end, 1e-9)  # training time since the last evaluation
+    units = "bits/dim" if run.data.n_bins else "nats"
+    parts = [f"step {step}/{run.total} (epoch {step / run.per_epoch:.1f})"]
+    if steps > 0:
+        parts.append(f"train {sum(run.losses[-steps:]) / steps:.4f} {units}")
+    for key, value in record.items():
+        if key != "step":
+            parts.append(f"{key.replace('_bpd', '').replace('_nll', '')} {value:.4f} {units}")
+    if steps > 0:
+        parts.append(f"{steps * run.cfg.batch_size * run.ctx.world_size / seconds:.0f} img/s")
+        left = (run.total - step) * seconds / steps
+        if run.cfg.time_limit is not None:
+            left = min(left, max(0.0, run.cfg.time_limit - (time.perf_counter() - run.t0)))
+        if step < run.total and left > 0:
+            parts.append(f"ETA {_duration(left)}")
+    line = "fit: " + ", ".join(parts)
+    if run.bar.disable:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        run.bar.write(line, file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def _samples(run: _Run, step: int, name: str) -> None:
@@ -636,15 +722,27 @@ class _Metrics:
                         kept.append(line)
                 except json.JSONDecodeError:  # a torn last line from a killed run
                     continue
-            path.write_text("".join(k + "\n" for k in kept))
+            text = "".join(k + "\n" for k in kept).encode()
+            atomic_write(path, lambda f: f.write(text), what="metrics")
         elif path.is_file():
             path.unlink()
-        self.file = open(path, "a")  # noqa: SIM115 - closed in close()
+        try:
+            self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close(); unbuffered: whole lines
+        except OSError as e:
+            raise OutputError(f"could not write metrics {str(path)!r}: {e.strerror or e}") from e
 
     def write(self, **record) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+        if self.file is None:
+            return
+        end = os.fstat(self.file.fileno()).st_size
+        try:
+            self.file.write((json.dumps(record) + "\n").encode())
+        except OSError as e:  # e.g. disk full: cut the torn line off again, so the file stays whole lines
+            with contextlib.suppress(OSError):
+                self.file.truncate(end)
+            raise OutputError(
+                f"could not write metrics {str(self.path)!r}: {e.strerror or e}; its earlier lines are intact"
+            ) from e
 
     def close(self) -> None:
         if self.file is not None:

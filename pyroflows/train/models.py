@@ -14,6 +14,78 @@ FLOWS = {"glow": glow, "realnvp": realnvp, "residual": residual_flow}
 _RENAMED = {"steps": "num_layers", "hidden_channels": "hidden", "num_blocks": "num_layers"}
 
 
+# Per flow: (levels, num_layers, hidden) by image size class and device kind. "small" is a longer side of at most 16
+# pixels (the embedded 8x8 digits), "large" anything bigger (28x28 MNIST, 32x32 CIFAR-10). Sized so a CPU run
+# makes visible progress in minutes (glow 28x28 at 2/8/64: about 0.15 s per step of 64 images on 2 cores) and a
+# GPU run uses the device. Levels are capped by what the image size allows (28x28: glow at most 2).
+SIZE_DEFAULTS = {
+    "glow": {
+        ("small", "cpu"): (2, 4, 64),
+        ("large", "cpu"): (2, 8, 64),
+        ("small", "cuda"): (2, 8, 128),
+        ("large", "cuda"): (3, 16, 256),
+    },
+    "realnvp": {
+        ("small", "cpu"): (2, 3, 32),
+        ("large", "cpu"): (2, 4, 32),
+        ("small", "cuda"): (2, 4, 64),
+        ("large", "cuda"): (3, 8, 64),
+    },
+    "residual": {
+        ("small", "cpu"): (2, 2, 32),
+        ("large", "cpu"): (2, 2, 32),
+        ("small", "cuda"): (2, 4, 64),
+        ("large", "cuda"): (3, 4, 128),
+    },
+}
+
+
+def default_options(flow: str, shape: Sequence[int], device="cpu") -> dict:
+    """The architecture ``pyroflows fit`` uses when ``--levels`` / ``--num-layers`` / ``--hidden`` are not given:
+    sized by the image (longer side at most 16 pixels, or more) and the device (CPU, or CUDA).
+
+    ========  ==========  ==========  ==========  ==========
+    flow      8x8, CPU    28x28, CPU  8x8, GPU    32x32, GPU
+    ========  ==========  ==========  ==========  ==========
+    glow      2 / 4 / 64  2 / 8 / 64  2 / 8 / 128 3 / 16 / 256
+    realnvp   2 / 3 / 32  2 / 4 / 32  2 / 4 / 64  3 / 8 / 64
+    residual  2 / 2 / 32  2 / 2 / 32  2 / 4 / 64  3 / 4 / 128
+    ========  ==========  ==========  ==========  ==========
+
+    (levels / num_layers / hidden; 28x28 on a GPU is as 32x32 with the levels the size allows: glow 2.)
+
+    :param str flow: ``"glow"``, ``"realnvp"`` or ``"residual"``.
+    :param shape: the image shape ``(C, H, W)``.
+    :param device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``.
+    :returns: ``{"levels", "num_layers", "hidden"}``.
+
+    Example::
+
+        >>> from pyroflows.train import default_options
+        >>> default_options("glow", (1, 28, 28), "cpu")
+        {'levels': 2, 'num_layers': 8, 'hidden': 64}
+        >>> default_options("glow", (1, 28, 28), "cuda")  # 28 = 4 x 7: two levels at most
+        {'levels': 2, 'num_layers': 16, 'hidden': 256}
+    """
+    import torch
+
+    from ..builders import _max_levels
+
+    key = str(flow).lower()
+    if key not in SIZE_DEFAULTS:
+        raise ValueError(f"unknown flow {flow!r}; choose one of {sorted(SIZE_DEFAULTS)}")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3:
+        raise ValueError(f"default_options: expected an image shape (C, H, W), got {shape}")
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    size = "small" if max(shape[1:]) <= 16 else "large"
+    levels, num_layers, hidden = SIZE_DEFAULTS[key][(size, kind)]
+    allowed = _max_levels(shape, extra_squeeze=1 if key == "glow" else 0)
+    return {"levels": max(1, min(levels, allowed)), "num_layers": num_layers, "hidden": hidden}
+
+
 def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
     """A :class:`~pyroflows.FlowDensity` on data of ``shape`` with the named builder.
 
@@ -111,4 +183,4 @@ def load_density(path, ema: bool = False, map_location="cpu") -> FlowDensity:
     return model.to(map_location).eval()
 
 
-__all__ = ["FLOWS", "build_density", "density_from_spec", "load_density"]
+__all__ = ["FLOWS", "SIZE_DEFAULTS", "build_density", "default_options", "density_from_spec", "load_density"]
