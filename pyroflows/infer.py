@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -89,6 +90,8 @@ class SVIResult:
     :ivar out: the run directory (``None`` when none was given).
     :ivar checkpoint: the checkpoint file written (``None`` when none was).
     :ivar list skipped: the steps (counted from 1) whose non-finite loss or gradient was skipped (no update).
+    :ivar khat: the PSIS k̂ of the fitted guide (:func:`pyroflows.diagnostics.psis_khat`, 1000 draws) when
+        :func:`fit` reported it (``report=True``), else ``None``; ``nan`` when it could not be computed.
 
     Example::
 
@@ -116,6 +119,7 @@ class SVIResult:
     out: Path | None = None
     checkpoint: Path | None = None
     skipped: list = field(default_factory=list)
+    khat: float | None = None
 
     @property
     def elbo(self) -> np.ndarray:
@@ -128,6 +132,41 @@ class SVIResult:
         :param int window: how many of the last steps to average.
         """
         return float(self.elbo[-window:].mean())
+
+    def summary(self) -> str:
+        """The lines :func:`fit` prints at the end with ``report=True``: steps and time, the final ELBO, and k̂
+        with its verdict (below 0.5 good, below 0.7 usable, else unreliable) and, when it is high, what to try.
+
+        Example::
+
+            >>> import numpy as np
+            >>> result = SVIResult(np.full(10, 3.0), None, 1.5, np.full(10, 0.01), step=10, khat=0.92)
+            >>> print(result.summary())  # doctest: +NORMALIZE_WHITESPACE
+            fit: 10 steps in 1.5 s; ELBO -3 (mean of the last 10 steps); k̂ 0.92: unreliable, the guide misses
+            posterior mass (do not trust its means or intervals).
+            Try: more steps; a more expressive flow (more num_layers, or pyroflows.autoregressive_flow /
+            spline_flow); a non-centred parameterisation of hierarchical models (pyro.infer.reparam.LocScaleReparam).
+        """
+        window = min(100, len(self.losses))
+        head = f"fit: {self.step} steps in {self.seconds:.1f} s; ELBO {self.final_elbo(window):.4g} (mean of the last "
+        head += f"{window} steps)"
+        if self.khat is None:
+            return head
+        if not math.isfinite(self.khat):
+            return head + "; k̂ could not be computed (see pyroflows.diagnostics.psis_khat)"
+        k = self.khat
+        if k < 0.5:
+            return head + f"; k̂ {k:.2f}: good, the guide fits the posterior."
+        if k < 0.7:
+            return head + (
+                f"; k̂ {k:.2f}: usable, the guide is somewhat off; PSIS-corrected estimates "
+                "(pyroflows.diagnostics.psis_khat) are reliable."
+            )
+        return head + (
+            f"; k̂ {k:.2f}: unreliable, the guide misses posterior mass (do not trust its means or intervals).\n"
+            "Try: more steps; a more expressive flow (more num_layers, or pyroflows.autoregressive_flow / "
+            "spline_flow); a non-centred parameterisation of hierarchical models (pyro.infer.reparam.LocScaleReparam)."
+        )
 
 
 @dataclass(frozen=True)
@@ -270,6 +309,7 @@ def fit(
     checkpoint_every: int | None = None,
     resume: bool | str | os.PathLike = False,
     checkpoint: str | os.PathLike | None = None,
+    report: bool = True,
 ) -> SVIResult:
     """Fit ``guide`` to ``model``'s posterior by stochastic variational inference.
 
@@ -328,6 +368,9 @@ def fit(
         takes the steps an uninterrupted run would have taken, draw for draw.
     :param checkpoint: the old form of ``out``: the checkpoint *file* itself (a ``FutureWarning``; removed in
         0.3).
+    :param bool report: at the end, compute k̂ from 1000 guide draws (:func:`pyroflows.diagnostics.psis_khat`,
+        the global RNG left as it was) into :attr:`SVIResult.khat`, and print :meth:`SVIResult.summary` to stderr:
+        ELBO, k̂ with its verdict, and what to try when it is high.
     :returns: :class:`SVIResult` with the loss trace (of all steps, those before a resume included).
     :raises ValueError: for a setting out of range (:class:`SVIConfig` names it).
     :raises CheckpointError: for a missing, unreadable or foreign checkpoint on resume, or settings that differ.
@@ -351,8 +394,29 @@ def fit(
         note = " (a run directory; the checkpoint file is out/checkpoint.pt)"
         renamed("fit", "checkpoint", "out", checkpoint, out, note=note)
     cfg = SVIConfig(**{f.name: given[f.name] for f in fields(SVIConfig)})
+    if report not in (True, False):
+        raise ValueError(f"fit: report must be True or False, got {report!r}")
+    args, kwargs = tuple(model_args), dict(model_kwargs or {})
     with run_lock(cfg.checkpoint.parent if cfg.checkpoint is not None else None, "fit"):
-        return _svi_loop(model, guide, tuple(model_args), dict(model_kwargs or {}), loss, callback, cfg)
+        result = _svi_loop(model, guide, args, kwargs, loss, callback, cfg)
+    if report:
+        result.khat = _final_khat(model, guide, args, kwargs)
+        print(result.summary(), file=sys.stderr, flush=True)
+    return result
+
+
+def _final_khat(model, guide, args: tuple, kwargs: dict) -> float:
+    """k̂ of the fitted guide from 1000 draws, leaving every RNG as it was; ``nan`` when it cannot be computed
+    (e.g. guide draws outside the model's support)."""
+    from .diagnostics import psis_khat
+
+    state = rng_state()
+    try:
+        return float(psis_khat(model, guide, num_samples=1000, model_args=args, model_kwargs=kwargs).khat)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return math.nan
+    finally:
+        set_rng_state(state)
 
 
 def _svi_loop(model, guide, args: tuple, kwargs: dict, loss, callback, cfg: SVIConfig) -> SVIResult:

@@ -346,3 +346,39 @@ def test_checkpoint_is_the_deprecated_name_of_out_and_keeps_its_file_meaning(tmp
         fit(gaussian_model, AutoNormal(gaussian_model), 4, checkpoint=tmp_path / "svi.pt", progress=False)
     with pytest.raises(ValueError, match="not both"):
         fit(gaussian_model, AutoNormal(gaussian_model), 4, checkpoint=tmp_path / "a.pt", out=tmp_path / "b")
+
+
+# ------------------------------------------------------------------------------------------------ the final report
+def _normal_model():
+    pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 0.5).to_event(1))
+
+
+def test_fit_ends_with_elbo_and_khat_verdict_on_stderr(capfd):
+    pyro.clear_param_store()
+    guide = AutoNormal(_normal_model)
+    result = fit(_normal_model, guide, num_steps=300, lr=0.05, progress=False, seed=0)
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("fit: 300 steps in ") and "ELBO " in err and "k̂ " in err, err
+    assert result.khat is not None and result.khat < 0.5 and ": good, the guide fits the posterior." in err
+
+
+def test_report_false_prints_nothing_and_the_report_leaves_the_rng_alone(capfd):
+    draws = []
+    for report in (False, True):
+        pyro.clear_param_store()
+        guide = AutoNormal(_normal_model)
+        result = fit(_normal_model, guide, num_steps=20, progress=False, seed=0, report=report)
+        draws.append(torch.rand(3))
+        assert (result.khat is None) == (not report)
+        if not report:
+            assert capfd.readouterr().err == ""
+    assert torch.equal(*draws)  # the 1000 draws behind k̂ did not move the global RNG
+
+
+@pytest.mark.parametrize(
+    "khat, verdict, advice",
+    [(0.2, "good", False), (0.6, "usable", False), (0.9, "unreliable", True), (float("nan"), "could not", False)],
+)
+def test_summary_verdicts(khat, verdict, advice):
+    text = SVIResult(np.ones(5), None, 0.1, np.ones(5), step=5, khat=khat).summary()
+    assert verdict in text and ("Try:" in text) == advice
