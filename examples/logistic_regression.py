@@ -15,24 +15,24 @@ import argparse
 import sys
 import time
 
-import arviz as az
 import vi_common
 import vi_models
 
+from pyroflows import _arviz_compat as compat
 from pyroflows import diagnostics
 
 
 def reference(args) -> object:
     cache = args.out / "logistic_nuts.nc"
     if not args.quick and cache.exists():
-        return az.from_netcdf(cache)
+        return compat.from_netcdf(cache)
     start = time.perf_counter()
     num, warmup = (50, 50) if args.quick else (1000, 500)
     ref = vi_models.logistic_regression_reference(num_samples=num, warmup=warmup, seed=args.seed)
     print(f"NUTS reference: {num} draws after {warmup} warm-up in {time.perf_counter() - start:.0f} s", flush=True)
     if not args.quick:
         args.out.mkdir(parents=True, exist_ok=True)
-        ref.to_netcdf(cache)
+        compat.to_netcdf(ref, cache)
     return ref
 
 

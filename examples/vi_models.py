@@ -10,19 +10,20 @@ directly and tests put ``examples/`` on ``sys.path``.
 * **Bayesian logistic regression** on scikit-learn's breast-cancer data, with a NUTS reference
   (:func:`logistic_regression_reference`).
 
-Reference draws are :class:`arviz.InferenceData` objects with a single chain, so they can be compared with
-variational draws as they stand.
+Reference draws are ArviZ data with a single chain (``InferenceData`` with ArviZ 0.x, ``DataTree`` with 1.x, from
+:func:`pyroflows.diagnostics.posterior_data`), so they can be compared with variational draws as they stand.
 """
 
 from __future__ import annotations
 
 import math
 
-import arviz as az
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+
+from pyroflows import diagnostics
 
 __all__ = [
     "EIGHT_SCHOOLS_COORDS",
@@ -223,7 +224,7 @@ def _sample_piecewise_linear(x: np.ndarray, f: np.ndarray, r: np.ndarray) -> np.
     return x[i] + np.clip(t, 0.0, h[i])
 
 
-def eight_schools_exact_draws(num_draws: int, seed: int = 0, num_points: int = 20001) -> az.InferenceData:
+def eight_schools_exact_draws(num_draws: int, seed: int = 0, num_points: int = 20001):
     r"""Independent exact posterior draws for eight schools, as a single-chain reference posterior.
 
     :math:`\log\tau` is drawn by inverse CDF from the linear interpolant of its density on the quadrature grid of
@@ -255,7 +256,7 @@ def eight_schools_exact_draws(num_draws: int, seed: int = 0, num_points: int = 2
     sd_over_tau = _SIGMA / np.sqrt(s2)  # sigma tau / sqrt(s2) / tau
     theta_t = tau[:, None] / s2 * (_Y - mu[:, None]) + sd_over_tau * eps
     posterior = {"mu": mu[None], "tau": tau[None], "theta": theta[None], "theta_t": theta_t[None]}
-    return az.from_dict(posterior=posterior, coords=EIGHT_SCHOOLS_COORDS, dims=EIGHT_SCHOOLS_DIMS)
+    return diagnostics.posterior_data(posterior, coords=EIGHT_SCHOOLS_COORDS, dims=EIGHT_SCHOOLS_DIMS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def funnel_exact_moments(dim: int = 10) -> dict[str, float | np.ndarray]:
     }
 
 
-def funnel_exact_draws(num_draws: int, dim: int = 10, seed: int = 0) -> az.InferenceData:
+def funnel_exact_draws(num_draws: int, dim: int = 10, seed: int = 0):
     """Independent exact draws from the funnel, as a single-chain reference posterior.
 
     Uses its own NumPy generator: global RNG state is untouched.
@@ -332,7 +333,7 @@ def funnel_exact_draws(num_draws: int, dim: int = 10, seed: int = 0) -> az.Infer
     rng = np.random.default_rng(seed)
     v = FUNNEL_V_SCALE * rng.standard_normal(num_draws)
     x = np.exp(v / 2)[:, None] * rng.standard_normal((num_draws, dim - 1))
-    return az.from_dict(posterior={"v": v[None], "x": x[None]}, coords=funnel_coords(dim), dims=FUNNEL_DIMS)
+    return diagnostics.posterior_data({"v": v[None], "x": x[None]}, coords=funnel_coords(dim), dims=FUNNEL_DIMS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,7 +392,7 @@ def logistic_regression(X: torch.Tensor, y: torch.Tensor | None = None) -> None:
 
 def logistic_regression_reference(
     num_samples: int = 1000, warmup: int = 500, seed: int = 0, num_threads: int | None = 1
-) -> az.InferenceData:
+):
     """NUTS reference posterior for :func:`logistic_regression` on :func:`load_breast_cancer_data`.
 
     One chain of Pyro's NUTS with a dense mass matrix (the standardised features are strongly correlated, e.g.
@@ -420,5 +421,5 @@ def logistic_regression_reference(
         mcmc.run(X, y)
     finally:
         torch.set_num_threads(threads)
-    idata = az.from_pyro(mcmc, log_likelihood=False, coords=logistic_regression_coords(X, names), dims=LOGISTIC_DIMS)
-    return az.InferenceData(posterior=idata.posterior)
+    draws = mcmc.get_samples(group_by_chain=True)  # (chain, draw, ...); ArviZ 1.x has no from_pyro
+    return diagnostics.posterior_data(draws, coords=logistic_regression_coords(X, names), dims=LOGISTIC_DIMS)

@@ -43,6 +43,20 @@ def from_dict(groups: dict[str, dict[str, np.ndarray]], coords: dict | None = No
     return az.from_dict(**groups, coords=coords, dims=dims)
 
 
+def to_netcdf(data, path) -> None:
+    """Write an ``InferenceData`` / ``DataTree`` to a NetCDF file (both versions: the object's ``to_netcdf``)."""
+    data.to_netcdf(path)
+
+
+def from_netcdf(path):
+    """Read what :func:`to_netcdf` wrote: ``az.from_netcdf`` (0.x) or ``xarray.open_datatree`` (1.x)."""
+    if ARVIZ_1:  # pragma: no cover - needs Python >= 3.12
+        import xarray as xr
+
+        return xr.open_datatree(path).load()
+    return az.from_netcdf(path)
+
+
 def psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
     """Pareto-smoothed, self-normalised log importance weights of ``exp(log_ratios)`` (1-D) and k̂."""
     log_ratios = np.asarray(log_ratios, dtype=np.float64)
@@ -73,9 +87,21 @@ def group(data, name: str):
 
     if isinstance(data, xr.Dataset):
         return data if name == "posterior" else None
-    if ARVIZ_1 and hasattr(data, "children"):  # pragma: no cover
-        return data[name].to_dataset() if name in data.children else None
+    if ARVIZ_1 and hasattr(data, "children"):  # pragma: no cover - needs Python >= 3.12
+        if name in data.children:
+            return data[name].to_dataset()
+        # a group node itself (``tree.posterior`` is a DataTree in 1.x), as a bare Dataset counts
+        leaf = not data.children and "chain" in data.dims and "draw" in data.dims
+        return data.to_dataset() if leaf and name == "posterior" else None
     return getattr(data, name, None) if name in getattr(data, "groups", lambda: [])() else None
+
+
+def group_names(data) -> list[str]:
+    """The names of the groups of an ``InferenceData`` (0.x: the ``groups()`` method) or ``DataTree`` (1.x: its
+    children)."""
+    if ARVIZ_1 and hasattr(data, "children"):  # pragma: no cover - needs Python >= 3.12
+        return list(data.children)
+    return list(data.groups())
 
 
 def flatten_draws(ds, var: str) -> tuple[list[str], np.ndarray]:

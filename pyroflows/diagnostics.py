@@ -34,6 +34,7 @@ __all__ = [
     "LOOResult",
     "PSISResult",
     "compare_to_reference",
+    "posterior_data",
     "importance_weighted_elbo",
     "khat_threshold",
     "loo",
@@ -42,6 +43,36 @@ __all__ = [
 ]
 
 _DRAW_PLATE = "_pyroflows_draws"
+
+
+# --- posterior draws as ArviZ data ----------------------------------------------------------------------------
+
+
+def posterior_data(posterior: dict, coords: dict | None = None, dims: dict | None = None):
+    """Posterior draws ``{name: array (chain, draw, *shape)}`` as ArviZ data with one ``posterior`` group: an
+    ``InferenceData`` with ArviZ 0.x, an ``xarray.DataTree`` with ArviZ 1.x; either is accepted by every function
+    here and by ArviZ's own (e.g. a NUTS reference for :func:`compare_to_reference`).
+
+    :param dict posterior: arrays (numpy or torch) with leading ``(chain, draw)`` dims.
+    :param dict coords: coordinate values per dim name, as ArviZ's ``from_dict``.
+    :param dict dims: dim names of each variable's ``shape``, as ArviZ's ``from_dict``.
+
+    Example::
+
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> data = posterior_data({"mu": rng.normal(size=(1, 50)), "theta": rng.normal(size=(1, 50, 2))},
+        ...                       coords={"unit": ["a", "b"]}, dims={"theta": ["unit"]})
+        >>> list(compare_to_reference(data, data).index)
+        ['mu', 'theta[a]', 'theta[b]']
+    """
+    arrays = {}
+    for name, value in posterior.items():
+        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if value.ndim < 2:
+            raise ValueError(f"posterior_data: {name!r} needs leading (chain, draw) dims, got shape {value.shape}")
+        arrays[name] = value
+    return compat.from_dict({"posterior": arrays}, coords=coords, dims=dims)
 
 
 # --- drawing from a guide ------------------------------------------------------------------------------------
@@ -649,6 +680,8 @@ def compare_to_reference(idata, reference, var_names: Sequence[str] | None = Non
             mean = float(np.average(xs, weights=w))
             sd = float(np.sqrt(np.average((xs - mean) ** 2, weights=w)))
             ref_mean, ref_sd = float(rs.mean()), float(rs.std())
+            if not ref_sd > 0:  # the errors are in units of the reference's sd
+                raise ValueError(f"compare_to_reference: the reference draws of {label!r} do not vary (sd {ref_sd})")
             w1 = float(wasserstein_distance(xs, rs, u_weights=w))
             rows[label] = {
                 "mean": mean,
