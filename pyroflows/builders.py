@@ -25,7 +25,7 @@ from .transforms import (
     inverse,
     make_mask,
 )
-from .transforms._shapes import hidden_sizes, vector_dim
+from .transforms._shapes import count, hidden_sizes, parse_shape, vector_dim
 
 
 def _output_affine(dim: int):
@@ -45,19 +45,22 @@ def _fixed_permutation(dim: int, seed: int) -> torch.Tensor:
     return torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
 
 
-def _shape(shape_or_dim) -> tuple:
-    return (shape_or_dim,) if isinstance(shape_or_dim, int) else tuple(shape_or_dim)
+def _shape(shape_or_dim, builder: str = "builder") -> tuple:
+    return parse_shape(shape_or_dim, builder)
 
 
 def _image_shape(shape, builder: str) -> tuple[int, int, int]:
-    shape = _shape(shape)
-    if len(shape) != 3 or not all(isinstance(n, int) and n >= 1 for n in shape):
+    if not isinstance(shape, (tuple, list)) or len(shape) != 3:
+        raise ValueError(f"{builder}: expected an image shape (C, H, W) of positive ints, got {shape!r}")
+    shape = _shape(shape, builder)
+    if not all(n is not None for n in shape):
         raise ValueError(f"{builder}: expected an image shape (C, H, W) of positive ints, got {shape!r}")
     return shape
 
 
 def _check_levels(shape, levels: int, builder: str, extra_squeeze: int = 0) -> None:
     c, h, w = shape
+    count(levels, "levels", builder)
     need = 2 ** (levels - 1 + extra_squeeze)
     if levels < 1 or h % need or w % need:
         raise ValueError(
@@ -85,8 +88,7 @@ def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha) 
     if levels is None:
         levels = max(1, min(3, _max_levels(shape)))
     _check_levels(shape, levels, "realnvp")
-    if num_layers < 1:
-        raise ValueError(f"realnvp: num_layers must be >= 1, got {num_layers!r}")
+    num_layers = count(num_layers, "num_layers", "realnvp")
 
     def coupling(c, mask, flip):
         return [
@@ -151,10 +153,8 @@ def glow(
         True
     """
     shape = _image_shape(shape, "glow")
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"glow: num_layers must be an int >= 1, got {num_layers!r}")
-    if not isinstance(hidden, int) or hidden < 1:
-        raise ValueError(f"glow: hidden must be an int >= 1 (conditioner channels), got {hidden!r}")
+    num_layers = count(num_layers, "num_layers", "glow")
+    hidden = count(hidden, "hidden", "glow")  # the conditioner channels
     _check_levels(shape, levels, "glow", extra_squeeze=1)
 
     def level(c, remaining):
@@ -195,8 +195,7 @@ def planar_flow(shape: int | Sequence[int], num_layers: int = 16) -> Compose:
         >>> init_fn = partial(pyroflows.planar_flow, num_layers=8)  # for AutoNormalizingFlow(model, init_fn)
     """
     dim = vector_dim(shape, "planar_flow")
-    if num_layers < 1:
-        raise ValueError(f"planar_flow: num_layers must be >= 1, got {num_layers!r}")
+    num_layers = count(num_layers, "num_layers", "planar_flow")
     return Compose([Planar(dim) for _ in range(num_layers)] + [_output_affine(dim)])
 
 
@@ -244,13 +243,12 @@ def realnvp(
         >>> flow.log_abs_det_jacobian(x, flow(x)).shape
         torch.Size([5])
     """
-    image = len(_shape(shape)) == 3
+    image = len(_shape(shape, "realnvp")) == 3
     num_layers = (3 if image else 8) if num_layers is None else num_layers
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"realnvp: num_layers must be an int >= 1, got {num_layers!r}")
+    num_layers = count(num_layers, "num_layers", "realnvp")
     if image:
-        if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
-            raise ValueError(f"realnvp: hidden must be an int >= 1 for images (conditioner channels), got {hidden!r}")
+        if hidden is not None:
+            count(hidden, "hidden", "realnvp")  # images: the conditioner channels, one int
         return _realnvp_image(shape, num_layers, 64 if hidden is None else hidden, scale_bound, levels, logit_alpha)
     dim = vector_dim(shape, "realnvp")
     hidden = hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "realnvp")
@@ -300,8 +298,7 @@ def autoregressive_flow(
         >>> init_fn = partial(pyroflows.autoregressive_flow, num_layers=4)  # for AutoNormalizingFlow(model, init_fn)
     """
     dim = vector_dim(shape, "autoregressive_flow")
-    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
-        raise ValueError(f"autoregressive_flow: num_layers must be an int >= 1, got {num_layers!r}")
+    num_layers = count(num_layers, "num_layers", "autoregressive_flow")
     if not scale_bound > 0:
         raise ValueError(f"autoregressive_flow: scale_bound must be positive, got {scale_bound!r}")
     sizes = hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "autoregressive_flow")
@@ -352,9 +349,8 @@ def residual_flow(
         >>> flow.log_abs_det_jacobian(x, flow(x)).shape
         torch.Size([3])
     """
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"residual_flow: num_layers must be an int >= 1, got {num_layers!r}")
-    shape = _shape(shape)
+    num_layers = count(num_layers, "num_layers", "residual_flow")
+    shape = _shape(shape, "residual_flow")
     kwargs = dict(coeff=coeff, logdet=logdet, **block_kwargs)
     if len(shape) == 1:
         dim = vector_dim(shape, "residual_flow")
@@ -417,8 +413,7 @@ def spline_flow(
         >>> init_fn = partial(pyroflows.spline_flow, num_layers=8)  # for AutoNormalizingFlow(model, init_fn)
     """
     dim = vector_dim(shape, "spline_flow")
-    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
-        raise ValueError(f"spline_flow: num_layers must be an int >= 1, got {num_layers!r}")
+    num_layers = count(num_layers, "num_layers", "spline_flow")
     hidden = hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "spline_flow")
     parts = []
     for i in range(num_layers):

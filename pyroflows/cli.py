@@ -14,6 +14,7 @@ training runs data-parallel on N processes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -124,7 +125,7 @@ def _dataset(name, root, split, n_bits):
     from .data import get_dataset
 
     data = get_dataset(name, split, root)
-    return data.reduce_bits(n_bits) if n_bits else data
+    return data.reduce_bits(n_bits) if n_bits is not None else data  # --n-bits 0 is an error, not "all bits"
 
 
 def _int_or_auto(text: str):
@@ -159,15 +160,42 @@ def _check_fit_args(args) -> str:
 def _fit(args) -> int:
     import torch
 
-    from .train import build_density, default_options, fit
+    from .train import FitConfig, build_density, default_options, fit
 
     flow = _check_fit_args(args)
-    train = _dataset(args.data, args.root, "train", args.n_bits)
-    test = _dataset(args.data, args.root, "test", args.n_bits)
+    per_epoch = None  # known once the data are loaded
 
     def pick(value, default):
         return value if value is not None else default
 
+    def settings() -> dict:
+        return dict(
+            num_steps=args.num_steps,
+            epochs=None if args.num_steps is not None else (1000.0 if args.time_limit else pick(args.epochs, 10.0)),
+            time_limit=60 * args.time_limit if args.time_limit else None,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            warmup_steps=args.warmup,
+            clip_norm=args.clip_norm,
+            ema=args.ema,
+            eval_every=args.eval_every,
+            eval_batch_size=args.eval_batch_size,
+            sample_every=args.sample_every,
+            checkpoint_every=pick(args.checkpoint_every, per_epoch),
+            out=args.out,
+            resume=args.resume,
+            device=args.device,
+            amp=args.amp,
+            compile=args.compile,
+            seed=args.seed,
+            progress=False if args.no_progress else None,
+        )
+
+    FitConfig(**settings())  # every setting checked (one line, exit 2) before any data or model is touched
+    train = _dataset(args.data, args.root, "train", args.n_bits)
+    test = _dataset(args.data, args.root, "test", args.n_bits)
+    per_epoch = max(1, len(train) // args.batch_size)
     defaults = default_options(flow, train.shape, args.device)
     options = {name: pick(getattr(args, name), default) for name, default in defaults.items()}
     torch.manual_seed(args.seed)  # --seed fixes the initial weights too
@@ -181,32 +209,7 @@ def _fit(args) -> int:
         file=sys.stderr,
         flush=True,
     )
-    per_epoch = max(1, len(train) // args.batch_size)
-    result = fit(
-        model,
-        train,
-        test,
-        num_steps=args.num_steps,
-        epochs=None if args.num_steps is not None else (1000.0 if args.time_limit else pick(args.epochs, 10.0)),
-        time_limit=60 * args.time_limit if args.time_limit else None,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        warmup_steps=args.warmup,
-        clip_norm=args.clip_norm,
-        ema=args.ema,
-        eval_every=args.eval_every,
-        eval_batch_size=args.eval_batch_size,
-        sample_every=args.sample_every,
-        checkpoint_every=pick(args.checkpoint_every, per_epoch),
-        out=args.out,
-        resume=args.resume,
-        device=args.device,
-        amp=args.amp,
-        compile=args.compile,
-        seed=args.seed,
-        progress=False if args.no_progress else None,
-    )
+    result = fit(model, train, test, **settings())
     if result.out is not None:
         last = result.evals[-1] if result.evals else {}
         print(
@@ -220,31 +223,41 @@ def _sample(args) -> int:
     import torch
 
     from .plots import save_image_grid
+    from .run import check_device, check_int, check_number, check_seed
     from .train import load_density
 
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
-    model = load_density(args.checkpoint, ema=args.ema, map_location=args.device)
+    check_int("sample", "--n", args.n, 1)
+    check_number("sample", "--temperature", args.temperature, 0, low_open=False)
+    check_seed("sample", args.seed)
+    device = check_device("sample", args.device)
+    if os.path.isdir(args.out) or not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out must be a file name ending in .png, got {args.out!r}")
+    model = load_density(args.checkpoint, ema=args.ema, map_location=device)
+    if len(model.event_shape) != 3:
+        raise ValueError(f"the model is not an image model (event shape {tuple(model.event_shape)})")
     torch.manual_seed(args.seed)
     x = model.sample(args.n, temperature=args.temperature)
-    if x.dim() != 4:
-        raise ValueError(f"sample: the model is not an image model (event shape {model.event_shape})")
     save_image_grid(x, args.out)
     print(f"wrote {args.n} samples at temperature {args.temperature} to {args.out}")
     return 0
 
 
 def _eval(args) -> int:
+    from .run import check_device, check_int, check_seed
     from .train import evaluate, load_checkpoint, load_density
 
+    check_int("eval", "--batch-size", args.batch_size, 1)
+    check_seed("eval", args.seed, optional=True)
+    device = check_device("eval", args.device)
     ckpt = load_checkpoint(args.checkpoint)
     n_bins = ckpt.get("n_bins")
-    seed = args.seed if args.seed is not None else int(ckpt.get("config", {}).get("seed", 0))
-    model = load_density(args.checkpoint, ema=args.ema, map_location=args.device)
+    config = ckpt.get("config")
+    seed = args.seed if args.seed is not None else int(config.get("seed", 0) if isinstance(config, dict) else 0)
+    model = load_density(args.checkpoint, ema=args.ema, map_location=device)
     data = _dataset(args.data, args.root, args.split, args.n_bits)
     if n_bins is not None and data.n_bins != n_bins:
         raise ValueError(f"the checkpoint was trained on {n_bins}-level pixels but {args.data!r} has {data.n_bins}")
-    bpd = evaluate(model, data, batch_size=args.batch_size, seed=seed, device=args.device)
+    bpd = evaluate(model, data, batch_size=args.batch_size, seed=seed, device=device)
     print(f"{args.data} {args.split}: {bpd:.6f} bits/dim ({len(data)} images)")
     return 0
 

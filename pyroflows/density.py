@@ -3,6 +3,7 @@ r"""Density models: a flow from data to a standard-normal latent, with exact log
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import pyro.distributions as dist
@@ -71,8 +72,16 @@ class FlowDensity(nn.Module):
         return dist.Normal(self._loc, self._scale * temperature).to_event(len(self.latent_shape))
 
     def _check(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FlowDensity expects a torch.Tensor, got {type(x).__name__}")
         if tuple(x.shape[x.dim() - len(self.event_shape) :]) != self.event_shape or x.dim() < len(self.event_shape):
             raise ValueError(f"FlowDensity expects data of shape (..., {self.event_shape}), got {tuple(x.shape)}")
+        if x.is_meta or self._loc.is_meta:
+            raise ValueError(
+                "FlowDensity: meta tensors carry no values to compute a density of; move the "
+                + ("model" if self._loc.is_meta else "data")
+                + " to a real device (model.to_empty(device=...) and load weights, or x.to(device))"
+            )
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log-density of ``x`` (shape ``batch + event_shape``) in data space; returns shape ``batch``.
@@ -81,6 +90,9 @@ class FlowDensity(nn.Module):
         :func:`pyroflows.enable_validation`).
         """
         self._check(x)
+        batch = x.shape[: x.dim() - len(self.event_shape)]
+        if 0 in batch:  # an empty batch has an empty answer (layers would reshape 0 elements)
+            return torch.zeros(batch, dtype=self._loc.dtype, device=x.device)
         if isinstance(self.flow, FlowTransform):  # one pass even without gradients, where residual blocks defer
             z, log_det = self.flow.call_and_log_det(x)
         else:
@@ -118,8 +130,10 @@ class FlowDensity(nn.Module):
         With ``clamp`` (default), samples are clipped to the data range of a flow that starts with a
         :class:`~pyroflows.transforms.Logit`, ``[0, 1]``: the model is a density on a slightly wider interval,
         :math:`(-\alpha/(1-2\alpha), 1 + \alpha/(1-2\alpha))`, and :attr:`distribution` draws from all of it."""
-        if n < 1:
-            raise ValueError(f"sample: n must be >= 1, got {n!r}")
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"sample: n must be an int >= 1, got {n!r}")
+        if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"sample: temperature must be a finite number >= 0, got {temperature!r}")
         was_training = self.training
         self.eval()
         try:

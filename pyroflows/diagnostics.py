@@ -319,6 +319,18 @@ def to_inference_data(
 # --- PSIS ---------------------------------------------------------------------------------------------------
 
 
+def _finite_log_ratio(caller: str, log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+    """``log p - log q`` per draw, or ``ValueError`` saying how many draws are not finite (never a NaN answer)."""
+    log_ratio = log_p - log_q
+    if not np.all(np.isfinite(log_ratio)):
+        bad = int(np.sum(~np.isfinite(log_ratio)))
+        raise ValueError(
+            f"{caller}: {bad} of {log_ratio.size} draws have a non-finite log p - log q (a guide draw outside the "
+            "model's support, a model whose log density is NaN there, or a diverged guide)"
+        )
+    return log_ratio
+
+
 def khat_threshold(num_samples: int) -> float:
     """ArviZ's sample-size-dependent k̂ threshold, ``min(1 - 1/log10(S), 0.7)``.
 
@@ -331,6 +343,7 @@ def khat_threshold(num_samples: int) -> float:
         >>> khat_threshold(10), khat_threshold(100), round(khat_threshold(1000), 3), khat_threshold(4000)
         (0.0, 0.5, 0.667, 0.7)
     """
+    num_samples = _check_num_samples("khat_threshold", num_samples)
     return min(1.0 - 1.0 / math.log10(num_samples), 0.7) if num_samples > 10 else 0.0
 
 
@@ -449,13 +462,7 @@ def psis_khat(
             pyro.set_rng_seed(seed)
         d = _joint_draws("psis_khat", model, guide, n, tuple(model_args), dict(model_kwargs or {}), predictive=False)
         log_p, log_q, latent = d.log_p, d.log_q, d.latent
-    log_ratio = log_p - log_q
-    if not np.all(np.isfinite(log_ratio)):
-        bad = int(np.sum(~np.isfinite(log_ratio)))
-        raise ValueError(
-            f"psis_khat: {bad} of {log_ratio.size} draws have a non-finite log p - log q (a guide draw outside the "
-            "model's support, or a diverged guide)"
-        )
+    log_ratio = _finite_log_ratio("psis_khat", log_p, log_q)
     lw, khat = compat.psislw(log_ratio)
     shifted = lw - np.max(lw)
     log_weights = shifted - np.log(np.sum(np.exp(shifted)))  # normalised in log space: no log(0) for tiny weights
@@ -515,7 +522,7 @@ def importance_weighted_elbo(
     if seed is not None:
         pyro.set_rng_seed(seed)
     d = _joint_draws("importance_weighted_elbo", model, guide, n, tuple(model_args), dict(model_kwargs or {}), False)
-    return _logmeanexp(d.log_p - d.log_q)
+    return _logmeanexp(_finite_log_ratio("importance_weighted_elbo", d.log_p, d.log_q))
 
 
 @dataclass
@@ -674,6 +681,11 @@ def compare_to_reference(idata, reference, var_names: Sequence[str] | None = Non
             w = np.asarray(weights, dtype=np.float64).reshape(-1)
             if w.size != x.shape[0]:
                 raise ValueError(f"compare_to_reference: {w.size} weights for {x.shape[0]} draws")
+            if not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.sum() > 0):
+                raise ValueError(
+                    "compare_to_reference: weights must be finite, >= 0 and not all zero (e.g. "
+                    "np.exp(psis_khat(...).log_weights))"
+                )
             w = w / w.sum()
         for k, label in enumerate(labels):
             xs, rs = x[:, k].astype(np.float64), r[:, k].astype(np.float64)

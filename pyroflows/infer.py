@@ -40,14 +40,18 @@ from .run import (
     TrainingError,
     atomic_torch_save,
     check_choice,
+    check_data,
     check_finite,
     check_int,
     check_number,
     check_resume,
+    check_seed,
     check_settings,
+    fingerprint,
     load_checkpoint,
     make_scheduler,
     progress_bar,
+    require_keys,
     resume_source,
     rng_state,
     run_lock,
@@ -226,7 +230,7 @@ class SVIConfig:
         check_choice(c, "vectorize_particles", self.vectorize_particles, (True, False))
         check_number(c, "clip_norm", self.clip_norm, 0, optional=True)
         check_choice(c, "progress", self.progress, (None, True, False))
-        check_int(c, "seed", self.seed, optional=True)
+        check_seed(c, self.seed, optional=True)
         check_int(c, "checkpoint_every", self.checkpoint_every, 1, optional=True)
         if self.checkpoint_every is not None and self.checkpoint is None:
             raise ValueError("fit: checkpoint_every needs out= (the run directory to save checkpoint.pt in)")
@@ -449,8 +453,13 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     source = resume_source(cfg.checkpoint, cfg.resume, caller="fit", hint=_RESUME_HINT)
     saved = load_checkpoint(source, marker=_SVI_FORMAT) if source is not None else None
     settings = cfg.settings(guide)
+    data = fingerprint(args, kwargs)  # the model's data: a resumed run must continue on the same
     if saved is not None:
+        require_keys(saved, ("settings", "guide", "optimizer", "scheduler", "step", "losses", "lrs", "rng"),
+                     source=source, caller="fit")  # fmt: skip
         check_settings(saved["settings"], settings, source=source, caller="fit")
+        check_data(saved["settings"], data, source=source, caller="fit", what="model data (model_args/kwargs)")
+    settings["data"] = data
     if cfg.seed is not None:
         pyro.set_rng_seed(cfg.seed)
     sync_param_store(guide, *args, **kwargs)

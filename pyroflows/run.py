@@ -188,6 +188,60 @@ def check_int(caller: str, name: str, value, low: int | None = None, *, optional
         raise ValueError(f"{caller}: {name} must be {allowed}, got {value!r}")
 
 
+SEED_LIMIT = 2**62
+"""Seeds are ints in ``[0, SEED_LIMIT)``: torch's generators take 64-bit seeds, and the trainers add offsets."""
+
+
+def check_seed(caller: str, value, *, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int in ``[0, 2**62)`` (or ``None`` when ``optional``).
+
+    Example::
+
+        >>> check_seed("fit", 2**70)
+        Traceback (most recent call last):
+          ...
+        ValueError: fit: seed must be an int in [0, 2**62), got 1180591620717411303424
+    """
+    if value is None and optional:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{caller}: seed must be {'None or ' if optional else ''}an int in [0, 2**62), got {value!r}")
+
+
+def check_device(caller: str, device) -> torch.device:
+    """The ``torch.device`` a run asked for, checked: ``"auto"`` (or ``None``) is CUDA when available, else the
+    CPU; an unknown name, CUDA without CUDA, or a CUDA index beyond the devices present is a ``ValueError`` naming
+    it (before any checkpoint is read, so that it is not mistaken for a corrupted file).
+
+    Example::
+
+        >>> check_device("fit", "cpu")
+        device(type='cpu')
+        >>> check_device("fit", "gpu0")
+        Traceback (most recent call last):
+          ...
+        ValueError: fit: unknown device 'gpu0'; use auto, cpu, cuda or cuda:N
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"{caller}: device must be a string or torch.device, got {device!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{caller}: unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{caller}: device {str(device)!r} was requested but this machine has no usable CUDA")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{caller}: device {str(device)!r} does not exist ({torch.cuda.device_count()} CUDA devices)"
+            )
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"{caller}: device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
 def check_choice(caller: str, name: str, value, choices: Iterable) -> None:
     """Raise ``ValueError`` naming ``name``, ``value`` and the choices unless ``value`` is one of ``choices``.
 
@@ -496,9 +550,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         >>> torch.load(os.path.join(d, "c.pt"))["a"]
         tensor([1., 1.])
     """
-    buffer = io.BytesIO()  # serialised first: torch's zip writer reports a failed write (ENOSPC) as a bare
-    torch.save(obj, buffer)  # RuntimeError, a plain file write as the OSError it is
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()), what="checkpoint")
+
+    def write(f) -> None:
+        buffer = io.BytesIO()  # serialised in memory first: torch's zip writer reports a failed write (ENOSPC)
+        torch.save(obj, buffer)  # as a bare RuntimeError, a plain file write as the OSError it is
+        f.write(buffer.getbuffer())
+
+    atomic_write(path, write, what="checkpoint")
 
 
 def load_checkpoint(
@@ -612,6 +670,87 @@ def check_settings(saved: dict, now: dict, *, source, caller: str) -> None:
         raise CheckpointError(
             f"{caller}: checkpoint {str(source)!r} was written with other settings ({', '.join(changed)}); resume "
             "with the same settings, or start a new run elsewhere"
+        )
+
+
+def require_keys(ckpt: dict, keys: Iterable[str], *, source, caller: str) -> None:
+    """Raise :class:`CheckpointError` naming the first of ``keys`` that ``ckpt`` lacks (a checkpoint written by
+    something else, or damaged), instead of a bare ``KeyError`` deep in a resume.
+
+    Example::
+
+        >>> require_keys({"step": 3}, ["step", "optimizer"], source="run/checkpoint.pt", caller="fit")
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+          ...
+        pyroflows.run.CheckpointError: fit: checkpoint 'run/checkpoint.pt' lacks 'optimizer': it was not written ...
+    """
+    for key in keys:
+        if key not in ckpt:
+            raise CheckpointError(
+                f"{caller}: checkpoint {str(source)!r} lacks {key!r}: it was not written by this trainer, or is damaged"
+            )
+
+
+def fingerprint(*objects) -> str:
+    """A short hash of data (tensors, arrays, numbers, strings, and lists, tuples and dicts of them): a resumed run
+    stores it and compares, so that continuing with other data is an error instead of a silent mix.
+
+    Tensors and arrays count by dtype, shape and bytes; numbers and strings by value; other objects only by type.
+
+    Example::
+
+        >>> import torch
+        >>> fingerprint(torch.arange(4)) == fingerprint(torch.arange(4)), fingerprint(torch.arange(4)) == fingerprint(
+        ...     torch.arange(1, 5))
+        (True, False)
+    """
+    import hashlib
+
+    digest = hashlib.sha1()
+
+    def feed(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().to("cpu").contiguous()
+            digest.update(f"tensor{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, np.ndarray):
+            a = np.ascontiguousarray(obj)
+            digest.update(f"array{a.dtype}{a.shape}".encode())
+            digest.update(a.tobytes())
+        elif isinstance(obj, (list, tuple)):
+            digest.update(f"{type(obj).__name__}{len(obj)}".encode())
+            for item in obj:
+                feed(item)
+        elif isinstance(obj, dict):
+            digest.update(f"dict{len(obj)}".encode())
+            for key in sorted(obj, key=repr):
+                feed(key)
+                feed(obj[key])
+        elif obj is None or isinstance(obj, (numbers.Number, str, bytes)):
+            digest.update(repr(obj).encode())
+        else:  # functions, modules, other objects: their repr holds a memory address, so only the type counts
+            digest.update(type(obj).__qualname__.encode())
+
+    feed(objects)
+    return digest.hexdigest()[:16]
+
+
+def check_data(saved: dict, now: str, *, source, caller: str, what: str = "training data") -> None:
+    """Refuse to resume on other data: ``saved["data"]`` (a :func:`fingerprint`, absent in checkpoints written
+    before it was recorded, then not checked) must equal ``now``.
+
+    Example::
+
+        >>> check_data({"data": "0123"}, "4567", source="run/checkpoint.pt", caller="fit")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+          ...
+        pyroflows.run.CheckpointError: fit: checkpoint 'run/checkpoint.pt' was written for other training data ...
+    """
+    if saved.get("data") is not None and saved["data"] != now:
+        raise CheckpointError(
+            f"{caller}: checkpoint {str(source)!r} was written for other {what} (fingerprint {saved['data']}, now "
+            f"{now}); resume with the data it was trained on, or start a new run elsewhere"
         )
 
 
@@ -823,15 +962,20 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write",
     "check_choice",
+    "check_data",
+    "check_device",
     "check_finite",
     "check_int",
     "check_number",
     "check_resume",
+    "check_seed",
     "check_settings",
+    "fingerprint",
     "load_checkpoint",
     "lr_factor",
     "make_scheduler",
     "progress_bar",
+    "require_keys",
     "rng_state",
     "run_lock",
     "resume_source",

@@ -48,7 +48,40 @@ def test_no_init_in_eval_mode_or_after_an_inverse_call():
 def test_single_sample_keeps_identity():
     t = ActNorm(3)
     x = torch.randn(3)
-    assert torch.equal(t(x), x) and bool(t.initialized)
+    with pytest.warns(UserWarning, match="one value per feature, too few for the data-dependent init"):
+        assert torch.equal(t(x), x) and bool(t.initialized)
+
+
+def test_constant_features_are_centred_not_blown_up():
+    """A feature that never varies in the init batch would be scaled by 1/eps; it is only centred, with a warning."""
+    t = ActNorm(3)
+    x = torch.randn(100, 3)
+    x[:, 1] = 5.1
+    with pytest.warns(UserWarning, match="1 of 3 features are constant"):
+        y = t(x)
+    assert t.log_scale[1] == 0 and torch.allclose(y[:, 1], torch.zeros(100), atol=1e-6)
+    assert (y[:, [0, 2]].std(0, unbiased=False) - 1).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_wrong_feature_count_is_named(validate):
+    """With validation on, the generic event-shape check names it; off, ActNorm's own (shape-only, sync-free)."""
+    from pyroflows.transforms import enable_validation
+
+    enable_validation(validate)
+    try:
+        with pytest.raises(ValueError, match=r"ActNorm.* expect.*4.*got .*shape \(2, 3, 8, 8\)"):
+            ActNorm((4, None, None))(torch.randn(2, 3, 8, 8))
+        with pytest.raises(ValueError, match=r"ActNorm.* expect.*3.*got .*shape \(5, 2\)"):
+            ActNorm(3).inv(torch.randn(5, 2))
+    finally:
+        enable_validation(None)
+
+
+@pytest.mark.parametrize("eps", [0, -1.0, float("nan")])
+def test_eps_must_be_positive(eps):
+    with pytest.raises(ValueError, match="ActNorm: eps must be a finite number in \\(0"):
+        ActNorm(3, eps=eps)
 
 
 def test_rejects_bad_arguments():

@@ -50,7 +50,7 @@ def test_builders_reject_bad_sizes():
         pyroflows.glow((1, 8, 8), num_layers=0)
     with pytest.raises(ValueError, match="hidden"):
         pyroflows.realnvp(4, hidden=(8, 0))
-    with pytest.raises(ValueError, match="hidden must be an int >= 1 for images"):
+    with pytest.raises(ValueError, match=r"realnvp: hidden must be an int >= 1, got \(8, 8\)"):
         pyroflows.realnvp((1, 8, 8), hidden=(8, 8))
 
 
@@ -138,3 +138,32 @@ def test_renamed_layer_arguments_warn_and_build_the_same_layer():
         new = current()
         assert old.event_shape == new.event_shape and repr(old) == repr(new)
         assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: pyroflows.realnvp(True), "realnvp: shape must be a positive int"),
+        (lambda: pyroflows.planar_flow(2.5), "planar_flow: shape must be a positive int"),
+        (lambda: pyroflows.planar_flow(2, num_layers=2.5), "planar_flow: num_layers must be an int >= 1, got 2.5"),
+        (lambda: pyroflows.planar_flow(2, num_layers=True), "planar_flow: num_layers must be an int >= 1, got True"),
+        (lambda: pyroflows.glow((1, 8, 8), levels=0), "glow: levels must be an int >= 1, got 0"),
+        (lambda: pyroflows.glow((1, 8, 8), levels=2.5), "glow: levels must be an int >= 1, got 2.5"),
+        (lambda: pyroflows.glow((1, 8.5, 8)), "glow: shape must be a positive int"),
+        (lambda: pyroflows.realnvp((1, 8, 8), num_layers=0), "realnvp: num_layers must be an int >= 1, got 0"),
+        (lambda: pyroflows.realnvp((1, 8, 8), hidden=0), "realnvp: hidden must be an int >= 1, got 0"),
+        (lambda: pyroflows.residual_flow(4, hidden=(-3,)), "hidden must be an int or a sequence of ints >= 1"),
+        (lambda: pyroflows.residual_flow(4, hidden=0), "hidden must be an int or a sequence of ints >= 1"),
+        (lambda: pyroflows.residual_flow((1, 8, 8), hidden=-3), "hidden \\(channels\\) must be an int >= 1, got -3"),
+        (lambda: pyroflows.residual_flow((1, 8, 8), hidden=0), "hidden \\(channels\\) must be an int >= 1, got 0"),
+        (lambda: pyroflows.residual_flow(2, atol=-1.0), "atol must be a finite number in \\[0"),
+        (lambda: pyroflows.residual_flow(2, geom_p=1.5), "geom_p must be a finite number in \\(0"),
+        (lambda: pyroflows.residual_flow(2, n_samples=0), "n_samples must be an int >= 1"),
+        (lambda: pyroflows.autoregressive_flow(3, num_layers=-1), "autoregressive_flow: num_layers must be an int"),
+    ],
+)
+def test_builder_arguments_are_checked_in_one_place(call, message):
+    """Every builder takes its sizes through the same checks: a clear ValueError naming the argument and value,
+    never a torch error from deep inside a layer, nor a silently substituted default."""
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -215,7 +215,7 @@ def test_sample_is_repeatable_with_seed(run, tmp_path):
 def test_sample_rejects_n_below_one(run, tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert main(["sample", str(run / "checkpoint.pt"), "--n", "0", "--out", str(out)]) == 2
-    assert "--n must be >= 1" in capsys.readouterr().err
+    assert "--n must be an int >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -223,6 +223,7 @@ def test_the_engine_is_neutral_and_infer_does_not_import_train():
         "__future__",
         "contextlib",
         "fcntl",
+        "hashlib",
         "io",
         "signal",
         "threading",

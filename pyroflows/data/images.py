@@ -12,8 +12,10 @@ import functools
 import gzip
 import importlib
 import math
+import numbers
 import pickle
 import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,6 +56,21 @@ def _as_tensor(data) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
+def check_n_bins(n_bins, name: str) -> None:
+    """``ValueError`` naming ``name`` unless ``n_bins`` (intensity levels) is an int >= 2: one level carries no
+    information, and a fractional count has no pixels.
+
+    Example::
+
+        >>> check_n_bins(17.5, "mine")
+        Traceback (most recent call last):
+          ...
+        ValueError: mine: n_bins must be an int >= 2 (intensity levels), got 17.5
+    """
+    if not isinstance(n_bins, numbers.Integral) or isinstance(n_bins, bool) or n_bins < 2:
+        raise ValueError(f"{name}: n_bins must be an int >= 2 (intensity levels), got {n_bins!r}")
+
+
 def check_pixels(x: torch.Tensor, n_bins: int, name: str) -> None:
     """The one check of integer pixels: ``ValueError`` naming ``name`` unless ``x`` holds integer values (an integer
     dtype, or a floating one holding finite whole numbers) in ``[0, n_bins)``.
@@ -71,6 +88,7 @@ def check_pixels(x: torch.Tensor, n_bins: int, name: str) -> None:
           ...
         ValueError: mine: pixels must be integer-valued, got non-integer values (they look like intensities ...)
     """
+    check_n_bins(n_bins, name)
     if x.dtype == torch.bool or x.is_complex():
         raise ValueError(f"{name}: pixels must be integer-valued numbers, got dtype {x.dtype}")
     if not x.numel():
@@ -181,8 +199,9 @@ def dequantize(x: torch.Tensor, n_bins: int, generator: torch.Generator | None =
     bin's edge (e.g. ``255 + u`` rounds to 256 in float32 for ``u`` near 1); such entries are moved down (or up)
     by a few ulps, so that ``floor(dequantize(x) * n_bins) == x`` holds exactly in the output dtype.
 
-    :param x: integer-valued pixels in ``[0, n_bins)``, any shape.
-    :param int n_bins: number of intensity levels.
+    :param x: integer-valued pixels in ``[0, n_bins)``, any shape (checked, one device synchronisation, while
+        torch's distribution validation is on, as by default and after ``pyro.enable_validation()``).
+    :param int n_bins: number of intensity levels (an int >= 2).
     :param generator: optional torch generator.
 
     Example::
@@ -193,12 +212,17 @@ def dequantize(x: torch.Tensor, n_bins: int, generator: torch.Generator | None =
         >>> y.dtype, torch.equal(torch.floor(y * 17).long(), x)
         (torch.float32, True)
     """
+    check_n_bins(n_bins, "dequantize")
     dtype = x.dtype if x.is_floating_point() else torch.float32
     if generator is None:
         u = torch.rand(x.shape, dtype=dtype, device=x.device)
     else:
         u = torch.rand(x.shape, generator=generator, dtype=dtype, device=generator.device).to(x.device)
     xf = x.to(dtype)
+    validate = torch.distributions.Distribution._validate_args  # torch's flag (pyro.enable_validation sets it)
+    if validate and xf.numel() and bool(((xf < 0) | (xf >= n_bins) | (xf != xf.floor())).any()):
+        raise ValueError(f"dequantize: pixels must be whole numbers in [0, {n_bins}), got values in "
+                         f"[{float(xf.min())}, {float(xf.max())}]")  # fmt: skip
     y = (xf + u) / n_bins
     for _ in range(8):  # almost never runs more than once; each pass moves the offending entries by one ulp
         k = torch.floor(y * n_bins)
@@ -359,7 +383,8 @@ def read_idx(path) -> np.ndarray:
 
     :param path: file path; gzip is recognised by its magic bytes, whatever the name.
     :returns: an array in native byte order with the header's shape.
-    :raises ValueError: on a bad magic number or a size that does not match the header.
+    :raises ValueError: on a corrupted or truncated gzip stream, a bad magic number or a size that does not match
+        the header.
 
     Example::
 
@@ -372,7 +397,10 @@ def read_idx(path) -> np.ndarray:
     """
     raw = Path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+            raise ValueError(f"{path}: corrupted or truncated gzip file ({type(e).__name__}: {e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: not an IDX file (magic number {raw[:4].hex() or 'missing'})")
     ndim = raw[3]
@@ -487,9 +515,33 @@ def load_mnist(root, split: str = "train") -> ImageDataset:
 _CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and NumPy arrays only: a CIFAR-10 batch needs nothing else, and a pickle that
+    asks for anything else (code to run) is refused."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only arrays and plain containers)")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise ValueError(
+            f"{path}: not a CIFAR-10 python batch (corrupted or truncated? {type(e).__name__}: {e})"
+        ) from None
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a pickled dict with keys b'data' and b'labels'")
     data = batch.get(b"data", batch.get("data"))

@@ -9,7 +9,9 @@ sampling (pick a component, add Gaussian noise).
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 
 import torch
 
@@ -46,6 +48,21 @@ class ToyDensity:
 
     name: str = "toy"
     bounds: tuple[tuple[float, float], tuple[float, float]] = ((-4.0, 4.0), (-4.0, 4.0))
+
+    def __init_subclass__(cls, **kwargs):
+        """Every subclass's ``sample`` checks ``n`` first (one place, not one per density)."""
+        super().__init_subclass__(**kwargs)
+        draw = cls.__dict__.get("sample")
+        if draw is None:
+            return
+
+        @functools.wraps(draw)
+        def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+            if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"{type(self).__name__}.sample: n must be an int >= 0, got {n!r}")
+            return draw(self, int(n), generator)
+
+        cls.sample = sample
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` exact samples, float32 of shape ``(n, 2)``, drawn with torch's RNG (or ``generator``)."""

@@ -29,14 +29,12 @@ class Context:
         return self.world_size > 1
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/``None`` → CUDA when available, else CPU; anything else as ``torch.device``."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but torch.cuda.is_available() is False")
-    return device
+def resolve_device(device: str | torch.device | None, caller: str = "fit") -> torch.device:
+    """``"auto"``/``None`` → CUDA when available, else CPU; anything else checked by
+    :func:`pyroflows.run.check_device` (``ValueError`` for an unknown or absent device)."""
+    from ..run import check_device
+
+    return check_device(caller, device)
 
 
 def setup(device: str | torch.device | None = "auto") -> Context:

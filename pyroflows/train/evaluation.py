@@ -90,7 +90,11 @@ def evaluate(
         >>> 0 < evaluate(model, load_digits("test"))
         True
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    from ..run import check_device, check_int, check_seed
+
+    check_int("evaluate", "batch_size", batch_size, 1)
+    check_seed("evaluate", seed)
+    device = check_device("evaluate", device) if device is not None else next(model.parameters()).device
     d = _as_data(data, n_bins, model.event_shape, device, "evaluation data", caller="evaluate")
     rank, world = 0, 1
     if torch_dist.is_available() and torch_dist.is_initialized():

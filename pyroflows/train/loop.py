@@ -40,14 +40,19 @@ from ..run import (
     atomic_torch_save,
     atomic_write,
     check_choice,
+    check_data,
+    check_device,
     check_finite,
     check_int,
     check_number,
     check_resume,
+    check_seed,
     check_settings,
+    fingerprint,
     load_checkpoint,
     make_scheduler,
     progress_bar,
+    require_keys,
     resume_source,
     rng_state,
     run_lock,
@@ -75,6 +80,8 @@ _TRAJECTORY_KEYS = (
     "n_bins",
 )
 _RESUME_HINT = "resume=True (pyroflows fit --resume)"
+# what a density checkpoint must hold for a resume
+_CHECKPOINT_KEYS = ("config", "model", "optimizer", "scheduler", "step", "losses", "evals", "rng")
 
 
 @dataclass(frozen=True)
@@ -154,7 +161,8 @@ class FitConfig:
         check_choice(c, "amp", self.amp, (True, False))
         if not isinstance(self.compile, (bool, str)):
             raise ValueError(f"fit: compile must be True, False or a backend name, got {self.compile!r}")
-        check_int(c, "seed", self.seed)
+        check_seed(c, self.seed)
+        check_device(c, self.device)
         check_choice(c, "progress", self.progress, (None, True, False))
         check_number(c, "time_limit", self.time_limit, 0, optional=True)
         check_choice(c, "report", self.report, (True, False))
@@ -416,8 +424,12 @@ def _setup(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> _Run:
     source = resume_source(run.ckpt_path, cfg.resume, caller="fit", hint=_RESUME_HINT)
     ckpt = load_checkpoint(source, map_location=ctx.device) if source is not None else None
     if ckpt is not None:
+        require_keys(ckpt, _CHECKPOINT_KEYS, source=source, caller="fit")
+        if not isinstance(ckpt["config"], dict):
+            raise CheckpointError(f"fit: checkpoint {str(source)!r} has no settings dict ('config')")
         trajectory = {k: run.settings[k] for k in _TRAJECTORY_KEYS}
         check_settings(ckpt["config"], trajectory, source=source, caller="fit")
+        check_data(ckpt["config"], run.settings["data"], source=source, caller="fit")
     if cfg.amp:
         set_compute_dtype(model, torch.bfloat16)
     run.optim = _make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
@@ -466,6 +478,7 @@ def _prepare(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> _Run:
         "weight_decay": cfg.weight_decay,
         "steps": total,
         "n_bins": data.n_bins,
+        "data": fingerprint(data.x),  # a resumed run must continue on the same data
     }
     ckpt_path = cfg.out / CHECKPOINT if cfg.out is not None else None
     units = _loss_units(data, model.dim)
@@ -479,11 +492,16 @@ def _restore(run: _Run, ckpt: dict, source: Path) -> None:
     spec = getattr(model, "spec", None)
     if ckpt.get("spec") is not None and spec is not None and ckpt["spec"] != spec:
         raise CheckpointError(f"checkpoint {str(source)!r} is for model {ckpt['spec']}, not {spec}")
-    run.optim.load_state_dict(ckpt["optimizer"])
-    run.schedule.load_state_dict(ckpt["scheduler"])
-    if cfg.ema:  # check_settings made sure that the run saved EMA weights
-        run.ema_model = _averaged(model, cfg.ema)
-        run.ema_model.load_state_dict(ckpt["ema"])
+    try:
+        run.optim.load_state_dict(ckpt["optimizer"])
+        run.schedule.load_state_dict(ckpt["scheduler"])
+        if cfg.ema:  # check_settings made sure that the run saved EMA weights
+            run.ema_model = _averaged(model, cfg.ema)
+            run.ema_model.load_state_dict(ckpt["ema"])
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"fit: checkpoint {str(source)!r} has an unusable optimiser/schedule/EMA state: {e}"
+        ) from e
     run.start = run.reached = run.last_saved = int(ckpt["step"])
     run.losses, run.evals = list(ckpt["losses"]), list(ckpt["evals"])
     ctx = run.ctx

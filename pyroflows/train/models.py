@@ -144,7 +144,8 @@ def load_density(path, ema: bool = False, map_location="cpu") -> FlowDensity:
     :param bool ema: load the exponential moving average of the weights (the run must have used ``ema=``).
     :param map_location: the device to load onto (and to move the model to).
     :raises CheckpointError: missing/corrupted file, no model recipe (a model not built by
-        :func:`build_density`), no EMA weights, or weights that do not fit the recipe.
+        :func:`build_density`), no weights or no EMA weights, or weights that do not fit the recipe.
+    :raises ValueError: for an unknown device or one this machine does not have.
 
     Example::
 
@@ -157,7 +158,15 @@ def load_density(path, ema: bool = False, map_location="cpu") -> FlowDensity:
         >>> reloaded.training, reloaded.sample(3).shape
         (False, torch.Size([3, 1, 8, 8]))
     """
+    from ..run import check_device
+
+    map_location = check_device("load_density", map_location)
     ckpt = load_checkpoint(path, map_location=map_location)
+    for key, kind in (("model", dict), ("spec", (dict, type(None))), ("ema", (dict, type(None)))):
+        if key == "model" and key not in ckpt:
+            raise CheckpointError(f"checkpoint {str(path)!r} lacks the model weights ('model')")
+        if not isinstance(ckpt.get(key), kind):
+            raise CheckpointError(f"checkpoint {str(path)!r}: {key!r} is a {type(ckpt[key]).__name__}, not a dict")
     if ckpt.get("spec") is None:
         raise CheckpointError(
             f"checkpoint {str(path)!r} has no model recipe: the model was not made by build_density, so rebuild it "

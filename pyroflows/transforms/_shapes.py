@@ -3,16 +3,40 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 
 from .._deprecation import REMOVAL
 
 
+def _is_int(n) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
+def count(value, name: str, where: str, low: int = 1) -> int:
+    """An integer argument of a builder or layer (``num_layers``, ``levels``, channels, iterations) ``>= low``;
+    ``ValueError`` naming ``where``, ``name`` and the value for anything else (``2.5``, ``True``, ``-3``)."""
+    if not _is_int(value) or value < low:
+        raise ValueError(f"{where}: {name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def positive(value, name: str, where: str, *, low: float = 0.0, high: float | None = None, closed: bool = False):
+    """A real argument in ``(low, high)`` (``[low, high)`` when ``closed``), finite; ``ValueError`` naming it."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if closed else value > low) and (high is None or value < high)
+    if not ok:
+        span = f"{'[' if closed else '('}{low}, {high if high is not None else 'inf'})"
+        raise ValueError(f"{where}: {name} must be a finite number in {span}, got {value!r}")
+    return float(value)
+
+
 def parse_shape(shape, where: str) -> tuple:
     """``shape`` as a tuple ``(D,)`` or ``(C, H, W)``; ``ValueError`` naming ``where`` for anything else."""
-    tup = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (tuple, list)) else None
-    ok = tup is not None and len(tup) in (1, 3) and isinstance(tup[0], int) and tup[0] >= 1
-    ok = ok and all(s is None or (isinstance(s, int) and s >= 1) for s in tup[1:])
+    tup = (shape,) if _is_int(shape) else tuple(shape) if isinstance(shape, (tuple, list)) else None
+    ok = tup is not None and len(tup) in (1, 3) and _is_int(tup[0]) and tup[0] >= 1
+    ok = ok and all(s is None or (_is_int(s) and s >= 1) for s in tup[1:])
     if not ok:
         raise ValueError(
             f"{where}: shape must be a positive int D or (D,) for vectors, or (C, H, W) for images "
@@ -31,8 +55,9 @@ def vector_dim(shape, where: str) -> int:
 
 def hidden_sizes(hidden, default: tuple, where: str) -> tuple:
     """Vector conditioner sizes: ``None`` (``default``), an int (one hidden layer) or a sequence of ints >= 1."""
-    sizes = default if hidden is None else (hidden,) if isinstance(hidden, int) else tuple(hidden)
-    if not sizes or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in sizes):
+    ok_type = hidden is None or _is_int(hidden) or isinstance(hidden, (tuple, list))
+    sizes = () if not ok_type else default if hidden is None else (hidden,) if _is_int(hidden) else tuple(hidden)
+    if not sizes or not all(_is_int(h) and h >= 1 for h in sizes):
         raise ValueError(f"{where}: hidden must be an int or a sequence of ints >= 1, got {hidden!r}")
     return sizes
 

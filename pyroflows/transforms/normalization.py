@@ -2,12 +2,19 @@ r"""Activation normalisation (Kingma & Dhariwal, 2018): a per-feature affine map
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .._deprecation import renamed_kwargs
-from ._shapes import legacy_event_dim
+from ._shapes import legacy_event_dim, positive
 from .base import FlowTransform
+
+
+def _as_feature(stat: torch.Tensor, x: torch.Tensor, event_dim: int) -> torch.Tensor:
+    """A per-feature statistic ``(C,)`` shaped to broadcast against ``x`` (feature dim ``x.dim() - event_dim``)."""
+    return stat.reshape(stat.shape + (1,) * (event_dim - 1))
 
 
 def _distributed() -> bool:
@@ -28,8 +35,10 @@ class ActNorm(FlowTransform):
     mode, ``b`` and ``s`` are set from that batch so the output has zero mean and unit variance per feature
     (statistics over every batch and spatial position); afterwards they are ordinary parameters. The init
     happens only if the layer's first training-mode call is a forward call with at least two positions per
-    feature: a first inverse call (or a single sample) keeps the identity and marks the layer initialised,
-    so a map that has been used is never re-initialised later. Call :meth:`initialize` to force an init.
+    feature: a first inverse call (or a single sample, with a warning) keeps the identity and marks the layer
+    initialised, so a map that has been used is never re-initialised later. Call :meth:`initialize` to force an
+    init. A feature that is constant in the init batch (standard deviation below ``eps`` relative to its mean) is
+    centred but not scaled, with a warning: dividing by a vanishing spread would blow it up by ``1/eps``.
     The ``initialized`` buffer records this and is part of the ``state_dict``, so a loaded model is not
     re-initialised. A fresh layer is the identity.
 
@@ -38,7 +47,7 @@ class ActNorm(FlowTransform):
     :param shape: ``D`` or ``(D,)`` for vectors ``(..., D)``; ``(C, H, W)`` for images ``(..., C, H, W)``
         (``H``, ``W`` may be ``None``: any size).
     :param int event_dim: deprecated: ``3`` with an int ``shape`` means ``(C, None, None)``.
-    :param float eps: floor on the standard deviation used by the init.
+    :param float eps: relative spread below which the init treats a feature as constant (> 0).
 
     Example::
 
@@ -59,7 +68,7 @@ class ActNorm(FlowTransform):
         shape = (num_features,) if event_dim == 1 else (num_features, 1, 1)
         super().__init__(event_dim=event_dim, event_shape=event_shape)
         self.num_features = num_features
-        self.eps = eps
+        self.eps = positive(eps, "eps", "ActNorm")
         self.bias = nn.Parameter(torch.zeros(shape))
         self.log_scale = nn.Parameter(torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
@@ -80,7 +89,8 @@ class ActNorm(FlowTransform):
         return tuple(d for d in range(x.dim()) if d != feature_dim)
 
     def init_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Per-feature ``(mean, E[x²], count)`` of ``x``.
+        """Per-feature ``(mean, variance, count)`` of ``x``, in two passes (the variance of the centred values, so
+        that a constant feature has variance 0, not the rounding error of ``E[x²] - mean²``).
 
         Under ``torch.distributed`` (an initialised process group with more than one rank) the statistics are
         all-reduced, so every rank initialises from the union of the ranks' batches and all hold the same
@@ -88,29 +98,58 @@ class ActNorm(FlowTransform):
         """
         dims = self._reduce_dims(x)
         count = x.numel() // self.num_features
-        mean, second = x.mean(dims), (x * x).mean(dims)
-        if _distributed():
-            import torch.distributed as torch_dist
+        mean = x.mean(dims)
+        if not _distributed():
+            return mean, (x - _as_feature(mean, x, self._event_dim)).square().mean(dims), count
+        import torch.distributed as torch_dist
 
-            packed = torch.cat([mean * count, second * count, mean.new_tensor([float(count)])])
-            torch_dist.all_reduce(packed)
-            total = packed[-1]
-            n = self.num_features
-            return packed[:n] / total, packed[n : 2 * n] / total, int(total.item())
-        return mean, second, count
+        packed = torch.cat([mean * count, mean.new_tensor([float(count)])])
+        torch_dist.all_reduce(packed)
+        total = packed[-1]
+        mean = packed[:-1] / total
+        spread = (x - _as_feature(mean, x, self._event_dim)).square().sum(dims)
+        torch_dist.all_reduce(spread)
+        return mean, spread / total, int(total.item())
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """Set ``b``, ``s`` so that ``x`` maps to zero mean, unit variance per feature; mark initialised."""
-        mean, second, count = self.init_statistics(x.detach())
+        self._check_features(x)
+        mean, var, count = self.init_statistics(x.detach())
         if count >= 2:
-            std = (second - mean * mean).clamp_min(0.0).sqrt().clamp_min(self.eps)
+            std = var.clamp_min(0.0).sqrt()
+            constant = std <= self.eps * (1.0 + mean.abs())
+            if bool(constant.any()):
+                warnings.warn(
+                    f"ActNorm: {int(constant.sum())} of {self.num_features} features are constant in the init batch; "
+                    "they are centred but not scaled",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            std = torch.where(constant, torch.ones_like(std), std)
             self.bias.copy_(mean.reshape(self.bias.shape))
             self.log_scale.copy_(std.log().reshape(self.log_scale.shape))
+        else:
+            warnings.warn(
+                "ActNorm: the first training batch has one value per feature, too few for the data-dependent init; "
+                "the layer keeps the identity (call initialize(x) with a larger batch to initialise it)",
+                UserWarning,
+                stacklevel=3,
+            )
         self.initialized.fill_(True)
         self._known_initialized = True
 
+    def _check_features(self, x: torch.Tensor) -> None:
+        """A wrong feature/channel count would otherwise broadcast or fail deep inside torch."""
+        dim = x.dim() - self._event_dim
+        if dim < 0 or x.shape[dim] != self.num_features:
+            raise ValueError(
+                f"ActNorm expects {self.num_features} {'channels' if self._event_dim == 3 else 'features'} at dim "
+                f"{dim} of an input of event_dim {self._event_dim}, got shape {tuple(x.shape)}"
+            )
+
     def forward_and_log_det(self, x):
+        self._check_features(x)
         if self.training and not self._is_initialized():
             self.initialize(x)
         y = (x - self.bias) * torch.exp(-self.log_scale)
@@ -118,6 +157,7 @@ class ActNorm(FlowTransform):
         return y, log_det.expand(x.shape[: x.dim() - self._event_dim])
 
     def inverse_and_log_det(self, y):
+        self._check_features(y)
         if self.training and not self._is_initialized():
             # The map has now been used: a later data-dependent init would silently change it.
             self.initialized.fill_(True)

@@ -19,6 +19,7 @@ from ..nn.lipschitz import (
     lipschitz_cnn,
     lipschitz_mlp,
 )
+from ._shapes import count, hidden_sizes, positive
 from .base import FlowTransform
 
 
@@ -168,15 +169,25 @@ class ResidualBlock(FlowTransform):
             raise ValueError(f"ResidualBlock: eval_logdet must be 'auto' or one of {LOGDET_MODES}, got {eval_logdet!r}")
         if on_fail not in ("raise", "warn"):
             raise ValueError(f"ResidualBlock: on_fail must be 'raise' or 'warn', got {on_fail!r}")
-        if min(n_terms, n_samples, max_iter) < 1 or n_exact_terms < 0:
-            raise ValueError("ResidualBlock: n_terms, n_samples and max_iter must be >= 1, n_exact_terms >= 0")
+        where = "ResidualBlock"
+        for name, value, low in (("n_terms", n_terms, 1), ("n_samples", n_samples, 1), ("max_iter", max_iter, 1),
+                                 ("n_exact_terms", n_exact_terms, 0), ("eval_n_exact_terms", eval_n_exact_terms, 0),
+                                 ("exact_max_dim", exact_max_dim, 0)):  # fmt: skip
+            count(value, name, where, low)
+        positive(geom_p, "geom_p", where, high=1.0)
+        positive(poisson_lam, "poisson_lam", where)
+        for name, value in (("atol", atol), ("rtol", rtol)):
+            if value is not None:
+                positive(value, name, where, closed=True)
         super().__init__(event_dim=len(shape), event_shape=shape)
         self.coeff = coeff
         if net is None:
             if len(shape) == 1:
-                net = lipschitz_mlp(shape[0], hidden or (128,), coeff, learn_p=learn_p)
+                net = lipschitz_mlp(shape[0], hidden_sizes(hidden, (128,), where), coeff, learn_p=learn_p)
             else:
-                net = lipschitz_cnn(shape[0], hidden or 64, coeff)
+                net = lipschitz_cnn(
+                    shape[0], 64 if hidden is None else count(hidden, "hidden (channels)", where), coeff
+                )
         self.net = net
         self.logdet, self.n_terms, self.n_exact_terms = logdet, n_terms, n_exact_terms
         self.geom_p, self.roulette, self.poisson_lam = geom_p, roulette, poisson_lam
