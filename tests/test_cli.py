@@ -427,7 +427,7 @@ def test_disk_full_is_one_line_exit_2_and_the_last_checkpoint_survives(tmp_path,
     def full(fd):
         if stat.S_ISREG(os.fstat(fd).st_mode):
             files["n"] += 1
-            if files["n"] == 2:  # the file after the first checkpoint (the final sample grid)
+            if files["n"] == 2:  # the second checkpoint (step 8), written before the final grid
                 raise OSError(errno.ENOSPC, "No space left on device")
         return fsync(fd)
 

@@ -598,12 +598,13 @@ def _after_step(run: _Run, done: int, value: float, grad_norm: float) -> bool:
     evaluates = final or _eval_due(run, done)
     if evaluates:
         _evaluate(run, done)
+    # the checkpoint before the pictures: a grid that cannot be written (disk full) must not cost the step's state
+    if cfg.out is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final):
+        _save(run, done)
     if not final and (done % cfg.sample_every == 0 if cfg.sample_every else evaluates):
         _samples(run, done, f"samples_step{done:07d}.png")
     if final:
         _samples(run, done, "samples.png")
-    if cfg.out is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final):
-        _save(run, done)
     return final
 
 
