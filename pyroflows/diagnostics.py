@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 
@@ -199,6 +200,8 @@ def _joint_draws_eval(fn_name, model, guide, num_samples, args, kwargs, predicti
         natural = model_1.nodes[name]["value"].shape
         if _is_deterministic(s):
             latent[name] = _per_draw(s["value"], n, natural, name)
+        elif s["infer"].get("is_auxiliary") or isinstance(s["fn"], dist.Unit):
+            continue  # pyro.factor: a term of log p (counted above), not data with a likelihood
         elif s["is_observed"]:
             fn = s["fn"]
             data_batch = natural[: len(natural) - fn.event_dim]
@@ -598,6 +601,10 @@ def loo(idata) -> LOOResult:
     if ll_group is None or not ll_group.data_vars:
         raise ValueError("loo: idata has no log_likelihood group (the model has no observed sites?)")
     ll = np.concatenate([np.asarray(v).reshape(log_p.size, -1) for v in ll_group.data_vars.values()], axis=1)
+    if not np.all(np.isfinite(ll)):
+        rows = int(np.sum(~np.all(np.isfinite(ll), axis=0)))
+        raise ValueError(f"loo: {rows} of {ll.shape[1]} observations have a non-finite log-likelihood (NaN data?)")
+    _finite_log_ratio("loo", log_p, log_q)
     elpd, ks = np.empty(ll.shape[1]), np.empty(ll.shape[1])
     for i in range(ll.shape[1]):
         lw, ks[i] = compat.psislw(-ll[:, i] + log_p - log_q)

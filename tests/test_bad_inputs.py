@@ -244,3 +244,47 @@ def test_compare_to_reference_weights(weights):
     data = D.posterior_data({"mu": rng.normal(size=(1, 50))})
     with pytest.raises(ValueError, match="weights must be finite, >= 0 and not all zero"):
         D.compare_to_reference(data, data, weights=weights)
+
+
+# ------------------------------------------------------------------------------------------------ second round
+@pytest.mark.parametrize("shape", [(), (1, 8.5, 8), "188", (True, 8, 8), (1, None, 8)])
+def test_build_density_shapes(shape):
+    with pytest.raises(ValueError, match="build_density: (shape must be|the data shape must be fully known)"):
+        build_density("glow", shape, levels=1, num_layers=1, hidden=4)
+
+
+def test_a_size_the_flow_cannot_take_fails_when_the_model_is_built():
+    with pytest.raises(ValueError, match="Squeeze needs even height and width, got H=3, W=3"):
+        pyroflows.FlowDensity(pyroflows.glow((1, 8, 8), levels=2, num_layers=1, hidden=4), (1, 6, 6))
+
+
+def test_a_diverging_fixed_point_inverse_says_why():
+    from pyroflows.transforms import ResidualBlock
+
+    net = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(2.0 * torch.eye(2))  # Lipschitz 2: x = y - g(x) blows up
+    block = ResidualBlock(2, net=net, logdet="exact", max_iter=100).eval()
+    with pytest.raises(RuntimeError, match="4 sample\\(s\\) above tolerance.*diverged.*Lipschitz constant below 1"):
+        block.inv(torch.randn(4, 2))
+
+
+def test_models_with_factors_convert_and_nan_likelihoods_are_refused():
+    from pyro.infer.autoguide import AutoNormal
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.factor("prior_term", -(mu**2))  # a term of log p, not data
+        with pyro.plate("d", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    y = torch.tensor([0.1, 0.2, 0.3])
+    guide = AutoNormal(model)
+    guide(y)
+    idata = D.to_inference_data(model, guide, num_samples=50, model_args=(y,), seed=0)
+    assert list(D.compat.group(idata, "log_likelihood").data_vars) == ["y"]
+    bad = torch.tensor([0.1, float("nan"), 0.3])
+    with pyro.validation_enabled(False):
+        idata = D.to_inference_data(model, guide, num_samples=50, model_args=(bad,), seed=0)
+    with pytest.raises(ValueError, match="loo: 1 of 3 observations have a non-finite log-likelihood"):
+        D.loo(idata)

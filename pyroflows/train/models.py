@@ -106,7 +106,11 @@ def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
     key = str(flow).lower()
     if key not in FLOWS:
         raise ValueError(f"unknown flow {flow!r}; choose one of {sorted(FLOWS)}")
-    shape = tuple(int(n) for n in shape)
+    from ..transforms._shapes import parse_shape
+
+    shape = parse_shape(tuple(shape) if isinstance(shape, list) else shape, "build_density")
+    if any(n is None for n in shape):
+        raise ValueError(f"build_density: the data shape must be fully known, got {shape}")
     builder = FLOWS[key]
     try:
         transform = builder(shape if len(shape) > 1 else shape[0], **options)

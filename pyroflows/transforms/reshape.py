@@ -132,6 +132,18 @@ class MultiScale(FlowTransform):
         n_f = self.num_channels - self.keep_channels
         return x[..., :n_f, :, :], x[..., n_f:, :, :]
 
+    def forward_shape(self, shape):
+        """The shape is kept; ``inner`` must accept the kept channels at this size (e.g. its squeezes need even
+        sides), which is checked here so that a size the flow cannot take fails when the model is built."""
+        *batch, c, h, w = shape
+        if c != self.num_channels:
+            raise ValueError(f"MultiScale expects {self.num_channels} channels, got shape {tuple(shape)}")
+        self.inner.forward_shape((*batch, self.keep_channels, h, w))
+        return tuple(shape)
+
+    def inverse_shape(self, shape):
+        return self.forward_shape(shape)
+
     def forward_and_log_det(self, x):
         log_det = x.new_zeros(x.shape[:-3])
         if self.prior is not None:

@@ -262,11 +262,18 @@ class ResidualBlock(FlowTransform):
             if bool((step <= 0).all()):
                 return x
         residual = (x + self.net(x) - y).abs().reshape(y.shape[:batch_dims] + (-1,)).amax(-1)
-        n_bad = int((step.reshape(y.shape[:batch_dims] + (-1,)).amax(-1) > 0).sum())
+        unsettled = ~(step <= 0)  # NaN (a diverged iterate) counts as not converged
+        n_bad = int(unsettled.reshape(y.shape[:batch_dims] + (-1,)).any(-1).sum())
         message = (
             f"ResidualBlock inverse did not converge in max_iter={self.max_iter} fixed-point iterations: "
             f"{n_bad} sample(s) above tolerance, max residual |x + g(x) - y| = {float(residual.max()):.3e}"
         )
+        scale = 1.0 + float(y.abs().max())
+        if not bool(torch.isfinite(x).all()) or float(residual.max()) > 1e6 * scale:
+            message += (
+                "; the iteration diverged (iterates blew up): g is not a contraction, so a custom net must have "
+                "a Lipschitz constant below 1 (the built-in ones are bounded by coeff)"
+            )
         if self.on_fail == "raise":
             raise RuntimeError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
