@@ -46,7 +46,10 @@ class FlowDensity(nn.Module):
         super().__init__()
         self.flow = flow
         self.event_shape = tuple(int(n) for n in event_shape)
-        self.latent_shape = tuple(flow.forward_shape(self.event_shape))
+        try:
+            self.latent_shape = tuple(flow.forward_shape(self.event_shape))
+        except ValueError as e:  # e.g. a multi-scale flow whose squeezes need sides divisible by 2**levels
+            raise ValueError(f"FlowDensity: the flow cannot take data of shape {self.event_shape}: {e}") from None
         if flow.domain.event_dim != len(self.event_shape):
             raise ValueError(
                 f"FlowDensity: the flow has event_dim {flow.domain.event_dim} but event_shape {self.event_shape} "

@@ -254,7 +254,7 @@ def test_build_density_shapes(shape):
 
 
 def test_a_size_the_flow_cannot_take_fails_when_the_model_is_built():
-    with pytest.raises(ValueError, match="Squeeze needs even height and width, got H=3, W=3"):
+    with pytest.raises(ValueError, match=r"cannot take data of shape \(1, 6, 6\): Squeeze needs even .* H=3, W=3"):
         pyroflows.FlowDensity(pyroflows.glow((1, 8, 8), levels=2, num_layers=1, hidden=4), (1, 6, 6))
 
 
