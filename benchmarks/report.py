@@ -288,6 +288,31 @@ def _exact_logdet(d: dict) -> str:
     )
 
 
+def _invertibility(d: dict) -> str:
+    rows = []
+    for r in d["rows"]:
+        for where in ("test", "samples", "5x outside"):
+            f = r[where]
+            rows.append(
+                [
+                    r["model"],
+                    _f(r["test_nll"]),
+                    where,
+                    f"{f['error32_max']:.1e}",
+                    f"{f['error64_max']:.1e}",
+                    _f(f["lipschitz_max"]),
+                    _f(f["inverse_lipschitz_max"]),
+                    _f(f["condition_max"]),
+                    "yes" if f["invertible"] else "NO",
+                ]  # fmt: skip
+            )
+    head = ["model", "test NLL", "inputs", "max err f32", "max err f64", "Lip f", "Lip f⁻¹", "max cond", "invertible"]
+    return _table(head, rows) + (
+        f"\n\nTwo moons, {d['rows'][0]['steps']} steps each; `diagnostics.invertibility` on 500 points per row "
+        "(Lipschitz figures: largest per-example singular values, float64 power iteration)."
+    )
+
+
 def _vi_guides(d: dict) -> str:
     from benchmarks.vi_guides import markdown
 
@@ -308,6 +333,7 @@ RENDERERS = {
     "residual": _residual,
     "gpu_density": _gpu,
     "exact_logdet": _exact_logdet,
+    "invertibility": _invertibility,
 }
 
 

@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         "--sample-every", type=int, help="steps between sample grids samples_step<N>.png (default: at each evaluation)"
     )
     fit.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: once per epoch)")
+    fit.add_argument(
+        "--check-invertibility",
+        action="store_true",
+        help="at each evaluation, measure reconstruction error and bi-Lipschitz constants on 64 test images "
+        "(metrics.jsonl; a warning if the flow is numerically non-invertible)",
+    )
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     fit.add_argument("--amp", action="store_true", help="bfloat16 conditioner networks (log-dets stay float32)")
     fit.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
@@ -190,6 +196,7 @@ def _fit(args) -> int:
             compile=args.compile,
             seed=args.seed,
             progress=False if args.no_progress else None,
+            check_invertibility=args.check_invertibility,
         )
 
     FitConfig(**settings())  # every setting checked (one line, exit 2) before any data or model is touched

@@ -93,7 +93,7 @@ class FitConfig:
     ``warmup_steps``, ``clip_norm``, ``ema``, ``eval_every``, ``eval_batch_size``, ``sample_every``,
     ``n_samples``, ``temperature``, ``checkpoint_every``, ``log_every``, ``out`` (a ``Path`` or ``None``),
     ``resume``, ``device``, ``amp``, ``compile``, ``seed``, ``init_batch_size``, ``progress``, ``time_limit``,
-    ``report``.
+    ``report``, ``check_invertibility``.
 
     Example::
 
@@ -133,6 +133,7 @@ class FitConfig:
     progress: bool | None = None
     time_limit: float | None = None
     report: bool = True
+    check_invertibility: bool = False
 
     def __post_init__(self):
         if self.out is not None:
@@ -166,6 +167,7 @@ class FitConfig:
         check_choice(c, "progress", self.progress, (None, True, False))
         check_number(c, "time_limit", self.time_limit, 0, optional=True)
         check_choice(c, "report", self.report, (True, False))
+        check_choice(c, "check_invertibility", self.check_invertibility, (True, False))
 
 
 @dataclass
@@ -288,6 +290,7 @@ def fit(
     progress: bool | None = None,
     time_limit: float | None = None,
     report: bool = True,
+    check_invertibility: bool = False,
     steps: int | None = None,
 ) -> FitResult:
     r"""Train ``model`` by maximum likelihood on ``train``.
@@ -350,6 +353,10 @@ def fit(
     :param bool report: print one line per evaluation to stderr, with or without the bar: step, epoch, mean
         training loss since the last evaluation, test bits/dim (or NLL), training images per second and the
         estimated time left.
+    :param bool check_invertibility: at each evaluation, also run :func:`pyroflows.diagnostics.invertibility` on
+        (up to) 64 dequantised test examples and record its figures (``inv_error32_max``, ``inv_lipschitz_max``,
+        ``inv_inverse_lipschitz_max``, ``inv_condition_max``, ...) with the evaluation and in ``metrics.jsonl``; it
+        warns when the flow is numerically non-invertible on them.
     :param steps: the old name of ``num_steps`` (a ``FutureWarning``; removed in 0.3).
     :raises ValueError: for a setting out of range (:class:`FitConfig` names it) or unusable data.
     :raises TrainingError: on a non-finite loss or gradient norm, naming the step; nothing is overwritten.
@@ -641,6 +648,8 @@ def _evaluate(run: _Run, step: int) -> None:
             device=run.ctx.device,
         )
         record["test_bpd" if run.data.n_bins else "test_nll"] = value
+        if cfg.check_invertibility:
+            record.update(_invertibility(run))
         run.evals.append(record)
         run.metrics.write(**record)
     if run.ctx.is_main and cfg.report:
@@ -648,6 +657,21 @@ def _evaluate(run: _Run, step: int) -> None:
     run.last_eval_end = time.perf_counter()
     run.last_eval_seconds = run.last_eval_end - started
     run.last_eval_step = step
+
+
+def _invertibility(run: _Run) -> dict:
+    """:func:`pyroflows.diagnostics.invertibility` of the evaluated model's flow on up to 64 test examples (the
+    dequantisation noise seeded, the global RNG untouched), its figures prefixed ``inv_``."""
+    from ..diagnostics import invertibility
+
+    data = run.test_data
+    index = torch.arange(min(64, len(data)), device=data.x.device)
+    generator = torch.Generator(device=data.x.device).manual_seed(run.cfg.seed + 31337)
+    x = data.batch(index, generator).to(run.eval_model._loc.dtype)
+    report = invertibility(run.eval_model.flow, x, seed=run.cfg.seed)
+    wanted = ("error32_max", "error64_max", "lipschitz_max", "inverse_lipschitz_max", "condition_max", "condition_q50")
+    summary = report.summary()
+    return {f"inv_{k}": summary[k] for k in wanted}
 
 
 def _report(run: _Run, step: int, record: dict, started: float) -> None:
@@ -658,9 +682,11 @@ def _report(run: _Run, step: int, record: dict, started: float) -> None:
     parts = [f"step {step}/{run.total} (epoch {step / run.per_epoch:.1f})"]
     if steps > 0:
         parts.append(f"train {sum(run.losses[-steps:]) / steps:.4f} {units}")
-    for key, value in record.items():
-        if key != "step":
-            parts.append(f"{key.replace('_bpd', '').replace('_nll', '')} {value:.4f} {units}")
+    for key in ("test_bpd", "test_nll"):
+        if key in record:
+            parts.append(f"test {record[key]:.4f} {units}")
+    if "inv_error32_max" in record:
+        parts.append(f"round trip {record['inv_error32_max']:.1e}, cond {record['inv_condition_max']:.3g}")
     if steps > 0:
         parts.append(f"{steps * run.cfg.batch_size * run.ctx.world_size / seconds:.0f} img/s")
         left = (run.total - step) * seconds / steps

@@ -44,13 +44,13 @@ def default_options(flow: str, shape: Sequence[int], device="cpu") -> dict:
     """The architecture ``pyroflows fit`` uses when ``--levels`` / ``--num-layers`` / ``--hidden`` are not given:
     sized by the image (longer side at most 16 pixels, or more) and the device (CPU, or CUDA).
 
-    ========  ==========  ==========  ==========  ==========
-    flow      8x8, CPU    28x28, CPU  8x8, GPU    32x32, GPU
-    ========  ==========  ==========  ==========  ==========
-    glow      2 / 4 / 64  2 / 8 / 64  2 / 8 / 128 3 / 16 / 256
-    realnvp   2 / 3 / 32  2 / 4 / 32  2 / 4 / 64  3 / 8 / 64
-    residual  2 / 2 / 32  2 / 2 / 32  2 / 4 / 64  3 / 4 / 128
-    ========  ==========  ==========  ==========  ==========
+    ========  ===========  ============  ============  ==============
+    flow      8x8, CPU     28x28, CPU    8x8, GPU      32x32, GPU
+    ========  ===========  ============  ============  ==============
+    glow      2 / 4 / 64   2 / 8 / 64    2 / 8 / 128   3 / 16 / 256
+    realnvp   2 / 3 / 32   2 / 4 / 32    2 / 4 / 64    3 / 8 / 64
+    residual  2 / 2 / 32   2 / 2 / 32    2 / 4 / 64    3 / 4 / 128
+    ========  ===========  ============  ============  ==============
 
     (levels / num_layers / hidden; 28x28 on a GPU is as 32x32 with the levels the size allows: glow 2.)
 

@@ -194,6 +194,7 @@ class ResidualBlock(FlowTransform):
         self.n_samples, self.probe, self.memory_efficient = n_samples, probe, memory_efficient
         self.eval_logdet, self.eval_n_exact_terms, self.exact_max_dim = eval_logdet, eval_n_exact_terms, exact_max_dim
         self.atol, self.rtol, self.max_iter, self.on_fail = atol, rtol, max_iter, on_fail
+        self.last_inverse_iterations: int | None = None  # fixed-point iterations of the last inverse (diagnostics)
         if roulette not in ("geometric", "poisson"):
             raise ValueError(f"ResidualBlock: roulette must be 'geometric' or 'poisson', got {roulette!r}")
 
@@ -255,12 +256,14 @@ class ResidualBlock(FlowTransform):
     def _iterate(self, y: torch.Tensor) -> torch.Tensor:
         x = y - self.net(y)
         batch_dims = y.dim() - self._event_dim
-        for _ in range(self.max_iter):
+        for k in range(self.max_iter):
             x_new = y - self.net(x)
             step = (x_new - x).abs() - self._tolerance(x_new)
             x = x_new
             if bool((step <= 0).all()):
+                self.last_inverse_iterations = k + 1
                 return x
+        self.last_inverse_iterations = self.max_iter
         residual = (x + self.net(x) - y).abs().reshape(y.shape[:batch_dims] + (-1,)).amax(-1)
         unsettled = ~(step <= 0)  # NaN (a diverged iterate) counts as not converged
         n_bad = int(unsettled.reshape(y.shape[:batch_dims] + (-1,)).any(-1).sum())
