@@ -88,3 +88,13 @@ def test_fit_records_invertibility_at_each_evaluation(tmp_path, capfd):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum("inv_condition_max" in line for line in lines) == 2
     assert "round trip " in capfd.readouterr().err
+
+
+def test_a_slow_fixed_point_is_reported_not_raised():
+    """coeff near 1 converges like coeff**k: with max_iter=3 the inverse stops early; the report says so."""
+    torch.manual_seed(0)
+    block = ResidualBlock(2, hidden=(8,), coeff=0.99, max_iter=3)
+    with pytest.warns(UserWarning, match="fixed-point inverse stopped at max_iter"):
+        report = invertibility(block, 3 * torch.randn(6, 2))
+    assert not report.inverse_converged and report.fixed_point_iterations == {"flow": 3}
+    assert block.on_fail == "raise"  # the caller's block is unchanged
