@@ -122,7 +122,7 @@ class FlowDensity(nn.Module):
         """
         self._check(x)
         check_pixels(x, n_bins, "FlowDensity.bits_per_dim")
-        x_cont = dequantize(x.to(self._loc.dtype), n_bins, generator)
+        x_cont = dequantize(x.to(self._loc.dtype), n_bins, generator, check=False)  # checked just above
         return to_bits_per_dim(self.log_prob(x_cont), self.dim, n_bins)
 
     @torch.no_grad()

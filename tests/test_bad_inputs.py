@@ -288,3 +288,13 @@ def test_models_with_factors_convert_and_nan_likelihoods_are_refused():
         idata = D.to_inference_data(model, guide, num_samples=50, model_args=(bad,), seed=0)
     with pytest.raises(ValueError, match="loo: 1 of 3 observations have a non-finite log-likelihood"):
         D.loo(idata)
+
+
+def test_dequantize_check_can_be_skipped_for_checked_pixels():
+    """The trainers check pixels once at load and then skip the per-step check (a device sync on a GPU)."""
+    x = torch.tensor([0, 16])
+    torch.manual_seed(0)
+    checked = dequantize(x, 17)
+    torch.manual_seed(0)
+    assert torch.equal(dequantize(x, 17, check=False), checked)
+    assert dequantize(torch.tensor([17]), 17, check=False).shape == (1,)  # the caller's responsibility

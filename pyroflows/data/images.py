@@ -190,7 +190,9 @@ class ImageDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------- data-side ops
-def dequantize(x: torch.Tensor, n_bins: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def dequantize(
+    x: torch.Tensor, n_bins: int, generator: torch.Generator | None = None, *, check: bool = True
+) -> torch.Tensor:
     r"""Uniform dequantisation :math:`\tilde x = (x + u) / n_{bins}`, :math:`u \sim U[0, 1)`, a point of
     :math:`[0, 1)^D`.
 
@@ -203,6 +205,8 @@ def dequantize(x: torch.Tensor, n_bins: int, generator: torch.Generator | None =
         torch's distribution validation is on, as by default and after ``pyro.enable_validation()``).
     :param int n_bins: number of intensity levels (an int >= 2).
     :param generator: optional torch generator.
+    :param bool check: ``False`` skips the pixel check (and its device synchronisation) for pixels the caller has
+        already checked, as the trainers do once when they load the data.
 
     Example::
 
@@ -220,7 +224,7 @@ def dequantize(x: torch.Tensor, n_bins: int, generator: torch.Generator | None =
         u = torch.rand(x.shape, generator=generator, dtype=dtype, device=generator.device).to(x.device)
     xf = x.to(dtype)
     validate = torch.distributions.Distribution._validate_args  # torch's flag (pyro.enable_validation sets it)
-    if validate and xf.numel() and bool(((xf < 0) | (xf >= n_bins) | (xf != xf.floor())).any()):
+    if check and validate and xf.numel() and bool(((xf < 0) | (xf >= n_bins) | (xf != xf.floor())).any()):
         raise ValueError(f"dequantize: pixels must be whole numbers in [0, {n_bins}), got values in "
                          f"[{float(xf.min())}, {float(xf.max())}]")  # fmt: skip
     y = (xf + u) / n_bins
