@@ -803,16 +803,14 @@ def invertibility(flow, x: torch.Tensor, *, num_iters: int = 30, tolerance: floa
         warnings.simplefilter("always")
         x32, x64 = x.detach().float(), x.detach().double()
         with torch.no_grad():
-            y32 = forward_only(f32, x32)
+            y32, y64 = forward_only(f32, x32), forward_only(f64, x64)
             error32 = _amax_abs(inverse_only(f32, y32.clone()) - x32, dims)
-            error64 = _amax_abs(inverse_only(f64, forward_only(f64, x64).clone()) - x64, dims)
+            error64 = _amax_abs(inverse_only(f64, y64.clone()) - x64, dims)
         iterations = {}
         if isinstance(f32, torch.nn.Module):
             for name, m in f32.named_modules():
                 if isinstance(m, ResidualBlock) and m.last_inverse_iterations is not None:
                     iterations[name or "flow"] = m.last_inverse_iterations
-        with torch.no_grad():
-            y64 = forward_only(f64, x64)
         with frozen_power_iteration():  # the passes above settled the spectral norms: every evaluation sees one map
             lip = _top_singular(lambda z: forward_only(f64, z), x64, event_dim, num_iters, generator)
             inv_lip = _top_singular(lambda z: inverse_only(f64, z), y64, event_dim, num_iters, generator)
