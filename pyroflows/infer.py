@@ -453,7 +453,8 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     source = resume_source(cfg.checkpoint, cfg.resume, caller="fit", hint=_RESUME_HINT)
     saved = load_checkpoint(source, marker=_SVI_FORMAT) if source is not None else None
     settings = cfg.settings(guide)
-    data = fingerprint(args, kwargs)  # the model's data: a resumed run must continue on the same
+    # the model's data: a resumed run must continue on the same; hashed only where a checkpoint is written or read
+    data = fingerprint(args, kwargs) if cfg.checkpoint is not None or cfg.resume is not False else None
     if saved is not None:
         require_keys(saved, ("settings", "guide", "optimizer", "scheduler", "step", "losses", "lrs", "rng"),
                      source=source, caller="fit")  # fmt: skip

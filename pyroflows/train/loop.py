@@ -485,7 +485,8 @@ def _prepare(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> _Run:
         "weight_decay": cfg.weight_decay,
         "steps": total,
         "n_bins": data.n_bins,
-        "data": fingerprint(data.x),  # a resumed run must continue on the same data
+        # a resumed run must continue on the same data; hashed only where a checkpoint is written or read
+        "data": fingerprint(data.x) if cfg.out is not None or cfg.resume is not False else None,
     }
     ckpt_path = cfg.out / CHECKPOINT if cfg.out is not None else None
     units = _loss_units(data, model.dim)
