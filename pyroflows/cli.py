@@ -14,7 +14,6 @@ training runs data-parallel on N processes.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from . import __version__
@@ -229,7 +228,7 @@ def _fit(args) -> int:
 def _sample(args) -> int:
     import torch
 
-    from .plots import save_image_grid
+    from .plots import check_png_path, save_image_grid
     from .run import check_device, check_int, check_number, check_seed
     from .train import load_density
 
@@ -237,8 +236,7 @@ def _sample(args) -> int:
     check_number("sample", "--temperature", args.temperature, 0, low_open=False)
     check_seed("sample", args.seed)
     device = check_device("sample", args.device)
-    if os.path.isdir(args.out) or not args.out.lower().endswith(".png"):
-        raise ValueError(f"--out must be a file name ending in .png, got {args.out!r}")
+    check_png_path(args.out, "--out")  # before the model is loaded
     model = load_density(args.checkpoint, ema=args.ema, map_location=device)
     if len(model.event_shape) != 3:
         raise ValueError(f"the model is not an image model (event shape {tuple(model.event_shape)})")

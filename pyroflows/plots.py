@@ -52,6 +52,23 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) 
     return grid.permute(1, 2, 0)
 
 
+def check_png_path(path: str | os.PathLike, where: str) -> None:
+    """``ValueError`` naming ``where`` unless ``path`` can name a PNG file: not a directory, ending in ``.png``
+    (what :func:`save_image_grid` writes; the command line checks it before loading a model).
+
+    Example::
+
+        >>> check_png_path("grid.jpg", "--out")
+        Traceback (most recent call last):
+          ...
+        ValueError: --out: only PNG is written; give a file name ending in .png, got 'grid.jpg'
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"{where}: {os.fspath(path)!r} is a directory; give a file name ending in .png")
+    if not os.fspath(path).lower().endswith(".png"):
+        raise ValueError(f"{where}: only PNG is written; give a file name ending in .png, got {os.fspath(path)!r}")
+
+
 def save_image_grid(
     images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, min_size: int = 512
 ) -> None:
@@ -85,12 +102,7 @@ def save_image_grid(
         raise ValueError(
             f"save_image_grid: expected (N >= 1, C in {{1, 3}}, H, W) images, got shape {tuple(images.shape)}"
         )
-    if os.path.isdir(path):
-        raise ValueError(f"save_image_grid: {os.fspath(path)!r} is a directory; give a file name ending in .png")
-    if not os.fspath(path).lower().endswith(".png"):
-        raise ValueError(
-            f"save_image_grid: only PNG is written; give a file name ending in .png, got {os.fspath(path)!r}"
-        )
+    check_png_path(path, "save_image_grid")
     if int(min_size) < 1:
         raise ValueError(f"save_image_grid: min_size must be >= 1, got {min_size}")
     plt = _pyplot()
@@ -164,4 +176,4 @@ def plot_density_2d(
     return fig
 
 
-__all__ = ["image_grid", "plot_density_2d", "save_image_grid"]
+__all__ = ["check_png_path", "image_grid", "plot_density_2d", "save_image_grid"]
