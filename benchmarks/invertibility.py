@@ -12,7 +12,6 @@ residual flow at ``coeff`` 0.9 and 0.99, each trained the same number of steps; 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -73,11 +72,10 @@ def main(argv=None) -> int:
             f"{o['error32_max']:.1e} cond {o['condition_max']:.3g} ok={o['invertible']}",
             flush=True,
         )
-    command = "python benchmarks/invertibility.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"rows": rows, "machine": _common.machine(), "quick": args.quick, "command": command.strip()}
+    command = _common.command_line("benchmarks/invertibility.py", argv)
+    result = {"rows": rows, "machine": _common.machine(), "quick": args.quick, "command": command}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str))
+        _common.write_result(args.out, result)  # also regenerates RESULTS.md
     return 0
 
 
