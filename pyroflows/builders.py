@@ -13,6 +13,7 @@ from .transforms import (
     ActNorm,
     AffineAutoregressive,
     AffineCoupling,
+    BatchNorm,
     Compose,
     Invertible1x1Conv,
     Logit,
@@ -83,7 +84,7 @@ def _with_logit(parts, logit_alpha):
     return Compose(([Logit(logit_alpha)] if logit_alpha is not None else []) + [parts])
 
 
-def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha) -> Compose:
+def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha, batch_norm) -> Compose:
     shape = _image_shape(shape, "realnvp")
     if levels is None:
         levels = max(1, min(3, _max_levels(shape)))
@@ -91,10 +92,8 @@ def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha) 
     num_layers = count(num_layers, "num_layers", "realnvp")
 
     def coupling(c, mask, flip):
-        return [
-            ActNorm((c, None, None)),
-            AffineCoupling((c, None, None), mask=mask, hidden=hidden, scale_bound=scale_bound, flip=flip),
-        ]
+        layer = AffineCoupling((c, None, None), mask=mask, hidden=hidden, scale_bound=scale_bound, flip=flip)
+        return [layer, BatchNorm((c, None, None))] if batch_norm else [ActNorm((c, None, None)), layer]
 
     def level(c, remaining):
         parts = []
@@ -208,6 +207,7 @@ def realnvp(
     *,
     levels: int | None = None,
     logit_alpha: float | None = 0.05,
+    batch_norm: bool = False,
 ) -> Compose:
     """RealNVP for vectors: ``num_layers`` × (ActNorm → AffineCoupling), masks alternating between the first
     half and the second half of the coordinates, a fixed random permutation after every second coupling
@@ -234,6 +234,10 @@ def realnvp(
     :param int levels: image scales (default: as many as the size allows, at most 3).
     :param float logit_alpha: images: squashing of the first :class:`~pyroflows.transforms.Logit`; ``None``
         leaves it out (the data space is then the real line).
+    :param bool batch_norm: as in the paper, a :class:`~pyroflows.transforms.BatchNorm` after every coupling
+        instead of an ActNorm before it (vectors and images). The flow then depends on its mode: batch statistics
+        in training mode, running averages in eval mode (call ``flow.eval()`` before evaluating or sampling; see
+        :class:`~pyroflows.transforms.BatchNorm` for guides).
 
     Example::
 
@@ -249,7 +253,8 @@ def realnvp(
     if image:
         if hidden is not None:
             count(hidden, "hidden", "realnvp")  # images: the conditioner channels, one int
-        return _realnvp_image(shape, num_layers, 64 if hidden is None else hidden, scale_bound, levels, logit_alpha)
+        hidden = 64 if hidden is None else hidden
+        return _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha, bool(batch_norm))
     dim = vector_dim(shape, "realnvp")
     hidden = hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "realnvp")
     half = make_mask("half", dim)
@@ -257,7 +262,8 @@ def realnvp(
     for i in range(num_layers):
         # With D = 1 there is nothing to condition on: every layer is a learned elementwise affine map.
         mask = half if (i % 2 == 0 or dim == 1) else ~half
-        parts += [ActNorm(dim), AffineCoupling(dim, mask=mask, hidden=hidden, scale_bound=scale_bound)]
+        layer = AffineCoupling(dim, mask=mask, hidden=hidden, scale_bound=scale_bound)
+        parts += [layer, BatchNorm(dim)] if batch_norm else [ActNorm(dim), layer]
         if dim > 2 and i % 2 == 1 and i < num_layers - 1:
             parts.append(Permute(_fixed_permutation(dim, seed=i)))
     parts.append(_output_affine(dim))

@@ -18,6 +18,7 @@ from pyroflows.transforms import (
     ActNorm,
     AffineAutoregressive,
     AffineCoupling,
+    BatchNorm,
     Compose,
     Invertible1x1Conv,
     Logit,
@@ -59,6 +60,25 @@ def _mixed_compose(shape):
     return Compose([Planar(shape[0]), AffineTransform(0.3, scale, event_dim=1), Permute(shape=shape[0])])
 
 
+def _batchnorm_eval(shape):
+    """A BatchNorm in eval mode (the fixed affine map of its running averages), with running averages that are
+    not the identity's: the training-mode map, whose statistics couple a batch's samples, has its own tests
+    (tests/test_batchnorm.py)."""
+    t = BatchNorm(shape if len(shape) == 1 else (shape[0], None, None))
+    with torch.no_grad():
+        t.running_mean.uniform_(-1.0, 1.0)
+        t.running_var.uniform_(0.5, 2.0)
+    return t.eval()
+
+
+def _warmed_up_eval(flow, shape):
+    """A flow with BatchNorm layers, its running averages learnt on a few training-mode batches, in eval mode."""
+    with torch.no_grad():
+        for _ in range(3):
+            flow(0.5 + 2.0 * torch.randn((64,) + tuple(shape)))
+    return flow.eval()
+
+
 CASES: dict[str, Case] = {
     "planar": Case(lambda s: Planar(s[0])),
     "affine_coupling_half": Case(lambda s: AffineCoupling(s[0], mask="half", hidden=(8,))),
@@ -66,6 +86,11 @@ CASES: dict[str, Case] = {
     "affine_coupling_tensor_mask": Case(_alternating_tensor_mask),
     "actnorm": Case(lambda s: ActNorm(s[0])),
     "actnorm_image": Case(lambda s: ActNorm((s[0], None, None)), shape=(2, 3, 3), vector=False),
+    "batchnorm": Case(_batchnorm_eval),
+    "batchnorm_image": Case(_batchnorm_eval, shape=(2, 3, 3), vector=False),
+    "realnvp_batchnorm": Case(
+        lambda s: _warmed_up_eval(pyroflows.realnvp(s[0], num_layers=2, hidden=(8,), batch_norm=True), s)
+    ),
     "permute": Case(lambda s: Permute(shape=s[0])),
     "compose_mixed": Case(_mixed_compose),
     "inverse_planar": Case(lambda s: pyroflows.inverse(Planar(s[0]))),
@@ -109,6 +134,13 @@ CASES: dict[str, Case] = {
     "logit": Case(lambda s: Logit(0.05), shape=(1, 2, 3), vector=False, draw=unit_interval, latent_from_data=True),
     "realnvp_image": Case(
         lambda s: pyroflows.realnvp(s, num_layers=1, hidden=4, levels=2, logit_alpha=None),
+        shape=(1, 4, 4),
+        vector=False,
+    ),
+    "realnvp_image_batchnorm": Case(
+        lambda s: _warmed_up_eval(
+            pyroflows.realnvp(s, num_layers=1, hidden=4, levels=2, logit_alpha=None, batch_norm=True), s
+        ),
         shape=(1, 4, 4),
         vector=False,
     ),

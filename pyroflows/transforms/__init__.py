@@ -14,7 +14,7 @@ from .base import (
 )
 from .conv1x1 import Invertible1x1Conv
 from .coupling import AffineCoupling, make_mask
-from .normalization import ActNorm
+from .normalization import ActNorm, BatchNorm
 from .permute import Permute
 from .planar import Planar
 from .preprocess import Logit
@@ -27,6 +27,7 @@ __all__ = [
     "ActNorm",
     "AffineAutoregressive",
     "AffineCoupling",
+    "BatchNorm",
     "Compose",
     "FlowTransform",
     "Inverse",

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .._deprecation import renamed_kwargs
-from ._shapes import legacy_event_dim, positive
+from ._shapes import legacy_event_dim, parse_shape, positive
 from .base import FlowTransform
 
 
@@ -144,8 +144,9 @@ class ActNorm(FlowTransform):
         dim = x.dim() - self._event_dim
         if dim < 0 or x.shape[dim] != self.num_features:
             raise ValueError(
-                f"ActNorm expects {self.num_features} {'channels' if self._event_dim == 3 else 'features'} at dim "
-                f"{dim} of an input of event_dim {self._event_dim}, got shape {tuple(x.shape)}"
+                f"{type(self).__name__} expects {self.num_features} "
+                f"{'channels' if self._event_dim == 3 else 'features'} at dim {dim} of an input of event_dim "
+                f"{self._event_dim}, got shape {tuple(x.shape)}"
             )
 
     def forward_and_log_det(self, x):
@@ -168,3 +169,126 @@ class ActNorm(FlowTransform):
 
     def extra_repr(self) -> str:
         return f"shape={self.event_shape}"
+
+
+class BatchNorm(FlowTransform):
+    r"""Batch normalisation as a flow layer (Dinh et al., 2017): per feature (vectors) or per channel (images)
+
+    .. math::
+
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\, e^{\gamma} + \beta, \qquad
+        \log\left|\det \frac{\partial y}{\partial x}\right|
+            = P \sum_c \Big(\gamma_c - \tfrac12 \log(\sigma_c^2 + \epsilon)\Big),
+
+    with :math:`P = 1` for vectors and :math:`P = H W` for images, learned :math:`\gamma` (log-scale) and
+    :math:`\beta` (shift), and statistics :math:`(\mu, \sigma^2)` that depend on the mode:
+
+    * **training mode**, a forward call on at least two samples: the mean and (biased) variance of this batch,
+      over every batch dim (and every spatial position, for images). The log-det is the exact one of the affine
+      map with those statistics; gradients flow through them, as in ordinary batch normalisation. The running
+      averages are updated, ``running ← (1 - momentum) · running + momentum · batch`` (the unbiased batch
+      variance), and the batch statistics are held: a training-mode inverse applies the map of the last
+      training batch, so ``t.inv(t(x)) == x`` in either mode.
+    * **eval mode**: the running averages: a fixed affine map, whose log-probabilities are a normalised density
+      and whose samples are independent.
+    * training mode on a single sample (no batch variance exists): the running averages, without an update. (Pyro
+      runs a guide once on a single draw to set up vectorised particles; that run is not an error.)
+
+    In a training-mode call the samples of a batch are coupled through the statistics: the log-det of one sample
+    depends on the others. This is what maximum-likelihood training by batches wants; for a density you report or
+    samples you analyse, use eval mode. **In an** ``AutoNormalizingFlow`` **guide** the batch is the set of
+    particles (draws of the base noise): train with ``Trace_ELBO(num_particles=N, vectorize_particles=True)``,
+    ``N ≥ 2`` (the ELBO and its gradient are then those of the batch-coupled map, and the running averages learn
+    the map the guide will use), and put the guide in eval mode (``guide.eval()``) before drawing posterior samples
+    or computing diagnostics such as importance weights or PSIS k̂, which assume independent draws from one fixed
+    density. (Pyro's ``BatchNorm`` transform, by contrast, maps with the running averages but computes its
+    training-mode log-det from the output batch's variance, so in a guide its ``log q`` is not the density of its
+    samples.) Under ``torch.distributed`` each rank normalises with its own batch (as ``torch.nn.BatchNorm``
+    does); DistributedDataParallel broadcasts rank 0's running averages.
+
+    Reference: Dinh, Sohl-Dickstein & Bengio, *Density estimation using Real NVP*, ICLR 2017 (§3.7); Ioffe &
+    Szegedy, *Batch normalization*, ICML 2015.
+
+    :param shape: ``D`` or ``(D,)`` for vectors ``(..., D)``; ``(C, H, W)`` for images ``(..., C, H, W)``
+        (``H``, ``W`` may be ``None``: any size).
+    :param float momentum: weight of each batch in the running averages, in ``(0, 1)``.
+    :param float eps: added to the variance, ``> 0``.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.transforms import BatchNorm
+        >>> t = BatchNorm(2)
+        >>> x = 3.0 + 2.0 * torch.randn(500, 2)
+        >>> y = t(x)  # training mode: normalised by this batch's statistics
+        >>> bool(y.mean(0).abs().max() < 1e-5), bool(torch.allclose(t.inv(y.clone()), x, atol=1e-4))
+        (True, True)
+        >>> t.running_mean.shape, bool(t.eval().running_mean.abs().max() > 0.1)  # moved towards the data's mean
+        (torch.Size([2]), True)
+    """
+
+    sign = +1
+
+    def __init__(self, shape: int | tuple, momentum: float = 0.05, eps: float = 1e-5):
+        event_shape = parse_shape(shape, "BatchNorm")
+        event_dim, num_features = len(event_shape), event_shape[0]
+        param_shape = (num_features,) if event_dim == 1 else (num_features, 1, 1)
+        super().__init__(event_dim=event_dim, event_shape=event_shape)
+        self.num_features = num_features
+        self.momentum = positive(momentum, "momentum", "BatchNorm", high=1.0)
+        self.eps = positive(eps, "eps", "BatchNorm")
+        self.log_gamma = nn.Parameter(torch.zeros(param_shape))
+        self.beta = nn.Parameter(torch.zeros(param_shape))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        # the statistics of the last training batch: the map a training-mode inverse applies (not saved)
+        self.register_buffer("batch_mean", None, persistent=False)
+        self.register_buffer("batch_var", None, persistent=False)
+
+    _check_features = ActNorm._check_features
+    _reduce_dims = ActNorm._reduce_dims
+
+    def _feature(self, stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _as_feature(stat, x, self._event_dim)
+
+    def _statistics(self, x: torch.Tensor, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, variance)`` per feature for a call in ``direction`` (see the class docstring)."""
+        if not self.training:
+            return self.running_mean, self.running_var
+        if direction == "inverse":
+            if self.batch_mean is not None:
+                return self.batch_mean, self.batch_var
+            return self.running_mean, self.running_var
+        count = x.numel() // self.num_features
+        if count < 2:
+            return self.running_mean, self.running_var
+        dims = self._reduce_dims(x)
+        mean = x.mean(dims)
+        var = (x - self._feature(mean, x)).square().mean(dims)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+            unbiased = var.detach() * (count / (count - 1))
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        self.batch_mean, self.batch_var = mean.detach(), var.detach()
+        return mean, var
+
+    def _log_det(self, var: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        per_position = self.log_gamma.sum() - 0.5 * torch.log(var + self.eps).sum()
+        return (per_position * self._positions(v)).expand(v.shape[: v.dim() - self._event_dim])
+
+    def forward_and_log_det(self, x):
+        self._check_features(x)
+        mean, var = self._statistics(x, "forward")
+        scale = torch.exp(self.log_gamma) / self._feature(torch.sqrt(var + self.eps), x)
+        y = (x - self._feature(mean, x)) * scale + self.beta
+        return y, self._log_det(var, x)
+
+    def inverse_and_log_det(self, y):
+        self._check_features(y)
+        mean, var = self._statistics(y, "inverse")
+        x = (y - self.beta) * torch.exp(-self.log_gamma) * self._feature(torch.sqrt(var + self.eps), y)
+        x = x + self._feature(mean, y)
+        return x, -self._log_det(var, y)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.event_shape}, momentum={self.momentum}, eps={self.eps}"
