@@ -7,17 +7,20 @@ usable as ``AutoNormalizingFlow`` guides (``partial(pyroflows.realnvp, num_layer
 
 from . import data, infer, logdet, nn, train, transforms
 from .builders import autoregressive_flow, glow, planar_flow, realnvp, residual_flow, spline_flow
+from .cif import CIFDensity, cif
 from .density import FlowDensity
 from .transforms import Compose, FlowTransform, Inverse, enable_validation, inverse, is_validation_enabled
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CIFDensity",
     "Compose",
     "FlowDensity",
     "FlowTransform",
     "Inverse",
     "autoregressive_flow",
+    "cif",
     "data",
     "diagnostics",
     "enable_validation",

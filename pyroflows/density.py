@@ -144,16 +144,25 @@ class FlowDensity(nn.Module):
                 z = self._loc.expand((n,) + self.latent_shape)
             else:
                 z = self.base_dist(temperature).sample((n,))
-            x = inverse_only(self.flow, z)  # no log-det: a residual flow's would cost more than the inverse
+            x = self._decode(z)
         finally:
             self.train(was_training)
-        first = self.flow
-        while isinstance(first, Compose) and len(first):
-            first = first[0]
-        data_range = getattr(first, "data_range", None)
+        data_range = getattr(self._first_layer(), "data_range", None)
         if clamp and data_range is not None:
             x = x.clamp(*data_range)
         return x
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Data from latents (sampling): the flow's inverse, without the log-det (a residual flow's would cost more
+        than the inverse)."""
+        return inverse_only(self.flow, z)
+
+    def _first_layer(self):
+        """The flow's first layer (its ``data_range``, if any, bounds the samples)."""
+        first = self.flow
+        while isinstance(first, Compose) and len(first):
+            first = first[0]
+        return first
 
     @property
     def distribution(self) -> dist.TransformedDistribution:
