@@ -18,7 +18,7 @@ import sys
 
 from . import __version__
 
-_FLOWS = ("glow", "realnvp", "residual")
+_FLOWS = ("glow", "realnvp", "residual", "cif-realnvp", "cif-residual")
 # flags renamed in 0.2: old flag -> new flag (the old ones still work until 0.3, with a warning)
 _RENAMED_FLAGS = {"--steps": "--num-layers", "--max-steps": "--num-steps"}
 
@@ -26,10 +26,12 @@ _RENAMED_FLAGS = {"--steps": "--num-layers", "--max-steps": "--num-steps"}
 _ARCH_HELP = """\
 default architecture (levels / num-layers / hidden), by image size and device:
 
-  flow      8x8 CPU     28x28 CPU   8x8 GPU      28x28 / 32x32 GPU
-  glow      2 / 4 / 64  2 / 8 / 64  2 / 8 / 128  2 / 16 / 256, 3 / 16 / 256
-  realnvp   2 / 3 / 32  2 / 4 / 32  2 / 4 / 64   3 / 8 / 64
-  residual  2 / 2 / 32  2 / 2 / 32  2 / 4 / 64   3 / 4 / 128
+  flow          8x8 CPU     28x28 CPU   8x8 GPU      28x28 / 32x32 GPU
+  glow          2 / 4 / 64  2 / 8 / 64  2 / 8 / 128  2 / 16 / 256, 3 / 16 / 256
+  realnvp       2 / 3 / 32  2 / 4 / 32  2 / 4 / 64   3 / 8 / 64
+  residual      2 / 2 / 32  2 / 2 / 32  2 / 4 / 64   3 / 4 / 128
+  cif-realnvp   1 / 4 / 32  1 / 4 / 32  1 / 6 / 64   1 / 8 / 64
+  cif-residual  2 / 2 / 32  2 / 2 / 32  2 / 4 / 64   3 / 4 / 128
 
 "8x8" is any image whose longer side is at most 16 pixels; levels are capped by what the size allows.
 """
@@ -49,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--data", default="digits", help="digits (embedded), mnist or cifar10 (default: digits)")
     fit.add_argument("--root", help="directory holding the MNIST / CIFAR-10 files")
     fit.add_argument("--n-bits", type=int, help="keep only the most significant bits of each pixel (e.g. 5)")
-    fit.add_argument("--flow", default="glow", help="glow, realnvp or residual (default: glow)")
+    fit.add_argument(
+        "--flow",
+        default="glow",
+        help="glow, realnvp, residual, or a continuously indexed flow: cif-realnvp, cif-residual (default: glow)",
+    )
     fit.add_argument("--levels", type=int, help="number of scales (default: by image size and device, below)")
     fit.add_argument(
         "--num-layers", type=int, help="flow depth per level: glow steps, realnvp coupling layers, residual blocks"

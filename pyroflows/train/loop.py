@@ -28,6 +28,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
 from .._deprecation import renamed
+from ..cif import CIFDensity
 from ..density import FlowDensity
 from ..nn.conditioners import set_compute_dtype
 from ..run import (
@@ -379,6 +380,11 @@ def fit(
     config = FitConfig(**{f.name: given[f.name] for f in fields(FitConfig)})
     if not isinstance(model, FlowDensity):
         raise TypeError(f"fit: model must be a pyroflows.FlowDensity, got {type(model).__name__}")
+    if config.check_invertibility and isinstance(model, CIFDensity):
+        raise ValueError(
+            "fit: check_invertibility needs a bijection, and a continuously indexed flow (CIFDensity) is a latent "
+            "variable model: check the flow it was built from instead"
+        )
     ctx = distributed.setup(config.device)
     try:
         with run_lock(config.out if ctx.rank == 0 else None, "fit"):  # rank 0 is the one that writes

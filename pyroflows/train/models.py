@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 from ..builders import glow, realnvp, residual_flow
+from ..cif import CIFDensity, CIFFlow, cif
 from ..density import FlowDensity
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 
 #: The builders :func:`build_density` knows, by name.
-FLOWS = {"glow": glow, "realnvp": realnvp, "residual": residual_flow}
+FLOWS = {
+    "glow": glow,
+    "realnvp": realnvp,
+    "residual": residual_flow,
+    # continuously indexed flows (pyroflows.cif): a CIFDensity, trained on the ELBO, evaluated by importance weights
+    "cif-realnvp": partial(cif, base="realnvp"),
+    "cif-residual": partial(cif, base="residual"),
+}
 # Builder options as checkpoints written before 0.2 name them (glow's steps/hidden_channels, residual's num_blocks).
 _RENAMED = {"steps": "num_layers", "hidden_channels": "hidden", "num_blocks": "num_layers"}
 
@@ -37,6 +46,19 @@ SIZE_DEFAULTS = {
         ("small", "cuda"): (2, 4, 64),
         ("large", "cuda"): (3, 4, 128),
     },
+    # one scale: a multi-scale factor-out cannot hold indexed layers
+    "cif-realnvp": {
+        ("small", "cpu"): (1, 4, 32),
+        ("large", "cpu"): (1, 4, 32),
+        ("small", "cuda"): (1, 6, 64),
+        ("large", "cuda"): (1, 8, 64),
+    },
+    "cif-residual": {
+        ("small", "cpu"): (2, 2, 32),
+        ("large", "cpu"): (2, 2, 32),
+        ("small", "cuda"): (2, 4, 64),
+        ("large", "cuda"): (3, 4, 128),
+    },
 }
 
 
@@ -44,17 +66,19 @@ def default_options(flow: str, shape: Sequence[int], device="cpu") -> dict:
     """The architecture ``pyroflows fit`` uses when ``--levels`` / ``--num-layers`` / ``--hidden`` are not given:
     sized by the image (longer side at most 16 pixels, or more) and the device (CPU, or CUDA).
 
-    ========  ===========  ============  ============  ==============
-    flow      8x8, CPU     28x28, CPU    8x8, GPU      32x32, GPU
-    ========  ===========  ============  ============  ==============
-    glow      2 / 4 / 64   2 / 8 / 64    2 / 8 / 128   3 / 16 / 256
-    realnvp   2 / 3 / 32   2 / 4 / 32    2 / 4 / 64    3 / 8 / 64
-    residual  2 / 2 / 32   2 / 2 / 32    2 / 4 / 64    3 / 4 / 128
-    ========  ===========  ============  ============  ==============
+    ============  ===========  ============  ============  ==============
+    flow          8x8, CPU     28x28, CPU    8x8, GPU      32x32, GPU
+    ============  ===========  ============  ============  ==============
+    glow          2 / 4 / 64   2 / 8 / 64    2 / 8 / 128   3 / 16 / 256
+    realnvp       2 / 3 / 32   2 / 4 / 32    2 / 4 / 64    3 / 8 / 64
+    residual      2 / 2 / 32   2 / 2 / 32    2 / 4 / 64    3 / 4 / 128
+    cif-realnvp   1 / 4 / 32   1 / 4 / 32    1 / 6 / 64    1 / 8 / 64
+    cif-residual  2 / 2 / 32   2 / 2 / 32    2 / 4 / 64    3 / 4 / 128
+    ============  ===========  ============  ============  ==============
 
     (levels / num_layers / hidden; 28x28 on a GPU is as 32x32 with the levels the size allows: glow 2.)
 
-    :param str flow: ``"glow"``, ``"realnvp"`` or ``"residual"``.
+    :param str flow: ``"glow"``, ``"realnvp"``, ``"residual"``, ``"cif-realnvp"`` or ``"cif-residual"``.
     :param shape: the image shape ``(C, H, W)``.
     :param device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``.
     :returns: ``{"levels", "num_layers", "hidden"}``.
@@ -87,12 +111,15 @@ def default_options(flow: str, shape: Sequence[int], device="cpu") -> dict:
 
 
 def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
-    """A :class:`~pyroflows.FlowDensity` on data of ``shape`` with the named builder.
+    """A :class:`~pyroflows.FlowDensity` on data of ``shape`` with the named builder (a
+    :class:`~pyroflows.CIFDensity` for the continuously indexed ``"cif-realnvp"`` and ``"cif-residual"``, built by
+    :func:`pyroflows.cif` with that base).
 
     The recipe is kept as ``model.spec`` (``{"flow", "shape", "options"}``) and stored in every checkpoint,
     which is how ``pyroflows sample CHECKPOINT`` rebuilds the model without being told the architecture.
 
-    :param str flow: ``"glow"``, ``"realnvp"`` or ``"residual"`` (:func:`pyroflows.residual_flow`).
+    :param str flow: ``"glow"``, ``"realnvp"``, ``"residual"`` (:func:`pyroflows.residual_flow`),
+        ``"cif-realnvp"`` or ``"cif-residual"``.
     :param shape: event shape, ``(C, H, W)`` for images or ``(D,)`` for vectors.
     :param options: keyword arguments of the builder (e.g. ``levels``, ``num_layers``, ``hidden``).
 
@@ -116,7 +143,7 @@ def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
         transform = builder(shape if len(shape) > 1 else shape[0], **options)
     except TypeError as e:
         raise ValueError(f"build_density: bad options for {key!r}: {e}") from e
-    model = FlowDensity(transform, shape)
+    model = CIFDensity(transform, shape) if isinstance(transform, CIFFlow) else FlowDensity(transform, shape)
     model.spec = {"flow": key, "shape": list(shape), "options": dict(options)}
     return model
 
