@@ -204,7 +204,7 @@ def test_training_raises_the_likelihood_and_the_bound_holds():
 
 def test_build_density_checkpoint_and_cli(tmp_path, capsys):
     """``cif-realnvp`` by name: fit writes a checkpoint that load_density rebuilds as a CIFDensity; the CLI trains
-    it on the digits, and refuses --check-invertibility for it with a reason."""
+    it on the digits, and fit refuses check_invertibility for it with a reason."""
     from pyroflows.cli import main
     from pyroflows.data import load_digits
     from pyroflows.train import build_density, fit, load_density
@@ -217,7 +217,19 @@ def test_build_density_checkpoint_and_cli(tmp_path, capsys):
     assert isinstance(loaded, CIFDensity) and loaded.sample(2).shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match="continuously indexed"):
         fit(model, load_digits("train"), num_steps=1, device="cpu", progress=False, check_invertibility=True)
-    argv = ["fit", "--data", "digits", "--flow", "cif-residual", "--num-steps", "2", "--num-layers", "1"]
+    argv = [
+        "fit",
+        "--data",
+        "digits",
+        "--flow",
+        "cif-realnvp",
+        "--num-steps",
+        "2",
+        "--num-layers",
+        "1",
+        "--levels",
+        "1",
+    ]
     assert main([*argv, "--hidden", "4", "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
-    assert "cif-residual" in capsys.readouterr().err
+    assert "cif-realnvp" in capsys.readouterr().err
     assert isinstance(load_density(tmp_path / "cli" / "checkpoint.pt"), CIFDensity)
