@@ -15,6 +15,8 @@ from .transforms import (
     AffineCoupling,
     BatchNorm,
     Compose,
+    ConditionalAffineCoupling,
+    ConditionalCompose,
     Invertible1x1Conv,
     Logit,
     MultiScale,
@@ -208,8 +210,9 @@ def realnvp(
     levels: int | None = None,
     logit_alpha: float | None = 0.05,
     batch_norm: bool = False,
-) -> Compose:
-    """RealNVP for vectors: ``num_layers`` × (ActNorm → AffineCoupling), masks alternating between the first
+    context_dim: int | None = None,
+) -> Compose | ConditionalCompose:
+    r"""RealNVP for vectors: ``num_layers`` × (ActNorm → AffineCoupling), masks alternating between the first
     half and the second half of the coordinates, a fixed random permutation after every second coupling
     (for ``D > 2``) so that every coordinate conditions every other, and a final elementwise affine map
     ``y = x * exp(s) + b`` (an inverted ActNorm).
@@ -238,6 +241,9 @@ def realnvp(
         instead of an ActNorm before it (vectors and images). The flow then depends on its mode: batch statistics
         in training mode, running averages in eval mode (call ``flow.eval()`` before evaluating or sampling; see
         :class:`~pyroflows.transforms.BatchNorm` for guides).
+    :param int context_dim: vectors: build a conditional flow :math:`q(x \mid c)`, every coupling's conditioner
+        also seeing a context of this size: returns a :class:`~pyroflows.transforms.ConditionalCompose` (a Pyro
+        ``ConditionalTransformModule``; ``flow.condition(c)`` is the flow for ``c``).
 
     Example::
 
@@ -248,6 +254,10 @@ def realnvp(
         torch.Size([5])
     """
     image = len(_shape(shape, "realnvp")) == 3
+    if context_dim is not None:
+        context_dim = count(context_dim, "context_dim", "realnvp")
+        if image:
+            raise ValueError("realnvp: context_dim is supported for vector flows only")
     num_layers = (3 if image else 8) if num_layers is None else num_layers
     num_layers = count(num_layers, "num_layers", "realnvp")
     if image:
@@ -262,12 +272,15 @@ def realnvp(
     for i in range(num_layers):
         # With D = 1 there is nothing to condition on: every layer is a learned elementwise affine map.
         mask = half if (i % 2 == 0 or dim == 1) else ~half
-        layer = AffineCoupling(dim, mask=mask, hidden=hidden, scale_bound=scale_bound)
+        if context_dim is None:
+            layer = AffineCoupling(dim, mask=mask, hidden=hidden, scale_bound=scale_bound)
+        else:
+            layer = ConditionalAffineCoupling(dim, context_dim, mask=mask, hidden=hidden, scale_bound=scale_bound)
         parts += [layer, BatchNorm(dim)] if batch_norm else [ActNorm(dim), layer]
         if dim > 2 and i % 2 == 1 and i < num_layers - 1:
             parts.append(Permute(_fixed_permutation(dim, seed=i)))
     parts.append(_output_affine(dim))
-    return Compose(parts)
+    return Compose(parts) if context_dim is None else ConditionalCompose(parts)
 
 
 def autoregressive_flow(

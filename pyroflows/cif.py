@@ -392,8 +392,8 @@ class CIFDensity(FlowDensity):
         """The training objective: the ``train_samples``-draw bound in training mode, :meth:`log_prob` in eval."""
         return self._iw(x, self.train_samples) if self.training else self.log_prob(x)
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.flow.generate(z)
+    def _decode(self, z: torch.Tensor, flow) -> torch.Tensor:
+        return flow.generate(z)
 
     def _first_layer(self):
         first = self.flow.parts[0]

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.conditional import ConditionalTransform
 from torch import nn
 
 from .data.images import check_pixels, dequantize
-from .transforms import inverse
+from .transforms import ConditionalCompose, inverse
 from .transforms.base import Compose, FlowTransform, inverse_only
 
 
@@ -27,9 +28,15 @@ class FlowDensity(nn.Module):
 
     The first :meth:`log_prob` call in training mode performs ActNorm's data-dependent init.
 
-    :param flow: a transform from data to latent (e.g. :func:`pyroflows.glow`).
+    **Conditional density** :math:`p(x \mid c)`: give a conditional flow (e.g. ``pyroflows.realnvp(D,
+    context_dim=k)``, a Pyro ``ConditionalTransformModule``) and ``context_shape=(k,)``; then :meth:`log_prob`,
+    :meth:`bits_per_dim` and :meth:`sample` take ``context`` (shape ``(..., k)``, broadcast against the data's batch
+    shape), and :attr:`distribution` is a Pyro ``ConditionalTransformedDistribution``.
+
+    :param flow: a transform from data to latent (e.g. :func:`pyroflows.glow`), or a conditional one.
     :param event_shape: the data event shape, e.g. ``(1, 8, 8)`` or ``(2,)``.
     :param base: optional Pyro distribution over the latent, with ``event_shape`` equal to the latent shape.
+    :param context_shape: ``(k,)`` for a conditional flow; ``None`` otherwise.
 
     Example::
 
@@ -42,10 +49,22 @@ class FlowDensity(nn.Module):
         torch.Size([3, 1, 8, 8])
     """
 
-    def __init__(self, flow: torch.distributions.Transform, event_shape: Sequence[int], base=None):
+    def __init__(self, flow: torch.distributions.Transform, event_shape: Sequence[int], base=None, context_shape=None):
         super().__init__()
         self.flow = flow
         self.event_shape = tuple(int(n) for n in event_shape)
+        conditional = isinstance(flow, ConditionalTransform)
+        if conditional != (context_shape is not None):
+            raise ValueError(
+                "FlowDensity: a conditional flow needs context_shape=(k,), and context_shape needs a conditional flow "
+                f"(got a {type(flow).__name__} and context_shape={context_shape!r})"
+            )
+        self.context_shape = None if context_shape is None else tuple(int(n) for n in context_shape)
+        if conditional and (len(self.context_shape) != 1 or self.context_shape[0] != flow.context_dim):
+            raise ValueError(
+                f"FlowDensity: context_shape {self.context_shape} does not match the flow's context_dim "
+                f"{flow.context_dim}"
+            )
         try:
             self.latent_shape = tuple(flow.forward_shape(self.event_shape))
         except ValueError as e:  # e.g. a multi-scale flow whose squeezes need sides divisible by 2**levels
@@ -86,28 +105,55 @@ class FlowDensity(nn.Module):
                 + " to a real device (model.to_empty(device=...) and load weights, or x.to(device))"
             )
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact log-density of ``x`` (shape ``batch + event_shape``) in data space; returns shape ``batch``.
+    def flow_for(self, context: torch.Tensor | None = None):
+        """The flow (data to latent) for ``context``: ``flow.condition(context)`` for a conditional model, else the
+        flow; a clear error for a missing context, or a context given to an unconditional model.
+
+        :param torch.Tensor context: shape ``(..., k)`` for a conditional model.
+        """
+        if self.context_shape is None:
+            if context is not None:
+                raise ValueError("FlowDensity: this model is not conditional; it takes no context")
+            return self.flow
+        if context is None:
+            raise ValueError(
+                f"FlowDensity: this model is conditional: pass context of shape (..., {self.context_shape[0]})"
+            )
+        return self.flow.condition(context)
+
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact log-density of ``x`` (shape ``batch + event_shape``) in data space; returns shape ``batch``
+        (broadcast with the context's batch shape for a conditional model).
 
         Non-finite results raise ``RuntimeError`` naming the layer (with validation on, see
         :func:`pyroflows.enable_validation`).
+
+        :param torch.Tensor x: data.
+        :param torch.Tensor context: a conditional model's context, shape ``(..., k)``.
         """
         self._check(x)
+        flow = self.flow_for(context)
         batch = x.shape[: x.dim() - len(self.event_shape)]
         if 0 in batch:  # an empty batch has an empty answer (layers would reshape 0 elements)
             return torch.zeros(batch, dtype=self._loc.dtype, device=x.device)
-        if isinstance(self.flow, FlowTransform):  # one pass even without gradients, where residual blocks defer
-            z, log_det = self.flow.call_and_log_det(x)
+        if isinstance(flow, FlowTransform):  # one pass even without gradients, where residual blocks defer
+            z, log_det = flow.call_and_log_det(x)
         else:
-            z = self.flow(x)
-            log_det = self.flow.log_abs_det_jacobian(x, z)
+            z = flow(x)
+            log_det = flow.log_abs_det_jacobian(x, z)
         return self.base_dist().log_prob(z) + log_det
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Same as :meth:`log_prob` (so ``DistributedDataParallel`` can wrap the model)."""
-        return self.log_prob(x)
+        return self.log_prob(x, context)
 
-    def bits_per_dim(self, x: torch.Tensor, n_bins: int = 256, generator: torch.Generator | None = None):
+    def bits_per_dim(
+        self,
+        x: torch.Tensor,
+        n_bins: int = 256,
+        generator: torch.Generator | None = None,
+        context: torch.Tensor | None = None,
+    ):
         r"""Per-example bits/dim of integer-valued pixels ``x`` in ``[0, n_bins)`` (any numeric dtype).
 
         Dequantises uniformly with :func:`pyroflows.data.dequantize` in the model's dtype,
@@ -119,16 +165,20 @@ class FlowDensity(nn.Module):
         :param x: pixels, shape ``batch + event_shape``.
         :param int n_bins: number of intensity levels (256 for 8-bit images, 17 for scikit-learn's digits).
         :param generator: optional torch generator for the dequantisation noise (drawn on its device).
+        :param torch.Tensor context: a conditional model's context.
         """
         self._check(x)
         check_pixels(x, n_bins, "FlowDensity.bits_per_dim")
         x_cont = dequantize(x.to(self._loc.dtype), n_bins, generator, check=False)  # checked just above
-        return to_bits_per_dim(self.log_prob(x_cont), self.dim, n_bins)
+        return to_bits_per_dim(self.log_prob(x_cont, context), self.dim, n_bins)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, clamp: bool = True) -> torch.Tensor:
+    def sample(
+        self, n: int, temperature: float = 1.0, clamp: bool = True, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``n`` samples in data space, the latent drawn at ``temperature`` (0 gives the mode path,
-        the image of the latent's mean). Runs in eval mode and without gradients.
+        the image of the latent's mean). Runs in eval mode and without gradients. A conditional model draws ``n``
+        samples per context: shape ``(n, *context_batch, *event_shape)``.
 
         With ``clamp`` (default), samples are clipped to the data range of a flow that starts with a
         :class:`~pyroflows.transforms.Logit`, ``[0, 1]``: the model is a density on a slightly wider interval,
@@ -137,14 +187,16 @@ class FlowDensity(nn.Module):
             raise ValueError(f"sample: n must be an int >= 1, got {n!r}")
         if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"sample: temperature must be a finite number >= 0, got {temperature!r}")
+        flow = self.flow_for(context)
+        shape = (n,) + (() if context is None else tuple(context.shape[:-1]))
         was_training = self.training
         self.eval()
         try:
             if temperature == 0:
-                z = self._loc.expand((n,) + self.latent_shape)
+                z = self._loc.expand(shape + self.latent_shape)
             else:
-                z = self.base_dist(temperature).sample((n,))
-            x = self._decode(z)
+                z = self.base_dist(temperature).sample(shape)
+            x = self._decode(z, flow)
         finally:
             self.train(was_training)
         data_range = getattr(self._first_layer(), "data_range", None)
@@ -152,15 +204,15 @@ class FlowDensity(nn.Module):
             x = x.clamp(*data_range)
         return x
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor, flow) -> torch.Tensor:
         """Data from latents (sampling): the flow's inverse, without the log-det (a residual flow's would cost more
         than the inverse)."""
-        return inverse_only(self.flow, z)
+        return inverse_only(flow, z)
 
     def _first_layer(self):
         """The flow's first layer (its ``data_range``, if any, bounds the samples)."""
         first = self.flow
-        while isinstance(first, Compose) and len(first):
+        while isinstance(first, (Compose, ConditionalCompose)) and len(first):
             first = first[0]
         return first
 
@@ -170,7 +222,10 @@ class FlowDensity(nn.Module):
 
         Its support is the flow's domain (for image builders, the open interval of
         :class:`~pyroflows.transforms.Logit`, a little wider than ``[0, 1]``): every draw lies in it and has a finite
-        ``log_prob``."""
+        ``log_prob``. For a conditional model: a Pyro ``ConditionalTransformedDistribution``, whose
+        ``.condition(context)`` is the distribution for that context."""
+        if self.context_shape is not None:
+            return dist.ConditionalTransformedDistribution(self.base_dist(), [self.flow.inv])
         return dist.TransformedDistribution(self.base_dist(), inverse(self.flow))
 
 

@@ -20,6 +20,7 @@ from pyroflows.transforms import (
     AffineCoupling,
     BatchNorm,
     Compose,
+    ConditionalAffineCoupling,
     Invertible1x1Conv,
     Logit,
     MultiScale,
@@ -79,6 +80,11 @@ def _warmed_up_eval(flow, shape):
     return flow.eval()
 
 
+# A fixed context: conditional layers join the suite through ``layer.condition(context)``, an ordinary FlowTransform
+# whose Jacobian is in x for that context (tests/test_conditional.py checks per-example contexts and gradients).
+_CONTEXT = torch.tensor([0.7, -1.3])
+
+
 CASES: dict[str, Case] = {
     "planar": Case(lambda s: Planar(s[0])),
     "affine_coupling_half": Case(lambda s: AffineCoupling(s[0], mask="half", hidden=(8,))),
@@ -90,6 +96,22 @@ CASES: dict[str, Case] = {
     "batchnorm_image": Case(_batchnorm_eval, shape=(2, 3, 3), vector=False),
     "realnvp_batchnorm": Case(
         lambda s: _warmed_up_eval(pyroflows.realnvp(s[0], num_layers=2, hidden=(8,), batch_norm=True), s)
+    ),
+    "conditional_coupling": Case(
+        lambda s: ConditionalAffineCoupling(s[0], context_dim=2, mask="alternate", hidden=(8,)).condition(_CONTEXT)
+    ),
+    "conditional_realnvp": Case(
+        lambda s: pyroflows.realnvp(s[0], num_layers=3, hidden=(8,), context_dim=2).condition(_CONTEXT)
+    ),
+    "conditional_coupling_image": Case(
+        lambda s: ConditionalAffineCoupling((s[0], None, None), 2, mask="checkerboard", hidden=4).condition(_CONTEXT),
+        shape=(2, 3, 3),
+        vector=False,
+    ),
+    "conditional_coupling_channel": Case(
+        lambda s: ConditionalAffineCoupling((s[0], None, None), 2, mask="channel", hidden=4).condition(_CONTEXT),
+        shape=(3, 2, 2),
+        vector=False,
     ),
     "permute": Case(lambda s: Permute(shape=s[0])),
     "compose_mixed": Case(_mixed_compose),

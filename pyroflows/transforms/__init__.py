@@ -12,6 +12,7 @@ from .base import (
     inverse_and_log_det,
     inverse_only,
 )
+from .conditional import ConditionalAffineCoupling, ConditionalCompose, ConditionalLayer, Conditioned
 from .conv1x1 import Invertible1x1Conv
 from .coupling import AffineCoupling, make_mask
 from .normalization import ActNorm, BatchNorm
@@ -29,6 +30,10 @@ __all__ = [
     "AffineCoupling",
     "BatchNorm",
     "Compose",
+    "ConditionalAffineCoupling",
+    "ConditionalCompose",
+    "ConditionalLayer",
+    "Conditioned",
     "FlowTransform",
     "Inverse",
     "Invertible1x1Conv",

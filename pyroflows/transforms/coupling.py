@@ -10,8 +10,9 @@ from torch.distributions.utils import _sum_rightmost
 
 from .._deprecation import renamed_kwargs
 from ..nn.conditioners import MLP, ConvNet
-from ._shapes import legacy_image_channels, parse_shape
+from ._shapes import count, legacy_image_channels, parse_shape
 from .base import FlowTransform
+from .conditional import broadcast_context, join_context
 
 VECTOR_MASKS = ("half", "alternate")
 IMAGE_MASKS = ("checkerboard", "channel")
@@ -144,6 +145,9 @@ class AffineCoupling(FlowTransform):
     :param bool flip: negate a named mask.
     :param int split: for ``mask="channel"``, the size of the first channel group (default ``C // 2``); the
         first group conditions, or the second one with ``flip=True``.
+    :param int context_dim: size of a context vector the conditioner also sees (0: none). A coupling with a context
+        takes ``context=`` in its two methods; use it through
+        :class:`~pyroflows.transforms.ConditionalAffineCoupling`, a Pyro ``ConditionalTransformModule``.
 
     Example::
 
@@ -168,9 +172,12 @@ class AffineCoupling(FlowTransform):
         additive: bool = False,
         flip: bool = False,
         split: int | None = None,
+        *,
+        context_dim: int = 0,
     ):
         if not scale_bound > 0:
             raise ValueError(f"AffineCoupling: scale_bound must be positive, got {scale_bound!r}")
+        self_context_dim = count(context_dim, "context_dim", "AffineCoupling", low=0)
         image = _is_image_mask(mask)
         if image and isinstance(shape, int):
             event_shape = legacy_image_channels(
@@ -186,6 +193,7 @@ class AffineCoupling(FlowTransform):
         num_features = event_shape[0]
         super().__init__(event_dim=len(event_shape), event_shape=event_shape)
         self.num_features = num_features
+        self.context_dim = self_context_dim
         self.scale_bound = float(scale_bound)
         self.additive = additive
         self.flip = flip
@@ -207,7 +215,7 @@ class AffineCoupling(FlowTransform):
             raise ValueError("AffineCoupling: split applies to the image channel mask only")
         init_vector_split(self, mask)
         hidden = (64, 64) if hidden is None else ((hidden,) if isinstance(hidden, int) else tuple(hidden))
-        self.conditioner = conditioner or MLP(n_cond, self._n_params * n_trans, hidden)
+        self.conditioner = conditioner or MLP(n_cond + self.context_dim, self._n_params * n_trans, hidden)
 
     def _init_image(self, channels, mask, hidden, conditioner, flip, split):
         width = 64 if hidden is None else (hidden if isinstance(hidden, int) else int(tuple(hidden)[0]))
@@ -218,7 +226,7 @@ class AffineCoupling(FlowTransform):
             self._mode = "channel"
             self._sizes = [first, channels - first]  # the two channel groups; the first conditions unless flip
             n_cond, n_trans = self._sizes[::-1] if flip else self._sizes
-            self.conditioner = conditioner or ConvNet(n_cond, self._n_params * n_trans, width)
+            self.conditioner = conditioner or ConvNet(n_cond + self.context_dim, self._n_params * n_trans, width)
             return
         self._mode = "spatial"
         if isinstance(mask, str):  # checkerboard, built for the input's H, W on each call
@@ -234,7 +242,7 @@ class AffineCoupling(FlowTransform):
                 raise ValueError("AffineCoupling: the mask marks every pixel as conditioning; none is transformed")
             self.register_buffer("mask", m)
             self.checker_parity = None
-        self.conditioner = conditioner or ConvNet(channels, self._n_params * channels, width)
+        self.conditioner = conditioner or ConvNet(channels + self.context_dim, self._n_params * channels, width)
 
     # ----------------------------------------------------------------- the map
     def _scale(self, params):
@@ -255,23 +263,31 @@ class AffineCoupling(FlowTransform):
         a, b = x.split(self._sizes, dim=-3)
         return (b, a) if self.flip else (a, b)
 
-    def _couple(self, x, inverse: bool):
+    def _condition(self, x_cond, context):
+        """The conditioner's output for ``x_cond`` (and the context, broadcast to it, for a conditional coupling)."""
+        if context is None:
+            return self.conditioner(x_cond)
+        return self.conditioner(join_context(x_cond, context, self._event_dim))
+
+    def _couple(self, x, inverse: bool, context=None):
         """Returns ``(output, log|det d output / d input|)`` for the forward or inverse map."""
         sign = -1.0 if inverse else 1.0
+        if self.context_dim:
+            x, context = broadcast_context(x, context, self._event_dim, self.context_dim, "AffineCoupling")
         if self._mode == "vector":
             x_cond, x_trans = vector_split(self, x)
-            shift, log_scale = self._scale(self.conditioner(x_cond))
+            shift, log_scale = self._scale(self._condition(x_cond, context))
             y_trans = self._affine(x_trans, shift, log_scale, inverse)
             return vector_merge(self, x_cond, y_trans), self._sum(log_scale, x, 1, sign)
         if self._mode == "channel":
             x_cond, x_trans = self._split_channels(x)
-            shift, log_scale = self._scale(self.conditioner(x_cond))
+            shift, log_scale = self._scale(self._condition(x_cond, context))
             y_trans = self._affine(x_trans, shift, log_scale, inverse)
             parts = [x_cond, y_trans] if not self.flip else [y_trans, x_cond]
             return torch.cat(parts, dim=-3), self._sum(log_scale, x, 3, sign)
         m = self._spatial_mask(x)
         x_cond = x * m
-        shift, log_scale = self._scale(self.conditioner(x_cond))
+        shift, log_scale = self._scale(self._condition(x_cond, context))
         shift = shift * (1 - m)
         log_scale = None if log_scale is None else log_scale * (1 - m)
         y = x_cond + (1 - m) * self._affine(x, shift, log_scale, inverse)
@@ -290,11 +306,15 @@ class AffineCoupling(FlowTransform):
             return x.new_zeros(batch)
         return sign * _sum_rightmost(log_scale, event_dim)
 
-    def forward_and_log_det(self, x):
-        return self._couple(x, inverse=False)
+    def forward_and_log_det(self, x, context=None):
+        return self._couple(x, inverse=False, context=context)
 
-    def inverse_and_log_det(self, y):
-        return self._couple(y, inverse=True)
+    def inverse_and_log_det(self, y, context=None):
+        return self._couple(y, inverse=True, context=context)
 
     def extra_repr(self) -> str:
-        return f"shape={self.event_shape}, mode={self._mode}, scale_bound={self.scale_bound}, additive={self.additive}"
+        extra = f", context_dim={self.context_dim}" if self.context_dim else ""
+        return (
+            f"shape={self.event_shape}, mode={self._mode}, scale_bound={self.scale_bound}, additive={self.additive}"
+            + extra
+        )
