@@ -17,6 +17,7 @@ from .transforms import (
     Compose,
     ConditionalAffineCoupling,
     ConditionalCompose,
+    ConditionalLayer,
     Invertible1x1Conv,
     Logit,
     MultiScale,
@@ -126,7 +127,8 @@ def glow(
     scale_bound: float = 3.0,
     logit_alpha: float | None = 0.05,
     learned_prior: bool = True,
-) -> Compose:
+    context_dim: int | None = None,
+) -> Compose | ConditionalCompose:
     """Glow (Kingma & Dhariwal, 2018) as a density model (data to latent): an optional
     :class:`~pyroflows.transforms.Logit` of data in ``[0, 1]``, then per level a squeeze and ``num_layers`` steps ×
     (ActNorm → Invertible1x1Conv → channel AffineCoupling), and, except at the last level, a factor-out of half
@@ -142,6 +144,9 @@ def glow(
     :param float scale_bound: bound on each coupling's absolute log-scale.
     :param float logit_alpha: squashing of the first Logit; ``None`` leaves it out.
     :param bool learned_prior: the factor-outs' learned conditional prior (one more conv net per level).
+    :param int context_dim: build a conditional Glow :math:`p(x \\mid c)` (e.g. class-conditional, with a one-hot
+        label): every coupling's and factor-out prior's conditioner also sees the context, tiled over the pixels.
+        Returns a :class:`~pyroflows.transforms.ConditionalCompose`; ``flow.condition(c)`` is the flow for ``c``.
 
     Example::
 
@@ -157,24 +162,36 @@ def glow(
     num_layers = count(num_layers, "num_layers", "glow")
     hidden = count(hidden, "hidden", "glow")  # the conditioner channels
     _check_levels(shape, levels, "glow", extra_squeeze=1)
+    if context_dim is not None:
+        context_dim = count(context_dim, "context_dim", "glow")
+    compose = Compose if context_dim is None else ConditionalCompose
+
+    def coupling(c):
+        kwargs = dict(mask="channel", hidden=hidden, additive=additive, scale_bound=scale_bound)
+        if context_dim is None:
+            return AffineCoupling((c, None, None), **kwargs)
+        return ConditionalAffineCoupling((c, None, None), context_dim, **kwargs)
 
     def level(c, remaining):
         c = 4 * c
         parts = [Squeeze()]
         for _ in range(num_layers):
-            parts += [
-                ActNorm((c, None, None)),
-                Invertible1x1Conv((c, None, None), lu=lu),
-                AffineCoupling(
-                    (c, None, None), mask="channel", hidden=hidden, additive=additive, scale_bound=scale_bound
-                ),
-            ]
+            parts += [ActNorm((c, None, None)), Invertible1x1Conv((c, None, None), lu=lu), coupling(c)]
         if remaining > 1:
             inner = level(c // 2, remaining - 1)
-            parts.append(MultiScale((c, None, None), inner, prior=learned_prior, hidden=hidden))
-        return Compose(parts)
+            if context_dim is None:
+                parts.append(MultiScale((c, None, None), inner, prior=learned_prior, hidden=hidden))
+            else:
+                factor_out = MultiScale(
+                    (c, None, None), inner, prior=learned_prior, hidden=hidden, context_dim=context_dim
+                )
+                parts.append(ConditionalLayer(factor_out))
+        return compose(parts)
 
-    return _with_logit(level(shape[0], levels), logit_alpha)
+    flow = level(shape[0], levels)
+    if logit_alpha is None:
+        return compose([flow])
+    return compose([Logit(logit_alpha), flow])
 
 
 @renamed_kwargs(input_dim="shape")

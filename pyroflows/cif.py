@@ -375,12 +375,14 @@ class CIFDensity(FlowDensity):
             return torch.zeros(batch, dtype=self._loc.dtype, device=x.device)
         return torch.logsumexp(self._log_weights(x, k), 0) - math.log(k)
 
-    def log_prob(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
+    def log_prob(self, x: torch.Tensor, context=None, *, num_samples: int | None = None) -> torch.Tensor:
         """Importance-weighted estimate of ``log p(x)`` with ``num_samples`` (default ``self.num_samples``) draws.
 
         :param x: data, shape ``batch + event_shape``.
+        :param context: must be ``None`` (continuously indexed flows are not conditional).
         :param int num_samples: ``K``; larger is tighter and costs ``K`` passes.
         """
+        self.flow_for(context)  # an error for a context
         k = self.num_samples if num_samples is None else count(num_samples, "num_samples", "CIFDensity.log_prob")
         return self._iw(x, k)
 

@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
         help="at each evaluation, measure reconstruction error and bi-Lipschitz constants on 64 test images "
         "(metrics.jsonl; a warning if the flow is numerically non-invertible)",
     )
+    fit.add_argument(
+        "--conditional",
+        action="store_true",
+        help="class-conditional model p(x | class) from the data set's labels (one-hot context; glow or realnvp "
+        "vectors); sample grids get one row per class",
+    )
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     fit.add_argument("--amp", action="store_true", help="bfloat16 conditioner networks (log-dets stay float32)")
     fit.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
@@ -108,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint as PNG")
     sample.add_argument("checkpoint")
-    sample.add_argument("--n", type=int, default=64)
+    sample.add_argument("--n", type=int, default=64, help="samples (per class, for a class-conditional model)")
     sample.add_argument("--temperature", type=float, default=0.7)
     sample.add_argument("--out", default="samples.png")
     sample.add_argument("--seed", type=int, default=0)
@@ -130,6 +136,23 @@ def _parser() -> argparse.ArgumentParser:
         help="dequantisation noise seed (default: the training run's seed, so the figure repeats the one fit printed)",
     )
     return parser
+
+
+def _classes(train, test) -> int:
+    """The number of classes of a labelled data set (a clear error for an unlabelled one)."""
+    if train.labels is None or test.labels is None:
+        raise ValueError("--conditional needs a labelled data set (digits, MNIST and CIFAR-10 come with labels)")
+    return int(max(train.labels.max(), test.labels.max())) + 1
+
+
+def _one_hot(data, classes: int):
+    import torch
+
+    return torch.nn.functional.one_hot(data.labels, classes).float()
+
+
+def _shape(data):
+    return data[0].shape if isinstance(data, tuple) else data.shape
 
 
 def _dataset(name, root, split, n_bits):
@@ -208,16 +231,24 @@ def _fit(args) -> int:
     train = _dataset(args.data, args.root, "train", args.n_bits)
     test = _dataset(args.data, args.root, "test", args.n_bits)
     per_epoch = max(1, len(train) // args.batch_size)
-    defaults = default_options(flow, train.shape, args.device)
+    defaults = default_options(flow, _shape(train), args.device)
     options = {name: pick(getattr(args, name), default) for name, default in defaults.items()}
+    if args.conditional:
+        if flow != "glow":
+            raise ValueError(f"--conditional supports --flow glow for images, not {flow}")
+        classes = _classes(train, test)
+        options["context_dim"] = classes
+        train, test = (train, _one_hot(train, classes)), (test, _one_hot(test, classes))
     torch.manual_seed(args.seed)  # --seed fixes the initial weights too
-    model = build_density(flow, train.shape, **options)
+    model = build_density(flow, _shape(train), **options)
     given = [name for name in defaults if getattr(args, name) is not None]
     chosen = ", ".join(f"{name} {value}" for name, value in options.items())
-    source = "as given" if len(given) == len(defaults) else f"defaults for {'x'.join(map(str, train.shape))}"
+    source = "as given" if len(given) == len(defaults) else f"defaults for {'x'.join(map(str, _shape(train)))}"
     size = sum(p.numel() for p in model.parameters())
+    images = (train[0] if args.conditional else train, test[0] if args.conditional else test)
     print(
-        f"fit: {flow} ({chosen}; {source}), {size:,} parameters, {len(train)} training / {len(test)} test images",
+        f"fit: {flow} ({chosen}; {source}), {size:,} parameters, {len(images[0])} training / {len(images[1])} test "
+        "images" + (f", conditional on {options['context_dim']} classes" if args.conditional else ""),
         file=sys.stderr,
         flush=True,
     )
@@ -247,6 +278,12 @@ def _sample(args) -> int:
     if len(model.event_shape) != 3:
         raise ValueError(f"the model is not an image model (event shape {tuple(model.event_shape)})")
     torch.manual_seed(args.seed)
+    if model.context_shape is not None:  # class-conditional: one row of n samples per class
+        classes = model.context_shape[0]
+        x = model.sample(args.n, temperature=args.temperature, context=torch.eye(classes, device=device))
+        save_image_grid(x.transpose(0, 1).reshape((-1,) + x.shape[2:]), args.out, nrow=args.n)
+        print(f"wrote {args.n} samples per class ({classes} classes) at temperature {args.temperature} to {args.out}")
+        return 0
     x = model.sample(args.n, temperature=args.temperature)
     save_image_grid(x, args.out)
     print(f"wrote {args.n} samples at temperature {args.temperature} to {args.out}")

@@ -16,6 +16,7 @@ from ..density import FlowDensity, to_bits_per_dim
 class _Data:
     x: torch.Tensor  # (N, *event_shape) integer pixels or float values, on the training device
     n_bins: int | None  # None: continuous data (loss in nats)
+    context: torch.Tensor | None = None  # (N, k) contexts of a conditional model, on the same device
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -25,8 +26,19 @@ class _Data:
         # checked once at load (_as_data): no per-step pixel check, so no extra device sync per step
         return xb if self.n_bins is None else dequantize(xb, self.n_bins, generator, check=False)
 
+    def contexts(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The contexts of the examples ``index`` (``None`` for an unconditional model)."""
+        return None if self.context is None else self.context[index]
 
-def _as_data(data, n_bins: int | None, shape: tuple, device: torch.device, name: str, caller: str = "fit") -> _Data:
+
+def _as_data(
+    data, n_bins: int | None, shape: tuple, device: torch.device, name: str, caller: str = "fit", context_shape=None
+) -> _Data:
+    context = None
+    if isinstance(data, tuple):
+        if len(data) != 2:
+            raise ValueError(f"{caller}: {name} given as a tuple must be (data, context), got {len(data)} items")
+        data, context = data
     if isinstance(data, ImageDataset) or (isinstance(data, torch.Tensor) and not data.is_floating_point()):
         data = as_image_dataset(data, n_bins)
         x, n_bins = data.images, data.n_bins
@@ -47,7 +59,30 @@ def _as_data(data, n_bins: int | None, shape: tuple, device: torch.device, name:
         )
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{caller}: {name} contains NaN or inf")
-    return _Data(x.to(device), n_bins)
+    return _Data(x.to(device), n_bins, _as_context(context, context_shape, len(x), device, name, caller))
+
+
+def _as_context(context, context_shape, n: int, device, name: str, caller: str) -> torch.Tensor | None:
+    """The contexts of a conditional model's data, checked: a floating ``(N, *context_shape)`` tensor, finite."""
+    if context_shape is None:
+        if context is not None:
+            raise ValueError(f"{caller}: {name} comes with contexts, but the model is not conditional")
+        return None
+    if context is None:
+        raise ValueError(
+            f"{caller}: the model is conditional (context shape {tuple(context_shape)}): give {name} as a "
+            "(data, context) pair"
+        )
+    context = torch.as_tensor(context)
+    if not context.is_floating_point():
+        raise TypeError(f"{caller}: the contexts of {name} must be floating point (e.g. one-hot labels as floats)")
+    if tuple(context.shape) != (n, *context_shape):
+        raise ValueError(
+            f"{caller}: the contexts of {name} have shape {tuple(context.shape)}, expected {(n, *context_shape)}"
+        )
+    if not bool(torch.isfinite(context).all()):
+        raise ValueError(f"{caller}: the contexts of {name} contain NaN or inf")
+    return context.to(device)
 
 
 def _loss_units(data: _Data, dim: int):
@@ -76,7 +111,7 @@ def evaluate(
     log-det settings). Under ``torchrun`` each rank evaluates its shard and the result is reduced over ranks.
 
     :param model: a :class:`~pyroflows.FlowDensity`.
-    :param data: as for :func:`fit`.
+    :param data: as for :func:`fit` (a ``(data, context)`` pair for a conditional model).
     :param n_bins: intensity levels, for integer pixels given as a plain tensor (default 256).
     :param int batch_size: evaluation batch size.
     :param int seed: seeds the dequantisation noise and the estimators' randomness (the global RNG is restored).
@@ -96,7 +131,8 @@ def evaluate(
     check_int("evaluate", "batch_size", batch_size, 1)
     check_seed("evaluate", seed)
     device = check_device("evaluate", device) if device is not None else next(model.parameters()).device
-    d = _as_data(data, n_bins, model.event_shape, device, "evaluation data", caller="evaluate")
+    context_shape = getattr(model, "context_shape", None)
+    d = _as_data(data, n_bins, model.event_shape, device, "evaluation data", "evaluate", context_shape)
     rank, world = 0, 1
     if torch_dist.is_available() and torch_dist.is_initialized():
         rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
@@ -110,11 +146,12 @@ def evaluate(
         with torch.random.fork_rng(devices=devices):  # estimators' probes must not move training's RNG
             torch.manual_seed(seed + rank)
             for start in range(0, len(index), batch_size):
-                xb = d.x[index[start : start + batch_size]]
+                chunk = index[start : start + batch_size]
+                xb, cb = d.x[chunk], d.contexts(chunk)
                 if d.n_bins is None:
-                    total += (-model.log_prob(xb)).double().sum()
+                    total += (-model.log_prob(xb, cb)).double().sum()
                 else:  # the dequantisation and the formula of FlowDensity.bits_per_dim, by calling it
-                    total += model.bits_per_dim(xb, d.n_bins, generator).double().sum()
+                    total += model.bits_per_dim(xb, d.n_bins, generator, context=cb).double().sum()
     finally:
         model.train(was_training)
     count = torch.tensor(float(len(index)), dtype=torch.float64, device=device)

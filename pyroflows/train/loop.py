@@ -463,9 +463,12 @@ def _prepare(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> _Run:
     """The model on its device, the data in memory, the batch order and the run's length and settings."""
     dev = ctx.device
     model.to(dev)
-    data = _as_data(train, cfg.n_bins, model.event_shape, dev, "training data")
+    context_shape = model.context_shape
+    data = _as_data(train, cfg.n_bins, model.event_shape, dev, "training data", "fit", context_shape)
     test_n_bins = data.n_bins if cfg.n_bins is None else cfg.n_bins
-    test_data = _as_data(test, test_n_bins, model.event_shape, dev, "test data") if test is not None else None
+    test_data = None
+    if test is not None:
+        test_data = _as_data(test, test_n_bins, model.event_shape, dev, "test data", "fit", context_shape)
     sampler = DistributedSampler(
         range(len(data)),
         num_replicas=ctx.world_size,
@@ -565,22 +568,23 @@ def _make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight
 
 
 # ------------------------------------------------------------------------------------------------ one step
-def _batch(run: _Run, step: int) -> torch.Tensor:
+def _batch(run: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The dequantised batch of ``step`` (counted from 1): a pure function of ``(seed, step)`` and the rank."""
     epoch, b = divmod(step - 1, run.per_epoch)
     if epoch != run.order_epoch:
         run.sampler.set_epoch(epoch)
         run.order, run.order_epoch = torch.tensor(list(run.sampler), device=run.ctx.device), epoch
     size = run.cfg.batch_size
-    return run.data.batch(run.order[b * size : (b + 1) * size])
+    index = run.order[b * size : (b + 1) * size]
+    return run.data.batch(index), run.data.contexts(index)
 
 
 def _step(run: _Run, step: int) -> tuple[float, float]:
     """One update: the loss (mean over ranks) and the gradient norm are checked before the optimiser moves."""
-    xb = _batch(run, step)
+    xb, cb = _batch(run, step)
     error = None
     try:
-        loss = run.units(run.net(xb).mean())
+        loss = run.units((run.net(xb) if cb is None else run.net(xb, cb)).mean())
     except (RuntimeError, ValueError) as e:  # validation found a non-finite value inside a layer
         error, loss = e, torch.full((), math.nan, device=run.ctx.device)
     value = float(distributed.all_mean(loss.detach(), run.ctx))
@@ -646,9 +650,10 @@ def _evaluate(run: _Run, step: int) -> None:
     started = time.perf_counter()
     record = {"step": step}
     if run.test_data is not None:
+        test = run.test_data
         value = evaluate(
             run.eval_model,
-            run.test_data.x,
+            test.x if test.context is None else (test.x, test.context),
             run.test_data.n_bins,
             cfg.eval_batch_size,
             seed=cfg.seed,
@@ -675,7 +680,7 @@ def _invertibility(run: _Run) -> dict:
     index = torch.arange(min(64, len(data)), device=data.x.device)
     generator = torch.Generator(device=data.x.device).manual_seed(run.cfg.seed + 31337)
     x = data.batch(index, generator).to(run.eval_model._loc.dtype)
-    report = invertibility(run.eval_model.flow, x, seed=run.cfg.seed)
+    report = invertibility(run.eval_model.flow_for(data.contexts(index)), x, seed=run.cfg.seed)
     wanted = ("error32_max", "error64_max", "lipschitz_max", "inverse_lipschitz_max", "condition_max", "condition_q50")
     summary = report.summary()
     return {f"inv_{k}": summary[k] for k in wanted}
@@ -805,9 +810,17 @@ def _save_samples(model: FlowDensity, data: _Data, path: Path, n: int, temperatu
     from ..plots import plot_density_2d, save_image_grid
 
     devices = [model._loc.device] if model._loc.device.type == "cuda" else []
+    contexts = None
+    if data.context is not None:  # a conditional model: one row of samples per distinct context (e.g. per class)
+        contexts = torch.unique(data.context, dim=0)[:10]
+        n = max(1, n // len(contexts))
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        x = model.sample(n, temperature=temperature)
+        x = model.sample(n, temperature=temperature, context=contexts)
+    if contexts is not None:
+        if data.n_bins is not None and x.dim() == 5:
+            save_image_grid(x.transpose(0, 1).reshape((-1,) + x.shape[2:]), path, nrow=n)
+        return
     if data.n_bins is not None and x.dim() == 4:
         save_image_grid(x, path)
     elif x.dim() == 2 and x.shape[-1] == 2:
@@ -849,7 +862,7 @@ def _init_actnorm(model: FlowDensity, data: _Data, size: int, seed: int, ctx) ->
     shard = chosen[ctx.rank :: ctx.world_size].to(data.x.device)
     gen = torch.Generator(device=data.x.device).manual_seed(seed + 15485863 + ctx.rank)
     model.train()
-    model.log_prob(data.batch(shard, gen))
+    model.log_prob(data.batch(shard, gen), data.contexts(shard))
 
 
 __all__ = ["FitConfig", "FitResult", "TrainingError", "fit"]

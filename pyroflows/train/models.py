@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
+from pyro.distributions.conditional import ConditionalTransform
+
 from ..builders import glow, realnvp, residual_flow
 from ..cif import CIFDensity, CIFFlow, cif
 from ..density import FlowDensity
@@ -143,7 +145,12 @@ def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
         transform = builder(shape if len(shape) > 1 else shape[0], **options)
     except TypeError as e:
         raise ValueError(f"build_density: bad options for {key!r}: {e}") from e
-    model = CIFDensity(transform, shape) if isinstance(transform, CIFFlow) else FlowDensity(transform, shape)
+    if isinstance(transform, CIFFlow):
+        model = CIFDensity(transform, shape)
+    elif isinstance(transform, ConditionalTransform):
+        model = FlowDensity(transform, shape, context_shape=(transform.context_dim,))
+    else:
+        model = FlowDensity(transform, shape)
     model.spec = {"flow": key, "shape": list(shape), "options": dict(options)}
     return model
 

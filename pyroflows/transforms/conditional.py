@@ -220,7 +220,7 @@ class ConditionalCompose(ConditionalTransformModule):
         parts = list(parts)
         if not parts:
             raise ValueError("ConditionalCompose: needs at least one part")
-        dims = {p.context_dim for p in parts if isinstance(p, ConditionalLayer)}
+        dims = {getattr(p, "context_dim", None) for p in parts if isinstance(p, ConditionalTransform)} - {None}
         if len(dims) > 1:
             raise ValueError(f"ConditionalCompose: the conditional parts disagree on context_dim: {sorted(dims)}")
         self.context_dim = dims.pop() if dims else None

@@ -3,9 +3,10 @@ r"""Shape-changing layers: :class:`Squeeze` (space to depth) and :class:`MultiSc
 from __future__ import annotations
 
 import torch
+from pyro.distributions.conditional import ConditionalTransform
 
 from .._deprecation import renamed_kwargs
-from ._shapes import legacy_image_channels, parse_shape
+from ._shapes import count, legacy_image_channels, parse_shape
 from .base import FlowTransform, forward_and_log_det, inverse_and_log_det
 
 
@@ -80,6 +81,9 @@ class MultiScale(FlowTransform):
     :param int keep_channels: ``C_keep`` (default ``C // 2``).
     :param bool prior: add the learned conditional prior coupling on the factored channels.
     :param int hidden: the prior's conditioner width.
+    :param int context_dim: for a conditional flow: ``inner`` may be conditional (a Pyro
+        ``ConditionalTransform``) and the prior's conditioner also sees the context; the two methods then take
+        ``context=``. Use the layer through :class:`~pyroflows.transforms.ConditionalLayer`.
 
     Example::
 
@@ -104,6 +108,8 @@ class MultiScale(FlowTransform):
         keep_channels: int | None = None,
         prior: bool = True,
         hidden: int = 64,
+        *,
+        context_dim: int = 0,
     ):
         if isinstance(shape, int):
             event_shape = legacy_image_channels(shape, "MultiScale", "an int shape")
@@ -118,6 +124,7 @@ class MultiScale(FlowTransform):
         super().__init__(event_dim=3, event_shape=event_shape)
         self.num_channels = num_channels
         self.keep_channels = keep
+        self.context_dim = count(context_dim, "context_dim", "MultiScale", low=0)
         self.inner = inner
         self.prior = None
         if prior:
@@ -125,8 +132,25 @@ class MultiScale(FlowTransform):
 
             # channel groups [factored, kept]; flip: the kept channels condition, the factored ones move
             self.prior = AffineCoupling(
-                (num_channels, None, None), mask="channel", split=num_channels - keep, flip=True, hidden=hidden
+                (num_channels, None, None),
+                mask="channel",
+                split=num_channels - keep,
+                flip=True,
+                hidden=hidden,
+                context_dim=self.context_dim,
             )
+
+    def _inner(self, context):
+        """``inner``, conditioned on ``context`` when it is conditional."""
+        if isinstance(self.inner, ConditionalTransform):
+            if context is None:
+                raise ValueError("MultiScale: the inner flow is conditional; call .condition(context) first")
+            return self.inner.condition(context)
+        return self.inner
+
+    def _prior(self, x, inverse, context):
+        method = self.prior.inverse_and_log_det if inverse else self.prior.forward_and_log_det
+        return method(x, context=context) if self.context_dim else method(x)
 
     def _split(self, x):
         n_f = self.num_channels - self.keep_channels
@@ -144,21 +168,27 @@ class MultiScale(FlowTransform):
     def inverse_shape(self, shape):
         return self.forward_shape(shape)
 
-    def forward_and_log_det(self, x):
+    def forward_and_log_det(self, x, context=None):
+        inner = self._inner(context)
         log_det = x.new_zeros(x.shape[:-3])
         if self.prior is not None:
-            x, log_det = self.prior.forward_and_log_det(x)
+            x, log_det = self._prior(x, False, context)
         x_f, x_k = self._split(x)
-        z_k, ld = forward_and_log_det(self.inner, x_k)
-        return torch.cat([x_f, z_k.reshape(x_k.shape)], dim=-3), log_det + ld
+        z_k, ld = forward_and_log_det(inner, x_k)
+        batch = z_k.shape[: z_k.dim() - 3]  # a context may have broadcast the batch
+        return torch.cat(
+            [x_f.expand(batch + x_f.shape[-3:]), z_k.reshape(batch + x_k.shape[-3:])], dim=-3
+        ), log_det + ld
 
-    def inverse_and_log_det(self, y):
+    def inverse_and_log_det(self, y, context=None):
+        inner = self._inner(context)
         y_f, y_k = self._split(y)
         inner_shape = tuple(self.inner.forward_shape(y_k.shape[-3:]))
-        x_k, log_det = inverse_and_log_det(self.inner, y_k.reshape(y_k.shape[:-3] + inner_shape))
-        x = torch.cat([y_f, x_k], dim=-3)
+        x_k, log_det = inverse_and_log_det(inner, y_k.reshape(y_k.shape[:-3] + inner_shape))
+        batch = x_k.shape[: x_k.dim() - 3]
+        x = torch.cat([y_f.expand(batch + y_f.shape[-3:]), x_k], dim=-3)
         if self.prior is not None:
-            x, ld = self.prior.inverse_and_log_det(x)
+            x, ld = self._prior(x, True, context)
             log_det = log_det + ld
         return x, log_det
 
