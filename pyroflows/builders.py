@@ -15,9 +15,11 @@ from .transforms import (
     AffineCoupling,
     BatchNorm,
     Compose,
+    ConditionalAffineAutoregressive,
     ConditionalAffineCoupling,
     ConditionalCompose,
     ConditionalLayer,
+    ConditionalSplineCoupling,
     Invertible1x1Conv,
     Logit,
     MultiScale,
@@ -305,7 +307,8 @@ def autoregressive_flow(
     num_layers: int = 4,
     hidden: Sequence[int] | int | None = None,
     scale_bound: float = 3.0,
-) -> Compose:
+    context_dim: int | None = None,
+) -> Compose | ConditionalCompose:
     """An affine autoregressive flow for vectors: ``num_layers`` × (ActNorm →
     :class:`~pyroflows.transforms.AffineAutoregressive`), the autoregressive order alternating between the identity
     and its reverse, then an elementwise affine map ``y = x * exp(s) + b`` (an inverted ActNorm) so that an
@@ -319,6 +322,8 @@ def autoregressive_flow(
     :param int num_layers: autoregressive layers.
     :param hidden: MADE hidden sizes, a tuple, or an int for one hidden layer (default ``(max(64, 4D),) * 2``).
     :param float scale_bound: bound on each layer's absolute log-scale.
+    :param int context_dim: build a conditional flow (every MADE also sees a context of this size): returns a
+        :class:`~pyroflows.transforms.ConditionalCompose`.
 
     Example::
 
@@ -338,12 +343,19 @@ def autoregressive_flow(
     if not scale_bound > 0:
         raise ValueError(f"autoregressive_flow: scale_bound must be positive, got {scale_bound!r}")
     sizes = hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "autoregressive_flow")
+    if context_dim is not None:
+        context_dim = count(context_dim, "context_dim", "autoregressive_flow")
     parts = []
     for i in range(num_layers):
         order = torch.arange(dim) if i % 2 == 0 else torch.arange(dim).flip(0)
-        parts += [ActNorm(dim), AffineAutoregressive(dim, hidden=sizes, order=order, scale_bound=scale_bound)]
+        kwargs = dict(hidden=sizes, order=order, scale_bound=scale_bound)
+        if context_dim is None:
+            layer = AffineAutoregressive(dim, **kwargs)
+        else:
+            layer = ConditionalAffineAutoregressive(dim, context_dim, **kwargs)
+        parts += [ActNorm(dim), layer]
     parts.append(_output_affine(dim))
-    return Compose(parts)
+    return Compose(parts) if context_dim is None else ConditionalCompose(parts)
 
 
 @renamed_kwargs(input_dim_or_shape="shape", num_blocks="num_layers")
@@ -418,7 +430,8 @@ def spline_flow(
     hidden: Sequence[int] | int | None = None,
     num_bins: int = 8,
     bound: float = 5.0,
-) -> Compose:
+    context_dim: int | None = None,
+) -> Compose | ConditionalCompose:
     """A neural spline flow for vectors (Durkan et al., 2019): ``num_layers`` × (ActNorm →
     :class:`~pyroflows.transforms.SplineCoupling`), masks alternating between the first half and the second half of
     the coordinates, a fixed random permutation after every second coupling (for ``D > 2``) so that every coordinate
@@ -434,6 +447,8 @@ def spline_flow(
         ``(max(64, 4D),) * 2``).
     :param int num_bins: spline bins per coupling (at least 2).
     :param float bound: each spline acts on ``[-bound, bound]`` and is the identity outside.
+    :param int context_dim: build a conditional flow (every coupling's conditioner also sees a context of this
+        size): returns a :class:`~pyroflows.transforms.ConditionalCompose`.
 
     Example::
 
@@ -450,19 +465,23 @@ def spline_flow(
     """
     dim = vector_dim(shape, "spline_flow")
     num_layers = count(num_layers, "num_layers", "spline_flow")
+    if context_dim is not None:
+        context_dim = count(context_dim, "context_dim", "spline_flow")
     hidden = hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "spline_flow")
     parts = []
     for i in range(num_layers):
         # With D = 1 there is nothing to condition on: every coupling is a learned elementwise spline.
         flip = i % 2 == 1 and dim > 1
-        parts += [
-            ActNorm(dim),
-            SplineCoupling(dim, mask="half", num_bins=num_bins, bound=bound, hidden=hidden, flip=flip),
-        ]
+        kwargs = dict(mask="half", num_bins=num_bins, bound=bound, hidden=hidden, flip=flip)
+        if context_dim is None:
+            coupling = SplineCoupling(dim, **kwargs)
+        else:
+            coupling = ConditionalSplineCoupling(dim, context_dim, **kwargs)
+        parts += [ActNorm(dim), coupling]
         if dim > 2 and i % 2 == 1 and i < num_layers - 1:
             parts.append(Permute(_fixed_permutation(dim, seed=i)))
     parts.append(_output_affine(dim))
-    return Compose(parts)
+    return Compose(parts) if context_dim is None else ConditionalCompose(parts)
 
 
 __all__ = ["autoregressive_flow", "glow", "planar_flow", "realnvp", "residual_flow", "spline_flow"]

@@ -103,6 +103,12 @@ CASES: dict[str, Case] = {
     "conditional_realnvp": Case(
         lambda s: pyroflows.realnvp(s[0], num_layers=3, hidden=(8,), context_dim=2).condition(_CONTEXT)
     ),
+    "conditional_spline_flow": Case(
+        lambda s: pyroflows.spline_flow(s[0], num_layers=2, hidden=(8,), context_dim=2).condition(_CONTEXT)
+    ),
+    "conditional_autoregressive_flow": Case(
+        lambda s: pyroflows.autoregressive_flow(s[0], num_layers=2, hidden=(8,), context_dim=2).condition(_CONTEXT)
+    ),
     "conditional_coupling_image": Case(
         lambda s: ConditionalAffineCoupling((s[0], None, None), 2, mask="checkerboard", hidden=4).condition(_CONTEXT),
         shape=(2, 3, 3),

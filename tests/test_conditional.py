@@ -253,3 +253,24 @@ def test_cli_class_conditional_glow(tmp_path, capsys):
     assert height > 2.5 * width  # 10 rows of 3
     assert main([*argv[:4], "realnvp", "--conditional", "--num-steps", "1", "--out", str(tmp_path / "x")]) == 2
     assert "--conditional supports --flow glow" in capsys.readouterr().err
+
+
+def test_conditional_made_keeps_the_autoregressive_structure_in_x():
+    """With a context, output i of the MADE still depends only on the x_j earlier in the order (autograd Jacobian
+    in x is strictly triangular in that order) and on every context entry."""
+    from pyroflows.nn import MADE
+
+    torch.manual_seed(0)
+    order = torch.tensor([2, 0, 3, 1])
+    made = MADE(4, (16, 16), num_outputs=2, order=order, context_dim=3).double()
+    with torch.no_grad():
+        for p in made.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, c = torch.randn(4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    jac_x = torch.autograd.functional.jacobian(lambda v: made(v, c)[0], x)  # (4 outputs, 4 inputs)
+    allowed = (order[None, :] < order[:, None]).double()
+    assert (jac_x.abs() * (1 - allowed)).max() == 0
+    jac_c = torch.autograd.functional.jacobian(lambda v: made(x, v)[0], c)
+    first = int(torch.argmin(order))  # even the first coordinate in the order sees the context
+    assert (jac_c[first].abs() > 0).all()
+    assert torch.equal(made.connectivity(), allowed.long())

@@ -24,9 +24,13 @@ def _check_order(order, dim: int, where: str) -> torch.Tensor:
     return tensor.detach().cpu().long().clone()
 
 
-def _hidden_degrees(width: int, dim: int) -> torch.Tensor:
+def _hidden_degrees(width: int, dim: int, context: bool = False) -> torch.Tensor:
     """Degrees ``1, 2, ..., D-1, 1, 2, ...`` of a hidden layer's units (all 1 when ``D = 1``): deterministic, so
-    rebuilding a network gives the same masks whatever the global RNG state."""
+    rebuilding a network gives the same masks whatever the global RNG state. With a context the cycle is
+    ``0, 1, ..., D-1``: units of degree 0 see only the context, and they are what the first coordinate in the order
+    sees."""
+    if context:
+        return torch.arange(width) % dim
     return torch.arange(width) % max(1, dim - 1) + 1
 
 
@@ -52,6 +56,7 @@ class MADE(nn.Module):
     :param order: a permutation of ``range(D)``; coordinate ``i`` is the ``order[i]``-th in the autoregressive
         order. Default: the identity, ``x_i`` depends on ``x_0, ..., x_{i-1}``.
     :param torch.nn.Module activation: nonlinearity between layers (default ``ReLU``; ``ELU`` gives a smooth map).
+    :param int context_dim: extra inputs every output may depend on (a conditional flow's context; degree 0).
 
     Example::
 
@@ -73,8 +78,13 @@ class MADE(nn.Module):
         num_outputs: int = 2,
         order: Sequence[int] | torch.Tensor | None = None,
         activation: nn.Module | None = None,
+        *,
+        context_dim: int = 0,
     ):
         super().__init__()
+        if not isinstance(context_dim, int) or isinstance(context_dim, bool) or context_dim < 0:
+            raise ValueError(f"MADE: context_dim must be an int >= 0, got {context_dim!r}")
+        self.context_dim = context_dim
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"MADE: dim must be a positive int, got {dim!r}")
         if not isinstance(num_outputs, int) or num_outputs < 1:
@@ -88,8 +98,10 @@ class MADE(nn.Module):
         self.activation = activation if activation is not None else nn.ReLU()
 
         in_degrees = order + 1
-        degrees = [in_degrees] + [_hidden_degrees(h, dim) for h in sizes]
-        widths = [dim, *sizes]
+        # context inputs have degree 0: every hidden unit (and, without hidden layers, every output) may see them
+        degrees = [torch.cat([in_degrees, torch.zeros(context_dim, dtype=in_degrees.dtype)])]
+        degrees += [_hidden_degrees(h, dim, context_dim > 0) for h in sizes]
+        widths = [dim + context_dim, *sizes]
         self.layers = nn.ModuleList()
         self._mask_names = []
         for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
@@ -119,11 +131,12 @@ class MADE(nn.Module):
         for mask in self.masks():
             m = (mask != 0).long()
             reach = m if reach is None else (m @ reach).clamp(max=1)
-        return reach[: self.dim]
+        return reach[: self.dim, : self.dim]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., D) -> (..., num_outputs, D)``."""
-        h = x
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``(..., D) -> (..., num_outputs, D)``; with ``context_dim``, ``context`` ``(..., context_dim)`` (same batch
+        shape) feeds every output."""
+        h = x if context is None else torch.cat([x, context.to(x.dtype)], dim=-1)
         last = len(self.layers) - 1
         for i, (layer, mask) in enumerate(zip(self.layers, self.masks())):
             h = F.linear(h, layer.weight * mask, layer.bias)

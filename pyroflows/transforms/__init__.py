@@ -12,7 +12,14 @@ from .base import (
     inverse_and_log_det,
     inverse_only,
 )
-from .conditional import ConditionalAffineCoupling, ConditionalCompose, ConditionalLayer, Conditioned
+from .conditional import (
+    ConditionalAffineAutoregressive,
+    ConditionalAffineCoupling,
+    ConditionalCompose,
+    ConditionalLayer,
+    ConditionalSplineCoupling,
+    Conditioned,
+)
 from .conv1x1 import Invertible1x1Conv
 from .coupling import AffineCoupling, make_mask
 from .normalization import ActNorm, BatchNorm
@@ -30,9 +37,11 @@ __all__ = [
     "AffineCoupling",
     "BatchNorm",
     "Compose",
+    "ConditionalAffineAutoregressive",
     "ConditionalAffineCoupling",
     "ConditionalCompose",
     "ConditionalLayer",
+    "ConditionalSplineCoupling",
     "Conditioned",
     "FlowTransform",
     "Inverse",

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from ..nn.made import MADE, _check_order
-from ._shapes import vector_dim
+from ._shapes import count, vector_dim
 from .base import FlowTransform
+from .conditional import broadcast_context
 
 
 class AffineAutoregressive(FlowTransform):
@@ -50,6 +51,8 @@ class AffineAutoregressive(FlowTransform):
     :param torch.nn.Module conditioner: optional replacement network ``(..., D) -> (..., 2, D)`` (shift, then raw
         log-scale) that is autoregressive in ``order``; default a zero-initialised
         :class:`~pyroflows.nn.MADE`.
+    :param int context_dim: size of a context vector every output of the MADE also sees (0: none); use such a layer
+        through :class:`~pyroflows.transforms.ConditionalAffineAutoregressive`.
 
     Example::
 
@@ -75,8 +78,11 @@ class AffineAutoregressive(FlowTransform):
         order: Sequence[int] | torch.Tensor | None = None,
         scale_bound: float = 3.0,
         conditioner: nn.Module | None = None,
+        *,
+        context_dim: int = 0,
     ):
         dim = vector_dim(shape, "AffineAutoregressive")
+        context_dim = count(context_dim, "context_dim", "AffineAutoregressive", low=0)
         if not scale_bound > 0:
             raise ValueError(f"AffineAutoregressive: scale_bound must be positive, got {scale_bound!r}")
         super().__init__(event_dim=1, event_shape=(dim,))
@@ -86,31 +92,38 @@ class AffineAutoregressive(FlowTransform):
         if isinstance(conditioner, MADE) and not torch.equal(conditioner.order.cpu(), order):
             raise ValueError("AffineAutoregressive: order differs from the conditioner's own order")
         self.dim = dim
+        self.context_dim = context_dim
         self.scale_bound = float(scale_bound)
         self.register_buffer("order", order)
         self.conditioner = (
             conditioner
             if conditioner is not None
-            else MADE(dim, (64, 64) if hidden is None else hidden, num_outputs=2, order=order)
+            else MADE(
+                dim, (64, 64) if hidden is None else hidden, num_outputs=2, order=order, context_dim=context_dim
+            )
         )
 
-    def _shift_and_log_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.conditioner(x)
+    def _shift_and_log_scale(self, x: torch.Tensor, context=None) -> tuple[torch.Tensor, torch.Tensor]:
+        params = self.conditioner(x) if context is None else self.conditioner(x, context)
         shift, raw = params[..., 0, :], params[..., 1, :]
         return shift, self.scale_bound * torch.tanh(raw / self.scale_bound)
 
-    def forward_and_log_det(self, x):
-        shift, log_scale = self._shift_and_log_scale(x)
+    def forward_and_log_det(self, x, context=None):
+        if self.context_dim:
+            x, context = broadcast_context(x, context, 1, self.context_dim, "AffineAutoregressive")
+        shift, log_scale = self._shift_and_log_scale(x, context)
         return x * torch.exp(log_scale) + shift, log_scale.sum(-1)
 
-    def inverse_and_log_det(self, y):
+    def inverse_and_log_det(self, y, context=None):
+        if self.context_dim:
+            y, context = broadcast_context(y, context, 1, self.context_dim, "AffineAutoregressive")
         # Pass k fills the coordinate that is k-th in the order; its shift and log-scale depend only on coordinates
         # filled before, so they are exact. torch.where builds a new x each pass: no in-place edit of a tensor that
         # autograd needs. After the last pass every log-scale was computed from exact inputs: it is s(x).
         x = torch.zeros_like(y)
         log_scale = None
         for k in range(self.dim):
-            shift, log_scale = self._shift_and_log_scale(x)
+            shift, log_scale = self._shift_and_log_scale(x, context)
             x = torch.where(self.order == k, (y - shift) * torch.exp(-log_scale), x)
         return x, -log_scale.sum(-1)
 

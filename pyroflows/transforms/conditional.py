@@ -197,6 +197,54 @@ class ConditionalAffineCoupling(ConditionalLayer):
         super().__init__(AffineCoupling(shape, context_dim=context_dim, **kwargs))
 
 
+class ConditionalSplineCoupling(ConditionalLayer):
+    """A :class:`~pyroflows.transforms.SplineCoupling` whose conditioner also sees a context vector.
+
+    :param shape: ``D`` or ``(D,)``.
+    :param int context_dim: context size (``>= 1``).
+    :param kwargs: the coupling's other arguments (``mask``, ``num_bins``, ``bound``, ``hidden``, ``flip``).
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.transforms import ConditionalSplineCoupling
+        >>> t = ConditionalSplineCoupling(3, context_dim=2, hidden=(8,)).condition(torch.randn(5, 2))
+        >>> t(torch.randn(5, 3)).shape
+        torch.Size([5, 3])
+    """
+
+    def __init__(self, shape, context_dim: int, **kwargs):
+        from .spline import SplineCoupling
+
+        context_dim = count(context_dim, "context_dim", "ConditionalSplineCoupling")
+        super().__init__(SplineCoupling(shape, context_dim=context_dim, **kwargs))
+
+
+class ConditionalAffineAutoregressive(ConditionalLayer):
+    """An :class:`~pyroflows.transforms.AffineAutoregressive` layer whose MADE also sees a context vector (as inputs
+    of degree 0, so every coordinate's shift and scale may depend on it: the autoregressive structure in ``x`` is
+    kept).
+
+    :param shape: ``D`` or ``(D,)``.
+    :param int context_dim: context size (``>= 1``).
+    :param kwargs: the layer's other arguments (``hidden``, ``order``, ``scale_bound``).
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.transforms import ConditionalAffineAutoregressive
+        >>> t = ConditionalAffineAutoregressive(3, context_dim=2, hidden=(8,)).condition(torch.randn(2))
+        >>> t(torch.randn(5, 3)).shape
+        torch.Size([5, 3])
+    """
+
+    def __init__(self, shape, context_dim: int, **kwargs):
+        from .autoregressive import AffineAutoregressive
+
+        context_dim = count(context_dim, "context_dim", "ConditionalAffineAutoregressive")
+        super().__init__(AffineAutoregressive(shape, context_dim=context_dim, **kwargs))
+
+
 class ConditionalCompose(ConditionalTransformModule):
     """A sequence of conditional layers and ordinary transforms; :meth:`condition` gives a
     :class:`~pyroflows.transforms.Compose` of the conditioned layers (one pass, log-dets summed), every conditional
@@ -254,9 +302,11 @@ class ConditionalCompose(ConditionalTransformModule):
 
 
 __all__ = [
+    "ConditionalAffineAutoregressive",
     "ConditionalAffineCoupling",
     "ConditionalCompose",
     "ConditionalLayer",
+    "ConditionalSplineCoupling",
     "Conditioned",
     "broadcast_context",
     "check_context",

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.conditioners import MLP
-from ._shapes import hidden_sizes, vector_dim
+from ._shapes import count, hidden_sizes, vector_dim
 from .base import FlowTransform
+from .conditional import broadcast_context, join_context
 from .coupling import init_vector_split, make_mask, vector_merge, vector_split
 
 DEFAULT_MIN_BIN_WIDTH = 1e-3
@@ -217,6 +218,8 @@ class SplineCoupling(FlowTransform):
         per transformed coordinate ``K`` raw widths, then ``K`` raw heights, then ``K - 1`` raw derivatives; zero
         output is the identity.
     :param bool flip: negate the mask.
+    :param int context_dim: size of a context vector the conditioner also sees (0: none); use such a layer through
+        :class:`~pyroflows.transforms.ConditionalSplineCoupling`.
 
     Example::
 
@@ -243,8 +246,11 @@ class SplineCoupling(FlowTransform):
         hidden: Sequence[int] | int | None = None,
         conditioner: nn.Module | None = None,
         flip: bool = False,
+        *,
+        context_dim: int = 0,
     ):
         dim = vector_dim(shape, "SplineCoupling")
+        context_dim = count(context_dim, "context_dim", "SplineCoupling", low=0)
         _check_spline_args(num_bins, bound, "SplineCoupling")
         hidden = hidden_sizes(hidden, (64, 64), "SplineCoupling")
         super().__init__(event_dim=1, event_shape=(dim,))
@@ -259,11 +265,14 @@ class SplineCoupling(FlowTransform):
         self.flip = flip
         init_vector_split(self, mask)
         self._n_trans = n_trans
-        self.conditioner = conditioner or MLP(n_cond, n_trans * (3 * num_bins - 1), hidden)
+        self.context_dim = context_dim
+        self.conditioner = conditioner or MLP(n_cond + context_dim, n_trans * (3 * num_bins - 1), hidden)
 
-    def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _couple(self, x: torch.Tensor, inverse: bool, context=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.context_dim:
+            x, context = broadcast_context(x, context, 1, self.context_dim, "SplineCoupling")
         x_cond, x_trans = vector_split(self, x)
-        params = self.conditioner(x_cond)
+        params = self.conditioner(x_cond if context is None else join_context(x_cond, context, 1))
         params = params.reshape(params.shape[:-1] + (self._n_trans, 3 * self.num_bins - 1))
         k = self.num_bins
         widths, heights, derivatives = params[..., :k], params[..., k : 2 * k], params[..., 2 * k :]
@@ -272,14 +281,15 @@ class SplineCoupling(FlowTransform):
         )
         return vector_merge(self, x_cond, y_trans), log_derivative.sum(dim=-1)
 
-    def forward_and_log_det(self, x):
-        return self._couple(x, inverse=False)
+    def forward_and_log_det(self, x, context=None):
+        return self._couple(x, inverse=False, context=context)
 
-    def inverse_and_log_det(self, y):
-        return self._couple(y, inverse=True)
+    def inverse_and_log_det(self, y, context=None):
+        return self._couple(y, inverse=True, context=context)
 
     def extra_repr(self) -> str:
-        return f"shape={self.event_shape}, num_bins={self.num_bins}, bound={self.bound}"
+        extra = f", context_dim={self.context_dim}" if self.context_dim else ""
+        return f"shape={self.event_shape}, num_bins={self.num_bins}, bound={self.bound}{extra}"
 
 
 __all__ = ["SplineCoupling", "rational_quadratic_spline"]
