@@ -19,6 +19,7 @@ from .transforms import (
     ConditionalAffineCoupling,
     ConditionalCompose,
     ConditionalLayer,
+    ConditionalPlanar,
     ConditionalSplineCoupling,
     Invertible1x1Conv,
     Logit,
@@ -197,13 +198,17 @@ def glow(
 
 
 @renamed_kwargs(input_dim="shape")
-def planar_flow(shape: int | Sequence[int], num_layers: int = 16) -> Compose:
+def planar_flow(
+    shape: int | Sequence[int], num_layers: int = 16, context_dim: int | None = None
+) -> Compose | ConditionalCompose:
     """``num_layers`` :class:`~pyroflows.transforms.Planar` layers, then an elementwise affine map
     ``y = x * exp(s) + b`` (an inverted :class:`~pyroflows.transforms.ActNorm`) so the flow can shift and
     scale (``AutoNormalizingFlow``'s base is a fixed standard normal).
 
     :param shape: the event size ``D`` (or ``(D,)``).
     :param int num_layers: number of planar layers.
+    :param int context_dim: build a conditional flow (every layer's ``u, w, b`` move with a context of this size):
+        returns a :class:`~pyroflows.transforms.ConditionalCompose`.
 
     Example::
 
@@ -216,7 +221,10 @@ def planar_flow(shape: int | Sequence[int], num_layers: int = 16) -> Compose:
     """
     dim = vector_dim(shape, "planar_flow")
     num_layers = count(num_layers, "num_layers", "planar_flow")
-    return Compose([Planar(dim) for _ in range(num_layers)] + [_output_affine(dim)])
+    if context_dim is None:
+        return Compose([Planar(dim) for _ in range(num_layers)] + [_output_affine(dim)])
+    context_dim = count(context_dim, "context_dim", "planar_flow")
+    return ConditionalCompose([ConditionalPlanar(dim, context_dim) for _ in range(num_layers)] + [_output_affine(dim)])
 
 
 @renamed_kwargs(input_dim_or_shape="shape")

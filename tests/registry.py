@@ -85,6 +85,16 @@ def _warmed_up_eval(flow, shape):
 _CONTEXT = torch.tensor([0.7, -1.3])
 
 
+def _perturbed_hyper(flow):
+    """A conditional flow for the fixed context, its context maps moved off zero (build() perturbs the parameters
+    too, but this makes the context's part of the map non-trivial whatever the scale)."""
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if "hyper" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return flow.condition(_CONTEXT)
+
+
 CASES: dict[str, Case] = {
     "planar": Case(lambda s: Planar(s[0])),
     "affine_coupling_half": Case(lambda s: AffineCoupling(s[0], mask="half", hidden=(8,))),
@@ -108,6 +118,9 @@ CASES: dict[str, Case] = {
     ),
     "conditional_autoregressive_flow": Case(
         lambda s: pyroflows.autoregressive_flow(s[0], num_layers=2, hidden=(8,), context_dim=2).condition(_CONTEXT)
+    ),
+    "conditional_planar_flow": Case(
+        lambda s: _perturbed_hyper(pyroflows.planar_flow(s[0], num_layers=3, context_dim=2))
     ),
     "conditional_coupling_image": Case(
         lambda s: ConditionalAffineCoupling((s[0], None, None), 2, mask="checkerboard", hidden=4).condition(_CONTEXT),

@@ -19,12 +19,20 @@ from pyroflows.transforms import ConditionalAffineCoupling, ConditionalCompose, 
 ATOL = 1e-10
 
 
-def _flow(image=False, seed=0):
+def _flow(image=False, seed=0, kind="realnvp"):
     torch.manual_seed(seed)
     if image:
         flow = ConditionalAffineCoupling((2, None, None), 3, mask="checkerboard", hidden=4)
     else:
-        flow = pyroflows.realnvp(3, num_layers=3, hidden=(8,), context_dim=3)
+        builder = {
+            "realnvp": pyroflows.realnvp,
+            "spline": pyroflows.spline_flow,
+            "autoregressive": pyroflows.autoregressive_flow,
+        }.get(kind)
+        if builder is None:
+            flow = pyroflows.planar_flow(3, num_layers=3, context_dim=3)
+        else:
+            flow = builder(3, num_layers=3, hidden=(8,), context_dim=3)
     flow = flow.double()
     with torch.no_grad():
         for p in flow.parameters():
@@ -35,9 +43,13 @@ def _flow(image=False, seed=0):
 SHAPES = {False: (3,), True: (2, 3, 3)}
 
 
-@pytest.mark.parametrize("image", [False, True], ids=["vector", "image"])
-def test_per_example_contexts_equal_one_at_a_time(image):
-    flow = _flow(image)
+@pytest.mark.parametrize(
+    "image, kind",
+    [(False, "realnvp"), (False, "spline"), (False, "autoregressive"), (False, "planar"), (True, "coupling")],
+    ids=["realnvp", "spline", "autoregressive", "planar", "image"],
+)
+def test_per_example_contexts_equal_one_at_a_time(image, kind):
+    flow = _flow(image, kind=kind)
     x = torch.randn((5,) + SHAPES[image], dtype=torch.float64)
     c = torch.randn(5, 3, dtype=torch.float64)
     t = flow.condition(c)

@@ -17,6 +17,7 @@ from .conditional import (
     ConditionalAffineCoupling,
     ConditionalCompose,
     ConditionalLayer,
+    ConditionalPlanar,
     ConditionalSplineCoupling,
     Conditioned,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ConditionalAffineCoupling",
     "ConditionalCompose",
     "ConditionalLayer",
+    "ConditionalPlanar",
     "ConditionalSplineCoupling",
     "Conditioned",
     "FlowTransform",

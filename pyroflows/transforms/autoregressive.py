@@ -98,9 +98,7 @@ class AffineAutoregressive(FlowTransform):
         self.conditioner = (
             conditioner
             if conditioner is not None
-            else MADE(
-                dim, (64, 64) if hidden is None else hidden, num_outputs=2, order=order, context_dim=context_dim
-            )
+            else MADE(dim, (64, 64) if hidden is None else hidden, num_outputs=2, order=order, context_dim=context_dim)
         )
 
     def _shift_and_log_scale(self, x: torch.Tensor, context=None) -> tuple[torch.Tensor, torch.Tensor]:

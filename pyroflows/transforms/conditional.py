@@ -245,6 +245,30 @@ class ConditionalAffineAutoregressive(ConditionalLayer):
         super().__init__(AffineAutoregressive(shape, context_dim=context_dim, **kwargs))
 
 
+class ConditionalPlanar(ConditionalLayer):
+    """A :class:`~pyroflows.transforms.Planar` layer whose :math:`(u, w, b)` move with a context (a zero-initialised
+    linear map of it), the invertibility constraint :math:`w^\\top \\hat u > -1` applied per example.
+
+    :param shape: ``D`` or ``(D,)``.
+    :param int context_dim: context size (``>= 1``).
+    :param kwargs: the layer's other arguments (``max_iter``, ``margin``).
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.transforms import ConditionalPlanar
+        >>> t = ConditionalPlanar(3, context_dim=2).condition(torch.randn(4, 2))
+        >>> t(torch.randn(4, 3)).shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(self, shape, context_dim: int, **kwargs):
+        from .planar import Planar
+
+        context_dim = count(context_dim, "context_dim", "ConditionalPlanar")
+        super().__init__(Planar(shape, context_dim=context_dim, **kwargs))
+
+
 class ConditionalCompose(ConditionalTransformModule):
     """A sequence of conditional layers and ordinary transforms; :meth:`condition` gives a
     :class:`~pyroflows.transforms.Compose` of the conditioned layers (one pass, log-dets summed), every conditional
@@ -306,6 +330,7 @@ __all__ = [
     "ConditionalAffineCoupling",
     "ConditionalCompose",
     "ConditionalLayer",
+    "ConditionalPlanar",
     "ConditionalSplineCoupling",
     "Conditioned",
     "broadcast_context",

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._deprecation import renamed_kwargs
-from ._shapes import vector_dim
+from ._shapes import count, vector_dim
 from .base import FlowTransform
+from .conditional import broadcast_context
 
 
 class Planar(FlowTransform):
@@ -38,6 +39,9 @@ class Planar(FlowTransform):
     :param shape: the event size, ``D`` or ``(D,)``; inputs have shape ``(..., D)``.
     :param int max_iter: the inverse's iteration limit.
     :param float margin: :math:`\delta \in (0, 1)`, how far :math:`w^\top \hat u` stays above -1.
+    :param int context_dim: a conditional planar layer (0: none): :math:`(u, w, b)` plus a zero-initialised linear
+        map of the context, per example, the constraint applied to each; use it through
+        :class:`~pyroflows.transforms.ConditionalPlanar`.
 
     Example::
 
@@ -52,7 +56,7 @@ class Planar(FlowTransform):
     """
 
     @renamed_kwargs(input_dim="shape")
-    def __init__(self, shape: int | tuple[int], *, max_iter: int = 100, margin: float = 1e-4):
+    def __init__(self, shape: int | tuple[int], *, max_iter: int = 100, margin: float = 1e-4, context_dim: int = 0):
         input_dim = vector_dim(shape, "Planar")
         if max_iter < 0:
             raise ValueError(f"Planar: max_iter must be >= 0, got {max_iter!r}")
@@ -68,26 +72,45 @@ class Planar(FlowTransform):
         self.u = nn.Parameter(torch.zeros(input_dim))
         self.w = nn.Parameter(torch.empty(input_dim).uniform_(-bound, bound))
         self.b = nn.Parameter(torch.zeros(()))
+        self.context_dim = count(context_dim, "context_dim", "Planar", low=0)
+        self.hyper = None
+        if self.context_dim:  # (du, dw, db) from the context; zero at init, so the map starts as the plain one
+            self.hyper = nn.Linear(self.context_dim, 2 * input_dim + 1)
+            nn.init.zeros_(self.hyper.weight)
+            nn.init.zeros_(self.hyper.bias)
 
     def u_hat(self) -> torch.Tensor:
         """The constrained direction :math:`\\hat u`, with :math:`w^\\top \\hat u > -1`."""
-        wu = self.w @ self.u
-        m = F.softplus(wu + self._shift) - self._floor
-        return self.u + (m - wu) * self.w / (self.w @ self.w).clamp_min(torch.finfo(self.w.dtype).tiny)
+        return self._u_hat(self.u, self.w)
 
-    def forward_and_log_det(self, x):
-        u_hat = self.u_hat()
-        h = torch.tanh(x @ self.w + self.b)
+    def _u_hat(self, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        wu = (w * u).sum(-1, keepdim=True)
+        m = F.softplus(wu + self._shift) - self._floor
+        ww = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        return u + (m - wu) * w / ww
+
+    def _params(self, x: torch.Tensor, context):
+        """``(x, u_hat, w, b)``: the layer's own parameters, or (with a context) per example, ``x`` broadcast."""
+        if not self.context_dim:
+            return x, self.u_hat(), self.w, self.b
+        x, context = broadcast_context(x, context, 1, self.context_dim, "Planar")
+        du, dw, db = self.hyper(context.to(x.dtype)).split([self.input_dim, self.input_dim, 1], dim=-1)
+        u, w = self.u + du, self.w + dw
+        return x, self._u_hat(u, w), w, self.b + db[..., 0]
+
+    def forward_and_log_det(self, x, context=None):
+        x, u_hat, w, b = self._params(x, context)
+        h = torch.tanh((x * w).sum(-1) + b)
         y = x + h.unsqueeze(-1) * u_hat
-        log_det = torch.log1p((1.0 - h * h) * (self.w @ u_hat))
+        log_det = torch.log1p((1.0 - h * h) * (w * u_hat).sum(-1))
         return y, log_det
 
-    def inverse_and_log_det(self, y):
-        u_hat = self.u_hat()
-        c = self.w @ u_hat
-        target = y @ self.w + self.b
+    def inverse_and_log_det(self, y, context=None):
+        y, u_hat, w, b = self._params(y, context)
+        c = (w * u_hat).sum(-1)
+        target = (y * w).sum(-1) + b
         with torch.no_grad():
-            a = self._solve(target.detach(), c.detach())
+            a = self._solve(target.detach(), c.detach().expand(target.shape))
         # One Newton step with grad enabled: exact value at the root, implicit-function gradients.
         h = torch.tanh(a)
         a = a - (a + c * h - target) / (1.0 + c * (1.0 - h * h))
@@ -96,13 +119,15 @@ class Planar(FlowTransform):
         return x, -torch.log1p((1.0 - h * h) * c)
 
     def _solve(self, target, c):
-        """Solve ``a + c tanh(a) = target`` elementwise (``c > -1``) to near machine precision.
+        """Solve ``a + c tanh(a) = target`` elementwise (``c > -1``, same shape as ``target``) to near machine
+        precision.
 
         Newton steps, replaced by bisection whenever they leave the bracket; each iteration works only on
         the elements not yet converged.
         """
         shape = target.shape
         t = target.reshape(-1)
+        c = c.reshape(-1)
         tol_all = 16 * torch.finfo(t.dtype).eps * (1.0 + t.abs() + c.abs())
         lo, hi = t - c.abs(), t + c.abs()
         a = torch.minimum(torch.maximum(t - c * torch.tanh(t), lo), hi)
@@ -119,8 +144,8 @@ class Planar(FlowTransform):
                 return solution.reshape(shape)
             if it == self.max_iter:
                 break
-            idx, a, t, lo, hi, tol, th, residual, dx_old = (
-                v[keep] for v in (idx, a, t, lo, hi, tol, th, residual, dx_old)
+            idx, a, t, c, lo, hi, tol, th, residual, dx_old = (
+                v[keep] for v in (idx, a, t, c, lo, hi, tol, th, residual, dx_old)
             )
             hi = torch.where(residual > 0, a, hi)
             lo = torch.where(residual < 0, a, lo)
@@ -139,4 +164,4 @@ class Planar(FlowTransform):
         )
 
     def extra_repr(self) -> str:
-        return f"shape={self.event_shape}"
+        return f"shape={self.event_shape}" + (f", context_dim={self.context_dim}" if self.context_dim else "")
