@@ -90,32 +90,43 @@ def _with_logit(parts, logit_alpha):
     return Compose(([Logit(logit_alpha)] if logit_alpha is not None else []) + [parts])
 
 
-def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha, batch_norm) -> Compose:
+def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha, batch_norm, context_dim=None):
     shape = _image_shape(shape, "realnvp")
     if levels is None:
         levels = max(1, min(3, _max_levels(shape)))
     _check_levels(shape, levels, "realnvp")
     num_layers = count(num_layers, "num_layers", "realnvp")
+    compose = Compose if context_dim is None else ConditionalCompose
 
     def coupling(c, mask, flip):
-        layer = AffineCoupling((c, None, None), mask=mask, hidden=hidden, scale_bound=scale_bound, flip=flip)
+        kwargs = dict(mask=mask, hidden=hidden, scale_bound=scale_bound, flip=flip)
+        if context_dim is None:
+            layer = AffineCoupling((c, None, None), **kwargs)
+        else:
+            layer = ConditionalAffineCoupling((c, None, None), context_dim, **kwargs)
         return [layer, BatchNorm((c, None, None))] if batch_norm else [ActNorm((c, None, None)), layer]
+
+    def factor_out(c, inner):
+        if context_dim is None:
+            return MultiScale((c, None, None), inner, hidden=hidden)
+        return ConditionalLayer(MultiScale((c, None, None), inner, hidden=hidden, context_dim=context_dim))
 
     def level(c, remaining):
         parts = []
         if remaining == 1:
             for i in range(num_layers + 1):
                 parts += coupling(c, "checkerboard", i % 2 == 1)
-            return Compose(parts)
+            return compose(parts)
         for i in range(num_layers):
             parts += coupling(c, "checkerboard", i % 2 == 1)
         parts.append(Squeeze())
         for i in range(num_layers):
             parts += coupling(4 * c, "channel", i % 2 == 1)
-        parts.append(MultiScale((4 * c, None, None), level(2 * c, remaining - 1), hidden=hidden))
-        return Compose(parts)
+        parts.append(factor_out(4 * c, level(2 * c, remaining - 1)))
+        return compose(parts)
 
-    return _with_logit(level(shape[0], levels), logit_alpha)
+    flow = level(shape[0], levels)
+    return compose(([Logit(logit_alpha)] if logit_alpha is not None else []) + [flow])
 
 
 @renamed_kwargs(steps="num_layers", hidden_channels="hidden")
@@ -268,9 +279,10 @@ def realnvp(
         instead of an ActNorm before it (vectors and images). The flow then depends on its mode: batch statistics
         in training mode, running averages in eval mode (call ``flow.eval()`` before evaluating or sampling; see
         :class:`~pyroflows.transforms.BatchNorm` for guides).
-    :param int context_dim: vectors: build a conditional flow :math:`q(x \mid c)`, every coupling's conditioner
-        also seeing a context of this size: returns a :class:`~pyroflows.transforms.ConditionalCompose` (a Pyro
-        ``ConditionalTransformModule``; ``flow.condition(c)`` is the flow for ``c``).
+    :param int context_dim: build a conditional flow :math:`q(x \mid c)`, every coupling's conditioner (and, for
+        images, every factor-out prior's) also seeing a context of this size: returns a
+        :class:`~pyroflows.transforms.ConditionalCompose` (a Pyro ``ConditionalTransformModule``;
+        ``flow.condition(c)`` is the flow for ``c``).
 
     Example::
 
@@ -283,15 +295,15 @@ def realnvp(
     image = len(_shape(shape, "realnvp")) == 3
     if context_dim is not None:
         context_dim = count(context_dim, "context_dim", "realnvp")
-        if image:
-            raise ValueError("realnvp: context_dim is supported for vector flows only")
     num_layers = (3 if image else 8) if num_layers is None else num_layers
     num_layers = count(num_layers, "num_layers", "realnvp")
     if image:
         if hidden is not None:
             count(hidden, "hidden", "realnvp")  # images: the conditioner channels, one int
         hidden = 64 if hidden is None else hidden
-        return _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha, bool(batch_norm))
+        return _realnvp_image(
+            shape, num_layers, hidden, scale_bound, levels, logit_alpha, bool(batch_norm), context_dim
+        )
     dim = vector_dim(shape, "realnvp")
     hidden = hidden_sizes(hidden, (max(64, 4 * dim),) * 2, "realnvp")
     half = make_mask("half", dim)

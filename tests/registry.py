@@ -197,6 +197,13 @@ CASES: dict[str, Case] = {
         shape=(1, 4, 4),
         vector=False,
     ),
+    "conditional_realnvp_image": Case(
+        lambda s: pyroflows.realnvp(s, num_layers=1, hidden=4, levels=2, logit_alpha=None, context_dim=2).condition(
+            _CONTEXT
+        ),
+        shape=(1, 4, 4),
+        vector=False,
+    ),
     "glow_no_prior": Case(
         lambda s: pyroflows.glow(s, levels=2, num_layers=1, hidden=4, logit_alpha=None, learned_prior=False),
         shape=(1, 4, 4),
