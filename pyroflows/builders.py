@@ -20,6 +20,7 @@ from .transforms import (
     ConditionalCompose,
     ConditionalLayer,
     ConditionalPlanar,
+    ConditionalResidualBlock,
     ConditionalSplineCoupling,
     Invertible1x1Conv,
     Logit,
@@ -84,10 +85,6 @@ def _max_levels(shape, extra_squeeze: int = 0) -> int:
             break
         levels += 1
     return levels
-
-
-def _with_logit(parts, logit_alpha):
-    return Compose(([Logit(logit_alpha)] if logit_alpha is not None else []) + [parts])
 
 
 def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha, batch_norm, context_dim=None):
@@ -389,8 +386,9 @@ def residual_flow(
     *,
     levels: int | None = None,
     logit_alpha: float | None = 0.05,
+    context_dim: int | None = None,
     **block_kwargs,
-) -> Compose:
+) -> Compose | ConditionalCompose:
     """A Residual Flow (Chen et al., 2019) of :class:`~pyroflows.transforms.ResidualBlock` layers.
 
     Vectors ``D``: ``num_layers`` × (ActNorm → residual MLP block), then an elementwise affine
@@ -406,6 +404,8 @@ def residual_flow(
     :param bool actnorm: interleave ActNorm layers.
     :param int levels: images: number of scales (default: as many as the size allows, at most 3).
     :param float logit_alpha: images: squashing of the first Logit; ``None`` leaves it out.
+    :param int context_dim: build a conditional flow: every block's branch is shifted by a context of this size (the
+        Lipschitz bound in ``x`` kept); returns a :class:`~pyroflows.transforms.ConditionalCompose`.
     :param block_kwargs: passed to every block: ``n_exact_terms``, ``geom_p``, ``memory_efficient``,
         ``n_samples``, ``probe``, ``eval_logdet``, ``atol``, ``max_iter``, ...
 
@@ -420,12 +420,21 @@ def residual_flow(
     num_layers = count(num_layers, "num_layers", "residual_flow")
     shape = _shape(shape, "residual_flow")
     kwargs = dict(coeff=coeff, logdet=logdet, **block_kwargs)
+    compose = Compose
+    block = ResidualBlock
+    if context_dim is not None:
+        context_dim = count(context_dim, "context_dim", "residual_flow")
+        compose = ConditionalCompose
+
+        def block(shape, hidden, **kwargs):
+            return ConditionalResidualBlock(shape, context_dim, hidden=hidden, **kwargs)
+
     if len(shape) == 1:
         dim = vector_dim(shape, "residual_flow")
         parts = []
         for _ in range(num_layers):
-            parts += ([ActNorm(dim)] if actnorm else []) + [ResidualBlock(dim, hidden, **kwargs)]
-        return Compose(parts + [_output_affine(dim)])
+            parts += ([ActNorm(dim)] if actnorm else []) + [block(dim, hidden, **kwargs)]
+        return compose(parts + [_output_affine(dim)])
     c, h, w = _image_shape(shape, "residual_flow")
     if levels is None:
         levels = max(1, min(3, _max_levels(shape)))
@@ -436,12 +445,10 @@ def residual_flow(
             parts.append(Squeeze())
             c *= 4
         for _ in range(num_layers):
-            parts += ([ActNorm((c, None, None))] if actnorm else []) + [
-                ResidualBlock((c, None, None), hidden, **kwargs)
-            ]
+            parts += ([ActNorm((c, None, None))] if actnorm else []) + [block((c, None, None), hidden, **kwargs)]
     if actnorm:
         parts.append(ActNorm((c, None, None)))
-    return _with_logit(Compose(parts), logit_alpha)
+    return compose(([Logit(logit_alpha)] if logit_alpha is not None else []) + [compose(parts)])
 
 
 def spline_flow(

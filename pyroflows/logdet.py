@@ -139,6 +139,22 @@ def neumann_terms(
     return value, w
 
 
+def differentiable_inputs(g: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors a residual branch ``g`` depends on besides ``x``: its parameters, then its ``extra_inputs`` (a
+    conditional branch's context-dependent tensors). The custom autograd functions take them as explicit inputs,
+    so their gradients are returned even when ``g`` is recomputed in backward.
+
+    :param torch.nn.Module g: the residual branch.
+
+    Example::
+
+        >>> import torch
+        >>> len(differentiable_inputs(torch.nn.Linear(2, 2)))
+        2
+    """
+    return list(g.parameters()) + list(getattr(g, "extra_inputs", ()))
+
+
 def exact_log_det(g: torch.nn.Module, x: torch.Tensor, event_dim: int, method: str = "auto") -> torch.Tensor:
     """``log|det(I + J_g(x))|`` per sample from the full Jacobian, differentiable (also twice).
 
@@ -169,7 +185,8 @@ def exact_log_det(g: torch.nn.Module, x: torch.Tensor, event_dim: int, method: s
     flat = x.reshape((-1, dim))
 
     if method == "auto":
-        method = "vjp" if x.device.type == "cpu" else "vmap"
+        # a branch with per-example extra inputs cannot be vmapped one sample at a time
+        method = "vjp" if x.device.type == "cpu" or getattr(g, "extra_inputs", ()) else "vmap"
     if method not in ("vjp", "vmap"):
         raise ValueError(f"exact_log_det: method must be 'auto', 'vjp' or 'vmap', got {method!r}")
     n = flat.shape[0]
@@ -229,7 +246,8 @@ class _MemoryEfficientLogDet(torch.autograd.Function):
     def backward(ctx, grad_y, grad_log_det):
         x, *rest = ctx.saved_tensors
         probes, ws = rest[: ctx.n_probes], rest[ctx.n_probes :]
-        params = [p for p in ctx.g.parameters() if p.requires_grad]
+        inputs = differentiable_inputs(ctx.g)
+        params = [p for p in inputs if p.requires_grad]
         with torch.enable_grad(), frozen_power_iteration():
             x_ = x.detach().requires_grad_()
             gx = ctx.g(x_)
@@ -245,7 +263,7 @@ class _MemoryEfficientLogDet(torch.autograd.Function):
         if grad_y is not None:
             grad_x = grad_x + grad_y
         params_iter = iter(grads[1:])
-        param_grads = tuple(next(params_iter) if p.requires_grad else None for p in ctx.g.parameters())
+        param_grads = tuple(next(params_iter) if p.requires_grad else None for p in inputs)
         return (grad_x, None, None, None, None) + param_grads
 
 
@@ -288,7 +306,7 @@ def series_log_det(
         (torch.Size([4000]), True)
     """
     probes = [draw_probe(x, probe) for _ in range(n_samples)]
-    params = list(g.parameters())
+    params = differentiable_inputs(g)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     if needs_grad and memory_efficient:
         return _MemoryEfficientLogDet.apply(x, g, coeffs, probes, event_dim, *params)
@@ -320,6 +338,7 @@ def series_log_det(
 
 __all__ = [
     "LOGDET_MODES",
+    "differentiable_inputs",
     "draw_probe",
     "exact_log_det",
     "neumann_terms",

@@ -90,7 +90,7 @@ def _perturbed_hyper(flow):
     too, but this makes the context's part of the map non-trivial whatever the scale)."""
     with torch.no_grad():
         for name, p in flow.named_parameters():
-            if "hyper" in name:
+            if "hyper" in name or "context_net" in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     return flow.condition(_CONTEXT)
 
@@ -121,6 +121,20 @@ CASES: dict[str, Case] = {
     ),
     "conditional_planar_flow": Case(
         lambda s: _perturbed_hyper(pyroflows.planar_flow(s[0], num_layers=3, context_dim=2))
+    ),
+    "conditional_residual_flow": Case(
+        lambda s: _perturbed_hyper(
+            pyroflows.residual_flow(s[0], num_layers=2, hidden=(8,), logdet="exact", context_dim=2)
+        )
+    ),
+    "conditional_residual_image": Case(
+        lambda s: _perturbed_hyper(
+            pyroflows.residual_flow(
+                s, num_layers=1, hidden=4, levels=2, logdet="exact", logit_alpha=None, context_dim=2
+            )
+        ),
+        shape=(1, 2, 2),
+        vector=False,
     ),
     "conditional_coupling_image": Case(
         lambda s: ConditionalAffineCoupling((s[0], None, None), 2, mask="checkerboard", hidden=4).condition(_CONTEXT),

@@ -18,6 +18,7 @@ from .conditional import (
     ConditionalCompose,
     ConditionalLayer,
     ConditionalPlanar,
+    ConditionalResidualBlock,
     ConditionalSplineCoupling,
     Conditioned,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "ConditionalCompose",
     "ConditionalLayer",
     "ConditionalPlanar",
+    "ConditionalResidualBlock",
     "ConditionalSplineCoupling",
     "Conditioned",
     "FlowTransform",

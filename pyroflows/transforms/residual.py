@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..logdet import LOGDET_MODES, exact_log_det, roulette_coefficients, series_log_det
+from ..logdet import LOGDET_MODES, differentiable_inputs, exact_log_det, roulette_coefficients, series_log_det
 from ..nn.lipschitz import (
     SpectralConv2d,
     _check_coeff,
@@ -21,6 +21,7 @@ from ..nn.lipschitz import (
 )
 from ._shapes import count, hidden_sizes, positive
 from .base import FlowTransform
+from .conditional import broadcast_context
 
 
 @contextlib.contextmanager
@@ -48,21 +49,22 @@ class _FixedPointInverse(torch.autograd.Function):
     ``grad_theta = -u dg/dtheta``."""
 
     @staticmethod
-    def forward(ctx, y, block, *params):
+    def forward(ctx, y, block, g, *params):
         with torch.no_grad(), frozen_power_iteration():
-            x = block._solve(y)
-        ctx.block = block
+            x = block._solve(y, g)
+        ctx.block, ctx.g = block, g
         ctx.save_for_backward(x)
         return x
 
     @staticmethod
     def backward(ctx, grad_x):
         (x,) = ctx.saved_tensors
-        block = ctx.block
-        params = [p for p in block.net.parameters() if p.requires_grad]
+        block, g = ctx.block, ctx.g
+        inputs = differentiable_inputs(g)
+        params = [p for p in inputs if p.requires_grad]
         with torch.enable_grad(), frozen_power_iteration(), full_precision(x):
             x_ = x.detach().requires_grad_()
-            gx = block.net(x_)
+            gx = g(x_)
             u = grad_x
             for _ in range(block.max_iter):
                 u_new = grad_x - torch.autograd.grad(gx, x_, u, retain_graph=True)[0]
@@ -72,8 +74,33 @@ class _FixedPointInverse(torch.autograd.Function):
                     break
             grads = torch.autograd.grad(gx, params, -u, allow_unused=True) if params else ()
         it = iter(grads)
-        param_grads = tuple(next(it) if p.requires_grad else None for p in block.net.parameters())
-        return (u, None) + param_grads
+        param_grads = tuple(next(it) if p.requires_grad else None for p in inputs)
+        return (u, None, None) + param_grads
+
+
+class _Shifted(nn.Module):
+    """A residual branch with a per-example shift added after its first layer: ``g(x; c) = rest(first(x) + s(c))``.
+    The shift does not depend on ``x``, so the Lipschitz constant in ``x`` is the branch's own. ``shift`` is an
+    explicit differentiable input of the block's autograd functions (:func:`~pyroflows.logdet.differentiable_inputs`),
+    so the context gets its gradient even where ``g`` is recomputed in backward."""
+
+    def __init__(self, net: nn.Sequential, shift: torch.Tensor, event_dim: int):
+        super().__init__()
+        self.net, self.shift, self.event_dim = net, shift, event_dim
+
+    @property
+    def extra_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.shift,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[: x.dim() - self.event_dim]
+        s = self.shift.reshape(batch + self.shift.shape[-1:])  # the batch may arrive flattened
+        if self.event_dim == 3:
+            s = s[..., None, None]
+        h = self.net[0](x) + s
+        for layer in self.net[1:]:
+            h = layer(h)
+        return h
 
 
 class ResidualBlock(FlowTransform):
@@ -123,6 +150,11 @@ class ResidualBlock(FlowTransform):
     :param str on_fail: ``"raise"`` or ``"warn"`` when the inverse does not converge.
     :param bool learn_p: vectors: learn the orders of the hidden norms (induced mixed norms, Chen et al. 2019);
         the block's bound stays ``coeff`` in the 2-norm.
+    :param int context_dim: a conditional block (0: none): the context, through a zero-initialised linear map, shifts
+        the outputs of ``g``'s first layer, :math:`g(x; c) = g_2(W_1 x + b_1 + V c)`, which leaves the Lipschitz
+        constant in ``x`` at ``coeff`` (invertibility in ``x`` for every context). The context is an explicit input
+        of the memory-efficient backward and of the inverse's implicit gradients, so it gets exact gradients. Use
+        it through :class:`~pyroflows.transforms.ConditionalResidualBlock`.
 
     Example::
 
@@ -158,6 +190,7 @@ class ResidualBlock(FlowTransform):
         max_iter: int = 1000,
         on_fail: str = "raise",
         learn_p: bool = False,
+        context_dim: int = 0,
     ):
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         if len(shape) not in (1, 3):
@@ -189,6 +222,15 @@ class ResidualBlock(FlowTransform):
                     shape[0], 64 if hidden is None else count(hidden, "hidden (channels)", where), coeff
                 )
         self.net = net
+        self.context_dim = count(context_dim, "context_dim", where, 0)
+        self.context_net = None
+        if self.context_dim:
+            if not isinstance(net, nn.Sequential) or not hasattr(net[0], "weight"):
+                raise ValueError("ResidualBlock: context_dim needs the default Lipschitz network (net=None)")
+            width = net[0].weight.shape[0]  # the first layer's outputs: the context shifts them
+            self.context_net = nn.Linear(self.context_dim, width)
+            nn.init.zeros_(self.context_net.weight)  # a fresh conditional block is the plain one
+            nn.init.zeros_(self.context_net.bias)
         self.logdet, self.n_terms, self.n_exact_terms = logdet, n_terms, n_exact_terms
         self.geom_p, self.roulette, self.poisson_lam = geom_p, roulette, poisson_lam
         self.n_samples, self.probe, self.memory_efficient = n_samples, probe, memory_efficient
@@ -223,24 +265,35 @@ class ResidualBlock(FlowTransform):
             if isinstance(m, _PowerIteration):
                 m._update()
 
-    def forward_and_log_det(self, x):
+    def _branch(self, x: torch.Tensor, context) -> tuple[torch.Tensor, nn.Module]:
+        """``(x, g)``: the residual branch for ``context`` (``x`` broadcast against it), or the plain one."""
+        if not self.context_dim:
+            return x, self.net
+        x, context = broadcast_context(x, context, self._event_dim, self.context_dim, "ResidualBlock")
+        return x, _Shifted(self.net, self.context_net(context.to(x.dtype)), self._event_dim)
+
+    def forward_and_log_det(self, x, context=None):
+        x, g = self._branch(x, context)
         self._refresh(x)
         mode, n_exact = self._mode(x)
         if mode == "exact":
-            gx = self.net(x)
-            return x + gx, exact_log_det(self.net, x, self._event_dim)
+            gx = g(x)
+            return x + gx, exact_log_det(g, x, self._event_dim)
         coeffs = self._coefficients(mode, n_exact)
-        return series_log_det(self.net, x, self._event_dim, coeffs, self.n_samples, self.probe, self.memory_efficient)
+        return series_log_det(g, x, self._event_dim, coeffs, self.n_samples, self.probe, self.memory_efficient)
 
     lazy_log_det = True  # the log-det (a Jacobian or a series of vector-Jacobian products) dwarfs x + g(x)
 
     def forward_only(self, x):
+        if self.context_dim:  # needs a context: the full call (which names a missing one)
+            return self.forward_and_log_det(x)[0]
         self._refresh(x)
         return x + self.net(x)
 
-    def inverse_only(self, y):
+    def inverse_only(self, y, context=None):
+        y, g = self._branch(y, context)
         self._refresh(y)
-        return _FixedPointInverse.apply(y, self, *self.net.parameters())
+        return _FixedPointInverse.apply(y, self, g, *differentiable_inputs(g))
 
     # ----------------------------------------------------------------- inverse
     def _tolerance(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,22 +302,22 @@ class ResidualBlock(FlowTransform):
         rtol = default if self.rtol is None else self.rtol
         return atol + rtol * x.abs()
 
-    def _solve(self, y: torch.Tensor) -> torch.Tensor:
+    def _solve(self, y: torch.Tensor, g: nn.Module | None = None) -> torch.Tensor:
         with full_precision(y):
-            return self._iterate(y)
+            return self._iterate(y, self.net if g is None else g)
 
-    def _iterate(self, y: torch.Tensor) -> torch.Tensor:
-        x = y - self.net(y)
+    def _iterate(self, y: torch.Tensor, g: nn.Module) -> torch.Tensor:
+        x = y - g(y)
         batch_dims = y.dim() - self._event_dim
         for k in range(self.max_iter):
-            x_new = y - self.net(x)
+            x_new = y - g(x)
             step = (x_new - x).abs() - self._tolerance(x_new)
             x = x_new
             if bool((step <= 0).all()):
                 self.last_inverse_iterations = k + 1
                 return x
         self.last_inverse_iterations = self.max_iter
-        residual = (x + self.net(x) - y).abs().reshape(y.shape[:batch_dims] + (-1,)).amax(-1)
+        residual = (x + g(x) - y).abs().reshape(y.shape[:batch_dims] + (-1,)).amax(-1)
         unsettled = ~(step <= 0)  # NaN (a diverged iterate) counts as not converged
         n_bad = int(unsettled.reshape(y.shape[:batch_dims] + (-1,)).any(-1).sum())
         message = (
@@ -282,9 +335,9 @@ class ResidualBlock(FlowTransform):
         warnings.warn(message, RuntimeWarning, stacklevel=4)
         return x
 
-    def inverse_and_log_det(self, y):
-        x = self.inverse_only(y)
-        _, log_det = self.forward_and_log_det(x)
+    def inverse_and_log_det(self, y, context=None):
+        x = self.inverse_only(y, context)
+        _, log_det = self.forward_and_log_det(x, context)
         return x, -log_det
 
     def extra_repr(self) -> str:
