@@ -401,6 +401,12 @@ class CIFDensity(FlowDensity):
         first = self.flow.parts[0]
         return first.bijection if isinstance(first, CIFLayer) else first
 
+    def encode(self, *args, **kwargs):
+        """Not available: a continuously indexed flow maps data to a latent only through a random ``u``."""
+        raise TypeError("CIFDensity has no deterministic latent (each layer draws u): encode/decode need a bijection")
+
+    decode = encode
+
     @property
     def distribution(self):
         raise TypeError(

@@ -2,6 +2,7 @@ r"""Density models: a flow from data to a standard-normal latent, with exact log
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from torch import nn
 
 from .data.images import check_pixels, dequantize
 from .transforms import ConditionalCompose, inverse
-from .transforms.base import Compose, FlowTransform, inverse_only
+from .transforms.base import Compose, FlowTransform, forward_only, inverse_only
 
 
 class FlowDensity(nn.Module):
@@ -203,6 +204,122 @@ class FlowDensity(nn.Module):
         if clamp and data_range is not None:
             x = x.clamp(*data_range)
         return x
+
+    # ----------------------------------------------------------------- latent space
+    def _data_range(self):
+        return getattr(self._first_layer(), "data_range", None)
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        n_bins: int | None = None,
+        generator: torch.Generator | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The exact latent ``z = f(x)`` of the whole flow, shape ``batch + latent_shape``.
+
+        For a multi-scale model this is one tensor holding every factored-out part where the flow put it (the
+        factor-outs keep the event shape). Without gradients unless ``x`` needs them.
+
+        :param x: data in the flow's data space (floats), or integer pixels with ``n_bins``: those are dequantised
+            as :meth:`bits_per_dim` does, :math:`(x + u)/n_{bins}` with :math:`u \\sim U[0, 1)` from ``generator``,
+            so that :meth:`decode` with the same ``n_bins`` gives the pixels back.
+        :param int n_bins: intensity levels of integer pixels (``None``: ``x`` is already continuous).
+        :param generator: torch generator for the dequantisation noise.
+        :param torch.Tensor context: a conditional model's context.
+        """
+        self._check(x)
+        if n_bins is not None:
+            check_pixels(x, n_bins, "FlowDensity.encode")
+            x = dequantize(x.to(self._loc.dtype), n_bins, generator, check=False)
+        flow = self.flow_for(context)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+            return forward_only(flow, x)
+
+    def decode(self, z: torch.Tensor, n_bins: int | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Data from latents: the flow's exact inverse (a residual model's to its fixed-point tolerance), clipped to
+        the data range of a flow that starts with a ``Logit``; with ``n_bins``, quantised back to integer pixels
+        (``floor(x · n_bins)``, the inverse of :meth:`encode`'s dequantisation).
+
+        :param torch.Tensor z: latents, shape ``batch + latent_shape`` (a latent of another architecture is refused).
+        :param int n_bins: return integer pixels in ``[0, n_bins)`` (``None``: continuous data).
+        :param torch.Tensor context: a conditional model's context.
+        """
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"FlowDensity.decode expects a torch.Tensor, got {type(z).__name__}")
+        k = len(self.latent_shape)
+        if z.dim() < k or tuple(z.shape[z.dim() - k :]) != self.latent_shape:
+            raise ValueError(
+                f"FlowDensity.decode expects latents of shape (..., {self.latent_shape}), got {tuple(z.shape)}: "
+                "a latent from another architecture or image size?"
+            )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and z.requires_grad):
+            x = self._decode(z, self.flow_for(context))
+        data_range = self._data_range()
+        if data_range is not None:
+            x = x.clamp(*data_range)
+        if n_bins is None:
+            return x
+        return (x.clamp(0.0, 1.0) * n_bins).floor().clamp_max(n_bins - 1).long()
+
+    def interpolate(self, x0: torch.Tensor, x1: torch.Tensor, num: int = 8, path: str = "linear", **encode_kwargs):
+        """Images along a path between the latents of ``x0`` and ``x1``, in data space: ``(num, *event_shape)``.
+
+        ``path="linear"``: :math:`z_t = (1 - t) z_0 + t z_1`; ``"slerp"``: spherical interpolation, which keeps the
+        latent's norm near that of typical draws (a Gaussian's mass lies near a sphere). Both ends reproduce the
+        inputs. Runs in eval mode.
+
+        :param x0: one example, shape ``event_shape`` (integer pixels with ``n_bins=`` in ``encode_kwargs``).
+        :param x1: another.
+        :param int num: points on the path, ``>= 2``, ends included.
+        :param str path: ``"linear"`` or ``"slerp"``.
+        :param encode_kwargs: passed to :meth:`encode` (``n_bins``, ``generator``, ``context``).
+        """
+        from .latent import interpolate_latents
+
+        z0, z1 = (self._encode_one(x, "interpolate", encode_kwargs) for x in (x0, x1))
+        z = interpolate_latents(z0, z1, num, path)
+        return self._decode_eval(z, encode_kwargs.get("context"))
+
+    def manipulate(self, x: torch.Tensor, direction: torch.Tensor, alphas, **encode_kwargs) -> torch.Tensor:
+        """``decode(encode(x) + α · direction)`` for each ``α``: shape ``(len(alphas), *x.shape)`` (Glow's attribute
+        manipulation; :func:`pyroflows.latent.attribute_direction` gives ``direction``). Runs in eval mode.
+
+        :param x: examples, shape ``batch + event_shape`` (or one example).
+        :param torch.Tensor direction: a latent-space direction, shape ``latent_shape``.
+        :param alphas: the step sizes, a sequence or 1-D tensor.
+        :param encode_kwargs: passed to :meth:`encode`.
+        """
+        alphas = torch.as_tensor(alphas, dtype=self._loc.dtype, device=self._loc.device).reshape(-1)
+        if not isinstance(direction, torch.Tensor) or tuple(direction.shape) != self.latent_shape:
+            shape = tuple(direction.shape) if isinstance(direction, torch.Tensor) else type(direction).__name__
+            raise ValueError(f"manipulate: direction must have the latent shape {self.latent_shape}, got {shape}")
+        with self._evaluating():
+            z = self.encode(x, **encode_kwargs)
+            moved = z.unsqueeze(0) + alphas.reshape((-1,) + (1,) * z.dim()) * direction.to(z)
+            return self.decode(moved, context=encode_kwargs.get("context"))
+
+    def _encode_one(self, x, caller: str, encode_kwargs):
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != self.event_shape:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{caller}: expects one example of shape {self.event_shape}, got {shape}")
+        with self._evaluating():
+            return self.encode(x, **encode_kwargs)
+
+    def _decode_eval(self, z, context=None):
+        with self._evaluating():
+            return self.decode(z, context=context)
+
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Eval mode and no gradients for the duration (the mode restored after)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
 
     def _decode(self, z: torch.Tensor, flow) -> torch.Tensor:
         """Data from latents (sampling): the flow's inverse, without the log-det (a residual flow's would cost more
