@@ -135,6 +135,31 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="dequantisation noise seed (default: the training run's seed, so the figure repeats the one fit printed)",
     )
+
+    def latent_command(name: str, help_text: str):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("checkpoint")
+        cmd.add_argument("--data", default="digits", help="digits, mnist or cifar10 (default: digits)")
+        cmd.add_argument("--root", help="directory of MNIST/CIFAR-10 files")
+        cmd.add_argument("--split", default="test", choices=("train", "test"))
+        cmd.add_argument("--out", default=f"{name}.png")
+        cmd.add_argument("--seed", type=int, default=0, help="which examples, and the dequantisation noise")
+        cmd.add_argument("--ema", action="store_true", help="use the EMA weights")
+        cmd.add_argument("--device", default="cpu")
+        return cmd
+
+    interp = latent_command("interpolate", "a grid of latent-space interpolations between pairs of images")
+    interp.add_argument("--pairs", type=int, default=8, help="pairs of images, one row each")
+    interp.add_argument("--num", type=int, default=8, help="images per row, ends included")
+    interp.add_argument("--path", default="linear", choices=("linear", "slerp"))
+    manip = latent_command("manipulate", "move images along an attribute's direction in latent space (one row each)")
+    manip.add_argument(
+        "--attribute",
+        default="thickness",
+        help="thickness (pixel mass above the median) or class:A,B (images of class B against class A; labelled data)",
+    )
+    manip.add_argument("--n", type=int, default=8, help="images to manipulate, one row each")
+    manip.add_argument("--alphas", default="-1,-0.5,0,0.5,1", help="comma-separated multiples of the direction")
     return parser
 
 
@@ -310,6 +335,95 @@ def _eval(args) -> int:
     return 0
 
 
+def _latent_setup(args):
+    """The model (eval mode) and the data set of an ``interpolate``/``manipulate`` command, checked."""
+    from .plots import check_png_path
+    from .run import check_device, check_seed
+    from .train import load_checkpoint, load_density
+
+    check_seed(args.command, args.seed)
+    device = check_device(args.command, args.device)
+    check_png_path(args.out, "--out")
+    ckpt = load_checkpoint(args.checkpoint)
+    model = load_density(args.checkpoint, ema=args.ema, map_location=device)
+    if len(model.event_shape) != 3 or model.context_shape is not None:
+        raise ValueError("the checkpoint is not an unconditional image model")
+    data = _dataset(args.data, args.root, args.split, None)
+    n_bins = ckpt.get("n_bins") or data.n_bins
+    if data.n_bins != n_bins:
+        data = data.reduce_bits(int(n_bins).bit_length() - 1)
+    if tuple(data.shape) != tuple(model.event_shape):
+        raise ValueError(f"the model takes images of shape {model.event_shape}, {args.data!r} has {data.shape}")
+    return model, data, device
+
+
+def _interpolate(args) -> int:
+    import torch
+
+    from .plots import save_image_grid
+    from .run import check_int
+
+    check_int("interpolate", "--pairs", args.pairs, 1)
+    check_int("interpolate", "--num", args.num, 2)
+    model, data, device = _latent_setup(args)
+    g = torch.Generator().manual_seed(args.seed)
+    if len(data) < 2:
+        raise ValueError("the data set has fewer than two images")
+    rows = []
+    for _ in range(args.pairs):
+        i, j = torch.randperm(len(data), generator=g)[:2].tolist()
+        x0, x1 = (data.images[k].to(device) for k in (i, j))
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        rows.append(model.interpolate(x0, x1, args.num, args.path, n_bins=data.n_bins, generator=gen))
+    save_image_grid(torch.cat(rows), args.out, nrow=args.num)
+    print(f"wrote {args.pairs} interpolations ({args.path}, {args.num} images each) to {args.out}")
+    return 0
+
+
+def _manipulate(args) -> int:
+    import torch
+
+    from .latent import attribute_direction
+    from .plots import save_image_grid
+    from .run import check_int
+
+    check_int("manipulate", "--n", args.n, 1)
+    try:
+        alphas = [float(a) for a in args.alphas.split(",")]
+    except ValueError:
+        raise ValueError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
+    model, data, device = _latent_setup(args)
+    images = data.images.to(device)
+    if args.attribute == "thickness":
+        mass = images.reshape(len(images), -1).float().sum(-1)
+        has, source = mass > mass.median(), ~(mass > mass.median())
+        what = "thickness (pixel mass above the median)"
+    elif args.attribute.startswith("class:"):
+        if data.labels is None:
+            raise ValueError(f"--attribute {args.attribute}: {args.data!r} has no labels")
+        try:
+            a, b = (int(c) for c in args.attribute[len("class:") :].split(","))
+        except ValueError:
+            raise ValueError(f"--attribute must be thickness or class:A,B, got {args.attribute!r}") from None
+        labels = data.labels.to(device)
+        for c in (a, b):
+            if not bool((labels == c).any()):
+                raise ValueError(f"--attribute {args.attribute}: no image of class {c} in the {args.split} split")
+        keep = (labels == a) | (labels == b)
+        images, has = images[keep], labels[keep] == b
+        source = ~has
+        what = f"class {a} -> class {b}"
+    else:
+        raise ValueError(f"--attribute must be thickness or class:A,B, got {args.attribute!r}")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    direction = attribute_direction(model, images, has, n_bins=data.n_bins, generator=gen)
+    chosen = images[source][: args.n]
+    out = model.manipulate(chosen, direction, alphas, n_bins=data.n_bins, generator=gen)  # (alphas, n, C, H, W)
+    save_image_grid(out.transpose(0, 1).reshape((-1,) + out.shape[2:]), args.out, nrow=len(alphas))
+    print(f"wrote {len(chosen)} images moved along {what} at alphas {alphas} to {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of the ``pyroflows`` command; returns the exit status.
 
@@ -337,7 +451,14 @@ def main(argv=None) -> int:
     from .train import CheckpointError, TrainingError
 
     try:
-        return {"fit": _fit, "sample": _sample, "eval": _eval}[args.command](args)
+        commands = {
+            "fit": _fit,
+            "sample": _sample,
+            "eval": _eval,
+            "interpolate": _interpolate,
+            "manipulate": _manipulate,
+        }
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, OutputError) as e:
         message = str(e).removeprefix(f"{args.command}: ")
         print(f"pyroflows {args.command}: error: {message}", file=sys.stderr)

@@ -108,3 +108,32 @@ def test_cif_has_no_deterministic_latent():
     model = pyroflows.CIFDensity(pyroflows.cif(2, num_layers=1, hidden=(4,)), (2,))
     with pytest.raises(TypeError, match="no deterministic latent"):
         model.encode(torch.zeros(3, 2))
+
+
+def test_cli_interpolate_and_manipulate(tmp_path, capsys):
+    """``pyroflows interpolate`` and ``pyroflows manipulate`` on a digits checkpoint write grids of the stated size;
+    bad attributes and a conditional checkpoint are refused in one line."""
+    from PIL import Image
+
+    from pyroflows.cli import main
+
+    run = tmp_path / "run"
+    argv = ["fit", "--data", "digits", "--num-steps", "2", "--levels", "1", "--num-layers", "1", "--hidden", "4"]
+    assert main([*argv, "--out", str(run), "--no-progress"]) == 0
+    ckpt = str(run / "checkpoint.pt")
+    grid = tmp_path / "interp.png"
+    assert main(["interpolate", ckpt, "--pairs", "3", "--num", "4", "--path", "slerp", "--out", str(grid)]) == 0
+    width, height = Image.open(grid).size
+    assert abs(width / height - 4 / 3) < 0.1  # 3 rows of 4
+    for attribute in ("thickness", "class:0,8"):
+        out = tmp_path / f"{attribute.replace(':', '_')}.png"
+        assert (
+            main(["manipulate", ckpt, "--attribute", attribute, "--n", "2", "--alphas", "0,1", "--out", str(out)]) == 0
+        )
+        assert out.exists()
+    capsys.readouterr()
+    assert main(["manipulate", ckpt, "--attribute", "colour", "--out", str(tmp_path / "x.png")]) == 2
+    assert "thickness or class:A,B" in capsys.readouterr().err
+    assert main(["manipulate", ckpt, "--attribute", "class:0,42", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no image of class 42" in capsys.readouterr().err
+    assert main(["interpolate", ckpt, "--num", "1", "--out", str(tmp_path / "x.png")]) == 2
