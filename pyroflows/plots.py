@@ -176,4 +176,46 @@ def plot_density_2d(
     return fig
 
 
-__all__ = ["check_png_path", "image_grid", "plot_density_2d", "save_image_grid"]
+def plot_roc(curves: dict, path: str | os.PathLike | None = None, title: str | None = None):
+    """ROC curves of out-of-distribution scores, one line per score, labelled with its AUROC.
+
+    :param dict curves: ``{name: (in_scores, out_scores)}`` (see :mod:`pyroflows.ood`; higher = more OOD).
+    :param path: where to save the figure (PNG, PDF, SVG; written atomically, the figure then closed).
+    :param str title: the plot's title.
+    :returns: the matplotlib figure.
+
+    Example::
+
+        >>> import matplotlib.pyplot as plt
+        >>> fig = plot_roc({"nll": ([0.1, 0.5, 0.2], [0.4, 0.9])})
+        >>> fig.axes[0].get_legend().get_texts()[0].get_text()
+        'nll (AUROC 0.83)'
+        >>> plt.close(fig)
+    """
+    from .ood import roc_auc, roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, (inside, outside) in curves.items():
+        fpr, tpr = roc_curve(inside, outside)
+        ax.plot(fpr.numpy(), tpr.numpy(), label=f"{name} (AUROC {roc_auc(inside, outside):.2f})")
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("false positive rate (in-distribution flagged)")
+    ax.set_ylabel("true positive rate (OOD flagged)")
+    ax.set_title(title or "out-of-distribution detection")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        from .run import atomic_write
+
+        kind = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+        try:
+            if kind not in fig.canvas.get_supported_filetypes():
+                raise ValueError(f"plot_roc: cannot write a {kind!r} file; use e.g. .png, .pdf or .svg")
+            atomic_write(path, lambda f: fig.savefig(f, dpi=100, format=kind), what="ROC plot")
+        finally:
+            plt.close(fig)
+    return fig
+
+
+__all__ = ["check_png_path", "image_grid", "plot_density_2d", "plot_roc", "save_image_grid"]
