@@ -340,6 +340,20 @@ def _cif(d: dict) -> str:
     )
 
 
+def _ood(d: dict) -> str:
+    rows = [
+        [r["set"], str(r["n"]), _f(r["mean_bpd"]), f"{r['auroc_nll']:.3f}", f"{r['auroc_typicality']:.3f}"]
+        for r in d["rows"]
+    ]
+    head = ["out-of-distribution set", "images", "mean bits/dim", "AUROC NLL", "AUROC typicality"]
+    return _table(head, rows) + (
+        f"\n\nGlow trained on the digits 0-4 for {d['steps']} steps; in-distribution: half of the test digits 0-4 "
+        f"(mean {_f(d['in_mean_bpd'])} bits/dim); entropy estimate from the other half {_f(d['entropy_bpd'])} (the "
+        f"training images: {_f(d['train_bpd'])}). Scores are higher for inputs that look out of distribution; AUROC "
+        "0.5 is chance."
+    )
+
+
 def _vi_guides(d: dict) -> str:
     from benchmarks.vi_guides import markdown
 
@@ -362,6 +376,7 @@ RENDERERS = {
     "exact_logdet": _exact_logdet,
     "invertibility": _invertibility,
     "cif": _cif,
+    "ood": _ood,
 }
 
 
