@@ -306,7 +306,7 @@ def _sample(args) -> int:
     if model.context_shape is not None:  # class-conditional: one row of n samples per class
         classes = model.context_shape[0]
         x = model.sample(args.n, temperature=args.temperature, context=torch.eye(classes, device=device))
-        save_image_grid(x.transpose(0, 1).reshape((-1,) + x.shape[2:]), args.out, nrow=args.n)
+        save_image_grid(x, args.out)
         print(f"wrote {args.n} samples per class ({classes} classes) at temperature {args.temperature} to {args.out}")
         return 0
     x = model.sample(args.n, temperature=args.temperature)
@@ -349,9 +349,12 @@ def _latent_setup(args):
     if len(model.event_shape) != 3 or model.context_shape is not None:
         raise ValueError("the checkpoint is not an unconditional image model")
     data = _dataset(args.data, args.root, args.split, None)
-    n_bins = ckpt.get("n_bins") or data.n_bins
-    if data.n_bins != n_bins:
-        data = data.reduce_bits(int(n_bins).bit_length() - 1)
+    n_bins = ckpt.get("n_bins")
+    if n_bins is not None and data.n_bins != n_bins:  # a run trained with --n-bits: reduce the pixels the same way
+        bits = int(n_bins).bit_length() - 1
+        if 2**bits != n_bins or n_bins > data.n_bins:
+            raise ValueError(f"the checkpoint was trained on {n_bins}-level pixels but {args.data!r} has {data.n_bins}")
+        data = data.reduce_bits(bits)
     if tuple(data.shape) != tuple(model.event_shape):
         raise ValueError(f"the model takes images of shape {model.event_shape}, {args.data!r} has {data.shape}")
     return model, data, device
@@ -396,7 +399,7 @@ def _manipulate(args) -> int:
     images = data.images.to(device)
     if args.attribute == "thickness":
         mass = images.reshape(len(images), -1).float().sum(-1)
-        has, source = mass > mass.median(), ~(mass > mass.median())
+        has = mass > mass.median()
         what = "thickness (pixel mass above the median)"
     elif args.attribute.startswith("class:"):
         if data.labels is None:
@@ -411,15 +414,15 @@ def _manipulate(args) -> int:
                 raise ValueError(f"--attribute {args.attribute}: no image of class {c} in the {args.split} split")
         keep = (labels == a) | (labels == b)
         images, has = images[keep], labels[keep] == b
-        source = ~has
         what = f"class {a} -> class {b}"
     else:
         raise ValueError(f"--attribute must be thickness or class:A,B, got {args.attribute!r}")
+    source = ~has
     gen = torch.Generator(device=device).manual_seed(args.seed)
     direction = attribute_direction(model, images, has, n_bins=data.n_bins, generator=gen)
     chosen = images[source][: args.n]
     out = model.manipulate(chosen, direction, alphas, n_bins=data.n_bins, generator=gen)  # (alphas, n, C, H, W)
-    save_image_grid(out.transpose(0, 1).reshape((-1,) + out.shape[2:]), args.out, nrow=len(alphas))
+    save_image_grid(out, args.out)
     print(f"wrote {len(chosen)} images moved along {what} at alphas {alphas} to {args.out}")
     return 0
 

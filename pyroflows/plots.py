@@ -74,15 +74,19 @@ def save_image_grid(
 ) -> None:
     r"""Save ``images`` ``(N, C, H, W)`` in ``[0, 1]`` (1 or 3 channels) as one PNG grid.
 
+    A 5-D tensor ``(K, R, C, H, W)``, as :meth:`pyroflows.FlowDensity.sample` returns for ``R`` contexts (or
+    :meth:`~pyroflows.FlowDensity.manipulate` for ``R`` images), is laid out as ``R`` rows of ``K`` images.
+
     Small grids (8x8 digits, 28x28 MNIST) are enlarged by the smallest integer factor, nearest-neighbour, that
     makes the longer side at least ``min_size`` pixels, so the file is readable in an image viewer (64 MNIST
     samples: a 233-pixel grid, written at 3x, 699 pixels). The file is written atomically
     (:func:`pyroflows.run.atomic_write`): a failed write (disk full, read-only directory) leaves no partial file
     and raises :class:`~pyroflows.run.OutputError`.
 
-    :param torch.Tensor images: ``(N, C, H, W)`` with ``C`` 1 (grey) or 3 (RGB); values are clipped to ``[0, 1]``.
+    :param torch.Tensor images: ``(N, C, H, W)`` or ``(K, R, C, H, W)`` with ``C`` 1 (grey) or 3 (RGB); values are
+        clipped to ``[0, 1]``.
     :param path: the PNG file (its name must end in ``.png``); its directory is created if needed.
-    :param int nrow: images per row (default: about :math:`\sqrt N`).
+    :param int nrow: images per row (default: about :math:`\sqrt N`; ``K`` for a 5-D tensor).
     :param int min_size: the enlarged grid's longer side, at least, in pixels (a grid is never shrunk).
     :raises ValueError: for images of another shape, or a path that is a directory or does not end in ``.png``.
     :raises OutputError: the file could not be written.
@@ -98,9 +102,13 @@ def save_image_grid(
     """
     from .run import atomic_write
 
+    if images.dim() == 5:  # (K, R, C, H, W): one row of K images per R
+        nrow = images.shape[0] if nrow is None else nrow
+        images = images.transpose(0, 1).reshape((-1,) + images.shape[2:])
     if images.dim() != 4 or images.shape[0] < 1 or images.shape[1] not in (1, 3):
         raise ValueError(
-            f"save_image_grid: expected (N >= 1, C in {{1, 3}}, H, W) images, got shape {tuple(images.shape)}"
+            "save_image_grid: expected (N >= 1, C in {1, 3}, H, W) or (K, R, C, H, W) images, got shape "
+            f"{tuple(images.shape)}"
         )
     check_png_path(path, "save_image_grid")
     if int(min_size) < 1:
@@ -114,6 +122,20 @@ def save_image_grid(
     else:
         write = lambda f: plt.imsave(f, grid, format="png")  # noqa: E731
     atomic_write(path, write, what="image grid")
+
+
+def _save_figure(fig, path: str | os.PathLike, caller: str, what: str) -> None:
+    """Write ``fig`` atomically in the format its suffix names (PNG by default), then close it; ``ValueError`` naming
+    ``caller`` for a format matplotlib cannot write (the figure is closed either way)."""
+    from .run import atomic_write
+
+    kind = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    try:
+        if kind not in fig.canvas.get_supported_filetypes():
+            raise ValueError(f"{caller}: cannot write a {kind!r} file; use e.g. .png, .pdf or .svg")
+        atomic_write(path, lambda f: fig.savefig(f, dpi=100, format=kind), what=what)
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_density_2d(
@@ -164,15 +186,7 @@ def plot_density_2d(
         ax.set_aspect("equal")
     fig.tight_layout()
     if path is not None:
-        from .run import atomic_write
-
-        kind = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
-        try:
-            if kind not in fig.canvas.get_supported_filetypes():
-                raise ValueError(f"plot_density_2d: cannot write a {kind!r} file; use e.g. .png, .pdf or .svg")
-            atomic_write(path, lambda f: fig.savefig(f, dpi=100, format=kind), what="density plot")
-        finally:
-            plt.close(fig)
+        _save_figure(fig, path, "plot_density_2d", "density plot")
     return fig
 
 
@@ -206,15 +220,7 @@ def plot_roc(curves: dict, path: str | os.PathLike | None = None, title: str | N
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     if path is not None:
-        from .run import atomic_write
-
-        kind = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
-        try:
-            if kind not in fig.canvas.get_supported_filetypes():
-                raise ValueError(f"plot_roc: cannot write a {kind!r} file; use e.g. .png, .pdf or .svg")
-            atomic_write(path, lambda f: fig.savefig(f, dpi=100, format=kind), what="ROC plot")
-        finally:
-            plt.close(fig)
+        _save_figure(fig, path, "plot_roc", "ROC plot")
     return fig
 
 

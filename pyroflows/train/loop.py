@@ -819,7 +819,7 @@ def _save_samples(model: FlowDensity, data: _Data, path: Path, n: int, temperatu
         x = model.sample(n, temperature=temperature, context=contexts)
     if contexts is not None:
         if data.n_bins is not None and x.dim() == 5:
-            save_image_grid(x.transpose(0, 1).reshape((-1,) + x.shape[2:]), path, nrow=n)
+            save_image_grid(x, path)
         return
     if data.n_bins is not None and x.dim() == 4:
         save_image_grid(x, path)
