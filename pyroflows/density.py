@@ -169,11 +169,14 @@ class FlowDensity(nn.Module):
         :param torch.Tensor context: a conditional model's context.
         """
         self._check(x)
-        check_pixels(x, n_bins, "FlowDensity.bits_per_dim")
-        x_cont = dequantize(x.to(self._loc.dtype), n_bins, generator, check=False)  # checked just above
+        x_cont = self._dequantized(x, n_bins, generator, "FlowDensity.bits_per_dim")
         return to_bits_per_dim(self.log_prob(x_cont, context), self.dim, n_bins)
 
-    @torch.no_grad()
+    def _dequantized(self, x: torch.Tensor, n_bins: int, generator, caller: str) -> torch.Tensor:
+        """Integer pixels, checked, as continuous data in the model's dtype: :math:`(x + u)/n_{bins}`."""
+        check_pixels(x, n_bins, caller)
+        return dequantize(x.to(self._loc.dtype), n_bins, generator, check=False)  # checked just above
+
     def sample(
         self, n: int, temperature: float = 1.0, clamp: bool = True, context: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -190,23 +193,20 @@ class FlowDensity(nn.Module):
             raise ValueError(f"sample: temperature must be a finite number >= 0, got {temperature!r}")
         flow = self.flow_for(context)
         shape = (n,) + (() if context is None else tuple(context.shape[:-1]))
-        was_training = self.training
-        self.eval()
-        try:
+        with self._evaluating():
             if temperature == 0:
                 z = self._loc.expand(shape + self.latent_shape)
             else:
                 z = self.base_dist(temperature).sample(shape)
             x = self._decode(z, flow)
-        finally:
-            self.train(was_training)
-        data_range = getattr(self._first_layer(), "data_range", None)
+        data_range = self._data_range()
         if clamp and data_range is not None:
             x = x.clamp(*data_range)
         return x
 
     # ----------------------------------------------------------------- latent space
     def _data_range(self):
+        """The data interval of a flow that starts with a ``Logit`` (samples and decodes are clipped to it)."""
         return getattr(self._first_layer(), "data_range", None)
 
     def encode(
@@ -230,8 +230,7 @@ class FlowDensity(nn.Module):
         """
         self._check(x)
         if n_bins is not None:
-            check_pixels(x, n_bins, "FlowDensity.encode")
-            x = dequantize(x.to(self._loc.dtype), n_bins, generator, check=False)
+            x = self._dequantized(x, n_bins, generator, "FlowDensity.encode")
         flow = self.flow_for(context)
         with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
             return forward_only(flow, x)
@@ -277,9 +276,13 @@ class FlowDensity(nn.Module):
         """
         from .latent import interpolate_latents
 
-        z0, z1 = (self._encode_one(x, "interpolate", encode_kwargs) for x in (x0, x1))
-        z = interpolate_latents(z0, z1, num, path)
-        return self._decode_eval(z, encode_kwargs.get("context"))
+        for x in (x0, x1):
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != self.event_shape:
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"interpolate: expects one example of shape {self.event_shape}, got {shape}")
+        with self._evaluating():
+            z = interpolate_latents(self.encode(x0, **encode_kwargs), self.encode(x1, **encode_kwargs), num, path)
+            return self.decode(z, context=encode_kwargs.get("context"))
 
     def manipulate(self, x: torch.Tensor, direction: torch.Tensor, alphas, **encode_kwargs) -> torch.Tensor:
         """``decode(encode(x) + α · direction)`` for each ``α``: shape ``(len(alphas), *x.shape)`` (Glow's attribute
@@ -298,17 +301,6 @@ class FlowDensity(nn.Module):
             z = self.encode(x, **encode_kwargs)
             moved = z.unsqueeze(0) + alphas.reshape((-1,) + (1,) * z.dim()) * direction.to(z)
             return self.decode(moved, context=encode_kwargs.get("context"))
-
-    def _encode_one(self, x, caller: str, encode_kwargs):
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != self.event_shape:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{caller}: expects one example of shape {self.event_shape}, got {shape}")
-        with self._evaluating():
-            return self.encode(x, **encode_kwargs)
-
-    def _decode_eval(self, z, context=None):
-        with self._evaluating():
-            return self.decode(z, context=context)
 
     @contextlib.contextmanager
     def _evaluating(self):

@@ -49,7 +49,6 @@ def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, num: int = 8, path: 
     return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
 
 
-@torch.no_grad()
 def attribute_direction(density, x: torch.Tensor, has_attribute, **encode_kwargs) -> torch.Tensor:
     """Glow's manipulation vector: the mean latent of the examples with an attribute minus the mean latent of those
     without, shape ``density.latent_shape``. Adding multiples of it to a latent moves an image towards (or away
@@ -80,12 +79,8 @@ def attribute_direction(density, x: torch.Tensor, has_attribute, **encode_kwargs
         raise ValueError(
             f"attribute_direction: need examples with and without the attribute, got {n_with} of {len(flags)} with it"
         )
-    was_training = density.training
-    density.eval()
-    try:
+    with density._evaluating():
         z = density.encode(x, **encode_kwargs)
-    finally:
-        density.train(was_training)
     return z[flags].mean(0) - z[~flags].mean(0)
 
 
