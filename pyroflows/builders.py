@@ -87,6 +87,12 @@ def _max_levels(shape, extra_squeeze: int = 0) -> int:
     return levels
 
 
+def _with_logit(flow, logit_alpha, compose=Compose):
+    """An image flow's top level: ``compose([Logit(logit_alpha), flow])``, or ``compose([flow])`` when
+    ``logit_alpha`` is ``None``."""
+    return compose(([Logit(logit_alpha)] if logit_alpha is not None else []) + [flow])
+
+
 def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha, batch_norm, context_dim=None):
     shape = _image_shape(shape, "realnvp")
     if levels is None:
@@ -123,7 +129,7 @@ def _realnvp_image(shape, num_layers, hidden, scale_bound, levels, logit_alpha, 
         return compose(parts)
 
     flow = level(shape[0], levels)
-    return compose(([Logit(logit_alpha)] if logit_alpha is not None else []) + [flow])
+    return _with_logit(flow, logit_alpha, compose)
 
 
 @renamed_kwargs(steps="num_layers", hidden_channels="hidden")
@@ -199,10 +205,7 @@ def glow(
                 parts.append(ConditionalLayer(factor_out))
         return compose(parts)
 
-    flow = level(shape[0], levels)
-    if logit_alpha is None:
-        return compose([flow])
-    return compose([Logit(logit_alpha), flow])
+    return _with_logit(level(shape[0], levels), logit_alpha, compose)
 
 
 @renamed_kwargs(input_dim="shape")
@@ -448,7 +451,7 @@ def residual_flow(
             parts += ([ActNorm((c, None, None))] if actnorm else []) + [block((c, None, None), hidden, **kwargs)]
     if actnorm:
         parts.append(ActNorm((c, None, None)))
-    return compose(([Logit(logit_alpha)] if logit_alpha is not None else []) + [compose(parts)])
+    return _with_logit(compose(parts), logit_alpha, compose)
 
 
 def spline_flow(

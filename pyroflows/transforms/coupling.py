@@ -177,7 +177,7 @@ class AffineCoupling(FlowTransform):
     ):
         if not scale_bound > 0:
             raise ValueError(f"AffineCoupling: scale_bound must be positive, got {scale_bound!r}")
-        self_context_dim = count(context_dim, "context_dim", "AffineCoupling", low=0)
+        context_dim = count(context_dim, "context_dim", "AffineCoupling", low=0)
         image = _is_image_mask(mask)
         if image and isinstance(shape, int):
             event_shape = legacy_image_channels(
@@ -193,7 +193,7 @@ class AffineCoupling(FlowTransform):
         num_features = event_shape[0]
         super().__init__(event_dim=len(event_shape), event_shape=event_shape)
         self.num_features = num_features
-        self.context_dim = self_context_dim
+        self.context_dim = context_dim
         self.scale_bound = float(scale_bound)
         self.additive = additive
         self.flip = flip
