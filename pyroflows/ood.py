@@ -40,7 +40,8 @@ def nll_scores(model, data, n_bins: int | None = None, batch_size: int = 500, se
     :param data: an :class:`~pyroflows.data.ImageDataset`, integer pixels (with ``n_bins``), or a float tensor.
     :param int n_bins: intensity levels of integer pixels given as a tensor (an ImageDataset knows its own).
     :param int batch_size: inputs per pass.
-    :param int seed: seed of the dequantisation noise.
+    :param int seed: seed of the dequantisation noise (and of a residual flow's estimators), as in
+        :func:`pyroflows.train.evaluate`.
     :returns: a float64 tensor, one score per input (on the CPU).
 
     Example::
@@ -51,30 +52,17 @@ def nll_scores(model, data, n_bins: int | None = None, batch_size: int = 500, se
         torch.Size([5])
     """
     from .data.images import ImageDataset
+    from .train.evaluation import _as_data, per_example_nll
 
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"nll_scores: batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(data, ImageDataset):
-        data, n_bins = data.images, data.n_bins
-    x = torch.as_tensor(data)
-    integer = n_bins is not None or not x.is_floating_point()
-    if integer and n_bins is None:
+    x = data if isinstance(data, ImageDataset) else torch.as_tensor(data)
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and n_bins is None:
+        x = x.to(model._loc.dtype)  # continuous data in the model's dtype
+    elif isinstance(x, torch.Tensor) and n_bins is None:
         raise ValueError("nll_scores: integer pixels need n_bins (or pass an ImageDataset)")
-    device = model._loc.device
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    try:
-        for chunk in x.split(batch_size):
-            chunk = chunk.to(device)
-            if integer:
-                out.append(model.bits_per_dim(chunk, n_bins, generator))
-            else:
-                out.append(-model.log_prob(chunk.to(model._loc.dtype)))
-    finally:
-        model.train(was_training)
-    return torch.cat(out).double().cpu()
+    d = _as_data(x, n_bins, model.event_shape, model._loc.device, "the data", "nll_scores")
+    return per_example_nll(model, d, torch.arange(len(d), device=d.x.device), int(batch_size), seed).cpu()
 
 
 def typicality_scores(nll, entropy: float, batch_size: int = 1) -> torch.Tensor:

@@ -131,34 +131,47 @@ def evaluate(
     check_int("evaluate", "batch_size", batch_size, 1)
     check_seed("evaluate", seed)
     device = check_device("evaluate", device) if device is not None else next(model.parameters()).device
-    context_shape = getattr(model, "context_shape", None)
-    d = _as_data(data, n_bins, model.event_shape, device, "evaluation data", "evaluate", context_shape)
+    d = _as_data(data, n_bins, model.event_shape, device, "evaluation data", "evaluate", model.context_shape)
     rank, world = 0, 1
     if torch_dist.is_available() and torch_dist.is_initialized():
         rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
-    generator = torch.Generator(device=device).manual_seed(seed + rank)
     index = torch.arange(rank, len(d), world, device=device)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):  # estimators' probes must not move training's RNG
-            torch.manual_seed(seed + rank)
-            for start in range(0, len(index), batch_size):
-                chunk = index[start : start + batch_size]
-                xb, cb = d.x[chunk], d.contexts(chunk)
-                if d.n_bins is None:
-                    total += (-model.log_prob(xb, cb)).double().sum()
-                else:  # the dequantisation and the formula of FlowDensity.bits_per_dim, by calling it
-                    total += model.bits_per_dim(xb, d.n_bins, generator, context=cb).double().sum()
-    finally:
-        model.train(was_training)
+    total = per_example_nll(model, d, index, batch_size, seed + rank).sum()
     count = torch.tensor(float(len(index)), dtype=torch.float64, device=device)
     if world > 1:
         torch_dist.all_reduce(total)
         torch_dist.all_reduce(count)
     return float(total / count)
+
+
+@torch.no_grad()
+def per_example_nll(model: FlowDensity, d: _Data, index: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+    """The negative log-likelihood of each example ``d[index]`` in eval mode, float64: bits/dim of integer pixels
+    (the dequantisation and formula of :meth:`~pyroflows.FlowDensity.bits_per_dim`), nats otherwise.
+
+    The dequantisation noise comes from a generator seeded with ``seed``, and the estimators' randomness (a residual
+    flow's probes) from the global RNG seeded with ``seed`` inside a fork, so the training RNG is untouched and a
+    repeated call gives the same figures. :func:`evaluate` and :func:`pyroflows.ood.nll_scores` both score this way.
+    """
+    device = d.x.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):  # estimators' probes must not move training's RNG
+            torch.manual_seed(seed)
+            for start in range(0, len(index), batch_size):
+                chunk = index[start : start + batch_size]
+                xb, cb = d.x[chunk], d.contexts(chunk)
+                if d.n_bins is None:
+                    out.append(-model.log_prob(xb, cb))
+                else:  # the dequantisation and the formula of FlowDensity.bits_per_dim, by calling it
+                    out.append(model.bits_per_dim(xb, d.n_bins, generator, context=cb))
+    finally:
+        model.train(was_training)
+    return torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64, device=device)
 
 
 __all__ = ["evaluate"]
