@@ -5,10 +5,11 @@ usable as ``AutoNormalizingFlow`` guides (``partial(pyroflows.realnvp, num_layer
 :func:`pyroflows.infer.fit` and checked with :mod:`pyroflows.diagnostics` (ArviZ, imported on first use).
 """
 
-from . import data, infer, latent, logdet, nn, ood, train, transforms
+from . import data, hybrid, infer, latent, logdet, nn, ood, train, transforms
 from .builders import autoregressive_flow, glow, planar_flow, realnvp, residual_flow, spline_flow
 from .cif import CIFDensity, cif
 from .density import FlowDensity
+from .hybrid import HybridDensity
 from .transforms import Compose, FlowTransform, Inverse, enable_validation, inverse, is_validation_enabled
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "Compose",
     "FlowDensity",
     "FlowTransform",
+    "HybridDensity",
     "Inverse",
     "autoregressive_flow",
     "cif",
@@ -25,6 +27,7 @@ __all__ = [
     "diagnostics",
     "enable_validation",
     "glow",
+    "hybrid",
     "infer",
     "inverse",
     "is_validation_enabled",

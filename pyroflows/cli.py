@@ -102,6 +102,20 @@ def _parser() -> argparse.ArgumentParser:
         help="class-conditional model p(x | class) from the data set's labels (one-hot context; glow or realnvp "
         "vectors); sample grids get one row per class",
     )
+    fit.add_argument(
+        "--hybrid",
+        action="store_true",
+        help="hybrid model: the flow and a classifier on its latent, trained on lam*log p(x) + log p(y|x) from the "
+        "data set's labels; evaluations report test accuracy too",
+    )
+    fit.add_argument(
+        "--lam",
+        default="1/D",
+        help="with --hybrid: the weight of log p(x), a number >= 0 or 1/D (D = pixels x channels; default 1/D)",
+    )
+    fit.add_argument(
+        "--head", default="linear", choices=("linear", "pooled", "mlp"), help="with --hybrid: the classifier head"
+    )
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     fit.add_argument("--amp", action="store_true", help="bfloat16 conditioner networks (log-dets stay float32)")
     fit.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
@@ -163,10 +177,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _classes(train, test) -> int:
+def _classes(train, test, flag: str = "--conditional") -> int:
     """The number of classes of a labelled data set (a clear error for an unlabelled one)."""
     if train.labels is None or test.labels is None:
-        raise ValueError("--conditional needs a labelled data set (digits, MNIST and CIFAR-10 come with labels)")
+        raise ValueError(f"{flag} needs a labelled data set (digits, MNIST and CIFAR-10 come with labels)")
     return int(max(train.labels.max(), test.labels.max())) + 1
 
 
@@ -185,6 +199,19 @@ def _dataset(name, root, split, n_bits):
 
     data = get_dataset(name, split, root)
     return data.reduce_bits(n_bits) if n_bits is not None else data  # --n-bits 0 is an error, not "all bits"
+
+
+def _lam(text: str, dim: int) -> float:
+    """``--lam``: a number >= 0, or ``1/D`` for one over the data's dimension."""
+    from .hybrid import check_lam
+
+    if text.replace(" ", "").upper() == "1/D":
+        return 1.0 / dim
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--lam must be a number >= 0 or 1/D, got {text!r}") from None
+    return check_lam(value, "--lam")
 
 
 def _int_or_auto(text: str):
@@ -213,6 +240,12 @@ def _check_fit_args(args) -> str:
         raise ValueError(f"--time-limit must be > 0 minutes, got {args.time_limit}")
     if args.epochs is not None and args.epochs <= 0:
         raise ValueError(f"--epochs must be > 0, got {args.epochs}")
+    if args.hybrid and args.conditional:
+        raise ValueError("--hybrid and --conditional are two different models: choose one")
+    if args.hybrid and flow.startswith("cif"):
+        raise ValueError(f"--hybrid needs a bijective flow (glow, realnvp or residual), not {flow}")
+    if not args.hybrid and (args.lam != "1/D" or args.head != "linear"):
+        raise ValueError("--lam and --head apply to --hybrid models only")
     return flow
 
 
@@ -264,8 +297,13 @@ def _fit(args) -> int:
         classes = _classes(train, test)
         options["context_dim"] = classes
         train, test = (train, _one_hot(train, classes)), (test, _one_hot(test, classes))
+    hybrid = None
+    if args.hybrid:
+        shape = _shape(train)
+        lam = _lam(args.lam, shape[0] * shape[1] * shape[2])
+        hybrid = {"num_classes": _classes(train, test, "--hybrid"), "lam": lam, "head": args.head}
     torch.manual_seed(args.seed)  # --seed fixes the initial weights too
-    model = build_density(flow, _shape(train), **options)
+    model = build_density(flow, _shape(train), hybrid=hybrid, **options)
     given = [name for name in defaults if getattr(args, name) is not None]
     chosen = ", ".join(f"{name} {value}" for name, value in options.items())
     source = "as given" if len(given) == len(defaults) else f"defaults for {'x'.join(map(str, _shape(train)))}"
@@ -273,15 +311,18 @@ def _fit(args) -> int:
     images = (train[0] if args.conditional else train, test[0] if args.conditional else test)
     print(
         f"fit: {flow} ({chosen}; {source}), {size:,} parameters, {len(images[0])} training / {len(images[1])} test "
-        "images" + (f", conditional on {options['context_dim']} classes" if args.conditional else ""),
+        "images"
+        + (f", conditional on {options['context_dim']} classes" if args.conditional else "")
+        + (f", hybrid: {hybrid['num_classes']} classes, lam {hybrid['lam']:.6g}, {args.head} head" if hybrid else ""),
         file=sys.stderr,
         flush=True,
     )
     result = fit(model, train, test, **settings())
     if result.out is not None:
         last = result.evals[-1] if result.evals else {}
+        accuracy = f", test accuracy {last['test_accuracy']:.4f}" if "test_accuracy" in last else ""
         print(
-            f"step {result.step}: test bits/dim {last.get('test_bpd', float('nan')):.4f}; "
+            f"step {result.step}: test bits/dim {last.get('test_bpd', float('nan')):.4f}{accuracy}; "
             f"checkpoint {result.checkpoint}"
         )
     return 0
@@ -316,8 +357,9 @@ def _sample(args) -> int:
 
 
 def _eval(args) -> int:
+    from .hybrid import HybridDensity
     from .run import check_device, check_int, check_seed
-    from .train import evaluate, load_checkpoint, load_density
+    from .train import evaluate, evaluate_hybrid, load_checkpoint, load_density
 
     check_int("eval", "--batch-size", args.batch_size, 1)
     check_seed("eval", args.seed, optional=True)
@@ -330,6 +372,13 @@ def _eval(args) -> int:
     data = _dataset(args.data, args.root, args.split, args.n_bits)
     if n_bins is not None and data.n_bins != n_bins:
         raise ValueError(f"the checkpoint was trained on {n_bins}-level pixels but {args.data!r} has {data.n_bins}")
+    if isinstance(model, HybridDensity):
+        figures = evaluate_hybrid(model, data, batch_size=args.batch_size, seed=seed, device=device)
+        print(
+            f"{args.data} {args.split}: {figures['bpd']:.6f} bits/dim, accuracy {figures['accuracy']:.4f}, "
+            f"class NLL {figures['class_nll']:.4f} nats ({len(data)} images)"
+        )
+        return 0
     bpd = evaluate(model, data, batch_size=args.batch_size, seed=seed, device=device)
     print(f"{args.data} {args.split}: {bpd:.6f} bits/dim ({len(data)} images)")
     return 0

@@ -10,12 +10,17 @@ same way:
   negative log-likelihood is near its entropy :math:`H`, estimated by the mean NLL of training data; the score of a
   batch of :math:`M` inputs is :math:`|\frac1M \sum_m \mathrm{NLL}(x_m) - \hat H|` (``batch_size=1``: per input).
   Too likely is as suspicious as too unlikely.
+* :func:`open_set_predict` with :func:`likelihood_threshold`: the open-set rule of a
+  :class:`~pyroflows.HybridDensity` (Residual Flows §5.2): predict the class :math:`\arg\max_y p(y \mid x)`, or
+  "unknown" (label :math:`K`) when :math:`\log p(x) < \tau`, with :math:`\tau` the ``quantile`` of the
+  log-likelihoods of held-out in-distribution data.
 * :func:`roc_auc` / :func:`roc_curve`: how well a score separates in-distribution from out-of-distribution inputs
   (1 = perfectly, 0.5 = chance); :func:`pyroflows.plots.plot_roc` draws the curves.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -28,6 +33,23 @@ def _scores(x, name: str) -> torch.Tensor:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: the scores contain NaN or inf")
     return t
+
+
+def _scored(model, data, n_bins, batch_size, seed, caller: str, classes: bool = False):
+    """``per_example_nll`` of every input of ``data`` (with the class log-probabilities when ``classes``)."""
+    from .data.images import ImageDataset
+    from .train.evaluation import _as_data, per_example_nll
+
+    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"{caller}: batch_size must be an int >= 1, got {batch_size!r}")
+    x = data if isinstance(data, ImageDataset) else torch.as_tensor(data)
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and n_bins is None:
+        x = x.to(model._loc.dtype)  # continuous data in the model's dtype
+    elif isinstance(x, torch.Tensor) and n_bins is None:
+        raise ValueError(f"{caller}: integer pixels need n_bins (or pass an ImageDataset)")
+    d = _as_data(x, n_bins, model.event_shape, model._loc.device, "the data", caller)
+    out = per_example_nll(model, d, torch.arange(len(d), device=d.x.device), int(batch_size), seed, classes)
+    return tuple(t.cpu() for t in out) if classes else out.cpu()
 
 
 @torch.no_grad()
@@ -51,18 +73,71 @@ def nll_scores(model, data, n_bins: int | None = None, batch_size: int = 500, se
         >>> nll_scores(model, torch.randn(5, 2)).shape
         torch.Size([5])
     """
-    from .data.images import ImageDataset
-    from .train.evaluation import _as_data, per_example_nll
+    return _scored(model, data, n_bins, batch_size, seed, "nll_scores")
 
-    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"nll_scores: batch_size must be an int >= 1, got {batch_size!r}")
-    x = data if isinstance(data, ImageDataset) else torch.as_tensor(data)
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and n_bins is None:
-        x = x.to(model._loc.dtype)  # continuous data in the model's dtype
-    elif isinstance(x, torch.Tensor) and n_bins is None:
-        raise ValueError("nll_scores: integer pixels need n_bins (or pass an ImageDataset)")
-    d = _as_data(x, n_bins, model.event_shape, model._loc.device, "the data", "nll_scores")
-    return per_example_nll(model, d, torch.arange(len(d), device=d.x.device), int(batch_size), seed).cpu()
+
+@torch.no_grad()
+def likelihood_threshold(
+    model, data, quantile: float = 0.05, n_bins: int | None = None, batch_size: int = 500, seed: int = 0
+) -> float:
+    r"""The open-set threshold :math:`\tau` from held-out in-distribution ``data``, in the units of
+    :func:`nll_scores`: the NLL exceeded by a share ``quantile`` of ``data`` (so :math:`\log p(x) < \tau` for that
+    share, and :func:`open_set_predict` calls that share "unknown": ``quantile`` is the false-rejection rate one
+    accepts on data like it).
+
+    :param model: a trained :class:`~pyroflows.FlowDensity` (a :class:`~pyroflows.HybridDensity` for the rule).
+    :param data: held-out in-distribution inputs, as for :func:`nll_scores`.
+    :param float quantile: in ``(0, 1)``.
+    :param int n_bins: intensity levels of integer pixels given as a tensor.
+    :param int batch_size: inputs per pass.
+    :param int seed: seed of the dequantisation noise.
+
+    Example::
+
+        >>> import torch, pyroflows
+        >>> model = pyroflows.FlowDensity(pyroflows.realnvp(2, num_layers=2), (2,))
+        >>> tau = likelihood_threshold(model, torch.randn(1000, 2), quantile=0.1)
+        >>> abs(tau - 4.14) < 0.2  # a fresh flow is the identity: the 90 % NLL quantile of N(0, I) is 4.14 nats
+        True
+    """
+    if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0 < quantile < 1:
+        raise ValueError(f"likelihood_threshold: quantile must lie in (0, 1), got {quantile!r}")
+    nll = _scored(model, data, n_bins, batch_size, seed, "likelihood_threshold")
+    return float(torch.quantile(nll, 1.0 - float(quantile)))
+
+
+@torch.no_grad()
+def open_set_predict(
+    model, data, threshold: float, n_bins: int | None = None, batch_size: int = 500, seed: int = 0
+) -> torch.Tensor:
+    r"""The open-set rule of a hybrid model: :math:`\hat y(x) = K` ("unknown") if the NLL of :math:`x` exceeds
+    ``threshold`` (i.e. :math:`\log p(x) < \tau`), else :math:`\arg\max_y p(y \mid x)`; both from one pass over the
+    same dequantised input.
+
+    :param model: a trained :class:`~pyroflows.HybridDensity` with :math:`K` classes.
+    :param data: the inputs, as for :func:`nll_scores`.
+    :param float threshold: :math:`\tau` in NLL units (:func:`likelihood_threshold`).
+    :param int n_bins: intensity levels of integer pixels given as a tensor.
+    :param int batch_size: inputs per pass.
+    :param int seed: seed of the dequantisation noise.
+    :returns: int64 labels in ``[0, K]``, on the CPU.
+
+    Example::
+
+        >>> import torch, pyroflows
+        >>> model = pyroflows.HybridDensity(pyroflows.realnvp(2, num_layers=2), (2,), num_classes=3)
+        >>> x = torch.tensor([[0.0, 0.0], [8.0, 8.0]])
+        >>> open_set_predict(model, x, threshold=likelihood_threshold(model, torch.randn(500, 2)))
+        tensor([0, 3])
+    """
+    from .hybrid import HybridDensity
+
+    if not isinstance(model, HybridDensity):
+        raise TypeError(f"open_set_predict: model must be a pyroflows.HybridDensity, got {type(model).__name__}")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+        raise ValueError(f"open_set_predict: threshold must be a finite number, got {threshold!r}")
+    nll, log_py = _scored(model, data, n_bins, batch_size, seed, "open_set_predict", classes=True)
+    return torch.where(nll > threshold, model.num_classes, log_py.argmax(-1))
 
 
 def typicality_scores(nll, entropy: float, batch_size: int = 1) -> torch.Tensor:
@@ -130,4 +205,11 @@ def roc_auc(in_scores, out_scores) -> float:
     return float((greater + 0.5 * ties) / (inside.numel() * outside.numel()))
 
 
-__all__ = ["nll_scores", "roc_auc", "roc_curve", "typicality_scores"]
+__all__ = [
+    "likelihood_threshold",
+    "nll_scores",
+    "open_set_predict",
+    "roc_auc",
+    "roc_curve",
+    "typicality_scores",
+]

@@ -17,6 +17,7 @@ class _Data:
     x: torch.Tensor  # (N, *event_shape) integer pixels or float values, on the training device
     n_bins: int | None  # None: continuous data (loss in nats)
     context: torch.Tensor | None = None  # (N, k) contexts of a conditional model, on the same device
+    labels: torch.Tensor | None = None  # (N,) int64 class labels of a hybrid model, on the same device
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -30,15 +31,36 @@ class _Data:
         """The contexts of the examples ``index`` (``None`` for an unconditional model)."""
         return None if self.context is None else self.context[index]
 
+    def model_args(self, index: torch.Tensor) -> tuple:
+        """What the model's ``forward`` takes after the data for the examples ``index``: the contexts of a
+        conditional model, the labels of a hybrid one, nothing otherwise."""
+        if self.labels is not None:
+            return (self.labels[index],)
+        return () if self.context is None else (self.context[index],)
+
 
 def _as_data(
-    data, n_bins: int | None, shape: tuple, device: torch.device, name: str, caller: str = "fit", context_shape=None
+    data,
+    n_bins: int | None,
+    shape: tuple,
+    device: torch.device,
+    name: str,
+    caller: str = "fit",
+    context_shape=None,
+    num_classes: int | None = None,
 ) -> _Data:
-    context = None
+    """The data checked and held on ``device``: a ``(data, context)`` pair for a conditional model; for a hybrid
+    model (``num_classes``) a ``(data, labels)`` pair or a labelled ``ImageDataset``."""
+    context = labels = None
     if isinstance(data, tuple):
+        second = "labels" if num_classes is not None else "context"
         if len(data) != 2:
-            raise ValueError(f"{caller}: {name} given as a tuple must be (data, context), got {len(data)} items")
-        data, context = data
+            raise ValueError(f"{caller}: {name} given as a tuple must be (data, {second}), got {len(data)} items")
+        data, other = data
+        if num_classes is not None:
+            labels = other
+        else:
+            context = other
     if isinstance(data, ImageDataset) or (isinstance(data, torch.Tensor) and not data.is_floating_point()):
         data = as_image_dataset(data, n_bins)
         x, n_bins = data.images, data.n_bins
@@ -59,7 +81,22 @@ def _as_data(
         )
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{caller}: {name} contains NaN or inf")
-    return _Data(x.to(device), n_bins, _as_context(context, context_shape, len(x), device, name, caller))
+    context = _as_context(context, context_shape, len(x), device, name, caller)
+    if num_classes is not None:
+        if labels is None:
+            labels = getattr(data, "labels", None)
+        if labels is None:
+            raise ValueError(
+                f"{caller}: the model is a classifier too (HybridDensity): give {name} as a (data, labels) pair or "
+                "a labelled ImageDataset"
+            )
+        from ..hybrid import check_labels
+
+        labels = check_labels(labels, num_classes, f"{caller}: the labels of {name}")
+        if tuple(labels.shape) != (len(x),):
+            raise ValueError(f"{caller}: {name} has {len(x)} items but labels of shape {tuple(labels.shape)}")
+        labels = labels.to(device)
+    return _Data(x.to(device), n_bins, context, labels)
 
 
 def _as_context(context, context_shape, n: int, device, name: str, caller: str) -> torch.Tensor | None:
@@ -126,28 +163,90 @@ def evaluate(
         >>> 0 < evaluate(model, load_digits("test"))
         True
     """
+    d, index, rank, world = _shard(model, data, n_bins, batch_size, seed, device, "evaluate")
+    total = per_example_nll(model, d, index, batch_size, seed + rank).sum()
+    count = torch.tensor(float(len(index)), dtype=torch.float64, device=d.x.device)
+    return float(_sum_over_ranks(total, world) / _sum_over_ranks(count, world))
+
+
+def _shard(model, data, n_bins, batch_size, seed, device, caller: str, num_classes: int | None = None):
+    """The checked data on the evaluation device and this rank's share of it: ``(data, index, rank, world)``."""
     from ..run import check_device, check_int, check_seed
 
-    check_int("evaluate", "batch_size", batch_size, 1)
-    check_seed("evaluate", seed)
-    device = check_device("evaluate", device) if device is not None else next(model.parameters()).device
-    d = _as_data(data, n_bins, model.event_shape, device, "evaluation data", "evaluate", model.context_shape)
+    check_int(caller, "batch_size", batch_size, 1)
+    check_seed(caller, seed)
+    device = check_device(caller, device) if device is not None else next(model.parameters()).device
+    d = _as_data(data, n_bins, model.event_shape, device, "evaluation data", caller, model.context_shape, num_classes)
     rank, world = 0, 1
     if torch_dist.is_available() and torch_dist.is_initialized():
         rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
-    index = torch.arange(rank, len(d), world, device=device)
-    total = per_example_nll(model, d, index, batch_size, seed + rank).sum()
-    count = torch.tensor(float(len(index)), dtype=torch.float64, device=device)
+    return d, torch.arange(rank, len(d), world, device=device), rank, world
+
+
+def _sum_over_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
-        torch_dist.all_reduce(total)
-        torch_dist.all_reduce(count)
-    return float(total / count)
+        torch_dist.all_reduce(t)
+    return t
 
 
 @torch.no_grad()
-def per_example_nll(model: FlowDensity, d: _Data, index: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+def evaluate_hybrid(
+    model,
+    data,
+    n_bins: int | None = None,
+    batch_size: int = 500,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Test figures of a :class:`~pyroflows.HybridDensity` from one pass over ``data``: mean bits/dim (images,
+    ``"bpd"``) or NLL in nats (``"nll"``), classification ``"accuracy"``, and ``"class_nll"``, the mean
+    :math:`-\\log p(y \\mid x)` in nats. Seeded and sharded over ranks as :func:`evaluate`, with the same
+    dequantised inputs for both tasks.
+
+    :param model: a :class:`~pyroflows.HybridDensity`.
+    :param data: a labelled :class:`~pyroflows.data.ImageDataset`, or a ``(data, labels)`` pair.
+    :param n_bins: intensity levels, for integer pixels given as a plain tensor.
+    :param int batch_size: evaluation batch size.
+    :param int seed: seeds the dequantisation noise and the estimators' randomness.
+    :param device: where to evaluate (default: the model's device).
+
+    Example::
+
+        >>> import pyroflows
+        >>> from pyroflows.data import load_digits
+        >>> flow = pyroflows.glow((1, 8, 8), levels=1, num_layers=1, hidden=8)
+        >>> model = pyroflows.HybridDensity(flow, (1, 8, 8), num_classes=10, lam=1 / 64)
+        >>> figures = evaluate_hybrid(model, load_digits("test"))
+        >>> sorted(figures), round(figures["accuracy"], 2)  # a fresh head: every class equally likely
+        (['accuracy', 'bpd', 'class_nll'], 0.1)
+    """
+    from ..hybrid import HybridDensity
+
+    if not isinstance(model, HybridDensity):
+        raise TypeError(f"evaluate_hybrid: model must be a pyroflows.HybridDensity, got {type(model).__name__}")
+    d, index, rank, world = _shard(model, data, n_bins, batch_size, seed, device, "evaluate_hybrid", model.num_classes)
+    nll, log_py = per_example_nll(model, d, index, batch_size, seed + rank, classes=True)
+    labels = d.labels[index]
+    sums = torch.stack(
+        [
+            nll.sum(),
+            (log_py.argmax(-1) == labels).double().sum(),
+            -log_py.gather(-1, labels.unsqueeze(-1)).sum(),
+            torch.tensor(float(len(index)), dtype=torch.float64, device=nll.device),
+        ]
+    )
+    total, correct, class_nll, count = _sum_over_ranks(sums, world).tolist()
+    return {"bpd" if d.n_bins else "nll": total / count, "accuracy": correct / count, "class_nll": class_nll / count}
+
+
+@torch.no_grad()
+def per_example_nll(
+    model: FlowDensity, d: _Data, index: torch.Tensor, batch_size: int, seed: int, classes: bool = False
+):
     """The negative log-likelihood of each example ``d[index]`` in eval mode, float64: bits/dim of integer pixels
-    (the dequantisation and formula of :meth:`~pyroflows.FlowDensity.bits_per_dim`), nats otherwise.
+    (the dequantisation and formula of :meth:`~pyroflows.FlowDensity.bits_per_dim`), nats otherwise. With
+    ``classes`` (a :class:`~pyroflows.HybridDensity`), also :math:`\\log p(y \\mid x)` of every class from the same
+    pass and the same dequantised inputs: ``(nll, class_log_probs)``, the latter ``(len(index), K)``.
 
     The dequantisation noise comes from a generator seeded with ``seed``, and the estimators' randomness (a residual
     flow's probes) from the global RNG seeded with ``seed`` inside a fork, so the training RNG is untouched and a
@@ -157,7 +256,7 @@ def per_example_nll(model: FlowDensity, d: _Data, index: torch.Tensor, batch_siz
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    out = []
+    out, class_out = [], []
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):  # estimators' probes must not move training's RNG
@@ -165,13 +264,23 @@ def per_example_nll(model: FlowDensity, d: _Data, index: torch.Tensor, batch_siz
             for start in range(0, len(index), batch_size):
                 chunk = index[start : start + batch_size]
                 xb, cb = d.x[chunk], d.contexts(chunk)
-                if d.n_bins is None:
+                if classes:
+                    if d.n_bins is not None:  # bits_per_dim's dequantisation and formula, then one pass for both
+                        xb = model._dequantized(xb, d.n_bins, generator, "evaluate")
+                    log_px, log_py = model.log_prob_and_class_log_prob(xb)
+                    out.append(-log_px if d.n_bins is None else to_bits_per_dim(log_px, model.dim, d.n_bins))
+                    class_out.append(log_py)
+                elif d.n_bins is None:
                     out.append(-model.log_prob(xb, cb))
                 else:  # the dequantisation and the formula of FlowDensity.bits_per_dim, by calling it
                     out.append(model.bits_per_dim(xb, d.n_bins, generator, context=cb))
     finally:
         model.train(was_training)
-    return torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64, device=device)
+    nll = torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64, device=device)
+    if not classes:
+        return nll
+    k = getattr(model, "num_classes", 0)
+    return nll, (torch.cat(class_out).double() if class_out else torch.zeros(0, k, dtype=torch.float64, device=device))
 
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "evaluate_hybrid"]

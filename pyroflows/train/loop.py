@@ -30,6 +30,7 @@ from torch.utils.data import DistributedSampler
 from .._deprecation import renamed
 from ..cif import CIFDensity
 from ..density import FlowDensity
+from ..hybrid import HybridDensity
 from ..nn.conditioners import set_compute_dtype
 from ..run import (
     CHECKPOINT,
@@ -62,7 +63,7 @@ from ..run import (
 )
 from . import distributed
 from .checkpoint import load_model_state
-from .evaluation import _as_data, _Data, _loss_units, evaluate
+from .evaluation import _as_data, _Data, _loss_units, evaluate, evaluate_hybrid
 
 METRICS = "metrics.jsonl"
 OPTIMIZERS = ("adam", "adamax")
@@ -307,7 +308,11 @@ def fit(
     data are sharded, ``batch_size`` is per process, and only rank 0 writes files.
 
     :param model: a :class:`~pyroflows.FlowDensity` (e.g. from :func:`pyroflows.train.build_density`, whose
-        recipe goes into the checkpoint so ``pyroflows sample`` can rebuild it). Trained in place.
+        recipe goes into the checkpoint so ``pyroflows sample`` can rebuild it). Trained in place. A
+        :class:`~pyroflows.HybridDensity` is trained on its objective :math:`\lambda \log p(x) + \log p(y \mid x)`
+        (the loss is its negative in nats per example), needs labelled data (a labelled ``ImageDataset`` or a
+        ``(data, labels)`` pair), and its evaluations add ``test_accuracy`` and ``test_class_nll``
+        (:func:`~pyroflows.train.evaluate_hybrid`).
     :param train: training data: an :class:`~pyroflows.data.ImageDataset`, an integer tensor ``(N, C, H, W)`` of
         pixels in ``[0, n_bins)``, any ``Dataset`` of images, or a float tensor ``(N, *event_shape)`` of
         continuous data (loss in nats). Held in (device) memory.
@@ -463,12 +468,12 @@ def _prepare(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> _Run:
     """The model on its device, the data in memory, the batch order and the run's length and settings."""
     dev = ctx.device
     model.to(dev)
-    context_shape = model.context_shape
-    data = _as_data(train, cfg.n_bins, model.event_shape, dev, "training data", "fit", context_shape)
+    shapes = (model.context_shape, model.num_classes if isinstance(model, HybridDensity) else None)
+    data = _as_data(train, cfg.n_bins, model.event_shape, dev, "training data", "fit", *shapes)
     test_n_bins = data.n_bins if cfg.n_bins is None else cfg.n_bins
     test_data = None
     if test is not None:
-        test_data = _as_data(test, test_n_bins, model.event_shape, dev, "test data", "fit", context_shape)
+        test_data = _as_data(test, test_n_bins, model.event_shape, dev, "test data", "fit", *shapes)
     sampler = DistributedSampler(
         range(len(data)),
         num_replicas=ctx.world_size,
@@ -498,7 +503,8 @@ def _prepare(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> _Run:
         "data": fingerprint(data.x) if cfg.out is not None or cfg.resume is not False else None,
     }
     ckpt_path = cfg.out / CHECKPOINT if cfg.out is not None else None
-    units = _loss_units(data, model.dim)
+    # a hybrid model's loss is its objective, -(lam log p(x) + log p(y|x)), in nats per example
+    units = (lambda objective: -objective) if isinstance(model, HybridDensity) else _loss_units(data, model.dim)
     return _Run(cfg, ctx, model, data, test_data, units, sampler, per_epoch, total, settings, ckpt_path)
 
 
@@ -568,23 +574,24 @@ def _make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight
 
 
 # ------------------------------------------------------------------------------------------------ one step
-def _batch(run: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The dequantised batch of ``step`` (counted from 1): a pure function of ``(seed, step)`` and the rank."""
+def _batch(run: _Run, step: int) -> tuple[torch.Tensor, tuple]:
+    """The dequantised batch of ``step`` (counted from 1), a pure function of ``(seed, step)`` and the rank, with
+    the model's other arguments (contexts or labels, :meth:`_Data.model_args`)."""
     epoch, b = divmod(step - 1, run.per_epoch)
     if epoch != run.order_epoch:
         run.sampler.set_epoch(epoch)
         run.order, run.order_epoch = torch.tensor(list(run.sampler), device=run.ctx.device), epoch
     size = run.cfg.batch_size
     index = run.order[b * size : (b + 1) * size]
-    return run.data.batch(index), run.data.contexts(index)
+    return run.data.batch(index), run.data.model_args(index)
 
 
 def _step(run: _Run, step: int) -> tuple[float, float]:
     """One update: the loss (mean over ranks) and the gradient norm are checked before the optimiser moves."""
-    xb, cb = _batch(run, step)
+    xb, args = _batch(run, step)
     error = None
     try:
-        loss = run.units((run.net(xb) if cb is None else run.net(xb, cb)).mean())
+        loss = run.units(run.net(xb, *args).mean())
     except (RuntimeError, ValueError) as e:  # validation found a non-finite value inside a layer
         error, loss = e, torch.full((), math.nan, device=run.ctx.device)
     value = float(distributed.all_mean(loss.detach(), run.ctx))
@@ -610,7 +617,7 @@ def _after_step(run: _Run, done: int, value: float, grad_norm: float) -> bool:
         lr = run.optim.param_groups[0]["lr"]
         seconds = round(time.perf_counter() - run.t0, 3)
         run.metrics.write(step=done, loss=value, lr=lr, grad_norm=grad_norm, seconds=seconds)
-    run.bar.set_postfix({"bpd" if run.data.n_bins else "nll": f"{value:.3f}"}, refresh=False)
+    run.bar.set_postfix({_loss_name(run): f"{value:.3f}"}, refresh=False)
     run.bar.update(1)
     final = done == run.total or (cfg.time_limit is not None and _out_of_time(run.t0, cfg.time_limit, run.ctx))
     evaluates = final or _eval_due(run, done)
@@ -651,15 +658,21 @@ def _evaluate(run: _Run, step: int) -> None:
     record = {"step": step}
     if run.test_data is not None:
         test = run.test_data
-        value = evaluate(
-            run.eval_model,
-            test.x if test.context is None else (test.x, test.context),
-            run.test_data.n_bins,
-            cfg.eval_batch_size,
-            seed=cfg.seed,
-            device=run.ctx.device,
-        )
-        record["test_bpd" if run.data.n_bins else "test_nll"] = value
+        if test.labels is not None:  # a hybrid model: likelihood and classification from one pass
+            figures = evaluate_hybrid(
+                run.eval_model, (test.x, test.labels), test.n_bins, cfg.eval_batch_size, cfg.seed, run.ctx.device
+            )
+            record.update({f"test_{k}": v for k, v in figures.items()})
+        else:
+            value = evaluate(
+                run.eval_model,
+                test.x if test.context is None else (test.x, test.context),
+                test.n_bins,
+                cfg.eval_batch_size,
+                seed=cfg.seed,
+                device=run.ctx.device,
+            )
+            record["test_bpd" if run.data.n_bins else "test_nll"] = value
         if cfg.check_invertibility:
             record.update(_invertibility(run))
         run.evals.append(record)
@@ -693,10 +706,13 @@ def _report(run: _Run, step: int, record: dict, started: float) -> None:
     units = "bits/dim" if run.data.n_bins else "nats"
     parts = [f"step {step}/{run.total} (epoch {step / run.per_epoch:.1f})"]
     if steps > 0:
-        parts.append(f"train {sum(run.losses[-steps:]) / steps:.4f} {units}")
+        train_units = "nats (hybrid objective)" if run.data.labels is not None else units
+        parts.append(f"train {sum(run.losses[-steps:]) / steps:.4f} {train_units}")
     for key in ("test_bpd", "test_nll"):
         if key in record:
             parts.append(f"test {record[key]:.4f} {units}")
+    if "test_accuracy" in record:
+        parts.append(f"accuracy {record['test_accuracy']:.4f}")
     if "inv_error32_max" in record:
         parts.append(f"round trip {record['inv_error32_max']:.1e}, cond {record['inv_condition_max']:.3g}")
     if steps > 0:
@@ -711,6 +727,13 @@ def _report(run: _Run, step: int, record: dict, started: float) -> None:
         print(line, file=sys.stderr, flush=True)
     else:
         run.bar.write(line, file=sys.stderr)
+
+
+def _loss_name(run: _Run) -> str:
+    """The progress bar's name of the training loss."""
+    if run.data.labels is not None:
+        return "loss"
+    return "bpd" if run.data.n_bins else "nll"
 
 
 def _duration(seconds: float) -> str:

@@ -10,6 +10,7 @@ from pyro.distributions.conditional import ConditionalTransform
 from ..builders import glow, realnvp, residual_flow
 from ..cif import CIFDensity, CIFFlow, cif
 from ..density import FlowDensity
+from ..hybrid import HybridDensity
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 
 #: The builders :func:`build_density` knows, by name.
@@ -112,17 +113,20 @@ def default_options(flow: str, shape: Sequence[int], device="cpu") -> dict:
     return {"levels": max(1, min(levels, allowed)), "num_layers": num_layers, "hidden": hidden}
 
 
-def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
+def build_density(flow: str, shape: Sequence[int], hybrid: dict | None = None, **options) -> FlowDensity:
     """A :class:`~pyroflows.FlowDensity` on data of ``shape`` with the named builder (a
     :class:`~pyroflows.CIFDensity` for the continuously indexed ``"cif-realnvp"`` and ``"cif-residual"``, built by
-    :func:`pyroflows.cif` with that base).
+    :func:`pyroflows.cif` with that base; a :class:`~pyroflows.HybridDensity` with ``hybrid``).
 
-    The recipe is kept as ``model.spec`` (``{"flow", "shape", "options"}``) and stored in every checkpoint,
-    which is how ``pyroflows sample CHECKPOINT`` rebuilds the model without being told the architecture.
+    The recipe is kept as ``model.spec`` (``{"flow", "shape", "options"}``, and ``"hybrid"`` for a hybrid model)
+    and stored in every checkpoint, which is how ``pyroflows sample CHECKPOINT`` rebuilds the model without being
+    told the architecture.
 
     :param str flow: ``"glow"``, ``"realnvp"``, ``"residual"`` (:func:`pyroflows.residual_flow`),
         ``"cif-realnvp"`` or ``"cif-residual"``.
     :param shape: event shape, ``(C, H, W)`` for images or ``(D,)`` for vectors.
+    :param dict hybrid: make a :class:`~pyroflows.HybridDensity`: its keyword arguments ``num_classes``, ``lam``
+        and optionally ``head`` and ``hidden``.
     :param options: keyword arguments of the builder (e.g. ``levels``, ``num_layers``, ``hidden``).
 
     Example::
@@ -131,6 +135,8 @@ def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
         >>> model = build_density("glow", (1, 8, 8), levels=2, num_layers=2, hidden=8)
         >>> model.spec["flow"], model.event_shape
         ('glow', (1, 8, 8))
+        >>> build_density("realnvp", (1, 8, 8), hybrid={"num_classes": 10, "lam": 1 / 64}).spec["hybrid"]
+        {'num_classes': 10, 'lam': 0.015625}
     """
     key = str(flow).lower()
     if key not in FLOWS:
@@ -145,13 +151,24 @@ def build_density(flow: str, shape: Sequence[int], **options) -> FlowDensity:
         transform = builder(shape if len(shape) > 1 else shape[0], **options)
     except TypeError as e:
         raise ValueError(f"build_density: bad options for {key!r}: {e}") from e
-    if isinstance(transform, CIFFlow):
+    if hybrid is not None:
+        if not isinstance(hybrid, dict):
+            raise ValueError(f"build_density: hybrid must be a dict of HybridDensity options, got {hybrid!r}")
+        if isinstance(transform, (CIFFlow, ConditionalTransform)):
+            raise ValueError(f"build_density: a hybrid model needs an unconditional bijective flow, not {key!r}")
+        try:
+            model = HybridDensity(transform, shape, **hybrid)
+        except TypeError as e:
+            raise ValueError(f"build_density: bad hybrid options {hybrid!r}: {e}") from e
+    elif isinstance(transform, CIFFlow):
         model = CIFDensity(transform, shape)
     elif isinstance(transform, ConditionalTransform):
         model = FlowDensity(transform, shape, context_shape=(transform.context_dim,))
     else:
         model = FlowDensity(transform, shape)
     model.spec = {"flow": key, "shape": list(shape), "options": dict(options)}
+    if hybrid is not None:
+        model.spec["hybrid"] = dict(hybrid)
     return model
 
 
@@ -170,7 +187,7 @@ def density_from_spec(spec: dict) -> FlowDensity:
     """
     try:
         options = {_RENAMED.get(k, k): v for k, v in spec.get("options", {}).items()}
-        return build_density(spec["flow"], spec["shape"], **options)
+        return build_density(spec["flow"], spec["shape"], hybrid=spec.get("hybrid"), **options)
     except KeyError as e:
         raise ValueError(f"model spec lacks {e.args[0]!r}: {spec!r}") from None
 
