@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .density import FlowDensity
-from .transforms.base import FlowTransform
+from .transforms.base import FlowTransform, forward_only
 
 #: The classifier heads a :class:`HybridDensity` can put on the latent.
 HEADS = ("linear", "pooled", "mlp")
@@ -132,13 +132,13 @@ class HybridDensity(FlowDensity):
 
     def class_log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         r""":math:`\log p(y \mid x)`: for every class (shape ``batch + (K,)``), or for the labels ``y``
-        (shape ``batch``). Only the latent is computed (no log-det).
+        (shape ``batch``). Only the latent is computed (no log-det); differentiable in the parameters.
 
         :param torch.Tensor x: data in the flow's data space, shape ``batch + event_shape``.
         :param torch.Tensor y: integer labels in ``[0, K)``, shape ``batch`` (optional).
         """
         self._check(x)
-        log_p = torch.log_softmax(self.logits(self.encode(x)), dim=-1)
+        log_p = torch.log_softmax(self.logits(forward_only(self.flow, x)), dim=-1)
         return log_p if y is None else self._pick(log_p, y, "class_log_prob")
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,11 +158,14 @@ class HybridDensity(FlowDensity):
         return log_px + self._pick(log_py, y, "joint_log_prob")
 
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        r"""The per-example training objective :math:`\lambda \log p(x) + \log p(y \mid x)` (to maximise).
+        r"""The per-example training objective :math:`\lambda \log p(x) + \log p(y \mid x)` (to maximise); with
+        ``lam = 0`` the classifier's alone, computed without the log-det.
 
         :param torch.Tensor x: data in the flow's data space.
         :param torch.Tensor y: integer labels in ``[0, K)``, shape ``batch``.
         """
+        if self.lam == 0:  # a classifier: no log-det to compute (a residual flow's is the expensive part)
+            return self.class_log_prob(x, y)
         log_px, log_py = self.log_prob_and_class_log_prob(x)
         return self.lam * log_px + self._pick(log_py, y, "objective")
 
