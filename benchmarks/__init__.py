@@ -1,4 +1,5 @@
-"""The pyroflows benchmark suite: ``python -m benchmarks {all,vi,image,residual,scaling,sampling} [--quick]``.
+"""The pyroflows benchmark suite: ``python -m benchmarks {all,vi,guides,image,residual,scaling,sampling,applications}
+[--quick]``.
 
 Parts (each also runs standalone as ``python benchmarks/<script>.py``):
 
@@ -8,7 +9,9 @@ Parts (each also runs standalone as ``python benchmarks/<script>.py``):
 * ``image``: Glow and RealNVP on 8x8 digits against normflows (``image_flows.py``);
 * ``residual``: residual flows against normflows, memory against series length, 2-D toys (``residual.py``);
 * ``scaling``: ms/step and peak memory of every layer family as the size grows, scaling exponents (``scaling.py``);
-* ``sampling``: samples/s of every builder, the residual flow's fixed-point inverse included (``sampling.py``).
+* ``sampling``: samples/s of every builder, the residual flow's fixed-point inverse included (``sampling.py``);
+* ``applications``: hybrid models (flow + classifier) at lam = 0, 1/D, 1 against a plain classifier
+  (``hybrid.py``), and out-of-distribution / open-set detection on the digits (``ood.py``).
 
 Standalone only: ``exact_logdet.py`` times the exact residual log-det's two methods on one device (its figures
 decide ``exact_log_det(method="auto")``; run it on a GPU machine).
@@ -18,4 +21,4 @@ Each run writes ``benchmarks/results/<name>.json`` (``<name>_quick.json`` with `
 (``pip install -e ".[bench]"``: normflows); a part whose peer is missing skips it with a note.
 """
 
-PARTS = ("vi", "guides", "image", "residual", "scaling", "sampling")
+PARTS = ("vi", "guides", "image", "residual", "scaling", "sampling", "applications")

@@ -1,4 +1,4 @@
-"""``python -m benchmarks {all,vi,image,residual,scaling,sampling} [--quick] [--out benchmarks/results]``."""
+"""``python -m benchmarks {all,vi,guides,image,residual,scaling,sampling,applications} [--quick] [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -15,20 +15,20 @@ from pathlib import Path
 from . import PARTS, _common
 from .report import write_report
 
-#: part -> (module, results name)
+#: part -> its scripts, each (module, results name)
 SCRIPTS = {
-    "vi": ("vi_energies", "vi_energies"),
-    "guides": ("vi_guides", "vi_guides"),
-    "image": ("image_flows", "image_flows"),
-    "residual": ("residual", "residual"),
-    "scaling": ("scaling", "scaling"),
-    "sampling": ("sampling", "sampling"),
+    "vi": [("vi_energies", "vi_energies")],
+    "guides": [("vi_guides", "vi_guides")],
+    "image": [("image_flows", "image_flows")],
+    "residual": [("residual", "residual")],
+    "scaling": [("scaling", "scaling")],
+    "sampling": [("sampling", "sampling")],
+    "applications": [("hybrid", "hybrid"), ("ood", "ood")],
 }
 
 
-def _argv(part: str, quick: bool, out: Path) -> list[str] | None:
-    """The standalone script's arguments for this part (``None``: skip it)."""
-    name = SCRIPTS[part][1]
+def _argv(part: str, name: str, quick: bool, out: Path) -> list[str] | None:
+    """The standalone script's arguments for this part's script writing ``name`` (``None``: skip it)."""
     quick_flag = ["--quick"] if quick else []
     if part in ("scaling", "sampling"):
         return [*quick_flag, "--out", str(out)]
@@ -43,12 +43,12 @@ def _argv(part: str, quick: bool, out: Path) -> list[str] | None:
     return argv
 
 
-def _stamp(path: Path, part: str, argv: list[str], suite_command: str) -> None:
+def _stamp(path: Path, module: str, argv: list[str], suite_command: str) -> None:
     """Add the machine, quick/full and the reproducing command to a results file written by an earlier script."""
     if not path.exists():
         return
     data = json.loads(path.read_text())
-    command = "python " + shlex.join([f"benchmarks/{SCRIPTS[part][0]}.py", *argv])
+    command = "python " + shlex.join([f"benchmarks/{module}.py", *argv])
     data.update(machine=_common.machine(), quick="--quick" in argv, command=command, suite_command=suite_command)
     for key in ("a", "b", "c"):  # residual.py keeps one record per part
         if isinstance(data.get(key), dict) and "command" in data[key]:
@@ -57,24 +57,28 @@ def _stamp(path: Path, part: str, argv: list[str], suite_command: str) -> None:
 
 
 def run_part(part: str, quick: bool, out: Path, suite_command: str) -> tuple[str, float]:
-    """Run one part through its script's ``main``; returns ``(status, seconds)``."""
-    argv = _argv(part, quick, out)
-    if argv is None:
-        print(f"== {part}: skipped (normflows is not installed: pip install normflows)", flush=True)
-        return "skipped: normflows missing", 0.0
-    module = importlib.import_module(f"benchmarks.{SCRIPTS[part][0]}")
-    print(f"== {part}: python benchmarks/{SCRIPTS[part][0]}.py {shlex.join(argv)}", flush=True)
+    """Run one part through its scripts' ``main``; returns ``(status, seconds)`` (the first status that is not
+    ``ok``, if any)."""
     t0 = time.perf_counter()
-    try:
-        code = module.main(argv) or 0
-        status = "ok" if code == 0 else f"exit {code}"
-    except Exception:  # noqa: BLE001  (one failing part must not stop the others)
-        traceback.print_exc()
-        status = "failed"
-    if part not in ("scaling", "sampling"):
-        _stamp(_common.result_path(out, SCRIPTS[part][1], quick), part, argv, suite_command)
-        write_report(out)
-    return status, time.perf_counter() - t0
+    statuses = []
+    for module_name, name in SCRIPTS[part]:
+        argv = _argv(part, name, quick, out)
+        if argv is None:
+            print(f"== {part}: skipped (normflows is not installed: pip install normflows)", flush=True)
+            statuses.append("skipped: normflows missing")
+            continue
+        module = importlib.import_module(f"benchmarks.{module_name}")
+        print(f"== {part}: python benchmarks/{module_name}.py {shlex.join(argv)}", flush=True)
+        try:
+            code = module.main(argv) or 0
+            statuses.append("ok" if code == 0 else f"exit {code}")
+        except Exception:  # noqa: BLE001  (one failing part must not stop the others)
+            traceback.print_exc()
+            statuses.append("failed")
+        if part not in ("scaling", "sampling"):
+            _stamp(_common.result_path(out, name, quick), module_name, argv, suite_command)
+            write_report(out)
+    return next((s for s in statuses if s != "ok"), "ok"), time.perf_counter() - t0
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,20 @@ HEADS = ("linear", "pooled", "mlp")
 
 
 def check_lam(lam, caller: str = "HybridDensity") -> float:
-    """``lam`` as a float, or a ``ValueError`` naming it (it must be finite and ``>= 0``)."""
+    """``lam`` as a float, or a ``ValueError`` naming it (it must be finite and ``>= 0``).
+
+    :param lam: the weight of :math:`\\log p(x)` in a hybrid objective.
+    :param str caller: named in the error.
+
+    Example::
+
+        >>> check_lam(1 / 64)
+        0.015625
+        >>> check_lam(-1)
+        Traceback (most recent call last):
+          ...
+        ValueError: HybridDensity: lam must be a finite number >= 0 (0, 1/D or 1, say), got -1
+    """
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
         raise ValueError(f"{caller}: lam must be a finite number >= 0 (0, 1/D or 1, say), got {lam!r}")
     return float(lam)
@@ -187,7 +200,21 @@ class HybridDensity(FlowDensity):
 
 
 def check_labels(y, num_classes: int, caller: str) -> torch.Tensor:
-    """Integer class labels in ``[0, num_classes)`` as an int64 tensor, or a ``ValueError`` naming the problem."""
+    """Integer class labels in ``[0, num_classes)`` as an int64 tensor, or a ``ValueError`` naming the problem.
+
+    :param y: the labels (a tensor or a sequence of ints).
+    :param int num_classes: the number of classes.
+    :param str caller: named in the error.
+
+    Example::
+
+        >>> check_labels([0, 2, 1], 3, "demo")
+        tensor([0, 2, 1])
+        >>> check_labels([0, 3], 3, "demo")
+        Traceback (most recent call last):
+          ...
+        ValueError: demo: labels must lie in [0, 3), got values from 0 to 3
+    """
     y = torch.as_tensor(y)
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(f"{caller}: labels must be integers, got dtype {y.dtype}")

@@ -77,6 +77,36 @@ def nll_scores(model, data, n_bins: int | None = None, batch_size: int = 500, se
 
 
 @torch.no_grad()
+def hybrid_scores(
+    model, data, n_bins: int | None = None, batch_size: int = 500, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hybrid model's two views of each input from one pass over the same dequantised input: the NLL of
+    :func:`nll_scores` and :math:`\\log p(y \\mid x)` of every class (``(N, K)``). ``-class_log_probs.max(-1)`` is the
+    maximum-softmax score, the usual classifier-only out-of-distribution baseline.
+
+    :param model: a :class:`~pyroflows.HybridDensity`.
+    :param data: the inputs, as for :func:`nll_scores`.
+    :param int n_bins: intensity levels of integer pixels given as a tensor.
+    :param int batch_size: inputs per pass.
+    :param int seed: seed of the dequantisation noise.
+    :returns: ``(nll, class_log_probs)``, float64 on the CPU.
+
+    Example::
+
+        >>> import torch, pyroflows
+        >>> model = pyroflows.HybridDensity(pyroflows.realnvp(2, num_layers=2), (2,), num_classes=3)
+        >>> nll, log_py = hybrid_scores(model, torch.randn(5, 2))
+        >>> nll.shape, log_py.shape
+        (torch.Size([5]), torch.Size([5, 3]))
+    """
+    from .hybrid import HybridDensity
+
+    if not isinstance(model, HybridDensity):
+        raise TypeError(f"hybrid_scores: model must be a pyroflows.HybridDensity, got {type(model).__name__}")
+    return _scored(model, data, n_bins, batch_size, seed, "hybrid_scores", classes=True)
+
+
+@torch.no_grad()
 def likelihood_threshold(
     model, data, quantile: float = 0.05, n_bins: int | None = None, batch_size: int = 500, seed: int = 0
 ) -> float:
@@ -206,6 +236,7 @@ def roc_auc(in_scores, out_scores) -> float:
 
 
 __all__ = [
+    "hybrid_scores",
     "likelihood_threshold",
     "nll_scores",
     "open_set_predict",

@@ -210,9 +210,10 @@ def plot_roc(curves: dict, path: str | os.PathLike | None = None, title: str | N
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    for name, (inside, outside) in curves.items():
+    for i, (name, (inside, outside)) in enumerate(curves.items()):
         fpr, tpr = roc_curve(inside, outside)
-        ax.plot(fpr.numpy(), tpr.numpy(), label=f"{name} (AUROC {roc_auc(inside, outside):.2f})")
+        style = ("-", "--", ":", "-.")[(i // 10) % 4]  # the colour cycle has 10 colours: then a new line style
+        ax.plot(fpr.numpy(), tpr.numpy(), style, label=f"{name} (AUROC {roc_auc(inside, outside):.2f})")
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlabel("false positive rate (in-distribution flagged)")
     ax.set_ylabel("true positive rate (OOD flagged)")

@@ -91,10 +91,13 @@ def test_peak_rss_and_exponent():
 
 
 def test_dispatcher_arguments(tmp_path):
-    assert suite._argv("scaling", True, tmp_path) == ["--quick", "--out", str(tmp_path)]
-    vi = suite._argv("vi", True, tmp_path)
+    assert suite._argv("scaling", "scaling", True, tmp_path) == ["--quick", "--out", str(tmp_path)]
+    vi = suite._argv("vi", "vi_energies", True, tmp_path)
     assert vi[:2] == ["--quick", "--out"] and vi[2].endswith("vi_energies_quick.json")
-    assert suite._argv("image", False, tmp_path)[1].endswith("image_flows.json")
+    assert suite._argv("image", "image_flows", False, tmp_path)[1].endswith("image_flows.json")
+    # a part of two scripts: each writes its own results file
+    assert [name for _, name in suite.SCRIPTS["applications"]] == ["hybrid", "ood"]
+    assert suite._argv("applications", "ood", False, tmp_path)[1].endswith("ood.json")
     with pytest.raises(SystemExit):
         suite.main(["nonsense"])
 
@@ -112,4 +115,4 @@ def test_vi_guides_tiny(tmp_path):
     assert json.loads(out.read_text())["benchmark"] == "vi_guides"
     text = report.section(out)
     assert "| realnvp(8) |" in text and "could not render" not in text
-    assert suite._argv("guides", True, tmp_path)[-2] == "--workers"
+    assert suite._argv("guides", "vi_guides", True, tmp_path)[-2] == "--workers"
