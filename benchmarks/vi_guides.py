@@ -104,7 +104,7 @@ def _train_fit(model, guide, args, budget: int, options: dict) -> list[float]:
 
     particles = options.get("num_particles", pyroflows.infer.SVIConfig().num_particles)
     result = pyroflows.infer.fit(
-        model, guide, num_steps=max(1, budget // particles), model_args=args, progress=False, **options
+        model, guide, num_steps=max(1, budget // particles), model_args=args, progress=False, report=False, **options
     )
     return [float(v) for v in result.losses]
 
@@ -190,6 +190,8 @@ def main(argv=None) -> dict:
     steps, draws = (20, 500) if args.quick else (STEPS, 10_000)
     jobs = [(m, g, r) for r in args.recipes.split(";") for m in args.models.split(",") for g in args.guides.split(",")]
     partial_log = Path(args.out).with_suffix(".jsonl") if args.out else None
+    if partial_log is not None:
+        partial_log.parent.mkdir(parents=True, exist_ok=True)
     rows, start = [], time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(run_job, m, g, r, steps, PARTICLES, draws, args.seed) for m, g, r in jobs]

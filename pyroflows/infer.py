@@ -58,6 +58,7 @@ from .run import (
     set_rng_state,
     stop_on_signals,
 )
+from .elbo import TraceSTL_ELBO
 from .transforms import ActNorm
 
 __all__ = [
@@ -76,6 +77,8 @@ __all__ = [
     "sync_param_store",
 ]
 
+#: The ELBO gradient estimators of :func:`fit`: Pyro's reparameterised ``Trace_ELBO``, or sticking the landing.
+ESTIMATORS = ("reparam", "stl")
 _SVI_FORMAT = "pyroflows-svi-1"
 _GUIDE_FORMAT = "pyroflows-guide-1"
 _RESUME_HINT = "resume=True (or 'auto')"
@@ -179,7 +182,8 @@ class SVIConfig:
 
     :func:`fit` builds it from its keywords; each field is the keyword of the same name, documented there:
     ``num_steps``, ``lr``, ``optimizer``, ``optimizer_kwargs``, ``lr_schedule``, ``final_lr_factor``,
-    ``warmup_steps``, ``num_particles``, ``vectorize_particles``, ``clip_norm``, ``skip_nonfinite``, ``progress``,
+    ``warmup_steps``, ``num_particles``, ``vectorize_particles``, ``estimator``, ``clip_norm``, ``skip_nonfinite``,
+    ``progress``,
     ``seed``, ``out``
     (the run directory, a ``Path`` or ``None``), ``checkpoint_every`` and ``resume``. ``checkpoint`` is the
     checkpoint file: ``out/checkpoint.pt``, or the file given to :func:`fit`'s deprecated ``checkpoint=``.
@@ -204,6 +208,7 @@ class SVIConfig:
     warmup_steps: int = 0
     num_particles: int = 8
     vectorize_particles: bool = True
+    estimator: str = "reparam"
     clip_norm: float | None = 10.0
     skip_nonfinite: int = 10
     progress: bool | None = None
@@ -228,6 +233,7 @@ class SVIConfig:
         check_int(c, "num_particles", self.num_particles, 1)
         check_int(c, "skip_nonfinite", self.skip_nonfinite, 0)
         check_choice(c, "vectorize_particles", self.vectorize_particles, (True, False))
+        check_choice(c, "estimator", self.estimator, ESTIMATORS)
         check_number(c, "clip_norm", self.clip_norm, 0, optional=True)
         check_choice(c, "progress", self.progress, (None, True, False))
         check_seed(c, self.seed, optional=True)
@@ -260,6 +266,7 @@ class SVIConfig:
             "final_lr_factor": float(self.final_lr_factor),
             "warmup_steps": self.warmup_steps,
             "num_particles": self.num_particles,
+            "estimator": self.estimator,
             "clip_norm": self.clip_norm,
             "skip_nonfinite": self.skip_nonfinite,
         }
@@ -303,6 +310,7 @@ def fit(
     warmup_steps: int = 0,
     num_particles: int = 8,
     vectorize_particles: bool = True,
+    estimator: str = "reparam",
     loss: ELBO | None = None,
     clip_norm: float | None = 10.0,
     skip_nonfinite: int = 10,
@@ -354,7 +362,11 @@ def fit(
         than proportionally more time).
     :param bool vectorize_particles: draw the particles in one vectorised pass (needs
         ``pyro.plate``-annotated models, as Pyro's ``Trace_ELBO``).
-    :param loss: a Pyro ``ELBO`` instance instead of ``Trace_ELBO(num_particles, vectorize_particles)``.
+    :param str estimator: the ELBO's gradient: ``"reparam"``, Pyro's reparameterised ``Trace_ELBO``, or ``"stl"``,
+        sticking the landing (:class:`pyroflows.elbo.TraceSTL_ELBO`: the path derivative alone, whose variance
+        vanishes as the guide approaches the posterior; one inverse pass of the flow per step).
+    :param loss: a Pyro ``ELBO`` instance instead of the one ``estimator``, ``num_particles`` and
+        ``vectorize_particles`` describe.
     :param float clip_norm: clip the global gradient norm; ``None`` disables clipping.
     :param int skip_nonfinite: how many steps in a row may have a non-finite loss or gradient (skipped, no update)
         before the run stops; 0 stops at the first.
@@ -458,6 +470,8 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     if saved is not None:
         require_keys(saved, ("settings", "guide", "optimizer", "scheduler", "step", "losses", "lrs", "rng"),
                      source=source, caller="fit")  # fmt: skip
+        if isinstance(saved["settings"], dict):  # checkpoints written before the estimator option used Trace_ELBO
+            saved["settings"].setdefault("estimator", "reparam")
         check_settings(saved["settings"], settings, source=source, caller="fit")
         check_data(saved["settings"], data, source=source, caller="fit", what="model data (model_args/kwargs)")
     settings["data"] = data
@@ -468,7 +482,8 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     if elbo is None:
         # give the plate nesting rather than letting Trace_ELBO guess it (it logs its guess at INFO level)
         nesting = max_plate_nesting(model, guide, *args, **kwargs)
-        elbo = Trace_ELBO(
+        kind = Trace_ELBO if cfg.estimator == "reparam" else TraceSTL_ELBO
+        elbo = kind(
             num_particles=cfg.num_particles, vectorize_particles=cfg.vectorize_particles, max_plate_nesting=nesting
         )
     losses, lrs = np.full(cfg.num_steps, np.nan), np.full(cfg.num_steps, np.nan)
@@ -687,9 +702,14 @@ def is_built(guide) -> bool:
 
 
 def _ensure_built(guide, *args, **kwargs) -> None:
-    """Run ``guide`` once (blocked, no gradients) if it has not set itself up yet."""
+    """Run ``guide`` once (blocked, no gradients) if it has not set itself up yet.
+
+    A flow guide's first layer sees standard-normal noise, so an ActNorm's data-dependent init would only estimate
+    the identity it starts as: the one draw of this call leaves it there, and the warning ActNorm gives for a
+    one-example init batch (meant for density models) is not shown."""
     if not is_built(guide):
-        with torch.no_grad(), poutine.block():
+        with torch.no_grad(), poutine.block(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="ActNorm: the first training batch has one value per feature")
             guide(*args, **kwargs)
 
 
