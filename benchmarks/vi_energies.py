@@ -164,6 +164,9 @@ GUIDES = {
     "pyroflows planar_flow(32)": ("pyroflows", lambda: _pyroflows_planar(32)),
     "pyroflows realnvp(8)": ("pyroflows", lambda: _pyroflows_realnvp(8)),
     "pyroflows realnvp(16)": ("pyroflows", lambda: _pyroflows_realnvp(16)),
+    # the same flow trained with the sticking-the-landing gradient (pyroflows.elbo.TraceSTL_ELBO)
+    "pyroflows realnvp(16) + STL": ("pyroflows", lambda: _pyroflows_realnvp(16)),
+    "pyroflows realnvp(8) + STL": ("pyroflows", lambda: _pyroflows_realnvp(8)),
     "pyro iterated(8, planar)": ("pyro", lambda: _pyro_iterated(8, "planar")),
     "pyro iterated(32, planar)": ("pyro", lambda: _pyro_iterated(32, "planar")),
     # Without a permutation every coupling transforms z2 given z1 (z1 keeps its N(0, 1) base marginal), so
@@ -180,6 +183,7 @@ DEFAULT_GUIDES = [
     "pyroflows planar_flow(8)",
     "pyroflows planar_flow(32)",
     "pyroflows realnvp(16)",
+    "pyroflows realnvp(16) + STL",
     "pyro iterated(8, planar)",
     "pyro iterated(32, planar)",
     "pyro iterated(4, affine_coupling)",
@@ -331,6 +335,7 @@ def fit_and_evaluate(energy_name: str, guide_name: str, cfg: dict, log_z: float)
     import pyro.infer
 
     import pyroflows
+    from pyroflows.elbo import TraceSTL_ELBO
 
     torch.set_num_threads(1)
     logging.getLogger("pyro").setLevel(logging.WARNING)
@@ -342,7 +347,8 @@ def fit_and_evaluate(energy_name: str, guide_name: str, cfg: dict, log_z: float)
     energy = ENERGIES[energy_name]
     model = make_model(energy)
     guide = _make_guide(guide_name, model)
-    elbo = pyro.infer.Trace_ELBO(num_particles=cfg["particles"], vectorize_particles=True)
+    kind = TraceSTL_ELBO if guide_name.endswith("+ STL") else pyro.infer.Trace_ELBO
+    elbo = kind(num_particles=cfg["particles"], vectorize_particles=True)
     stepper = _svi_stepper if cfg["loop"] == "svi" else _torch_stepper
     step_fn, optim_name = stepper(model, guide, elbo, cfg)
 

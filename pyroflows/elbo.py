@@ -15,15 +15,18 @@ passes for Pyro's inverse autoregressive layers.
 
 from __future__ import annotations
 
-import torch
+import warnings
+import weakref
+
 import pyro.distributions as dist
+import torch
 from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 from torch import nn
 from torch.distributions.utils import _sum_rightmost
 
-__all__ = ["TraceSTL_ELBO", "fixed_log_prob"]
+__all__ = ["SampleDependentError", "TraceSTL_ELBO", "fixed_log_prob"]
 
 
 class _Holder(nn.Module):
@@ -34,8 +37,8 @@ class _Holder(nn.Module):
         super().__init__()
         self.parts = nn.ModuleList(modules)
 
-    def forward(self, fn, value):
-        return _log_prob(fn, value)
+    def forward(self, fn, value, avoid):
+        return _log_prob(fn, value, avoid)
 
 
 def _modules(fn) -> list[nn.Module]:
@@ -49,7 +52,10 @@ def _modules(fn) -> list[nn.Module]:
             for t in d.transforms:
                 for part in getattr(t, "parts", [t]):  # a ComposeTransform's parts, or the transform itself
                     inner = getattr(part, "_inv", None)  # an _InverseTransform wraps the module it inverts
-                    for m in (part, inner() if callable(inner) else inner):
+                    inner = inner() if isinstance(inner, weakref.ref) else inner
+                    # a conditioned Pyro transform is no module itself but holds its network as an attribute
+                    held = [v for v in vars(part).values() if isinstance(v, nn.Module)]
+                    for m in (part, inner, *held):
                         if isinstance(m, nn.Module):
                             found.setdefault(id(m), m)
             visit(d.base_dist)
@@ -64,10 +70,33 @@ def _unwrap(fn):
     return fn
 
 
-def _log_prob(fn, value: torch.Tensor) -> torch.Tensor:
+class SampleDependentError(NotImplementedError):
+    """A distribution's parameter tensors depend on other samples of the guide: detaching them would drop part of
+    the path derivative, so :func:`fixed_log_prob` refuses."""
+
+
+def _depends_on(t: torch.Tensor, nodes: frozenset, limit: int = 20_000) -> bool:
+    """Whether the autograd graph of ``t`` reaches one of ``nodes`` (``True`` also past ``limit`` nodes)."""
+    if not nodes or t.grad_fn is None:
+        return False
+    stack, seen = [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node in nodes:
+            return True
+        if node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > limit:
+            return True
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return False
+
+
+def _log_prob(fn, value: torch.Tensor, avoid: frozenset = frozenset()) -> torch.Tensor:
     """``fn.log_prob(value)`` recomputed from ``value`` (no cached inverse), parameters as they are now."""
     if isinstance(fn, torch.distributions.Independent):
-        return _sum_rightmost(_log_prob(fn.base_dist, value), fn.reinterpreted_batch_ndims)
+        return _sum_rightmost(_log_prob(fn.base_dist, value, avoid), fn.reinterpreted_batch_ndims)
     if isinstance(fn, torch.distributions.TransformedDistribution):
         y = value
         log_prob = 0.0
@@ -77,10 +106,16 @@ def _log_prob(fn, value: torch.Tensor) -> torch.Tensor:
             event_dim += t.domain.event_dim - t.codomain.event_dim
             log_prob = log_prob - _sum_rightmost(t.log_abs_det_jacobian(x, y), event_dim - t.domain.event_dim)
             y = x
-        return log_prob + _sum_rightmost(_log_prob(fn.base_dist, y), event_dim - len(fn.base_dist.event_shape))
+        base = _log_prob(fn.base_dist, y, avoid)
+        return log_prob + _sum_rightmost(base, event_dim - len(fn.base_dist.event_shape))
     params = {k: getattr(fn, k) for k in fn.arg_constraints if k in vars(fn)}
-    if not any(isinstance(p, torch.Tensor) and p.requires_grad for p in params.values()):
+    live = [p for p in params.values() if isinstance(p, torch.Tensor) and p.requires_grad]
+    if not live:
         return fn.log_prob(value)  # nothing to hold fixed (e.g. a flow's standard-normal base)
+    if any(_depends_on(p, avoid) for p in live):
+        raise SampleDependentError(
+            f"the parameters of this {type(fn).__name__} are computed from other samples of the guide"
+        )
     if isinstance(fn, torch.distributions.MultivariateNormal):
         return type(fn)(fn.loc.detach(), scale_tril=fn.scale_tril.detach()).log_prob(value)
     if type(fn).__name__ in ("Normal", "LogNormal", "Laplace", "StudentT", "Cauchy", "Gamma", "Beta"):
@@ -90,7 +125,7 @@ def _log_prob(fn, value: torch.Tensor) -> torch.Tensor:
     )
 
 
-def fixed_log_prob(fn, value: torch.Tensor) -> torch.Tensor:
+def fixed_log_prob(fn, value: torch.Tensor, avoid=()) -> torch.Tensor:
     r""":math:`\log q_{\bar\phi}(z)`: ``fn.log_prob(value)`` with every parameter of ``fn`` held fixed (detached), still
     differentiable in ``value``. The value is copied first, so a flow's remembered ``(x, y)`` pair is not reused and
     its inverse really runs (under the fixed parameters).
@@ -99,12 +134,14 @@ def fixed_log_prob(fn, value: torch.Tensor) -> torch.Tensor:
     ``TransformModule``\ s, and their inverses or compositions; their parameters are swapped for detached copies,
     so a conditional flow keeps its dependence on the context) or parameter-free bijections, over a parameter-free
     base or one of the families below; ``Independent``; ``Normal``, ``MultivariateNormal``, ``LogNormal``,
-    ``Laplace``, ``StudentT``, ``Cauchy``, ``Gamma``, ``Beta``, whose parameter tensors are detached whole: right
-    when they are functions of the guide's parameters alone (every Pyro autoguide), not when a hand-written guide
-    computes them from its earlier samples. Anything else raises ``NotImplementedError``.
+    ``Laplace``, ``StudentT``, ``Cauchy``, ``Gamma``, ``Beta``, whose parameter tensors are detached whole. That
+    is right when they are functions of the guide's parameters alone (every Pyro autoguide), not when a
+    hand-written guide computes them from its earlier samples: give those samples' autograd nodes as ``avoid`` and
+    such a parameter raises :class:`SampleDependentError`. Anything else raises ``NotImplementedError``.
 
     :param fn: the guide site's distribution.
     :param torch.Tensor value: the sampled value.
+    :param avoid: autograd nodes (``grad_fn``) of other samples the parameters must not depend on.
 
     Example::
 
@@ -118,11 +155,12 @@ def fixed_log_prob(fn, value: torch.Tensor) -> torch.Tensor:
     """
     modules = _modules(fn)
     copy = value.clone()
+    avoid = frozenset(avoid)
     if not modules:
-        return _log_prob(fn, copy)
+        return _log_prob(fn, copy, avoid)
     holder = _Holder(modules)
     detached = {name: p.detach() for name, p in holder.named_parameters(remove_duplicate=False)}
-    return torch.func.functional_call(holder, detached, (fn, copy), strict=False, tie_weights=False)
+    return torch.func.functional_call(holder, detached, (fn, copy, avoid), strict=False, tie_weights=False)
 
 
 class TraceSTL_ELBO(Trace_ELBO):
@@ -130,8 +168,12 @@ class TraceSTL_ELBO(Trace_ELBO):
     :math:`\log q` enters the surrogate through :func:`fixed_log_prob`, so its gradient is the path derivative
     alone. The ELBO's value is unchanged; non-reparameterised sites keep their score-function terms.
 
+    A site whose distribution cannot be held fixed (a family :func:`fixed_log_prob` does not know, or parameters
+    computed from the guide's earlier samples, as in a hand-written structured guide) keeps the reparameterised
+    gradient, which is unbiased too; a ``UserWarning`` names it once, and :attr:`fallback_sites` lists it.
+
     Takes the arguments of ``Trace_ELBO`` (``num_particles``, ``vectorize_particles``, ``max_plate_nesting``, ...).
-    :func:`pyroflows.infer.fit` uses it with ``estimator="stl"``.
+    :func:`pyroflows.infer.fit` uses it by default (``estimator="stl"``).
 
     Example::
 
@@ -148,15 +190,34 @@ class TraceSTL_ELBO(Trace_ELBO):
         (1.0, 0.5)
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        #: names of the sites that kept the reparameterised gradient, with the reason
+        self.fallback_sites: dict[str, str] = {}
+
     def _get_trace(self, model, guide, args, kwargs):
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
-        for site in guide_trace.nodes.values():
-            if site["type"] != "sample" or site["is_observed"] or not site["fn"].has_rsample:
+        earlier: set = set()
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"]:
                 continue
-            if isinstance(_unwrap(site["fn"]), dist.Delta):  # AutoContinuous's unpacked sites: functions of z alone
-                continue
-            log_prob, score_function, _ = site["score_parts"]
-            fixed = fixed_log_prob(site["fn"], site["value"])
-            fixed = scale_and_mask(fixed, site["scale"], site["mask"])
-            site["score_parts"] = ScoreParts(log_prob=log_prob, score_function=score_function, entropy_term=fixed)
+            value = site["value"]
+            if site["fn"].has_rsample and not isinstance(_unwrap(site["fn"]), dist.Delta):
+                # (Delta: AutoContinuous's unpacked sites, functions of its one latent sample alone)
+                log_prob, score_function, _ = site["score_parts"]
+                try:
+                    fixed = fixed_log_prob(site["fn"], value, avoid=earlier)
+                except NotImplementedError as e:
+                    if name not in self.fallback_sites:
+                        self.fallback_sites[name] = str(e)
+                        warnings.warn(
+                            f"TraceSTL_ELBO: site {name!r} keeps the reparameterised gradient ({e})",
+                            UserWarning,
+                            stacklevel=2,
+                        )
+                else:
+                    fixed = scale_and_mask(fixed, site["scale"], site["mask"])
+                    site["score_parts"] = ScoreParts(log_prob, score_function, entropy_term=fixed)
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                earlier.add(value.grad_fn)
         return model_trace, guide_trace

@@ -117,12 +117,13 @@ def test_same_elbo_value_and_fixed_log_prob():
 
 
 def test_fit_with_stl(tmp_path):
-    """fit(estimator="stl") fits a Gaussian posterior (KL = -ELBO here: log Z = 0) and its checkpoints remember
-    the estimator."""
+    """fit's default estimator (STL) fits a Gaussian posterior (KL = -ELBO here: log Z = 0), and its checkpoints
+    remember the estimator."""
     pyro.clear_param_store()
     guide = AutoNormalizingFlow(_gauss_model, partial(pyroflows.realnvp, num_layers=2, hidden=(16,)))
-    result = fit(_gauss_model, guide, num_steps=400, lr=1e-2, estimator="stl", seed=0, progress=False, report=False,
+    result = fit(_gauss_model, guide, num_steps=400, lr=1e-2, seed=0, progress=False, report=False,
                  out=tmp_path / "run")  # fmt: skip
+    assert isinstance(result, pyroflows.infer.SVIResult)
     assert abs(result.final_elbo(50)) < 0.05
     with pytest.raises(ValueError, match="estimator must be one of"):
         fit(_gauss_model, guide, num_steps=1, estimator="dreg", progress=False, report=False)
@@ -130,4 +131,30 @@ def test_fit_with_stl(tmp_path):
     guide = AutoNormalizingFlow(_gauss_model, partial(pyroflows.realnvp, num_layers=2, hidden=(16,)))
     with pytest.raises(pyroflows.train.CheckpointError, match="estimator: saved 'stl', now 'reparam'"):
         fit(_gauss_model, guide, num_steps=800, lr=1e-2, seed=0, progress=False, report=False, out=tmp_path / "run",
-            resume=True)  # fmt: skip
+            resume=True, estimator="reparam")  # fmt: skip
+
+
+def test_structured_guide_falls_back_where_parameters_depend_on_samples():
+    """z2's location is computed from the sample z1: STL cannot detach it, so z2 keeps the reparameterised term
+    (named once in a warning) while z1 gets STL; the mean gradient still matches Trace_ELBO's (4.5 standard
+    errors, 60 estimates of 500 particles)."""
+
+    def model():
+        z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
+        pyro.sample("z2", dist.Normal(z1, 0.5))
+
+    w = torch.tensor([0.2, 0.8, 0.7, 0.3, 0.6], requires_grad=True)
+
+    def guide():
+        z1 = pyro.sample("z1", dist.Normal(w[0], w[1]))
+        pyro.sample("z2", dist.Normal(w[2] * z1 + w[3], w[4]))
+
+    stl = TraceSTL_ELBO(num_particles=500, vectorize_particles=True, max_plate_nesting=0)
+    plain = Trace_ELBO(num_particles=500, vectorize_particles=True, max_plate_nesting=0)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="site 'z2' keeps the reparameterised gradient"):
+        _grads(stl, model, guide, [w])
+    assert list(stl.fallback_sites) == ["z2"]
+    d = torch.stack([_grads(stl, model, guide, [w]) - _grads(plain, model, guide, [w]) for _ in range(60)])
+    z = d.mean(0) / (d.std(0) / math.sqrt(len(d)) + 1e-12)
+    assert z.abs().max() < 4.5, z

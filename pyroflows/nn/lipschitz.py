@@ -83,7 +83,21 @@ class _PowerIteration(nn.Module):
         self.register_buffer("sigma", torch.ones(()))
         # persistent, so that a resumed run iterates exactly when the uninterrupted one would
         self.register_buffer("_train_fp", torch.tensor(float("nan")))
-        self._eval_fp: float | None = None  # fingerprint for which the eval-mode estimate has converged
+        # the fingerprint for which the eval-mode estimate has converged (NaN: none), saved so that a loaded layer
+        # in eval mode does not iterate once more and compute a slightly different map than the one saved;
+        # _eval_fp is its python mirror (no device sync per call)
+        self.register_buffer("_eval_mark", torch.tensor(float("nan")))
+        self._eval_fp = None
+
+    @property
+    def _eval_fp(self) -> float | None:
+        return self.__dict__.get("_eval_fp_value")
+
+    @_eval_fp.setter
+    def _eval_fp(self, value: float | None) -> None:
+        self.__dict__["_eval_fp_value"] = value
+        if "_eval_mark" in self._buffers:
+            self._eval_mark.fill_(float("nan") if value is None else value)
 
     def _init_fingerprint(self) -> None:
         # a fixed probe (not drawn from the global RNG): every build of the layer fingerprints alike
@@ -132,13 +146,16 @@ class _PowerIteration(nn.Module):
     # "iterated for the loaded weight".
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
         has_fp = prefix + "_train_fp" in state_dict
+        mark = state_dict.get(prefix + "_eval_mark")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
         if not has_fp:
             if prefix + "_train_fp" in missing_keys:
                 missing_keys.remove(prefix + "_train_fp")
             with torch.no_grad():
                 self._train_fp.copy_(self._fingerprint())
-        self._eval_fp = None
+        if prefix + "_eval_mark" in missing_keys:  # files written before the mark was saved
+            missing_keys.remove(prefix + "_eval_mark")
+        self._eval_fp = None if mark is None or not bool(torch.isfinite(mark)) else float(mark)
 
     @torch.no_grad()
     def _update(self) -> None:
