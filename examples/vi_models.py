@@ -9,6 +9,10 @@ directly and tests put ``examples/`` on ``sys.path``.
 * **Neal's funnel** (Neal, 2003) in ``D`` dimensions, sampled exactly (:func:`funnel_exact_draws`).
 * **Bayesian logistic regression** on scikit-learn's breast-cancer data, with a NUTS reference
   (:func:`logistic_regression_reference`).
+* Posteriors of other kinds with an exact log evidence, for the guide benchmark's KL(q‖p): normal means under a
+  horseshoe prior (:func:`horseshoe_means`, heavy-tailed shrinkage), a local-level time series with an unknown
+  process scale (:func:`local_level`, a state-space latent) and an observed product of two coordinates
+  (:func:`bimodal_product`, two modes).
 
 Reference draws are ArviZ data with a single chain (``InferenceData`` with ArviZ 0.x, ``DataTree`` with 1.x, from
 :func:`pyroflows.diagnostics.posterior_data`), so they can be compared with variational draws as they stand.
@@ -36,6 +40,14 @@ __all__ = [
     "eight_schools_exact_moments",
     "eight_schools_noncentered",
     "eight_schools_tau_grid",
+    "horseshoe_log_evidence",
+    "horseshoe_means",
+    "local_level",
+    "local_level_log_evidence",
+    "HORSESHOE_Y",
+    "LOCAL_LEVEL_Y",
+    "bimodal_log_evidence",
+    "bimodal_product",
     "funnel",
     "funnel_coords",
     "funnel_exact_draws",
@@ -423,3 +435,132 @@ def logistic_regression_reference(
         torch.set_num_threads(threads)
     draws = mcmc.get_samples(group_by_chain=True)  # (chain, draw, ...); ArviZ 1.x has no from_pyro
     return diagnostics.posterior_data(draws, coords=logistic_regression_coords(X, names), dims=LOGISTIC_DIMS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Posteriors of other kinds, each with an exact log evidence (for KL(q||p) = log Z - ELBO)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Observations of :func:`horseshoe_means`: three near zero, three clear signals.
+HORSESHOE_Y = torch.tensor([0.2, -0.5, 1.0, 3.0, -4.5, 6.0])
+
+
+def horseshoe_means(y: torch.Tensor = HORSESHOE_Y) -> None:
+    r"""Normal means under a horseshoe prior (heavy-tailed shrinkage; Carvalho, Polson & Scott 2010), global scale 1:
+
+    .. math::
+        \lambda_i \sim \mathrm{HalfCauchy}(1), \quad \theta_i \mid \lambda_i \sim N(0, \lambda_i^2), \quad
+        y_i \mid \theta_i \sim N(\theta_i, 1).
+
+    The posterior of each :math:`(\log\lambda_i, \theta_i)` is a funnel with a Cauchy tail; the latent has
+    ``2 n`` dimensions. :func:`horseshoe_log_evidence` gives :math:`\log p(y)`.
+
+    :param torch.Tensor y: the ``n`` observations.
+    """
+    with pyro.plate("i", len(y)):
+        lam = pyro.sample("lam", dist.HalfCauchy(1.0))
+        theta = pyro.sample("theta", dist.Normal(0.0, lam))
+        pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
+
+
+def horseshoe_log_evidence(y: torch.Tensor = HORSESHOE_Y, num_points: int = 200_001) -> float:
+    r""":math:`\log p(y)` of :func:`horseshoe_means`: a sum over :math:`i` of 1-D integrals over :math:`\lambda`
+    (:math:`\theta` integrates out: :math:`y_i \mid \lambda_i \sim N(0, 1 + \lambda_i^2)`), by the trapezoid rule
+    in :math:`u = \arctan\lambda`, where the half-Cauchy is uniform on :math:`(0, \pi/2)`.
+
+    :param torch.Tensor y: the observations.
+    :param int num_points: quadrature points.
+    """
+    u = np.linspace(0.0, math.pi / 2, num_points)[1:-1]
+    var = 1.0 / np.cos(u) ** 2  # 1 + tan(u)^2
+    total = 0.0
+    for yi in np.asarray(y, dtype=np.float64):
+        log_f = -0.5 * (math.log(2 * math.pi) + np.log(var) + yi**2 / var)
+        top = log_f.max()
+        trapezoid = np.trapezoid if hasattr(np, "trapezoid") else np.trapz
+        integral = trapezoid(np.exp(log_f - top), u)
+        total += top + math.log(integral * 2 / math.pi)
+    return total
+
+
+def _local_level_data(steps: int = 12, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cumsum(0.4 * torch.randn(steps, generator=g), 0)
+    return x + 0.5 * torch.randn(steps, generator=g)
+
+
+#: Observations of :func:`local_level` (a random walk seen through noise, 12 steps).
+LOCAL_LEVEL_Y = _local_level_data()
+LOCAL_LEVEL_NOISE = 0.5
+
+
+def local_level(y: torch.Tensor = LOCAL_LEVEL_Y) -> None:
+    r"""A local-level time series with an unknown process scale (a state-space latent, centred):
+
+    .. math::
+        s \sim \mathrm{HalfNormal}(1), \quad x_1 \sim N(0, s^2), \ x_t \mid x_{t-1} \sim N(x_{t-1}, s^2), \quad
+        y_t \mid x_t \sim N(x_t, 0.5^2).
+
+    The latent is :math:`(s, x_1, \dots, x_T)`; small :math:`s` pinches the path together (a funnel along a
+    chain). :func:`local_level_log_evidence` gives :math:`\log p(y)`.
+
+    :param torch.Tensor y: the ``T`` observations.
+    """
+    s = pyro.sample("s", dist.HalfNormal(1.0))
+    lower = torch.tril(torch.ones(len(y), len(y)))  # x = L @ increments: the path's covariance is s^2 L L^T
+    x = pyro.sample("x", dist.MultivariateNormal(torch.zeros(len(y)), scale_tril=s[..., None, None] * lower))
+    pyro.sample("y", dist.Normal(x, LOCAL_LEVEL_NOISE).to_event(1), obs=y)
+
+
+def local_level_log_evidence(y: torch.Tensor = LOCAL_LEVEL_Y, num_points: int = 20_001, s_max: float = 8.0) -> float:
+    r""":math:`\log p(y)` of :func:`local_level`: the path integrates out exactly,
+    :math:`y \mid s \sim N(0, s^2 L L^\top + 0.5^2 I)` with :math:`L` the lower-triangular matrix of ones, and the
+    trapezoid rule over :math:`s \in (0, s_{max})` does the rest.
+
+    :param torch.Tensor y: the observations.
+    :param int num_points: quadrature points.
+    :param float s_max: the upper end of the grid (the half-normal's mass beyond 8 is below 1e-15).
+    """
+    y = torch.as_tensor(y, dtype=torch.float64)
+    steps = len(y)
+    lower = torch.tril(torch.ones(steps, steps, dtype=torch.float64))
+    s = torch.linspace(0.0, s_max, num_points, dtype=torch.float64)
+    cov = s[:, None, None] ** 2 * (lower @ lower.T) + LOCAL_LEVEL_NOISE**2 * torch.eye(steps, dtype=torch.float64)
+    log_lik = torch.distributions.MultivariateNormal(torch.zeros(steps, dtype=torch.float64), cov).log_prob(y)
+    log_prior = torch.distributions.HalfNormal(torch.tensor(1.0, dtype=torch.float64)).log_prob(s)
+    log_f = log_lik + log_prior
+    top = log_f.max()
+    return float(top + torch.log(torch.trapezoid(torch.exp(log_f - top), s)))
+
+
+def bimodal_product(y: float = 2.0) -> None:
+    r"""A two-mode posterior: the product of two coordinates is observed,
+
+    .. math:: z \sim N(0, 2^2 I_2), \quad y \mid z \sim N(z_1 z_2, 0.5^2),
+
+    so the mass lies along both branches of the hyperbola :math:`z_1 z_2 = y`, in two symmetric modes (quadrants
+    one and three for :math:`y > 0`). A guide that finds one mode has KL at least :math:`\log 2`.
+    :func:`bimodal_log_evidence` gives :math:`\log p(y)`.
+
+    :param float y: the observed product.
+    """
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 2.0).to_event(1))
+    pyro.sample("y", dist.Normal(z[..., 0] * z[..., 1], 0.5), obs=torch.tensor(float(y)))
+
+
+def bimodal_log_evidence(y: float = 2.0, num_points: int = 400_001, half_width: float = 20.0) -> float:
+    r""":math:`\log p(y)` of :func:`bimodal_product`: given :math:`z_1`, :math:`y \sim N(0, 4 z_1^2 + 0.25)`, and
+    the trapezoid rule over :math:`z_1` does the rest.
+
+    :param float y: the observed product.
+    :param int num_points: quadrature points.
+    :param float half_width: the grid is :math:`[-w, w]` (10 prior standard deviations by default).
+    """
+    z1 = np.linspace(-half_width, half_width, num_points)
+    var = 4.0 * z1**2 + 0.25
+    log_f = -0.5 * (math.log(2 * math.pi * 4.0) + z1**2 / 4.0) - 0.5 * (
+        math.log(2 * math.pi) + np.log(var) + y**2 / var
+    )
+    top = log_f.max()
+    trapezoid = np.trapezoid if hasattr(np, "trapezoid") else np.trapz
+    return float(top + math.log(trapezoid(np.exp(log_f - top), z1)))
