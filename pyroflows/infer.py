@@ -31,6 +31,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 
 from ._deprecation import renamed
+from .elbo import TraceSTL_ELBO
 from .run import (
     CHECKPOINT,
     SCHEDULES,
@@ -58,7 +59,6 @@ from .run import (
     set_rng_state,
     stop_on_signals,
 )
-from .elbo import TraceSTL_ELBO
 from .transforms import ActNorm
 
 __all__ = [
