@@ -5,7 +5,7 @@ usable as ``AutoNormalizingFlow`` guides (``partial(pyroflows.realnvp, num_layer
 :func:`pyroflows.infer.fit` and checked with :mod:`pyroflows.diagnostics` (ArviZ, imported on first use).
 """
 
-from . import data, hybrid, infer, latent, logdet, nn, ood, train, transforms
+from . import data, elbo, hybrid, infer, latent, logdet, nn, ood, train, transforms
 from .builders import autoregressive_flow, glow, planar_flow, realnvp, residual_flow, spline_flow
 from .cif import CIFDensity, cif
 from .density import FlowDensity
@@ -25,6 +25,7 @@ __all__ = [
     "cif",
     "data",
     "diagnostics",
+    "elbo",
     "enable_validation",
     "glow",
     "hybrid",

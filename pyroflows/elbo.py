@@ -72,7 +72,19 @@ def _unwrap(fn):
 
 class SampleDependentError(NotImplementedError):
     """A distribution's parameter tensors depend on other samples of the guide: detaching them would drop part of
-    the path derivative, so :func:`fixed_log_prob` refuses."""
+    the path derivative, so :func:`fixed_log_prob` refuses (and :class:`TraceSTL_ELBO` keeps that site's
+    reparameterised gradient).
+
+    Example::
+
+        >>> import torch, pyro.distributions as dist
+        >>> w = torch.ones(1, requires_grad=True)
+        >>> z1 = dist.Normal(w, 1.0).rsample()
+        >>> fixed_log_prob(dist.Normal(2 * z1, 1.0), torch.zeros(1), avoid=[z1.grad_fn])
+        Traceback (most recent call last):
+          ...
+        pyroflows.elbo.SampleDependentError: the parameters of this Normal are computed from other samples of the guide
+    """
 
 
 def _depends_on(t: torch.Tensor, nodes: frozenset, limit: int = 20_000) -> bool:

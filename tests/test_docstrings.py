@@ -22,6 +22,7 @@ MODULES = (
     "pyroflows.train",
     "pyroflows.plots",
     "pyroflows.infer",
+    "pyroflows.elbo",
     "pyroflows.diagnostics",
     "pyroflows.cli",
 )
