@@ -97,6 +97,8 @@ def test_dispatcher_arguments(tmp_path):
     assert suite._argv("image", "image_flows", False, tmp_path)[1].endswith("image_flows.json")
     # a part of two scripts: each writes its own results file
     assert [name for _, name in suite.SCRIPTS["applications"]] == ["hybrid", "ood"]
+    assert [name for _, name in suite.SCRIPTS["vi"]] == ["vi_energies", "vi_guides"]
+    assert suite._argv("vi", "vi_guides", True, tmp_path)[-2] == "--workers"
     assert suite._argv("applications", "ood", False, tmp_path)[1].endswith("ood.json")
     with pytest.raises(SystemExit):
         suite.main(["nonsense"])
