@@ -135,6 +135,12 @@ def _pyroflows_realnvp(k):
     return partial(pyroflows.realnvp, num_layers=k)
 
 
+def _pyroflows_spline(k):
+    import pyroflows
+
+    return partial(pyroflows.spline_flow, num_layers=k)
+
+
 def _pyro_iterated(k, kind, permute=False):
     import pyro.distributions.transforms as T
 
@@ -167,6 +173,8 @@ GUIDES = {
     # the same flow trained with the sticking-the-landing gradient (pyroflows.elbo.TraceSTL_ELBO)
     "pyroflows realnvp(16) + STL": ("pyroflows", lambda: _pyroflows_realnvp(16)),
     "pyroflows realnvp(8) + STL": ("pyroflows", lambda: _pyroflows_realnvp(8)),
+    "pyroflows spline_flow(8)": ("pyroflows", lambda: _pyroflows_spline(8)),
+    "pyroflows spline_flow(8) + STL": ("pyroflows", lambda: _pyroflows_spline(8)),
     "pyro iterated(8, planar)": ("pyro", lambda: _pyro_iterated(8, "planar")),
     "pyro iterated(32, planar)": ("pyro", lambda: _pyro_iterated(32, "planar")),
     # Without a permutation every coupling transforms z2 given z1 (z1 keeps its N(0, 1) base marginal), so

@@ -54,7 +54,7 @@ def states_equal(a, b, atol=0.0):
     assert a.keys() == b.keys()
     for k in a:
         if a[k].is_floating_point():
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, equal_nan=True, msg=lambda m, k=k: f"{k}: {m}")
         else:
             assert torch.equal(a[k], b[k]), k
 
