@@ -367,7 +367,7 @@ def fit(
         (:class:`pyroflows.elbo.TraceSTL_ELBO`: the path derivative alone, whose variance vanishes as the guide
         approaches the posterior; it costs one inverse pass of the flow per step, 1.2 to 4 times the step time),
         or ``"reparam"``, Pyro's reparameterised ``Trace_ELBO``. At equal steps STL lowered KL(q‖p) for every
-        pyroflows builder on the benchmark's posteriors, 2 to 8 times for the coupling and autoregressive flows
+        pyroflows builder on the benchmark's posteriors, 2 to 6 times for the coupling and autoregressive flows
         (``python -m benchmarks guides``).
     :param loss: a Pyro ``ELBO`` instance instead of the one ``estimator``, ``num_particles`` and
         ``vectorize_particles`` describe.
