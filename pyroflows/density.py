@@ -137,12 +137,16 @@ class FlowDensity(nn.Module):
         batch = x.shape[: x.dim() - len(self.event_shape)]
         if 0 in batch:  # an empty batch has an empty answer (layers would reshape 0 elements)
             return torch.zeros(batch, dtype=self._loc.dtype, device=x.device)
+        return self._latent_and_log_prob(x, flow)[1]
+
+    def _latent_and_log_prob(self, x: torch.Tensor, flow) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass through ``flow``: the latent ``f(x)`` and :math:`\\log p(x)` (checked data)."""
         if isinstance(flow, FlowTransform):  # one pass even without gradients, where residual blocks defer
             z, log_det = flow.call_and_log_det(x)
         else:
             z = flow(x)
             log_det = flow.log_abs_det_jacobian(x, z)
-        return self.base_dist().log_prob(z) + log_det
+        return z, self.base_dist().log_prob(z) + log_det
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Same as :meth:`log_prob` (so ``DistributedDataParallel`` can wrap the model)."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .density import FlowDensity
-from .transforms.base import FlowTransform, forward_only
+from .transforms.base import forward_only
 
 #: The classifier heads a :class:`HybridDensity` can put on the latent.
 HEADS = ("linear", "pooled", "mlp")
@@ -124,23 +124,14 @@ class HybridDensity(FlowDensity):
         features = z.mean(dim=(-2, -1)) if self._pool else z.reshape(batch + (-1,))
         return self.head(features)
 
-    def _latent_log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass through the flow: the latent and the exact :math:`\\log p(x)`."""
-        self._check(x)
-        if isinstance(self.flow, FlowTransform):
-            z, log_det = self.flow.call_and_log_det(x)
-        else:
-            z = self.flow(x)
-            log_det = self.flow.log_abs_det_jacobian(x, z)
-        return z, self.base_dist().log_prob(z) + log_det
-
     def log_prob_and_class_log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r""":math:`\log p(x)` (shape ``batch``) and :math:`\log p(y \mid x)` for every class (``batch + (K,)``)
         from one pass through the flow.
 
         :param torch.Tensor x: data in the flow's data space, shape ``batch + event_shape``.
         """
-        z, log_px = self._latent_log_prob(x)
+        self._check(x)
+        z, log_px = self._latent_and_log_prob(x, self.flow)
         return log_px, torch.log_softmax(self.logits(z), dim=-1)
 
     def class_log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,10 +209,10 @@ def check_labels(y, num_classes: int, caller: str) -> torch.Tensor:
     y = torch.as_tensor(y)
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(f"{caller}: labels must be integers, got dtype {y.dtype}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(
-            f"{caller}: labels must lie in [0, {num_classes}), got values from {int(y.min())} to {int(y.max())}"
-        )
+    if y.numel():
+        low, high = (int(v) for v in torch.aminmax(y))  # one reduction: one device sync in a training step
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{caller}: labels must lie in [0, {num_classes}), got values from {low} to {high}")
     return y.long()
 
 
