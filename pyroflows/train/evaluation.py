@@ -164,9 +164,9 @@ def evaluate(
         True
     """
     d, index, rank, world = _shard(model, data, n_bins, batch_size, seed, device, "evaluate")
-    total = per_example_nll(model, d, index, batch_size, seed + rank).sum()
-    count = torch.tensor(float(len(index)), dtype=torch.float64, device=d.x.device)
-    return float(_sum_over_ranks(total, world) / _sum_over_ranks(count, world))
+    nll = per_example_nll(model, d, index, batch_size, seed + rank)
+    total, count = _sum_over_ranks(torch.stack([nll.sum(), _count(nll)]), world).tolist()
+    return total / count
 
 
 def _shard(model, data, n_bins, batch_size, seed, device, caller: str, num_classes: int | None = None):
@@ -184,9 +184,15 @@ def _shard(model, data, n_bins, batch_size, seed, device, caller: str, num_class
 
 
 def _sum_over_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    """``t`` summed over the ranks (one collective; ``t`` itself when there is one process)."""
     if world > 1:
         torch_dist.all_reduce(t)
     return t
+
+
+def _count(scores: torch.Tensor) -> torch.Tensor:
+    """The number of scores, as a float64 tensor beside them (to be summed over ranks with them)."""
+    return torch.tensor(float(len(scores)), dtype=torch.float64, device=scores.device)
 
 
 @torch.no_grad()
@@ -232,7 +238,7 @@ def evaluate_hybrid(
             nll.sum(),
             (log_py.argmax(-1) == labels).double().sum(),
             -log_py.gather(-1, labels.unsqueeze(-1)).sum(),
-            torch.tensor(float(len(index)), dtype=torch.float64, device=nll.device),
+            _count(nll),
         ]
     )
     total, correct, class_nll, count = _sum_over_ranks(sums, world).tolist()
@@ -264,16 +270,14 @@ def per_example_nll(
             for start in range(0, len(index), batch_size):
                 chunk = index[start : start + batch_size]
                 xb, cb = d.x[chunk], d.contexts(chunk)
-                if classes:
-                    if d.n_bins is not None:  # bits_per_dim's dequantisation and formula, then one pass for both
-                        xb = model._dequantized(xb, d.n_bins, generator, "evaluate")
+                if d.n_bins is not None:  # the dequantisation of FlowDensity.bits_per_dim
+                    xb = model._dequantized(xb, d.n_bins, generator, "evaluate")
+                if classes:  # one pass for both tasks
                     log_px, log_py = model.log_prob_and_class_log_prob(xb)
-                    out.append(-log_px if d.n_bins is None else to_bits_per_dim(log_px, model.dim, d.n_bins))
                     class_out.append(log_py)
-                elif d.n_bins is None:
-                    out.append(-model.log_prob(xb, cb))
-                else:  # the dequantisation and the formula of FlowDensity.bits_per_dim, by calling it
-                    out.append(model.bits_per_dim(xb, d.n_bins, generator, context=cb))
+                else:
+                    log_px = model.log_prob(xb, cb)
+                out.append(-log_px if d.n_bins is None else to_bits_per_dim(log_px, model.dim, d.n_bins))
     finally:
         model.train(was_training)
     nll = torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64, device=device)
