@@ -95,6 +95,8 @@ class _PowerIteration(nn.Module):
 
     @_eval_fp.setter
     def _eval_fp(self, value: float | None) -> None:
+        if "_eval_fp_value" in self.__dict__ and self.__dict__["_eval_fp_value"] == value:
+            return  # every training call sets None: no fill (a kernel launch) when nothing changes
         self.__dict__["_eval_fp_value"] = value
         if "_eval_mark" in self._buffers:
             self._eval_mark.fill_(float("nan") if value is None else value)
