@@ -1,11 +1,14 @@
-"""The pyroflows benchmark suite: ``python -m benchmarks {all,vi,guides,image,residual,scaling,sampling,applications}
-[--quick]``.
+"""The pyroflows benchmark suite:
+``python -m benchmarks {all,vi,guides,svi,image,residual,scaling,sampling,applications} [--quick]``.
 
 Parts (each also runs standalone as ``python benchmarks/<script>.py``):
 
 * ``vi``: variational inference on the 2-D energies of Rezende & Mohamed (``vi_energies.py``), and flow guides
   against Pyro's autoguides at equal budget, KL(q‖p) on six posteriors with an exact log Z, Pyro's hand-written
   SVI loop against :func:`pyroflows.infer.fit`'s defaults (``vi_guides.py``; ``guides`` runs this half alone);
+* ``svi``: the SVI step of :class:`pyroflows.AutoFlow` against the same flow in Pyro's ``AutoNormalizingFlow``,
+  interleaved, on the example models, through ``pyro.infer.SVI`` and through :func:`pyroflows.infer.fit`
+  (``svi_step.py``);
 * ``image``: Glow and RealNVP on 8x8 digits against normflows (``image_flows.py``);
 * ``residual``: residual flows against normflows, memory against series length, 2-D toys (``residual.py``);
 * ``scaling``: ms/step and peak memory of every layer family as the size grows, scaling exponents (``scaling.py``);
@@ -21,4 +24,4 @@ Each run writes ``benchmarks/results/<name>.json`` (``<name>_quick.json`` with `
 (``pip install -e ".[bench]"``: normflows); a part whose peer is missing skips it with a note.
 """
 
-PARTS = ("vi", "image", "residual", "scaling", "sampling", "applications")
+PARTS = ("vi", "svi", "image", "residual", "scaling", "sampling", "applications")

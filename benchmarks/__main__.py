@@ -1,4 +1,4 @@
-"""``python -m benchmarks {all,vi,guides,image,residual,scaling,sampling,applications} [--quick] [--out DIR]``
+"""``python -m benchmarks {all,vi,guides,svi,image,residual,scaling,sampling,applications} [--quick] [--out DIR]``
 (``guides`` is the second half of ``vi`` alone)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .report import write_report
 SCRIPTS = {
     "vi": [("vi_energies", "vi_energies"), ("vi_guides", "vi_guides")],
     "guides": [("vi_guides", "vi_guides")],  # the guide comparison alone (part of "vi")
+    "svi": [("svi_step", "svi_step")],
     "image": [("image_flows", "image_flows")],
     "residual": [("residual", "residual")],
     "scaling": [("scaling", "scaling")],

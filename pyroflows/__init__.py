@@ -1,11 +1,13 @@
 """pyroflows: modern normalizing flows for Pyro.
 
 Flow layers are Pyro ``TransformModule`` subclasses (:mod:`pyroflows.transforms`); builders assemble them into flows
-usable as ``AutoNormalizingFlow`` guides (``partial(pyroflows.realnvp, num_layers=8)``), fitted with
+usable as guides (:class:`AutoFlow`, a faster drop-in for Pyro's ``AutoNormalizingFlow``:
+``AutoFlow(model, partial(pyroflows.realnvp, num_layers=8))``), fitted with
 :func:`pyroflows.infer.fit` and checked with :mod:`pyroflows.diagnostics` (ArviZ, imported on first use).
 """
 
-from . import data, elbo, hybrid, infer, latent, logdet, nn, ood, train, transforms
+from . import autoguide, data, elbo, hybrid, infer, latent, logdet, nn, ood, train, transforms
+from .autoguide import AutoFlow
 from .builders import autoregressive_flow, glow, planar_flow, realnvp, residual_flow, spline_flow
 from .cif import CIFDensity, cif
 from .density import FlowDensity
@@ -15,12 +17,14 @@ from .transforms import Compose, FlowTransform, Inverse, enable_validation, inve
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoFlow",
     "CIFDensity",
     "Compose",
     "FlowDensity",
     "FlowTransform",
     "HybridDensity",
     "Inverse",
+    "autoguide",
     "autoregressive_flow",
     "cif",
     "data",

@@ -31,6 +31,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 
 from ._deprecation import renamed
+from .autoguide import FLAT_NAME, AutoFlow, share_with_store
 from .elbo import TraceSTL_ELBO
 from .run import (
     CHECKPOINT,
@@ -726,6 +727,9 @@ def _module_params(guide) -> dict[str, tuple[torch.nn.Module, str, torch.nn.Para
     out = {}
     if not isinstance(guide, PyroModule):
         return out
+    if isinstance(guide, AutoFlow):  # one flat parameter holds the flow's values (the layers' are views of it)
+        flat = guide._parameters.get(FLAT_NAME)
+        return {} if flat is None else {guide._pyro_get_fullname(FLAT_NAME): (guide, FLAT_NAME, flat)}
     for attr, sub in guide.named_children():
         if isinstance(sub, PyroModule):
             continue
@@ -797,11 +801,15 @@ def sync_param_store(guide, *model_args, **model_kwargs) -> int:
                 f"guide's parameter has shape {tuple(p.shape)}; call pyro.clear_param_store() before building "
                 "a different guide."
             )
+        if isinstance(owner, AutoFlow):
+            owner._adopt(store._params[name])  # also makes the layers' parameters views of it
+            adopted += 1
+            continue
         value = store._params[name]
         if not isinstance(value, torch.nn.Parameter) or value.device != p.device or value.dtype != p.dtype:
             value = torch.nn.Parameter(value.detach().to(p.device, p.dtype))
         owner._parameters[leaf] = value
-        _share_with_store(store, name, value)
+        share_with_store(store, name, value)
         adopted += 1
     if adopted:
         for module in guide.modules():
@@ -809,11 +817,6 @@ def sync_param_store(guide, *model_args, **model_kwargs) -> int:
                 module.initialized.fill_(True)
                 module._known_initialized = True
     return adopted
-
-
-def _share_with_store(store, name: str, p: torch.Tensor) -> None:
-    store._params[name] = p
-    store._param_to_name[p] = name
 
 
 def save_guide(guide, path: str | os.PathLike) -> None:
@@ -916,5 +919,5 @@ def _load_guide_state(guide, payload: dict, source: str, caller: str, *model_arg
         raise ValueError(f"{caller}: the saved guide does not fit this guide's architecture: {err}") from None
     store = pyro.get_param_store()
     for name, (_, _, p) in _module_params(guide).items():
-        _share_with_store(store, name, p)  # the store and the module share the loaded tensors
+        share_with_store(store, name, p)  # the store and the module share the loaded tensors
     return guide

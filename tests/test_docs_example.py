@@ -129,7 +129,7 @@ def test_quickstart_guide_save_and_load(tmp_path):
 
     expected = draws(guide)
     pyro.clear_param_store()
-    fresh = AutoNormalizingFlow(quickstart.model, partial(pyroflows.realnvp, num_layers=8))
+    fresh = pyroflows.AutoFlow(quickstart.model, partial(pyroflows.realnvp, num_layers=8))
     pyroflows.infer.load_guide(fresh, tmp_path / "guide.pt", y)
     for a, b in zip(expected, draws(fresh)):
         for site in a:

@@ -23,6 +23,7 @@ MODULES = (
     "pyroflows.plots",
     "pyroflows.infer",
     "pyroflows.elbo",
+    "pyroflows.autoguide",
     "pyroflows.diagnostics",
     "pyroflows.cli",
 )

@@ -14,6 +14,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal, AutoNormalizingFlow
 
 import pyroflows
+from pyroflows import AutoFlow
 from pyroflows.infer import (
     CheckpointError,
     CheckpointExistsError,
@@ -284,15 +285,16 @@ def _interrupt_after(n):
     return callback
 
 
+@pytest.mark.parametrize("guide_cls", [AutoNormalizingFlow, AutoFlow])
 @pytest.mark.parametrize("name", ["realnvp", "residual"])
-def test_checkpoint_resume_repeats_the_uninterrupted_run(name, tmp_path):
+def test_checkpoint_resume_repeats_the_uninterrupted_run(name, guide_cls, tmp_path):
     """Interrupted after 12 of 20 steps (last checkpoint at 10), a fresh guide resumed from the file takes the
     very steps of the uninterrupted run: identical losses, learning rates and final state, draw for draw."""
     kwargs = dict(num_particles=4, lr=0.02, seed=3, progress=False, checkpoint_every=5)
 
     def run(path, **extra):
         pyro.clear_param_store()
-        guide = AutoNormalizingFlow(constrained_model, BUILDERS[name])
+        guide = guide_cls(constrained_model, BUILDERS[name])
         return fit(constrained_model, guide, 20, out=path, **kwargs, **extra), guide
 
     full, full_guide = run(tmp_path / "full")

@@ -14,7 +14,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import Predictive
-from pyro.infer.autoguide import AutoNormalizingFlow
 
 import pyroflows
 
@@ -31,8 +30,9 @@ def main(num_steps: int = 1000):
     pyro.clear_param_store()
     y = 1.0 + 0.5 * torch.randn(20)  # data with a * b = 1
 
-    # The guide: RealNVP over all latent sites (here 2), built lazily by Pyro on first use.
-    guide = AutoNormalizingFlow(model, partial(pyroflows.realnvp, num_layers=8))
+    # The guide: RealNVP over all latent sites (here 2), built lazily on first use (AutoFlow is Pyro's
+    # AutoNormalizingFlow with the flow's parameters in one tensor: the same guide, faster steps).
+    guide = pyroflows.AutoFlow(model, partial(pyroflows.realnvp, num_layers=8))
     # SVI with 16 vectorised particles per step, a cosine learning-rate decay and checks before every update.
     result = pyroflows.infer.fit(model, guide, num_steps, model_args=(y,), lr=1e-2, num_particles=16, progress=False)
     print(f"{num_steps} steps in {result.seconds:.0f} s, final ELBO {result.final_elbo():.3f}")

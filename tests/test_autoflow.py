@@ -1,0 +1,197 @@
+"""AutoFlow: the same guide as AutoNormalizingFlow (same draws, same updates, step for step), with one parameter
+site, and its layers' parameters kept as views of that one tensor through conversion, copying and loading."""
+
+from __future__ import annotations
+
+import copy
+import os
+from functools import partial
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormalizingFlow
+
+import pyroflows
+from pyroflows import AutoFlow
+from pyroflows.infer import fit, load_guide, save_guide, sync_param_store
+
+# a guide's first call (building it) shows ActNorm one draw; the layer keeps the identity, as it should for N(0, I)
+pytestmark = pytest.mark.filterwarnings("ignore:ActNorm. the first training batch:UserWarning")
+
+BUILDERS = {
+    "planar": partial(pyroflows.planar_flow, num_layers=3),
+    "realnvp": partial(pyroflows.realnvp, num_layers=3, hidden=(16,)),
+    "residual": partial(pyroflows.residual_flow, num_layers=2, hidden=(16,)),
+    "autoregressive": partial(pyroflows.autoregressive_flow, num_layers=2, hidden=(16,)),
+    "spline": partial(pyroflows.spline_flow, num_layers=2, hidden=(16,)),
+}
+
+
+def model():
+    """A 3-D posterior with a constrained site (a LogNormal scale) and a funnel-like dependence."""
+    tau = pyro.sample("tau", dist.LogNormal(0.0, 0.5))
+    pyro.sample("theta", dist.Normal(torch.zeros(2), tau.unsqueeze(-1)).to_event(1))
+    pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.tensor(0.3))
+
+
+def _flow_params(guide) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in guide.transform.parameters()]
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_same_draws_and_updates_as_autonormalizingflow(name):
+    """Float64, the same seed: 15 SVI steps with ClippedAdam give the same losses (within 1e-9, the residual
+    flow's stochastic log-det sums in another order), the same layer parameters and the same draws."""
+    out = {}
+    with torch.random.fork_rng():
+        torch.set_default_dtype(torch.float64)
+        try:
+            for cls in (AutoNormalizingFlow, AutoFlow):
+                pyro.clear_param_store()
+                pyro.set_rng_seed(0)
+                guide = cls(model, BUILDERS[name])
+                elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=0)
+                svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.02}), elbo)
+                losses = [svi.step() for _ in range(15)]
+                pyro.set_rng_seed(7)
+                out[cls] = (losses, guide()["theta"], _flow_params(guide))
+        finally:
+            torch.set_default_dtype(torch.float32)
+    (la, da, pa), (lb, db, pb) = out[AutoNormalizingFlow], out[AutoFlow]
+    np.testing.assert_allclose(lb, la, rtol=0, atol=1e-9)
+    assert la[0] != la[-1]  # it trained
+    torch.testing.assert_close(db, da, rtol=0, atol=1e-10)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+
+
+def test_one_param_site_and_gradients_collected_in_the_flat_tensor():
+    pyro.clear_param_store()
+    guide = AutoFlow(model, BUILDERS["realnvp"])
+    with pyro.poutine.trace(param_only=True) as tr:
+        loss = Trace_ELBO().differentiable_loss(model, guide)
+    assert list(tr.trace.nodes) == ["AutoFlow.flow_params"]
+    flat = guide.flow_params
+    assert tr.trace.nodes["AutoFlow.flow_params"]["value"] is flat
+    layers = [p for p in guide.transform.parameters()]
+    # every layer parameter is a view of the flat tensor, in order
+    assert flat.numel() == sum(p.numel() for p in layers)
+    assert flat.untyped_storage().data_ptr() == layers[0].untyped_storage().data_ptr()
+    expected = torch.autograd.grad(loss, layers, retain_graph=True)
+    loss.backward()
+    assert all(p.grad is None for p in layers)  # moved into the flat tensor's gradient
+    torch.testing.assert_close(flat.grad, torch.cat([g.reshape(-1) for g in expected]))
+    assert flat.grad.abs().sum() > 0
+    before = [p.detach().clone() for p in layers]
+    with torch.no_grad():
+        flat.add_(1.0)  # an update of the flat tensor is an update of the flow
+    assert all(torch.equal(p, b + 1.0) for p, b in zip(layers, before))
+
+
+def _trains_through_flat(guide) -> None:
+    """One SVI step moves the flow: the optimiser steps the store's flat tensor, which is the guide's, and the
+    layers' parameters are views of it."""
+    before = _flow_params(guide)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    svi.step()
+    flat = guide.flow_params
+    assert pyro.get_param_store()["AutoFlow.flow_params"] is flat
+    assert any(not torch.equal(a, b) for a, b in zip(before, _flow_params(guide)))
+    assert all(torch.equal(p.reshape(-1), flat[start:end]) for p, start, end in guide._slots)
+    assert all(p.grad is None for p in guide.transform.parameters())
+
+
+def test_conversion_and_copies_stay_linked():
+    pyro.clear_param_store()
+    guide = AutoFlow(model, BUILDERS["realnvp"])
+    guide()
+    guide.double()  # every parameter converted: the layers become views of the converted flat tensor again
+    assert guide.flow_params.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in guide.transform.parameters())
+    _trains_through_flat(guide)
+    twin = copy.deepcopy(guide)  # deepcopy gives fresh parameters: linked and hooked again
+    assert twin.flow_params is not guide.flow_params
+    pyro.clear_param_store()
+    _trains_through_flat(twin)
+
+
+def test_param_store_values_are_adopted(tmp_path):
+    """Values saved from the param store and loaded in another "process" are what a fresh guide computes with, and
+    the store and the guide then train one tensor."""
+    pyro.clear_param_store()
+    guide = AutoFlow(model, BUILDERS["realnvp"])
+    fit(model, guide, 30, progress=False, seed=0)
+    pyro.get_param_store().save(os.fspath(tmp_path / "params.pt"))
+    pyro.set_rng_seed(3)
+    expected = guide()["theta"]
+
+    pyro.clear_param_store()
+    pyro.get_param_store().load(os.fspath(tmp_path / "params.pt"))
+    fresh = AutoFlow(model, BUILDERS["realnvp"])
+    fresh()  # the first call builds the guide (drawing from the prior) and adopts the stored values
+    pyro.set_rng_seed(3)
+    torch.testing.assert_close(fresh()["theta"], expected)
+    store_value = pyro.get_param_store()["AutoFlow.flow_params"]
+    assert store_value is fresh.flow_params
+    saved = store_value.detach().clone()
+    _trains_through_flat(fresh)
+
+    pyro.clear_param_store()
+    pyro.get_param_store().load(os.fspath(tmp_path / "params.pt"))
+    synced = AutoFlow(model, BUILDERS["realnvp"])
+    sync_param_store(synced)  # builds the guide, which adopts the stored values
+    assert pyro.get_param_store()["AutoFlow.flow_params"] is synced.flow_params
+    torch.testing.assert_close(synced.flow_params.detach(), saved)
+
+
+def test_fit_checkpoint_and_save_load(tmp_path):
+    """fit trains AutoFlow exactly as it trains AutoNormalizingFlow (same seed: same losses); save_guide /
+    load_guide restore it draw for draw."""
+    results = {}
+    for cls in (AutoNormalizingFlow, AutoFlow):
+        pyro.clear_param_store()
+        guide = cls(model, BUILDERS["realnvp"])
+        results[cls] = fit(model, guide, 25, num_particles=4, progress=False, seed=2, out=tmp_path / cls.__name__)
+    np.testing.assert_allclose(results[AutoFlow].losses, results[AutoNormalizingFlow].losses, rtol=1e-5, atol=1e-5)
+    save_guide(guide, tmp_path / "guide.pt")
+    pyro.clear_param_store()
+    loaded = load_guide(AutoFlow(model, BUILDERS["realnvp"]), tmp_path / "guide.pt")
+    for seed in (0, 1):
+        pyro.set_rng_seed(seed)
+        a = guide()["theta"]
+        pyro.set_rng_seed(seed)
+        assert torch.equal(a, loaded()["theta"])
+    assert pyro.get_param_store()["AutoFlow.flow_params"] is loaded.flow_params
+    _trains_through_flat(loaded)
+
+
+def test_errors_name_the_problem():
+    pyro.clear_param_store()
+    AutoFlow(model, BUILDERS["planar"])()
+    other = AutoFlow(model, BUILDERS["realnvp"])  # the store holds the planar flow's values under the same name
+    with pytest.raises(ValueError, match="flow_params must be a vector of .* call pyro.clear_param_store"):
+        other()
+
+    def mixed(dim):
+        flow = pyroflows.realnvp(dim, num_layers=2)
+        next(m for m in flow.modules() if list(m.parameters(recurse=False))).double()
+        return flow
+
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="share one dtype and device"):
+        AutoFlow(model, mixed)()
+
+
+def test_transform_without_parameters():
+    """A flow with nothing to train (a fixed permutation) builds and samples; no parameter site."""
+    from pyro.distributions.transforms import Permute
+
+    pyro.clear_param_store()
+    guide = AutoFlow(model, lambda dim: Permute(torch.arange(dim).flip(0)))
+    with pyro.poutine.trace(param_only=True) as tr:
+        assert guide()["theta"].shape == (2,)
+    assert list(tr.trace.nodes) == [] and "flow_params" not in dict(guide.named_parameters())
