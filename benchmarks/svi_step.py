@@ -3,8 +3,10 @@ one process, on the example models.
 
 Both guides are built from the same seed with the same pyroflows builder, so they hold the same initial flow, and
 every timed call is preceded by the same seed: the two guides then compute the same draws and make the same updates
-(``tests/test_autoflow.py`` checks this to 1e-9 in float64), so they are at equal KL by construction. The table
-reports the largest difference between their losses over all timed steps as the check of that.
+(``tests/test_autoflow.py`` checks this to 1e-9 in float64), so they are at equal KL by construction. In float32
+the two runs part after a few hundred steps (a global gradient norm summed over one tensor or over many rounds
+differently, and SVI amplifies the difference), so the table reports the mean loss (-ELBO) of each guide over
+all its timed steps: equal within the noise of the ELBO.
 
 Loops:
 
@@ -124,19 +126,21 @@ def run_row(model_name: str, builder_name: str, loop: str, warmup: int, rounds: 
         "autoflow_ms_per_step": timing["AutoFlow"]["ms_median"] / steps,
         "speed_ratio": _common.paired_ratio(timing["AutoNormalizingFlow"], timing["AutoFlow"]),
         "max_loss_difference": max(abs(x - y) for x, y in zip(a, b)),
-        "final_loss": statistics.mean(b[-steps:]),
+        "anf_mean_loss": statistics.mean(a),
+        "autoflow_mean_loss": statistics.mean(b),
         "param_tensors": sum(1 for p in guides["AutoNormalizingFlow"].parameters() if p.requires_grad),
     }
 
 
 def markdown(rows: list[dict]) -> str:
     cols = ["loop", "model", "flow", "parameter tensors", "AutoNormalizingFlow ms/step", "AutoFlow ms/step",
-            "speed ratio", "max loss difference"]  # fmt: skip
+            "speed ratio", "mean loss AutoNormalizingFlow / AutoFlow"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append(
             f"| {r['loop']} | {r['model']} | {r['builder']} | {r['param_tensors']} | {r['anf_ms_per_step']:.2f} | "
-            f"{r['autoflow_ms_per_step']:.2f} | {r['speed_ratio']:.2f} | {r['max_loss_difference']:.1e} |"
+            f"{r['autoflow_ms_per_step']:.2f} | {r['speed_ratio']:.2f} | {r['anf_mean_loss']:.3f} / "
+            f"{r['autoflow_mean_loss']:.3f} |"
         )
     ratios = [r["speed_ratio"] for r in rows]
     if ratios:
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
         print(
             f"{loop:<4} {m:<24} {b:<24} ANF {row['anf_ms_per_step']:7.2f} ms  AutoFlow "
             f"{row['autoflow_ms_per_step']:7.2f} ms  ratio {row['speed_ratio']:.2f}  "
-            f"|dloss| {row['max_loss_difference']:.1e}",
+            f"loss {row['anf_mean_loss']:.3f} / {row['autoflow_mean_loss']:.3f}",
             flush=True,
         )
     out = Path(args.out) if args.out else _common.result_path(_common.RESULTS, "svi_step", args.quick)
