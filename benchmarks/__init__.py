@@ -10,7 +10,9 @@ Parts (each also runs standalone as ``python benchmarks/<script>.py``):
   interleaved, on the example models, through ``pyro.infer.SVI`` and through :func:`pyroflows.infer.fit`
   (``svi_step.py``);
 * ``image``: Glow and RealNVP on 8x8 digits against normflows (``image_flows.py``);
-* ``residual``: residual flows against normflows, memory against series length, 2-D toys (``residual.py``);
+* ``residual``: residual flows against normflows, memory against series length, 2-D toys (``residual.py``); test
+  bits/dim of 1000 28x28 images with its standard error, time and memory per evaluation setting
+  (``residual_eval.py``);
 * ``scaling``: ms/step and peak memory of every layer family as the size grows, scaling exponents (``scaling.py``);
 * ``sampling``: samples/s of every builder, the residual flow's fixed-point inverse included (``sampling.py``);
 * ``applications``: hybrid models (flow + classifier) at lam = 0, 1/D, 1 against a plain classifier

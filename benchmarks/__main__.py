@@ -22,7 +22,7 @@ SCRIPTS = {
     "guides": [("vi_guides", "vi_guides")],  # the guide comparison alone (part of "vi")
     "svi": [("svi_step", "svi_step")],
     "image": [("image_flows", "image_flows")],
-    "residual": [("residual", "residual")],
+    "residual": [("residual", "residual"), ("residual_eval", "residual_eval")],
     "scaling": [("scaling", "scaling")],
     "sampling": [("sampling", "sampling")],
     "applications": [("hybrid", "hybrid"), ("ood", "ood")],
@@ -38,7 +38,7 @@ def _argv(part: str, name: str, quick: bool, out: Path) -> list[str] | None:
     if name == "vi_guides":
         argv += ["--workers", str(max(1, (os.cpu_count() or 2)))]
     if not _common.have_normflows():
-        if part == "residual":
+        if name == "residual":
             return None  # every row of it is a comparison with normflows
         if part == "image":
             argv += ["--models", "glow/pyroflows,realnvp/pyroflows"]

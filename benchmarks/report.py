@@ -416,7 +416,22 @@ def _svi_step(d: dict) -> str:
     )
 
 
+def _residual_eval(d: dict) -> str:
+    from benchmarks.residual_eval import markdown
+
+    return markdown(d) + (
+        f"\n\n{d['images']} images of {d.get('size', 28)}x{d.get('size', 28)} (scikit-learn's digits upsampled), the "
+        "CLI's default CPU residual flow "
+        f"trained {d['train_steps']} steps; {d['threads']} threads. Not in the rows: the first evaluation after "
+        f"training converges the eval-mode power iterations once ({d['convergence_seconds']:.1f} s). Speed ratio: "
+        "the first row's seconds over the row's (one run each, same command). Standard error: "
+        "evaluate_with_error's, from the repeats' per-image spread (the error bar of the stochastic log-det and "
+        "of the dequantisation noise)."
+    )
+
+
 RENDERERS = {
+    "residual_eval": _residual_eval,
     "svi_step": _svi_step,
     "vi_guides": _vi_guides,
     "vi_energies": _vi,

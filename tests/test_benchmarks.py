@@ -134,3 +134,21 @@ def test_svi_step_tiny(tmp_path):
     text = report.section(out)
     assert "| SVI | banana | realnvp(8) |" in text and "could not render" not in text
     assert [name for _, name in suite.SCRIPTS["svi"]] == ["svi_step"]
+
+
+def test_residual_eval_tiny(tmp_path):
+    """The residual-evaluation benchmark runs end to end (12x12 images, where the blocks still use the stochastic
+    log-det; one training step, four images) and its report renders; every row with repeats reports a standard
+    error."""
+    from benchmarks import residual_eval
+
+    out = tmp_path / "residual_eval_quick.json"
+    argv = ["--quick", "--size", "12", "--train-steps", "1", "--images", "4", "--batch-size", "5"]
+    argv += ["--compare-terms", "3", "--out", str(out)]
+    assert residual_eval.main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "residual_eval" and payload["images"] == 4
+    assert all((r["se"] is None) == (r["repeats"] == 1) and r["bpd"] > 0 for r in payload["rows"])
+    text = report.section(out)
+    assert "(default)" in text and "could not render" not in text
+    assert [name for _, name in suite.SCRIPTS["residual"]] == ["residual", "residual_eval"]

@@ -16,7 +16,7 @@ import pyroflows
 import pyroflows.train
 from pyroflows.cli import main
 from pyroflows.data import load_digits
-from pyroflows.train import evaluate, load_checkpoint, load_density
+from pyroflows.train import evaluate, evaluate_with_error, load_checkpoint, load_density
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--levels", "1", "--num-layers", "1", "--hidden", "8", "--batch-size", "32", "--no-progress"]
@@ -321,6 +321,18 @@ def test_console_script_version():
     result = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"pyroflows {pyroflows.__version__}"
+
+
+def test_eval_repeats_prints_the_mean_and_its_standard_error(run, capsys):
+    ckpt = run / "checkpoint.pt"
+    assert main(["eval", str(ckpt), "--seed", "3", "--repeats", "3"]) == 0
+    line = capsys.readouterr().out
+    match = re.search(r"test: (\S+) ± (\S+) bits/dim \(360 images, 3 evaluations\)", line)
+    assert match, line
+    mean, se = evaluate_with_error(load_density(ckpt), load_digits("test"), seed=3, repeats=3)
+    assert match.group(1) == f"{mean:.6f}" and match.group(2) == f"{se:.6f}" and se > 0
+    assert main(["eval", str(ckpt), "--repeats", "0"]) == 2
+    assert "--repeats" in capsys.readouterr().err
 
 
 def test_eval_by_default_repeats_the_figure_fit_printed(run, capsys):

@@ -104,6 +104,36 @@ def test_conv_bound_is_on_the_true_operator():
     assert float(torch.linalg.matrix_norm(jac, 2)) == pytest.approx(0.8, rel=1e-4)
 
 
+def test_conv_eval_convergence_is_the_generic_loop_with_each_convolution_once():
+    """SpectralConv2d's eval-mode convergence (W v reused as the next u and as the estimate) takes the very steps of
+    the generic loop (iterate once, re-estimate): the same vectors, iterations and norm, in float64."""
+    from pyroflows.nn.lipschitz import _PowerIteration
+
+    torch.manual_seed(0)
+    conv = SpectralConv2d(3, 4, 3, coeff=0.9, max_eval_iterations=40).double()
+    conv(torch.randn(1, 3, 6, 6, dtype=torch.float64))  # vectors for 6x6
+    with torch.no_grad():
+        conv.weight.add_(0.3 * torch.randn_like(conv.weight))  # the training vectors are now stale
+    twin = copy.deepcopy(conv)
+    calls = {"fused": 0, "generic": 0}
+    for layer, name, converge in (
+        (conv, "fused", conv._converge),
+        (twin, "generic", lambda: _PowerIteration._converge(twin)),
+    ):
+        original = layer._converged
+
+        def counting(previous, current, original=original, name=name):
+            calls[name] += 1
+            return original(previous, current)
+
+        layer._converged = counting
+        converge()
+    assert calls["fused"] == calls["generic"] > 1
+    torch.testing.assert_close(conv.v, twin.v, rtol=0, atol=1e-12)
+    torch.testing.assert_close(conv.u, twin.u, rtol=0, atol=1e-12)
+    torch.testing.assert_close(conv._sigma(), twin._sigma(), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_an_image_block_is_one_function_at_every_size_between_two_steps(train):
     """The spectral-norm vectors are kept per spatial size: a call at another size does not change the function

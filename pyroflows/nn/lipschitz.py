@@ -180,14 +180,21 @@ class _PowerIteration(nn.Module):
         fp = float(fp)
         if self._eval_fp == fp:
             return
+        self._converge()
+        self._eval_fp = fp
+
+    def _converged(self, previous: float, current: float) -> bool:
+        return abs(current - previous) <= self.atol + self.rtol * abs(current)
+
+    def _converge(self) -> None:
+        """Eval mode: iterate until the estimate of the norm settles (at most ``max_eval_iterations`` times)."""
         previous = float(self._sigma())
         for _ in range(self.max_eval_iterations):
             self._iterate(1)
             current = float(self._sigma())
-            if abs(current - previous) <= self.atol + self.rtol * abs(current):
+            if self._converged(previous, current):
                 break
             previous = current
-        self._eval_fp = fp
 
     def normalized_weight(self) -> torch.Tensor:
         """``W / max(1, sigma / coeff)``, differentiable in ``W`` (the power-iteration vectors are constants)."""
@@ -448,6 +455,24 @@ class SpectralConv2d(_PowerIteration):
     def _sigma(self, v: torch.Tensor | None = None) -> torch.Tensor:
         v = self.v if v is None else v
         return F.conv2d(v[None], self.weight, padding=self.padding).norm()
+
+    def _converge(self) -> None:
+        # The base loop's iterations and checks, each convolution once: W v is both the next u (normalised) and the
+        # estimate ||W v|| (the base loop convolves v again for u after each step and once more for the check).
+        w = self.weight.detach()
+        v = self.v
+        wv = F.conv2d(v[None], w, padding=self.padding)[0]
+        previous = float(wv.norm())
+        for _ in range(self.max_eval_iterations):
+            u = _normalize_p(wv, 2.0)
+            v = _normalize_p(F.conv_transpose2d(u[None], w, padding=self.padding)[0], 2.0)
+            wv = F.conv2d(v[None], w, padding=self.padding)[0]
+            current = float(wv.norm())
+            if self._converged(previous, current):
+                break
+            previous = current
+        self.v.copy_(v)
+        self.u.copy_(_normalize_p(wv, 2.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._ensure_vectors(x)
