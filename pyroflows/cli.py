@@ -392,7 +392,9 @@ def _eval(args) -> int:
         bpd = evaluate(model, data, batch_size=args.batch_size, seed=seed, device=device)
         print(f"{args.data} {args.split}: {bpd:.6f} bits/dim ({len(data)} images)")
         return 0
-    bpd, se = evaluate_with_error(model, data, batch_size=args.batch_size, seed=seed, device=device, repeats=args.repeats)
+    bpd, se = evaluate_with_error(
+        model, data, batch_size=args.batch_size, seed=seed, device=device, repeats=args.repeats
+    )
     print(f"{args.data} {args.split}: {bpd:.6f} ± {se:.6f} bits/dim ({len(data)} images, {args.repeats} evaluations)")
     return 0
 

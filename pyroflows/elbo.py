@@ -8,7 +8,7 @@ draw, so the estimator's variance vanishes as the guide converges. That is the g
 
 Dropping the score means evaluating :math:`\log q` at the sampled :math:`z` with the guide's parameters *held fixed*
 but differentiable in :math:`z`: :func:`fixed_log_prob`. For a flow guide it runs the flow's inverse on a copy of
-:math:`z` (so no remembered pair is reused), with every parameter of the flow's modules detached. That costs one
+:math:`z` (so no remembered pair is reused), with every parameter of the flow's modules held fixed. That costs one
 inverse pass per step: as cheap as the forward for couplings, a fixed-point solve for residual flows, :math:`D`
 passes for Pyro's inverse autoregressive layers.
 """
@@ -27,18 +27,6 @@ from torch import nn
 from torch.distributions.utils import _sum_rightmost
 
 __all__ = ["SampleDependentError", "TraceSTL_ELBO", "fixed_log_prob"]
-
-
-class _Holder(nn.Module):
-    """The modules of a distribution's transforms under one root, so ``torch.func.functional_call`` can swap
-    their parameters for detached ones while a log-density is computed."""
-
-    def __init__(self, modules):
-        super().__init__()
-        self.parts = nn.ModuleList(modules)
-
-    def forward(self, fn, value, avoid):
-        return _log_prob(fn, value, avoid)
 
 
 def _modules(fn) -> list[nn.Module]:
@@ -143,13 +131,14 @@ def fixed_log_prob(fn, value: torch.Tensor, avoid=()) -> torch.Tensor:
     its inverse really runs (under the fixed parameters).
 
     Supported: ``TransformedDistribution`` whose transforms are ``nn.Module`` flows (pyroflows layers, Pyro's
-    ``TransformModule``\ s, and their inverses or compositions; their parameters are swapped for detached copies,
-    so a conditional flow keeps its dependence on the context) or parameter-free bijections, over a parameter-free
-    base or one of the families below; ``Independent``; ``Normal``, ``MultivariateNormal``, ``LogNormal``,
-    ``Laplace``, ``StudentT``, ``Cauchy``, ``Gamma``, ``Beta``, whose parameter tensors are detached whole. That
-    is right when they are functions of the guide's parameters alone (every Pyro autoguide), not when a
-    hand-written guide computes them from its earlier samples: give those samples' autograd nodes as ``avoid`` and
-    such a parameter raises :class:`SampleDependentError`. Anything else raises ``NotImplementedError``.
+    ``TransformModule``\ s, and their inverses or compositions; their parameters' ``requires_grad`` is off while
+    the log-density is computed, so a conditional flow keeps its dependence on the context) or parameter-free
+    bijections, over a parameter-free base or one of the families below; ``Independent``; ``Normal``,
+    ``MultivariateNormal``, ``LogNormal``, ``Laplace``, ``StudentT``, ``Cauchy``, ``Gamma``, ``Beta``, whose
+    parameter tensors are detached whole. That is right when they are functions of the guide's parameters alone
+    (every Pyro autoguide), not when a hand-written guide computes them from its earlier samples: give those
+    samples' autograd nodes as ``avoid`` and such a parameter raises :class:`SampleDependentError`. Anything else
+    raises ``NotImplementedError``.
 
     :param fn: the guide site's distribution.
     :param torch.Tensor value: the sampled value.
@@ -170,9 +159,17 @@ def fixed_log_prob(fn, value: torch.Tensor, avoid=()) -> torch.Tensor:
     avoid = frozenset(avoid)
     if not modules:
         return _log_prob(fn, copy, avoid)
-    holder = _Holder(modules)
-    detached = {name: p.detach() for name, p in holder.named_parameters(remove_duplicate=False)}
-    return torch.func.functional_call(holder, detached, (fn, copy, avoid), strict=False, tie_weights=False)
+    # Held fixed by switching their requires_grad off while the log-density is computed: the ops record no
+    # dependence on them, as with detached copies, without rebuilding the modules' parameter dicts (what
+    # torch.func.functional_call does) at every step. The graphs recorded before (the draw) are unaffected.
+    live = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}
+    for p in live.values():
+        p.requires_grad_(False)
+    try:
+        return _log_prob(fn, copy, avoid)
+    finally:
+        for p in live.values():
+            p.requires_grad_(True)
 
 
 class TraceSTL_ELBO(Trace_ELBO):
