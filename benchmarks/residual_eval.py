@@ -15,7 +15,7 @@ bars, not a test result).
 
 Usage::
 
-    python benchmarks/residual_eval.py            # 400 training steps, 1000 images
+    python benchmarks/residual_eval.py            # 150 training steps, 1000 images
     python benchmarks/residual_eval.py --quick    # 3 training steps, 50 images
 """
 
@@ -129,7 +129,7 @@ def markdown(d: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="3 training steps, 50 images")
-    p.add_argument("--train-steps", type=int, default=None, help="training steps (default 400; quick 3)")
+    p.add_argument("--train-steps", type=int, default=None, help="training steps (default 150; quick 3)")
     p.add_argument("--images", type=int, default=None, help="images to evaluate (default 1000; quick 50)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
     p.add_argument("--size", type=int, default=28, help="image side (default 28)")
@@ -137,7 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--compare-terms", type=int, default=OLD_TERMS, help=help_terms)
     p.add_argument("--out", default=None, help="the JSON to write (default results/residual_eval.json)")
     args = p.parse_args(argv)
-    args.train_steps = args.train_steps or (3 if args.quick else 400)
+    args.train_steps = args.train_steps or (3 if args.quick else 150)
     args.images = args.images or (50 if args.quick else 1000)
     return args
 
