@@ -186,6 +186,17 @@ def test_errors_name_the_problem():
         AutoFlow(model, mixed)()
 
 
+def test_converting_the_flow_apart_from_the_guide_is_refused():
+    """guide.transform.double() gives the layers new tensors that the optimiser would never step: the next call
+    says so instead of training nothing."""
+    pyro.clear_param_store()
+    guide = AutoFlow(model, BUILDERS["realnvp"])
+    guide()
+    guide.transform.double()
+    with pytest.raises(RuntimeError, match="no longer share the guide's flow_params.*guide.to"):
+        guide()
+
+
 def test_transform_without_parameters():
     """A flow with nothing to train (a fixed permutation) builds and samples; no parameter site."""
     from pyro.distributions.transforms import Permute
