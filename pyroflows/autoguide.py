@@ -30,6 +30,14 @@ def share_with_store(store, name: str, p: torch.Tensor) -> None:
     store._param_to_name[p] = name
 
 
+def parameter_like(value: torch.Tensor, like: torch.Tensor) -> torch.nn.Parameter:
+    """``value`` (a tensor the param store holds) as an ``nn.Parameter`` of ``like``'s dtype and device: itself
+    where it already is one, else a converted copy."""
+    if isinstance(value, torch.nn.Parameter) and value.dtype == like.dtype and value.device == like.device:
+        return value
+    return torch.nn.Parameter(value.detach().to(like.device, like.dtype))
+
+
 class AutoFlow(AutoNormalizingFlow):
     r"""``AutoNormalizingFlow`` with the flow's parameters in one tensor: the same guide, the same draws and the same
     updates, with one ``pyro.param`` site per step instead of one per parameter tensor.
@@ -177,9 +185,7 @@ class AutoFlow(AutoNormalizingFlow):
         """The param store returned another tensor than ours (values loaded into the store, or this guide converted
         with ``.to()`` after the store saw it): compute with the store's values, in the flow's dtype and device, and
         let the store and the guide share that one tensor."""
-        own = self._parameters[FLAT_NAME]
-        if not isinstance(value, torch.nn.Parameter) or value.dtype != own.dtype or value.device != own.device:
-            value = torch.nn.Parameter(value.detach().to(own.device, own.dtype))
+        value = parameter_like(value, self._parameters[FLAT_NAME])
         self._link(value)  # checks the size first
         self._parameters[FLAT_NAME] = value
         share_with_store(pyro.get_param_store(), self._pyro_get_fullname(FLAT_NAME), value)

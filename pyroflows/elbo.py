@@ -157,8 +157,6 @@ def fixed_log_prob(fn, value: torch.Tensor, avoid=()) -> torch.Tensor:
     modules = _modules(fn)
     copy = value.clone()
     avoid = frozenset(avoid)
-    if not modules:
-        return _log_prob(fn, copy, avoid)
     # Held fixed by switching their requires_grad off while the log-density is computed: the ops record no
     # dependence on them, as with detached copies, without rebuilding the modules' parameter dicts (what
     # torch.func.functional_call does) at every step. The graphs recorded before (the draw) are unaffected.

@@ -31,7 +31,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 
 from ._deprecation import renamed
-from .autoguide import FLAT_NAME, AutoFlow, share_with_store
+from .autoguide import FLAT_NAME, AutoFlow, parameter_like, share_with_store
 from .elbo import TraceSTL_ELBO
 from .run import (
     CHECKPOINT,
@@ -805,9 +805,7 @@ def sync_param_store(guide, *model_args, **model_kwargs) -> int:
             owner._adopt(store._params[name])  # also makes the layers' parameters views of it
             adopted += 1
             continue
-        value = store._params[name]
-        if not isinstance(value, torch.nn.Parameter) or value.device != p.device or value.dtype != p.dtype:
-            value = torch.nn.Parameter(value.detach().to(p.device, p.dtype))
+        value = parameter_like(store._params[name], p)
         owner._parameters[leaf] = value
         share_with_store(store, name, value)
         adopted += 1
