@@ -164,10 +164,17 @@ def evaluate(
         >>> 0 < evaluate(model, load_digits("test"))
         True
     """
-    d, index, rank, world = _shard(model, data, n_bins, batch_size, seed, device, "evaluate")
-    nll = per_example_nll(model, d, index, batch_size, seed + rank)
-    total, count = _sum_over_ranks(torch.stack([nll.sum(), _count(nll)]), world).tolist()
+    runs, world = _evaluations(model, data, n_bins, batch_size, seed, device, 1, "evaluate")
+    total, count = _sum_over_ranks(torch.stack([runs[0].sum(), _count(runs[0])]), world).tolist()
     return total / count
+
+
+def _evaluations(model, data, n_bins, batch_size, seed, device, repeats: int, caller: str):
+    """``(runs, world)``: this rank's per-example figures of ``repeats`` independent evaluations, shape
+    ``(repeats, n)``, evaluation ``r`` seeded with ``seed + r * world + rank`` (the first is ``seed + rank``)."""
+    d, index, rank, world = _shard(model, data, n_bins, batch_size, seed, device, caller)
+    seeds = [seed + r * world + rank for r in range(repeats)]
+    return torch.stack([per_example_nll(model, d, index, batch_size, s) for s in seeds]), world
 
 
 @torch.no_grad()
@@ -195,8 +202,8 @@ def evaluate_with_error(
     :param data: as for :func:`evaluate`.
     :param n_bins: intensity levels, for integer pixels given as a plain tensor (default 256).
     :param int batch_size: evaluation batch size (bounds the memory).
-    :param int seed: seeds evaluation ``r`` with ``seed + r`` (per rank, as :func:`evaluate`); the first is
-        :func:`evaluate`'s with the same seed. The global RNG is restored.
+    :param int seed: seeds evaluation ``r`` with ``seed + r`` (under ``torchrun``, ``seed + r * world + rank``);
+        the first is :func:`evaluate`'s with the same seed. The global RNG is restored.
     :param device: where to evaluate (default: the model's device).
     :param int repeats: independent evaluations, at least 2.
     :returns: ``(mean, se)``, floats.
@@ -214,8 +221,7 @@ def evaluate_with_error(
     from ..run import check_int
 
     check_int("evaluate_with_error", "repeats", repeats, 2)
-    d, index, rank, world = _shard(model, data, n_bins, batch_size, seed, device, "evaluate_with_error")
-    runs = torch.stack([per_example_nll(model, d, index, batch_size, seed + r * world + rank) for r in range(repeats)])
+    runs, world = _evaluations(model, data, n_bins, batch_size, seed, device, repeats, "evaluate_with_error")
     sums = torch.stack([runs.mean(0).sum(), runs.var(0).sum(), _count(runs[0])])
     total, var_sum, count = _sum_over_ranks(sums, world).tolist()
     return total / count, math.sqrt(var_sum / repeats) / count
