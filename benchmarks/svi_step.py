@@ -89,8 +89,6 @@ def _svi_calls(model, args, guides, losses):
 
 
 def _fit_calls(model, args, guides, losses):
-    import pyro
-
     from pyroflows.infer import fit
 
     calls, counter = {}, {label: 0 for label in guides}
@@ -102,7 +100,6 @@ def _fit_calls(model, args, guides, losses):
             losses[label] += [float(v) for v in result.losses]
 
         calls[label] = call
-    pyro.set_rng_seed(0)
     return calls, FIT_STEPS
 
 
