@@ -39,7 +39,7 @@ GUIDES: dict[str, Callable] = {
 def add_arguments(parser: argparse.ArgumentParser, steps: int = 2000) -> argparse.ArgumentParser:
     """The command-line options every VI example shares."""
     parser.add_argument("--steps", type=int, default=steps, help="SVI steps per guide")
-    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (cosine decay)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (fit's schedule)")
     parser.add_argument("--particles", type=int, default=16, help="ELBO particles per step")
     parser.add_argument("--samples", type=int, default=4000, help="guide draws for the diagnostics")
     parser.add_argument("--guides", default=",".join(GUIDES), help="comma-separated subset of: " + ", ".join(GUIDES))

@@ -9,8 +9,8 @@
 - **checkpoints** are written atomically (:func:`atomic_torch_save`) and read with :func:`load_checkpoint`; a run
   resumes by one policy (:func:`resume_source`, :func:`check_settings`): an existing checkpoint without ``resume``
   is an error, so is resuming with changed settings; RNG states travel with them (:func:`rng_state`);
-- **the learning rate** follows one schedule (:func:`lr_factor`): a linear warm-up, then constant, cosine or
-  exponential decay to a final factor;
+- **the learning rate** follows one schedule (:func:`lr_factor`): a linear warm-up, then constant, cosine,
+  exponential or stable-then-cosine decay to a final factor;
 - **progress** is one tqdm bar (:func:`progress_bar`): ``progress=None`` shows it when stderr is a terminal;
 - **arguments** are checked in one place per run (the trainers' frozen configs) with :func:`check_int`,
   :func:`check_number` and :func:`check_choice`, and renamed keywords warn through :func:`renamed`.
@@ -48,8 +48,11 @@ VERSION = 1
 """The checkpoint format version this release writes; :func:`load_checkpoint` refuses newer ones."""
 CHECKPOINT = "checkpoint.pt"
 """The checkpoint's file name inside a run directory (``out``)."""
-SCHEDULES = ("constant", "cosine", "exponential")
+SCHEDULES = ("constant", "cosine", "exponential", "stable_cosine")
 """The learning-rate schedules of :func:`lr_factor`."""
+
+STABLE_DECAY_FRACTION = 0.2
+"""The share of the run over which ``"stable_cosine"`` decays (the last fifth)."""
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -255,7 +258,7 @@ def check_choice(caller: str, name: str, value, choices: Iterable) -> None:
         >>> check_choice("fit", "lr_schedule", "step", SCHEDULES)
         Traceback (most recent call last):
           ...
-        ValueError: fit: lr_schedule must be one of ('constant', 'cosine', 'exponential'), got 'step'
+        ValueError: fit: lr_schedule must be one of ('constant', 'cosine', 'exponential', 'stable_cosine'), got 'step'
     """
     choices = tuple(choices)
     if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
@@ -823,10 +826,13 @@ def lr_factor(
 
     A linear warm-up, :math:`\min(1, (s + 1)/w)` over ``warmup_steps`` :math:`w`, times a decay over the run:
     ``"constant"`` 1, ``"cosine"`` from 1 to ``final_factor`` along half a cosine, ``"exponential"``
-    :math:`f^{s/(n-1)}`; both reach ``final_factor`` at the last step. The factor is a plain function, so
+    :math:`f^{s/(n-1)}`, ``"stable_cosine"`` 1 for the first four fifths of the run and then half a cosine to
+    ``final_factor`` over the last fifth (:data:`STABLE_DECAY_FRACTION`; the warm-up–stable–decay schedule). The
+    decaying ones reach ``final_factor`` at the last step. The factor is a plain function, so
     ``LambdaLR.state_dict`` holds only the step count: the schedule is rebuilt from the settings on resume.
 
-    :param str schedule: ``"constant"``, ``"cosine"`` or ``"exponential"``.
+    :param str schedule: one of :data:`SCHEDULES`: ``"constant"``, ``"cosine"``, ``"exponential"`` or
+        ``"stable_cosine"``.
     :param int num_steps: the number of steps of the run.
     :param int warmup_steps: linear warm-up steps (0: none).
     :param float final_factor: the factor at the last step of a decaying schedule.
@@ -838,6 +844,9 @@ def lr_factor(
         [0.5, 0.8682, 0.55, 0.2318, 0.1]
         >>> [lr_factor("constant", 5, warmup_steps=4)(s) for s in range(5)]
         [0.25, 0.5, 0.75, 1.0, 1.0]
+        >>> f = lr_factor("stable_cosine", 11, final_factor=0.05)
+        >>> [round(f(s), 3) for s in range(11)]
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.525, 0.05]
     """
 
     def factor(step: int) -> float:
@@ -847,6 +856,9 @@ def lr_factor(
             decay = final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * t))
         elif schedule == "exponential":
             decay = final_factor**t
+        elif schedule == "stable_cosine":
+            u = max(0.0, (t - (1 - STABLE_DECAY_FRACTION)) / STABLE_DECAY_FRACTION)
+            decay = final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * u))
         else:
             decay = 1.0
         return warm * decay

@@ -81,6 +81,12 @@ def test_learning_rate_schedule_and_warmup():
     pyro.clear_param_store()
     r = fit(gaussian_model, AutoNormal(gaussian_model), 11, lr=0.1, lr_schedule="exponential", final_lr_factor=0.01)
     assert r.lr[-1] == pytest.approx(1e-3) and r.lr[5] == pytest.approx(0.01)
+    pyro.clear_param_store()
+    r = fit(gaussian_model, AutoNormal(gaussian_model), 101, lr=0.1, warmup_steps=5, progress=False)  # the default
+    np.testing.assert_allclose(r.lr[:5], 0.1 * np.arange(1, 6) / 5)
+    assert (r.lr[5:81] == 0.1).all()  # the peak rate for four fifths of the run, then half a cosine
+    assert r.lr[90] == pytest.approx(0.1 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.5))))
+    assert r.lr[-1] == pytest.approx(0.1 * 0.05) and (np.diff(r.lr[80:]) < 0).all()
 
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own warning, before ours stops the run
@@ -130,6 +136,40 @@ def test_an_occasional_non_finite_step_is_skipped_and_a_persistent_one_stops():
     guide, snapshots, state["step"] = AutoNormal(model), [], 1
     with pyro.validation_enabled(False), pytest.raises(TrainingError, match=r"^fit: the loss is nan at step 8; "):
         fit(model, guide, 12, progress=False, callback=callback, skip_nonfinite=2, seed=0)
+
+
+def test_a_draw_outside_a_constraint_is_skipped_like_a_nan_with_validation_on():
+    """With validation on, an unlucky draw raises torch's constraint error instead of giving a NaN loss: the step
+    is skipped the same way, a persistent one stops the run naming the cause, and other errors propagate."""
+    bad_steps = {6, 7}
+    state = {"step": 1}
+
+    def model():
+        scale = torch.tensor(0.0 if state["step"] in bad_steps else 1.0)
+        pyro.sample("z", dist.Normal(0.0, scale))
+
+    def callback(step, loss):
+        state["step"] = step + 1
+
+    pyro.clear_param_store()
+    result = fit(model, AutoNormal(model), 12, progress=False, callback=callback, skip_nonfinite=2, seed=0)
+    assert result.skipped == [6, 7] and np.isfinite(np.delete(result.losses, [5, 6])).all()
+    bad_steps.update(range(6, 100))
+    pyro.clear_param_store()
+    state["step"] = 1
+    with pytest.raises(TrainingError, match=r"^fit: the loss is nan at step 8 \(Expected parameter scale") as info:
+        fit(model, AutoNormal(model), 12, progress=False, callback=callback, skip_nonfinite=2, seed=0)
+    assert isinstance(info.value.__cause__, ValueError)
+
+    def shapes():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        if state["step"] > 3:
+            pyro.sample("y", dist.Normal(torch.zeros(3), 1.0).to_event(1), obs=torch.zeros(2))
+
+    pyro.clear_param_store()
+    state["step"] = 1
+    with pytest.raises(ValueError, match="(?i)shape"):
+        fit(shapes, AutoNormal(shapes), 6, progress=False, callback=callback, seed=0)
 
 
 def test_non_finite_gradient_stops():
