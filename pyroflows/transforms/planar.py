@@ -14,6 +14,15 @@ from .base import FlowTransform
 from .conditional import broadcast_context
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` in one kernel: a matrix-vector product where ``b`` is one vector, else the sum."""
+    if b.dim() == 1:
+        return torch.matmul(a, b)
+    if a.dim() == 1:
+        return torch.matmul(b, a)
+    return (a * b).sum(-1)
+
+
 class Planar(FlowTransform):
     r"""Planar flow :math:`y = x + \hat u \tanh(w^\top x + b)` (Rezende & Mohamed, 2015, §A.1).
 
@@ -84,10 +93,10 @@ class Planar(FlowTransform):
         return self._u_hat(self.u, self.w)
 
     def _u_hat(self, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        wu = (w * u).sum(-1, keepdim=True)
+        wu = _dot(w, u).unsqueeze(-1)
         m = F.softplus(wu + self._shift) - self._floor
-        ww = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        return u + (m - wu) * w / ww
+        ww = _dot(w, w).unsqueeze(-1).clamp_min(torch.finfo(w.dtype).tiny)
+        return torch.addcmul(u, (m - wu) / ww, w)
 
     def _params(self, x: torch.Tensor, context):
         """``(x, u_hat, w, b)``: the layer's own parameters, or (with a context) per example, ``x`` broadcast."""
@@ -98,17 +107,23 @@ class Planar(FlowTransform):
         u, w = self.u + du, self.w + dw
         return x, self._u_hat(u, w), w, self.b + db[..., 0]
 
-    def forward_and_log_det(self, x, context=None):
+    def _map(self, x, context):
+        """``(y, h, u_hat, w)`` of the forward map, ``h = tanh(w·x + b)``."""
         x, u_hat, w, b = self._params(x, context)
-        h = torch.tanh((x * w).sum(-1) + b)
-        y = x + h.unsqueeze(-1) * u_hat
-        log_det = torch.log1p((1.0 - h * h) * (w * u_hat).sum(-1))
-        return y, log_det
+        h = torch.tanh(_dot(x, w) + b)
+        return torch.addcmul(x, h.unsqueeze(-1), u_hat), h, u_hat, w
+
+    def forward_and_log_det(self, x, context=None):
+        y, h, u_hat, w = self._map(x, context)
+        return y, torch.log1p((1.0 - h * h) * _dot(w, u_hat))
+
+    def forward_only(self, x, context=None):
+        return self._map(x, context)[0]
 
     def inverse_and_log_det(self, y, context=None):
         y, u_hat, w, b = self._params(y, context)
-        c = (w * u_hat).sum(-1)
-        target = (y * w).sum(-1) + b
+        c = _dot(w, u_hat)
+        target = _dot(y, w) + b
         with torch.no_grad():
             a = self._solve(target.detach(), c.detach().expand(target.shape))
         # One Newton step with grad enabled: exact value at the root, implicit-function gradients.
