@@ -549,7 +549,7 @@ def _svi_step(run: _SVIRun, step: int) -> float:
     run.lrs[step - 1] = run.opt.param_groups[0]["lr"]
     run.opt.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # a skipped first step: torch warns of a schedule step before any update
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`", category=UserWarning)
         run.sched.step()
     run.losses[step - 1] = loss_value
     return loss_value
