@@ -628,11 +628,17 @@ def main(argv=None) -> int:
     optim = results[0]["optimizer"] if results else None
     schedule = "constant" if args.lr_final == 1.0 else f"decayed to {args.lr_final:g}× by the last step"
     print()
-    print(
-        f"{'SVI' if args.loop == 'svi' else 'Trace_ELBO.differentiable_loss loop'}: {args.steps} steps, "
-        f"Trace_ELBO({args.particles} vectorised particles), {optim} lr={args.lr:g} ({schedule}), "
-        f"ELBO from {args.eval_samples} guide samples, seed {args.seed}"
-    )
+    if args.loop == "fit":
+        print(
+            f"pyroflows.infer.fit with its defaults (STL, lr 3e-3, stable_cosine): {args.steps} steps, "
+            f"{args.particles} vectorised particles, ELBO from {args.eval_samples} guide samples, seed {args.seed}"
+        )
+    else:
+        print(
+            f"{'SVI' if args.loop == 'svi' else 'Trace_ELBO.differentiable_loss loop'}: {args.steps} steps, "
+            f"Trace_ELBO({args.particles} vectorised particles), {optim} lr={args.lr:g} ({schedule}), "
+            f"ELBO from {args.eval_samples} guide samples, seed {args.seed}"
+        )
     print()
     print(table)
     print()
