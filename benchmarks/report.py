@@ -85,7 +85,12 @@ def _scaling(d: dict) -> str:
         ]
         out.append(_table(["family", "pyroflows", "exponent", "peer", "peer exponent", "note"], exps))
     out.append(
-        f"Timing: {d['timing_method']}. Memory: {d['memory_method'] or 'not measured'}. "
+        (
+            "Both libraries' losses run through torch.compile (inductor), compiled before the warm-up. "
+            if d.get("compiled")
+            else ""
+        )
+        + f"Timing: {d['timing_method']}. Memory: {d['memory_method'] or 'not measured'}. "
         f"Exponent: {d['exponent_method']}."
     )
     return "\n\n".join(out)

@@ -85,6 +85,11 @@ class Model:
         self.sample = sample
         self._opt = torch.optim.SGD(module.parameters(), lr=1e-6)
 
+    def compile(self) -> Model:
+        """The loss (forward and log-det) through ``torch.compile`` (inductor); the backward runs compiled too."""
+        self._loss = torch.compile(self._loss)
+        return self
+
     def step(self) -> None:
         """One training step: zero_grad, loss (forward + log-det), backward, SGD update."""
         self._opt.zero_grad(set_to_none=True)
@@ -238,7 +243,9 @@ def _labels(families: dict, normflows: bool) -> list[str]:
     return labels
 
 
-def measure(kind: str, sizes: tuple[int, ...], warmup: int, rounds: int, memory: bool = True, log=print) -> dict:
+def measure(
+    kind: str, sizes: tuple[int, ...], warmup: int, rounds: int, memory: bool = True, log=print, compiled: bool = False
+) -> dict:
     """Time (interleaved) and measure every model of ``kind`` (``"vector"`` or ``"image"``) at each size.
 
     :returns: ``{"sizes", "size_label", "families": {family: {"pyroflows", "peer", "peer_note", "rows",
@@ -249,11 +256,18 @@ def measure(kind: str, sizes: tuple[int, ...], warmup: int, rounds: int, memory:
     build = build_vector if kind == "vector" else build_image
     normflows = _common.have_normflows()
     labels = _labels(families, normflows)
-    per_size = {}
+    per_size, failed = {}, {}
     for size in sizes:
         t0 = time.perf_counter()
         torch.manual_seed(0)
-        models = {label: build(label, size) for label in labels}
+        models = {label: build(label, size) for label in labels if label not in failed}
+        if compiled:  # both libraries; compiled here, so the warm-up below is steady-state
+            for label in list(models):
+                try:
+                    models[label].compile().step()
+                except Exception as e:  # noqa: BLE001 - e.g. double backward, which compiled autograd lacks
+                    failed[label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+                    del models[label]
         timing = _common.time_interleaved({k: m.step for k, m in models.items()}, warmup, rounds)
         del models
         peaks = {}
@@ -270,6 +284,11 @@ def measure(kind: str, sizes: tuple[int, ...], warmup: int, rounds: int, memory:
         )
     out = {}
     for family, (pf, peer, note) in families.items():
+        if pf in failed or peer in failed:
+            bad = pf if pf in failed else peer
+            out[family] = {"pyroflows": pf, "peer": peer, "peer_note": f"{bad} did not compile: {failed[bad]}",
+                           "rows": [], "exponent_pyroflows": None, "exponent_peer": None}  # fmt: skip
+            continue
         has_peer = normflows or peer not in NORMFLOWS_PEERS
         rows = []
         for size, (timing, peaks) in per_size.items():
@@ -328,6 +347,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per model (default 5; quick 2)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 30; quick 5)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="both libraries' losses through torch.compile (writes scaling_compiled.json; no memory children)",
+    )
     args = p.parse_args(argv)
     args.dims = tuple(int(d) for d in args.dims.split(",")) if args.dims else None
     args.sides = tuple(int(s) for s in args.sides.split(",")) if args.sides else None
@@ -359,15 +383,18 @@ def run(args: argparse.Namespace, command: str) -> dict:
         },
         "timing_method": "median wall ms (time.perf_counter) over interleaved rounds after warm-up; speed_ratio = "
         "median over rounds of peer ms / pyroflows ms (> 1: pyroflows faster)",
-        "memory_method": _common.MEMORY_METHOD if not args.no_memory else None,
+        "compiled": args.compile,
+        "memory_method": _common.MEMORY_METHOD if not (args.no_memory or args.compile) else None,
         "exponent_method": "least-squares slope of log(ms) against log(work), work = D or 3 * s * s",
     }
-    payload["vector"] = measure("vector", args.dims, args.warmup, args.rounds, memory=not args.no_memory)
-    payload["image"] = measure("image", args.sides, args.warmup, args.rounds, memory=not args.no_memory)
+    memory = not (args.no_memory or args.compile)
+    payload["vector"] = measure("vector", args.dims, args.warmup, args.rounds, memory=memory, compiled=args.compile)
+    payload["image"] = measure("image", args.sides, args.warmup, args.rounds, memory=memory, compiled=args.compile)
     payload["wall_s"] = time.perf_counter() - t0
     for line in summary_lines(payload):
         print(line)
-    path = _common.write_result(_common.result_path(args.out, "scaling", args.quick), payload)
+    name = "scaling_compiled" if args.compile else "scaling"
+    path = _common.write_result(_common.result_path(args.out, name, args.quick), payload)
     print(f"wrote {path} ({payload['wall_s']:.0f} s)")
     return payload
 

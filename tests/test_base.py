@@ -302,3 +302,31 @@ def test_all_finite_is_exact_even_where_the_sum_overflows():
     assert not all_finite(x)
     w = torch.randn(3, requires_grad=True)
     assert all_finite(w * 2) and w.grad is None
+
+
+def test_value_checks_stay_out_of_a_compiled_graph():
+    """Inside torch.compile the layer checks keep their static part (shape, dtype) and leave out the value checks
+    (a device sync each, which would split the graph): no graph break, the result equals eager,
+    and a wrong shape is still refused while a NaN passes through to the loss (whose check stops the update)."""
+    from pyroflows.transforms.validation import check_input, check_output
+
+    layer = Planar(3)
+
+    def checked(x):
+        check_input(layer, x, "forward")
+        y, log_det = layer.forward_and_log_det(x)
+        check_output(layer, x, y, log_det, "forward")
+        return y, log_det
+
+    x = torch.randn(5, 3)
+    assert torch._dynamo.explain(checked)(x).graph_break_count == 0  # eager checks: one break per value check
+    compiled = torch.compile(checked, backend="eager")
+    for a, b in zip(compiled(x), checked(x)):
+        assert torch.allclose(a, b)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    assert torch.isnan(compiled(bad)[0][0]).any()
+    with pytest.raises(Exception, match=r"event shape \(3,\)"):
+        compiled(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="non-finite"):
+        checked(bad)  # eager: refused at the layer

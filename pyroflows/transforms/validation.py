@@ -142,6 +142,8 @@ def check_input(t, x, direction: str) -> None:
             f"{name} expects event shape {_fmt_shape(expected)} in the rightmost dimensions, "
             f"got input of shape {tuple(x.shape)}"
         )
+    if torch.compiler.is_compiling():
+        return  # the value checks below sync and would break the compiled graph; see check_output
     if not all_finite(x):
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} received {n_bad} non-finite value(s) (NaN or inf) in its input")
@@ -154,8 +156,14 @@ def check_input(t, x, direction: str) -> None:
 
 
 def check_output(t, x, y, log_det, direction: str) -> None:
-    """Raise ``RuntimeError`` naming the (innermost) layer unless ``y`` and ``log_det`` (or ``None``) are finite."""
-    if all_finite(y) and (log_det is None or all_finite(log_det)):
+    """Raise ``RuntimeError`` naming the (innermost) layer unless ``y`` and ``log_det`` (or ``None``) are finite.
+
+    Inside ``torch.compile`` (``torch.compiler.is_compiling()``) the value checks of both functions are left out:
+    each is a device sync that would split the compiled graph in two. A NaN then reaches the loss, where both
+    trainers' one check per step stops the update (:func:`pyroflows.run.check_finite`); the type, dtype and shape
+    checks stay, as they cost nothing at run time.
+    """
+    if torch.compiler.is_compiling() or (all_finite(y) and (log_det is None or all_finite(log_det))):
         return
     raise RuntimeError(
         f"{t._describe_nonfinite(x, direction)} produced a non-finite "
