@@ -319,6 +319,7 @@ def test_value_checks_stay_out_of_a_compiled_graph():
         return y, log_det
 
     x = torch.randn(5, 3)
+    torch._dynamo.reset()  # no frames compiled by earlier tests
     assert torch._dynamo.explain(checked)(x).graph_break_count == 0  # eager checks: one break per value check
     compiled = torch.compile(checked, backend="eager")
     for a, b in zip(compiled(x), checked(x)):
@@ -330,3 +331,30 @@ def test_value_checks_stay_out_of_a_compiled_graph():
         compiled(torch.randn(5, 4))
     with pytest.raises(ValueError, match="non-finite"):
         checked(bad)  # eager: refused at the layer
+
+
+def test_a_flow_guide_loss_compiles_to_one_graph():
+    """Draw and log-density through the remembered pair: one graph under torch.compile (the pair is matched by
+    identity there, as torch's transform cache does; comparing version counters split the graph), with the eager
+    loss's value. Counted in a fresh interpreter, so that no other test's compiled frames or settings interfere."""
+    import subprocess
+    import sys
+
+    script = """
+import torch, torch._dynamo, pyro.distributions as dist, pyroflows
+torch.manual_seed(0)
+flow = pyroflows.realnvp(3, num_layers=2, hidden=(8,))
+q = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), flow)
+q.log_prob(q.rsample((64,)))  # ActNorm's data-dependent initialisation, outside the compiled function
+
+def loss(eps):
+    z = flow(eps)
+    return (q.log_prob(z) + 0.5 * (z * z).sum(-1)).mean()
+
+eps = torch.randn(64, 3)
+eager = loss(eps)
+print(torch._dynamo.explain(loss)(eps).graph_break_count, bool(torch.allclose(torch.compile(loss)(eps), eager)))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["0", "True"], out.stdout

@@ -49,6 +49,12 @@ class _Pair:
     def matches(self, mode, x=None, y=None) -> bool:
         if mode != self.mode:
             return False
+        if torch.compiler.is_compiling():
+            # Inside torch.compile a version counter is a data-dependent value: comparing it splits the graph.
+            # There the pair is matched by identity alone, as torch's own transform cache does
+            # (``Transform._call``), so an in-place edit of a sample between its draw and its log_prob inside a
+            # compiled function is not noticed (eager calls notice it).
+            return (x is None or self.x is x) and (y is None or self.y is y)
         if x is not None and (self.x is not x or _version(x) != self.x_version):
             return False
         return y is None or (self.y is y and _version(y) == self.y_version)
