@@ -175,6 +175,13 @@ def fixed_log_prob(fn, value: torch.Tensor, avoid=()) -> torch.Tensor:
             p.requires_grad_(True)
 
 
+def _agrees(fixed: torch.Tensor, log_prob: torch.Tensor) -> bool:
+    """Whether the held-fixed log-density equals the draw's, as it must at the same point and parameters: to
+    1e-3 relative (float32 round trips through a flow's inverse stay far inside it) plus 1e-2 absolute."""
+    gap = (fixed.detach() - log_prob.detach()).abs()
+    return bool((gap <= 1e-2 + 1e-3 * log_prob.detach().abs()).all())
+
+
 class TraceSTL_ELBO(Trace_ELBO):
     r"""Pyro's ``Trace_ELBO`` with the sticking-the-landing gradient for reparameterised guide sites: the guide's
     :math:`\log q` enters the surrogate through :func:`fixed_log_prob`, so its gradient is the path derivative
@@ -182,7 +189,10 @@ class TraceSTL_ELBO(Trace_ELBO):
 
     A site whose distribution cannot be held fixed (a family :func:`fixed_log_prob` does not know, or parameters
     computed from the guide's earlier samples, as in a hand-written structured guide) keeps the reparameterised
-    gradient, which is unbiased too; a ``UserWarning`` names it once, and :attr:`fallback_sites` lists it.
+    gradient, which is unbiased too; a ``UserWarning`` names it once, and :attr:`fallback_sites` lists it. So does a
+    step where the held-fixed log-density, computed through the flow's inverse, differs from the draw's own (it
+    must be equal: same point, same parameters); an inverse that misses would otherwise bias the gradient.
+    :attr:`inexact_steps` counts such steps per site.
 
     Takes the arguments of ``Trace_ELBO`` (``num_particles``, ``vectorize_particles``, ``max_plate_nesting``, ...).
     :func:`pyroflows.infer.fit` uses it by default (``estimator="stl"``).
@@ -206,6 +216,9 @@ class TraceSTL_ELBO(Trace_ELBO):
         super().__init__(*args, **kwargs)
         #: names of the sites that kept the reparameterised gradient, with the reason
         self.fallback_sites: dict[str, str] = {}
+        #: per site, the steps whose held-fixed log q disagreed with the draw's (an inexact inverse), which used
+        #: the reparameterised gradient instead
+        self.inexact_steps: dict[str, int] = {}
 
     def _get_trace(self, model, guide, args, kwargs):
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
@@ -229,7 +242,18 @@ class TraceSTL_ELBO(Trace_ELBO):
                         )
                 else:
                     fixed = scale_and_mask(fixed, site["scale"], site["mask"])
-                    site["score_parts"] = ScoreParts(log_prob, score_function, entropy_term=fixed)
+                    if _agrees(fixed, log_prob):
+                        site["score_parts"] = ScoreParts(log_prob, score_function, entropy_term=fixed)
+                    else:  # the inverse did not reproduce the draw's log-density: STL would be biased here
+                        self.inexact_steps[name] = self.inexact_steps.get(name, 0) + 1
+                        if self.inexact_steps[name] == 1:
+                            warnings.warn(
+                                f"TraceSTL_ELBO: at site {name!r} the held-fixed log q (through the flow's inverse) "
+                                "differs from the draw's; such steps use the reparameterised gradient "
+                                "(counted in inexact_steps)",
+                                UserWarning,
+                                stacklevel=2,
+                            )
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 earlier.add(value.grad_fn)
         return model_trace, guide_trace
