@@ -366,6 +366,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     """Measure, print the summary, write ``scaling[_quick].json`` and regenerate ``RESULTS.md``."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    memory = not (args.no_memory or args.compile)  # the forked memory children would compile again
     payload = {
         "benchmark": "scaling",
         "command": command,
@@ -384,10 +385,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "timing_method": "median wall ms (time.perf_counter) over interleaved rounds after warm-up; speed_ratio = "
         "median over rounds of peer ms / pyroflows ms (> 1: pyroflows faster)",
         "compiled": args.compile,
-        "memory_method": _common.MEMORY_METHOD if not (args.no_memory or args.compile) else None,
+        "memory_method": _common.MEMORY_METHOD if memory else None,
         "exponent_method": "least-squares slope of log(ms) against log(work), work = D or 3 * s * s",
     }
-    memory = not (args.no_memory or args.compile)
     payload["vector"] = measure("vector", args.dims, args.warmup, args.rounds, memory=memory, compiled=args.compile)
     payload["image"] = measure("image", args.sides, args.warmup, args.rounds, memory=memory, compiled=args.compile)
     payload["wall_s"] = time.perf_counter() - t0

@@ -233,13 +233,7 @@ class TraceSTL_ELBO(Trace_ELBO):
                 try:
                     fixed = fixed_log_prob(site["fn"], value, avoid=earlier)
                 except NotImplementedError as e:
-                    if name not in self.fallback_sites:
-                        self.fallback_sites[name] = str(e)
-                        warnings.warn(
-                            f"TraceSTL_ELBO: site {name!r} keeps the reparameterised gradient ({e})",
-                            UserWarning,
-                            stacklevel=2,
-                        )
+                    self._cannot_hold_fixed(name, e)
                 else:
                     fixed = scale_and_mask(fixed, site["scale"], site["mask"])
                     if _agrees(fixed, log_prob):
@@ -257,6 +251,14 @@ class TraceSTL_ELBO(Trace_ELBO):
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 earlier.add(value.grad_fn)
         return model_trace, guide_trace
+
+    def _cannot_hold_fixed(self, name: str, error: NotImplementedError) -> None:
+        """Site ``name``'s distribution cannot be held fixed: it keeps the reparameterised gradient, named once."""
+        if name not in self.fallback_sites:
+            self.fallback_sites[name] = str(error)
+            warnings.warn(
+                f"TraceSTL_ELBO: site {name!r} keeps the reparameterised gradient ({error})", UserWarning, stacklevel=3
+            )
 
 
 class TraceIW_ELBO(TraceSTL_ELBO):
@@ -304,14 +306,12 @@ class TraceIW_ELBO(TraceSTL_ELBO):
         (-0.8, True)
     """
 
+    def _cannot_hold_fixed(self, name: str, error: NotImplementedError) -> None:
+        """Refused: DReG needs the held-fixed log q at every site (the reparameterised term would bias it)."""
+        raise NotImplementedError(f"TraceIW_ELBO: site {name!r} cannot be held fixed ({error})") from error
+
     def _get_trace(self, model, guide, args, kwargs):
-        with warnings.catch_warnings():  # TraceSTL_ELBO's fallback warning: refused below instead
-            warnings.simplefilter("ignore", UserWarning)
-            model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
-        if self.fallback_sites:
-            name, why = next(iter(self.fallback_sites.items()))
-            self.fallback_sites.clear()
-            raise NotImplementedError(f"TraceIW_ELBO: site {name!r} cannot be held fixed ({why})")
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
         guide_params = {n for n, s in guide_trace.nodes.items() if s["type"] == "param"}
         for name, site in model_trace.nodes.items():
             if site["type"] == "param" and name not in guide_params:
@@ -349,8 +349,8 @@ class TraceIW_ELBO(TraceSTL_ELBO):
     def _log_weights(self, model, guide, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log w, log w̄)`` per particle: with the full and with the held-fixed log-density of the guide."""
         full, path = [], []
+        k = self.num_particles if self.vectorize_particles else 1  # particles per trace
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            k = self.num_particles if self.vectorize_particles else 1
             log_p = sum(
                 self._per_particle(s["log_prob"], k) for s in model_trace.nodes.values() if s["type"] == "sample"
             )

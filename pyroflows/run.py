@@ -852,13 +852,12 @@ def lr_factor(
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
         t = min(step / max(num_steps - 1, 1), 1.0)
-        if schedule == "cosine":
+        if schedule in ("cosine", "stable_cosine"):
+            if schedule == "stable_cosine":  # the same half cosine, over the last fifth of the run only
+                t = max(0.0, (t - (1 - STABLE_DECAY_FRACTION)) / STABLE_DECAY_FRACTION)
             decay = final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * t))
         elif schedule == "exponential":
             decay = final_factor**t
-        elif schedule == "stable_cosine":
-            u = max(0.0, (t - (1 - STABLE_DECAY_FRACTION)) / STABLE_DECAY_FRACTION)
-            decay = final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * u))
         else:
             decay = 1.0
         return warm * decay
