@@ -182,6 +182,12 @@ def _agrees(fixed: torch.Tensor, log_prob: torch.Tensor) -> bool:
     return bool((gap <= 1e-2 + 1e-3 * log_prob.detach().abs()).all())
 
 
+def _random_log_det(fn) -> bool:
+    """Whether a layer of ``fn``'s flow estimates its log-det at random (a residual flow in training mode): the
+    held-fixed log q is then another draw of an unbiased estimate, not comparable with the draw's own."""
+    return any(getattr(sub, "random_log_det", False) for m in _modules(fn) for sub in m.modules())
+
+
 class TraceSTL_ELBO(Trace_ELBO):
     r"""Pyro's ``Trace_ELBO`` with the sticking-the-landing gradient for reparameterised guide sites: the guide's
     :math:`\log q` enters the surrogate through :func:`fixed_log_prob`, so its gradient is the path derivative
@@ -192,7 +198,9 @@ class TraceSTL_ELBO(Trace_ELBO):
     gradient, which is unbiased too; a ``UserWarning`` names it once, and :attr:`fallback_sites` lists it. So does a
     step where the held-fixed log-density, computed through the flow's inverse, differs from the draw's own (it
     must be equal: same point, same parameters); an inverse that misses would otherwise bias the gradient.
-    :attr:`inexact_steps` counts such steps per site.
+    :attr:`inexact_steps` counts such steps per site. Flows whose log-det is a random estimate (residual flows in
+    training mode, :attr:`~pyroflows.transforms.FlowTransform.random_log_det`) are not compared: the two values
+    are independent draws of an unbiased estimate, and the path derivative of the held-fixed one is unbiased.
 
     Takes the arguments of ``Trace_ELBO`` (``num_particles``, ``vectorize_particles``, ``max_plate_nesting``, ...).
     :func:`pyroflows.infer.fit` uses it by default (``estimator="stl"``).
@@ -236,7 +244,7 @@ class TraceSTL_ELBO(Trace_ELBO):
                     self._cannot_hold_fixed(name, e)
                 else:
                     fixed = scale_and_mask(fixed, site["scale"], site["mask"])
-                    if _agrees(fixed, log_prob):
+                    if _random_log_det(site["fn"]) or _agrees(fixed, log_prob):
                         site["score_parts"] = ScoreParts(log_prob, score_function, entropy_term=fixed)
                     else:  # the inverse did not reproduce the draw's log-density: STL would be biased here
                         self.inexact_steps[name] = self.inexact_steps.get(name, 0) + 1

@@ -196,3 +196,27 @@ def test_an_inexact_inverse_falls_back_to_the_reparameterised_gradient():
     pyro.set_rng_seed(0)
     b = _grads(Trace_ELBO(num_particles=16, vectorize_particles=True, max_plate_nesting=0), _gauss_model, guide, params)
     assert torch.allclose(a, b) and sum(stl.inexact_steps.values()) == 1
+
+
+@pytest.mark.filterwarnings("ignore:ActNorm. the first training batch:UserWarning")
+def test_a_random_log_det_keeps_the_path_derivative():
+    """A residual flow in training mode estimates its log-det at random, so the held-fixed log q (another draw of
+    the estimate) cannot equal the draw's: those steps are not counted as inexact and keep STL's path derivative
+    (the held-fixed term is the surrogate's entropy term). In eval mode with an exact log-det they are compared."""
+    from pyroflows.transforms import ResidualBlock
+
+    block = ResidualBlock(2, hidden=(8,))
+    assert block.random_log_det and not block.eval().random_log_det  # "auto" in eval: exact at D = 2
+    assert ResidualBlock(2, hidden=(8,), logdet="exact").random_log_det is False
+    assert ResidualBlock((1, None, None), hidden=2).eval().random_log_det  # unknown size: the unbiased estimate
+
+    pyro.clear_param_store()
+    guide = AutoNormalizingFlow(_gauss_model, partial(pyroflows.residual_flow, num_layers=2, hidden=(8,)))
+    guide()
+    stl = TraceSTL_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=0)
+    for _ in range(5):
+        _, guide_trace = stl._get_trace(_gauss_model, guide, (), {})
+        parts = guide_trace.nodes["_AutoNormalizingFlow_latent"]["score_parts"]
+        assert parts.entropy_term is not parts.log_prob  # the held-fixed log q: the path derivative
+        assert not torch.equal(parts.entropy_term, parts.log_prob)  # two draws of the random estimate
+    assert stl.inexact_steps == {}

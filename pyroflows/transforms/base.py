@@ -196,6 +196,13 @@ class FlowTransform(TransformModule):
     #: to the first ``log_abs_det_jacobian`` on the pair. Worth it only where the log-det dominates the cost.
     lazy_log_det = False
 
+    @property
+    def random_log_det(self) -> bool:
+        """Whether this layer's log-det, in its current mode, is a random (unbiased) estimate rather than the exact
+        value: two evaluations at the same point then differ (a residual block's stochastic series in training mode).
+        ``False`` for every exact layer."""
+        return False
+
     def __init__(
         self,
         event_dim: int = 1,

@@ -252,6 +252,17 @@ class ResidualBlock(FlowTransform):
             mode = "exact" if dim <= self.exact_max_dim else "unbiased"
         return mode, self.eval_n_exact_terms
 
+    @property
+    def random_log_det(self) -> bool:
+        """Whether the log-det in the current mode is a random estimate (every mode but ``"exact"``; ``"auto"`` in
+        eval mode is exact up to ``exact_max_dim`` dimensions when the event shape is fully known)."""
+        mode = self.logdet if self.training else self.eval_logdet
+        if mode == "auto":
+            shape = self.event_shape
+            known = shape is not None and all(s is not None for s in shape)
+            mode = "exact" if known and math.prod(shape) <= self.exact_max_dim else "unbiased"
+        return mode != "exact"
+
     def _coefficients(self, mode: str, n_exact: int) -> list[float]:
         if mode == "series":
             return [1.0] * self.n_terms
