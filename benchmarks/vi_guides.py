@@ -15,13 +15,14 @@ Models (exact ``log Z`` known):
 
 The last three are in ``examples/vi_models.py`` with their evidence functions; none was used to choose defaults.
 
-Every guide is trained the same way in the ``plain`` recipe: ``SVI`` with ``Trace_ELBO(num_particles=8,
-vectorize_particles=True)`` and ``ClippedAdam(lr=3e-3)`` for 2000 steps (16,000 particle-steps). The ``fit``
-recipe trains every guide (Pyro's too) through :func:`pyroflows.infer.fit` with its defaults at the same budget
-(``num_steps = 16000 / num_particles``); ``fit:KEY=VALUE,...`` with other settings, to choose the defaults.
-KL(q‖p) = log Z − ELBO, the ELBO from 10,000 guide draws (its standard error is reported); k̂ is the median over 5
-independent sets of 2,000 draws (PSIS, Yao et al. 2018). Wall time is
-the training time of each job in its own process (one thread), so rows are comparable within one run.
+pyroflows guides are :class:`pyroflows.AutoFlow` (``AutoNormalizingFlow``'s guide in one parameter tensor;
+``NAME/tails`` with ``heavy_tails=True``). Every guide is trained the same way in the ``plain``
+recipe: ``SVI`` with ``Trace_ELBO(num_particles=8, vectorize_particles=True)`` and ``ClippedAdam(lr=3e-3)`` for 2000
+steps (16,000 particle-steps). The ``fit`` recipe trains every guide (Pyro's too) through :func:`pyroflows.infer.fit`
+with its defaults at the same budget (``num_steps = 16000 / num_particles``); ``fit:KEY=VALUE,...`` with other
+settings, to choose the defaults. KL(q‖p) = log Z − ELBO, the ELBO from 10,000 guide draws (its standard error is
+reported); k̂ is the median over 5 independent sets of 2,000 draws (PSIS, Yao et al. 2018). Wall time is the training
+time of each job in its own process (one thread), so rows are comparable within one run.
 
 ::
 
@@ -87,8 +88,12 @@ def model_spec(name: str):
 
 
 def make_guide(name: str, model):
-    """A fresh guide by name, or ``None`` when this pyroflows has no such builder."""
-    from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
+    """A fresh guide by name, or ``None`` when this pyroflows has no such builder.
+
+    ``"realnvp(8)"`` is ``pyroflows.AutoFlow(model, partial(pyroflows.realnvp, num_layers=8))``, the guide the
+    documentation recommends (``AutoNormalizingFlow``'s guide, its parameters in one tensor); ``"realnvp(8)/tails"``
+    the same with ``heavy_tails=True`` (the flow on noise with learned tails, ``HeavyTails``)."""
+    from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
 
     import pyroflows
 
@@ -96,11 +101,15 @@ def make_guide(name: str, model):
         return AutoNormal(model)
     if name == "AutoIAFNormal(2)":
         return AutoIAFNormal(model, num_transforms=2)
-    builder, _, arg = name.partition("(")
+    spec, _, base = name.partition("/")
+    if base not in ("", "tails"):
+        raise ValueError(f"unknown guide variant {name!r} (a builder, or builder/tails)")
+    builder, _, arg = spec.partition("(")
     fn = getattr(pyroflows, builder, None)
-    if fn is None:
+    auto = getattr(pyroflows, "AutoFlow", None)
+    if fn is None or auto is None:
         return None
-    return AutoNormalizingFlow(model, partial(fn, num_layers=int(arg.rstrip(")"))))
+    return auto(model, partial(fn, num_layers=int(arg.rstrip(")"))), heavy_tails=base == "tails")
 
 
 def _train_plain(model, guide, args, steps: int, particles: int) -> list[float]:
@@ -171,7 +180,8 @@ def run_job(model_name: str, guide_name: str, recipe: str, steps: int, particles
 
 def markdown(rows: list[dict], recipe: str) -> str:
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
-    guides = [g for g in GUIDES if any(r["guide"] == g and r["recipe"] == recipe for r in rows)]
+    seen = [r["guide"] for r in rows if r["recipe"] == recipe]
+    guides = [g for g in GUIDES if g in seen] + sorted(set(seen) - set(GUIDES))
     cell = {(r["model"], r["guide"]): r for r in rows if r["recipe"] == recipe}
     lines = ["| guide | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for g in guides:

@@ -18,6 +18,8 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoNormalizingFlow
 
+from .transforms import Compose, HeavyTails
+
 __all__ = ["AutoFlow"]
 
 #: the name (under the guide's prefix) of the one param-store entry holding the flow's parameters
@@ -64,6 +66,12 @@ class AutoFlow(AutoNormalizingFlow):
     :param model: a Pyro model.
     :param init_transform_fn: a callable ``latent_dim -> Transform``, the flow from standard-normal noise to the
         model's unconstrained latent space.
+    :param bool heavy_tails: put a :class:`~pyroflows.transforms.HeavyTails` layer on the base noise: the guide's
+        flow is then ``Compose([HeavyTails(latent_dim), init_transform_fn(latent_dim)])``, drawing on noise whose
+        left and right tails per coordinate are learned, from Gaussian towards a Student-t's with 5 degrees of
+        freedom. An option, not the default (``False``: exactly ``AutoNormalizingFlow``'s guide): on the guide
+        benchmark it lowered k̂ a little for coupling and autoregressive flows at about the same KL(q‖p), and made
+        residual flows several times worse (docs: "Heavy tails for flow guides").
 
     Example::
 
@@ -84,8 +92,11 @@ class AutoFlow(AutoNormalizingFlow):
         True
     """
 
-    def __init__(self, model, init_transform_fn):
+    def __init__(self, model, init_transform_fn, *, heavy_tails: bool = False):
+        if heavy_tails not in (True, False):
+            raise ValueError(f"AutoFlow: heavy_tails must be True or False, got {heavy_tails!r}")
         super().__init__(model, init_transform_fn)
+        self.heavy_tails = heavy_tails
         # not registered as module state: the tensor the flow's parameters are views of, and per layer parameter
         # (parameter, start, end) in it
         self.__dict__["_linked"] = None
@@ -115,7 +126,7 @@ class AutoFlow(AutoNormalizingFlow):
         """
         flow = self._flow()
         if flow is None:
-            flow = self._init_transform_fn(self.latent_dim)
+            flow = self._build_flow()
             self.transform = flow
             self._flatten(flow)
         flat = self._parameters.get(FLAT_NAME)
@@ -126,6 +137,16 @@ class AutoFlow(AutoNormalizingFlow):
             self._check_linked()
             self.__dict__["_prototype_tensor"] = self._linked  # the base's dtype and device
         return dist.TransformedDistribution(self.get_base_dist(), flow)
+
+    def _build_flow(self):
+        flow = self._init_transform_fn(self.latent_dim)
+        if not self.heavy_tails:
+            return flow
+        tails = HeavyTails(self.latent_dim)
+        like = next(flow.parameters(), None) if isinstance(flow, torch.nn.Module) else None
+        if like is not None:
+            tails = tails.to(dtype=like.dtype, device=like.device)
+        return Compose([tails, flow])
 
     # -- one flat tensor -----------------------------------------------------------------------------------------
     def _flatten(self, flow) -> None:

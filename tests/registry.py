@@ -21,6 +21,7 @@ from pyroflows.transforms import (
     BatchNorm,
     Compose,
     ConditionalAffineCoupling,
+    HeavyTails,
     Invertible1x1Conv,
     Logit,
     MultiScale,
@@ -147,6 +148,11 @@ CASES: dict[str, Case] = {
         vector=False,
     ),
     "permute": Case(lambda s: Permute(shape=s[0])),
+    "heavy_tails": Case(lambda s: HeavyTails(s[0], init=0.2)),
+    # as AutoFlow builds a guide's flow: the tail layer on the base noise, then the builder's flow
+    "heavy_tails_realnvp": Case(
+        lambda s: Compose([HeavyTails(s[0]), pyroflows.realnvp(s[0], num_layers=2, hidden=(8,))])
+    ),
     "compose_mixed": Case(_mixed_compose),
     "inverse_planar": Case(lambda s: pyroflows.inverse(Planar(s[0]))),
     "inverse_realnvp": Case(lambda s: pyroflows.inverse(pyroflows.realnvp(s[0], num_layers=2, hidden=(8,)))),

@@ -18,6 +18,7 @@ from pyro.infer.autoguide import AutoNormalizingFlow
 import pyroflows
 from pyroflows import AutoFlow
 from pyroflows.infer import fit, load_guide, save_guide, sync_param_store
+from pyroflows.transforms import HeavyTails
 
 # a guide's first call (building it) shows ActNorm one draw; the layer keeps the identity, as it should for N(0, I)
 pytestmark = pytest.mark.filterwarnings("ignore:ActNorm. the first training batch:UserWarning")
@@ -155,11 +156,14 @@ def test_fit_checkpoint_and_save_load(tmp_path):
     for cls in (AutoNormalizingFlow, AutoFlow):
         pyro.clear_param_store()
         guide = cls(model, BUILDERS["realnvp"])
-        results[cls] = fit(model, guide, 25, num_particles=4, progress=False, seed=2, out=tmp_path / cls.__name__)
+        results[cls] = fit(model, guide, 25, num_particles=4, progress=False, seed=2, out=tmp_path / str(len(results)))
     np.testing.assert_allclose(results[AutoFlow].losses, results[AutoNormalizingFlow].losses, rtol=1e-5, atol=1e-5)
+    pyro.clear_param_store()
+    guide = AutoFlow(model, BUILDERS["realnvp"], heavy_tails=True)  # with the tail layer
+    fit(model, guide, 25, num_particles=4, progress=False, seed=2)
     save_guide(guide, tmp_path / "guide.pt")
     pyro.clear_param_store()
-    loaded = load_guide(AutoFlow(model, BUILDERS["realnvp"]), tmp_path / "guide.pt")
+    loaded = load_guide(AutoFlow(model, BUILDERS["realnvp"], heavy_tails=True), tmp_path / "guide.pt")
     for seed in (0, 1):
         pyro.set_rng_seed(seed)
         a = guide()["theta"]
@@ -206,3 +210,31 @@ def test_transform_without_parameters():
     with pyro.poutine.trace(param_only=True) as tr:
         assert guide()["theta"].shape == (2,)
     assert list(tr.trace.nodes) == [] and "flow_params" not in dict(guide.named_parameters())
+
+
+def test_heavy_tails_layer_on_the_base_noise():
+    """With heavy_tails=True the flow is Compose([HeavyTails(latent_dim), builder's flow]) in the builder's dtype,
+    trained through flow_params with the rest; by default the builder's flow is left alone; anything but a bool is
+    refused."""
+    pyro.clear_param_store()
+    guide = AutoFlow(model, partial(pyroflows.realnvp, num_layers=2, hidden=(8,)), heavy_tails=True)
+    guide()
+    first, rest = list(guide.transform.parts)
+    assert isinstance(first, HeavyTails) and first.dim == 3
+    assert isinstance(rest, pyroflows.transforms.Compose)
+    assert guide.flow_params.numel() == first.raw.numel() + sum(p.numel() for p in rest.parameters())
+    before = first.raw.detach().clone()
+    _trains_through_flat(guide)
+    assert not torch.equal(first.raw, before)
+
+    pyro.clear_param_store()
+    plain = AutoFlow(model, partial(pyroflows.realnvp, num_layers=2, hidden=(8,)))
+    plain()
+    assert not any(isinstance(m, HeavyTails) for m in plain.transform.modules())
+
+    pyro.clear_param_store()
+    double = AutoFlow(model, lambda d: pyroflows.planar_flow(d, num_layers=2).double(), heavy_tails=True)
+    double()
+    assert guide.transform.parts[0].raw.dtype == torch.float32 and double.transform.parts[0].raw.dtype == torch.float64
+    with pytest.raises(ValueError, match="heavy_tails must be True or False, got 'yes'"):
+        AutoFlow(model, BUILDERS["planar"], heavy_tails="yes")

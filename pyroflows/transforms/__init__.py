@@ -31,6 +31,7 @@ from .preprocess import Logit
 from .reshape import MultiScale, Squeeze
 from .residual import ResidualBlock
 from .spline import SplineCoupling, rational_quadratic_spline
+from .tails import HeavyTails
 from .validation import enable_validation, is_validation_enabled
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "AffineAutoregressive",
     "AffineCoupling",
     "BatchNorm",
+    "HeavyTails",
     "Compose",
     "ConditionalAffineAutoregressive",
     "ConditionalAffineCoupling",
