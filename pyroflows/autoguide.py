@@ -70,8 +70,8 @@ class AutoFlow(AutoNormalizingFlow):
         flow is then ``Compose([HeavyTails(latent_dim), init_transform_fn(latent_dim)])``, drawing on noise whose
         left and right tails per coordinate are learned, from Gaussian towards a Student-t's with 5 degrees of
         freedom. An option, not the default (``False``: exactly ``AutoNormalizingFlow``'s guide): on the guide
-        benchmark it lowered k̂ a little for coupling and autoregressive flows at about the same KL(q‖p), and made
-        residual flows several times worse (docs: "Heavy tails for flow guides").
+        benchmark's posteriors it changed KL(q‖p) and k̂ within their run-to-run spread (docs: "Heavy tails for
+        flow guides").
 
     Example::
 

@@ -148,7 +148,7 @@ CASES: dict[str, Case] = {
         vector=False,
     ),
     "permute": Case(lambda s: Permute(shape=s[0])),
-    "heavy_tails": Case(lambda s: HeavyTails(s[0], init=0.2)),
+    "heavy_tails": Case(lambda s: HeavyTails(s[0], init=0.15, max_weight=0.5)),
     # as AutoFlow builds a guide's flow: the tail layer on the base noise, then the builder's flow
     "heavy_tails_realnvp": Case(
         lambda s: Compose([HeavyTails(s[0]), pyroflows.realnvp(s[0], num_layers=2, hidden=(8,))])
