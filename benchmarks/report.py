@@ -435,8 +435,9 @@ def _residual_eval(d: dict) -> str:
         f"trained {d['train_steps']} steps; {d['threads']} threads. Not in the rows: the first evaluation after "
         f"training converges the eval-mode power iterations once ({d['convergence_seconds']:.1f} s). Speed ratio: "
         "the first row's seconds over the row's (one run each, same command). Standard error: "
-        "evaluate_with_error's, from the repeats' per-image spread (the error bar of the stochastic log-det and "
-        "of the dequantisation noise)."
+        "evaluate_with_error's (the error bar of the stochastic log-det and of the dequantisation noise), from "
+        "the spread of the batches' totals over the repeats: a residual flow draws one roulette length per batch, "
+        "so the batches are the independent units, and the rows at batch 500 (2 batches) have imprecise error bars."
     )
 
 

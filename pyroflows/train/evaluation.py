@@ -3,6 +3,7 @@ r"""Training data held in (device) memory, and :func:`evaluate`: mean test bits/
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -196,7 +197,13 @@ def evaluate_with_error(
     ``se`` is the standard error of that mean for these examples,
     :math:`\sqrt{\sum_i s_i^2 / R} \,/\, N` with :math:`s_i^2` the sample variance of example :math:`i`'s
     :math:`R` figures: the error bar of the stochastic estimators, not of the choice of test set. For a flow with
-    an exact log-det only the dequantisation contributes. Cost: ``repeats`` evaluations; memory: one batch.
+    an exact log-det only the dequantisation contributes. Where a layer's eval-mode log-det is random
+    (``random_log_det``: a residual flow above ``exact_max_dim``), one roulette length is drawn per call and shared
+    by the batch, so figures within a batch are correlated: the examples' variances are then replaced by the
+    batches' (:func:`batch_sum_variance`), :math:`\sqrt{\sum_b v_b / R} \,/\, N`. That error bar is itself
+    precise only with many batches: fewer than 10 (per process) give a ``UserWarning`` naming the batch size to use;
+    smaller batches also give a smaller error for the same work.
+    Cost: ``repeats`` evaluations; memory: one batch.
 
     :param model: a :class:`~pyroflows.FlowDensity`.
     :param data: as for :func:`evaluate`.
@@ -222,9 +229,62 @@ def evaluate_with_error(
 
     check_int("evaluate_with_error", "repeats", repeats, 2)
     runs, world = _evaluations(model, data, n_bins, batch_size, seed, device, repeats, "evaluate_with_error")
-    sums = torch.stack([runs.mean(0).sum(), runs.var(0).sum(), _count(runs[0])])
+    # the unit of independent randomness: the batch where a layer's eval-mode log-det is random (shared within a
+    # call), else the example (only its dequantisation noise)
+    shared = _random_in_eval(model)
+    if shared and math.ceil(runs.shape[1] / batch_size) < MIN_BATCHES:
+        warnings.warn(
+            f"evaluate_with_error: the standard error comes from {math.ceil(runs.shape[1] / batch_size)} batch(es) "
+            f"of {batch_size}: a residual flow draws one roulette length per batch, so the batches are the "
+            f"independent units; pass batch_size <= {max(1, runs.shape[1] // MIN_BATCHES)} for a precise error bar",
+            UserWarning,
+            stacklevel=2,
+        )
+    variance = batch_sum_variance(runs, batch_size) if shared else runs.var(0).sum()
+    sums = torch.stack([runs.mean(0).sum(), variance.to(runs.dtype), _count(runs[0])])
     total, var_sum, count = _sum_over_ranks(sums, world).tolist()
     return total / count, math.sqrt(var_sum / repeats) / count
+
+
+#: fewer batches than this (per process) make a residual flow's standard error imprecise: a warning says so
+MIN_BATCHES = 10
+
+
+def _random_in_eval(model) -> bool:
+    """Whether a layer of ``model`` estimates its log-det at random in eval mode (``random_log_det``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return any(getattr(m, "random_log_det", False) for m in model.modules())
+    finally:
+        model.train(was_training)
+
+
+def batch_sum_variance(runs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    r""":math:`\sum_b v_b`, with :math:`v_b` the sample variance over the ``R`` evaluations of batch :math:`b`'s sum of
+    figures: the variance of one evaluation's total, estimated with the batch as the independent unit.
+
+    The estimators' randomness is independent between batches but may be shared within one: a residual flow draws
+    one Russian-roulette length per call, for the whole batch. Per-example variances would then miss the
+    covariances inside a batch and understate the error; batch sums carry them. Where the randomness is per example
+    the expectation is the same, :math:`\sum_i \sigma_i^2`.
+
+    :param torch.Tensor runs: per-example figures, shape ``(R, n)``, example ``j`` in batch ``j // batch_size`` (the
+        order in which :func:`per_example_nll` scores them).
+    :param int batch_size: the evaluation batch size.
+    :returns: a 0-d float64 tensor.
+
+    Example::
+
+        >>> import torch
+        >>> shared = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])  # one offset per batch of 2
+        >>> float(batch_sum_variance(shared, 2)), float(shared.var(0).sum())  # 2 * 2: the covariances count
+        (4.0, 2.0)
+    """
+    repeats, n = runs.shape
+    pad = (-n) % batch_size
+    sums = torch.nn.functional.pad(runs, (0, pad)).reshape(repeats, -1, batch_size).sum(-1)
+    return sums.var(0).sum().to(torch.float64)
 
 
 @torch.no_grad()
