@@ -54,6 +54,7 @@ GUIDES = [
     "realnvp(8)",
     "residual_flow(8)",
     "autoregressive_flow(4)",
+    "autoregressive_flow(8)",
     "spline_flow(8)",
 ]
 MODELS = ["eight_schools_centered", "funnel10", "banana", "horseshoe", "local_level", "bimodal"]
