@@ -31,6 +31,8 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 from torch.distributions.utils import _sum_rightmost
 
+from .transforms.base import has_random_log_det
+
 __all__ = ["SampleDependentError", "TraceIW_ELBO", "TraceSTL_ELBO", "fixed_log_prob"]
 
 
@@ -185,7 +187,7 @@ def _agrees(fixed: torch.Tensor, log_prob: torch.Tensor) -> bool:
 def _random_log_det(fn) -> bool:
     """Whether a layer of ``fn``'s flow estimates its log-det at random (a residual flow in training mode): the
     held-fixed log q is then another draw of an unbiased estimate, not comparable with the draw's own."""
-    return any(getattr(sub, "random_log_det", False) for m in _modules(fn) for sub in m.modules())
+    return any(has_random_log_det(m) for m in _modules(fn))
 
 
 class TraceSTL_ELBO(Trace_ELBO):

@@ -11,6 +11,7 @@ import torch.distributed as torch_dist
 
 from ..data.images import ImageDataset, as_image_dataset, check_pixels, dequantize
 from ..density import FlowDensity, to_bits_per_dim
+from ..transforms.base import has_random_log_det
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -231,10 +232,10 @@ def evaluate_with_error(
     runs, world = _evaluations(model, data, n_bins, batch_size, seed, device, repeats, "evaluate_with_error")
     # the unit of independent randomness: the batch where a layer's eval-mode log-det is random (shared within a
     # call), else the example (only its dequantisation noise)
-    shared = _random_in_eval(model)
-    if shared and math.ceil(runs.shape[1] / batch_size) < MIN_BATCHES:
+    shared, batches = _random_in_eval(model), math.ceil(runs.shape[1] / batch_size)
+    if shared and batches < MIN_BATCHES:
         warnings.warn(
-            f"evaluate_with_error: the standard error comes from {math.ceil(runs.shape[1] / batch_size)} batch(es) "
+            f"evaluate_with_error: the standard error comes from {batches} batch(es) "
             f"of {batch_size}: a residual flow draws one roulette length per batch, so the batches are the "
             f"independent units; pass batch_size <= {max(1, runs.shape[1] // MIN_BATCHES)} for a precise error bar",
             UserWarning,
@@ -255,7 +256,7 @@ def _random_in_eval(model) -> bool:
     was_training = model.training
     model.eval()
     try:
-        return any(getattr(m, "random_log_det", False) for m in model.modules())
+        return has_random_log_det(model)
     finally:
         model.train(was_training)
 

@@ -454,6 +454,16 @@ class Inverse(FlowTransform):
         return f"Inverse({self.base._name() if isinstance(self.base, FlowTransform) else type(self.base).__name__})"
 
 
+def has_random_log_det(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or one of its submodules estimates its log-det at random in its current mode
+    (:attr:`FlowTransform.random_log_det`).
+
+    :param torch.nn.Module module: a flow, or any module holding flows.
+    :returns: ``bool``.
+    """
+    return any(getattr(m, "random_log_det", False) for m in module.modules())
+
+
 def inverse(t: Transform) -> Transform:
     """Module-aware inverse of ``t``; see :class:`Inverse`.
 

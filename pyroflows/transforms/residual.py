@@ -246,22 +246,23 @@ class ResidualBlock(FlowTransform):
     def _mode(self, x) -> tuple[str, int]:
         if self.training:
             return self.logdet, self.n_exact_terms
-        mode = self.eval_logdet
-        if mode == "auto":
-            dim = math.prod(x.shape[x.dim() - self._event_dim :])
-            mode = "exact" if dim <= self.exact_max_dim else "unbiased"
-        return mode, self.eval_n_exact_terms
+        return self._eval_mode(math.prod(x.shape[x.dim() - self._event_dim :])), self.eval_n_exact_terms
+
+    def _eval_mode(self, dim: int | None) -> str:
+        """``eval_logdet`` with ``"auto"`` resolved for an event of ``dim`` values (``None``: not known)."""
+        if self.eval_logdet != "auto":
+            return self.eval_logdet
+        return "exact" if dim is not None and dim <= self.exact_max_dim else "unbiased"
 
     @property
     def random_log_det(self) -> bool:
         """Whether the log-det in the current mode is a random estimate (every mode but ``"exact"``; ``"auto"`` in
         eval mode is exact up to ``exact_max_dim`` dimensions when the event shape is fully known)."""
-        mode = self.logdet if self.training else self.eval_logdet
-        if mode == "auto":
-            shape = self.event_shape
-            known = shape is not None and all(s is not None for s in shape)
-            mode = "exact" if known and math.prod(shape) <= self.exact_max_dim else "unbiased"
-        return mode != "exact"
+        if self.training:
+            return self.logdet != "exact"
+        shape = self.event_shape
+        known = shape is not None and all(s is not None for s in shape)
+        return self._eval_mode(math.prod(shape) if known else None) != "exact"
 
     def _coefficients(self, mode: str, n_exact: int) -> list[float]:
         if mode == "series":
