@@ -409,6 +409,24 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
     assert len(ckpt["rng"]) == 2  # each rank's RNG state, for resume
 
 
+def test_teardown_meets_at_a_barrier_only_after_a_finished_run(monkeypatch):
+    from pyroflows.train import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    ctx = distributed.Context(rank=1, world_size=2, owns_group=True)
+    distributed.teardown(ctx)
+    assert calls == ["barrier", "destroy"]  # no rank leaves while another still receives
+    calls.clear()
+    distributed.teardown(ctx, finished=False)
+    assert calls == ["destroy"]  # after an exception the other ranks may never arrive
+    calls.clear()
+    distributed.teardown(distributed.Context(rank=0, world_size=2, owns_group=False))
+    assert calls == []  # a group the caller made is the caller's
+
+
 def test_time_limit_stops_early_with_a_checkpoint_and_resume_continues(digits, tmp_path):
     first = run(tiny(), digits, tmp_path, num_steps=100000, time_limit=1.0, eval_every=None)
     assert 0 < first.step < 100000 and len(first.losses) == first.step

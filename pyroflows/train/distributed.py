@@ -54,9 +54,14 @@ def setup(device: str | torch.device | None = "auto") -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), device, owns)
 
 
-def teardown(ctx: Context) -> None:
-    """Destroy the process group if :func:`setup` created it."""
+def teardown(ctx: Context, finished: bool = True) -> None:
+    """Destroy the process group if :func:`setup` created it. After a run that ``finished`` (no exception), the
+    ranks first meet at a barrier: a rank that destroys the group while another is still receiving from it (rank
+    0 gathering the last checkpoint's RNG states, say) can take its gloo threads down mid-transfer and abort the
+    process. After an exception there is no barrier, since the other ranks may never arrive."""
     if ctx.owns_group and dist.is_initialized():
+        if finished and ctx.distributed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -391,11 +391,14 @@ def fit(
             "variable model: check the flow it was built from instead"
         )
     ctx = distributed.setup(config.device)
+    finished = False
     try:
         with run_lock(config.out if ctx.rank == 0 else None, "fit"):  # rank 0 is the one that writes
-            return _fit(model, train, test, config, ctx)
+            result = _fit(model, train, test, config, ctx)
+        finished = True
+        return result
     finally:
-        distributed.teardown(ctx)
+        distributed.teardown(ctx, finished)
 
 
 def _fit(model: FlowDensity, train, test, cfg: FitConfig, ctx) -> FitResult:
