@@ -152,7 +152,8 @@ class AutoFlow(AutoNormalizingFlow):
     def _flatten(self, flow) -> None:
         if not isinstance(flow, torch.nn.Module):
             return  # a transform without parameters
-        params = [p for p in flow.parameters() if p.requires_grad]
+        # an empty parameter (a coupling's conditioner on 0 inputs, for a 1-D latent) holds nothing to link
+        params = [p for p in flow.parameters() if p.requires_grad and p.numel() > 0]
         if not params:
             return
         kinds = {(p.dtype, p.device) for p in params}
