@@ -13,7 +13,7 @@ from pyro.optim.clipped_adam import ClippedAdam
 
 import pyroflows
 from pyroflows.logdet import exact_log_det, roulette_coefficients
-from pyroflows.nn import LearnableNorm, SpectralConv2d, SpectralLinear, lipschitz_mlp
+from pyroflows.nn import LearnableNorm, LipSwish, SpectralConv2d, SpectralLinear, lipschitz_mlp
 from pyroflows.transforms import ResidualBlock
 
 
@@ -170,6 +170,69 @@ def test_frozen_power_iteration_freezes_a_residual_block(train):
             torch.testing.assert_close(v, buffers[k], rtol=0, atol=0, equal_nan=True, msg=f"{k} moved while frozen")
         block(x)  # outside the context the weight change is seen
         assert any(not torch.equal(buffers[k], v) for k, v in block.named_buffers() if k.endswith((".u", ".v")))
+
+
+def _lipswish_reference(x, raw_beta):
+    return x * torch.sigmoid(torch.nn.functional.softplus(raw_beta) * x) / 1.1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward-AD setup
+def test_lipswish_derivatives_first_second_forward_and_batched():
+    """LipSwish's own backward (its derivative computed once per forward) against autograd of the plain formula,
+    float64: repeated vector-Jacobian products through one graph, in x alone, then in beta too (the kept
+    derivative must gain the beta part), gradcheck and gradgradcheck (create_graph recomputes), forward-mode AD
+    and torch.func's vmap of jacrev (exact_log_det's batched route)."""
+    torch.manual_seed(0)
+    act = LipSwish(1.3).double()
+    raw = act.raw_beta
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y, y_ref = act(x), _lipswish_reference(x, raw)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-15)
+    for wrt in [(x,), (x,), (x, raw), (raw,), (x, raw)]:
+        v = torch.randn_like(y)
+        got = torch.autograd.grad(y, wrt, v, retain_graph=True)
+        want = torch.autograd.grad(y_ref, wrt, v, retain_graph=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(act, (x,)) and torch.autograd.gradgradcheck(act, (x,))
+    fn = type(act.forward(x).grad_fn)._forward_cls.apply
+    assert torch.autograd.gradgradcheck(fn, (x, raw))
+    forward_only = dict(check_backward_ad=False, check_undefined_grad=False, check_batched_grad=False)
+    assert torch.autograd.gradcheck(fn, (x.detach().requires_grad_(), raw), check_forward_ad=True, **forward_only)
+    rows = x.detach()[:3]
+    got = torch.func.vmap(torch.func.jacrev(act))(rows)
+    want = torch.func.vmap(torch.func.jacrev(lambda r: _lipswish_reference(r, raw)))(rows)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacfwd(act)(rows[0]), want[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_residual_block_log_det_is_unchanged_by_lipswish_s_backward():
+    """The same draws give the same eval-mode estimate (and training gradient) with LipSwish's own backward as
+    with autograd of the plain formula (float64, an image block, the unbiased series)."""
+    prototype = ResidualBlock((2, 5, 5), hidden=8, logdet="unbiased", eval_logdet="unbiased").double()
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    out = {}
+    for name, plain in (("own", False), ("plain", True)):
+        block = copy.deepcopy(prototype)
+        original = LipSwish.forward
+        if plain:
+            LipSwish.forward = lambda self, h: _lipswish_reference(h, self.raw_beta)
+        try:
+            block.eval()
+            torch.manual_seed(1)
+            _, eval_ld = block.forward_and_log_det(x)
+            block.train()
+            block.zero_grad()
+            torch.manual_seed(2)
+            _, ld = block.forward_and_log_det(x)
+            ld.sum().backward()
+            out[name] = (eval_ld, [p.grad.clone() for p in block.parameters() if p.grad is not None])
+        finally:
+            LipSwish.forward = original
+    torch.testing.assert_close(out["own"][0], out["plain"][0], rtol=1e-12, atol=1e-12)
+    assert len(out["own"][1]) == len(out["plain"][1]) > 0
+    for a, b in zip(out["own"][1], out["plain"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_coefficient_of_one_or_more_is_rejected():

@@ -188,10 +188,10 @@ class _PowerIteration(nn.Module):
 
     def _converge(self) -> None:
         """Eval mode: iterate until the estimate of the norm settles (at most ``max_eval_iterations`` times)."""
-        previous = float(self._sigma())
+        previous = float(self._sigma().detach())
         for _ in range(self.max_eval_iterations):
             self._iterate(1)
-            current = float(self._sigma())
+            current = float(self._sigma().detach())
             if self._converged(previous, current):
                 break
             previous = current
@@ -484,11 +484,68 @@ class SpectralConv2d(_PowerIteration):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, coeff={self.coeff}"
 
 
+def _lipswish_derivatives(x: torch.Tensor, raw_beta: torch.Tensor, wrt_beta: bool):
+    r"""``(d, e)``: the elementwise derivatives of :math:`x \sigma(\beta x) / 1.1` in ``x`` and in the raw
+    parameter :math:`b` (:math:`\beta = \mathrm{softplus}(b)`, :math:`d\beta/db = \sigma(b)`); ``e`` is ``None``
+    unless ``wrt_beta``."""
+    beta = F.softplus(raw_beta)
+    s = torch.sigmoid(beta * x)
+    t = s * (1 - s)
+    d = (s + beta * x * t) / 1.1
+    e = x * x * t * (torch.sigmoid(raw_beta) / 1.1) if wrt_beta else None
+    return d, e
+
+
+class _LipSwishFunction(torch.autograd.Function):
+    """LipSwish with a backward that reuses its elementwise derivative: a residual block's log-det series, its
+    Neumann gradient and its fixed-point inverse's backward take many vector-Jacobian products through one forward
+    graph, and autograd's own backward of ``x * sigmoid(beta * x) / 1.1`` re-derives the derivative (six passes
+    over the activation) at every one. Here the first product computes it, the others multiply by it. Under
+    ``create_graph`` the derivative is recomputed from the saved input, so double backward is exact; forward-mode
+    AD and ``torch.func`` transforms are supported (``jvp``, a generated vmap rule)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, raw_beta):
+        return x * torch.sigmoid(F.softplus(raw_beta) * x) / 1.1
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, raw_beta = inputs
+        ctx.save_for_backward(x, raw_beta)
+        ctx.save_for_forward(x, raw_beta)
+        ctx.derivatives = None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, raw_beta = ctx.saved_tensors
+        need_x, need_beta = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: differentiable derivatives, recomputed
+            d, e = _lipswish_derivatives(x, raw_beta, need_beta)
+        else:
+            if ctx.derivatives is None or (need_beta and ctx.derivatives[1] is None):
+                ctx.derivatives = _lipswish_derivatives(x, raw_beta, need_beta)
+            d, e = ctx.derivatives
+        grad_x = grad * d if need_x else None
+        grad_beta = (grad * e).sum().reshape(raw_beta.shape) if need_beta else None
+        return grad_x, grad_beta
+
+    @staticmethod
+    def jvp(ctx, x_tangent, raw_tangent):
+        x, raw_beta = ctx.saved_tensors
+        d, e = _lipswish_derivatives(x, raw_beta, raw_tangent is not None)
+        out = x_tangent * d if x_tangent is not None else torch.zeros_like(x)
+        return out + e * raw_tangent if raw_tangent is not None else out
+
+
 class LipSwish(nn.Module):
     r"""LipSwish (Chen et al., 2019): :math:`x \sigma(\beta x) / 1.1`, :math:`\beta = \mathrm{softplus}(b)`.
 
     The derivative of :math:`x\sigma(\beta x)` is at most about 1.0998 for every :math:`\beta > 0`, so the
     activation is 1-Lipschitz and smooth: unlike ReLU, it keeps :math:`J^k` informative for the log-det series.
+    Its backward keeps the elementwise derivative from the first vector-Jacobian product for the next ones (the
+    many products of a residual block's log-det series share one forward).
 
     :param float beta_init: initial :math:`\beta` (learned through :math:`b = \mathrm{softplus}^{-1}(\beta)`).
 
@@ -496,8 +553,8 @@ class LipSwish(nn.Module):
 
         >>> import torch
         >>> from pyroflows.nn import LipSwish
-        >>> LipSwish()(torch.zeros(3))
-        tensor([0., 0., 0.], grad_fn=<DivBackward0>)
+        >>> LipSwish()(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.6646], grad_fn=<_LipSwishFunctionBackward>)
     """
 
     def __init__(self, beta_init: float = 1.0):
@@ -505,7 +562,7 @@ class LipSwish(nn.Module):
         self.raw_beta = nn.Parameter(torch.tensor(math.log(math.expm1(beta_init))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(F.softplus(self.raw_beta) * x) / 1.1
+        return _LipSwishFunction.apply(x, self.raw_beta)
 
 
 def lipschitz_mlp(
