@@ -206,6 +206,9 @@ def test_guide_without_parameters_is_an_error():
         (dict(lr_schedule="step"), "lr_schedule"),
         (dict(final_lr_factor=0.0), "final_lr_factor"),
         (dict(clip_norm=-1.0), "clip_norm"),
+        (dict(anneal=1.0), "anneal must be in"),
+        (dict(anneal=-0.1), "anneal must be in"),
+        (dict(anneal=0.3, estimator="iw"), "anneal tempers the likelihood"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -351,6 +354,61 @@ def test_checkpoint_resume_repeats_the_uninterrupted_run(name, guide_cls, tmp_pa
     assert (resumed.step, resumed.out, resumed.checkpoint) == (20, tmp_path / "cut", tmp_path / "cut" / "checkpoint.pt")
     again, _ = run(tmp_path / "cut", resume=True)  # a finished run resumes to nothing
     np.testing.assert_array_equal(again.losses, full.losses)
+
+
+def observed_model():
+    """A prior, a plate of observations and a factor: annealing weights the last two, never the prior."""
+    y = torch.tensor([2.0, 1.5, 2.5])
+    mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+    with pyro.plate("data", 3):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+    pyro.factor("extra", -0.5 * mu**2)
+
+
+class _RecordingELBO(pyro.infer.Trace_ELBO):
+    """Trace_ELBO that records the scale of every site of the model it is given, once per step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.scales = []
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
+        sites = trace.nodes.items()
+        self.scales.append({name: float(site["scale"]) for name, site in sites if site["type"] == "sample"})
+        return super().loss_and_grads(model, guide, *args, **kwargs)
+
+
+def test_anneal_weights_the_likelihood_linearly_then_leaves_the_model_alone():
+    """anneal=0.4 over 10 steps: the observed site and the factor are weighted 1/4, 2/4, 3/4, then 1 from step 4
+    on; the prior is never touched."""
+    elbo = _RecordingELBO()
+    pyro.clear_param_store()
+    fit(observed_model, AutoNormal(observed_model), 10, loss=elbo, anneal=0.4, progress=False, report=False)
+    assert [s["y"] for s in elbo.scales] == [0.25, 0.5, 0.75] + [1.0] * 7
+    assert [s["extra"] for s in elbo.scales] == [s["y"] for s in elbo.scales]
+    assert all(s["mu"] == 1.0 for s in elbo.scales)
+    config = pyroflows.infer.SVIConfig(num_steps=7, anneal=0.5)
+    assert [config.temperature(t) for t in range(1, 8)] == pytest.approx([1 / 3.5, 2 / 3.5, 3 / 3.5, 1, 1, 1, 1])
+    assert pyroflows.infer.SVIConfig(num_steps=7).temperature(1) == 1.0
+
+
+def test_an_annealed_run_resumes_on_its_schedule(tmp_path):
+    """Interrupted mid-anneal, the resumed run takes the very steps of the uninterrupted one, tempered alike."""
+
+    def run(path, **extra):
+        pyro.clear_param_store()
+        guide = AutoFlow(observed_model, BUILDERS["realnvp"])
+        options = dict(anneal=0.8, num_particles=4, lr=0.02, seed=3, progress=False, report=False, checkpoint_every=5)
+        return fit(observed_model, guide, 20, out=path, **{**options, **extra})
+
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", callback=_interrupt_after(7))
+    resumed = run(tmp_path / "cut", resume=True)
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+    with pytest.raises(CheckpointError, match="anneal"):
+        run(tmp_path / "cut", resume=True, anneal=0.5)
 
 
 def test_checkpoint_errors(tmp_path):
