@@ -143,7 +143,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=("train", "test", "all"))
     ev.add_argument("--ema", action="store_true", help="use the EMA weights")
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per evaluation batch (default 500; with --repeats and a residual flow, up to 100 so that "
+        "there are 10 batches, the independent units of its error bar)",
+    )
     ev.add_argument(
         "--seed",
         type=int,
@@ -369,7 +375,7 @@ def _eval(args) -> int:
     from .run import check_device, check_int, check_seed
     from .train import evaluate, evaluate_hybrid, evaluate_with_error, load_checkpoint, load_density
 
-    check_int("eval", "--batch-size", args.batch_size, 1)
+    check_int("eval", "--batch-size", args.batch_size, 1, optional=True)
     check_int("eval", "--repeats", args.repeats, 1)
     check_seed("eval", args.seed, optional=True)
     device = check_device("eval", args.device)
@@ -382,14 +388,14 @@ def _eval(args) -> int:
     if n_bins is not None and data.n_bins != n_bins:
         raise ValueError(f"the checkpoint was trained on {n_bins}-level pixels but {args.data!r} has {data.n_bins}")
     if isinstance(model, HybridDensity):
-        figures = evaluate_hybrid(model, data, batch_size=args.batch_size, seed=seed, device=device)
+        figures = evaluate_hybrid(model, data, batch_size=args.batch_size or 500, seed=seed, device=device)
         print(
             f"{args.data} {args.split}: {figures['bpd']:.6f} bits/dim, accuracy {figures['accuracy']:.4f}, "
             f"class NLL {figures['class_nll']:.4f} nats ({len(data)} images)"
         )
         return 0
     if args.repeats == 1:
-        bpd = evaluate(model, data, batch_size=args.batch_size, seed=seed, device=device)
+        bpd = evaluate(model, data, batch_size=args.batch_size or 500, seed=seed, device=device)
         print(f"{args.data} {args.split}: {bpd:.6f} bits/dim ({len(data)} images)")
         return 0
     bpd, se = evaluate_with_error(

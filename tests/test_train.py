@@ -542,6 +542,7 @@ def test_a_full_metrics_file_is_cut_back_to_whole_lines(tmp_path, monkeypatch):
 
 def test_evaluate_with_error_warns_when_few_batches_carry_a_residual_flows_error():
     """A residual flow's error bar comes from its batches: with fewer than 10 a warning names the batch size to use;
+    by default the batch leaves 10 of them (at most 100 examples each), and gives the figures of that batch size;
     a flow with an exact log-det (per-example noise only) does not warn."""
     import pyroflows
 
@@ -550,8 +551,11 @@ def test_evaluate_with_error_warns_when_few_batches_carry_a_residual_flows_error
     residual = pyroflows.FlowDensity(flow, (6,))
     data = torch.randn(100, 6)
     with pytest.warns(UserWarning, match=r"from 1 batch\(es\) of 500.*batch_size <= 10"):
-        evaluate_with_error(residual, data, repeats=2)
+        evaluate_with_error(residual, data, repeats=2, batch_size=500)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        evaluate_with_error(residual, data, repeats=2, batch_size=10)
+        chosen = evaluate_with_error(residual, data, repeats=2)
+        assert chosen == evaluate_with_error(residual, data, repeats=2, batch_size=10)
+        big = torch.randn(3000, 6)
+        assert evaluate_with_error(residual, big, repeats=2) == evaluate_with_error(residual, big, batch_size=100)
         evaluate_with_error(pyroflows.FlowDensity(pyroflows.realnvp(6, num_layers=2), (6,)), data, repeats=2)

@@ -184,7 +184,7 @@ def evaluate_with_error(
     model: FlowDensity,
     data,
     n_bins: int | None = None,
-    batch_size: int = 500,
+    batch_size: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     repeats: int = 2,
@@ -209,7 +209,10 @@ def evaluate_with_error(
     :param model: a :class:`~pyroflows.FlowDensity`.
     :param data: as for :func:`evaluate`.
     :param n_bins: intensity levels, for integer pixels given as a plain tensor (default 256).
-    :param int batch_size: evaluation batch size (bounds the memory).
+    :param int batch_size: evaluation batch size (bounds the memory). ``None`` (the default): 500, or for a model
+        with a random eval-mode log-det the largest batch up to 100 that leaves 10 batches per process (on a
+        28x28 residual model on CPU, batches of 100 also ran 2.8 times as fast as batches of 500:
+        ``benchmarks/residual_eval.py``).
     :param int seed: seeds evaluation ``r`` with ``seed + r`` (under ``torchrun``, ``seed + r * world + rank``);
         the first is :func:`evaluate`'s with the same seed. The global RNG is restored.
     :param device: where to evaluate (default: the model's device).
@@ -229,10 +232,13 @@ def evaluate_with_error(
     from ..run import check_int
 
     check_int("evaluate_with_error", "repeats", repeats, 2)
-    runs, world = _evaluations(model, data, n_bins, batch_size, seed, device, repeats, "evaluate_with_error")
     # the unit of independent randomness: the batch where a layer's eval-mode log-det is random (shared within a
     # call), else the example (only its dequantisation noise)
-    shared, batches = _random_in_eval(model), math.ceil(runs.shape[1] / batch_size)
+    shared = _random_in_eval(model)
+    if batch_size is None:
+        batch_size = _error_batch_size(data) if shared else DEFAULT_BATCH
+    runs, world = _evaluations(model, data, n_bins, batch_size, seed, device, repeats, "evaluate_with_error")
+    batches = math.ceil(runs.shape[1] / batch_size)
     if shared and batches < MIN_BATCHES:
         warnings.warn(
             f"evaluate_with_error: the standard error comes from {batches} batch(es) "
@@ -249,6 +255,21 @@ def evaluate_with_error(
 
 #: fewer batches than this (per process) make a residual flow's standard error imprecise: a warning says so
 MIN_BATCHES = 10
+#: the evaluation batch unless one is given
+DEFAULT_BATCH = 500
+#: the largest automatic batch of :func:`evaluate_with_error` for a model with a random eval-mode log-det
+RANDOM_LOG_DET_BATCH = 100
+
+
+def _error_batch_size(data) -> int:
+    """The automatic batch for a random eval-mode log-det: the largest up to :data:`RANDOM_LOG_DET_BATCH` that
+    leaves each process :data:`MIN_BATCHES` batches (the independent units of the error bar)."""
+    world = torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
+    try:
+        n = math.ceil(len(data) / world)
+    except TypeError:  # no length: the largest automatic batch
+        return RANDOM_LOG_DET_BATCH
+    return max(1, min(RANDOM_LOG_DET_BATCH, n // MIN_BATCHES))
 
 
 def _random_in_eval(model) -> bool:
