@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch.distributions.utils import _sum_rightmost
 
-from .nn.lipschitz import frozen_power_iteration
+from .nn.lipschitz import frozen_power_iteration, input_gradients_only
 
 #: The estimators a :class:`~pyroflows.transforms.ResidualBlock` accepts for ``logdet`` and ``eval_logdet``.
 LOGDET_MODES = ("exact", "series", "unbiased")
@@ -311,7 +311,7 @@ def series_log_det(
     if needs_grad and memory_efficient:
         return _MemoryEfficientLogDet.apply(x, g, coeffs, probes, event_dim, *params)
     if not needs_grad:
-        with torch.enable_grad():
+        with torch.enable_grad(), input_gradients_only():
             x_ = x.detach().requires_grad_()
             gx = g(x_)
             value = sum(

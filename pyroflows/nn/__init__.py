@@ -7,6 +7,7 @@ from .lipschitz import (
     SpectralConv2d,
     SpectralLinear,
     frozen_power_iteration,
+    input_gradients_only,
     lipschitz_cnn,
     lipschitz_mlp,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "SpectralConv2d",
     "SpectralLinear",
     "frozen_power_iteration",
+    "input_gradients_only",
     "lipschitz_cnn",
     "lipschitz_mlp",
     "set_compute_dtype",

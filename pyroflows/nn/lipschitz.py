@@ -19,6 +19,30 @@ import torch.nn.functional as F
 from torch import nn
 
 _FROZEN = [0]
+_INPUT_GRADIENTS_ONLY = [0]
+
+
+@contextlib.contextmanager
+def input_gradients_only():
+    """Within this context the networks' own backward passes skip their parameters' gradients (today: LipSwish's
+    learned slope), for code that differentiates only in the input, such as an evaluation-mode log-det series:
+    autograd's built-in operations prune what nobody asked for, a custom backward cannot tell.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn import LipSwish, input_gradients_only
+        >>> act, x = LipSwish(), torch.ones(2, requires_grad=True)
+        >>> with input_gradients_only():
+        ...     y = act(x)
+        >>> y.requires_grad, torch.autograd.grad(y.sum(), act.raw_beta, allow_unused=True)[0] is None
+        (True, True)
+    """
+    _INPUT_GRADIENTS_ONLY[0] += 1
+    try:
+        yield
+    finally:
+        _INPUT_GRADIENTS_ONLY[0] -= 1
 
 
 @contextlib.contextmanager
@@ -562,7 +586,8 @@ class LipSwish(nn.Module):
         self.raw_beta = nn.Parameter(torch.tensor(math.log(math.expm1(beta_init))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _LipSwishFunction.apply(x, self.raw_beta)
+        raw_beta = self.raw_beta.detach() if _INPUT_GRADIENTS_ONLY[0] else self.raw_beta
+        return _LipSwishFunction.apply(x, raw_beta)
 
 
 def lipschitz_mlp(
