@@ -333,7 +333,8 @@ class TraceIW_ELBO(TraceSTL_ELBO):
             for name, site in trace.nodes.items():
                 if site["type"] != "sample":
                     continue
-                if not (isinstance(site["scale"], (int, float)) and site["scale"] == 1):
+                scale = site["infer"].get("untempered_scale", site["scale"])  # fit(anneal=...) tempers on purpose
+                if not (isinstance(scale, (int, float)) and scale == 1):
                     raise ValueError(
                         f"TraceIW_ELBO: {which} site {name!r} is scaled (subsampled?); the importance-weighted bound "
                         "needs every site at full weight"

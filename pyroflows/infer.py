@@ -243,11 +243,6 @@ class SVIConfig:
         check_choice(c, "vectorize_particles", self.vectorize_particles, (True, False))
         check_choice(c, "estimator", self.estimator, ESTIMATORS)
         check_number(c, "anneal", self.anneal, 0, 1, high_open=True, low_open=False)
-        if self.anneal > 0 and self.estimator == "iw":
-            raise ValueError(
-                "fit: anneal tempers the likelihood by scaling the observed sites, which the importance-weighted "
-                "bound refuses (estimator='iw'): use estimator='stl' or 'reparam', or anneal=0"
-            )
         check_number(c, "clip_norm", self.clip_norm, 0, optional=True)
         check_choice(c, "progress", self.progress, (None, True, False))
         check_seed(c, self.seed, optional=True)
@@ -303,6 +298,8 @@ class _Temper(Messenger):
 
     def _process_message(self, msg) -> None:
         if msg["type"] == "sample" and msg["is_observed"] and self.beta != 1.0:
+            # the scale before tempering: TraceIW_ELBO refuses scaled (subsampled) sites, not tempered ones
+            msg["infer"] = {**msg["infer"], "untempered_scale": msg["scale"]}
             msg["scale"] = self.beta * msg["scale"]
 
 
@@ -421,7 +418,7 @@ def fit(
         by β_t = min(1, t / (anneal · num_steps)), so the guide starts on the
         prior and follows the posterior as it sharpens, instead of settling on the first mode it meets. The losses
         of the annealing steps are those of the tempered target. Needs a proper prior (at small β_t the
-        target is nearly the prior) and ``estimator`` ``"stl"`` or ``"reparam"``.
+        target is nearly the prior).
     :param loss: a Pyro ``ELBO`` instance instead of the one ``estimator``, ``num_particles`` and
         ``vectorize_particles`` describe.
     :param float clip_norm: clip the global gradient norm; ``None`` disables clipping.
