@@ -150,8 +150,11 @@ def _vi(d: dict) -> str:
         table.append([guide, *cells, _f(ms(guide), 1), f"{_f(ratio)} vs {peer}" if ratio else "—"])
     head = ["guide", *(f"{e} KL (nats)" for e in energies), f"{'CPU ' if cpu else ''}ms/step", "speed ratio"]
     loop = d["config"].get("loop", "torch")
+    options = d["config"].get("fit_options") or {}
+    changed = ", ".join(f"{k}={v}" for k, v in options.items())
     trained = {
-        "fit": "every guide trained by pyroflows.infer.fit with its defaults (STL, lr 3e-3, stable_cosine); ",
+        "fit": "every guide trained by pyroflows.infer.fit with its defaults (STL, lr 3e-3, stable_cosine)"
+        + (f" but {changed}; " if changed else "; "),
         "svi": "pyro.infer.SVI; ",
     }.get(loop, "")
     note = (

@@ -345,6 +345,21 @@ def _torch_stepper(model, guide, elbo, cfg):
     return step, name
 
 
+def _fit_options(spec: str) -> dict:
+    """``"anneal=0.5,lr=0.003"`` -> ``{"anneal": 0.5, "lr": 0.003}`` (numbers where they parse)."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
 def _fit_stepper(model, guide, cfg):
     """:func:`pyroflows.infer.fit` with its defaults (STL, the stable-then-cosine schedule, its lr and clipping),
     at the benchmark's steps and particles: the whole run happens at the first call; the later calls replay its
@@ -356,7 +371,9 @@ def _fit_stepper(model, guide, cfg):
 
     def step():
         if not state:
-            result = fit(model, guide, cfg["steps"], num_particles=cfg["particles"], progress=False, report=False)
+            options = cfg.get("fit_options", {})
+            result = fit(model, guide, cfg["steps"], num_particles=cfg["particles"], progress=False, report=False,
+                         **options)  # fmt: skip
             # a step fit skipped (non-finite, no update) replays the loss before it
             losses = result.losses.tolist()
             for i in range(1, len(losses)):
@@ -556,6 +573,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "svi: pyro.infer.SVI + pyro.optim.Adam/ClippedAdam (same objective and update);\n"
         "fit: pyroflows.infer.fit with its defaults (STL, stable_cosine, lr 3e-3) at the same steps and particles",
     )
+    p.add_argument(
+        "--fit-options",
+        default="",
+        help="with --loop fit: infer.fit keywords as KEY=VALUE,... (e.g. anneal=0.5)",
+    )
     p.add_argument("--validate", action="store_true", help="keep Pyro's and pyroflows' validation on (slower)")
     p.add_argument("--kl-target", type=float, default=0.05, help="the KL target for the pyroflows guides")
     p.add_argument("--list", action="store_true", help="list the guide names and exit")
@@ -596,6 +618,7 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "validate": args.validate,
         "loop": args.loop,
+        "fit_options": _fit_options(args.fit_options),
         "log_every": max(1, args.steps // 50),
     }
     torch.set_num_threads(1)
@@ -630,7 +653,8 @@ def main(argv=None) -> int:
     print()
     if args.loop == "fit":
         print(
-            f"pyroflows.infer.fit with its defaults (STL, lr 3e-3, stable_cosine): {args.steps} steps, "
+            f"pyroflows.infer.fit with its defaults (STL, lr 3e-3, stable_cosine)"
+            f"{' but ' + args.fit_options if args.fit_options else ''}: {args.steps} steps, "
             f"{args.particles} vectorised particles, ELBO from {args.eval_samples} guide samples, seed {args.seed}"
         )
     else:

@@ -152,3 +152,18 @@ def test_residual_eval_tiny(tmp_path):
     text = report.section(out)
     assert "(default)" in text and "could not render" not in text
     assert [name for _, name in suite.SCRIPTS["residual"]] == ["residual", "residual_eval"]
+
+
+def test_vi_energies_fit_options_reach_fit_and_the_report():
+    """``--fit-options`` parses to infer.fit keywords, and a fit run with options says which in its report note."""
+    from benchmarks import vi_energies
+
+    assert vi_energies._fit_options("anneal=0.5,num_particles=4,estimator=iw") == {
+        "anneal": 0.5,
+        "num_particles": 4,
+        "estimator": "iw",
+    }
+    assert vi_energies._fit_options("") == {}
+    config = {"loop": "fit", "fit_options": {"anneal": 0.5}, "steps": 10, "particles": 2, "energies": ["U1"], "guides": []}
+    payload = {"config": config, "results": []}
+    assert "defaults (STL, lr 3e-3, stable_cosine) but anneal=0.5;" in report._vi(payload)
