@@ -96,11 +96,17 @@ def run(args) -> dict:
     evaluate(model, images[:2])
     convergence_seconds = time.perf_counter() - t0
     old = args.compare_terms
-    settings = [(old, 1, args.batch_size), (old, 2, args.batch_size), (default_terms, 2, args.batch_size)]
-    settings += [(default_terms, 2, max(1, args.batch_size // 5)), (default_terms, 2, max(1, args.batch_size // 20))]
+    medium, small = max(1, args.batch_size // 5), max(1, args.batch_size // 20)
+    settings = [(old, 1, args.batch_size)]
+    # the default number of terms at three batch sizes, then twice and half as many terms at the smaller ones
+    settings += [(default_terms, 2, batch) for batch in (args.batch_size, medium, small)]
+    settings += [
+        (terms, 2, batch) for terms in (2 * default_terms, max(1, default_terms // 2)) for batch in (medium, small)
+    ]
+    settings = list(dict.fromkeys(settings))  # (a default of 1 has no half)
     rows = []
     for terms, repeats, batch in settings:
-        row = _row(model, images, terms, repeats, batch, memory=not args.quick and terms == default_terms)
+        row = _row(model, images, terms, repeats, batch, memory=not args.quick and repeats > 1)
         rows.append(row)
         se = "" if row["se"] is None else f" ± {row['se']:.4f}"
         print(f"terms {terms:>2} repeats {repeats} batch {batch:>4}: {row['bpd']:.4f}{se} bits/dim in "

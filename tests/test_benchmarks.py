@@ -164,6 +164,7 @@ def test_vi_energies_fit_options_reach_fit_and_the_report():
         "estimator": "iw",
     }
     assert vi_energies._fit_options("") == {}
-    config = {"loop": "fit", "fit_options": {"anneal": 0.5}, "steps": 10, "particles": 2, "energies": ["U1"], "guides": []}
+    config = {"loop": "fit", "fit_options": {"anneal": 0.5}, "steps": 10, "particles": 2}
+    config.update(energies=["U1"], guides=[])
     payload = {"config": config, "results": []}
     assert "defaults (STL, lr 3e-3, stable_cosine) but anneal=0.5;" in report._vi(payload)

@@ -181,12 +181,17 @@ def test_lipswish_derivatives_first_second_forward_and_batched():
     """LipSwish's own backward (its derivative computed once per forward) against autograd of the plain formula,
     float64: repeated vector-Jacobian products through one graph, in x alone, then in beta too (the kept
     derivative must gain the beta part), gradcheck and gradgradcheck (create_graph recomputes), forward-mode AD
-    and torch.func's vmap of jacrev (exact_log_det's batched route)."""
+    and torch.func's vmap of jacrev (exact_log_det's batched route). The module uses it only within
+    input_gradients_only, where its slope gets no gradient."""
+    from pyroflows.nn import input_gradients_only
+    from pyroflows.nn.lipschitz import _LipSwishFunction
+
     torch.manual_seed(0)
     act = LipSwish(1.3).double()
     raw = act.raw_beta
+    fn = _LipSwishFunction.apply
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    y, y_ref = act(x), _lipswish_reference(x, raw)
+    y, y_ref = fn(x, raw), _lipswish_reference(x, raw)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-15)
     for wrt in [(x,), (x,), (x, raw), (raw,), (x, raw)]:
         v = torch.randn_like(y)
@@ -194,16 +199,20 @@ def test_lipswish_derivatives_first_second_forward_and_batched():
         want = torch.autograd.grad(y_ref, wrt, v, retain_graph=True)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(act, (x,)) and torch.autograd.gradgradcheck(act, (x,))
-    fn = type(act.forward(x).grad_fn)._forward_cls.apply
-    assert torch.autograd.gradgradcheck(fn, (x, raw))
+    assert torch.autograd.gradcheck(fn, (x, raw)) and torch.autograd.gradgradcheck(fn, (x, raw))
     forward_only = dict(check_backward_ad=False, check_undefined_grad=False, check_batched_grad=False)
     assert torch.autograd.gradcheck(fn, (x.detach().requires_grad_(), raw), check_forward_ad=True, **forward_only)
     rows = x.detach()[:3]
-    got = torch.func.vmap(torch.func.jacrev(act))(rows)
+    got = torch.func.vmap(torch.func.jacrev(lambda r: fn(r, raw)))(rows)
     want = torch.func.vmap(torch.func.jacrev(lambda r: _lipswish_reference(r, raw)))(rows)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.func.jacfwd(act)(rows[0]), want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacfwd(lambda r: fn(r, raw))(rows[0]), want[0], rtol=1e-12, atol=1e-12)
+    with input_gradients_only():
+        y = act(x)
+    assert isinstance(y.grad_fn, _LipSwishFunction._backward_cls)
+    v = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, v)[0], torch.autograd.grad(y_ref, x, v)[0])
+    assert torch.autograd.grad(act(x).sum(), raw)[0] != 0  # outside the context the slope trains
 
 
 def test_a_residual_block_log_det_is_unchanged_by_lipswish_s_backward():
