@@ -375,7 +375,8 @@ def _eval(args) -> int:
     from .run import check_device, check_int, check_seed
     from .train import evaluate, evaluate_hybrid, evaluate_with_error, load_checkpoint, load_density
 
-    check_int("eval", "--batch-size", args.batch_size, 1, optional=True)
+    if args.batch_size is not None:  # (absent: chosen by the model)
+        check_int("eval", "--batch-size", args.batch_size, 1)
     check_int("eval", "--repeats", args.repeats, 1)
     check_seed("eval", args.seed, optional=True)
     device = check_device("eval", args.device)
