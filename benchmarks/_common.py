@@ -98,6 +98,23 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return "python " + shlex.join([script, *args])
 
 
+def parse_options(spec: str) -> dict:
+    """Keyword options written ``KEY=VALUE,...`` (``"anneal=0.5,num_particles=4,estimator=iw"``): ints and floats
+    where the value parses as one, strings otherwise; an empty spec gives ``{}``."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        for kind in (int, float):
+            try:
+                out[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
 def result_path(out_dir: str | os.PathLike, name: str, quick: bool) -> Path:
     """``out_dir/<name>.json``, or ``<name>_quick.json`` for a ``--quick`` run (so a smoke test never overwrites a
     full run's results)."""

@@ -32,8 +32,14 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import parse_options  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- energies
 _BOX_U1 = ((-6.0, 6.0), (-6.0, 6.0))
@@ -345,21 +351,6 @@ def _torch_stepper(model, guide, elbo, cfg):
     return step, name
 
 
-def _fit_options(spec: str) -> dict:
-    """``"anneal=0.5,lr=0.003"`` -> ``{"anneal": 0.5, "lr": 0.003}`` (numbers where they parse)."""
-    out = {}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                out[key] = value
-    return out
-
-
 def _fit_stepper(model, guide, cfg):
     """:func:`pyroflows.infer.fit` with its defaults (STL, the stable-then-cosine schedule, its lr and clipping),
     at the benchmark's steps and particles: the whole run happens at the first call; the later calls replay its
@@ -618,7 +609,7 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "validate": args.validate,
         "loop": args.loop,
-        "fit_options": _fit_options(args.fit_options),
+        "fit_options": parse_options(args.fit_options),
         "log_every": max(1, args.steps // 50),
     }
     torch.set_num_threads(1)

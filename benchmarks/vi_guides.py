@@ -135,12 +135,9 @@ def _train_fit(model, guide, args, budget: int, options: dict) -> list[float]:
 
 def _options(recipe: str) -> dict:
     """``"fit:num_particles=8,lr=0.003"`` -> ``{"num_particles": 8, "lr": 0.003}``."""
-    _, _, spec = recipe.partition(":")
-    out = {}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        out[key] = int(value) if value.isdigit() else float(value) if value[:1].isdigit() else value
-    return out
+    from benchmarks import _common
+
+    return _common.parse_options(recipe.partition(":")[2])
 
 
 def run_job(model_name: str, guide_name: str, recipe: str, steps: int, particles: int, draws: int, seed: int):

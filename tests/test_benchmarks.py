@@ -156,14 +156,16 @@ def test_residual_eval_tiny(tmp_path):
 
 def test_vi_energies_fit_options_reach_fit_and_the_report():
     """``--fit-options`` parses to infer.fit keywords, and a fit run with options says which in its report note."""
-    from benchmarks import vi_energies
+    from benchmarks import vi_energies, vi_guides
 
-    assert vi_energies._fit_options("anneal=0.5,num_particles=4,estimator=iw") == {
+    assert _common.parse_options("anneal=0.5,num_particles=4,estimator=iw") == {
         "anneal": 0.5,
         "num_particles": 4,
         "estimator": "iw",
     }
-    assert vi_energies._fit_options("") == {}
+    assert _common.parse_options("") == {}
+    assert vi_guides._options("fit:lr=0.003,num_particles=8") == {"lr": 0.003, "num_particles": 8}
+    assert vi_energies.parse_options is _common.parse_options
     config = {"loop": "fit", "fit_options": {"anneal": 0.5}, "steps": 10, "particles": 2}
     config.update(energies=["U1"], guides=[])
     payload = {"config": config, "results": []}
