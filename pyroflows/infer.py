@@ -303,14 +303,6 @@ class _Temper(Messenger):
             msg["scale"] = self.beta * msg["scale"]
 
 
-def _tempered(model: Callable, temper: _Temper) -> Callable:
-    def tempered(*args, **kwargs):
-        with temper:
-            return model(*args, **kwargs)
-
-    return tempered
-
-
 @dataclass
 class _SVIRun:
     """The mutable state of one :func:`fit` call, passed between its pieces."""
@@ -545,7 +537,7 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     run = _SVIRun(cfg, model, guide, args, kwargs, elbo, settings, losses, lrs, saved=saved)
     if cfg.anneal > 0:
         run.temper = _Temper()
-        run.model = _tempered(model, run.temper)
+        run.model = run.temper(model)  # a Messenger wraps a function as a handler
     if saved is not None:
         _load_guide_state(guide, saved["guide"], os.fspath(source), "fit", *args, **kwargs)
         run.first = int(saved["step"])
