@@ -374,6 +374,7 @@ def _eval(args) -> int:
     from .hybrid import HybridDensity
     from .run import check_device, check_int, check_seed
     from .train import evaluate, evaluate_hybrid, evaluate_with_error, load_checkpoint, load_density
+    from .train.evaluation import DEFAULT_BATCH
 
     if args.batch_size is not None:  # (absent: chosen by the model)
         check_int("eval", "--batch-size", args.batch_size, 1)
@@ -389,14 +390,14 @@ def _eval(args) -> int:
     if n_bins is not None and data.n_bins != n_bins:
         raise ValueError(f"the checkpoint was trained on {n_bins}-level pixels but {args.data!r} has {data.n_bins}")
     if isinstance(model, HybridDensity):
-        figures = evaluate_hybrid(model, data, batch_size=args.batch_size or 500, seed=seed, device=device)
+        figures = evaluate_hybrid(model, data, batch_size=args.batch_size or DEFAULT_BATCH, seed=seed, device=device)
         print(
             f"{args.data} {args.split}: {figures['bpd']:.6f} bits/dim, accuracy {figures['accuracy']:.4f}, "
             f"class NLL {figures['class_nll']:.4f} nats ({len(data)} images)"
         )
         return 0
     if args.repeats == 1:
-        bpd = evaluate(model, data, batch_size=args.batch_size or 500, seed=seed, device=device)
+        bpd = evaluate(model, data, batch_size=args.batch_size or DEFAULT_BATCH, seed=seed, device=device)
         print(f"{args.data} {args.split}: {bpd:.6f} bits/dim ({len(data)} images)")
         return 0
     bpd, se = evaluate_with_error(

@@ -42,6 +42,14 @@ class _Data:
         return () if self.context is None else (self.context[index],)
 
 
+#: fewer batches than this (per process) make a residual flow's standard error imprecise: a warning says so
+MIN_BATCHES = 10
+#: the evaluation batch unless one is given
+DEFAULT_BATCH = 500
+#: the largest automatic batch of :func:`evaluate_with_error` for a model with a random eval-mode log-det
+RANDOM_LOG_DET_BATCH = 100
+
+
 def _as_data(
     data,
     n_bins: int | None,
@@ -140,7 +148,7 @@ def evaluate(
     model: FlowDensity,
     data,
     n_bins: int | None = None,
-    batch_size: int = 500,
+    batch_size: int = DEFAULT_BATCH,
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> float:
@@ -253,14 +261,6 @@ def evaluate_with_error(
     return total / count, math.sqrt(var_sum / repeats) / count
 
 
-#: fewer batches than this (per process) make a residual flow's standard error imprecise: a warning says so
-MIN_BATCHES = 10
-#: the evaluation batch unless one is given
-DEFAULT_BATCH = 500
-#: the largest automatic batch of :func:`evaluate_with_error` for a model with a random eval-mode log-det
-RANDOM_LOG_DET_BATCH = 100
-
-
 def _error_batch_size(data) -> int:
     """The automatic batch for a random eval-mode log-det: the largest up to :data:`RANDOM_LOG_DET_BATCH` that
     leaves each process :data:`MIN_BATCHES` batches (the independent units of the error bar)."""
@@ -341,7 +341,7 @@ def evaluate_hybrid(
     model,
     data,
     n_bins: int | None = None,
-    batch_size: int = 500,
+    batch_size: int = DEFAULT_BATCH,
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> dict:
