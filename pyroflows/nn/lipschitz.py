@@ -521,10 +521,11 @@ def _lipswish_derivatives(x: torch.Tensor, raw_beta: torch.Tensor, wrt_beta: boo
 
 
 class _LipSwishFunction(torch.autograd.Function):
-    """LipSwish with a backward that reuses its elementwise derivative: a residual block's log-det series, its
-    Neumann gradient and its fixed-point inverse's backward take many vector-Jacobian products through one forward
-    graph, and autograd's own backward of ``x * sigmoid(beta * x) / 1.1`` re-derives the derivative (six passes
-    over the activation) at every one. Here the first product computes it, the others multiply by it. Under
+    """LipSwish with a backward that reuses its elementwise derivative: the evaluation-mode log-det series takes
+    many vector-Jacobian products through one forward graph, and autograd's own backward of
+    ``x * sigmoid(beta * x) / 1.1`` re-derives the derivative (six passes over the activation) at every one. Here
+    the first product computes it, the others multiply by it. :class:`LipSwish` uses it within
+    :func:`input_gradients_only` only, with the slope detached; the slope's gradient is still exact when asked. Under
     ``create_graph`` the derivative is recomputed from the saved input, so double backward is exact; forward-mode
     AD and ``torch.func`` transforms are supported (``jvp``, a generated vmap rule)."""
 
