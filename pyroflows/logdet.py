@@ -24,6 +24,7 @@ Randomness (roulette draws, probes) comes from torch's RNG.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -203,7 +204,10 @@ def exact_log_det(g: torch.nn.Module, x: torch.Tensor, event_dim: int, method: s
     # this loop was 2.7x faster than vmap(jacrev) through the Lipschitz networks (4 blocks, D = 16, 4096 samples:
     # 0.44 s against 1.20 s) and 5x faster than one backward over D stacked copies of the batch.
     create_graph = torch.is_grad_enabled()
-    with torch.enable_grad(), frozen_power_iteration():
+    # Without a graph to keep, only input gradients are taken: the networks may then reuse their elementwise
+    # derivatives across the D products (input_gradients_only).
+    only_inputs = input_gradients_only() if not create_graph else contextlib.nullcontext()
+    with torch.enable_grad(), frozen_power_iteration(), only_inputs:
         z = flat if flat.requires_grad else flat.detach().requires_grad_()
         gz = g(z.reshape((n,) + tuple(event_shape))).reshape(n, dim)
         rows = [

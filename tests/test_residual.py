@@ -562,3 +562,24 @@ def test_exact_log_det_and_its_gradients_match_a_dense_jacobian(shape, method):
     torch.testing.assert_close(again, ref.detach(), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="method"):
         exact_log_det(block.net, x, len(shape), method="dense")
+
+
+def test_exact_log_det_without_a_graph_uses_the_input_gradients_only_backward(monkeypatch):
+    """Without gradients (evaluation, sampling) the D products of the vjp route take input gradients only, so
+    LipSwish keeps its derivative across them; with gradients the parameters' graph is kept and it does not. The
+    values of both routes agree with the dense reference (test above)."""
+    from pyroflows.nn.lipschitz import _LipSwishFunction
+
+    calls = []
+    original = _LipSwishFunction.forward
+    monkeypatch.setattr(_LipSwishFunction, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    torch.manual_seed(0)
+    block = ResidualBlock(3, hidden=(8,), coeff=0.9).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with_grad = exact_log_det(block.net, x.requires_grad_(), 1, method="vjp")
+    assert calls == [] and with_grad.requires_grad
+    with torch.no_grad():
+        without = exact_log_det(block.net, x.detach(), 1, method="vjp")
+    # every LipSwish of the branch, once each: one forward graph serves the D products
+    assert len(calls) == sum(isinstance(m, pyroflows.nn.LipSwish) for m in block.net.modules()) > 0
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=1e-12)
