@@ -25,8 +25,8 @@ _INPUT_GRADIENTS_ONLY = [0]
 @contextlib.contextmanager
 def input_gradients_only():
     """Within this context the networks may drop their parameters from the graph, for code that differentiates
-    only in the input, such as an evaluation-mode log-det series (today: LipSwish then uses a backward that keeps
-    its elementwise derivative across vector-Jacobian products, without its slope's gradient).
+    only in the input, such as an evaluation-mode log-det, series or exact (today: LipSwish then uses a backward
+    that keeps its elementwise derivative across vector-Jacobian products, without its slope's gradient).
 
     Example::
 
@@ -521,8 +521,8 @@ def _lipswish_derivatives(x: torch.Tensor, raw_beta: torch.Tensor, wrt_beta: boo
 
 
 class _LipSwishFunction(torch.autograd.Function):
-    """LipSwish with a backward that reuses its elementwise derivative: the evaluation-mode log-det series takes
-    many vector-Jacobian products through one forward graph, and autograd's own backward of
+    """LipSwish with a backward that reuses its elementwise derivative: the evaluation-mode log-det (series or
+    exact) takes many vector-Jacobian products through one forward graph, and autograd's own backward of
     ``x * sigmoid(beta * x) / 1.1`` re-derives the derivative (six passes over the activation) at every one. Here
     the first product computes it, the others multiply by it. :class:`LipSwish` uses it within
     :func:`input_gradients_only` only, with the slope detached; the slope's gradient is still exact when asked. Under
@@ -569,8 +569,8 @@ class LipSwish(nn.Module):
 
     The derivative of :math:`x\sigma(\beta x)` is at most about 1.0998 for every :math:`\beta > 0`, so the
     activation is 1-Lipschitz and smooth: unlike ReLU, it keeps :math:`J^k` informative for the log-det series.
-    Within :func:`input_gradients_only` (the evaluation-mode log-det series) its backward keeps the elementwise
-    derivative from the first vector-Jacobian product for the next ones, the many products of the series sharing
+    Within :func:`input_gradients_only` (the evaluation-mode log-det, series or exact) its backward keeps the
+    elementwise derivative from the first vector-Jacobian product for the next ones, the many products sharing
     one forward.
 
     :param float beta_init: initial :math:`\beta` (learned through :math:`b = \mathrm{softplus}^{-1}(\beta)`).
