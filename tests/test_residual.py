@@ -583,3 +583,20 @@ def test_exact_log_det_without_a_graph_uses_the_input_gradients_only_backward(mo
     # every LipSwish of the branch, once each: one forward graph serves the D products
     assert len(calls) == sum(isinstance(m, pyroflows.nn.LipSwish) for m in block.net.modules()) > 0
     torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lipswish_without_a_graph_is_bitwise_the_graph_formula(dtype):
+    """Under no_grad LipSwish works in place on one fresh tensor: the same numbers, bit for bit, the input
+    untouched, and under vmap the same as row by row."""
+    torch.manual_seed(0)
+    act = pyroflows.nn.LipSwish(beta_init=0.7).to(dtype)
+    x = 3 * torch.randn(16, 33, dtype=dtype)
+    kept = x.clone()
+    with_graph = act(x)
+    with torch.no_grad():
+        without = act(x)
+        mapped = torch.func.vmap(act)(x)
+    assert with_graph.requires_grad and not without.requires_grad
+    assert torch.equal(without, with_graph.detach()) and torch.equal(mapped, without)
+    assert torch.equal(x, kept)

@@ -520,6 +520,14 @@ def _lipswish_derivatives(x: torch.Tensor, raw_beta: torch.Tensor, wrt_beta: boo
     return d, e
 
 
+def _lipswish_in_place(x: torch.Tensor, raw_beta: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(softplus(raw_beta) * x) / 1.1`` with the same operations in the same order (the same bits),
+    in place on one fresh tensor instead of a new tensor per operation: for code that records no graph, where on
+    CPU the fresh tensors mostly cost page faults (residual flows' sampling: 1.6x as fast)."""
+    out = torch.mul(F.softplus(raw_beta), x)
+    return out.sigmoid_().mul_(x).div_(1.1)
+
+
 class _LipSwishFunction(torch.autograd.Function):
     """LipSwish with a backward that reuses its elementwise derivative: the evaluation-mode log-det (series or
     exact) takes many vector-Jacobian products through one forward graph, and autograd's own backward of
@@ -532,8 +540,8 @@ class _LipSwishFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, raw_beta):
-        return x * torch.sigmoid(F.softplus(raw_beta) * x) / 1.1
+    def forward(x, raw_beta):  # autograd records no graph inside a Function's forward
+        return _lipswish_in_place(x, raw_beta)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -590,6 +598,8 @@ class LipSwish(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _INPUT_GRADIENTS_ONLY[0]:
             return _LipSwishFunction.apply(x, self.raw_beta.detach())
+        if not torch.is_grad_enabled():  # no graph (sampling, fixed-point inverses): the same bits, in place
+            return _lipswish_in_place(x, self.raw_beta)
         # autograd's own backward where parameter gradients may be wanted: there the kept derivative did not pay
         # (a training step of the benchmark's residual flows, one thread: 0.85 to 0.89 times as fast)
         return x * torch.sigmoid(F.softplus(self.raw_beta) * x) / 1.1
