@@ -72,6 +72,7 @@ __all__ = [
     "fit",
     "load_guide",
     "is_built",
+    "loss_relapse",
     "max_plate_nesting",
     "plate_nesting",
     "replayed_traces",
@@ -104,6 +105,8 @@ class SVIResult:
     :ivar list skipped: the steps (counted from 1) whose non-finite loss or gradient was skipped (no update).
     :ivar khat: the PSIS k̂ of the fitted guide (:func:`pyroflows.diagnostics.psis_khat`, 1000 draws) when
         :func:`fit` reported it (``report=True``), else ``None``; ``nan`` when it could not be computed.
+    :ivar relapse: ``None``, or, when the loss ended well above its best (:func:`loss_relapse`: the optimisation
+        became unstable, and :func:`fit` warned), ``{"final": ..., "best": ..., "best_steps": (a, b)}``.
 
     Example::
 
@@ -132,6 +135,7 @@ class SVIResult:
     checkpoint: Path | None = None
     skipped: list = field(default_factory=list)
     khat: float | None = None
+    relapse: dict | None = None
 
     @property
     def elbo(self) -> np.ndarray:
@@ -163,6 +167,8 @@ class SVIResult:
         window = min(100, len(self.losses))
         head = f"fit: {self.step} steps in {self.seconds:.1f} s; ELBO {self.final_elbo(window):.4g} (mean of the last "
         head += f"{window} steps)"
+        if self.relapse is not None:
+            head += "\n" + _relapse_message(self.relapse)
         if self.khat is None:
             return head
         if not math.isfinite(self.khat):
@@ -467,6 +473,67 @@ def fit(
     return result
 
 
+def loss_relapse(losses, start: int = 0) -> dict | None:
+    """Whether a loss trace ended well above its best: the optimisation became unstable part-way (a learning rate
+    too high for the guide), and the result is worse than what the run had reached.
+
+    The steps from ``start`` on (a tempered run's steps before its likelihood reached full weight are not
+    comparable) are cut into consecutive windows of ``w = clamp(n // 20, 10, 100)`` steps, ending at the last
+    step; non-finite losses (skipped steps) are left out. The last window's mean is a relapse when it exceeds the
+    lowest earlier window's mean by more than 0.1 and by more than 4 combined standard errors of the two means:
+    for noise alone the lowest of ``k`` windows lies about 2 standard errors low, so that margin is rarely crossed
+    by chance.
+
+    :param losses: the loss (negative ELBO) per step.
+    :param int start: the first step (0-based) to consider.
+    :returns: ``None``, or ``{"final": mean of the last window, "best": the lowest window mean, "best_steps": (a, b)}``
+        with ``a``, ``b`` the best window's first and last step, counted from 1.
+
+    Example::
+
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> steady = 1.0 + 0.3 * rng.standard_normal(2000)
+        >>> loss_relapse(steady) is None
+        True
+        >>> relapsed = np.concatenate([steady[:1500], steady[1500:] + 2.0])
+        >>> r = loss_relapse(relapsed)
+        >>> round(r["final"] - r["best"], 1), r["best_steps"][1] <= 1500
+        (2.0, True)
+    """
+    x = np.asarray(losses, dtype=float)[start:]
+    n = len(x)
+    w = min(100, max(10, n // 20))
+    k = n // w
+    if k < 4:
+        return None
+    offset = n - k * w  # the windows end at the last step
+    rows = x[offset:].reshape(k, w)
+    finite = np.isfinite(rows)
+    counts = finite.sum(axis=1)
+    if (counts < 2).any():
+        return None
+    clean = np.where(finite, rows, 0.0)
+    means = clean.sum(axis=1) / counts
+    var = np.where(finite, (rows - means[:, None]) ** 2, 0.0).sum(axis=1) / (counts - 1)
+    se = np.sqrt(var / counts)
+    b = int(np.argmin(means[:-1]))
+    gap = means[-1] - means[b]
+    if gap > 0.1 and gap > 4.0 * math.hypot(se[-1], se[b]):
+        first = start + offset + b * w + 1
+        return {"final": float(means[-1]), "best": float(means[b]), "best_steps": (first, first + w - 1)}
+    return None
+
+
+def _relapse_message(relapse: dict) -> str:
+    a, b = relapse["best_steps"]
+    return (
+        f"fit: the loss ended at {relapse['final']:.4g} (mean of the last window) after reaching {relapse['best']:.4g} "
+        f"over steps {a}-{b}: the optimisation became unstable, and the guide is worse than it was. Try a lower lr "
+        "(a third, say) or another seed."
+    )
+
+
 def _final_khat(model, guide, args: tuple, kwargs: dict) -> float:
     """k̂ of the fitted guide from 1000 draws, leaving every RNG as it was; ``nan`` when it cannot be computed
     (e.g. guide draws outside the model's support)."""
@@ -502,7 +569,12 @@ def _svi_loop(model, guide, args: tuple, kwargs: dict, loss, callback, cfg: SVIC
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    return SVIResult(run.losses, guide, seconds, run.lrs, cfg.num_steps, cfg.out, cfg.checkpoint, run.skipped)
+    result = SVIResult(run.losses, guide, seconds, run.lrs, cfg.num_steps, cfg.out, cfg.checkpoint, run.skipped)
+    # before the likelihood reaches full weight a tempered run's losses are not comparable with the later ones
+    result.relapse = loss_relapse(run.losses, start=math.ceil(cfg.anneal * cfg.num_steps))
+    if result.relapse is not None:
+        warnings.warn(_relapse_message(result.relapse), UserWarning, stacklevel=3)
+    return result
 
 
 def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) -> _SVIRun:

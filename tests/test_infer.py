@@ -4,6 +4,7 @@ file round trips of fitted guides."""
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import numpy as np
@@ -22,6 +23,7 @@ from pyroflows.infer import (
     TrainingError,
     fit,
     load_guide,
+    loss_relapse,
     save_guide,
     sync_param_store,
 )
@@ -483,3 +485,54 @@ def test_report_false_prints_nothing_and_the_report_leaves_the_rng_alone(capfd):
 def test_summary_verdicts(khat, verdict, advice):
     text = SVIResult(np.ones(5), None, 0.1, np.ones(5), step=5, khat=khat).summary()
     assert verdict in text and ("Try:" in text) == advice
+
+
+def test_loss_relapse_flags_a_trace_that_ends_well_above_its_best():
+    rng = np.random.default_rng(0)
+    steady = 1.0 + 0.3 * rng.standard_normal(2000)
+    assert loss_relapse(steady) is None
+    assert loss_relapse(np.linspace(5.0, 1.0, 2000) + 0.3 * rng.standard_normal(2000)) is None  # still improving
+    jumped = steady.copy()
+    jumped[1500:] += 1.0  # windows of 100 steps: 1501-1600 onwards are worse
+    r = loss_relapse(jumped)
+    assert r is not None and abs(r["final"] - r["best"] - 1.0) < 0.15
+    a, b = r["best_steps"]
+    assert b - a == 99 and b <= 1500 and (a - 1) % 100 == 0
+    holes = jumped.copy()
+    holes[::7] = np.nan  # skipped steps are left out, not fatal
+    assert loss_relapse(holes) is not None
+    assert (
+        loss_relapse(np.full(2000, 1.0)) is None
+        and loss_relapse(np.r_[np.full(1000, 1.0), np.full(1000, 1.05)]) is None
+    )
+    # the last window 0.2 above, but the losses' sd is 3: within 4 standard errors of window means
+    assert loss_relapse(1.0 + 3.0 * rng.standard_normal(2000) + np.r_[np.zeros(1900), np.full(100, 0.2)]) is None
+    assert loss_relapse(jumped[:30]) is None  # too short to judge (fewer than 4 windows)
+    # a tempered start that was lower than the full-weight loss is not a best to return to
+    tempered = np.r_[np.full(500, -3.0), steady[500:]]
+    assert loss_relapse(tempered) is not None and loss_relapse(tempered, start=500) is None
+
+
+def test_fit_warns_when_the_loss_ends_well_above_its_best():
+    """A run whose loss rises late (here the model's factor moves by 3 nats after step 150) is flagged: a
+    UserWarning naming the fix, result.relapse and a line of the summary; the same run without it is not."""
+    state = {"offset": 0.0}
+
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.factor("f", torch.tensor(-state["offset"]))
+
+    def jump(step, loss):
+        state["offset"] = 3.0 if step >= 150 else 0.0
+
+    pyro.clear_param_store()
+    with pytest.warns(UserWarning, match="became unstable.*lower lr"):
+        result = fit(model, AutoNormal(model), 200, progress=False, report=False, callback=jump, seed=0)
+    assert abs(result.relapse["final"] - result.relapse["best"] - 3.0) < 0.5 and result.relapse["best_steps"][1] <= 150
+    assert "became unstable" in result.summary()
+    state["offset"] = 0.0
+    pyro.clear_param_store()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*became unstable")
+        calm = fit(model, AutoNormal(model), 200, progress=False, report=False, seed=0)
+    assert calm.relapse is None and "unstable" not in calm.summary()
