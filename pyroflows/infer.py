@@ -530,7 +530,7 @@ def _relapse_message(relapse: dict) -> str:
     return (
         f"fit: the loss ended at {relapse['final']:.4g} (mean of the last window) after reaching {relapse['best']:.4g} "
         f"over steps {a}-{b}: the optimisation became unstable, and the guide is worse than it was. Try a lower lr "
-        "(a third, say) or another seed."
+        "(a third, say) or another seed; for a posterior with several modes, anneal=0.5."
     )
 
 
