@@ -145,7 +145,7 @@ class ResidualBlock(FlowTransform):
     :param str eval_logdet: estimator in eval mode: ``"auto"``, ``"exact"``, ``"series"``, ``"unbiased"``.
     :param int eval_n_exact_terms: exact terms of the eval-mode unbiased estimator (default 2; was 20 before 0.2).
         On a trained 28x28 model (1000 images, 2 repeats, batches of 25; ``benchmarks/residual_eval.py``) 2 terms
-        gave a standard error of 0.0013 bits/dim in 0.68 times the time of 4 (0.0007) and 0.18 times that of one
+        gave a standard error of 0.0013 bits/dim in 0.74 times the time of 4 (0.0007) and 0.18 times that of one
         evaluation with 20; 1 term 0.0066. Raise it for a tighter error bar at the same number of repeats.
     :param int exact_max_dim: ``"auto"`` uses the exact log-det up to this event size.
     :param float atol: inverse tolerance (default: 1e-6 in float32, 1e-12 in float64).
