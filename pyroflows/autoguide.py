@@ -6,7 +6,7 @@ step), and ``pyro.module`` sends every parameter tensor of the flow through the 
 that bookkeeping costs more than the flow. :class:`AutoFlow` keeps the flow's parameters in one flat tensor: the
 layers' parameters are views of it (so the flow module always holds the current values and works on its own),
 the guide emits one ``pyro.param`` site per call, and the layers' gradients are collected into the flat tensor's
-``.grad`` as autograd produces them.
+``.grad`` in one addition at the end of each backward pass.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ class AutoFlow(AutoNormalizingFlow):
     ``"<guide name>.flow_params"``), and turns each layer's parameter into a view of it: the flow module always
     holds the current values, so ``guide.transform`` can be used, saved and loaded on its own.
 
-    Gradients: autograd still writes each layer parameter's gradient first; a hook adds it to
-    ``flow_params.grad`` and clears the layer's ``.grad``. An optimiser must therefore step ``flow_params``, as
+    Gradients: autograd still writes each layer parameter's gradient first; a hook takes it off the layer (its
+    ``.grad`` is left ``None``) and, when the backward pass ends, all of them are added to ``flow_params.grad`` at
+    once. An optimiser must therefore step ``flow_params``, as
     ``pyro.infer.SVI``, :func:`pyroflows.infer.fit` and ``torch.optim.Adam(guide.parameters())`` do; an optimiser
     built on ``guide.transform.parameters()`` alone would see no gradients.
 
@@ -101,6 +102,9 @@ class AutoFlow(AutoNormalizingFlow):
         # (parameter, start, end) in it
         self.__dict__["_linked"] = None
         self.__dict__["_slots"] = []
+        # layer index -> gradient, collected during the backward pass ``_task`` (an autograd graph task id)
+        self.__dict__["_pending"] = {}
+        self.__dict__["_task"] = None
 
     # -- the flow ----------------------------------------------------------------------------------------------
     def _flow(self):
@@ -213,13 +217,33 @@ class AutoFlow(AutoNormalizingFlow):
         share_with_store(pyro.get_param_store(), self._pyro_get_fullname(FLAT_NAME), value)
 
     def _collect(self, index: int) -> None:
-        p, start, end = self._slots[index]
-        grad, p.grad = p.grad, None
+        """Take layer parameter ``index``'s new gradient off it. The first of a backward pass queues :meth:`_flush`,
+        which adds them all to ``flow_params.grad`` when the pass ends: one addition, not one per tensor."""
+        task = torch._C._current_graph_task_id()
+        if task != self._task:
+            self._flush()  # what a pass that raised before its end left (none after a pass that ended)
+            self.__dict__["_task"] = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+        p = self._slots[index][0]
+        self._pending[index] = p.grad
+        p.grad = None
+
+    def _flush(self) -> None:
+        pending, n = self._pending, len(self._slots)
+        if not pending:
+            return
+        self.__dict__["_pending"] = {}
         flat = self._linked
-        with torch.no_grad():
-            if flat.grad is None:
-                flat.grad = torch.zeros_like(flat)
-            flat.grad[start:end].add_(grad.reshape(-1))
+        total = flat.grad
+        if total is None:
+            total = flat.grad = torch.zeros_like(flat, memory_format=torch.contiguous_format)
+        with torch.no_grad():  # .grad never requires grad; a create_graph backward's gradients are added detached
+            if len(pending) == n:
+                total.add_(torch.cat([pending[i].reshape(-1) for i in range(n)]))
+            else:
+                for i, grad in pending.items():
+                    _, start, end = self._slots[i]
+                    total[start:end].add_(grad.reshape(-1))
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .double() / .cuda() give every parameter its own converted copy: make them views of the

@@ -93,6 +93,48 @@ def test_one_param_site_and_gradients_collected_in_the_flat_tensor():
     assert all(torch.equal(p, b + 1.0) for p, b in zip(layers, before))
 
 
+def test_gradients_are_added_when_each_backward_pass_ends():
+    """The layers' gradients reach ``flow_params.grad`` in one addition at the end of each backward pass: two passes
+    accumulate, a pass that reaches only some layers adds only theirs, and what a pass that raised before its end
+    had collected is added at the next pass (as it was when every gradient was added as it came)."""
+    pyro.clear_param_store()
+    guide = AutoFlow(model, BUILDERS["realnvp"])
+    loss = Trace_ELBO().differentiable_loss(model, guide)
+    layers = list(guide.transform.parameters())
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, layers, retain_graph=True)])
+    flat = guide.flow_params
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(flat.grad, expected)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(flat.grad, 2 * expected)
+    assert all(p.grad is None for p in layers)
+
+    # only the last layer parameter: the others' slices stay as they were
+    flat.grad = None
+    last, start, end = guide._slots[-1]
+    (last * 3.0).sum().backward()
+    want = torch.zeros_like(flat)
+    want[start:end] = 3.0
+    torch.testing.assert_close(flat.grad, want)
+
+    # a pass that raised after the first parameter's gradient was accumulated
+    flat.grad = None
+    first = guide._slots[0][0]
+
+    def fail(grad):
+        raise RuntimeError("stop here")
+
+    other = torch.ones((), requires_grad=True)
+    other.register_hook(fail)
+    late = other * 1.0  # made first, so autograd reaches it after the flow's branch
+    with pytest.raises(RuntimeError, match="stop here"):
+        (late + (first * 2.0).sum()).backward()
+    assert guide._pending  # the pass collected the first parameter's gradient, then raised
+    (last * 3.0).sum().backward()
+    torch.testing.assert_close(flat.grad[start:end], torch.full((end - start,), 3.0))
+    torch.testing.assert_close(flat.grad[: first.numel()], torch.full((first.numel(),), 2.0))
+
+
 def _trains_through_flat(guide) -> None:
     """One SVI step moves the flow: the optimiser steps the store's flat tensor, which is the guide's, and the
     layers' parameters are views of it."""
