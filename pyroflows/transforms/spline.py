@@ -21,30 +21,23 @@ DEFAULT_MIN_BIN_HEIGHT = 1e-3
 DEFAULT_MIN_DERIVATIVE = 1e-3
 
 
-def _knots(raw: torch.Tensor, minimum: float, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``K + 1`` knots on ``[-bound, bound]`` and the ``K`` bin sizes from ``K`` unnormalised sizes.
+def _knots(raw: torch.Tensor, minimum: float, bound: float) -> torch.Tensor:
+    """The ``K + 1`` knots on ``[-bound, bound]`` from ``K`` unnormalised bin sizes.
 
     Each bin gets ``minimum`` of the interval's length plus its softmax share of the rest; the end knots are set to
-    ``±bound`` exactly and the sizes are taken as differences of the knots, so the knots and sizes agree bit for bit
-    (equal raw widths and heights then give knots of ``x`` and ``y`` that are the same numbers).
+    ``±bound`` exactly. Bin sizes are taken as differences of adjacent knots, so the knots and sizes agree bit for
+    bit (equal raw widths and heights then give knots of ``x`` and ``y`` that are the same numbers).
     """
     num_bins = raw.shape[-1]
     fractions = minimum + (1.0 - minimum * num_bins) * torch.softmax(raw, dim=-1)
     inner = 2.0 * bound * torch.cumsum(fractions[..., :-1], dim=-1) - bound
     ends = inner.new_full(inner.shape[:-1] + (1,), bound)
-    knots = torch.cat([-ends, inner, ends], dim=-1)
-    return knots, knots[..., 1:] - knots[..., :-1]
+    return torch.cat([-ends, inner, ends], dim=-1)
 
 
 def _derivative_offset(min_derivative: float) -> float:
     """``c`` with ``min_derivative + softplus(c) = 1``: a raw derivative of zero is a derivative of one."""
     return math.log(math.expm1(1.0 - min_derivative))
-
-
-def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``values[..., index]`` per element: ``values`` has shape ``batch + (n,)`` broadcastable to ``index``'s."""
-    values = values.expand(index.shape + values.shape[-1:])
-    return torch.gather(values, -1, index.unsqueeze(-1)).squeeze(-1)
 
 
 def rational_quadratic_spline(
@@ -131,49 +124,53 @@ def rational_quadratic_spline(
         raise ValueError(f"rational_quadratic_spline: min_derivative must lie in [0, 1), got {min_derivative!r}")
     bound = float(bound)
 
-    x_knots, bin_widths = _knots(widths, min_bin_width, bound)
-    y_knots, bin_heights = _knots(heights, min_bin_height, bound)
+    x_knots = _knots(widths, min_bin_width, bound)
+    y_knots = _knots(heights, min_bin_height, bound)
     inner = min_derivative + F.softplus(derivatives + _derivative_offset(min_derivative))
     ones = inner.new_ones(inner.shape[:-1] + (1,))
     knot_derivatives = torch.cat([ones, inner, ones], dim=-1)  # (..., K + 1), 1 at both ends
 
-    inside = (x >= -bound) & (x <= bound)
-    # The spline is evaluated on the clamped input, so that the branch torch.where discards stays finite (its
-    # gradient is multiplied by zero, and 0 * nan would be nan).
-    x_in = x.clamp(-bound, bound)
+    outside = (x < -bound) | (x > bound)
+    # The spline is evaluated at a point inside the interval, so that the branch torch.where discards stays finite
+    # (its gradient is multiplied by zero, and 0 * nan would be nan).
+    x_in = x.masked_fill(outside, 0.0)
     knots_in = y_knots if inverse else x_knots
     # The bin: the number of inner knots at or below the input (0 .. K - 1); the end knots are never compared,
     # so a point at +bound falls in the last bin whatever the rounding of the cumulative sum.
     index = (x_in.unsqueeze(-1) >= knots_in[..., 1:-1]).sum(dim=-1)
 
-    x_lo, w = _take(x_knots[..., :-1], index), _take(bin_widths, index)
-    y_lo, h = _take(y_knots[..., :-1], index), _take(bin_heights, index)
-    d_lo, d_hi = _take(knot_derivatives[..., :-1], index), _take(knot_derivatives[..., 1:], index)
+    # Both knots of the bin, for x, y and the derivative, in one gather (one autograd node); a bin's width and
+    # height are differences of its knots
+    table = torch.stack([x_knots, y_knots, knot_derivatives], dim=-2)  # (..., 3, K + 1)
+    ends = torch.stack([index, index + 1], dim=-1).unsqueeze(-2)  # (..., 1, 2)
+    table = table.expand(index.shape + table.shape[-2:])
+    (x_lo, x_hi), (y_lo, y_hi), (d_lo, d_hi) = (
+        v.unbind(-1) for v in torch.gather(table, -1, ends.expand(index.shape + (3, 2))).unbind(-2)
+    )
+    w, h = x_hi - x_lo, y_hi - y_lo
     slope = h / w
-    curvature = d_hi + d_lo - 2.0 * slope
-
-    if inverse:  # xi in [0, 1] from the quadratic a xi^2 + b xi + c = 0 of g(x) = y
+    curvature = torch.sub(d_hi + d_lo, slope, alpha=2.0)
+    # (fused multiply-adds below: each is one autograd node where the plain expression would be two or three)
+    if inverse:  # xi in [0, 1] from the quadratic a xi^2 + b xi - c = 0 of g(x) = y
         dy = x_in - y_lo
-        a = h * (slope - d_lo) + dy * curvature
-        b = h * d_lo - dy * curvature
-        c = -slope * dy
-        discriminant = (b * b - 4.0 * a * c).clamp_min(0.0)
-        xi = (2.0 * c / (-b - torch.sqrt(discriminant))).clamp(0.0, 1.0)
+        a = torch.addcmul(h * (slope - d_lo), dy, curvature)
+        b = torch.addcmul(h * d_lo, dy, curvature, value=-1.0)
+        c = slope * dy
+        discriminant = torch.addcmul(b * b, a, c, value=4.0).clamp_min(0.0)
+        xi = (2.0 * c / (b + torch.sqrt(discriminant))).clamp(0.0, 1.0)
     else:
         xi = ((x_in - x_lo) / w).clamp(0.0, 1.0)
     xi_1m = 1.0 - xi
     mixed = xi * xi_1m
-    denominator = slope + curvature * mixed
-    log_derivative = (
-        2.0 * torch.log(slope)
-        + torch.log(d_hi * xi * xi + 2.0 * slope * mixed + d_lo * xi_1m * xi_1m)
-        - 2.0 * torch.log(denominator)
-    )
+    xi_sq = xi * xi
+    denominator = torch.addcmul(slope, curvature, mixed)
+    numerator = torch.addcmul(torch.addcmul(d_hi * xi_sq, slope, mixed, value=2.0), d_lo, xi_1m * xi_1m)
+    log_derivative = torch.add(torch.log(numerator), torch.log(slope / denominator), alpha=2.0)
     if inverse:
-        out, log_derivative = x_lo + xi * w, -log_derivative
+        out, log_derivative = torch.addcmul(x_lo, xi, w), -log_derivative
     else:
-        out = y_lo + h * (slope * xi * xi + d_lo * mixed) / denominator
-    return torch.where(inside, out, x), torch.where(inside, log_derivative, torch.zeros_like(log_derivative))
+        out = torch.addcdiv(y_lo, h * torch.addcmul(slope * xi_sq, d_lo, mixed), denominator)
+    return torch.where(outside, x, out), log_derivative.masked_fill(outside, 0.0)
 
 
 def _check_spline_args(num_bins, bound, where: str) -> None:
@@ -275,7 +272,7 @@ class SplineCoupling(FlowTransform):
         params = self.conditioner(x_cond if context is None else join_context(x_cond, context, 1))
         params = params.reshape(params.shape[:-1] + (self._n_trans, 3 * self.num_bins - 1))
         k = self.num_bins
-        widths, heights, derivatives = params[..., :k], params[..., k : 2 * k], params[..., 2 * k :]
+        widths, heights, derivatives = params.split([k, k, k - 1], dim=-1)
         y_trans, log_derivative = rational_quadratic_spline(
             x_trans, widths, heights, derivatives, self.bound, inverse=inverse
         )
