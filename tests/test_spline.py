@@ -96,6 +96,22 @@ def test_spline_log_derivative_matches_autograd():
     assert torch.allclose(inv_log_d, expected, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(8,), (40, 8), (300, 8), (16, 32, 5)], ids=["1d", "few-rows", "many-rows", "3d"])
+def test_bin_softmax_equals_torch_softmax(shape):
+    """The bins' softmax (transposed for many rows on CPU, for speed) gives torch.softmax's values and gradients."""
+    from pyroflows.transforms.spline import _softmax_last
+
+    raw = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(shape, dtype=torch.float64)
+    ours = _softmax_last(raw)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), [raw])
+    theirs = torch.softmax(raw, -1)
+    (expected,) = torch.autograd.grad((theirs * weights).sum(), [raw])
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-15)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-14)
+
+
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
 def test_spline_gradients_match_finite_differences(inverse):
     """The map's and the log-derivative's gradients in the input and in the raw widths, heights and derivatives

@@ -21,6 +21,25 @@ DEFAULT_MIN_BIN_HEIGHT = 1e-3
 DEFAULT_MIN_DERIVATIVE = 1e-3
 
 
+#: from this many rows on, ``_softmax_last`` takes the transposed route on CPU (measured crossover: about 200 rows
+#: of 8 values)
+_TRANSPOSED_SOFTMAX_ROWS = 256
+
+
+def _softmax_last(raw: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(raw, -1)``, by a faster route for many short rows on CPU.
+
+    torch's CPU softmax over a short last dimension costs about 0.2 µs per row (forward and backward, 8 values a
+    row), several times an elementwise pass; over the leading dimension of a transposed copy it is vectorised
+    across the rows instead: 2048 rows of 8 took 128 µs against 460 µs, 8192 rows 297 against 1735 (one thread).
+    Below a few hundred rows the copy costs more than it saves.
+    """
+    k = raw.shape[-1]
+    if raw.device.type != "cpu" or raw.dim() < 2 or raw.numel() < _TRANSPOSED_SOFTMAX_ROWS * k:
+        return torch.softmax(raw, dim=-1)
+    return torch.softmax(raw.reshape(-1, k).t().contiguous(), dim=0).t().reshape(raw.shape)
+
+
 def _knots(raw: torch.Tensor, minimum: float, bound: float) -> torch.Tensor:
     """The ``K + 1`` knots on ``[-bound, bound]`` from ``K`` unnormalised bin sizes.
 
@@ -29,7 +48,7 @@ def _knots(raw: torch.Tensor, minimum: float, bound: float) -> torch.Tensor:
     bit (equal raw widths and heights then give knots of ``x`` and ``y`` that are the same numbers).
     """
     num_bins = raw.shape[-1]
-    fractions = minimum + (1.0 - minimum * num_bins) * torch.softmax(raw, dim=-1)
+    fractions = minimum + (1.0 - minimum * num_bins) * _softmax_last(raw)
     inner = 2.0 * bound * torch.cumsum(fractions[..., :-1], dim=-1) - bound
     ends = inner.new_full(inner.shape[:-1] + (1,), bound)
     return torch.cat([-ends, inner, ends], dim=-1)
