@@ -30,9 +30,9 @@ def _params(n, num_bins=K, scale=1.5, seed=0, dtype=torch.float64):
     return w, h, d
 
 
-def _knots(raw, bound=BOUND):
+def _knots(raw, bound=BOUND, minimum=MIN):
     """The knots, computed here from the definition: each bin is MIN of 2B plus its softmax share of the rest."""
-    fractions = MIN + (1 - MIN * raw.shape[-1]) * torch.softmax(raw, -1)
+    fractions = minimum + (1 - minimum * raw.shape[-1]) * torch.softmax(raw, -1)
     cum = torch.cat([torch.zeros_like(fractions[..., :1]), torch.cumsum(fractions, -1)], -1)
     return -bound + 2 * bound * cum
 
@@ -66,6 +66,14 @@ def test_spline_interpolates_the_knots_with_their_derivatives():
     y, log_d = rational_quadratic_spline(x_knots, w[:, None], h[:, None], d[:, None], BOUND)
     assert torch.allclose(y, y_knots, atol=1e-12, rtol=0)
     assert torch.allclose(log_d, derivatives.log(), atol=1e-10, rtol=0)
+    # other minimum bin widths and heights (the knots of x and y then differ even for equal raw sizes)
+    y, _ = rational_quadratic_spline(
+        _knots(w, minimum=0.05), w[:, None], h[:, None], d[:, None], BOUND, min_bin_width=0.05, min_bin_height=0.1
+    )
+    assert torch.allclose(y, _knots(h, minimum=0.1), atol=1e-12, rtol=0)
+    # parameters of different batch shapes broadcast (one set of widths for every row)
+    y, _ = rational_quadratic_spline(x_knots[:1].expand(4, -1), w[:1], h[:, None], d[:, None], BOUND)
+    assert torch.allclose(y, _knots(h), atol=1e-12, rtol=0)
 
 
 def test_spline_inverse_round_trips_in_the_tails_and_at_the_knots():

@@ -40,12 +40,13 @@ def _softmax_last(raw: torch.Tensor) -> torch.Tensor:
     return torch.softmax(raw.reshape(-1, k).t().contiguous(), dim=0).t().reshape(raw.shape)
 
 
-def _knots(raw: torch.Tensor, minimum: float, bound: float) -> torch.Tensor:
-    """The ``K + 1`` knots on ``[-bound, bound]`` from ``K`` unnormalised bin sizes.
+def _knots(raw: torch.Tensor, minimum: float | torch.Tensor, bound: float) -> torch.Tensor:
+    """The ``K + 1`` knots on ``[-bound, bound]`` from ``K`` unnormalised bin sizes (last dimension).
 
     Each bin gets ``minimum`` of the interval's length plus its softmax share of the rest; the end knots are set to
     ``±bound`` exactly. Bin sizes are taken as differences of adjacent knots, so the knots and sizes agree bit for
-    bit (equal raw widths and heights then give knots of ``x`` and ``y`` that are the same numbers).
+    bit (equal raw widths and heights then give knots of ``x`` and ``y`` that are the same numbers). ``minimum``
+    may be a tensor broadcasting against ``raw[..., :1]`` (the widths' and heights' minima, stacked).
     """
     num_bins = raw.shape[-1]
     fractions = minimum + (1.0 - minimum * num_bins) * _softmax_last(raw)
@@ -142,9 +143,20 @@ def rational_quadratic_spline(
     if not 0 <= min_derivative < 1:
         raise ValueError(f"rational_quadratic_spline: min_derivative must lie in [0, 1), got {min_derivative!r}")
     bound = float(bound)
+    if widths.shape != heights.shape:
+        widths, heights = torch.broadcast_tensors(widths, heights)
+    sizes = torch.stack([widths, heights], dim=-2)
+    return _spline(x, sizes, derivatives, bound, inverse, min_bin_width, min_bin_height, min_derivative)
 
-    x_knots = _knots(widths, min_bin_width, bound)
-    y_knots = _knots(heights, min_bin_height, bound)
+
+def _spline(x, sizes, derivatives, bound: float, inverse: bool, min_bin_width, min_bin_height, min_derivative):
+    """:func:`rational_quadratic_spline` on checked arguments, the raw widths and heights stacked as ``sizes``
+    (``S' + (2, K)``): one softmax, cumulative sum and concatenation make the knots of both ``x`` and ``y``."""
+    if min_bin_width == min_bin_height:
+        minimum = min_bin_width
+    else:
+        minimum = sizes.new_tensor([[min_bin_width], [min_bin_height]])
+    knots = _knots(sizes, minimum, bound)  # (..., 2, K + 1): x's knots, y's knots
     inner = min_derivative + F.softplus(derivatives + _derivative_offset(min_derivative))
     ones = inner.new_ones(inner.shape[:-1] + (1,))
     knot_derivatives = torch.cat([ones, inner, ones], dim=-1)  # (..., K + 1), 1 at both ends
@@ -153,14 +165,18 @@ def rational_quadratic_spline(
     # The spline is evaluated at a point inside the interval, so that the branch torch.where discards stays finite
     # (its gradient is multiplied by zero, and 0 * nan would be nan).
     x_in = x.masked_fill(outside, 0.0)
-    knots_in = y_knots if inverse else x_knots
+    knots_in = knots[..., 1 if inverse else 0, 1:-1]
     # The bin: the number of inner knots at or below the input (0 .. K - 1); the end knots are never compared,
     # so a point at +bound falls in the last bin whatever the rounding of the cumulative sum.
-    index = (x_in.unsqueeze(-1) >= knots_in[..., 1:-1]).sum(dim=-1)
+    index = (x_in.unsqueeze(-1) >= knots_in).sum(dim=-1)
 
     # Both knots of the bin, for x, y and the derivative, in one gather (one autograd node); a bin's width and
     # height are differences of its knots
-    table = torch.stack([x_knots, y_knots, knot_derivatives], dim=-2)  # (..., 3, K + 1)
+    if knot_derivatives.shape[:-1] != knots.shape[:-2]:  # parameters of batch shapes that broadcast
+        batch = torch.broadcast_shapes(knots.shape[:-2], knot_derivatives.shape[:-1])
+        knots = knots.expand(batch + knots.shape[-2:])
+        knot_derivatives = knot_derivatives.expand(batch + knot_derivatives.shape[-1:])
+    table = torch.cat([knots, knot_derivatives.unsqueeze(-2)], dim=-2)  # (..., 3, K + 1)
     ends = torch.stack([index, index + 1], dim=-1).unsqueeze(-2)  # (..., 1, 2)
     table = table.expand(index.shape + table.shape[-2:])
     (x_lo, x_hi), (y_lo, y_hi), (d_lo, d_hi) = (
@@ -291,9 +307,16 @@ class SplineCoupling(FlowTransform):
         params = self.conditioner(x_cond if context is None else join_context(x_cond, context, 1))
         params = params.reshape(params.shape[:-1] + (self._n_trans, 3 * self.num_bins - 1))
         k = self.num_bins
-        widths, heights, derivatives = params.split([k, k, k - 1], dim=-1)
-        y_trans, log_derivative = rational_quadratic_spline(
-            x_trans, widths, heights, derivatives, self.bound, inverse=inverse
+        sizes, derivatives = params.split([2 * k, k - 1], dim=-1)
+        y_trans, log_derivative = _spline(
+            x_trans,
+            sizes.unflatten(-1, (2, k)),
+            derivatives,
+            self.bound,
+            inverse,
+            DEFAULT_MIN_BIN_WIDTH,
+            DEFAULT_MIN_BIN_HEIGHT,
+            DEFAULT_MIN_DERIVATIVE,
         )
         return vector_merge(self, x_cond, y_trans), log_derivative.sum(dim=-1)
 
