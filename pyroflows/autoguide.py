@@ -256,6 +256,8 @@ class AutoFlow(AutoNormalizingFlow):
     def __setstate__(self, state):
         # copy.deepcopy and pickle give the layers fresh parameters (no longer views, without hooks)
         super().__setstate__(state)
+        # no gradients pending in the copy (and none kept by a guide pickled before they were collected per pass)
+        self.__dict__["_pending"], self.__dict__["_task"] = {}, None
         if self._slots:
             self._install()
 
