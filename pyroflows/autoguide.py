@@ -25,6 +25,9 @@ __all__ = ["AutoFlow"]
 #: the name (under the guide's prefix) of the one param-store entry holding the flow's parameters
 FLAT_NAME = "flow_params"
 
+#: the id of the autograd pass running now (-1 outside one): a private torch function, so looked up defensively
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
 
 def share_with_store(store, name: str, p: torch.Tensor) -> None:
     """Make the param store hold ``p`` itself under ``name`` (the store and a module then share one tensor)."""
@@ -219,7 +222,13 @@ class AutoFlow(AutoNormalizingFlow):
     def _collect(self, index: int) -> None:
         """Take layer parameter ``index``'s new gradient off it. The first of a backward pass queues :meth:`_flush`,
         which adds them all to ``flow_params.grad`` when the pass ends: one addition, not one per tensor."""
-        task = torch._C._current_graph_task_id()
+        if _graph_task_id is None:  # a torch without the id: add each gradient as it comes
+            p = self._slots[index][0]
+            self._pending[index] = p.grad
+            p.grad = None
+            self._flush()
+            return
+        task = _graph_task_id()
         if task != self._task:
             self._flush()  # what a pass that raised before its end left (none after a pass that ended)
             self.__dict__["_task"] = task

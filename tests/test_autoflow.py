@@ -135,6 +135,22 @@ def test_gradients_are_added_when_each_backward_pass_ends():
     torch.testing.assert_close(flat.grad[: first.numel()], torch.full((first.numel(),), 2.0))
 
 
+def test_gradients_without_the_autograd_pass_id(monkeypatch):
+    """With a torch that lacks the autograd pass id, each gradient is added as it comes: the same sums."""
+    import pyroflows.autoguide as autoguide
+
+    pyro.clear_param_store()
+    guide = AutoFlow(model, BUILDERS["realnvp"])
+    loss = Trace_ELBO().differentiable_loss(model, guide)
+    layers = list(guide.transform.parameters())
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, layers, retain_graph=True)])
+    monkeypatch.setattr(autoguide, "_graph_task_id", None)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(guide.flow_params.grad, 2 * expected)
+    assert all(p.grad is None for p in layers)
+
+
 def _trains_through_flat(guide) -> None:
     """One SVI step moves the flow: the optimiser steps the store's flat tensor, which is the guide's, and the
     layers' parameters are views of it."""
