@@ -151,10 +151,19 @@ def _vi(d: dict) -> str:
     head = ["guide", *(f"{e} KL (nats)" for e in energies), f"{'CPU ' if cpu else ''}ms/step", "speed ratio"]
     loop = d["config"].get("loop", "torch")
     options = d["config"].get("fit_options") or {}
-    changed = ", ".join(f"{k}={v}" for k, v in options.items())
+    changed = ", ".join(f"{k}={v}" for k, v in options.items() if k != "lr")
+    # the peak rate: given as an option, else fit's default (runs before the particle-dependent default recorded no
+    # fit_lr: they ran at the then default, 3e-3)
+    peak = float(options.get("lr", d["config"].get("fit_lr", 3e-3)))
+    if "lr" in options:
+        default = ""
+    elif "fit_lr" in d["config"]:
+        default = ", its default for these particles"
+    else:
+        default = ", then its default at any number of particles"
     trained = {
-        "fit": "every guide trained by pyroflows.infer.fit with its defaults (STL, lr 3e-3, stable_cosine)"
-        + (f" but {changed}; " if changed else "; "),
+        "fit": "every guide trained by pyroflows.infer.fit with its defaults (STL, stable_cosine) at peak lr "
+        f"{peak:.3g}{default}" + (f", but {changed}; " if changed else "; "),
         "svi": "pyro.infer.SVI; ",
     }.get(loop, "")
     note = (

@@ -562,7 +562,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="torch",
         help="torch: Trace_ELBO.differentiable_loss + one torch.optim.Adam (default, faster);\n"
         "svi: pyro.infer.SVI + pyro.optim.Adam/ClippedAdam (same objective and update);\n"
-        "fit: pyroflows.infer.fit with its defaults (STL, stable_cosine, lr 3e-3) at the same steps and particles",
+        "fit: pyroflows.infer.fit with its defaults (STL, stable_cosine, lr = infer.default_lr(particles): 9.4e-4 at "
+        "256) at the same steps and particles",
     )
     p.add_argument(
         "--fit-options",
@@ -612,6 +613,10 @@ def main(argv=None) -> int:
         "fit_options": parse_options(args.fit_options),
         "log_every": max(1, args.steps // 50),
     }
+    if args.loop == "fit":  # the peak rate fit uses: the option given, else its default for these particles
+        from pyroflows.infer import default_lr
+
+        cfg["fit_lr"] = float(cfg["fit_options"].get("lr", default_lr(args.particles)))
     torch.set_num_threads(1)
     git_state = _git_state()  # taken before the workers import pyroflows
     workers = args.workers or os.cpu_count() or 1
@@ -644,7 +649,7 @@ def main(argv=None) -> int:
     print()
     if args.loop == "fit":
         print(
-            f"pyroflows.infer.fit with its defaults (STL, lr 3e-3, stable_cosine)"
+            f"pyroflows.infer.fit with its defaults (STL, stable_cosine; peak lr {cfg['fit_lr']:.3g})"
             f"{' but ' + args.fit_options if args.fit_options else ''}: {args.steps} steps, "
             f"{args.particles} vectorised particles, ELBO from {args.eval_samples} guide samples, seed {args.seed}"
         )

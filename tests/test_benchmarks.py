@@ -169,4 +169,11 @@ def test_vi_energies_fit_options_reach_fit_and_the_report():
     config = {"loop": "fit", "fit_options": {"anneal": 0.5}, "steps": 10, "particles": 2}
     config.update(energies=["U1"], guides=[])
     payload = {"config": config, "results": []}
-    assert "defaults (STL, lr 3e-3, stable_cosine) but anneal=0.5;" in report._vi(payload)
+    # a run before the particle-dependent default recorded no fit_lr (it ran at 3e-3)
+    assert "(STL, stable_cosine) at peak lr 0.003, then its default at any number of particles, but anneal=0.5;" in (
+        report._vi(payload)
+    )
+    config["fit_lr"] = 9.449e-4
+    assert "at peak lr 0.000945, its default for these particles, but anneal=0.5;" in report._vi(payload)
+    config["fit_options"] = {"anneal": 0.5, "lr": 0.001}
+    assert "at peak lr 0.001, but anneal=0.5;" in report._vi(payload)

@@ -536,3 +536,28 @@ def test_fit_warns_when_the_loss_ends_well_above_its_best():
         warnings.filterwarnings("error", message=".*became unstable")
         calm = fit(model, AutoNormal(model), 200, progress=False, report=False, seed=0)
     assert calm.relapse is None and "unstable" not in calm.summary()
+
+
+def test_default_lr_falls_with_the_cube_root_of_the_particles():
+    """3e-3 up to 8 particles, then 3e-3 * (8 / n) ** (1/3): fit uses it when no lr is given, from its own particles or
+    those of the ELBO passed as loss=; an lr given is used as it is."""
+    from pyro.infer import Trace_ELBO
+
+    from pyroflows.infer import SVIConfig, default_lr
+
+    assert default_lr(1) == default_lr(8) == 3e-3
+    assert default_lr(64) == pytest.approx(1.5e-3, rel=1e-12)
+    assert default_lr(256) == pytest.approx(3e-3 / 32 ** (1 / 3), rel=1e-12)
+    assert SVIConfig(num_particles=32).lr == default_lr(32) and SVIConfig(num_particles=32, lr=0.02).lr == 0.02
+    with pytest.raises(ValueError, match="num_particles"):
+        default_lr(0)
+
+    def peak_lr(**kwargs):
+        pyro.clear_param_store()
+        guide = AutoNormal(gaussian_model)
+        return fit(gaussian_model, guide, 5, progress=False, report=False, seed=0, **kwargs).lr[0]
+
+    assert peak_lr() == pytest.approx(3e-3)  # stable_cosine: the peak rate from the first step
+    assert peak_lr(num_particles=64) == pytest.approx(1.5e-3)
+    assert peak_lr(loss=Trace_ELBO(num_particles=128, vectorize_particles=True)) == pytest.approx(default_lr(128))
+    assert peak_lr(num_particles=32, lr=0.01) == pytest.approx(0.01)
