@@ -600,3 +600,39 @@ def test_lipswish_without_a_graph_is_bitwise_the_graph_formula(dtype):
     assert with_graph.requires_grad and not without.requires_grad
     assert torch.equal(without, with_graph.detach()) and torch.equal(mapped, without)
     assert torch.equal(x, kept)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_power_iteration_skipped_on_cpu_while_the_weight_is_unchanged(layer, monkeypatch):
+    """Training mode on the CPU: one power iteration per change of the weight, not per call (a second call in the
+    same step reads the flag instead of iterating and discarding); outputs and vectors are bit for bit those of the
+    sync-free path (which iterates every call and keeps the result only when the weight changed)."""
+    from pyroflows.nn import SpectralConv2d, SpectralLinear, lipschitz
+
+    def run(skip):
+        monkeypatch.setattr(lipschitz, "_SKIP_UNCHANGED_ON_CPU", skip)
+        torch.manual_seed(0)
+        if layer == "linear":
+            net, x = SpectralLinear(4, 8, coeff=0.9), torch.randn(5, 4)
+        else:
+            net, x = SpectralConv2d(2, 3, 3, coeff=0.9), torch.randn(2, 2, 5, 5)
+        calls = []
+        original = type(net)._iterate
+        monkeypatch.setattr(type(net), "_iterate", lambda self, n: (calls.append(n), original(self, n))[1])
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        outs = []
+        for _ in range(3):  # three optimiser steps, three calls each
+            for _ in range(3):
+                outs.append(net(x))
+            opt.zero_grad()
+            outs[-1].square().sum().backward()
+            opt.step()
+        monkeypatch.setattr(type(net), "_iterate", original)
+        return outs, net.u.clone(), net.v.clone(), len(calls)
+
+    fast, slow = run(True), run(False)
+    # once per weight (a convolution iterates once more on its first input size), against once per call
+    assert slow[3] - fast[3] == 6 and fast[3] <= 4
+    for a, b in zip(fast[0], slow[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 _FROZEN = [0]
+#: training mode, on the CPU: skip the power iteration when the weight has not changed since the last one (on an
+#: accelerator it always runs and a ``torch.where`` keeps or discards it, so that no call waits on the device)
+_SKIP_UNCHANGED_ON_CPU = True
 _INPUT_GRADIENTS_ONLY = [0]
 
 
@@ -194,6 +197,10 @@ class _PowerIteration(nn.Module):
             # Once per change of the weight (i.e. per optimiser step), not per call: every forward, inverse
             # and log-det evaluation between two steps sees the same normalised weight, the same function.
             changed = fp != self._train_fp  # NaN at first: always "changed"
+            if _SKIP_UNCHANGED_ON_CPU and changed.device.type == "cpu" and not bool(changed):
+                # on the CPU reading the flag costs no device sync: skip the iteration the where below would discard
+                self._eval_fp = None
+                return
             u, v = self.u.clone(), self.v.clone()
             self._iterate(self.n_iterations)
             self.u.copy_(torch.where(changed, self.u, u))
