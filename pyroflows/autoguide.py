@@ -222,20 +222,17 @@ class AutoFlow(AutoNormalizingFlow):
     def _collect(self, index: int) -> None:
         """Take layer parameter ``index``'s new gradient off it. The first of a backward pass queues :meth:`_flush`,
         which adds them all to ``flow_params.grad`` when the pass ends: one addition, not one per tensor."""
-        if _graph_task_id is None:  # a torch without the id: add each gradient as it comes
-            p = self._slots[index][0]
-            self._pending[index] = p.grad
-            p.grad = None
-            self._flush()
-            return
-        task = _graph_task_id()
-        if task != self._task:
-            self._flush()  # what a pass that raised before its end left (none after a pass that ended)
-            self.__dict__["_task"] = task
-            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+        if _graph_task_id is not None:
+            task = _graph_task_id()
+            if task != self._task:
+                self._flush()  # what a pass that raised before its end left (none after a pass that ended)
+                self.__dict__["_task"] = task
+                torch.autograd.Variable._execution_engine.queue_callback(self._flush)
         p = self._slots[index][0]
         self._pending[index] = p.grad
         p.grad = None
+        if _graph_task_id is None:  # a torch without the id: add each gradient as it comes
+            self._flush()
 
     def _flush(self) -> None:
         pending, n = self._pending, len(self._slots)
