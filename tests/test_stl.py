@@ -205,13 +205,16 @@ def test_a_random_log_det_keeps_the_path_derivative():
     (the held-fixed term is the surrogate's entropy term). In eval mode with an exact log-det they are compared."""
     from pyroflows.transforms import ResidualBlock
 
-    block = ResidualBlock(2, hidden=(8,))
+    block = ResidualBlock(2, hidden=(8,), logdet="unbiased")
     assert block.random_log_det and not block.eval().random_log_det  # "auto" in eval: exact at D = 2
+    assert not ResidualBlock(2, hidden=(8,)).random_log_det  # "auto" in training: exact at D = 2 too
     assert ResidualBlock(2, hidden=(8,), logdet="exact").random_log_det is False
     assert ResidualBlock((1, None, None), hidden=2).eval().random_log_det  # unknown size: the unbiased estimate
 
     pyro.clear_param_store()
-    guide = AutoNormalizingFlow(_gauss_model, partial(pyroflows.residual_flow, num_layers=2, hidden=(8,)))
+    guide = AutoNormalizingFlow(
+        _gauss_model, partial(pyroflows.residual_flow, num_layers=2, hidden=(8,), logdet="unbiased")
+    )
     guide()
     stl = TraceSTL_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=0)
     for _ in range(5):

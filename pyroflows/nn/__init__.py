@@ -7,9 +7,11 @@ from .lipschitz import (
     SpectralConv2d,
     SpectralLinear,
     frozen_power_iteration,
+    has_closed_form_jacobian,
     input_gradients_only,
     lipschitz_cnn,
     lipschitz_mlp,
+    mlp_value_and_jacobian,
 )
 from .made import MADE
 
@@ -22,8 +24,10 @@ __all__ = [
     "SpectralConv2d",
     "SpectralLinear",
     "frozen_power_iteration",
+    "has_closed_form_jacobian",
     "input_gradients_only",
     "lipschitz_cnn",
     "lipschitz_mlp",
+    "mlp_value_and_jacobian",
     "set_compute_dtype",
 ]

@@ -684,3 +684,90 @@ def lipschitz_cnn(
         LipSwish(),
         SpectralConv2d(hidden_channels, channels, kernel_size, coeff, n_iterations),
     )
+
+
+def has_closed_form_jacobian(net: nn.Module) -> bool:
+    """Whether :func:`mlp_value_and_jacobian` computes ``net``'s Jacobian: an ``nn.Sequential`` of
+    :class:`SpectralLinear` (or ``nn.Linear``) and :class:`LipSwish` modules of exactly these types, starting and
+    ending with a linear layer (as :func:`lipschitz_mlp` builds).
+
+    :param torch.nn.Module net: a residual branch.
+
+    Example::
+
+        >>> from pyroflows.nn import has_closed_form_jacobian, lipschitz_cnn, lipschitz_mlp
+        >>> has_closed_form_jacobian(lipschitz_mlp(3)), has_closed_form_jacobian(lipschitz_cnn(3))
+        (True, False)
+    """
+    if not isinstance(net, nn.Sequential) or len(net) == 0:
+        return False
+    if not all(type(m) in (SpectralLinear, nn.Linear, LipSwish) for m in net):
+        return False
+    return type(net[0]) is not LipSwish and type(net[-1]) is not LipSwish  # the product starts and ends on weights
+
+
+def mlp_value_and_jacobian(
+    net: nn.Module, x: torch.Tensor, shift: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    r"""``(g(x), J_g(x))`` in closed form for an MLP ``g`` of linear layers and LipSwish activations, or ``None``
+    when ``net`` is not one (a custom network: use autograd instead).
+
+    For :math:`g = W_L \circ \phi \circ \dots \circ \phi \circ W_1` the Jacobian at ``x`` is
+    :math:`W_L\,\mathrm{diag}(\phi'(h_{L-1}))\cdots\mathrm{diag}(\phi'(h_1))\,W_1`, the :math:`h_i` being the
+    pre-activations: one forward pass and a product of small matrices per sample, instead of ``D`` backward
+    passes. Every operation is an ordinary differentiable one, so the result can be differentiated (also twice)
+    in ``x`` and in the parameters. Each normalised weight is computed once.
+
+    :param torch.nn.Module net: a network for which :func:`has_closed_form_jacobian` holds (exact types: a
+        subclass may compute something else), as :func:`lipschitz_mlp` builds.
+    :param torch.Tensor x: inputs, shape ``batch_shape + (D,)``.
+    :param torch.Tensor shift: added to the first layer's outputs (a conditional branch's context term), shape
+        broadcastable to them.
+    :returns: ``g(x)`` of shape ``batch_shape + (D,)`` and ``J`` of shape ``batch_shape + (D, D)``
+        (``J[..., i, j] = dg_i / dx_j``), or ``None``.
+
+    Example::
+
+        >>> import torch
+        >>> from pyroflows.nn import lipschitz_mlp, mlp_value_and_jacobian
+        >>> g = lipschitz_mlp(3, hidden=(8,), coeff=0.9)
+        >>> x = torch.randn(5, 3)
+        >>> gx, jac = mlp_value_and_jacobian(g, x)
+        >>> auto = torch.func.vmap(torch.func.jacrev(g))(x)
+        >>> torch.allclose(gx, g(x), atol=1e-6), torch.allclose(jac, auto, atol=1e-6)
+        (True, True)
+    """
+    if not has_closed_form_jacobian(net) or x.dim() < 1:
+        return None
+    # the forward pass, keeping the weights and the activations' slopes
+    h, factors = x, []
+    for i, layer in enumerate(net):
+        if type(layer) is LipSwish:
+            beta_h = F.softplus(layer.raw_beta) * h
+            s = torch.sigmoid(beta_h)
+            factors.append((True, (s + beta_h * s * (1 - s)) / 1.1))  # the slope at h
+            h = h * s / 1.1  # LipSwish's own operations, in its order: the same bits
+            continue
+        weight = layer.normalized_weight() if type(layer) is SpectralLinear else layer.weight
+        h = F.linear(h, weight, layer.bias)
+        if i == 0 and shift is not None:
+            h = h + shift
+        factors.append((False, weight))
+    batch = math.prod(x.shape[:-1])
+    dim = x.shape[-1]
+    if len(factors) == 3 and batch >= max(48, 4 * dim):
+        # one hidden layer, many samples: J = sum_k s_k W2[:, k] W1[k, :] is one (batch, H) x (H, D * D) product
+        # with the outer products of the weights' columns and rows (cheaper to differentiate than a batch of
+        # D x H matrices; with few samples the outer products cost more than they save)
+        (_, w1), (_, slope), (_, w2) = factors
+        outer = (w2.T.unsqueeze(-1) * w1.unsqueeze(-2)).reshape(w1.shape[0], dim * dim)
+        return h, (slope @ outer).reshape(x.shape[:-1] + (dim, dim))
+    # the product from the output side: every step multiplies a batch of matrices by a shared weight (one GEMM),
+    # where the other order would multiply a shared weight into a batch (a batched product)
+    jac = factors.pop()[1]
+    while factors:
+        is_slope, factor = factors.pop()
+        jac = jac * factor.unsqueeze(-2) if is_slope else jac @ factor
+    if jac.dim() == 2:  # no activation: a linear map, the same Jacobian for every sample
+        jac = jac.expand(x.shape[:-1] + jac.shape)
+    return h, jac

@@ -16,8 +16,10 @@ from ..nn.lipschitz import (
     _check_coeff,
     _PowerIteration,
     frozen_power_iteration,
+    has_closed_form_jacobian,
     lipschitz_cnn,
     lipschitz_mlp,
+    mlp_value_and_jacobian,
 )
 from ._shapes import count, hidden_sizes, positive
 from .base import FlowTransform
@@ -103,6 +105,13 @@ class _Shifted(nn.Module):
         return h
 
 
+#: ``logdet="auto"`` in training: the exact log-det (closed-form Jacobian) up to this event size, else the unbiased
+#: estimator. One training step of a block (hidden 128, one thread, forward and backward) measured 1.4 to 2.4 times
+#: as fast exact as unbiased at D <= 10 and 1 to 256 samples, 1.2 to 1.7 times at D = 16 (0.9 times at 1024
+#: samples); beyond, the D x D Jacobian's cost grows with the batch (0.55 times at D = 32 and 256 samples).
+TRAIN_EXACT_MAX_DIM = 16
+
+
 class ResidualBlock(FlowTransform):
     r"""Invertible residual block :math:`y = x + g(x)` with :math:`\mathrm{Lip}(g) \le c < 1`.
 
@@ -112,9 +121,14 @@ class ResidualBlock(FlowTransform):
         = \sum_{k \ge 1} \frac{(-1)^{k+1}}{k} \operatorname{tr}(J_g^k),
 
     estimated as chosen by ``logdet`` (see :mod:`pyroflows.logdet`): ``"exact"`` (full Jacobian),
-    ``"series"`` (truncated, ``n_terms``) or ``"unbiased"`` (Russian roulette, the default). In training the
-    value is always the log-det estimate and the gradient the Neumann-series estimator; ``memory_efficient``
-    recomputes ``g`` in the backward pass instead of keeping graphs (same values and gradients).
+    ``"series"`` (truncated, ``n_terms``), ``"unbiased"`` (Russian roulette) or ``"auto"`` (the default): exact for
+    vectors of ``D <= 16`` (:data:`TRAIN_EXACT_MAX_DIM`) with the default network, whose Jacobian
+    :math:`W_2 \operatorname{diag}(\phi'(h)) W_1` is computed in closed form
+    (:func:`~pyroflows.nn.mlp_value_and_jacobian`), which there costs less than the estimator; unbiased otherwise.
+    The exact log-det has no estimator noise, and a guide's log-density is then the same at every evaluation
+    (which sticking-the-landing gradients need). With the series estimators the value in training is the log-det
+    estimate and the gradient the Neumann-series estimator; ``memory_efficient`` recomputes ``g`` in the
+    backward pass instead of keeping graphs (same values and gradients).
     Evaluation uses ``eval_logdet``: ``"auto"`` is exact for event size ``D <= exact_max_dim``, otherwise
     the unbiased estimator with ``eval_n_exact_terms`` exact terms (the figures it gives are estimates:
     :func:`pyroflows.train.evaluate_with_error` reports one with its standard error).
@@ -133,7 +147,8 @@ class ResidualBlock(FlowTransform):
     :param hidden: hidden sizes (vectors) or hidden channels (images).
     :param float coeff: Lipschitz bound of ``g``, in ``(0, 1)``.
     :param torch.nn.Module net: a custom ``g`` (you guarantee its Lipschitz bound); replaces the default.
-    :param str logdet: ``"exact"``, ``"series"`` or ``"unbiased"``.
+    :param str logdet: ``"auto"``, ``"exact"``, ``"series"`` or ``"unbiased"`` (training; before 0.2 the default
+        was ``"unbiased"``).
     :param int n_terms: terms of the ``"series"`` estimator.
     :param int n_exact_terms: always-kept terms of the ``"unbiased"`` estimator.
     :param float geom_p: success probability of the geometric roulette.
@@ -177,7 +192,7 @@ class ResidualBlock(FlowTransform):
         coeff: float = 0.98,
         net: nn.Module | None = None,
         *,
-        logdet: str = "unbiased",
+        logdet: str = "auto",
         n_terms: int = 5,
         n_exact_terms: int = 2,
         geom_p: float = 0.5,
@@ -200,8 +215,8 @@ class ResidualBlock(FlowTransform):
         if len(shape) not in (1, 3):
             raise ValueError(f"ResidualBlock: shape must be D or (C, H, W), got {shape!r}")
         _check_coeff(coeff, "ResidualBlock")
-        if logdet not in LOGDET_MODES:
-            raise ValueError(f"ResidualBlock: logdet must be one of {LOGDET_MODES}, got {logdet!r}")
+        if logdet not in LOGDET_MODES + ("auto",):
+            raise ValueError(f"ResidualBlock: logdet must be 'auto' or one of {LOGDET_MODES}, got {logdet!r}")
         if eval_logdet not in LOGDET_MODES + ("auto",):
             raise ValueError(f"ResidualBlock: eval_logdet must be 'auto' or one of {LOGDET_MODES}, got {eval_logdet!r}")
         if on_fail not in ("raise", "warn"):
@@ -247,8 +262,16 @@ class ResidualBlock(FlowTransform):
     # ----------------------------------------------------------------- log-det
     def _mode(self, x) -> tuple[str, int]:
         if self.training:
-            return self.logdet, self.n_exact_terms
+            return self._train_mode(), self.n_exact_terms
         return self._eval_mode(math.prod(x.shape[x.dim() - self._event_dim :])), self.eval_n_exact_terms
+
+    def _train_mode(self) -> str:
+        """``logdet`` with ``"auto"`` resolved: exact where the Jacobian is small and known in closed form."""
+        if self.logdet != "auto":
+            return self.logdet
+        shape = self.event_shape
+        small = len(shape) == 1 and shape[0] is not None and shape[0] <= TRAIN_EXACT_MAX_DIM
+        return "exact" if small and has_closed_form_jacobian(self.net) else "unbiased"
 
     def _eval_mode(self, dim: int | None) -> str:
         """``eval_logdet`` with ``"auto"`` resolved for an event of ``dim`` values (``None``: not known)."""
@@ -261,7 +284,7 @@ class ResidualBlock(FlowTransform):
         """Whether the log-det in the current mode is a random estimate (every mode but ``"exact"``; ``"auto"`` in
         eval mode is exact up to ``exact_max_dim`` dimensions when the event shape is fully known)."""
         if self.training:
-            return self.logdet != "exact"
+            return self._train_mode() != "exact"
         shape = self.event_shape
         known = shape is not None and all(s is not None for s in shape)
         return self._eval_mode(math.prod(shape) if known else None) != "exact"
@@ -293,10 +316,25 @@ class ResidualBlock(FlowTransform):
         self._refresh(x)
         mode, n_exact = self._mode(x)
         if mode == "exact":
+            closed = self._value_and_jacobian(x, g)
+            if closed is not None:
+                gx, jac = closed
+                eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+                return x + gx, torch.linalg.slogdet(eye + jac).logabsdet
             gx = g(x)
             return x + gx, exact_log_det(g, x, self._event_dim)
         coeffs = self._coefficients(mode, n_exact)
         return series_log_det(g, x, self._event_dim, coeffs, self.n_samples, self.probe, self.memory_efficient)
+
+    def _value_and_jacobian(self, x: torch.Tensor, g: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(g(x), J_g(x))`` in closed form for a vector block whose branch is a Lipschitz MLP (the default one,
+        shifted by a context or not), else ``None``."""
+        if self._event_dim != 1:
+            return None
+        if isinstance(g, _Shifted):
+            shift = g.shift.reshape(x.shape[:-1] + g.shift.shape[-1:])
+            return mlp_value_and_jacobian(g.net, x, shift)
+        return mlp_value_and_jacobian(g, x)
 
     lazy_log_det = True  # the log-det (a Jacobian or a series of vector-Jacobian products) dwarfs x + g(x)
 
