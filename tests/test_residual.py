@@ -636,3 +636,181 @@ def test_power_iteration_skipped_on_cpu_while_the_weight_is_unchanged(layer, mon
     for a, b in zip(fast[0], slow[0]):
         assert torch.equal(a, b)
     assert torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
+
+
+def _mlp(sizes, dim, seed=0):
+    """A float64 Lipschitz MLP with perturbed weights, biases and slopes (nothing at its initial value)."""
+    torch.manual_seed(seed)
+    net = lipschitz_mlp(dim, hidden=sizes, coeff=0.9).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        net(torch.zeros(1, dim, dtype=torch.float64))  # normalisation up to date, then frozen below
+    return net
+
+
+@pytest.mark.parametrize("batch", [(5,), (2, 3), (64,)])  # 64 samples take the outer-product route at D = 3
+@pytest.mark.parametrize("sizes", [(7,), (6, 5)])
+def test_closed_form_jacobian_matches_autograd(sizes, batch):
+    """mlp_value_and_jacobian against torch.func's jacrev in float64: values, Jacobians, and the gradients of a
+    log-det built from them (in x, in every parameter, in a shift), for one and two hidden layers."""
+    from pyroflows.nn import mlp_value_and_jacobian
+
+    net = _mlp(sizes, 3)
+    x = torch.randn(batch + (3,), dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(batch + (sizes[0],), dtype=torch.float64, requires_grad=True)
+    params = list(net.parameters())
+    eye = torch.eye(3, dtype=torch.float64)
+    w = torch.randn(batch, dtype=torch.float64)
+
+    def shifted(v, s):
+        h = net[0](v) + s
+        for layer in net[1:]:
+            h = layer(h)
+        return h
+
+    with pyroflows.nn.frozen_power_iteration():
+        gx, jac = mlp_value_and_jacobian(net, x, shift)
+        flat_x, flat_s = x.reshape(-1, 3), shift.reshape(-1, sizes[0])
+        ref_jac = torch.func.vmap(torch.func.jacrev(shifted), in_dims=(0, 0))(flat_x, flat_s).reshape(jac.shape)
+        ref_gx = shifted(x, shift)
+        torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-14)
+        torch.testing.assert_close(jac, ref_jac, rtol=0, atol=1e-13)
+        ours = (w * torch.linalg.slogdet(eye + jac).logabsdet).sum() + (gx * gx).sum()
+        ref = (w * torch.linalg.slogdet(eye + ref_jac).logabsdet).sum() + (ref_gx * ref_gx).sum()
+        for a, b in zip(torch.autograd.grad(ours, [x, shift, *params]), torch.autograd.grad(ref, [x, shift, *params])):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        plain, plain_jac = mlp_value_and_jacobian(net, x)
+        torch.testing.assert_close(plain, net(x), rtol=0, atol=1e-14)
+
+
+def test_closed_form_jacobian_declines_networks_it_does_not_know():
+    from pyroflows.nn import has_closed_form_jacobian, lipschitz_cnn, mlp_value_and_jacobian
+
+    x = torch.randn(4, 3)
+    assert has_closed_form_jacobian(lipschitz_mlp(3, hidden=(8, 8)))
+    assert has_closed_form_jacobian(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+    for net in (
+        lipschitz_cnn(3, 4),
+        torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)),  # unknown activation
+        torch.nn.Sequential(LipSwish(), torch.nn.Linear(3, 3)),  # starts with an activation
+        torch.nn.Linear(3, 3),  # not a Sequential
+        torch.nn.Sequential(),
+    ):
+        assert not has_closed_form_jacobian(net) and mlp_value_and_jacobian(net, x) is None
+
+    class Scaled(SpectralLinear):  # a subclass may compute something else: not taken for a SpectralLinear
+        def forward(self, x):
+            return 0.5 * super().forward(x)
+
+    assert not has_closed_form_jacobian(torch.nn.Sequential(Scaled(3, 3)))
+    linear = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 3))  # no activation: one shared matrix
+    gx, jac = mlp_value_and_jacobian(linear, x)
+    assert jac.shape == (4, 3, 3)
+    torch.testing.assert_close(jac[2], linear[1].weight @ linear[0].weight)
+
+
+def test_training_log_det_auto_is_exact_where_the_jacobian_is_small():
+    """logdet="auto" (the default): exact in training for vectors of D <= 16 with the default network (the same
+    values as logdet="exact", no randomness), the unbiased estimator beyond, for custom networks and for images."""
+    from pyroflows.transforms.residual import TRAIN_EXACT_MAX_DIM
+
+    small = _block(dim=TRAIN_EXACT_MAX_DIM)
+    assert small.logdet == "auto" and not small.random_log_det
+    x = torch.randn(6, TRAIN_EXACT_MAX_DIM, dtype=torch.float64)
+    y, a = small.forward_and_log_det(x)
+    torch.testing.assert_close(a, exact_log_det(small.net, x, 1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(small.forward_and_log_det(x)[1], a, rtol=0, atol=0)  # no draws: the same value
+    big = _block(dim=TRAIN_EXACT_MAX_DIM + 1)
+    assert big.random_log_det and not big.eval().random_log_det  # eval's "auto": exact up to exact_max_dim
+    custom = ResidualBlock(2, net=torch.nn.Sequential(SpectralLinear(2, 8), torch.nn.Tanh(), SpectralLinear(8, 2)))
+    assert custom.random_log_det
+    assert ResidualBlock((1, 4, 4), hidden=2).random_log_det
+    assert not ResidualBlock(2, logdet="exact").random_log_det and ResidualBlock(2, logdet="unbiased").random_log_det
+    with pytest.raises(ValueError, match="logdet must be 'auto' or one of"):
+        ResidualBlock(2, logdet="closed")
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_newton_inverse_matches_the_fixed_point_in_fewer_iterations(context):
+    """The Newton inverse (the default for vectors with the default network) reaches the same x as the fixed-point
+    iteration, to tolerance, in fewer iterations; also for a conditional block."""
+    torch.manual_seed(0)
+    kwargs = dict(coeff=0.97, atol=1e-11, rtol=1e-11)
+    if context:
+        conditional = pyroflows.transforms.ConditionalResidualBlock(4, 2, **kwargs).double()
+        inner = conditional.layer
+        torch.nn.init.normal_(inner.context_net.weight)
+        block = conditional.condition(torch.randn(32, 2, dtype=torch.float64))
+    else:
+        block = inner = _block(dim=4, **kwargs)
+    with torch.no_grad():
+        for p in inner.net.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    x = 2 * torch.randn(32, 4, dtype=torch.float64)
+    y = block(x)
+    newton = block.inv(y.clone())
+    n_newton = inner.last_inverse_iterations
+    inner.inverse = "fixed_point"
+    fixed = block.inv(y.clone())
+    n_fixed = inner.last_inverse_iterations
+    torch.testing.assert_close(newton, x, rtol=0, atol=1e-9)
+    torch.testing.assert_close(newton, fixed, rtol=0, atol=1e-9)
+    assert n_newton < n_fixed and n_newton <= 8, (n_newton, n_fixed)
+
+
+@pytest.mark.parametrize("inverse", ["newton", "fixed_point"])
+def test_inverse_gradients_match_finite_differences_both_solvers(inverse):
+    """Gradients through the inverse (implicit-function theorem) in x and in the parameters, float64: by a direct
+    solve with the closed-form Jacobian (Newton) and by the vector-Jacobian iteration (fixed point)."""
+    block = _block(dim=3, coeff=0.9, inverse=inverse, atol=1e-13, rtol=1e-13)
+    weight = block.net[0].weight
+    y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+
+    def inv(v, w):
+        with torch.no_grad():
+            weight.copy_(w)
+        return block.inv(v.clone())
+
+    assert torch.autograd.gradcheck(lambda v: block.inv(v.clone()), (y,), eps=1e-6, atol=1e-6)
+    x = block.inv(y.clone())
+    (x * torch.arange(12.0, dtype=torch.float64).reshape(4, 3)).sum().backward()
+    # finite differences in one weight entry, the normalisation held fixed (the frozen map the gradient is of)
+    analytic = float(weight.grad[1, 2])
+    with pyroflows.nn.frozen_power_iteration(), torch.no_grad():
+        base = weight.detach().clone()
+        values = []
+        for sign in (1, -1):
+            w = base.clone()
+            w[1, 2] += sign * 1e-6
+            values.append((inv(y.detach(), w) * torch.arange(12.0, dtype=torch.float64).reshape(4, 3)).sum())
+        weight.copy_(base)
+    assert abs(analytic - float(values[0] - values[1]) / 2e-6) < 1e-5
+
+
+def test_newton_inverse_is_safeguarded_by_fixed_point_steps(monkeypatch):
+    """A Newton step that does not reduce the residual (here: a wrong Jacobian) is replaced by the fixed-point step,
+    which reduces it by Lip(g) < 1: the inverse still converges to the same x."""
+    block = _block(dim=4, coeff=0.95, atol=1e-11, rtol=1e-11)
+    x = 2 * torch.randn(16, 4, dtype=torch.float64)
+    y = block(x).detach()
+    true = ResidualBlock._value_and_jacobian
+
+    def wrong(self, v, g):
+        gv, jac = true(self, v, g)
+        return gv, -3.0 * jac  # I + J then points the step the wrong way
+
+    monkeypatch.setattr(ResidualBlock, "_value_and_jacobian", wrong)
+    with torch.no_grad():
+        found = block.inv(y.clone())
+    torch.testing.assert_close(found, x, rtol=0, atol=1e-8)
+
+
+def test_inverse_option_is_checked():
+    with pytest.raises(ValueError, match="inverse must be"):
+        ResidualBlock(2, inverse="bisection")
+    with pytest.raises(ValueError, match="closed-form Jacobian"):
+        ResidualBlock((1, 4, 4), hidden=2, inverse="newton")
+    with pytest.raises(ValueError, match="closed-form Jacobian"):
+        ResidualBlock(2, net=torch.nn.Sequential(SpectralLinear(2, 2), torch.nn.Tanh(), SpectralLinear(2, 2)),
+                      inverse="newton")  # fmt: skip
