@@ -9,7 +9,8 @@ change, so weight-dependent caches such as power iterations are refreshed as in 
 * planar: ``pyroflows.planar_flow(D, 8)`` against 8 × ``pyro.distributions.transforms.planar(D)``;
 * realnvp: ``pyroflows.realnvp(D, 4, hidden=(256, 256))`` against 4 × Pyro ``affine_coupling(D, hidden_dims=[256,
   256])`` with a fixed ``Permute`` in between (pyroflows adds an ActNorm before each coupling and a final affine);
-* residual: ``pyroflows.residual_flow(D, 4, hidden=(128, 128), actnorm=False)`` in ``FlowDensity`` against
+* residual: ``pyroflows.residual_flow(D, 4, hidden=(128, 128), actnorm=False, logdet="unbiased")`` in
+  ``FlowDensity`` against
   4 × ``normflows.flows.Residual(LipschitzMLP([D, 128, 128, D]))`` (``reduce_memory``, 2 exact terms + geometric
   roulette on both sides) whose step also calls ``normflows.utils.update_lipschitz(model, 1)`` (pyroflows runs one
   power iteration per layer per update by itself);
@@ -176,7 +177,10 @@ def build_vector(label: str, dim: int, *, init_zeros: bool = True) -> Model:
         return _guide_model(parts, _Params(parts), dim)
     x = torch.randn(BATCH, dim, generator=torch.Generator().manual_seed(0))
     if label == "pyroflows residual_flow":
-        flow = pyroflows.residual_flow(dim, num_layers=RES_BLOCKS, hidden=(RES_HIDDEN, RES_HIDDEN), actnorm=False)
+        # the estimator like normflows' ("auto" would take the exact log-det at D <= 16, another computation)
+        flow = pyroflows.residual_flow(
+            dim, num_layers=RES_BLOCKS, hidden=(RES_HIDDEN, RES_HIDDEN), actnorm=False, logdet="unbiased"
+        )
         model = pyroflows.FlowDensity(flow, (dim,))
         return _density_model(model, model.log_prob, model.sample, x)
     if label == "normflows Residual":

@@ -733,10 +733,10 @@ def test_training_log_det_auto_is_exact_where_the_jacobian_is_small():
 
 @pytest.mark.parametrize("context", [False, True])
 def test_newton_inverse_matches_the_fixed_point_in_fewer_iterations(context):
-    """The Newton inverse (the default for vectors with the default network) reaches the same x as the fixed-point
-    iteration, to tolerance, in fewer iterations; also for a conditional block."""
+    """The Newton inverse (inverse="newton") reaches the same x as the fixed-point iteration, to tolerance, in fewer
+    iterations; also for a conditional block."""
     torch.manual_seed(0)
-    kwargs = dict(coeff=0.97, atol=1e-11, rtol=1e-11)
+    kwargs = dict(coeff=0.97, atol=1e-11, rtol=1e-11, inverse="newton")
     if context:
         conditional = pyroflows.transforms.ConditionalResidualBlock(4, 2, **kwargs).double()
         inner = conditional.layer
@@ -757,6 +757,32 @@ def test_newton_inverse_matches_the_fixed_point_in_fewer_iterations(context):
     torch.testing.assert_close(newton, x, rtol=0, atol=1e-9)
     torch.testing.assert_close(newton, fixed, rtol=0, atol=1e-9)
     assert n_newton < n_fixed and n_newton <= 8, (n_newton, n_fixed)
+
+
+def test_auto_inverse_hands_over_to_newton_only_when_the_contraction_is_slow():
+    """inverse="auto": where the fixed-point iteration contracts fast it runs alone (the same x, bit for bit, and the
+    same iterations as inverse="fixed_point"); where it contracts slowly (a branch near its Lipschitz bound) it hands
+    over to Newton's method and converges in far fewer iterations, to the same x."""
+    fast = _block(dim=3, coeff=0.5, atol=1e-12, rtol=1e-12)
+    y = torch.randn(64, 3, dtype=torch.float64)
+    with torch.no_grad():
+        a = fast.inv(y.clone())
+        n_auto = fast.last_inverse_iterations
+        fast.inverse = "fixed_point"
+        b = fast.inv(y.clone())
+    assert torch.equal(a, b) and n_auto == fast.last_inverse_iterations
+    slow = _block(dim=3, coeff=0.99, linear=True, atol=1e-12, rtol=1e-12)  # g linear at its bound: rate about 0.99
+    x = 3 * torch.randn(64, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y = slow(x)
+        auto = slow.inv(y.clone())
+        n_auto = slow.last_inverse_iterations
+        slow.inverse = "fixed_point"
+        plain = slow.inv(y.clone())
+        n_plain = slow.last_inverse_iterations
+    torch.testing.assert_close(auto, x, rtol=0, atol=1e-9)
+    torch.testing.assert_close(plain, x, rtol=0, atol=1e-9)
+    assert n_plain > 30 and n_auto < n_plain / 3, (n_auto, n_plain)
 
 
 @pytest.mark.parametrize("inverse", ["newton", "fixed_point"])

@@ -739,20 +739,63 @@ def mlp_value_and_jacobian(
     """
     if not has_closed_form_jacobian(net) or x.dim() < 1:
         return None
-    # the forward pass, keeping the weights and the activations' slopes
-    h, factors = x, []
-    for i, layer in enumerate(net):
+    return _mlp_apply(_mlp_layers(net), x, shift, jacobian=True)
+
+
+def _mlp_layers(net: nn.Sequential) -> list[tuple[torch.Tensor, ...]]:
+    """The layers of a network for which :func:`has_closed_form_jacobian` holds, with every normalised weight
+    computed once: ``(weight, bias)`` for a linear layer, ``(raw_beta,)`` for a LipSwish. An iterative solve that
+    evaluates one frozen map many times (:class:`~pyroflows.transforms.ResidualBlock`'s inverse) takes them once,
+    instead of a :meth:`~_PowerIteration.normalized_weight` call (and its check for a changed weight) per layer and
+    evaluation.
+
+    :param torch.nn.Sequential net: the network.
+    :returns: a list for :func:`_mlp_apply`.
+    """
+    layers: list[tuple[torch.Tensor, ...]] = []
+    for layer in net:
         if type(layer) is LipSwish:
-            beta_h = F.softplus(layer.raw_beta) * h
+            layers.append((layer.raw_beta,))
+        else:
+            weight = layer.normalized_weight() if type(layer) is SpectralLinear else layer.weight
+            layers.append((weight, layer.bias))
+    return layers
+
+
+def _mlp_apply(
+    layers: list[tuple[torch.Tensor, ...]], x: torch.Tensor, shift: torch.Tensor | None = None, jacobian: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(g(x), J_g(x) or None)`` for the layers of :func:`_mlp_layers`, with the same operations as the modules
+    (the same bits; without a graph LipSwish works in place, as the module does). See
+    :func:`mlp_value_and_jacobian`.
+
+    :param list layers: from :func:`_mlp_layers`.
+    :param torch.Tensor x: inputs, shape ``batch_shape + (D,)``.
+    :param torch.Tensor shift: added to the first layer's outputs.
+    :param bool jacobian: also compute the Jacobian.
+    """
+    h, factors = x, []
+    in_place = not jacobian and not torch.is_grad_enabled()
+    for i, layer in enumerate(layers):
+        if len(layer) == 1:  # LipSwish
+            (raw_beta,) = layer
+            if in_place:
+                h = _lipswish_in_place(h, raw_beta)
+                continue
+            beta_h = F.softplus(raw_beta) * h
             s = torch.sigmoid(beta_h)
-            factors.append((True, (s + beta_h * s * (1 - s)) / 1.1))  # the slope at h
+            if jacobian:
+                factors.append((True, (s + beta_h * s * (1 - s)) / 1.1))  # the slope at h
             h = h * s / 1.1  # LipSwish's own operations, in its order: the same bits
             continue
-        weight = layer.normalized_weight() if type(layer) is SpectralLinear else layer.weight
-        h = F.linear(h, weight, layer.bias)
+        weight, bias = layer
+        h = F.linear(h, weight, bias)
         if i == 0 and shift is not None:
             h = h + shift
-        factors.append((False, weight))
+        if jacobian:
+            factors.append((False, weight))
+    if not jacobian:
+        return h, None
     batch = math.prod(x.shape[:-1])
     dim = x.shape[-1]
     if len(factors) == 3 and batch >= max(48, 4 * dim):

@@ -14,6 +14,8 @@ from ..logdet import LOGDET_MODES, differentiable_inputs, exact_log_det, roulett
 from ..nn.lipschitz import (
     SpectralConv2d,
     _check_coeff,
+    _mlp_apply,
+    _mlp_layers,
     _PowerIteration,
     frozen_power_iteration,
     has_closed_form_jacobian,
@@ -66,7 +68,7 @@ class _FixedPointInverse(torch.autograd.Function):
         params = [p for p in inputs if p.requires_grad]
         with torch.enable_grad(), frozen_power_iteration(), full_precision(x):
             x_ = x.detach().requires_grad_()
-            if block._uses_newton(g):  # the Jacobian in closed form: solve u (I + J) = grad_x directly
+            if block._closed_form_solves(g):  # the Jacobian in closed form: solve u (I + J) = grad_x directly
                 gx, jac = block._value_and_jacobian(x_, g)
                 eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
                 u = torch.linalg.solve(eye + jac.detach(), grad_x.unsqueeze(-2), left=False).squeeze(-2)
@@ -143,7 +145,9 @@ class ResidualBlock(FlowTransform):
     The inverse solves :math:`x = y - g(x)` by fixed-point iteration from :math:`x_0 = y - g(y)` (a contraction,
     so it converges), per sample to ``|x_{k+1} - x_k| <= atol + rtol |x_{k+1}|``; if any sample has not
     converged after ``max_iter`` iterations it raises ``RuntimeError`` with the residual reached (or warns,
-    with ``on_fail="warn"``). Gradients through the inverse use the implicit-function theorem. The inverse's
+    with ``on_fail="warn"``). With ``inverse="auto"`` (the default), vector blocks of ``D <= 16`` with the default
+    network switch to safeguarded Newton steps when the iteration contracts slowly. Gradients through the inverse
+    use the implicit-function theorem. The inverse's
     log-det is evaluated at the recovered ``x``.
 
     References: Behrmann et al., *Invertible Residual Networks*, ICML 2019; Chen et al., *Residual Flows for
@@ -175,8 +179,8 @@ class ResidualBlock(FlowTransform):
     :param int max_iter: inverse iteration limit.
     :param str on_fail: ``"raise"`` or ``"warn"`` when the inverse does not converge.
     :param str inverse: ``"fixed_point"``, ``"newton"`` (vectors with the default network) or ``"auto"`` (the
-        default): Newton's method where the Jacobian is known in closed form and ``D <= exact_max_dim``, else the
-        fixed-point iteration.
+        default): the fixed-point iteration, which for vectors of ``D <= 16`` with the default network hands over
+        to Newton's method when its observed contraction is slow, and whose gradient there is one linear solve.
     :param bool learn_p: vectors: learn the orders of the hidden norms (induced mixed norms, Chen et al. 2019);
         the block's bound stays ``coeff`` in the 2-norm.
     :param int context_dim: a conditional block (0: none): the context, through a zero-initialised linear map, shifts
@@ -268,7 +272,7 @@ class ResidualBlock(FlowTransform):
         self.n_samples, self.probe, self.memory_efficient = n_samples, probe, memory_efficient
         self.eval_logdet, self.eval_n_exact_terms, self.exact_max_dim = eval_logdet, eval_n_exact_terms, exact_max_dim
         self.atol, self.rtol, self.max_iter, self.on_fail = atol, rtol, max_iter, on_fail
-        if inverse == "newton" and (len(shape) != 1 or not has_closed_form_jacobian(net)):
+        if inverse == "newton" and (len(shape) != 1 or not has_closed_form_jacobian(net)):  # checked once, here
             raise ValueError(
                 "ResidualBlock: inverse='newton' needs a vector block whose branch has a closed-form Jacobian "
                 "(the default network; see pyroflows.nn.has_closed_form_jacobian)"
@@ -379,70 +383,101 @@ class ResidualBlock(FlowTransform):
         with full_precision(y):
             return self._iterate(y, self.net if g is None else g)
 
-    def _uses_newton(self, g: nn.Module) -> bool:
-        """Whether the inverse takes Newton steps (``inverse="auto"``: vectors of at most ``exact_max_dim`` values
-        whose branch has a closed-form Jacobian)."""
+    def _closed_form_solves(self, g: nn.Module) -> bool:
+        """Whether this block may solve with its Jacobian (Newton steps, the implicit gradient by one linear solve):
+        ``inverse="newton"``, or ``"auto"`` for vectors of at most ``TRAIN_EXACT_MAX_DIM`` values whose branch has a
+        closed-form Jacobian (beyond, the Jacobian costs more than the iterations it saves)."""
         if self.inverse == "fixed_point" or self._event_dim != 1:
             return False
-        net = g.net if isinstance(g, _Shifted) else g
-        if not has_closed_form_jacobian(net):  # (a net replaced after construction)
+        if not has_closed_form_jacobian(g.net if isinstance(g, _Shifted) else g):  # (a net replaced after construction)
             return False
         dim = self.event_shape[0]
-        return self.inverse == "newton" or (dim is not None and dim <= self.exact_max_dim)
+        return self.inverse == "newton" or (dim is not None and dim <= TRAIN_EXACT_MAX_DIM)
 
     def _iterate(self, y: torch.Tensor, g: nn.Module) -> torch.Tensor:
-        if self._uses_newton(g):
-            return self._newton(y, g)
-        return self._fixed_point(y, g, y - g(y), 0)
+        """The solve, on one frozen map: for the default vector network its normalised weights are taken once
+        (:func:`~pyroflows.nn.lipschitz._mlp_layers`), not at every evaluation."""
+        net = g.net if isinstance(g, _Shifted) else g
+        if self._event_dim == 1 and has_closed_form_jacobian(net):
+            layers = _mlp_layers(net)
+            shift = g.shift.reshape(y.shape[:-1] + g.shift.shape[-1:]) if isinstance(g, _Shifted) else None
 
-    def _newton(self, y: torch.Tensor, g: nn.Module) -> torch.Tensor:
-        """Newton's method on ``F(x) = x + g(x) - y``: ``x <- x - (I + J_g(x))^{-1} F(x)``, from the fixed point's
-        start. It converges quadratically near the solution, where the fixed-point iteration gains a factor of at
-        most ``Lip(g)`` per step. Safeguarded: a sample whose residual a Newton step did not reduce takes the
-        fixed-point step from the previous iterate instead, which reduces it by a factor ``Lip(g) < 1`` (in the
-        2-norm); and after ``max_iter // 2`` iterations the fixed-point iteration takes over."""
-        x = y - g(y)
-        gx, jac = self._value_and_jacobian(x, g)
+            def branch(x):
+                return _mlp_apply(layers, x, shift)[0]
+
+            def with_jacobian(x):
+                return _mlp_apply(layers, x, shift, jacobian=True)
+
+        else:
+            branch, with_jacobian = g, None
+        if self.inverse == "newton":
+            return self._newton(y, branch, with_jacobian, y - branch(y), 0)
+        switch = with_jacobian if self._closed_form_solves(g) else None
+        return self._fixed_point(y, branch, switch, y - branch(y), 0)
+
+    def _newton(self, y, branch, with_jacobian, x: torch.Tensor, done: int) -> torch.Tensor:
+        """Newton's method on ``F(x) = x + g(x) - y`` from ``x``: ``x <- x - (I + J_g(x))^{-1} F(x)``. It converges
+        quadratically near the solution, where the fixed-point iteration gains a factor of at most ``Lip(g)`` per
+        step. Safeguarded: a sample whose residual a Newton step did not reduce takes the fixed-point step from the
+        previous iterate instead, which reduces it by a factor ``Lip(g) < 1`` (in the 2-norm); after half the
+        iterations left the fixed-point iteration takes over. ``branch`` is ``g``, ``with_jacobian`` gives
+        ``(g(x), J_g(x))``."""
+        gx, jac = with_jacobian(x)
         r = x + gx - y
         norm = torch.linalg.vector_norm(r, dim=-1)
         eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
-        budget = max(1, self.max_iter // 2)
-        for k in range(budget):
+        budget = done + max(1, (self.max_iter - done) // 2)
+        for k in range(done, budget):
             x_new = x - torch.linalg.solve(eye + jac, r.unsqueeze(-1)).squeeze(-1)
             step = (x_new - x).abs() - self._tolerance(x_new)
             if bool((step <= 0).all()):
                 self.last_inverse_iterations = k + 1
                 return x_new
-            gx_new, jac_new = self._value_and_jacobian(x_new, g)
+            gx_new, jac_new = with_jacobian(x_new)
             r_new = x_new + gx_new - y
             norm_new = torch.linalg.vector_norm(r_new, dim=-1)
             worse = ~(norm_new < norm)  # NaN counts as worse
             if bool(worse.any()):
                 x_fp = y - gx  # the fixed-point step from x
-                gx_fp, jac_fp = self._value_and_jacobian(x_fp, g)
+                gx_fp, jac_fp = with_jacobian(x_fp)
                 keep = worse.unsqueeze(-1)
                 x_new, gx_new = torch.where(keep, x_fp, x_new), torch.where(keep, gx_fp, gx_new)
                 jac_new = torch.where(keep.unsqueeze(-1), jac_fp, jac_new)
                 r_new = x_new + gx_new - y
                 norm_new = torch.linalg.vector_norm(r_new, dim=-1)
             x, gx, jac, r, norm = x_new, gx_new, jac_new, r_new, norm_new
-        return self._fixed_point(y, g, x, budget)
+        return self._fixed_point(y, branch, None, x, budget)
 
-    def _fixed_point(self, y: torch.Tensor, g: nn.Module, x: torch.Tensor, done: int) -> torch.Tensor:
-        """The fixed-point iteration ``x <- y - g(x)`` from ``x``, ``done`` iterations having been spent."""
+    def _fixed_point(self, y, branch, switch, x: torch.Tensor, done: int) -> torch.Tensor:
+        """The fixed-point iteration ``x <- y - g(x)`` from ``x`` (``branch`` is ``g``), ``done`` iterations having
+        been spent. With ``switch`` (a function giving ``(g(x), J_g(x))``), it hands over to Newton's method when
+        the contraction it observes is so slow that the iterations left would cost more than a few Newton steps:
+        from the ratio ``rho`` of successive steps (each relative to the tolerance), ``log(step / tol) / -log(rho)``
+        iterations remain, against 3 Newton steps that each cost about ``1 + D`` iterations (the Jacobian's ``D``
+        columns; on few samples, where overheads dominate, less)."""
         batch_dims = y.dim() - self._event_dim
-        step = None
+        step, previous = None, None
+        newton_cost = 3 * (1 + y.shape[-1])
         for k in range(done, self.max_iter):
-            x_new = y - g(x)
-            step = (x_new - x).abs() - self._tolerance(x_new)
+            x_new = y - branch(x)
+            diff, tol = (x_new - x).abs(), self._tolerance(x_new)
+            step = diff - tol
             x = x_new
             if bool((step <= 0).all()):
                 self.last_inverse_iterations = k + 1
                 return x
+            if switch is not None and k - done >= 2:  # the first steps do not show the rate yet
+                size = float((diff / tol).max())  # > 1 here: the worst element is still above its tolerance
+                if previous is not None:
+                    rate = size / previous
+                    remaining = math.inf if not rate < 1 else math.log(size) / -math.log(rate)
+                    if remaining > newton_cost:
+                        return self._newton(y, branch, switch, x, k + 1)
+                previous = size
         if step is None:  # no iteration left: measure the last one
-            step = (y - g(x) - x).abs() - self._tolerance(x)
+            step = (y - branch(x) - x).abs() - self._tolerance(x)
         self.last_inverse_iterations = self.max_iter
-        residual = (x + g(x) - y).abs().reshape(y.shape[:batch_dims] + (-1,)).amax(-1)
+        residual = (x + branch(x) - y).abs().reshape(y.shape[:batch_dims] + (-1,)).amax(-1)
         unsettled = ~(step <= 0)  # NaN (a diverged iterate) counts as not converged
         n_bad = int(unsettled.reshape(y.shape[:batch_dims] + (-1,)).any(-1).sum())
         message = (
