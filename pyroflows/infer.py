@@ -69,6 +69,7 @@ __all__ = [
     "SVIConfig",
     "SVIResult",
     "TrainingError",
+    "default_anneal",
     "default_lr",
     "fit",
     "load_guide",
@@ -219,6 +220,65 @@ def default_lr(num_particles: int) -> float:
     """
     check_int("default_lr", "num_particles", num_particles, 1)
     return DEFAULT_LR * min(1.0, (LR_PARTICLES / num_particles) ** (1.0 / 3.0))
+
+
+def default_anneal(model: Callable, *args, **kwargs) -> float:
+    """The annealing :func:`fit` uses when none is given (``anneal="auto"``): ``0.5`` for a model with an observed
+    sample site (data, not only ``pyro.factor`` terms) whose latent sites all have proper priors; ``0.0`` otherwise,
+    also for a model that cannot be run from its prior (an ``ImproperUniform`` site cannot be sampled). It runs the
+    model once, drawing from the prior, and leaves the random number generators as they were.
+
+    Tempering starts the guide on the prior, so it needs a proper one; a target made of ``pyro.factor`` terms alone
+    (an energy, a potential) has no likelihood to temper apart from the whole target. On the guide benchmark's
+    posteriors with observations, annealing half the run lowered KL(q‖p) for most guides and made finding both modes
+    of a bimodal posterior likelier (docs: "Variational inference", defaults).
+
+    :param model: a Pyro model.
+    :param args: its positional arguments.
+    :param kwargs: its keyword arguments.
+    :returns: ``0.5`` or ``0.0``.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyroflows.infer import default_anneal
+        >>> def regression(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> def energy():
+        ...     z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        ...     pyro.factor("u", -(z**2 - 1.0) ** 2)
+        >>> default_anneal(regression, torch.zeros(3)), default_anneal(energy)
+        (0.5, 0.0)
+    """
+    state = pyro.util.get_rng_state()  # one draw from the prior, which must not move the caller's random streams
+    try:
+        with torch.no_grad(), poutine.block():
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001  a prior that cannot be sampled (ImproperUniform): no annealing, the old default;
+        return 0.0  # fit's own steps report any real error of the model
+    finally:
+        pyro.util.set_rng_state(state)
+    observed, proper = False, True
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        fn = _base_distribution(site["fn"])
+        if site["is_observed"]:
+            observed = observed or not isinstance(fn, pyro.distributions.Unit)  # pyro.factor is a Unit site
+        elif isinstance(fn, pyro.distributions.ImproperUniform):
+            proper = False
+    return 0.5 if observed and proper else 0.0
+
+
+def _base_distribution(fn):
+    """``fn`` without its ``Independent``, ``MaskedDistribution`` and ``ExpandedDistribution`` wrappers."""
+    while True:
+        inner = getattr(fn, "base_dist", None)
+        if inner is None:
+            return fn
+        fn = inner
 
 
 @dataclass(frozen=True)
@@ -383,7 +443,7 @@ def fit(
     num_particles: int = 8,
     vectorize_particles: bool = True,
     estimator: str = "stl",
-    anneal: float = 0.0,
+    anneal: float | str = "auto",
     loss: ELBO | None = None,
     clip_norm: float | None = 10.0,
     skip_nonfinite: int = 10,
@@ -448,9 +508,10 @@ def fit(
         guide that covers the posterior's mass, lower k̂, at some cost in KL(q‖p); the losses are then the bound's,
         not the ELBO's). At equal steps STL lowered KL(q‖p) for every pyroflows builder on the benchmark's
         posteriors, 2 to 6 times for the coupling and autoregressive flows (``python -m benchmarks guides``).
-    :param float anneal: temper the likelihood over the first ``anneal`` share of the steps (in ``[0, 1)``; 0, the
-        default, does not): at step ``t`` every observed site's log-density (``pyro.factor`` included) is weighted
-        by β_t = min(1, t / (anneal · num_steps)), so the guide starts on the
+    :param anneal: temper the likelihood over the first ``anneal`` share of the steps (in ``[0, 1)``; 0 does not;
+        ``"auto"``, the default, is :func:`default_anneal`: 0.5 for a model with observed data and proper priors, 0
+        otherwise; it was 0 before 0.2): at step ``t`` every observed site's log-density (``pyro.factor``
+        included) is weighted by β_t = min(1, t / (anneal · num_steps)), so the guide starts on the
         prior and follows the posterior as it sharpens, instead of settling on the first mode it meets. The losses
         of the annealing steps are those of the tempered target. Needs a proper prior (at small β_t the
         target is nearly the prior).
@@ -495,6 +556,10 @@ def fit(
         ((300,), True)
     """
     given = dict(locals())
+    if isinstance(anneal, str):
+        if anneal != "auto":
+            raise ValueError(f"fit: anneal must be a number in [0, 1) or 'auto', got {anneal!r}")
+        given["anneal"] = default_anneal(model, *tuple(model_args), **dict(model_kwargs or {}))
     if lr is None and loss is not None:  # the default for the particles the given ELBO draws
         given["lr"] = default_lr(getattr(loss, "num_particles", num_particles))
     if checkpoint is not None:

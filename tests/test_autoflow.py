@@ -311,6 +311,7 @@ def test_a_one_dimensional_latent_trains(name):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = AutoFlow(one_site, BUILDERS[name])
-    result = fit(one_site, guide, 100, lr=0.02, num_particles=4, progress=False, report=False)
+    # anneal=0: the losses of a tempered start are those of another target, not comparable with the last ones
+    result = fit(one_site, guide, 100, lr=0.02, num_particles=4, anneal=0, progress=False, report=False)
     assert result.losses[-20:].mean() < result.losses[:20].mean()
     assert all(torch.isfinite(p).all() for p in guide.parameters())

@@ -396,6 +396,43 @@ def test_anneal_weights_the_likelihood_linearly_then_leaves_the_model_alone():
     assert pyroflows.infer.SVIConfig(num_steps=7).temperature(1) == 1.0
 
 
+def test_default_anneal_tempers_data_under_proper_priors_only():
+    """anneal="auto" (fit's default): 0.5 for a model with observed data and proper priors; 0 for targets of
+    pyro.factor terms alone, for improper priors, and for models without observations."""
+    from pyroflows.infer import default_anneal
+
+    def energy():
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.factor("u", -(((z**2).sum() - 1.0) ** 2))
+
+    def improper(y):
+        mu = pyro.sample("mu", dist.ImproperUniform(dist.constraints.real, (), ()))
+        pyro.sample("y", dist.Normal(mu, 1.0).expand([3]).to_event(1), obs=y)
+
+    def masked(y):  # wrapped distributions are looked through
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        pyro.sample("y", dist.Normal(mu, 1.0).mask(torch.tensor([True, False])).to_event(1), obs=y)
+
+    state = torch.get_rng_state()
+    assert default_anneal(observed_model) == 0.5
+    assert torch.equal(torch.get_rng_state(), state)  # the draw from the prior moved no random stream
+    assert default_anneal(masked, torch.zeros(2)) == 0.5
+    assert default_anneal(energy) == 0.0
+    assert default_anneal(improper, torch.zeros(3)) == 0.0
+    assert default_anneal(gaussian_model) == 0.0
+
+    def steps(model):
+        elbo = _RecordingELBO()
+        pyro.clear_param_store()
+        fit(model, AutoNormal(model), 10, loss=elbo, progress=False, report=False)
+        return elbo.scales
+
+    assert [s["y"] for s in steps(observed_model)] == pytest.approx([0.2, 0.4, 0.6, 0.8] + [1.0] * 6)
+    assert all(s["u"] == 1.0 for s in steps(energy))
+    with pytest.raises(ValueError, match="anneal must be a number in \\[0, 1\\) or 'auto'"):
+        fit(observed_model, AutoNormal(observed_model), 5, anneal="always", progress=False)
+
+
 def test_an_annealed_run_resumes_on_its_schedule(tmp_path):
     """Interrupted mid-anneal, the resumed run takes the very steps of the uninterrupted one, tempered alike."""
 
