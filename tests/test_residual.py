@@ -731,6 +731,16 @@ def test_training_log_det_auto_is_exact_where_the_jacobian_is_small():
         ResidualBlock(2, logdet="closed")
 
 
+def _invert_then_with_fixed_point(block, inner, y):
+    """``(x, iterations)`` of ``block.inv(y)`` as configured, then with ``inner.inverse = "fixed_point"``."""
+    out = []
+    with torch.no_grad():
+        for mode in (inner.inverse, "fixed_point"):
+            inner.inverse = mode
+            out.append((block.inv(y.clone()), inner.last_inverse_iterations))
+    return out
+
+
 @pytest.mark.parametrize("context", [False, True])
 def test_newton_inverse_matches_the_fixed_point_in_fewer_iterations(context):
     """The Newton inverse (inverse="newton") reaches the same x as the fixed-point iteration, to tolerance, in fewer
@@ -748,12 +758,7 @@ def test_newton_inverse_matches_the_fixed_point_in_fewer_iterations(context):
         for p in inner.net.parameters():
             p.add_(0.5 * torch.randn_like(p))
     x = 2 * torch.randn(32, 4, dtype=torch.float64)
-    y = block(x)
-    newton = block.inv(y.clone())
-    n_newton = inner.last_inverse_iterations
-    inner.inverse = "fixed_point"
-    fixed = block.inv(y.clone())
-    n_fixed = inner.last_inverse_iterations
+    (newton, n_newton), (fixed, n_fixed) = _invert_then_with_fixed_point(block, inner, block(x))
     torch.testing.assert_close(newton, x, rtol=0, atol=1e-9)
     torch.testing.assert_close(newton, fixed, rtol=0, atol=1e-9)
     assert n_newton < n_fixed and n_newton <= 8, (n_newton, n_fixed)
@@ -764,22 +769,11 @@ def test_auto_inverse_hands_over_to_newton_only_when_the_contraction_is_slow():
     same iterations as inverse="fixed_point"); where it contracts slowly (a branch near its Lipschitz bound) it hands
     over to Newton's method and converges in far fewer iterations, to the same x."""
     fast = _block(dim=3, coeff=0.5, atol=1e-12, rtol=1e-12)
-    y = torch.randn(64, 3, dtype=torch.float64)
-    with torch.no_grad():
-        a = fast.inv(y.clone())
-        n_auto = fast.last_inverse_iterations
-        fast.inverse = "fixed_point"
-        b = fast.inv(y.clone())
-    assert torch.equal(a, b) and n_auto == fast.last_inverse_iterations
+    (a, n_auto), (b, n_plain) = _invert_then_with_fixed_point(fast, fast, torch.randn(64, 3, dtype=torch.float64))
+    assert torch.equal(a, b) and n_auto == n_plain
     slow = _block(dim=3, coeff=0.99, linear=True, atol=1e-12, rtol=1e-12)  # g linear at its bound: rate about 0.99
     x = 3 * torch.randn(64, 3, dtype=torch.float64)
-    with torch.no_grad():
-        y = slow(x)
-        auto = slow.inv(y.clone())
-        n_auto = slow.last_inverse_iterations
-        slow.inverse = "fixed_point"
-        plain = slow.inv(y.clone())
-        n_plain = slow.last_inverse_iterations
+    (auto, n_auto), (plain, n_plain) = _invert_then_with_fixed_point(slow, slow, slow(x))
     torch.testing.assert_close(auto, x, rtol=0, atol=1e-9)
     torch.testing.assert_close(plain, x, rtol=0, atol=1e-9)
     assert n_plain > 30 and n_auto < n_plain / 3, (n_auto, n_plain)
