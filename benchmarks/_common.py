@@ -92,6 +92,19 @@ def have_normflows() -> bool:
     return True
 
 
+def peers_available(benchmark: str) -> bool:
+    """:func:`have_normflows`, saying on stderr when it is missing: the rows compared with it are then left out of
+    the results (written all the same), and a results file without them should not pass for a full run."""
+    if have_normflows():
+        return True
+    print(
+        f"{benchmark}: normflows is not installed (pip install -e '.[bench]'): its peer rows are left out",
+        file=sys.stderr,
+        flush=True,
+    )
+    return False
+
+
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command that reproduces this run."""
     args = sys.argv[1:] if argv is None else list(argv)

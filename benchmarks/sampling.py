@@ -170,7 +170,7 @@ def _key(label: str, direction: str) -> str:
 
 def measure(n_vector: int, n_image: int, side: int, warmup: int, rounds: int, log=print) -> list[dict]:
     """Time every row's two samplers interleaved (per group: vectors, images); returns the rows."""
-    normflows = _common.have_normflows()
+    normflows = _common.peers_available("sampling")
     out = []
     groups = (
         ("vector", VECTOR_ROWS, n_vector, lambda label, d: _vector_sampler(label, d, n_vector)),

@@ -258,7 +258,7 @@ def measure(
     """
     families = VECTOR_FAMILIES if kind == "vector" else IMAGE_FAMILIES
     build = build_vector if kind == "vector" else build_image
-    normflows = _common.have_normflows()
+    normflows = _common.peers_available("scaling")
     labels = _labels(families, normflows)
     per_size, failed = {}, {}
     for size in sizes:
