@@ -403,7 +403,8 @@ def residual_flow(
     :param int num_layers: residual blocks (per level, for images; formerly ``num_blocks``).
     :param hidden: hidden sizes (vectors, default ``(128,)``) or hidden channels (images, default 64).
     :param float coeff: Lipschitz bound of every residual branch, in ``(0, 1)``.
-    :param str logdet: training log-det estimator, ``"auto"`` (exact for vectors of ``D <= 16``, else unbiased),
+    :param str logdet: training log-det estimator, ``"auto"`` (exact for vectors of ``D <= 16``, and up to 64 for
+        a guide's few draws; else unbiased),
         ``"unbiased"``, ``"series"`` or ``"exact"`` (see :class:`~pyroflows.transforms.ResidualBlock`).
     :param bool actnorm: interleave ActNorm layers.
     :param int levels: images: number of scales (default: as many as the size allows, at most 3).

@@ -712,7 +712,8 @@ def test_closed_form_jacobian_declines_networks_it_does_not_know():
 
 def test_training_log_det_auto_is_exact_where_the_jacobian_is_small():
     """logdet="auto" (the default): exact in training for vectors of D <= 16 with the default network (the same
-    values as logdet="exact", no randomness), the unbiased estimator beyond, for custom networks and for images."""
+    values as logdet="exact", no randomness), and up to exact_max_dim for batches with n * D**2 <= 2**15; the
+    unbiased estimator beyond, for custom networks and for images."""
     from pyroflows.transforms.residual import TRAIN_EXACT_MAX_DIM
 
     small = _block(dim=TRAIN_EXACT_MAX_DIM)
@@ -721,8 +722,13 @@ def test_training_log_det_auto_is_exact_where_the_jacobian_is_small():
     y, a = small.forward_and_log_det(x)
     torch.testing.assert_close(a, exact_log_det(small.net, x, 1), rtol=0, atol=1e-12)
     torch.testing.assert_close(small.forward_and_log_det(x)[1], a, rtol=0, atol=0)  # no draws: the same value
-    big = _block(dim=TRAIN_EXACT_MAX_DIM + 1)
+    big = _block(dim=32)
     assert big.random_log_det and not big.eval().random_log_det  # eval's "auto": exact up to exact_max_dim
+    big.train()
+    few, many = torch.randn(32, 32, dtype=torch.float64), torch.randn(33, 32, dtype=torch.float64)  # 32 * 32**2 = 2**15
+    torch.testing.assert_close(big.forward_and_log_det(few)[1], exact_log_det(big.net, few, 1), rtol=0, atol=1e-12)
+    assert not torch.equal(big.forward_and_log_det(many)[1], big.forward_and_log_det(many)[1])  # two estimates
+    assert ResidualBlock(65, hidden=(8,))._train_mode(1) == "unbiased"  # beyond exact_max_dim: never
     custom = ResidualBlock(2, net=torch.nn.Sequential(SpectralLinear(2, 8), torch.nn.Tanh(), SpectralLinear(8, 2)))
     assert custom.random_log_det
     assert ResidualBlock((1, 4, 4), hidden=2).random_log_det

@@ -729,11 +729,12 @@ def mlp_value_and_jacobian(
     Example::
 
         >>> import torch
-        >>> from pyroflows.nn import lipschitz_mlp, mlp_value_and_jacobian
+        >>> from pyroflows.nn import frozen_power_iteration, lipschitz_mlp, mlp_value_and_jacobian
         >>> g = lipschitz_mlp(3, hidden=(8,), coeff=0.9)
         >>> x = torch.randn(5, 3)
         >>> gx, jac = mlp_value_and_jacobian(g, x)
-        >>> auto = torch.func.vmap(torch.func.jacrev(g))(x)
+        >>> with frozen_power_iteration():  # the normalisation held as it is: torch.func wants a pure function
+        ...     auto = torch.func.vmap(torch.func.jacrev(g))(x)
         >>> torch.allclose(gx, g(x), atol=1e-6), torch.allclose(jac, auto, atol=1e-6)
         (True, True)
     """

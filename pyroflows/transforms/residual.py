@@ -119,6 +119,9 @@ class _Shifted(nn.Module):
 #: as fast exact as unbiased at D <= 10 and 1 to 256 samples, 1.2 to 1.7 times at D = 16 (0.9 times at 1024
 #: samples); beyond, the D x D Jacobian's cost grows with the batch (0.55 times at D = 32 and 256 samples).
 TRAIN_EXACT_MAX_DIM = 16
+#: ... and up to ``exact_max_dim`` for a batch of ``n`` samples with ``n * D**2`` at most this (8 samples at D = 64,
+#: 32 at D = 32, a variational guide's few draws per step): there the exact step was still 1.2 and 1.1 times as fast.
+TRAIN_EXACT_MAX_WORK = 2**15
 
 
 class ResidualBlock(FlowTransform):
@@ -131,7 +134,8 @@ class ResidualBlock(FlowTransform):
 
     estimated as chosen by ``logdet`` (see :mod:`pyroflows.logdet`): ``"exact"`` (full Jacobian),
     ``"series"`` (truncated, ``n_terms``), ``"unbiased"`` (Russian roulette) or ``"auto"`` (the default): exact for
-    vectors of ``D <= 16`` (:data:`TRAIN_EXACT_MAX_DIM`) with the default network, whose Jacobian
+    vectors of ``D <= 16`` (:data:`TRAIN_EXACT_MAX_DIM`) with the default network, and up to ``exact_max_dim`` for
+    batches of ``n`` samples with ``n * D**2 <= 2**15`` (a guide's few draws: 8 at ``D = 64``), whose Jacobian
     :math:`W_2 \operatorname{diag}(\phi'(h)) W_1` is computed in closed form
     (:func:`~pyroflows.nn.mlp_value_and_jacobian`), which there costs less than the estimator; unbiased otherwise.
     The exact log-det has no estimator noise, and a guide's log-density is then the same at every evaluation
@@ -285,16 +289,23 @@ class ResidualBlock(FlowTransform):
     # ----------------------------------------------------------------- log-det
     def _mode(self, x) -> tuple[str, int]:
         if self.training:
-            return self._train_mode(), self.n_exact_terms
+            return self._train_mode(math.prod(x.shape[: x.dim() - self._event_dim])), self.n_exact_terms
         return self._eval_mode(math.prod(x.shape[x.dim() - self._event_dim :])), self.eval_n_exact_terms
 
-    def _train_mode(self) -> str:
-        """``logdet`` with ``"auto"`` resolved: exact where the Jacobian is small and known in closed form."""
+    def _train_mode(self, samples: int | None = None) -> str:
+        """``logdet`` with ``"auto"`` resolved for a batch of ``samples`` (``None``: not known): exact where the
+        Jacobian is known in closed form and small (``D <= TRAIN_EXACT_MAX_DIM``), or small enough for this batch
+        (``D <= exact_max_dim`` and ``samples * D**2 <= TRAIN_EXACT_MAX_WORK``: a guide's few draws)."""
         if self.logdet != "auto":
             return self.logdet
         shape = self.event_shape
-        small = len(shape) == 1 and shape[0] is not None and shape[0] <= TRAIN_EXACT_MAX_DIM
-        return "exact" if small and has_closed_form_jacobian(self.net) else "unbiased"
+        if len(shape) != 1 or shape[0] is None or not has_closed_form_jacobian(self.net):
+            return "unbiased"
+        dim = shape[0]
+        if dim <= TRAIN_EXACT_MAX_DIM:
+            return "exact"
+        few = samples is not None and dim <= self.exact_max_dim and samples * dim * dim <= TRAIN_EXACT_MAX_WORK
+        return "exact" if few else "unbiased"
 
     def _eval_mode(self, dim: int | None) -> str:
         """``eval_logdet`` with ``"auto"`` resolved for an event of ``dim`` values (``None``: not known)."""
@@ -304,8 +315,10 @@ class ResidualBlock(FlowTransform):
 
     @property
     def random_log_det(self) -> bool:
-        """Whether the log-det in the current mode is a random estimate (every mode but ``"exact"``; ``"auto"`` in
-        eval mode is exact up to ``exact_max_dim`` dimensions when the event shape is fully known)."""
+        """Whether the log-det in the current mode may be a random estimate (every mode but ``"exact"``; ``"auto"``
+        is exact in eval mode up to ``exact_max_dim`` dimensions when the event shape is fully known, and in training
+        up to ``TRAIN_EXACT_MAX_DIM``; between the two a training call's choice depends on its batch, so this says
+        ``True``)."""
         if self.training:
             return self._train_mode() != "exact"
         shape = self.event_shape
