@@ -252,14 +252,14 @@ def default_anneal(model: Callable, *args, **kwargs) -> float:
         >>> default_anneal(regression, torch.zeros(3)), default_anneal(energy)
         (0.5, 0.0)
     """
-    state = pyro.util.get_rng_state()  # one draw from the prior, which must not move the caller's random streams
+    state = rng_state()  # one draw from the prior, which must not move the caller's random streams
     try:
         with torch.no_grad(), poutine.block():
             trace = poutine.trace(model).get_trace(*args, **kwargs)
     except Exception:  # noqa: BLE001  a prior that cannot be sampled (ImproperUniform): no annealing, the old default;
         return 0.0  # fit's own steps report any real error of the model
     finally:
-        pyro.util.set_rng_state(state)
+        set_rng_state(state)
     observed, proper = False, True
     for site in trace.nodes.values():
         if site["type"] != "sample":

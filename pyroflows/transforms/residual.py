@@ -72,17 +72,15 @@ class _FixedPointInverse(torch.autograd.Function):
                 gx, jac = block._value_and_jacobian(x_, g)
                 eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
                 u = torch.linalg.solve(eye + jac.detach(), grad_x.unsqueeze(-2), left=False).squeeze(-2)
-                grads = torch.autograd.grad(gx, params, -u, allow_unused=True) if params else ()
-                it = iter(grads)
-                return (u, None, None) + tuple(next(it) if p.requires_grad else None for p in inputs)
-            gx = g(x_)
-            u = grad_x
-            for _ in range(block.max_iter):
-                u_new = grad_x - torch.autograd.grad(gx, x_, u, retain_graph=True)[0]
-                done = bool(((u_new - u).abs() <= block._tolerance(u_new)).all())
-                u = u_new
-                if done:
-                    break
+            else:
+                gx = g(x_)
+                u = grad_x
+                for _ in range(block.max_iter):
+                    u_new = grad_x - torch.autograd.grad(gx, x_, u, retain_graph=True)[0]
+                    done = bool(((u_new - u).abs() <= block._tolerance(u_new)).all())
+                    u = u_new
+                    if done:
+                        break
             grads = torch.autograd.grad(gx, params, -u, allow_unused=True) if params else ()
         it = iter(grads)
         param_grads = tuple(next(it) if p.requires_grad else None for p in inputs)
@@ -103,9 +101,12 @@ class _Shifted(nn.Module):
     def extra_inputs(self) -> tuple[torch.Tensor, ...]:
         return (self.shift,)
 
+    def shift_for(self, batch_shape: torch.Size) -> torch.Tensor:
+        """The shift for inputs of ``batch_shape`` (the batch may arrive flattened)."""
+        return self.shift.reshape(batch_shape + self.shift.shape[-1:])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[: x.dim() - self.event_dim]
-        s = self.shift.reshape(batch + self.shift.shape[-1:])  # the batch may arrive flattened
+        s = self.shift_for(x.shape[: x.dim() - self.event_dim])
         if self.event_dim == 3:
             s = s[..., None, None]
         h = self.net[0](x) + s
@@ -362,15 +363,21 @@ class ResidualBlock(FlowTransform):
         coeffs = self._coefficients(mode, n_exact)
         return series_log_det(g, x, self._event_dim, coeffs, self.n_samples, self.probe, self.memory_efficient)
 
+    @staticmethod
+    def _net_and_shift(g: nn.Module, batch_shape: torch.Size | None = None) -> tuple[nn.Module, torch.Tensor | None]:
+        """The network of a branch and its context shift (``None`` for a plain branch), the shift shaped for a batch
+        of ``batch_shape`` (not reshaped without one)."""
+        if not isinstance(g, _Shifted):
+            return g, None
+        return g.net, g.shift if batch_shape is None else g.shift_for(batch_shape)
+
     def _value_and_jacobian(self, x: torch.Tensor, g: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(g(x), J_g(x))`` in closed form for a vector block whose branch is a Lipschitz MLP (the default one,
         shifted by a context or not), else ``None``."""
         if self._event_dim != 1:
             return None
-        if isinstance(g, _Shifted):
-            shift = g.shift.reshape(x.shape[:-1] + g.shift.shape[-1:])
-            return mlp_value_and_jacobian(g.net, x, shift)
-        return mlp_value_and_jacobian(g, x)
+        net, shift = self._net_and_shift(g, x.shape[:-1])
+        return mlp_value_and_jacobian(net, x, shift)
 
     lazy_log_det = True  # the log-det (a Jacobian or a series of vector-Jacobian products) dwarfs x + g(x)
 
@@ -402,7 +409,7 @@ class ResidualBlock(FlowTransform):
         closed-form Jacobian (beyond, the Jacobian costs more than the iterations it saves)."""
         if self.inverse == "fixed_point" or self._event_dim != 1:
             return False
-        if not has_closed_form_jacobian(g.net if isinstance(g, _Shifted) else g):  # (a net replaced after construction)
+        if not has_closed_form_jacobian(self._net_and_shift(g)[0]):  # (a net replaced after construction)
             return False
         dim = self.event_shape[0]
         return self.inverse == "newton" or (dim is not None and dim <= TRAIN_EXACT_MAX_DIM)
@@ -410,10 +417,9 @@ class ResidualBlock(FlowTransform):
     def _iterate(self, y: torch.Tensor, g: nn.Module) -> torch.Tensor:
         """The solve, on one frozen map: for the default vector network its normalised weights are taken once
         (:func:`~pyroflows.nn.lipschitz._mlp_layers`), not at every evaluation."""
-        net = g.net if isinstance(g, _Shifted) else g
+        net, _ = self._net_and_shift(g)
         if self._event_dim == 1 and has_closed_form_jacobian(net):
-            layers = _mlp_layers(net)
-            shift = g.shift.reshape(y.shape[:-1] + g.shift.shape[-1:]) if isinstance(g, _Shifted) else None
+            layers, shift = _mlp_layers(net), self._net_and_shift(g, y.shape[:-1])[1]
 
             def branch(x):
                 return _mlp_apply(layers, x, shift)[0]
