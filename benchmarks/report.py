@@ -56,6 +56,8 @@ def _scaling(d: dict) -> str:
     out = []
     for kind in ("vector", "image"):
         part = d[kind]
+        if not part["families"]:  # a run of some families only (--families)
+            continue
         rows = []
         for family, f in part["families"].items():
             for r in f["rows"]:

@@ -13,7 +13,8 @@ change, so weight-dependent caches such as power iterations are refreshed as in 
   ``FlowDensity`` against
   4 × ``normflows.flows.Residual(LipschitzMLP([D, 128, 128, D]))`` (``reduce_memory``, 2 exact terms + geometric
   roulette on both sides) whose step also calls ``normflows.utils.update_lipschitz(model, 1)`` (pyroflows runs one
-  power iteration per layer per update by itself);
+  power iteration per layer per update by itself); and "residual (defaults)", the same with pyroflows' default
+  ``logdet="auto"`` (the exact log-det where a block takes it in training: D <= 16 at batch 64);
 * images ``(3, s, s)``, s = 8, 16, 32: ``glow(levels=2, num_layers=2, hidden=32, learned_prior=False)`` (like
   for like with normflows) and the default ``glow`` with its learned factor-out prior, ``realnvp(levels=2,
   num_layers=2, hidden=32)`` and ``residual_flow(num_layers=2, hidden=32, levels=1, actnorm=False)`` in
@@ -34,6 +35,7 @@ Usage::
 
     python benchmarks/scaling.py            # D up to 1024, images up to 32x32
     python benchmarks/scaling.py --quick    # D in {2, 16, 64}, images 8x8 and 16x16
+    python benchmarks/scaling.py --families "residual,residual (defaults)" --name scaling_residual  # some families
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ VECTOR_FAMILIES = {
     "planar": ("pyroflows planar_flow", "pyro planar", "Pyro's own planar transform"),
     "realnvp": ("pyroflows realnvp", "pyro affine_coupling + Permute", "Pyro's own affine coupling"),
     "residual": ("pyroflows residual_flow", "normflows Residual", "normflows residual flow, same MLP"),
+    "residual (defaults)": (
+        "pyroflows residual_flow (default log-det)",
+        "normflows Residual",
+        "both libraries' default log-det: pyroflows' logdet='auto' is exact (closed-form Jacobian) where a block "
+        "takes it in training (D <= 16 at this batch), the estimator above",
+    ),
 }
 IMAGE_FAMILIES = {
     "glow": ("pyroflows glow (no prior)", "normflows Glow", "normflows multi-scale Glow, same levels/steps/width"),
@@ -176,10 +184,12 @@ def build_vector(label: str, dim: int, *, init_zeros: bool = True) -> Model:
         parts = _pyro_parts("affine_coupling", dim, COUPLINGS)
         return _guide_model(parts, _Params(parts), dim)
     x = torch.randn(BATCH, dim, generator=torch.Generator().manual_seed(0))
-    if label == "pyroflows residual_flow":
-        # the estimator like normflows' ("auto" would take the exact log-det at D <= 16, another computation)
+    if label in ("pyroflows residual_flow", "pyroflows residual_flow (default log-det)"):
+        # "residual": the estimator like normflows' ("auto" would take the exact log-det at D <= 16, another
+        # computation); "residual (defaults)": each library as it comes
+        logdet = "unbiased" if label == "pyroflows residual_flow" else "auto"
         flow = pyroflows.residual_flow(
-            dim, num_layers=RES_BLOCKS, hidden=(RES_HIDDEN, RES_HIDDEN), actnorm=False, logdet="unbiased"
+            dim, num_layers=RES_BLOCKS, hidden=(RES_HIDDEN, RES_HIDDEN), actnorm=False, logdet=logdet
         )
         model = pyroflows.FlowDensity(flow, (dim,))
         return _density_model(model, model.log_prob, model.sample, x)
@@ -248,15 +258,27 @@ def _labels(families: dict, normflows: bool) -> list[str]:
 
 
 def measure(
-    kind: str, sizes: tuple[int, ...], warmup: int, rounds: int, memory: bool = True, log=print, compiled: bool = False
+    kind: str,
+    sizes: tuple[int, ...],
+    warmup: int,
+    rounds: int,
+    memory: bool = True,
+    log=print,
+    compiled: bool = False,
+    only: tuple[str, ...] | None = None,
 ) -> dict:
     """Time (interleaved) and measure every model of ``kind`` (``"vector"`` or ``"image"``) at each size.
 
     :returns: ``{"sizes", "size_label", "families": {family: {"pyroflows", "peer", "peer_note", "rows",
         "exponent_pyroflows", "exponent_peer"}}}``; a row per size holds both libraries' ms and peak memory
-        and ``speed_ratio`` = peer ms / pyroflows ms (median of per-round ratios).
+        and ``speed_ratio`` = peer ms / pyroflows ms (median of per-round ratios). ``only``: the families to
+        measure (default all of ``kind``).
     """
     families = VECTOR_FAMILIES if kind == "vector" else IMAGE_FAMILIES
+    if only is not None:
+        families = {k: v for k, v in families.items() if k in only}
+        if not families:
+            return {"size_label": "D" if kind == "vector" else "side (3 x s x s)", "sizes": [], "families": {}}
     build = build_vector if kind == "vector" else build_image
     normflows = _common.peers_available("scaling")
     labels = _labels(families, normflows)
@@ -352,11 +374,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 30; quick 5)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument(
+        "--families",
+        default=None,
+        help="comma-separated families to measure (default all), e.g. 'residual,residual (defaults)'",
+    )
+    p.add_argument("--name", default=None, help="results file name (default scaling, or scaling_compiled)")
+    p.add_argument(
         "--compile",
         action="store_true",
         help="both libraries' losses through torch.compile (writes scaling_compiled.json; no memory children)",
     )
     args = p.parse_args(argv)
+    args.families = tuple(f.strip() for f in args.families.split(",")) if args.families else None
+    known = set(VECTOR_FAMILIES) | set(IMAGE_FAMILIES)
+    if args.families and not set(args.families) <= known:
+        p.error(f"unknown families {sorted(set(args.families) - known)}; known: {sorted(known)}")
     args.dims = tuple(int(d) for d in args.dims.split(",")) if args.dims else None
     args.sides = tuple(int(s) for s in args.sides.split(",")) if args.sides else None
     args.dims = args.dims or (QUICK_VECTOR_DIMS if args.quick else VECTOR_DIMS)
@@ -392,12 +424,14 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "memory_method": _common.MEMORY_METHOD if memory else None,
         "exponent_method": "least-squares slope of log(ms) against log(work), work = D or 3 * s * s",
     }
-    payload["vector"] = measure("vector", args.dims, args.warmup, args.rounds, memory=memory, compiled=args.compile)
-    payload["image"] = measure("image", args.sides, args.warmup, args.rounds, memory=memory, compiled=args.compile)
+    for kind, sizes in (("vector", args.dims), ("image", args.sides)):
+        payload[kind] = measure(
+            kind, sizes, args.warmup, args.rounds, memory=memory, compiled=args.compile, only=args.families
+        )
     payload["wall_s"] = time.perf_counter() - t0
     for line in summary_lines(payload):
         print(line)
-    name = "scaling_compiled" if args.compile else "scaling"
+    name = args.name or ("scaling_compiled" if args.compile else "scaling")
     path = _common.write_result(_common.result_path(args.out, name, args.quick), payload)
     print(f"wrote {path} ({payload['wall_s']:.0f} s)")
     return payload

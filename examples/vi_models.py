@@ -46,6 +46,7 @@ __all__ = [
     "local_level_log_evidence",
     "HORSESHOE_Y",
     "LOCAL_LEVEL_Y",
+    "local_level_data",
     "bimodal_log_evidence",
     "bimodal_product",
     "funnel",
@@ -486,14 +487,20 @@ def horseshoe_log_evidence(y: torch.Tensor = HORSESHOE_Y, num_points: int = 200_
     return total
 
 
-def _local_level_data(steps: int = 12, seed: int = 3) -> torch.Tensor:
+def local_level_data(steps: int = 12, seed: int = 3) -> torch.Tensor:
+    """Observations for :func:`local_level`: a random walk with steps of scale 0.4 seen through noise of scale 0.5,
+    ``steps`` long, drawn with ``torch.Generator().manual_seed(seed)`` (the defaults give :data:`LOCAL_LEVEL_Y`).
+
+    :param int steps: the series length ``T`` (the latent then has ``T + 1`` dimensions).
+    :param int seed: the generator's seed.
+    """
     g = torch.Generator().manual_seed(seed)
     x = torch.cumsum(0.4 * torch.randn(steps, generator=g), 0)
     return x + 0.5 * torch.randn(steps, generator=g)
 
 
 #: Observations of :func:`local_level` (a random walk seen through noise, 12 steps).
-LOCAL_LEVEL_Y = _local_level_data()
+LOCAL_LEVEL_Y = local_level_data()
 LOCAL_LEVEL_NOISE = 0.5
 
 

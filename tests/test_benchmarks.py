@@ -49,6 +49,24 @@ def test_scaling_tiny(tmp_path):
     assert not re.search(r"\]\((?!#)", text) and "<img" not in text
 
 
+def test_scaling_some_families(tmp_path, capsys):
+    """``--families`` measures those only (images skipped when none is named), ``--name`` names the file, the report
+    renders the partial run, and an unknown family is a usage error naming it."""
+    out = tmp_path / "results"
+    argv = ["--dims", "2", "--warmup", "0", "--rounds", "1", "--no-memory", "--families", "residual (defaults)"]
+    args = scaling.parse_args(argv + ["--name", "scaling_part", "--out", str(out)])
+    scaling.run(args, "python benchmarks/scaling.py (test)")
+    stored = json.loads((out / "scaling_part.json").read_text())
+    assert list(stored["vector"]["families"]) == ["residual (defaults)"] and stored["image"]["families"] == {}
+    family = stored["vector"]["families"]["residual (defaults)"]
+    assert family["pyroflows"] == "pyroflows residual_flow (default log-det)" and family["rows"][0]["pyroflows_ms"] > 0
+    text = report._scaling(stored)
+    assert "residual (defaults)" in text and "**images**" not in text
+    with pytest.raises(SystemExit):
+        scaling.parse_args(["--families", "residual,nope"])
+    assert "nope" in capsys.readouterr().err
+
+
 def test_sampling_tiny(tmp_path):
     out = tmp_path / "results"
     argv = ["--quick", "--n-vector", "32", "--n-image", "2", "--warmup", "0", "--rounds", "1", "--out", str(out)]
