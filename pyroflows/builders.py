@@ -335,8 +335,9 @@ def autoregressive_flow(
     ``AutoNormalizingFlow`` guide can place and scale its fixed standard-normal base.
 
     As a guide (base noise to posterior) it is an IAF: sampling and the log-density of a draw take one parallel
-    pass per layer. As a density model (data to latent) it is a MAF: the likelihood takes one pass, sampling ``D``
-    sequential passes per layer.
+    pass per layer. As a density model (data to latent) it is a MAF: the likelihood takes one pass, sampling (the
+    inverse) up to ``D`` passes per layer, fewer when the solve converges sooner (and so does the sticking-the-landing
+    gradient's score of a guide's draws: :class:`~pyroflows.transforms.AffineAutoregressive`).
 
     :param shape: the event size ``D`` (or ``(D,)``); image shapes are not supported.
     :param int num_layers: autoregressive layers.

@@ -6,11 +6,57 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..nn.made import MADE, _check_order
 from ._shapes import count, vector_dim
 from .base import FlowTransform
 from .conditional import broadcast_context
+
+
+class _AutoregressiveInverse(torch.autograd.Function):
+    """``x`` with ``x = g(y, x)``, ``g(y, x) = (y - t(x)) e^{-s(x)}``, solved by :meth:`AffineAutoregressive._solve`;
+    the backward is the implicit function theorem's: ``u = v + (∂g/∂x)^T u`` (``∂g/∂x`` is strictly triangular in
+    the order, so the iteration is exact after ``D`` vector-Jacobian products and usually settles sooner), then the
+    gradients of ``y``, the context and the parameters are ``u``'s vector-Jacobian products through ``g``."""
+
+    @staticmethod
+    def forward(ctx, layer, y, context, *params):
+        x, _ = layer._solve(y, context)
+        ctx.layer = layer
+        ctx.params = params  # the tensors themselves: the graph of g in the backward must be built on them
+        ctx.has_context = context is not None
+        ctx.save_for_backward(y, x, *([context] if context is not None else []))
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x):
+        layer = ctx.layer
+        saved = ctx.saved_tensors
+        y, x = saved[0], saved[1]
+        context = saved[2] if ctx.has_context else None
+        params = list(ctx.params)
+        tol = 8 * torch.finfo(grad_x.dtype).eps
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            y = y.detach().requires_grad_(ctx.needs_input_grad[1])
+            if context is not None:
+                context = context.detach().requires_grad_(ctx.needs_input_grad[2])
+            g = layer._inverse_step(x, y, context)
+            u = grad_x
+            for _ in range(layer.dim):
+                (back,) = torch.autograd.grad(g, x, u, retain_graph=True)
+                new = grad_x + back
+                settled = bool(((new - u).abs() <= tol * (1 + new.abs())).all())
+                u = new
+                if settled:
+                    break
+            wanted = [y, context] + params
+            mask = list(ctx.needs_input_grad[1:3]) + list(ctx.needs_input_grad[3:])
+            inputs = [t for t, need in zip(wanted, mask) if need]
+            grads = iter(torch.autograd.grad(g, inputs, u, allow_unused=True) if inputs else ())
+        return (None, *(next(grads) if need else None for need in mask))
 
 
 class AffineAutoregressive(FlowTransform):
@@ -27,10 +73,13 @@ class AffineAutoregressive(FlowTransform):
     bounded, :math:`s = \beta \tanh(\tilde s / \beta)` with ``scale_bound`` :math:`\beta`; the MADE's last layer
     starts at zero, so a fresh layer is the identity.
 
-    The forward map and its log-det take one parallel pass. The inverse is sequential:
-    :math:`x_i = (y_i - t_i(x_{<i}))\, e^{-s_i(x_{<i})}` coordinate by coordinate in the order, ``D`` MADE passes
-    (each vectorised over the batch and differentiable), with log-det :math:`-\sum_i s_i(x_{<i})` at the
-    recovered :math:`x`.
+    The forward map and its log-det take one parallel pass. The inverse solves
+    :math:`x_i = (y_i - t_i(x_{<i}))\, e^{-s_i(x_{<i})}` by Jacobi passes (every coordinate at once from the current
+    guess, each pass vectorised over the batch): after pass ``k`` the first ``k`` coordinates in the order are
+    exact, so at most ``D`` passes, and the solve stops as soon as a pass changes nothing beyond rounding, often
+    after a few. Its gradient (in ``y``, a context and the parameters) comes from the implicit function theorem,
+    an iteration of vector-Jacobian products that ends the same way, not from the passes' graph. The log-det is
+    :math:`-\sum_i s_i(x_{<i})` at the recovered :math:`x`.
 
     Direction: in a guide, where the forward map takes base noise to the posterior, this is an inverse
     autoregressive flow (IAF, Kingma et al., 2016): a draw and its log-density come out of one parallel pass,
@@ -115,15 +164,36 @@ class AffineAutoregressive(FlowTransform):
     def inverse_and_log_det(self, y, context=None):
         if self.context_dim:
             y, context = broadcast_context(y, context, 1, self.context_dim, "AffineAutoregressive")
-        # Pass k fills the coordinate that is k-th in the order; its shift and log-scale depend only on coordinates
-        # filled before, so they are exact. torch.where builds a new x each pass: no in-place edit of a tensor that
-        # autograd needs. After the last pass every log-scale was computed from exact inputs: it is s(x).
-        x = torch.zeros_like(y)
-        log_scale = None
-        for k in range(self.dim):
-            shift, log_scale = self._shift_and_log_scale(x, context)
-            x = torch.where(self.order == k, (y - shift) * torch.exp(-log_scale), x)
+        x = _AutoregressiveInverse.apply(self, y, context, *self._trainable())
+        _, log_scale = self._shift_and_log_scale(x, context)
         return x, -log_scale.sum(-1)
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for p in self.conditioner.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+
+    def _inverse_step(self, x: torch.Tensor, y: torch.Tensor, context) -> torch.Tensor:
+        """One Jacobi pass of the inverse: every coordinate from the current guess of the ones before it."""
+        shift, log_scale = self._shift_and_log_scale(x, context)
+        return (y - shift) * torch.exp(-log_scale)
+
+    def _solve(self, y: torch.Tensor, context) -> tuple[torch.Tensor, int]:
+        """The inverse by Jacobi passes from 0, without a graph: ``(x, passes)``.
+
+        Pass ``k`` makes the ``k``-th coordinate in the order exact (its inputs were exact already), so ``D`` passes
+        give the sequential inverse. A pass that changes no coordinate by more than a few rounding errors has
+        reached the fixed point, the unique solution, and the solve stops there: as many passes as the longest
+        chain of dependence the layer has learnt to use, often a few where ``D`` would be tens."""
+        tol = 8 * torch.finfo(y.dtype).eps
+        x, passes = torch.zeros_like(y), 0
+        with torch.no_grad():
+            while passes < self.dim:
+                passes += 1
+                new = self._inverse_step(x, y, context)
+                settled = bool(((new - x).abs() <= tol * (1 + new.abs())).all())
+                x = new
+                if settled:
+                    break
+        return x, passes
 
     def extra_repr(self) -> str:
         return f"shape={self.event_shape}, scale_bound={self.scale_bound}"
