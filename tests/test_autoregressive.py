@@ -236,17 +236,18 @@ def _sequential_inverse(t, y, context=None):
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "context"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
-def test_iterative_inverse_and_implicit_gradient_equal_the_sequential_ones(conditional, frozen):
-    """The Jacobi solve with its implicit-function gradient gives the sequential inverse's values and the gradients
-    of a loss of ``(x, log_det)`` in ``y``, the context and (unless frozen, as STL holds them) every parameter, in
-    float64, for a strongly coupled layer (weights far from init: the solve needs all D passes) and a weakly coupled
-    one (it settles early)."""
+def test_iterative_inverse_and_implicit_gradient_equal_the_sequential_ones(conditional, frozen, monkeypatch):
+    """The Jacobi solve with its implicit-function gradient (the path above ``SEQUENTIAL_MAX_DIM``, forced here at
+    D = 6) gives the sequential inverse's values and the gradients of a loss of ``(x, log_det)`` in ``y``, the
+    context and (unless frozen, as STL holds them) every parameter, in float64, for a strongly coupled layer
+    (weights far from init: the solve needs all D passes) and a weakly coupled one (it settles early)."""
+    monkeypatch.setattr(AffineAutoregressive, "SEQUENTIAL_MAX_DIM", 0)
     for scale, settles_early in ((0.5, False), (1e-4, True)):
         kwargs = {"context_dim": 2} if conditional else {}
         t = _perturb(AffineAutoregressive(6, hidden=(16,), order=[2, 5, 0, 3, 1, 4], **kwargs).double(), scale)
         y = _randn(4, 6, seed=5).requires_grad_(True)
         c = _randn(4, 2, seed=6).requires_grad_(True) if conditional else None
-        passes = t._solve(y.detach(), c)[1]
+        passes = t._solve(y.detach(), c)[2]
         assert (passes < 6) == settles_early, passes
         w = _randn(4, 6, seed=7)
         inputs = [y] + ([c] if conditional else []) + ([] if frozen else list(t.parameters()))
@@ -271,13 +272,18 @@ def test_iterative_inverse_and_implicit_gradient_equal_the_sequential_ones(condi
 
 
 def test_iterative_inverse_under_no_grad_and_its_gradcheck_with_a_context():
-    """Without a graph the solve runs alone (sampling a MAF), and gradcheck passes through the implicit backward in
-    ``y`` and the context together."""
-    t = _perturb(AffineAutoregressive(4, hidden=(8,), order=[3, 1, 0, 2], context_dim=3).double(), 0.4, seed=2)
-    y, c = _randn(3, 4, seed=8).requires_grad_(True), _randn(3, 3, seed=9).requires_grad_(True)
+    """Without a graph the solve runs alone (sampling a MAF), its log-det that of the recovered point; gradcheck passes
+    through the implicit backward in ``y`` and the context together (D = 12, above ``SEQUENTIAL_MAX_DIM``)."""
+    assert AffineAutoregressive.SEQUENTIAL_MAX_DIM < 12
+    order = [3, 1, 0, 2, 11, 7, 5, 9, 4, 10, 6, 8]
+    t = _perturb(AffineAutoregressive(12, hidden=(8,), order=order, context_dim=3).double(), 0.4, seed=2)
+    y, c = _randn(3, 12, seed=8).requires_grad_(True), _randn(3, 3, seed=9).requires_grad_(True)
     with torch.no_grad():
         x, log_det = t.inverse_and_log_det(y, c)
-    assert x.grad_fn is None and torch.allclose(t.forward_and_log_det(x, c)[0], y, atol=1e-12)
+        y_back, forward_log_det = t.forward_and_log_det(x, c)
+    assert x.grad_fn is None and torch.allclose(y_back, y, atol=1e-12)
+    assert torch.allclose(log_det, -forward_log_det, atol=1e-12)
+    assert torch.allclose(x, _sequential_inverse(t, y, c)[0], atol=1e-12)
     assert torch.autograd.gradcheck(lambda a, b: t.inverse_and_log_det(a, b), (y, c), eps=1e-6, atol=1e-6)
     # a second derivative through the solve is refused by name, not silently wrong
     (grad,) = torch.autograd.grad(t.inverse_and_log_det(y, c)[0].square().sum(), y, create_graph=True)
