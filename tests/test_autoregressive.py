@@ -271,6 +271,23 @@ def test_iterative_inverse_and_implicit_gradient_equal_the_sequential_ones(condi
             assert all(p.grad is None for p in t.parameters())
 
 
+def test_iterative_inverse_starts_from_the_remembered_pair():
+    """Inverting a copy of the layer's own last output (what STL does with a draw) starts from the remembered input and
+    settles after one pass; a stale or ill-shaped remembered pair only costs passes: the solution is the same."""
+    order = [3, 1, 0, 2, 11, 7, 5, 9, 4, 10, 6, 8]
+    t = _perturb(AffineAutoregressive(12, hidden=(8,), order=order).double(), 0.4, seed=2)
+    x = _randn(5, 12, seed=10)
+    y = t(x)
+    assert t._solve(y.clone(), None)[2] == 1
+    assert torch.allclose(t._solve(y.clone(), None)[0], x, atol=1e-12)
+    other = _randn(5, 12, seed=11)
+    assert torch.allclose(t._solve(other, None)[0], _sequential_inverse(t, other)[0], atol=1e-12)  # stale pair
+    t(_randn(3, 12, seed=12))  # a pair of another batch shape: the solve starts from zeros
+    assert torch.allclose(t._solve(y, None)[0], x, atol=1e-12)
+    t.clear_memo()
+    assert t._solve(y.clone(), None)[2] > 1
+
+
 def test_iterative_inverse_under_no_grad_and_its_gradcheck_with_a_context():
     """Without a graph the solve runs alone (sampling a MAF), its log-det that of the recovered point; gradcheck passes
     through the implicit backward in ``y`` and the context together (D = 12, above ``SEQUENTIAL_MAX_DIM``)."""

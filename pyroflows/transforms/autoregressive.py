@@ -193,15 +193,16 @@ class AffineAutoregressive(FlowTransform):
         return (y - shift) * torch.exp(-log_scale), log_scale
 
     def _solve(self, y: torch.Tensor, context) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The inverse by Jacobi passes from 0, without a graph: ``(x, log_scale, passes)``, the log-scales of the
-        last pass (those of ``x`` to rounding).
+        """The inverse by Jacobi passes, without a graph: ``(x, log_scale, passes)``, the log-scales of the last pass
+        (those of ``x`` to rounding).
 
-        Pass ``k`` makes the ``k``-th coordinate in the order exact (its inputs were exact already), so ``D`` passes
-        give the sequential inverse. A pass that changes no coordinate by more than a few rounding errors has
-        reached the fixed point, the unique solution, and the solve stops there: as many passes as the longest
-        chain of dependence the layer has learnt to use, often a few where ``D`` would be tens."""
+        Pass ``k`` makes the ``k``-th coordinate in the order exact (its inputs were exact already), whatever the
+        first guess, so ``D`` passes give the sequential inverse. A pass that changes no coordinate by more than a
+        few rounding errors has reached the fixed point, the unique solution, and the solve stops there: as many
+        passes as the longest chain of dependence the layer has learnt to use, often a few where ``D`` would be
+        tens, and one when the first guess was the answer (:meth:`_first_guess`)."""
         tol = 8 * torch.finfo(y.dtype).eps
-        x, passes = torch.zeros_like(y), 0
+        x, passes = self._first_guess(y), 0
         with torch.no_grad():
             while passes < self.dim:
                 passes += 1
@@ -211,6 +212,17 @@ class AffineAutoregressive(FlowTransform):
                 if settled:
                     break
         return x, log_scale, passes
+
+    def _first_guess(self, y: torch.Tensor) -> torch.Tensor:
+        """Where the solve starts: the input of the layer's remembered pair when it has ``y``'s shape, dtype and
+        device (the sticking-the-landing gradient inverts a copy of the draw the layer just made, so that input is
+        the answer and one pass confirms it), else zeros. Any start reaches the same solution."""
+        memo = self._memo
+        if memo is not None:
+            x = memo.x
+            if x.shape == y.shape and x.dtype == y.dtype and x.device == y.device:
+                return x.detach()
+        return torch.zeros_like(y)
 
     def extra_repr(self) -> str:
         return f"shape={self.event_shape}, scale_bound={self.scale_bound}"
