@@ -14,6 +14,13 @@ from .base import FlowTransform
 from .conditional import broadcast_context
 
 
+def _settled(new: torch.Tensor, old: torch.Tensor) -> bool:
+    """Whether an iteration of the inverse (or of its gradient) has stopped moving: no element changed by more than
+    8 machine epsilons relative to its size (rounding, so ``new`` is the fixed point)."""
+    tol = 8 * torch.finfo(new.dtype).eps
+    return bool(((new - old).abs() <= tol * (1 + new.abs())).all())
+
+
 class _AutoregressiveInverse(torch.autograd.Function):
     """``x`` with ``x = g(y, x)``, ``g(y, x) = (y - t(x)) e^{-s(x)}``, solved by :meth:`AffineAutoregressive._solve`;
     the backward is the implicit function theorem's: ``u = v + (∂g/∂x)^T u`` (``∂g/∂x`` is strictly triangular in
@@ -37,7 +44,6 @@ class _AutoregressiveInverse(torch.autograd.Function):
         y, x = saved[0], saved[1]
         context = saved[2] if ctx.has_context else None
         params = list(ctx.params)
-        tol = 8 * torch.finfo(grad_x.dtype).eps
         with torch.enable_grad():
             x = x.detach().requires_grad_()
             y = y.detach().requires_grad_(ctx.needs_input_grad[1])
@@ -48,7 +54,7 @@ class _AutoregressiveInverse(torch.autograd.Function):
             for _ in range(layer.dim):
                 (back,) = torch.autograd.grad(g, x, u, retain_graph=True)
                 new = grad_x + back
-                settled = bool(((new - u).abs() <= tol * (1 + new.abs())).all())
+                settled = _settled(new, u)
                 u = new
                 if settled:
                     break
@@ -175,8 +181,8 @@ class AffineAutoregressive(FlowTransform):
             # pass (no in-place edit of a tensor autograd needs)
             x = torch.zeros_like(y)
             for k in range(self.dim):
-                shift, log_scale = self._shift_and_log_scale(x, context)
-                x = torch.where(self.order == k, (y - shift) * torch.exp(-log_scale), x)
+                new, log_scale = self._inverse_step(x, y, context)
+                x = torch.where(self.order == k, new, x)
         else:
             x = _AutoregressiveInverse.apply(self, y, context, *self._trainable())
             _, log_scale = self._shift_and_log_scale(x, context)
@@ -201,13 +207,12 @@ class AffineAutoregressive(FlowTransform):
         few rounding errors has reached the fixed point, the unique solution, and the solve stops there: as many
         passes as the longest chain of dependence the layer has learnt to use, often a few where ``D`` would be
         tens, and one when the first guess was the answer (:meth:`_first_guess`)."""
-        tol = 8 * torch.finfo(y.dtype).eps
         x, passes = self._first_guess(y), 0
         with torch.no_grad():
             while passes < self.dim:
                 passes += 1
                 new, log_scale = self._inverse_step(x, y, context)
-                settled = bool(((new - x).abs() <= tol * (1 + new.abs())).all())
+                settled = _settled(new, x)
                 x = new
                 if settled:
                     break
