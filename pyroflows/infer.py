@@ -33,7 +33,7 @@ from pyro.poutine.messenger import Messenger
 
 from ._deprecation import renamed
 from .autoguide import FLAT_NAME, AutoFlow, parameter_like, share_with_store
-from .elbo import TraceIW_ELBO, TraceSTL_ELBO
+from .elbo import TraceIW_ELBO, TraceRenyi_ELBO, TraceSTL_ELBO
 from .run import (
     CHECKPOINT,
     SCHEDULES,
@@ -83,8 +83,9 @@ __all__ = [
 ]
 
 #: The ELBO gradient estimators of :func:`fit`: sticking the landing (the default), Pyro's reparameterised
-#: ``Trace_ELBO``, or the importance-weighted bound with the doubly reparameterised gradient.
-ESTIMATORS = ("stl", "reparam", "iw")
+#: ``Trace_ELBO``, the importance-weighted bound with the doubly reparameterised gradient, or the Rényi bound of
+#: order ``alpha`` between the two with the same gradient.
+ESTIMATORS = ("stl", "reparam", "iw", "renyi")
 #: fit's default peak learning rate up to :data:`LR_PARTICLES` particles; beyond, it falls as ``particles ** (-1/3)``
 DEFAULT_LR = 3e-3
 LR_PARTICLES = 8
@@ -287,7 +288,8 @@ class SVIConfig:
 
     :func:`fit` builds it from its keywords; each field is the keyword of the same name, documented there:
     ``num_steps``, ``lr``, ``optimizer``, ``optimizer_kwargs``, ``lr_schedule``, ``final_lr_factor``,
-    ``warmup_steps``, ``num_particles``, ``vectorize_particles``, ``estimator``, ``anneal``, ``clip_norm``,
+    ``warmup_steps``, ``num_particles``, ``vectorize_particles``, ``estimator``, ``alpha``, ``anneal``,
+    ``clip_norm``,
     ``skip_nonfinite``, ``progress``,
     ``seed``, ``out``
     (the run directory, a ``Path`` or ``None``), ``checkpoint_every`` and ``resume``. ``checkpoint`` is the
@@ -314,6 +316,7 @@ class SVIConfig:
     num_particles: int = 8
     vectorize_particles: bool = True
     estimator: str = "stl"
+    alpha: float | None = None
     anneal: float = 0.0
     clip_norm: float | None = 10.0
     skip_nonfinite: int = 10
@@ -342,6 +345,12 @@ class SVIConfig:
         check_int(c, "skip_nonfinite", self.skip_nonfinite, 0)
         check_choice(c, "vectorize_particles", self.vectorize_particles, (True, False))
         check_choice(c, "estimator", self.estimator, ESTIMATORS)
+        if self.estimator == "renyi":
+            if self.alpha is None:
+                object.__setattr__(self, "alpha", 0.5)
+            check_number(c, "alpha", self.alpha, 0, 1, high_open=False)
+        elif self.alpha is not None:
+            raise ValueError(f"fit: alpha is the order of estimator='renyi', not of {self.estimator!r}")
         check_number(c, "anneal", self.anneal, 0, 1, high_open=True, low_open=False)
         check_number(c, "clip_norm", self.clip_norm, 0, optional=True)
         check_choice(c, "progress", self.progress, (None, True, False))
@@ -382,6 +391,7 @@ class SVIConfig:
             "warmup_steps": self.warmup_steps,
             "num_particles": self.num_particles,
             "estimator": self.estimator,
+            "alpha": self.alpha,
             "anneal": float(self.anneal),
             "clip_norm": self.clip_norm,
             "skip_nonfinite": self.skip_nonfinite,
@@ -443,6 +453,7 @@ def fit(
     num_particles: int = 8,
     vectorize_particles: bool = True,
     estimator: str = "stl",
+    alpha: float | None = None,
     anneal: float | str = "auto",
     loss: ELBO | None = None,
     clip_norm: float | None = 10.0,
@@ -506,8 +517,12 @@ def fit(
         ``"reparam"``, Pyro's reparameterised ``Trace_ELBO``, or ``"iw"``, the importance-weighted bound over the
         ``num_particles`` draws with the doubly reparameterised gradient (:class:`pyroflows.elbo.TraceIW_ELBO`: a
         guide that covers the posterior's mass, lower k̂, at some cost in KL(q‖p); the losses are then the bound's,
-        not the ELBO's). At equal steps STL lowered KL(q‖p) for every pyroflows builder on the benchmark's
-        posteriors, 2 to 6 times for the coupling and autoregressive flows (``python -m benchmarks guides``).
+        not the ELBO's), or ``"renyi"``, the Rényi bound of order ``alpha`` between the ELBO and ``"iw"``'s, with the
+        same gradient (:class:`pyroflows.elbo.TraceRenyi_ELBO`). At equal steps STL lowered KL(q‖p) for every
+        pyroflows builder on the benchmark's posteriors, 2 to 6 times for the coupling and autoregressive flows
+        (``python -m benchmarks guides``).
+    :param float alpha: the order of ``estimator="renyi"``, in ``[0, 1]`` (0 is ``"iw"``'s bound, 1 the ELBO with
+        the STL gradient; default 0.5); an error with another estimator.
     :param anneal: temper the likelihood over the first ``anneal`` share of the steps (in ``[0, 1)``; 0 does not;
         ``"auto"``, the default, is :func:`default_anneal`: 0.5 for a model with observed data and proper priors, 0
         otherwise; it was 0 before 0.2): at step ``t`` every observed site's log-density (``pyro.factor``
@@ -695,6 +710,7 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
         if isinstance(saved["settings"], dict):  # checkpoints written before the estimator option used Trace_ELBO
             saved["settings"].setdefault("estimator", "reparam")
             saved["settings"].setdefault("anneal", 0.0)  # and before annealing existed, did not anneal
+            saved["settings"].setdefault("alpha", None)  # and before the Rényi option, had no order
         check_settings(saved["settings"], settings, source=source, caller="fit")
         check_data(saved["settings"], data, source=source, caller="fit", what="model data (model_args/kwargs)")
     settings["data"] = data
@@ -705,10 +721,11 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     if elbo is None:
         # give the plate nesting rather than letting Trace_ELBO guess it (it logs its guess at INFO level)
         nesting = max_plate_nesting(model, guide, *args, **kwargs)
-        kind = {"reparam": Trace_ELBO, "stl": TraceSTL_ELBO, "iw": TraceIW_ELBO}[cfg.estimator]
-        elbo = kind(
-            num_particles=cfg.num_particles, vectorize_particles=cfg.vectorize_particles, max_plate_nesting=nesting
-        )
+        kind = {"reparam": Trace_ELBO, "stl": TraceSTL_ELBO, "iw": TraceIW_ELBO, "renyi": TraceRenyi_ELBO}
+        options = dict(num_particles=cfg.num_particles, vectorize_particles=cfg.vectorize_particles)
+        if cfg.estimator == "renyi":
+            options["alpha"] = cfg.alpha
+        elbo = kind[cfg.estimator](max_plate_nesting=nesting, **options)
     losses, lrs = np.full(cfg.num_steps, np.nan), np.full(cfg.num_steps, np.nan)
     run = _SVIRun(cfg, model, guide, args, kwargs, elbo, settings, losses, lrs, saved=saved)
     if cfg.anneal > 0:
