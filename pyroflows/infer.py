@@ -167,8 +167,9 @@ class SVIResult:
             fit: 10 steps in 1.5 s; ELBO -3 (mean of the last 10 steps); k̂ 0.92: unreliable, the guide misses
             posterior mass (do not trust its means or intervals).
             Try: more steps; a more expressive flow (more num_layers, or pyroflows.autoregressive_flow /
-            spline_flow); heavy-tailed base noise (pyroflows.AutoFlow(..., heavy_tails=True)); a non-centred
-            parameterisation of hierarchical models (pyro.infer.reparam.LocScaleReparam).
+            spline_flow); on a posterior of a few dimensions, the mass-covering estimator="renyi"; heavy-tailed
+            base noise (pyroflows.AutoFlow(..., heavy_tails=True)); a non-centred parameterisation of hierarchical
+            models (pyro.infer.reparam.LocScaleReparam).
         """
         window = min(100, len(self.losses))
         head = f"fit: {self.step} steps in {self.seconds:.1f} s; ELBO {self.final_elbo(window):.4g} (mean of the last "
@@ -190,8 +191,9 @@ class SVIResult:
         return head + (
             f"; k̂ {k:.2f}: unreliable, the guide misses posterior mass (do not trust its means or intervals).\n"
             "Try: more steps; a more expressive flow (more num_layers, or pyroflows.autoregressive_flow / "
-            "spline_flow); heavy-tailed base noise (pyroflows.AutoFlow(..., heavy_tails=True)); a non-centred "
-            "parameterisation of hierarchical models (pyro.infer.reparam.LocScaleReparam)."
+            "spline_flow); on a posterior of a few dimensions, the mass-covering estimator=\"renyi\"; heavy-tailed "
+            "base noise (pyroflows.AutoFlow(..., heavy_tails=True)); a non-centred parameterisation of hierarchical "
+            "models (pyro.infer.reparam.LocScaleReparam)."
         )
 
 
