@@ -101,7 +101,8 @@ class SVIResult:
     """What :func:`fit` returns.
 
     :ivar numpy.ndarray losses: the loss (negative ELBO estimate) at every step, shape ``(num_steps,)``;
-        ``losses[i]`` is the loss of step ``i + 1``.
+        ``losses[i]`` is the loss of step ``i + 1``. With ``estimator="iw"`` or ``"renyi"`` it is minus the
+        multi-sample bound's estimate instead (``objective`` names it).
     :ivar guide: the fitted guide (the same object that was passed in).
     :ivar float seconds: wall time of the optimisation.
     :ivar numpy.ndarray lr: the learning rate used at every step, shape ``(num_steps,)``.
@@ -111,6 +112,10 @@ class SVIResult:
     :ivar list skipped: the steps (counted from 1) whose non-finite loss or gradient was skipped (no update).
     :ivar khat: the PSIS k̂ of the fitted guide (:func:`pyroflows.diagnostics.psis_khat`, 1000 draws) when
         :func:`fit` reported it (``report=True``), else ``None``; ``nan`` when it could not be computed.
+    :ivar str objective: what ``losses`` estimate minus: ``"ELBO"``, ``"IW bound"`` or ``"Rényi bound (alpha=A)"``.
+    :ivar draws_elbo: with ``report=True``, the ELBO estimated from the same fresh draws as ``khat``, else
+        ``None``. After a multi-sample bound it gives KL(q‖p) ≥ bound − ELBO (the bound is at
+        most log Z): a guide that spreads its mass where the posterior has little shows as a large gap.
     :ivar relapse: ``None``, or, when the loss ended well above its best (:func:`loss_relapse`: the optimisation
         became unstable, and :func:`fit` warned), ``{"final": ..., "best": ..., "best_steps": (a, b)}``.
 
@@ -142,10 +147,12 @@ class SVIResult:
     skipped: list = field(default_factory=list)
     khat: float | None = None
     relapse: dict | None = None
+    objective: str = "ELBO"
+    draws_elbo: float | None = None
 
     @property
     def elbo(self) -> np.ndarray:
-        """The ELBO trace, ``-losses``."""
+        """The ELBO trace, ``-losses`` (the bound's, after a multi-sample ``objective``)."""
         return -self.losses
 
     def final_elbo(self, window: int = 100) -> float:
@@ -170,10 +177,26 @@ class SVIResult:
             spline_flow); on a posterior of a few dimensions, the mass-covering estimator="renyi"; heavy-tailed
             base noise (pyroflows.AutoFlow(..., heavy_tails=True)); a non-centred parameterisation of hierarchical
             models (pyro.infer.reparam.LocScaleReparam).
+
+        After a multi-sample bound (``estimator="iw"`` or ``"renyi"``) the bound is named, and the ELBO of the
+        report's draws bounds KL(q‖p) from below::
+
+            >>> bound = SVIResult(np.full(10, 3.0), None, 1.5, np.full(10, 0.01), step=10, khat=0.4,
+            ...                   objective="IW bound", draws_elbo=-5.0)
+            >>> print(bound.summary())  # doctest: +NORMALIZE_WHITESPACE
+            fit: 10 steps in 1.5 s; IW bound -3 (mean of the last 10 steps); ELBO -5 from fresh draws, so KL(q||p)
+            is at least about 2; k̂ 0.40: good, the guide covers the posterior (PSIS-corrected estimates are
+            reliable).
         """
         window = min(100, len(self.losses))
-        head = f"fit: {self.step} steps in {self.seconds:.1f} s; ELBO {self.final_elbo(window):.4g} (mean of the last "
+        value = self.final_elbo(window)
+        head = f"fit: {self.step} steps in {self.seconds:.1f} s; {self.objective} {value:.4g} (mean of the last "
         head += f"{window} steps)"
+        if self.objective != "ELBO" and self.draws_elbo is not None and math.isfinite(self.draws_elbo):
+            head += (
+                f"; ELBO {self.draws_elbo:.4g} from fresh draws, so KL(q||p) is at least about "
+                f"{max(0.0, value - self.draws_elbo):.3g}"
+            )
         if self.relapse is not None:
             head += "\n" + _relapse_message(self.relapse)
         if self.khat is None:
@@ -181,6 +204,8 @@ class SVIResult:
         if not math.isfinite(self.khat):
             return head + "; k̂ could not be computed (see pyroflows.diagnostics.psis_khat)"
         k = self.khat
+        if k < 0.5 and self.objective != "ELBO":  # a mass-covering guide: a good proposal, maybe a poor fit
+            return head + f"; k̂ {k:.2f}: good, the guide covers the posterior (PSIS-corrected estimates are reliable)."
         if k < 0.5:
             return head + f"; k̂ {k:.2f}: good, the guide fits the posterior."
         if k < 0.7:
@@ -191,7 +216,7 @@ class SVIResult:
         return head + (
             f"; k̂ {k:.2f}: unreliable, the guide misses posterior mass (do not trust its means or intervals).\n"
             "Try: more steps; a more expressive flow (more num_layers, or pyroflows.autoregressive_flow / "
-            "spline_flow); on a posterior of a few dimensions, the mass-covering estimator=\"renyi\"; heavy-tailed "
+            'spline_flow); on a posterior of a few dimensions, the mass-covering estimator="renyi"; heavy-tailed '
             "base noise (pyroflows.AutoFlow(..., heavy_tails=True)); a non-centred parameterisation of hierarchical "
             "models (pyro.infer.reparam.LocScaleReparam)."
         )
@@ -589,7 +614,7 @@ def fit(
     with run_lock(cfg.checkpoint.parent if cfg.checkpoint is not None else None, "fit"):
         result = _svi_loop(model, guide, args, kwargs, loss, callback, cfg)
     if report:
-        result.khat = _final_khat(model, guide, args, kwargs)
+        result.khat, result.draws_elbo = _final_report(model, guide, args, kwargs)
         print(result.summary(), file=sys.stderr, flush=True)
     return result
 
@@ -655,18 +680,26 @@ def _relapse_message(relapse: dict) -> str:
     )
 
 
-def _final_khat(model, guide, args: tuple, kwargs: dict) -> float:
-    """k̂ of the fitted guide from 1000 draws, leaving every RNG as it was; ``nan`` when it cannot be computed
-    (e.g. guide draws outside the model's support)."""
+def _final_report(model, guide, args: tuple, kwargs: dict) -> tuple[float, float]:
+    """k̂ and the ELBO of the fitted guide from 1000 draws, leaving every RNG as it was; ``nan`` when they cannot
+    be computed (e.g. guide draws outside the model's support)."""
     from .diagnostics import psis_khat
 
     state = rng_state()
     try:
-        return float(psis_khat(model, guide, num_samples=1000, model_args=args, model_kwargs=kwargs).khat)
+        report = psis_khat(model, guide, num_samples=1000, model_args=args, model_kwargs=kwargs)
+        return float(report.khat), float(report.elbo)
     except (ValueError, RuntimeError, NotImplementedError):
-        return math.nan
+        return math.nan, math.nan
     finally:
         set_rng_state(state)
+
+
+def _objective(elbo) -> str:
+    """What the losses of a run with the ELBO instance ``elbo`` are minus the estimate of."""
+    if isinstance(elbo, TraceIW_ELBO) and elbo.alpha < 1:
+        return "IW bound" if elbo.alpha == 0 else f"Rényi bound (alpha={elbo.alpha:g})"
+    return "ELBO"
 
 
 def _svi_loop(model, guide, args: tuple, kwargs: dict, loss, callback, cfg: SVIConfig) -> SVIResult:
@@ -691,6 +724,7 @@ def _svi_loop(model, guide, args: tuple, kwargs: dict, loss, callback, cfg: SVIC
         bar.close()
     seconds = time.perf_counter() - start
     result = SVIResult(run.losses, guide, seconds, run.lrs, cfg.num_steps, cfg.out, cfg.checkpoint, run.skipped)
+    result.objective = _objective(run.elbo)
     # before the likelihood reaches full weight a tempered run's losses are not comparable with the later ones
     result.relapse = loss_relapse(run.losses, start=math.ceil(cfg.anneal * cfg.num_steps))
     if result.relapse is not None:

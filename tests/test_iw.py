@@ -245,3 +245,29 @@ def test_fit_with_renyi():
         fit(model, guide, num_steps=2, alpha=0.5, progress=False, report=False)
     with pytest.raises(ValueError, match="alpha must be"):
         fit(model, guide, num_steps=2, estimator="renyi", alpha=1.5, progress=False, report=False)
+
+
+def test_fit_report_names_the_bound(capsys):
+    """After a multi-sample bound, fit's report names it (not "ELBO"), gives the ELBO of fresh draws and the lower
+    bound on KL(q||p) it implies; after STL the report is the ELBO's, with draws_elbo near the run's final ELBO."""
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 0.5).to_event(1))
+
+    results = {}
+    for estimator, extra in (("renyi", {"alpha": 0.5}), ("iw", {}), ("stl", {})):
+        pyro.clear_param_store()
+        guide = AutoNormalizingFlow(model, partial(pyroflows.realnvp, num_layers=2, hidden=(16,)))
+        results[estimator] = fit(model, guide, num_steps=200, lr=1e-2, estimator=estimator, seed=0, progress=False,
+                                 **extra)  # fmt: skip
+        results[estimator].text = capsys.readouterr().err
+    assert results["renyi"].objective == "Rényi bound (alpha=0.5)"
+    assert results["iw"].objective == "IW bound"
+    assert results["stl"].objective == "ELBO"
+    for name in ("renyi", "iw"):
+        r = results[name]
+        assert f"; {r.objective} " in r.text and "from fresh draws, so KL(q||p) is at least about" in r.text, r.text
+        assert math.isfinite(r.draws_elbo) and r.draws_elbo < 0.05  # log Z = 0
+    r = results["stl"]
+    assert "; ELBO " in r.text and "fresh draws" not in r.text, r.text
+    assert abs(r.draws_elbo - r.final_elbo(50)) < 0.05
