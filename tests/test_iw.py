@@ -100,18 +100,26 @@ def test_gradient_is_unbiased_for_the_bound(alpha):
     assert torch.all((draws.mean(0) - ref.mean(0)).abs() < 4 * se), (draws.mean(0), ref.mean(0), se)
 
 
+def _gaussian_model():
+    pyro.sample("z", dist.Normal(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])).to_event(1))
+
+
+def _gaussian_guide():
+    loc, scale = pyro.param("m", torch.tensor([0.3, 0.0])), pyro.param("s", torch.tensor([1.0, 1.5]))
+    pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+def _gaussian_problem():
+    """A 2-D Gaussian posterior and a mean-field guide off it, with the guide's parameters built in a clear store."""
+    pyro.clear_param_store()
+    _gaussian_guide()
+    return _gaussian_model, _gaussian_guide
+
+
 def test_one_particle_is_stl_and_zero_at_the_posterior():
     """K = 1: exactly the STL gradient from the same draw. q = p: zero gradient for every draw at K = 8."""
 
-    def model():
-        pyro.sample("z", dist.Normal(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])).to_event(1))
-
-    def guide():
-        loc, scale = pyro.param("m", torch.tensor([0.3, 0.0])), pyro.param("s", torch.tensor([1.0, 1.5]))
-        pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-    pyro.clear_param_store()
-    guide()
+    model, guide = _gaussian_problem()
     m, s = pyro.param("m"), pyro.param("s")  # no constraint: the store's leaf tensors themselves
 
     for seed in range(3):
@@ -192,15 +200,7 @@ def test_renyi_ends_and_posterior():
     ELBO's estimate); at the posterior the gradient is zero for every draw at order 0.5; an order outside [0, 1] is
     refused."""
 
-    def model():
-        pyro.sample("z", dist.Normal(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])).to_event(1))
-
-    def guide():
-        loc, scale = pyro.param("m", torch.tensor([0.3, 0.0])), pyro.param("s", torch.tensor([1.0, 1.5]))
-        pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-    pyro.clear_param_store()
-    guide()
+    model, guide = _gaussian_problem()
     m, s = pyro.param("m"), pyro.param("s")
     options = dict(num_particles=8, vectorize_particles=True, max_plate_nesting=0)
     for ours, ref in ((TraceRenyi_ELBO(0.0, **options), TraceIW_ELBO(**options)),
