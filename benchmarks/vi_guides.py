@@ -139,10 +139,23 @@ def _train_plain(model, guide, args, steps: int, particles: int) -> list[float]:
 
 def _train_fit(model, guide, args, budget: int, options: dict) -> list[float]:
     """``infer.fit`` with its defaults, or with ``options`` (e.g. ``num_particles=8, lr=0.003``), at ``budget``
-    particle-steps."""
+    particle-steps. ``elbo_weight=W`` (with ``alpha=A``, default 0) trains on
+    ``pyroflows.elbo.TraceRenyi_ELBO(A, elbo_weight=W)``, the bound mixed with the ELBO, passed as fit's ``loss``."""
     import pyroflows
 
+    options = dict(options)
     particles = options.get("num_particles", pyroflows.infer.SVIConfig().num_particles)
+    if "elbo_weight" in options:  # the Rényi bound mixed with the ELBO: fit takes it as a loss
+        pyroflows.infer.sync_param_store(guide, *args)  # built as fit builds it, before the plates are counted
+        options.pop("estimator", None)
+        options["loss"] = pyroflows.elbo.TraceRenyi_ELBO(
+            options.pop("alpha", 0.0),
+            elbo_weight=options.pop("elbo_weight"),
+            num_particles=particles,
+            vectorize_particles=True,
+            max_plate_nesting=pyroflows.infer.max_plate_nesting(model, guide, *args),
+        )
+        options.pop("num_particles", None)
     result = pyroflows.infer.fit(
         model, guide, num_steps=max(1, budget // particles), model_args=args, progress=False, report=False, **options
     )

@@ -112,7 +112,8 @@ class SVIResult:
     :ivar list skipped: the steps (counted from 1) whose non-finite loss or gradient was skipped (no update).
     :ivar khat: the PSIS k̂ of the fitted guide (:func:`pyroflows.diagnostics.psis_khat`, 1000 draws) when
         :func:`fit` reported it (``report=True``), else ``None``; ``nan`` when it could not be computed.
-    :ivar str objective: what ``losses`` estimate minus: ``"ELBO"``, ``"IW bound"`` or ``"Rényi bound (alpha=A)"``.
+    :ivar str objective: what ``losses`` estimate minus: ``"ELBO"``, ``"IW bound"`` or ``"Rényi bound (alpha=A)"``
+        (with ``" mixed with the ELBO (weight W)"`` for a :class:`~pyroflows.elbo.TraceRenyi_ELBO` mixture).
     :ivar draws_elbo: with ``report=True``, the ELBO estimated from the same fresh draws as ``khat``, else
         ``None``. After a multi-sample bound it gives KL(q‖p) ≥ bound − ELBO (the bound is at
         most log Z): a guide that spreads its mass where the posterior has little shows as a large gap.
@@ -697,8 +698,9 @@ def _final_report(model, guide, args: tuple, kwargs: dict) -> tuple[float, float
 
 def _objective(elbo) -> str:
     """What the losses of a run with the ELBO instance ``elbo`` are minus the estimate of."""
-    if isinstance(elbo, TraceIW_ELBO) and elbo.alpha < 1:
-        return "IW bound" if elbo.alpha == 0 else f"Rényi bound (alpha={elbo.alpha:g})"
+    if isinstance(elbo, TraceIW_ELBO) and elbo.alpha < 1 and elbo.elbo_weight < 1:
+        name = "IW bound" if elbo.alpha == 0 else f"Rényi bound (alpha={elbo.alpha:g})"
+        return name if not elbo.elbo_weight else f"{name} mixed with the ELBO (weight {elbo.elbo_weight:g})"
     return "ELBO"
 
 

@@ -271,3 +271,40 @@ def test_fit_report_names_the_bound(capsys):
     r = results["stl"]
     assert "; ELBO " in r.text and "fresh draws" not in r.text, r.text
     assert abs(r.draws_elbo - r.final_elbo(50)) < 0.05
+
+
+def test_renyi_mixed_with_the_elbo():
+    """elbo_weight = lam: from the same draws, the value is lam * (the ELBO's estimate) + (1 - lam) * (the bound's)
+    and the gradient lam * STL's + (1 - lam) * the bound's; fit with such a loss names the mixture and trains."""
+    model, guide = _gaussian_problem()
+    m, s = pyro.param("m"), pyro.param("s")
+    options = dict(num_particles=8, vectorize_particles=True, max_plate_nesting=0)
+    lam = 0.3
+    for alpha in (0.0, 0.5):
+        parts = {}
+        losses = {
+            "mix": TraceRenyi_ELBO(alpha, elbo_weight=lam, **options),
+            "stl": TraceSTL_ELBO(**options),
+            "bound": TraceRenyi_ELBO(alpha, **options),
+        }
+        for name, elbo in losses.items():
+            pyro.set_rng_seed(4)
+            value = elbo.loss(model, guide)
+            pyro.set_rng_seed(4)
+            parts[name] = (value, _grads(elbo, model, guide, [m, s]))
+        assert parts["mix"][0] == pytest.approx(lam * parts["stl"][0] + (1 - lam) * parts["bound"][0], rel=1e-5)
+        expected = lam * parts["stl"][1] + (1 - lam) * parts["bound"][1]
+        assert torch.allclose(parts["mix"][1], expected, atol=1e-6), (parts["mix"][1], expected)
+    for bad in (-0.5, 1.5, False):
+        with pytest.raises(ValueError, match="elbo_weight must be a number in \\[0, 1\\]"):
+            TraceRenyi_ELBO(0.0, elbo_weight=bad, **options)
+
+    def target():
+        pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 0.5).to_event(1))
+
+    pyro.clear_param_store()
+    flow_guide = AutoNormalizingFlow(target, partial(pyroflows.realnvp, num_layers=2, hidden=(16,)))
+    loss = TraceRenyi_ELBO(0.0, elbo_weight=0.5, num_particles=8, vectorize_particles=True, max_plate_nesting=0)
+    result = fit(target, flow_guide, num_steps=300, lr=1e-2, loss=loss, seed=0, progress=False, report=False)
+    assert result.objective == "IW bound mixed with the ELBO (weight 0.5)"
+    assert abs(result.final_elbo(50)) < 0.02
