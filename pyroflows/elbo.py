@@ -31,6 +31,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 from torch.distributions.utils import _sum_rightmost
 
+from .run import check_number
 from .transforms.base import has_random_log_det
 
 __all__ = ["SampleDependentError", "TraceIW_ELBO", "TraceRenyi_ELBO", "TraceSTL_ELBO", "fixed_log_prob"]
@@ -477,8 +478,7 @@ class TraceRenyi_ELBO(TraceIW_ELBO):
 
     def __init__(self, alpha: float = 0.5, elbo_weight: float = 0.0, **kwargs):
         for name, value in (("alpha", alpha), ("elbo_weight", elbo_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"TraceRenyi_ELBO: {name} must be a number in [0, 1], got {value!r}")
+            check_number("TraceRenyi_ELBO", name, value, 0, 1, low_open=False, high_open=False)
         super().__init__(**kwargs)
         self.alpha = float(alpha)
         self.elbo_weight = float(elbo_weight)

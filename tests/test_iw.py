@@ -222,7 +222,7 @@ def test_renyi_ends_and_posterior():
     for _ in range(5):
         assert _grads(elbo, model, guide, [m, s]).abs().max() < 1e-5
     for bad in (-0.1, 1.5, float("nan"), True, "0.5"):
-        with pytest.raises(ValueError, match="alpha must be a number in \\[0, 1\\]"):
+        with pytest.raises(ValueError, match="alpha must be in \\[0, 1\\]"):
             TraceRenyi_ELBO(bad, **options)
 
 
@@ -296,7 +296,7 @@ def test_renyi_mixed_with_the_elbo():
         expected = lam * parts["stl"][1] + (1 - lam) * parts["bound"][1]
         assert torch.allclose(parts["mix"][1], expected, atol=1e-6), (parts["mix"][1], expected)
     for bad in (-0.5, 1.5, False):
-        with pytest.raises(ValueError, match="elbo_weight must be a number in \\[0, 1\\]"):
+        with pytest.raises(ValueError, match="elbo_weight must be in \\[0, 1\\]"):
             TraceRenyi_ELBO(0.0, elbo_weight=bad, **options)
 
     def target():
