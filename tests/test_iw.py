@@ -116,6 +116,19 @@ def _gaussian_problem():
     return _gaussian_model, _gaussian_guide
 
 
+def _two_means():
+    """The posterior the fit tests train on: N((1, -1), 0.5² I), log Z = 0."""
+    pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 0.5).to_event(1))
+
+
+def _fit_flow(num_steps: int, **options):
+    """A 2-layer realnvp guide trained on :func:`_two_means` by fit (lr 1e-2, seed 0), in a clear param store."""
+    pyro.clear_param_store()
+    guide = AutoNormalizingFlow(_two_means, partial(pyroflows.realnvp, num_layers=2, hidden=(16,)))
+    result = fit(_two_means, guide, num_steps=num_steps, lr=1e-2, seed=0, progress=False, **options)
+    return result, guide
+
+
 def test_one_particle_is_stl_and_zero_at_the_posterior():
     """K = 1: exactly the STL gradient from the same draw. q = p: zero gradient for every draw at K = 8."""
 
@@ -179,16 +192,12 @@ def test_refusals():
         TraceIW_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=0).loss_and_grads(chain, structured)
 
 
-def test_fit_with_iw():
-    """fit(estimator="iw") fits a Gaussian posterior with a flow guide; its losses are the bound's, which at K = 8
-    sit between the ELBO and log Z (= 0 here)."""
-
-    def model():
-        pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 0.5).to_event(1))
-
-    pyro.clear_param_store()
-    guide = AutoNormalizingFlow(model, partial(pyroflows.realnvp, num_layers=2, hidden=(16,)))
-    result = fit(model, guide, num_steps=300, lr=1e-2, estimator="iw", seed=0, progress=False, report=False)
+@pytest.mark.parametrize("options", [{"estimator": "iw"}, {"estimator": "renyi", "alpha": 0.5}])
+def test_fit_with_a_bound(options):
+    """fit(estimator="iw") and fit(estimator="renyi", alpha=0.5) fit a Gaussian posterior with a flow guide; the
+    losses are the bound's, which at K = 8 sit between the ELBO and log Z (= 0 here), and the draws have the
+    posterior's moments."""
+    result, guide = _fit_flow(300, report=False, **options)
     assert abs(result.final_elbo(50)) < 0.02
     z = guide.get_posterior().sample((4000,))
     assert torch.allclose(z.mean(0), torch.tensor([1.0, -1.0]), atol=0.05), z.mean(0)
@@ -226,21 +235,11 @@ def test_renyi_ends_and_posterior():
             TraceRenyi_ELBO(bad, **options)
 
 
-def test_fit_with_renyi():
-    """fit(estimator="renyi", alpha=0.5) fits a Gaussian posterior with a flow guide (bound near log Z = 0, the
-    posterior's moments); alpha with another estimator, or outside [0, 1], is refused."""
-
-    def model():
-        pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 0.5).to_event(1))
-
+def test_fit_refuses_a_misplaced_alpha():
+    """alpha with another estimator than "renyi", or outside [0, 1], is refused."""
     pyro.clear_param_store()
+    model = _two_means
     guide = AutoNormalizingFlow(model, partial(pyroflows.realnvp, num_layers=2, hidden=(16,)))
-    result = fit(model, guide, num_steps=300, lr=1e-2, estimator="renyi", alpha=0.5, seed=0, progress=False,
-                 report=False)  # fmt: skip
-    assert abs(result.final_elbo(50)) < 0.02
-    z = guide.get_posterior().sample((4000,))
-    assert torch.allclose(z.mean(0), torch.tensor([1.0, -1.0]), atol=0.05), z.mean(0)
-    assert torch.allclose(z.std(0), torch.tensor([0.5, 0.5]), atol=0.05), z.std(0)
     with pytest.raises(ValueError, match="alpha is the order of estimator='renyi', not of 'stl'"):
         fit(model, guide, num_steps=2, alpha=0.5, progress=False, report=False)
     with pytest.raises(ValueError, match="alpha must be"):
@@ -251,15 +250,9 @@ def test_fit_report_names_the_bound(capsys):
     """After a multi-sample bound, fit's report names it (not "ELBO"), gives the ELBO of fresh draws and the lower
     bound on KL(q||p) it implies; after STL the report is the ELBO's, with draws_elbo near the run's final ELBO."""
 
-    def model():
-        pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 0.5).to_event(1))
-
     results = {}
     for estimator, extra in (("renyi", {"alpha": 0.5}), ("iw", {}), ("stl", {})):
-        pyro.clear_param_store()
-        guide = AutoNormalizingFlow(model, partial(pyroflows.realnvp, num_layers=2, hidden=(16,)))
-        results[estimator] = fit(model, guide, num_steps=200, lr=1e-2, estimator=estimator, seed=0, progress=False,
-                                 **extra)  # fmt: skip
+        results[estimator] = _fit_flow(200, estimator=estimator, **extra)[0]
         results[estimator].text = capsys.readouterr().err
     assert results["renyi"].objective == "Rényi bound (alpha=0.5)"
     assert results["iw"].objective == "IW bound"
@@ -299,12 +292,7 @@ def test_renyi_mixed_with_the_elbo():
         with pytest.raises(ValueError, match="elbo_weight must be in \\[0, 1\\]"):
             TraceRenyi_ELBO(0.0, elbo_weight=bad, **options)
 
-    def target():
-        pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 0.5).to_event(1))
-
-    pyro.clear_param_store()
-    flow_guide = AutoNormalizingFlow(target, partial(pyroflows.realnvp, num_layers=2, hidden=(16,)))
     loss = TraceRenyi_ELBO(0.0, elbo_weight=0.5, num_particles=8, vectorize_particles=True, max_plate_nesting=0)
-    result = fit(target, flow_guide, num_steps=300, lr=1e-2, loss=loss, seed=0, progress=False, report=False)
+    result = _fit_flow(300, loss=loss, report=False)[0]
     assert result.objective == "IW bound mixed with the ELBO (weight 0.5)"
     assert abs(result.final_elbo(50)) < 0.02
