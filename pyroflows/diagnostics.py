@@ -12,13 +12,17 @@ r"""Posterior diagnostics for variational guides, with ArviZ.
   (e.g. a NUTS run), in reference-sd units.
 
 Draws are taken in one vectorised pass: the guide and the model run inside an outer ``pyro.plate`` of size
-``S``, the model replayed on the guide's values, so every log-density is exact for its draw.
+``S``, the model replayed on the guide's values, so every log-density is exact for its draw. A model that cannot
+run that way (Python control flow on a sampled value, ``.item()``), or whose log density of one draw depends on
+the others (a sum over every dimension), is detected (:func:`check_vectorized`, draw 0 rerun alone) and its draws
+are then taken one at a time, with a warning.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +34,7 @@ from pyro import poutine
 
 from . import _arviz_compat as compat
 from .infer import is_built, plate_nesting, replayed_traces
+from .run import rng_state, set_rng_state
 
 __all__ = [
     "InvertibilityReport",
@@ -38,6 +43,7 @@ __all__ = [
     "compare_to_reference",
     "posterior_data",
     "importance_weighted_elbo",
+    "check_vectorized",
     "invertibility",
     "khat_threshold",
     "loo",
@@ -47,6 +53,9 @@ __all__ = [
 ]
 
 _DRAW_PLATE = "_pyroflows_draws"
+_PARTICLE_PLATE = "_pyroflows_vectorized_check"
+#: vectorised prior draws :func:`check_vectorized` tries before it calls a model's failure its own
+_CHECK_ATTEMPTS = 3
 
 
 # --- posterior draws as ArviZ data ----------------------------------------------------------------------------
@@ -159,6 +168,33 @@ def _joint_draws_eval(fn_name, model, guide, num_samples, args, kwargs, predicti
     guide_1, model_1 = _check_model_and_guide(fn_name, model, guide, args, kwargs)
     n = num_samples
     dim = -(max(plate_nesting(guide_1), plate_nesting(model_1)) + 1)
+    try:
+        draws, model_tr = _draws_in_plate(model, guide, n, dim, args, kwargs, predictive, model_1)
+        problem = _vectorized_mismatch(model, model_tr, model_1, n, dim, args, kwargs, draws=(0,))
+    except Exception as e:  # noqa: BLE001  whatever fails with the draws vectorised is retried one draw at a time
+        problem = f"{type(e).__name__}: {_first_line(e)}"
+    if problem is None:
+        return draws
+    warnings.warn(
+        f"{fn_name}: the model cannot be run with its {n} draws vectorised ({problem}); drawing them one at a "
+        "time instead, which is slower (see pyroflows.diagnostics.check_vectorized)",
+        UserWarning,
+        stacklevel=5,  # the caller of to_inference_data / psis_khat (torch.no_grad's wrapper is one frame)
+    )
+    parts = [_draws_in_plate(model, guide, 1, dim, args, kwargs, predictive, model_1)[0] for _ in range(n)]
+    return _Draws(
+        {k: np.concatenate([p.latent[k] for p in parts]) for k in parts[0].latent},
+        {k: np.concatenate([p.log_lik[k] for p in parts]) for k in parts[0].log_lik},
+        {k: np.concatenate([p.predictive[k] for p in parts]) for k in parts[0].predictive},
+        parts[0].observed,
+        np.concatenate([p.log_p for p in parts]),
+        np.concatenate([p.log_q for p in parts]),
+    )
+
+
+def _draws_in_plate(model, guide, n: int, dim: int, args, kwargs, predictive, model_1) -> tuple[_Draws, object]:
+    """``n`` joint draws with the guide and the model in one plate of size ``n`` at ``dim``, and the model's
+    trace; ``model_1`` is an unvectorised model trace (the sites' own shapes)."""
 
     def vectorised(fn):
         def run(*a, **k):
@@ -168,25 +204,8 @@ def _joint_draws_eval(fn_name, model, guide, num_samples, args, kwargs, predicti
         return run
 
     guide_tr, model_tr = replayed_traces(vectorised(model), vectorised(guide), *args, **kwargs)
-
-    def total(trace, keep) -> np.ndarray:
-        """Sum of the kept sites' (scaled, masked) log-densities, one value per draw."""
-        out = torch.zeros(n, dtype=torch.float64)
-        for name, s in trace.nodes.items():
-            if s["type"] != "sample" or poutine.util.site_is_subsample(s) or not keep(s):
-                continue
-            lp = _scale_and_mask(s["fn"].log_prob(s["value"]), s)
-            # sum the dims right of the draw dim (all of them when the draw dim was broadcast away)
-            right = tuple(range(lp.dim() + dim + 1, lp.dim())) if lp.dim() >= -dim else tuple(range(lp.dim()))
-            if right:  # (torch's sum over an empty tuple of dims would sum over all of them)
-                lp = lp.sum(right)
-            if lp.numel() not in (1, n):
-                raise RuntimeError(f"site {name!r}: log-density of shape {tuple(lp.shape)} is not one per draw")
-            out += lp.reshape(-1).expand(n).double()
-        return out.numpy()
-
-    log_q = total(guide_tr, lambda s: True)
-    log_p = total(model_tr, lambda s: not _is_deterministic(s))
+    log_q = _log_density_per_draw(guide_tr, n, dim).numpy()
+    log_p = _log_density_per_draw(model_tr, n, dim, keep=lambda s: not _is_deterministic(s)).numpy()
 
     latent, log_lik, pred, observed = {}, {}, {}, {}
     for name, s in guide_tr.nodes.items():
@@ -215,7 +234,144 @@ def _joint_draws_eval(fn_name, model, guide, num_samples, args, kwargs, predicti
             observed[name] = s["value"].detach().cpu().numpy()
             if predictive:
                 pred[name] = _per_draw(fn.sample(), n, natural, name)
-    return _Draws(latent, log_lik, pred, observed, log_p, log_q)
+    return _Draws(latent, log_lik, pred, observed, log_p, log_q), model_tr
+
+
+def _log_density_per_draw(trace, n: int, dim: int, keep=lambda site: True) -> torch.Tensor:
+    """Sum of the kept sample sites' (scaled, masked) log-densities of a trace run in a plate of ``n`` draws at
+    ``dim``: one float64 value per draw (subsample sites left out)."""
+    out = torch.zeros(n, dtype=torch.float64)
+    for name, s in trace.nodes.items():
+        if s["type"] != "sample" or poutine.util.site_is_subsample(s) or not keep(s):
+            continue
+        lp = _scale_and_mask(s["fn"].log_prob(s["value"]), s)
+        # sum the dims right of the draw dim (all of them when the draw dim was broadcast away)
+        right = tuple(range(lp.dim() + dim + 1, lp.dim())) if lp.dim() >= -dim else tuple(range(lp.dim()))
+        if right:  # (torch's sum over an empty tuple of dims would sum over all of them)
+            lp = lp.sum(right)
+        if lp.numel() not in (1, n):
+            raise RuntimeError(f"site {name!r}: log-density of shape {tuple(lp.shape)} is not one per draw")
+        out += lp.detach().reshape(-1).expand(n).double().cpu()
+    return out
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's message up to its first line break (Pyro appends the trace's shapes to its errors)."""
+    return str(error).strip().split("\n")[0]
+
+
+def _vectorized_mismatch(model, together, alone, n: int, dim: int, args, kwargs, draws=None) -> str | None:
+    """Whether the model, run vectorised over ``n`` draws in a plate at ``dim`` (its trace ``together``), gave
+    each of ``draws`` (all by default) the log density it has when the model runs on that draw's values alone:
+    ``None``, or what differed. ``alone`` is an unvectorised trace of the model (the sites' own shapes)."""
+    keep = lambda s: not _is_deterministic(s)  # noqa: E731
+    try:
+        joint = _log_density_per_draw(together, n, dim, keep)
+    except RuntimeError as e:  # a site's log density not laid out one per draw
+        return f"{e} with the draws vectorised"
+    for k in range(n) if draws is None else draws:
+        values = {}
+        for name, s in together.nodes.items():
+            if s["type"] != "sample" or s["is_observed"]:
+                continue
+            if poutine.util.site_is_subsample(s):  # the plate's indices: no draw dim
+                values[name] = s["value"]
+                continue
+            if name not in alone.nodes:
+                return None  # control flow reached other sites: nothing to compare them with
+            shape = alone.nodes[name]["value"].shape
+            if s["value"].numel() != n * math.prod(shape):
+                return f"site {name!r} has shape {tuple(s['value'].shape)}, not {n} draws of shape {tuple(shape)}"
+            values[name] = s["value"].reshape(n, *shape)[k]
+        single = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+        try:
+            own = _log_density_per_draw(single, 1, dim, keep)[0]
+        except RuntimeError as e:
+            return f"{e} with one draw"
+        if not torch.isclose(joint[k], own, rtol=1e-4, atol=1e-3, equal_nan=True):
+            return (
+                f"the log density of draw {k} is {float(joint[k]):.6g} with the draws vectorised but "
+                f"{float(own):.6g} when the model runs on that draw alone: the model mixes the draws, e.g. a sum "
+                "over every dimension or an index into the first dimension of a sampled value"
+            )
+    return None
+
+
+def check_vectorized(model: Callable, *args, **kwargs) -> None:
+    """Check that ``model`` gives the right answer when its latent draws are vectorised, as Pyro's
+    ``Trace_ELBO(vectorize_particles=True)`` (:func:`pyroflows.infer.fit`'s default) and these diagnostics run it.
+
+    Vectorising wraps the whole model in a ``pyro.plate`` left of its own plates, so every sampled value gains a
+    leading batch dimension. A model breaks under it when it uses Python control flow on a sampled value
+    (``if x > 0``), ``.item()``, or fixes a shape (``x.reshape(3)``); worse, a model that sums over *every*
+    dimension (``x.sum()`` instead of ``x.sum(-1)``) runs but mixes the draws, and the ELBO it gives is wrong. This
+    draws twice from the prior, vectorised, and reruns the model on each draw alone: both log densities must agree.
+    :func:`pyroflows.infer.fit` calls it before training with vectorised particles (``num_particles > 1``).
+
+    A model that cannot be run from its prior (an ``ImproperUniform`` site) is not checked.
+
+    :param model: a Pyro model.
+    :param args: its positional arguments.
+    :param kwargs: its keyword arguments.
+    :raises ValueError: naming what went wrong, if the model fails with its draws vectorised or mixes them.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyroflows.diagnostics import check_vectorized
+        >>> def good(y):
+        ...     mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        ...     pyro.sample("y", dist.Normal(mu.sum(-1), 1.0), obs=y)
+        >>> check_vectorized(good, torch.tensor(0.5))
+        >>> def mixes(y):  # mu.sum() also sums over the draws
+        ...     mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        ...     pyro.sample("y", dist.Normal(mu.sum(), 1.0), obs=y)
+        >>> try:
+        ...     check_vectorized(mixes, torch.tensor(0.5))
+        ... except ValueError as e:
+        ...     print(str(e).split(":")[1].strip())
+        the model gives wrong log densities when its draws are vectorised
+    """
+    _check_vectorized("check_vectorized", model, args, kwargs, "draws")
+
+
+def _check_vectorized(caller: str, model, args: tuple, kwargs: dict, what: str, fix: str = "") -> None:
+    """:func:`check_vectorized` for ``caller``, whose vectorised draws are ``what`` ("particles"); ``fix`` is
+    added to the message (what to change in the call)."""
+    state = rng_state()  # the draws must not move the caller's random streams
+    try:
+        with torch.no_grad(), poutine.block():
+            try:
+                alone = poutine.trace(model).get_trace(*args, **kwargs)
+            except Exception:  # noqa: BLE001  no prior to draw from; the model's own errors surface where it runs
+                return
+            n, dim = 2, -(plate_nesting(alone) + 1)
+
+            def vectorised(*a, **k):
+                with pyro.plate(_PARTICLE_PLATE, n, dim=dim):
+                    return model(*a, **k)
+
+            for _ in range(_CHECK_ATTEMPTS):
+                try:
+                    together = poutine.trace(vectorised).get_trace(*args, **kwargs)
+                    break
+                except Exception as e:  # noqa: BLE001  any error here is the model's, named with its cause
+                    error = e  # (or an unlucky prior draw, e.g. a scale that underflows: drawn again)
+            else:
+                raise ValueError(
+                    f"{caller}: the model fails when its {what} are vectorised (a plate of {n} at dim {dim}, left "
+                    f"of its own plates), though it runs on one: {type(error).__name__}: {_first_line(error)}. Python "
+                    "control flow on a sampled value (if x > 0), .item(), or a shape the model fixes (x.reshape(3)) "
+                    "do this; write the model so that every sampled value may carry extra dimensions on the left "
+                    f"(x[..., 0], x.sum(-1)){fix}"
+                ) from error
+            problem = _vectorized_mismatch(model, together, alone, n, dim, args, kwargs)
+    finally:
+        set_rng_state(state)
+    if problem is not None:
+        raise ValueError(
+            f"{caller}: the model gives wrong log densities when its {what} are vectorised: {problem}{fix}"
+        )
 
 
 def _mask(lp: torch.Tensor, site) -> torch.Tensor:

@@ -755,6 +755,16 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     if cfg.seed is not None:
         pyro.set_rng_seed(cfg.seed)
     sync_param_store(guide, *args, **kwargs)
+    if loss is None and cfg.vectorize_particles and cfg.num_particles > 1:
+        fix = "; or pass vectorize_particles=False to fit (the particles then run one at a time, slower)"
+    elif getattr(loss, "vectorize_particles", False) and getattr(loss, "num_particles", 1) > 1:
+        fix = "; or build the loss with vectorize_particles=False (the particles then run one at a time, slower)"
+    else:
+        fix = None
+    if fix is not None:  # a model that breaks or mixes the particles when they are vectorised: said before training
+        from .diagnostics import _check_vectorized
+
+        _check_vectorized("fit", model, args, kwargs, "particles", fix=fix)
     elbo = loss
     if elbo is None:
         # give the plate nesting rather than letting Trace_ELBO guess it (it logs its guess at INFO level)
