@@ -798,11 +798,13 @@ def _svi_step(run: _SVIRun, step: int) -> float:
     try:
         with poutine.trace(param_only=True) as capture:
             loss_value = run.elbo.loss_and_grads(run.model, run.guide, *run.args, **run.kwargs)
-    except ValueError as e:
+    except Exception as e:
+        if run.opt is None:  # the first step: a guide that breaks under vectorised particles is named as such
+            _check_guide_vectorized(run, e)
         # With validation on, an unlucky draw (a scale that underflows to 0 in a funnel's neck) raises torch's
         # constraint error where validation off gives a NaN loss: the same step, skipped the same way. Any other
         # error, and any at the first step (no optimiser yet), propagates.
-        if run.opt is None or not any(m in str(e) for m in _DRAW_ERRORS):
+        if run.opt is None or not isinstance(e, ValueError) or not any(m in str(e) for m in _DRAW_ERRORS):
             raise
         error, loss_value, capture = e, math.nan, None
     step_params = (
@@ -835,6 +837,32 @@ def _svi_step(run: _SVIRun, step: int) -> float:
         run.sched.step()
     run.losses[step - 1] = loss_value
     return loss_value
+
+
+def _check_guide_vectorized(run: _SVIRun, error: Exception) -> None:
+    """After the first step failed with ``error``: if the ELBO vectorises its particles and the guide itself fails
+    when run on a plate of two particles (the model was checked before training), raise that, naming the fix."""
+    elbo = run.elbo
+    if not (getattr(elbo, "vectorize_particles", False) and getattr(elbo, "num_particles", 1) > 1):
+        return
+    from .diagnostics import _first_line
+
+    nesting = getattr(elbo, "max_plate_nesting", math.inf)
+    if not math.isfinite(nesting):
+        nesting = max_plate_nesting(run.model, run.guide, *run.args, **run.kwargs)
+    state = rng_state()
+    try:
+        with torch.no_grad(), poutine.block(), pyro.plate("_pyroflows_guide_check", 2, dim=-(int(nesting) + 1)):
+            run.guide(*run.args, **run.kwargs)
+    except Exception as guide_error:  # noqa: BLE001  the guide's own failure, named with its cause
+        raise ValueError(
+            f"fit: the guide fails when its particles are vectorised (a plate of 2 left of the model's plates), "
+            f"though it runs on one: {type(guide_error).__name__}: {_first_line(guide_error)}. Python control flow "
+            "on a sampled value or a shape the guide fixes do this; pass vectorize_particles=False to fit (or to "
+            "the loss), or write the guide for batches"
+        ) from error
+    finally:
+        set_rng_state(state)
 
 
 def _svi_optimizer(run: _SVIRun, step_params: dict) -> None:

@@ -139,6 +139,37 @@ def test_fit_refuses_before_training_and_names_the_fix():
         fit(mixing, _flow_guide(mixing), 5, model_args=(Y,), loss=loss, progress=False, report=False)
 
 
+def test_fit_names_a_guide_that_fails_vectorised_and_passes_other_first_step_errors_on():
+    def model(y=Y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    def branching_guide(y=Y):
+        loc = pyro.param("loc", torch.tensor(0.5))
+        u = pyro.sample("u", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+        pyro.sample("mu", dist.Normal(loc, 1.0 if u > 0 else 2.0))
+
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="fit: the guide fails when its particles are vectorised.*Boolean value"):
+        fit(model, branching_guide, 5, progress=False, report=False)
+    pyro.clear_param_store()
+    result = fit(model, branching_guide, 5, vectorize_particles=False, progress=False, report=False)
+    assert np.isfinite(result.losses).all()
+
+    def model_with_a_parameter(y=Y):  # refused by the IW bound at its first step: that error is not renamed
+        shift = pyro.param("shift", torch.tensor(0.0))
+        mu = pyro.sample("mu", dist.Normal(shift, 2.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    pyro.clear_param_store()
+    guide = pyroflows.AutoFlow(model_with_a_parameter, partial(pyroflows.realnvp, num_layers=2, hidden=(8,)))
+    with pytest.raises(Exception) as info:
+        fit(model_with_a_parameter, guide, 5, estimator="iw", progress=False, report=False)
+    assert "vectorised" not in str(info.value)
+
+
 @pytest.mark.parametrize("options", [{"vectorize_particles": False}, {"num_particles": 1}])
 def test_fit_trains_such_a_model_one_particle_at_a_time(options):
     result = fit(branching, _flow_guide(branching), 5, model_args=(Y,), progress=False, report=False, **options)
