@@ -138,6 +138,23 @@ def _check_model_and_guide(fn_name: str, model, guide, args, kwargs):
             "diagnostics) need every latent to be continuous. Marginalise them out (e.g. with "
             "config_enumerate and TraceEnum_ELBO) or give them a separate discrete guide."
         )
+    subsampled = [
+        f"{name!r} ({s['fn'].subsample_size} of {s['fn'].size})"
+        for name, s in prior_trace.nodes.items()
+        if s["type"] == "sample"
+        and poutine.util.site_is_subsample(s)
+        and s["fn"].subsample_size is not None
+        and 0 < s["fn"].subsample_size < s["fn"].size
+    ]
+    if subsampled:
+        warnings.warn(
+            f"{fn_name}: the model subsamples its plate(s) {', '.join(subsampled)}, so every draw's log p(x, z) is "
+            "estimated from one minibatch, the same for all draws: k̂, the ELBO and the log-likelihoods describe "
+            "that minibatch, not the posterior of all the data. Diagnose a version of the model without "
+            "subsampling (e.g. make subsample_size an argument and pass None)",
+            UserWarning,
+            stacklevel=6,  # the caller of to_inference_data / psis_khat
+        )
     return replayed_traces(model, guide, *args, **kwargs)
 
 

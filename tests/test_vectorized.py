@@ -218,3 +218,20 @@ def test_psis_of_a_branching_model_uses_each_draws_own_density():
     with pytest.warns(UserWarning, match="one at a time"):
         result = D.psis_khat(branching, guide, num_samples=60, seed=4)
     assert result.log_weights.shape == (60,) and np.isfinite(result.elbo)
+
+
+def test_diagnostics_warn_that_a_subsampled_model_is_seen_through_one_minibatch():
+    def subsampled(y=Y, subsample_size=2):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", len(y), subsample_size=subsample_size) as idx:
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+
+    def guide(y=Y, subsample_size=2):
+        pyro.sample("mu", dist.Normal(0.3, 0.5))
+
+    with pytest.warns(UserWarning, match="subsamples its plate.*'data' \\(2 of 5\\)") as caught:
+        D.psis_khat(subsampled, guide, num_samples=50, seed=0)
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the whole data: nothing to say
+        D.psis_khat(subsampled, guide, num_samples=50, model_kwargs={"subsample_size": None}, seed=0)
