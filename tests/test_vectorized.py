@@ -111,6 +111,17 @@ def test_the_check_leaves_the_random_streams_alone():
     np.testing.assert_array_equal(np.random.rand(2), expected[1])
 
 
+def test_a_model_random_given_its_draws_is_not_called_mixing():
+    """Dropout in a network, say: the same draw rerun alone gives another density, so nothing can be compared."""
+
+    def noisy(y=Y):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu.sum(-1) + torch.randn(len(y)), 1.0), obs=y)
+
+    D.check_vectorized(noisy)
+
+
 def test_a_model_without_a_proper_prior_is_not_checked():
     def improper():
         pyro.sample("z", dist.ImproperUniform(dist.constraints.real, (), ()))
