@@ -282,6 +282,11 @@ def _vectorized_mismatch(model, together, alone, n: int, dim: int, args, kwargs,
     each of ``draws`` (all by default) the log density it has when the model runs on that draw's values alone:
     ``None``, or what differed. ``alone`` is an unvectorised trace of the model (the sites' own shapes)."""
     keep = lambda s: not _is_deterministic(s)  # noqa: E731
+
+    def on_its_own(conditioned) -> torch.Tensor:
+        """The log density of the model conditioned on one draw's values, run alone."""
+        return _log_density_per_draw(poutine.trace(conditioned).get_trace(*args, **kwargs), 1, dim, keep)[0]
+
     try:
         joint = _log_density_per_draw(together, n, dim, keep)
     except RuntimeError as e:  # a site's log density not laid out one per draw
@@ -302,12 +307,11 @@ def _vectorized_mismatch(model, together, alone, n: int, dim: int, args, kwargs,
             values[name] = s["value"].reshape(n, *shape)[k]
         conditioned = poutine.condition(model, data=values)
         try:
-            own = _log_density_per_draw(poutine.trace(conditioned).get_trace(*args, **kwargs), 1, dim, keep)[0]
+            own = on_its_own(conditioned)
         except RuntimeError as e:
             return f"{e} with one draw"
         if not torch.isclose(joint[k], own, rtol=1e-4, atol=1e-3, equal_nan=True):
-            again = _log_density_per_draw(poutine.trace(conditioned).get_trace(*args, **kwargs), 1, dim, keep)[0]
-            if not torch.isclose(again, own, rtol=1e-4, atol=1e-3, equal_nan=True):
+            if not torch.isclose(on_its_own(conditioned), own, rtol=1e-4, atol=1e-3, equal_nan=True):
                 return None  # random given its draws (dropout in a network, say): nothing to compare with
             return (
                 f"the log density of draw {k} is {float(joint[k]):.6g} with the draws vectorised but "

@@ -755,16 +755,6 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     if cfg.seed is not None:
         pyro.set_rng_seed(cfg.seed)
     sync_param_store(guide, *args, **kwargs)
-    if loss is None and cfg.vectorize_particles and cfg.num_particles > 1:
-        fix = "; or pass vectorize_particles=False to fit (the particles then run one at a time, slower)"
-    elif getattr(loss, "vectorize_particles", False) and getattr(loss, "num_particles", 1) > 1:
-        fix = "; or build the loss with vectorize_particles=False (the particles then run one at a time, slower)"
-    else:
-        fix = None
-    if fix is not None:  # a model that breaks or mixes the particles when they are vectorised: said before training
-        from .diagnostics import _check_vectorized
-
-        _check_vectorized("fit", model, args, kwargs, "particles", fix=fix)
     elbo = loss
     if elbo is None:
         # give the plate nesting rather than letting Trace_ELBO guess it (it logs its guess at INFO level)
@@ -774,6 +764,15 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
         if cfg.estimator == "renyi":
             options["alpha"] = cfg.alpha
         elbo = kind[cfg.estimator](max_plate_nesting=nesting, **options)
+    if _vectorizes(elbo):  # a model that breaks or mixes the particles when they are vectorised: said before training
+        from .diagnostics import _check_vectorized
+
+        where = (
+            "pass vectorize_particles=False to fit" if loss is None else "build the loss with vectorize_particles=False"
+        )
+        _check_vectorized(
+            "fit", model, args, kwargs, "particles", fix=f"; or {where} (the particles then run one at a time, slower)"
+        )
     losses, lrs = np.full(cfg.num_steps, np.nan), np.full(cfg.num_steps, np.nan)
     run = _SVIRun(cfg, model, guide, args, kwargs, elbo, settings, losses, lrs, saved=saved)
     if cfg.anneal > 0:
@@ -839,11 +838,16 @@ def _svi_step(run: _SVIRun, step: int) -> float:
     return loss_value
 
 
+def _vectorizes(elbo) -> bool:
+    """Whether ``elbo`` runs more than one particle in one vectorised pass (a plate around model and guide)."""
+    return bool(getattr(elbo, "vectorize_particles", False)) and getattr(elbo, "num_particles", 1) > 1
+
+
 def _check_guide_vectorized(run: _SVIRun, error: Exception) -> None:
     """After the first step failed with ``error``: if the ELBO vectorises its particles and the guide itself fails
     when run on a plate of two particles (the model was checked before training), raise that, naming the fix."""
     elbo = run.elbo
-    if not (getattr(elbo, "vectorize_particles", False) and getattr(elbo, "num_particles", 1) > 1):
+    if not _vectorizes(elbo):
         return
     from .diagnostics import _first_line
 
