@@ -22,6 +22,7 @@ MODULES = (
     "pyroflows.train",
     "pyroflows.plots",
     "pyroflows.infer",
+    "pyroflows.start",
     "pyroflows.elbo",
     "pyroflows.autoguide",
     "pyroflows.diagnostics",

@@ -1,0 +1,260 @@
+"""A Gaussian start for a flow guide: its output affine map placed on a Laplace approximation of the posterior.
+
+pyroflows' vector builders end in an elementwise affine map ``y = x * exp(s) + b`` on the guide's standard-normal
+base, and start as (or near) the identity: the guide starts as N(0, I) in the model's unconstrained space. An
+optimiser moves ``b`` and ``s`` by about its learning rate per step, so a posterior far from that start (an
+intercept near 1000 with a N(0, 100²) prior, or one a hundred times narrower than the start in every coordinate)
+is out of reach of a run of a few thousand steps, for every guide that starts at the origin (Pyro's ``AutoNormal``
+included).
+
+:func:`gaussian_start` finds Gaussian approximations of the posterior by damped, saddle-free Newton steps on the
+log joint density in unconstrained space, from the guide's start (the origin): every iterate where the negative
+Hessian is positive definite is a candidate, ``N(z, diag(H⁻¹))`` (the Laplace approximation's marginal variances).
+Each candidate is scored by the importance-weighted bound of the guide with ``b = z``, ``s = log sd``; the best is
+kept when it beats the guide as built by more than ``margin`` nats per latent coordinate (``mode="auto"``, what
+:func:`pyroflows.infer.fit` does), or always (``mode="gaussian"``).
+
+Why a margin and not "whenever it is better": on hierarchical (funnel-shaped) posteriors the mode lies in the
+neck and the best Gaussian there beats the origin by a few nats, yet a flow started from it ends worse than one
+started from the origin (``python -m benchmarks guides``; docs, "Variational inference"). The start is for
+posteriors that the run cannot otherwise reach; there the margin is hundreds to hundreds of thousands of nats per
+coordinate, while on the guide benchmark's posteriors, and on a 31-coefficient logistic regression, it was at most
+1.6.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch.distributions import biject_to
+
+from .transforms import ActNorm, Inverse
+
+__all__ = ["START_MARGIN", "START_MAX_DIM", "gaussian_start", "output_affine"]
+
+#: ``mode="auto"`` takes the Gaussian start when its importance-weighted bound beats the guide as built by more
+#: than this many nats per latent coordinate
+START_MARGIN = 10.0
+#: ``mode="auto"`` leaves guides of more latent coordinates as built (each Newton step costs one backward pass
+#: per coordinate for the Hessian)
+START_MAX_DIM = 256
+#: Newton steps at most, and importance draws per candidate
+MAX_NEWTON_STEPS = 50
+IW_DRAWS = 256
+MODES = ("auto", "gaussian")
+
+
+def output_affine(guide) -> ActNorm | None:
+    """The guide's output affine map ``y = x * exp(s) + b`` (the ``ActNorm`` it inverts), or ``None``.
+
+    It is the last layer of the flow that pyroflows' vector builders (``planar_flow``, ``realnvp``,
+    ``autoregressive_flow``, ``spline_flow``, ``residual_flow``) put on a guide's base; the guide must be built
+    (:func:`pyroflows.infer.sync_param_store`, or one call). Found through nested ``Compose`` layers (so also under
+    ``AutoFlow(..., heavy_tails=True)``).
+
+    :param guide: an ``AutoNormalizingFlow`` (or :class:`~pyroflows.AutoFlow`).
+    :returns: the ``ActNorm`` whose ``bias`` is ``b`` and ``log_scale`` is ``s``, or ``None``.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, pyroflows
+        >>> from functools import partial
+        >>> from pyroflows.infer import sync_param_store
+        >>> from pyroflows.start import output_affine
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        >>> guide = pyroflows.AutoFlow(model, partial(pyroflows.realnvp, num_layers=2))
+        >>> _ = sync_param_store(guide)
+        >>> output_affine(guide).bias.shape
+        torch.Size([3])
+    """
+    t = (getattr(guide, "_modules", None) or {}).get("transform") or getattr(guide, "__dict__", {}).get("transform")
+    while getattr(t, "parts", None):
+        t = t.parts[-1]
+    if not (isinstance(t, Inverse) and isinstance(t.base, ActNorm)):
+        return None
+    affine = t.base
+    return affine if tuple(affine.bias.shape) == (getattr(guide, "latent_dim", -1),) else None
+
+
+def _log_joint(model, guide, args: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``z -> log p(x, T(z)) + log|det T'(z)|`` for a point ``z`` of the guide's unconstrained latent space: the
+    density the guide approximates. The model runs with a fixed torch seed, so a subsampled plate sees one
+    minibatch at every point."""
+    from pyro import poutine
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        values, log_jac = {}, z.new_zeros(())
+        for site, u in guide._unpack_latent(z):
+            t = biject_to(site["fn"].support)
+            v = t(u)
+            log_jac = log_jac + t.log_abs_det_jacobian(u, v).sum()
+            values[site["name"]] = v
+        with torch.random.fork_rng(devices=[]), poutine.block():
+            torch.manual_seed(0)
+            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+            return trace.log_prob_sum() + log_jac
+
+    return f
+
+
+def _value(f, z: torch.Tensor) -> float:
+    """``f(z)`` as a float, ``-inf`` where the model fails or is not finite there."""
+    try:
+        with torch.no_grad():
+            v = float(f(z))
+    except (ValueError, RuntimeError, AssertionError):
+        return -math.inf
+    return v if math.isfinite(v) else -math.inf
+
+
+def _newton(f, z: torch.Tensor, max_steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Saddle-free damped Newton ascent on ``f`` from ``z``: the step ``V diag(1/(|λ| + μ)) Vᵀ g`` on the
+    eigen-decomposition of the negative Hessian (Dauphin et al. 2014), ``μ`` raised until the step improves
+    ``f``. Returns ``(z, sd)`` at every iterate whose negative Hessian is positive definite, ``sd`` the square root
+    of the diagonal of its inverse (float64)."""
+    out = []
+    fz, converged = _value(f, z), False
+    if fz == -math.inf:
+        return out
+    mu = 1e-4  # a quadratic log density is maximised by the first step; raised where a step does not improve f
+    for step in range(max_steps + 1):
+        try:
+            x = z.detach().requires_grad_(True)
+            g = torch.autograd.grad(f(x), x)[0].double()
+            h = torch.autograd.functional.hessian(f, z.detach()).double()
+        except (ValueError, RuntimeError, AssertionError):
+            break
+        if not (torch.isfinite(g).all() and torch.isfinite(h).all()):
+            break
+        ev, vec = torch.linalg.eigh(-(h + h.T) / 2)
+        if ev.min() > 0:
+            out.append((z.detach().clone(), ((vec * vec) @ (1.0 / ev)).sqrt()))
+        if converged or step == max_steps:
+            break
+        gv = vec.T @ g
+        for _ in range(40):
+            trial = z + (vec @ (gv / (ev.abs() + mu))).to(z.dtype)
+            new = _value(f, trial)
+            if new > fz:
+                converged = new - fz <= 1e-7 * max(1.0, abs(fz))
+                z, fz, mu = trial, new, max(mu / 3.0, 1e-8)
+                break
+            mu *= 4.0
+        else:
+            break  # no step improves f: a maximum to the precision of f, or a direction Newton cannot follow
+    return out
+
+
+def _iw_bound(model, guide, args: tuple, kwargs: dict) -> float:
+    from .diagnostics import importance_weighted_elbo
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the diagnostics' notes (a subsampled plate, a one-at-a-time fallback)
+            # the same draws of the base noise for every candidate (common random numbers): compared, not estimated
+            return importance_weighted_elbo(model, guide, IW_DRAWS, args, kwargs, seed=0)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return -math.inf
+
+
+def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = START_MARGIN, **kwargs) -> dict:
+    r"""Place a flow guide's output affine map on a Gaussian approximation of the posterior, where its start is
+    out of the optimiser's reach.
+
+    Damped saddle-free Newton steps on the log joint density (in the guide's unconstrained space, from the
+    origin) give candidates ``N(z, diag(H⁻¹))`` at every iterate where the negative Hessian ``H`` is positive
+    definite; each is scored by the importance-weighted bound (256 draws) of the guide with ``b = z`` and
+    ``s = log sd``. ``mode="auto"`` keeps the best candidate when its bound exceeds the guide's as built by more
+    than ``margin`` nats per latent coordinate (:data:`START_MARGIN`, 10: a posterior about 4.5 standard deviations
+    off, or five times narrower, in every coordinate), and leaves guides of more than :data:`START_MAX_DIM`
+    coordinates as built; ``mode="gaussian"`` keeps the best candidate in any case. :func:`pyroflows.infer.fit`
+    calls it with ``mode="auto"`` (its ``start=``).
+
+    Only a guide at its start is moved: one whose flow ends in pyroflows' output affine map, still at ``b = 0``,
+    ``s = 0``. A guide that has been trained (or loaded) is left alone, and so is one of another kind (with
+    ``mode="auto"``; ``mode="gaussian"`` raises ``ValueError`` for it). The global random state is left as it was.
+
+    :param model: the Pyro model.
+    :param guide: an ``AutoNormalizingFlow`` or :class:`~pyroflows.AutoFlow` built by one of pyroflows' vector
+        builders; built here if it is not yet.
+    :param args: the model's positional arguments.
+    :param str mode: ``"auto"`` or ``"gaussian"``.
+    :param float margin: ``mode="auto"``'s threshold, nats per latent coordinate.
+    :param kwargs: the model's keyword arguments.
+    :returns: ``{"used": bool, "reason": str, "bound_identity": float, "bound_gaussian": float}`` (the bounds
+        ``nan`` where not computed).
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, pyroflows, torch
+        >>> from functools import partial
+        >>> from pyroflows.start import gaussian_start, output_affine
+        >>> def model(y):
+        ...     a = pyro.sample("a", dist.Normal(0.0, 1000.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(a, 1.0), obs=y)
+        >>> y = 500.0 + torch.randn(100, generator=torch.Generator().manual_seed(0))
+        >>> pyro.clear_param_store()
+        >>> guide = pyroflows.AutoFlow(model, partial(pyroflows.realnvp, num_layers=2))
+        >>> info = gaussian_start(model, guide, y)
+        >>> info["used"], round(float(output_affine(guide).bias), 1) == round(float(y.mean()), 1)
+        (True, True)
+    """
+    from .infer import sync_param_store
+    from .run import check_choice, check_number, rng_state, set_rng_state
+
+    check_choice("gaussian_start", "mode", mode, MODES)
+    check_number("gaussian_start", "margin", margin, 0, low_open=False)
+    report = {"used": False, "reason": "", "bound_identity": math.nan, "bound_gaussian": math.nan}
+    state = rng_state()
+    try:
+        sync_param_store(guide, *args, **kwargs)
+        affine = output_affine(guide)
+        if affine is None:
+            report["reason"] = "the guide's flow does not end in pyroflows' output affine map"
+            if mode == "gaussian":
+                raise ValueError(
+                    f"gaussian_start: {report['reason']} (y = x * exp(s) + b, the last layer of pyroflows' vector "
+                    f"builders); got {type(guide).__name__}"
+                )
+            return report
+        if bool(affine.bias.detach().any()) or bool(affine.log_scale.detach().any()):
+            report["reason"] = "the guide is not at its start (trained or loaded): left as it is"
+            return report
+        dim = guide.latent_dim
+        if mode == "auto" and dim > START_MAX_DIM:
+            report["reason"] = f"{dim} latent coordinates, more than START_MAX_DIM={START_MAX_DIM}"
+            return report
+        candidates = _newton(_log_joint(model, guide, args, kwargs), affine.bias.new_zeros(dim), MAX_NEWTON_STEPS)
+        report["bound_identity"] = _iw_bound(model, guide, args, kwargs)
+        best, best_bound = None, -math.inf
+        for z, sd in candidates:
+            _set(affine, z, sd)
+            bound = _iw_bound(model, guide, args, kwargs)
+            if bound > best_bound:
+                best, best_bound = (z, sd), bound
+        report["bound_gaussian"] = best_bound
+        if best is None:
+            report["reason"] = "no Gaussian approximation was found (no point where the log density is concave)"
+        elif mode == "gaussian" or best_bound - report["bound_identity"] > margin * dim:
+            _set(affine, *best)
+            report["used"] = True
+            gain = best_bound - report["bound_identity"]
+            report["reason"] = f"the Gaussian start's bound is {gain:.4g} nats above the guide's as built"
+            return report
+        else:
+            report["reason"] = f"the guide as built is within {margin:g} nats per coordinate of the Gaussian start"
+        _set(affine, torch.zeros(dim), torch.ones(dim))
+        return report
+    finally:
+        set_rng_state(state)
+
+
+def _set(affine: ActNorm, loc: torch.Tensor, sd: torch.Tensor) -> None:
+    with torch.no_grad():
+        affine.bias.copy_(loc.to(affine.bias))
+        affine.log_scale.copy_(sd.log().to(affine.log_scale))

@@ -1,0 +1,194 @@
+"""The Gaussian start of a flow guide (pyroflows.start.gaussian_start, fit's start=): the Laplace approximation
+against the exact posterior of a linear-Gaussian model, the guide moved only when it is far out of reach, seeded
+runs unchanged otherwise, and guides it cannot or must not move left alone."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal, AutoNormalizingFlow
+
+import pyroflows
+from pyroflows import start as S
+from pyroflows.infer import fit, sync_param_store
+
+X = torch.linspace(0.0, 10.0, 40)
+Y_FAR = 1000.0 + 3.0 * X + torch.randn(40, generator=torch.Generator().manual_seed(0))
+PRIOR_SD = torch.tensor([100.0, 10.0])
+
+
+def regression(x, y):
+    """Known noise: the posterior of (a, b) is Gaussian, and far from the origin for ``Y_FAR``."""
+    a = pyro.sample("a", dist.Normal(0.0, PRIOR_SD[0]))
+    b = pyro.sample("b", dist.Normal(0.0, PRIOR_SD[1]))
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal(a + b * x, 1.0), obs=y)
+
+
+def exact_posterior(x, y):
+    """Mean and covariance of (a, b): precision = prior precision + design' design (unit noise)."""
+    design = torch.stack([torch.ones_like(x), x], -1).double()
+    precision = torch.diag(PRIOR_SD.double() ** -2) + design.T @ design
+    cov = torch.linalg.inv(precision)
+    return cov @ design.T @ y.double(), cov
+
+
+WELL_Y = torch.tensor([0.3, -0.4, 1.1])
+PRODUCT_Y = torch.tensor(2.0)
+
+
+def well_scaled(y=WELL_Y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def flow_guide(model, **kw):
+    return pyroflows.AutoFlow(model, partial(pyroflows.realnvp, num_layers=2, hidden=(16,)), **kw)
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def test_the_gaussian_start_is_the_exact_posterior_of_a_linear_gaussian_model(float64):
+    # log p is quadratic: the first Newton step lands on the mode, and -H^-1 is the posterior covariance
+    y = Y_FAR.double()
+    guide = flow_guide(regression)
+    sync_param_store(guide, X.double(), y)
+    mean, cov = exact_posterior(X, y)
+    sd = cov.diagonal().sqrt()
+    candidates = S._newton(S._log_joint(regression, guide, (X.double(), y), {}), torch.zeros(2), 10)
+    z, z_sd = candidates[-1]
+    torch.testing.assert_close(z, mean, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(z_sd, sd, rtol=1e-9, atol=0)
+    # gaussian_start keeps the candidate of the highest importance-weighted bound: the mode here
+    info = S.gaussian_start(regression, guide, X.double(), y, mode="gaussian")
+    affine = S.output_affine(guide)
+    assert info["used"]
+    torch.testing.assert_close(affine.bias.detach(), mean, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(affine.log_scale.detach().exp(), sd, rtol=1e-9, atol=0)
+    # the guide now draws from that Gaussian (the couplings start as the identity): its draws' mean and sd agree
+    draws = torch.stack([guide.get_posterior().sample() for _ in range(4000)])
+    assert ((draws.mean(0) - mean).abs() < 4 * sd / 4000**0.5).all()
+    assert ((draws.std(0) / sd - 1).abs() < 0.05).all()
+
+
+def test_fit_starts_a_far_posterior_where_it_is_and_says_so():
+    mean, cov = exact_posterior(X, Y_FAR)
+    runs = {}
+    for start in ("identity", "auto"):
+        pyro.clear_param_store()
+        guide = flow_guide(regression)
+        result = fit(regression, guide, 100, model_args=(X, Y_FAR), progress=False, report=False, seed=0, start=start)
+        draws = torch.stack([guide.get_posterior().sample() for _ in range(2000)]).double()
+        runs[start] = (result, draws.mean(0))
+    result, auto_mean = runs["auto"]
+    assert result.start["used"] and result.start["bound_gaussian"] - result.start["bound_identity"] > 10 * 2
+    assert "started from a Gaussian approximation" in result.summary()
+    # 100 Adam steps of about lr each cannot carry the identity start to a ~ 1000; the Gaussian start is there
+    assert abs(float(runs["identity"][1][0] - mean[0])) > 100
+    assert runs["identity"][0].start is None
+    assert ((auto_mean - mean).abs() < 5 * cov.diagonal().sqrt()).all()
+
+
+def test_auto_leaves_a_well_scaled_guide_as_built_and_a_seeded_run_unchanged():
+    losses = {}
+    for start in ("identity", "auto"):
+        pyro.clear_param_store()
+        result = fit(well_scaled, flow_guide(well_scaled), 20, progress=False, report=False, seed=3, start=start)
+        losses[start] = result.losses
+    np.testing.assert_array_equal(losses["identity"], losses["auto"])
+    assert not result.start["used"] and "within 10 nats per coordinate" in result.start["reason"]
+    assert np.isfinite([result.start["bound_identity"], result.start["bound_gaussian"]]).all()
+
+
+def test_the_random_state_is_left_as_it_was():
+    guide = flow_guide(regression)
+    torch.manual_seed(5)
+    S.gaussian_start(regression, guide, X, Y_FAR)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after)
+
+
+def test_a_trained_guide_is_not_moved():
+    guide = flow_guide(regression)
+    fit(regression, guide, 5, model_args=(X, Y_FAR), progress=False, report=False, seed=0, start="identity")
+    before = [p.detach().clone() for p in guide.parameters()]
+    info = S.gaussian_start(regression, guide, X, Y_FAR, mode="gaussian")
+    assert not info["used"] and "not at its start" in info["reason"]
+    assert all(torch.equal(a, b) for a, b in zip(before, guide.parameters()))
+    again = fit(regression, guide, 5, model_args=(X, Y_FAR), progress=False, report=False, seed=0)
+    assert not again.start["used"]
+
+
+@pytest.mark.parametrize("kind", ["AutoNormal", "pyro IAF", "function"])
+def test_a_guide_without_the_output_affine_is_left_alone_or_refused(kind):
+    if kind == "AutoNormal":
+        guide = AutoNormal(regression)
+    elif kind == "pyro IAF":
+        from pyro.distributions.transforms import iterated
+
+        iaf = pyro.distributions.transforms.affine_autoregressive
+        guide = AutoNormalizingFlow(regression, partial(iterated, 2, iaf))
+    else:
+
+        def guide(x, y):
+            pyro.sample("a", dist.Normal(pyro.param("a_loc", torch.tensor(0.0)), 1.0))
+            pyro.sample("b", dist.Normal(0.0, 1.0))
+
+    info = S.gaussian_start(regression, guide, X, Y_FAR)
+    assert not info["used"] and "output affine" in info["reason"]
+    with pytest.raises(ValueError, match="gaussian_start: the guide's flow does not end in pyroflows' output affine"):
+        S.gaussian_start(regression, guide, X, Y_FAR, mode="gaussian")
+
+
+def test_heavy_tails_and_every_vector_builder_have_the_output_affine():
+    for builder in ("planar_flow", "realnvp", "autoregressive_flow", "spline_flow", "residual_flow"):
+        pyro.clear_param_store()
+        guide = pyroflows.AutoFlow(regression, partial(getattr(pyroflows, builder), num_layers=2), heavy_tails=True)
+        sync_param_store(guide, X, Y_FAR)
+        assert S.output_affine(guide) is not None, builder
+
+
+def test_auto_leaves_guides_beyond_the_dimension_cap(monkeypatch):
+    monkeypatch.setattr(S, "START_MAX_DIM", 1)
+    info = S.gaussian_start(regression, flow_guide(regression), X, Y_FAR)
+    assert not info["used"] and "START_MAX_DIM=1" in info["reason"]
+    assert S.gaussian_start(regression, flow_guide(regression), X, Y_FAR, mode="gaussian")["used"]
+
+
+def test_a_density_without_a_concave_point_gives_no_candidate():
+    def product(y=PRODUCT_Y):  # y = x1 * x2: two ridges, the origin a saddle with zero gradient
+        x = pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(x[..., 0] * x[..., 1], 0.1), obs=y)
+
+    guide = flow_guide(product)
+    info = S.gaussian_start(product, guide, mode="gaussian")
+    assert not info["used"] and "no Gaussian approximation" in info["reason"]
+    assert info["bound_gaussian"] == -np.inf and np.isfinite(info["bound_identity"])
+    affine = S.output_affine(guide)
+    assert not affine.bias.detach().any() and not affine.log_scale.detach().any()
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda g: S.gaussian_start(regression, g, X, Y_FAR, mode="laplace"), "gaussian_start: mode"),
+        (lambda g: S.gaussian_start(regression, g, X, Y_FAR, margin=-1.0), "gaussian_start: margin"),
+        (lambda g: fit(regression, g, 2, model_args=(X, Y_FAR), progress=False, start="newton"), "fit: start"),
+    ],
+)
+def test_bad_settings_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(flow_guide(regression))
