@@ -48,6 +48,11 @@ __all__ = [
     "LOCAL_LEVEL_Y",
     "local_level_data",
     "bimodal_log_evidence",
+    "TREND_X",
+    "TREND_Y",
+    "trend_data",
+    "trend_regression",
+    "trend_regression_log_evidence",
     "bimodal_product",
     "funnel",
     "funnel_coords",
@@ -538,6 +543,66 @@ def local_level_log_evidence(y: torch.Tensor = LOCAL_LEVEL_Y, num_points: int = 
     cov = s[:, None, None] ** 2 * (lower @ lower.T) + LOCAL_LEVEL_NOISE**2 * torch.eye(steps, dtype=torch.float64)
     log_lik = torch.distributions.MultivariateNormal(torch.zeros(steps, dtype=torch.float64), cov).log_prob(y)
     log_prior = torch.distributions.HalfNormal(torch.tensor(1.0, dtype=torch.float64)).log_prob(s)
+    return _log_integral((log_lik + log_prior).numpy(), s.numpy())
+
+
+def trend_data(num: int = 30, seed: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data for :func:`trend_regression`: ``num`` yearly readings ``y = 1000 + 3 x + N(0, 2²)`` at ``x = 0, ..., 29``
+    (years since the first), drawn with ``torch.Generator().manual_seed(seed)``.
+
+    :param int num: the number of readings.
+    :param int seed: the generator's seed.
+    """
+    x = torch.arange(float(num))
+    return x, 1000.0 + 3.0 * x + 2.0 * torch.randn(num, generator=torch.Generator().manual_seed(seed))
+
+
+#: Covariate and readings of :func:`trend_regression`.
+TREND_X, TREND_Y = trend_data()
+
+
+def trend_regression(x: torch.Tensor = TREND_X, y: torch.Tensor = TREND_Y) -> None:
+    r"""A linear trend on data as recorded (not standardised): a posterior far from the origin, in its own units,
+
+    .. math::
+        a \sim N(0, 1000^2), \ b \sim N(0, 10^2), \ \sigma \sim \mathrm{HalfNormal}(10), \quad
+        y_i \mid a, b, \sigma \sim N(a + b x_i, \sigma^2).
+
+    The intercept's posterior sits near 1000 with a standard deviation below 1: a guide that starts at the
+    origin of the unconstrained space and moves by about its learning rate per step does not get there in a few
+    thousand steps. :func:`trend_regression_log_evidence` gives :math:`\log p(y)`.
+
+    :param torch.Tensor x: the covariate.
+    :param torch.Tensor y: the readings.
+    """
+    a = pyro.sample("a", dist.Normal(0.0, 1000.0))
+    b = pyro.sample("b", dist.Normal(0.0, 10.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(10.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal(a + b * x, sigma), obs=y)
+
+
+def trend_regression_log_evidence(
+    x: torch.Tensor = TREND_X, y: torch.Tensor = TREND_Y, num_points: int = 20_001, s_max: float = 80.0
+) -> float:
+    r""":math:`\log p(y)` of :func:`trend_regression`: the coefficients integrate out exactly,
+    :math:`y \mid \sigma \sim N(0, X S_0 X^\top + \sigma^2 I)` with :math:`X = [1, x]` and
+    :math:`S_0 = \mathrm{diag}(1000^2, 10^2)`, and the trapezoid rule over :math:`\sigma \in (0, s_{max})` does
+    the rest.
+
+    :param torch.Tensor x: the covariate.
+    :param torch.Tensor y: the readings.
+    :param int num_points: quadrature points.
+    :param float s_max: the upper end of the grid (the half-normal's mass beyond 80 is below 1e-15).
+    """
+    x = torch.as_tensor(x, dtype=torch.float64)
+    y = torch.as_tensor(y, dtype=torch.float64)
+    design = torch.stack([torch.ones_like(x), x], -1)
+    prior_cov = design @ torch.diag(torch.tensor([1000.0**2, 10.0**2], dtype=torch.float64)) @ design.T
+    s = torch.linspace(0.0, s_max, num_points, dtype=torch.float64)[1:]  # sigma = 0: the density is 0 there
+    cov = prior_cov + s[:, None, None] ** 2 * torch.eye(len(y), dtype=torch.float64)
+    log_lik = torch.distributions.MultivariateNormal(torch.zeros(len(y), dtype=torch.float64), cov).log_prob(y)
+    log_prior = torch.distributions.HalfNormal(torch.tensor(10.0, dtype=torch.float64)).log_prob(s)
     return _log_integral((log_lik + log_prior).numpy(), s.numpy())
 
 
