@@ -66,6 +66,7 @@ def output_affine(guide) -> ActNorm | None:
         >>> from pyroflows.start import output_affine
         >>> def model():
         ...     pyro.sample("x", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        >>> pyro.clear_param_store()
         >>> guide = pyroflows.AutoFlow(model, partial(pyroflows.realnvp, num_layers=2))
         >>> _ = sync_param_store(guide)
         >>> output_affine(guide).bias.shape
