@@ -138,6 +138,18 @@ def test_vi_guides_tiny(tmp_path):
     assert suite._argv("guides", "vi_guides", True, tmp_path)[-2] == "--workers"
 
 
+def test_start_gate_tiny(tmp_path):
+    """The start-gate benchmark runs (two posteriors) and renders: the trend regression moves, the banana does not."""
+    from benchmarks import start_gate
+
+    out = tmp_path / "start_gate_quick.json"
+    payload = start_gate.main(["--quick", "--out", str(out)])
+    used = {r["model"]: r["used"] for r in payload["rows"]}
+    assert used == {"banana": False, "trend_regression": True}
+    text = report.section(out)
+    assert "| trend_regression | 3 |" in text and "could not render" not in text
+
+
 def test_svi_step_tiny(tmp_path):
     """The SVI-step benchmark runs end to end (one timed round) and its report renders; the twin guides computed
     the same losses in the first round, as they must (same flow, same seeds; float32 rounding only)."""
