@@ -594,13 +594,14 @@ def fit(
     :param bool report: at the end, compute k̂ from 1000 guide draws (:func:`pyroflows.diagnostics.psis_khat`,
         the global RNG left as it was) into :attr:`SVIResult.khat`, and print :meth:`SVIResult.summary` to stderr:
         ELBO, k̂ with its verdict, and what to try when it is high.
-    :param str start: where a fresh flow guide starts. ``"auto"`` (default): as built (N(0, I) in the unconstrained
-        space), unless that is far out of the optimiser's reach, then on a Gaussian (Laplace) approximation of the
-        posterior (:func:`pyroflows.start.gaussian_start`: its importance-weighted bound beats the guide's as built by
-        more than 10 nats per latent coordinate, e.g. an intercept near 1000 under a wide prior, or a posterior a
-        hundred times narrower than N(0, I)); ``"gaussian"``: on the Gaussian approximation always; ``"identity"``:
-        as built. Only a guide whose flow ends in pyroflows' output affine map, still at its initial value, is moved
-        (not on resume); :attr:`SVIResult.start` says what was done.
+    :param str start: where a fresh guide starts. ``"auto"`` (default): as built (a flow guide: N(0, I) in the
+        unconstrained space), unless that is far out of the optimiser's reach, then on a Gaussian (Laplace)
+        approximation of the posterior (:func:`pyroflows.start.gaussian_start`: its importance-weighted bound beats
+        the guide's as built by more than 10 nats per latent coordinate, e.g. an intercept near 1000 under a wide
+        prior, or a posterior a hundred times narrower than N(0, I)); ``"gaussian"``: on the Gaussian approximation
+        always; ``"identity"``: as built. Flow guides of pyroflows' vector builders and Pyro's ``AutoNormal``,
+        ``AutoDiagonalNormal`` and ``AutoMultivariateNormal`` are moved, only while still as built (not on resume,
+        nor after an earlier fit); :attr:`SVIResult.start` says what was done.
     :returns: :class:`SVIResult` with the loss trace (of all steps, those before a resume included).
     :raises ValueError: for a setting out of range (:class:`SVIConfig` names it).
     :raises CheckpointError: for a missing, unreadable or foreign checkpoint on resume, or settings that differ.

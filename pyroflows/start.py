@@ -1,25 +1,26 @@
-"""A Gaussian start for a flow guide: its output affine map placed on a Laplace approximation of the posterior.
+"""A Gaussian start for a guide: placed on a Laplace approximation of the posterior when it starts out of reach.
 
 pyroflows' vector builders end in an elementwise affine map ``y = x * exp(s) + b`` on the guide's standard-normal
-base, and start as (or near) the identity: the guide starts as N(0, I) in the model's unconstrained space. An
-optimiser moves ``b`` and ``s`` by about its learning rate per step, so a posterior far from that start (an
-intercept near 1000 with a N(0, 100²) prior, or one a hundred times narrower than the start in every coordinate)
-is out of reach of a run of a few thousand steps, for every guide that starts at the origin (Pyro's ``AutoNormal``
-included).
+base, and start as (or near) the identity: the guide starts as N(0, I) in the model's unconstrained space. Pyro's
+Gaussian autoguides start at their ``init_loc_fn`` point (a prior median or a feasible point) with scale 0.1. An
+optimiser moves a location or a log scale by about its learning rate per step, so a posterior far from that start
+(an intercept near 1000 with a N(0, 100²) prior, or one a hundred times narrower than the start in every
+coordinate) is out of reach of a run of a few thousand steps.
 
 :func:`gaussian_start` finds Gaussian approximations of the posterior by damped, saddle-free Newton steps on the
-log joint density in unconstrained space, from the guide's start (the origin): every iterate where the negative
-Hessian is positive definite is a candidate, ``N(z, diag(H⁻¹))`` (the Laplace approximation's marginal variances).
-Each candidate is scored by the importance-weighted bound of the guide with ``b = z``, ``s = log sd``; the best is
-kept when it beats the guide as built by more than ``margin`` nats per latent coordinate (``mode="auto"``, what
-:func:`pyroflows.infer.fit` does), or always (``mode="gaussian"``).
+log joint density in unconstrained space, from the guide's centre (the origin for a flow): every iterate where the
+negative Hessian ``H`` is positive definite is a candidate ``N(z, H⁻¹)``. Each candidate is scored by the
+importance-weighted bound of the guide placed on it: a flow's output affine map gets ``b = z`` and the marginal
+standard deviations (the rest of the flow is kept), Pyro's ``AutoNormal`` and ``AutoDiagonalNormal`` the same
+location and scales, ``AutoMultivariateNormal`` the whole covariance. The best is kept when it beats the guide as
+built by more than ``margin`` nats per latent coordinate (``mode="auto"``, what :func:`pyroflows.infer.fit` does),
+or always (``mode="gaussian"``).
 
 Why a margin and not "whenever it is better": on hierarchical (funnel-shaped) posteriors the mode lies in the
 neck and the best Gaussian there beats the origin by a few nats, yet a flow started from it ends worse than one
-started from the origin (``python -m benchmarks guides``; docs, "Variational inference"). The start is for
-posteriors that the run cannot otherwise reach; there the margin is hundreds to hundreds of thousands of nats per
-coordinate, while on the guide benchmark's posteriors, and on a 31-coefficient logistic regression, it was at most
-1.6.
+started from the origin. The start is for posteriors that the run cannot otherwise reach; there the margin is
+hundreds to hundreds of thousands of nats per coordinate, while on the guide benchmark's posteriors, and on a
+31-coefficient logistic regression, it was at most 3.2 (``python benchmarks/start_gate.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from torch.distributions import biject_to
+from torch.distributions import biject_to, transform_to
 
 from .transforms import ActNorm, Inverse
 
@@ -81,15 +82,15 @@ def output_affine(guide) -> ActNorm | None:
     return affine if tuple(affine.bias.shape) == (getattr(guide, "latent_dim", -1),) else None
 
 
-def _log_joint(model, guide, args: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``z -> log p(x, T(z)) + log|det T'(z)|`` for a point ``z`` of the guide's unconstrained latent space: the
-    density the guide approximates. The model runs with a fixed torch seed, so a subsampled plate sees one
-    minibatch at every point."""
+def _log_joint(model, sites, args: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``z -> log p(x, T(z)) + log|det T'(z)|`` for a point ``z`` of a guide's unconstrained latent space (``sites(z)``
+    yields each latent site with its unconstrained value): the density the guide approximates. The model runs with a
+    fixed torch seed, so a subsampled plate sees one minibatch at every point."""
     from pyro import poutine
 
     def f(z: torch.Tensor) -> torch.Tensor:
         values, log_jac = {}, z.new_zeros(())
-        for site, u in guide._unpack_latent(z):
+        for site, u in sites(z):
             t = biject_to(site["fn"].support)
             v = t(u)
             log_jac = log_jac + t.log_abs_det_jacobian(u, v).sum()
@@ -100,6 +101,147 @@ def _log_joint(model, guide, args: tuple, kwargs: dict) -> Callable[[torch.Tenso
             return trace.log_prob_sum() + log_jac
 
     return f
+
+
+def _assign(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set a parameter of a ``PyroModule`` (constrained or not; ``name`` may be dotted) in place, so the param
+    store, which holds the same tensor, sees it too."""
+    *path, leaf = name.split(".")
+    for part in path:
+        module = module._modules[part]
+    constraint = getattr(module, "_pyro_params", {}).get(leaf, (None,))[0]
+    if constraint is not None:
+        target, value = module._parameters[leaf + "_unconstrained"], transform_to(constraint).inv(value)
+    else:
+        target = module._parameters[leaf]
+    with torch.no_grad():
+        target.copy_(value.to(target))
+
+
+def _at(value: torch.Tensor, init: float) -> bool:
+    return bool(torch.allclose(value.detach(), torch.full_like(value, init), rtol=1e-5, atol=0.0))
+
+
+class _Start:
+    """What :func:`gaussian_start` needs of one kind of guide: its latent sites, where it is centred, whether it is
+    still as built, and how to place it on ``N(z, cov)``."""
+
+    def __init__(self, guide):
+        self.guide = guide
+
+    def sites(self, z: torch.Tensor):
+        return self.guide._unpack_latent(z)
+
+    def origin(self) -> torch.Tensor:
+        return self.guide.loc.detach().clone()
+
+    def at_start(self) -> bool:
+        return _at(self.guide.scale, self.guide._init_scale)
+
+    def place(self, z: torch.Tensor, cov: torch.Tensor) -> None:
+        _assign(self.guide, "loc", z)
+        _assign(self.guide, "scale", cov.diagonal().sqrt())
+
+    @property
+    def dim(self) -> int:
+        return int(self.guide.latent_dim)
+
+
+class _FlowStart(_Start):
+    """A flow guide ending in pyroflows' output affine map: the map is moved, the rest of the flow kept."""
+
+    def __init__(self, guide, affine: ActNorm):
+        super().__init__(guide)
+        self.affine = affine
+
+    def origin(self) -> torch.Tensor:
+        return self.affine.bias.detach().new_zeros(self.dim)
+
+    def at_start(self) -> bool:
+        return not (bool(self.affine.bias.detach().any()) or bool(self.affine.log_scale.detach().any()))
+
+    def place(self, z: torch.Tensor, cov: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.affine.bias.copy_(z.to(self.affine.bias))
+            self.affine.log_scale.copy_(cov.diagonal().sqrt().log().to(self.affine.log_scale))
+
+
+class _MultivariateStart(_Start):
+    """Pyro's ``AutoMultivariateNormal``: ``scale[:, None] * scale_tril`` (unit lower triangular) is the Cholesky
+    factor of the whole inverse negative Hessian."""
+
+    def at_start(self) -> bool:
+        tril = self.guide.scale_tril.detach()
+        return super().at_start() and bool(torch.equal(tril, torch.eye(self.dim, dtype=tril.dtype)))
+
+    def place(self, z: torch.Tensor, cov: torch.Tensor) -> None:
+        chol = torch.linalg.cholesky(cov)
+        scale = chol.diagonal()
+        _assign(self.guide, "loc", z)
+        _assign(self.guide, "scale", scale)
+        _assign(self.guide, "scale_tril", chol / scale[:, None])
+
+
+class _NormalStart(_Start):
+    """Pyro's ``AutoNormal``: one ``locs.<site>`` and ``scales.<site>`` per latent site, in the prototype trace's
+    order."""
+
+    def __init__(self, guide):
+        super().__init__(guide)
+        self.names = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
+        self.nodes = dict(guide.prototype_trace.iter_stochastic_nodes())
+        self.shapes = [self._get("locs", name).shape for name in self.names]
+
+    def _get(self, group: str, name: str) -> torch.Tensor:
+        from operator import attrgetter
+
+        return attrgetter(name)(getattr(self.guide, group)).detach()
+
+    def sites(self, z: torch.Tensor):
+        start = 0
+        for name, shape in zip(self.names, self.shapes):
+            size = shape.numel()
+            yield self.nodes[name], z[..., start : start + size].reshape(z.shape[:-1] + shape)
+            start += size
+
+    def origin(self) -> torch.Tensor:
+        return torch.cat([self._get("locs", name).reshape(-1) for name in self.names])
+
+    def at_start(self) -> bool:
+        return all(_at(self._get("scales", name), self.guide._init_scale) for name in self.names)
+
+    def place(self, z: torch.Tensor, cov: torch.Tensor) -> None:
+        sd, start = cov.diagonal().sqrt(), 0
+        for name, shape in zip(self.names, self.shapes):
+            size = shape.numel()
+            _assign(self.guide.locs, name, z[start : start + size].reshape(shape))
+            _assign(self.guide.scales, name, sd[start : start + size].reshape(shape))
+            start += size
+
+    @property
+    def dim(self) -> int:
+        return sum(shape.numel() for shape in self.shapes)
+
+
+def _adapter(guide) -> _Start | str:
+    """The guide's :class:`_Start`, or why it has none."""
+    from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
+
+    affine = output_affine(guide)
+    if affine is not None:
+        return _FlowStart(guide, affine)
+    if type(guide) in (AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal):
+        if any(
+            (f.full_size or f.size) != f.size
+            for _, site in guide.prototype_trace.iter_stochastic_nodes()
+            for f in site["cond_indep_stack"]
+        ):
+            return "a latent site is in a subsampled plate (each step sees other locs and scales)"
+        return {AutoNormal: _NormalStart, AutoMultivariateNormal: _MultivariateStart}.get(type(guide), _Start)(guide)
+    return (
+        "the guide is neither a flow ending in pyroflows' output affine map nor Pyro's AutoNormal, "
+        "AutoDiagonalNormal or AutoMultivariateNormal"
+    )
 
 
 def _value(f, z: torch.Tensor) -> float:
@@ -115,8 +257,8 @@ def _value(f, z: torch.Tensor) -> float:
 def _newton(f, z: torch.Tensor, max_steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Saddle-free damped Newton ascent on ``f`` from ``z``: the step ``V diag(1/(|λ| + μ)) Vᵀ g`` on the
     eigen-decomposition of the negative Hessian (Dauphin et al. 2014), ``μ`` raised until the step improves
-    ``f``. Returns ``(z, sd)`` at every iterate whose negative Hessian is positive definite, ``sd`` the square root
-    of the diagonal of its inverse (float64)."""
+    ``f``. Returns ``(z, cov)`` at every iterate whose negative Hessian is positive definite, ``cov`` its inverse
+    (float64)."""
     out = []
     fz, converged = _value(f, z), False
     if fz == -math.inf:
@@ -133,7 +275,7 @@ def _newton(f, z: torch.Tensor, max_steps: int) -> list[tuple[torch.Tensor, torc
             break
         ev, vec = torch.linalg.eigh(-(h + h.T) / 2)
         if ev.min() > 0:
-            out.append((z.detach().clone(), ((vec * vec) @ (1.0 / ev)).sqrt()))
+            out.append((z.detach().clone(), (vec / ev) @ vec.T))
         if converged or step == max_steps:
             break
         gv = vec.T @ g
@@ -163,25 +305,34 @@ def _iw_bound(model, guide, args: tuple, kwargs: dict) -> float:
 
 
 def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = START_MARGIN, **kwargs) -> dict:
-    r"""Place a flow guide's output affine map on a Gaussian approximation of the posterior, where its start is
-    out of the optimiser's reach.
+    r"""Place a guide on a Gaussian approximation of the posterior, where its start is out of the optimiser's
+    reach.
 
-    Damped saddle-free Newton steps on the log joint density (in the guide's unconstrained space, from the
-    origin) give candidates ``N(z, diag(H⁻¹))`` at every iterate where the negative Hessian ``H`` is positive
-    definite; each is scored by the importance-weighted bound (256 draws) of the guide with ``b = z`` and
-    ``s = log sd``. ``mode="auto"`` keeps the best candidate when its bound exceeds the guide's as built by more
-    than ``margin`` nats per latent coordinate (:data:`START_MARGIN`, 10: a posterior about 4.5 standard deviations
-    off, or five times narrower, in every coordinate), and leaves guides of more than :data:`START_MAX_DIM`
-    coordinates as built; ``mode="gaussian"`` keeps the best candidate in any case. :func:`pyroflows.infer.fit`
-    calls it with ``mode="auto"`` (its ``start=``).
+    Damped saddle-free Newton steps on the log joint density (in the guide's unconstrained space, from the guide's
+    centre) give candidates ``N(z, H⁻¹)`` at every iterate where the negative Hessian ``H`` is positive definite;
+    each is scored by the importance-weighted bound (256 draws) of the guide placed on it. ``mode="auto"`` keeps the
+    best candidate when its bound exceeds the guide's as built by more than ``margin`` nats per latent coordinate
+    (:data:`START_MARGIN`, 10: a posterior about 4.5 standard deviations off, or five times narrower, in every
+    coordinate), and leaves guides of more than :data:`START_MAX_DIM` coordinates as built; ``mode="gaussian"``
+    keeps the best candidate in any case. :func:`pyroflows.infer.fit` calls it with ``mode="auto"`` (its
+    ``start=``).
 
-    Only a guide at its start is moved: one whose flow ends in pyroflows' output affine map, still at ``b = 0``,
-    ``s = 0``. A guide that has been trained (or loaded) is left alone, and so is one of another kind (with
-    ``mode="auto"``; ``mode="gaussian"`` raises ``ValueError`` for it). The global random state is left as it was.
+    Which guides are placed, and how:
+
+    * a flow guide whose flow ends in pyroflows' output affine map (every pyroflows vector builder, under
+      ``AutoFlow`` or ``AutoNormalizingFlow``, heavy tails or not): the map gets ``b = z`` and ``s`` the log marginal
+      standard deviations, the rest of the flow is kept;
+    * Pyro's ``AutoNormal`` and ``AutoDiagonalNormal``: their locations and scales likewise;
+    * Pyro's ``AutoMultivariateNormal``: the whole covariance ``H⁻¹``.
+
+    Only a guide at its start is moved: a flow's map still at ``b = 0``, ``s = 0``; a Pyro guide's scales still at
+    its ``init_scale`` (and ``AutoMultivariateNormal``'s ``scale_tril`` the identity). A guide that has been trained
+    (or loaded) is left alone, and so is one of another kind, or a Pyro guide with a latent site in a subsampled
+    plate (with ``mode="auto"``; ``mode="gaussian"`` raises ``ValueError`` for it). A guide left alone is as it
+    was bit for bit, and the global random state is left as it was.
 
     :param model: the Pyro model.
-    :param guide: an ``AutoNormalizingFlow`` or :class:`~pyroflows.AutoFlow` built by one of pyroflows' vector
-        builders; built here if it is not yet.
+    :param guide: one of the guides above; built here if it is not yet.
     :param args: the model's positional arguments.
     :param str mode: ``"auto"`` or ``"gaussian"``.
     :param float margin: ``mode="auto"``'s threshold, nats per latent coordinate.
@@ -202,7 +353,7 @@ def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = STAR
         >>> pyro.clear_param_store()
         >>> guide = pyroflows.AutoFlow(model, partial(pyroflows.realnvp, num_layers=2))
         >>> info = gaussian_start(model, guide, y)
-        >>> info["used"], round(float(output_affine(guide).bias), 1) == round(float(y.mean()), 1)
+        >>> info["used"], round(float(output_affine(guide).bias.detach()), 1) == round(float(y.mean()), 1)
         (True, True)
     """
     from .infer import sync_param_store
@@ -214,48 +365,45 @@ def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = STAR
     state = rng_state()
     try:
         sync_param_store(guide, *args, **kwargs)
-        affine = output_affine(guide)
-        if affine is None:
-            report["reason"] = "the guide's flow does not end in pyroflows' output affine map"
+        start = _adapter(guide)
+        if isinstance(start, str):
+            report["reason"] = start
             if mode == "gaussian":
-                raise ValueError(
-                    f"gaussian_start: {report['reason']} (y = x * exp(s) + b, the last layer of pyroflows' vector "
-                    f"builders); got {type(guide).__name__}"
-                )
+                raise ValueError(f"gaussian_start: {start}; got {type(guide).__name__}")
             return report
-        if bool(affine.bias.detach().any()) or bool(affine.log_scale.detach().any()):
+        if not start.at_start():
             report["reason"] = "the guide is not at its start (trained or loaded): left as it is"
             return report
-        dim = guide.latent_dim
+        dim = start.dim
         if mode == "auto" and dim > START_MAX_DIM:
             report["reason"] = f"{dim} latent coordinates, more than START_MAX_DIM={START_MAX_DIM}"
             return report
-        candidates = _newton(_log_joint(model, guide, args, kwargs), affine.bias.new_zeros(dim), MAX_NEWTON_STEPS)
+        candidates = _newton(_log_joint(model, start.sites, args, kwargs), start.origin(), MAX_NEWTON_STEPS)
+        saved = {k: v.detach().clone() for k, v in guide.state_dict().items()}
         report["bound_identity"] = _iw_bound(model, guide, args, kwargs)
         best, best_bound = None, -math.inf
-        for z, sd in candidates:
-            _set(affine, z, sd)
+        for z, cov in candidates:
+            try:
+                start.place(z, cov)
+            except (ValueError, RuntimeError):  # torch.linalg.cholesky of a nearly singular covariance
+                continue
             bound = _iw_bound(model, guide, args, kwargs)
             if bound > best_bound:
-                best, best_bound = (z, sd), bound
+                best, best_bound = (z, cov), bound
         report["bound_gaussian"] = best_bound
         if best is None:
             report["reason"] = "no Gaussian approximation was found (no point where the log density is concave)"
         elif mode == "gaussian" or best_bound - report["bound_identity"] > margin * dim:
-            _set(affine, *best)
+            start.place(*best)
             report["used"] = True
             gain = best_bound - report["bound_identity"]
             report["reason"] = f"the Gaussian start's bound is {gain:.4g} nats above the guide's as built"
             return report
         else:
             report["reason"] = f"the guide as built is within {margin:g} nats per coordinate of the Gaussian start"
-        _set(affine, torch.zeros(dim), torch.ones(dim))
+        with torch.no_grad():  # as built, bit for bit
+            for k, v in guide.state_dict().items():
+                v.copy_(saved[k])
         return report
     finally:
         set_rng_state(state)
-
-
-def _set(affine: ActNorm, loc: torch.Tensor, sd: torch.Tensor) -> None:
-    with torch.no_grad():
-        affine.bias.copy_(loc.to(affine.bias))
-        affine.log_scale.copy_(sd.log().to(affine.log_scale))

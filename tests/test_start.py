@@ -11,7 +11,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer.autoguide import AutoNormal, AutoNormalizingFlow
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    AutoNormalizingFlow,
+)
 
 import pyroflows
 from pyroflows import start as S
@@ -24,8 +30,8 @@ PRIOR_SD = torch.tensor([100.0, 10.0])
 
 def regression(x, y):
     """Known noise: the posterior of (a, b) is Gaussian, and far from the origin for ``Y_FAR``."""
-    a = pyro.sample("a", dist.Normal(0.0, PRIOR_SD[0]))
-    b = pyro.sample("b", dist.Normal(0.0, PRIOR_SD[1]))
+    a = pyro.sample("a", dist.Normal(x.new_zeros(()), PRIOR_SD[0].to(x)))  # in x's dtype
+    b = pyro.sample("b", dist.Normal(x.new_zeros(()), PRIOR_SD[1].to(x)))
     with pyro.plate("data", len(x)):
         pyro.sample("y", dist.Normal(a + b * x, 1.0), obs=y)
 
@@ -67,10 +73,10 @@ def test_the_gaussian_start_is_the_exact_posterior_of_a_linear_gaussian_model(fl
     sync_param_store(guide, X.double(), y)
     mean, cov = exact_posterior(X, y)
     sd = cov.diagonal().sqrt()
-    candidates = S._newton(S._log_joint(regression, guide, (X.double(), y), {}), torch.zeros(2), 10)
-    z, z_sd = candidates[-1]
+    f = S._log_joint(regression, guide._unpack_latent, (X.double(), y), {})
+    z, z_cov = S._newton(f, torch.zeros(2), 10)[-1]
     torch.testing.assert_close(z, mean, rtol=1e-10, atol=1e-9)
-    torch.testing.assert_close(z_sd, sd, rtol=1e-9, atol=0)
+    torch.testing.assert_close(z_cov, cov, rtol=1e-9, atol=1e-12)
     # gaussian_start keeps the candidate of the highest importance-weighted bound: the mode here
     info = S.gaussian_start(regression, guide, X.double(), y, mode="gaussian")
     affine = S.output_affine(guide)
@@ -99,6 +105,11 @@ def test_fit_starts_a_far_posterior_where_it_is_and_says_so():
     assert abs(float(runs["identity"][1][0] - mean[0])) > 100
     assert runs["identity"][0].start is None
     assert ((auto_mean - mean).abs() < 5 * cov.diagonal().sqrt()).all()
+    # Pyro's AutoNormal, through fit, likewise
+    pyro.clear_param_store()
+    normal = AutoNormal(regression)
+    result = fit(regression, normal, 100, model_args=(X, Y_FAR), progress=False, report=False, seed=0)
+    assert result.start["used"] and abs(float(normal.locs.a.detach()) - float(mean[0])) < 5 * float(cov[0, 0]) ** 0.5
 
 
 def test_auto_leaves_a_well_scaled_guide_as_built_and_a_seeded_run_unchanged():
@@ -132,10 +143,10 @@ def test_a_trained_guide_is_not_moved():
     assert not again.start["used"]
 
 
-@pytest.mark.parametrize("kind", ["AutoNormal", "pyro IAF", "function"])
-def test_a_guide_without_the_output_affine_is_left_alone_or_refused(kind):
-    if kind == "AutoNormal":
-        guide = AutoNormal(regression)
+@pytest.mark.parametrize("kind", ["pyro IAF", "AutoLowRankMultivariateNormal", "function"])
+def test_a_guide_of_another_kind_is_left_alone_or_refused(kind):
+    if kind == "AutoLowRankMultivariateNormal":
+        guide = AutoLowRankMultivariateNormal(regression)
     elif kind == "pyro IAF":
         from pyro.distributions.transforms import iterated
 
@@ -149,8 +160,54 @@ def test_a_guide_without_the_output_affine_is_left_alone_or_refused(kind):
 
     info = S.gaussian_start(regression, guide, X, Y_FAR)
     assert not info["used"] and "output affine" in info["reason"]
-    with pytest.raises(ValueError, match="gaussian_start: the guide's flow does not end in pyroflows' output affine"):
+    with pytest.raises(ValueError, match="gaussian_start: the guide is neither a flow ending in pyroflows' output"):
         S.gaussian_start(regression, guide, X, Y_FAR, mode="gaussian")
+
+
+@pytest.mark.parametrize("kind", [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal])
+def test_pyros_gaussian_guides_are_placed_on_the_exact_posterior(kind, float64):
+    # the linear-Gaussian posterior again: AutoNormal and AutoDiagonalNormal get its means and marginal sds,
+    # AutoMultivariateNormal its whole covariance; the param store holds the same values (fit trains those)
+    y = Y_FAR.double()
+    mean, cov = exact_posterior(X, y)
+    guide = kind(regression)
+    info = S.gaussian_start(regression, guide, X.double(), y)
+    assert info["used"], info
+    if kind is AutoNormal:
+        loc = torch.stack([guide.locs.a, guide.locs.b]).detach()
+        scale = torch.stack([guide.scales.a, guide.scales.b]).detach()
+        store = pyro.get_param_store()
+        assert float(store["AutoNormal.locs.a"].detach()) == pytest.approx(float(mean[0]), rel=1e-9)
+    else:
+        loc, scale = guide.loc.detach(), guide.scale.detach()
+        assert torch.equal(pyro.get_param_store()[f"{kind.__name__}.loc"].detach(), loc)
+    torch.testing.assert_close(loc, mean, rtol=1e-9, atol=1e-9)
+    if kind is AutoMultivariateNormal:
+        torch.testing.assert_close(guide.get_posterior().covariance_matrix.detach(), cov, rtol=1e-7, atol=1e-12)
+    else:
+        torch.testing.assert_close(scale, cov.diagonal().sqrt(), rtol=1e-7, atol=0)
+    # trained (or with another init_scale than its own) it is left alone
+    again = S.gaussian_start(regression, guide, X.double(), y, mode="gaussian")
+    assert not again["used"] and "not at its start" in again["reason"]
+
+
+def test_a_pyro_guide_that_needs_no_start_is_restored_bit_for_bit():
+    guide = AutoMultivariateNormal(well_scaled)
+    guide()
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    info = S.gaussian_start(well_scaled, guide)
+    assert not info["used"] and info["bound_gaussian"] > -np.inf
+    assert all(torch.equal(v, before[k]) for k, v in guide.state_dict().items())
+
+
+def test_an_autonormal_with_a_latent_in_a_subsampled_plate_is_left_alone():
+    def local(y=WELL_Y):
+        with pyro.plate("data", len(y), subsample_size=2) as i:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y[i])
+
+    info = S.gaussian_start(local, AutoNormal(local))
+    assert not info["used"] and "subsampled plate" in info["reason"]
 
 
 def test_heavy_tails_and_every_vector_builder_have_the_output_affine():
