@@ -1,8 +1,9 @@
 """Where ``fit``'s Gaussian start fires: :func:`pyroflows.start.gaussian_start` on the VI benchmark's posteriors.
 
 For each posterior of ``benchmarks/vi_guides.py`` (the default six and the extra ones) and a 31-D logistic
-regression on scikit-learn's bundled breast-cancer data, a fresh guide is built and ``gaussian_start(mode="auto")``
-is run as :func:`pyroflows.infer.fit` runs it before its first step. Each row records the two importance-weighted
+regression on scikit-learn's bundled breast-cancer data, a fresh guide is built (two flow guides and Pyro's
+``AutoNormal`` and ``AutoMultivariateNormal``) and ``gaussian_start(mode="auto")`` is run as
+:func:`pyroflows.infer.fit` runs it before its first step. Each row records the two importance-weighted
 bounds (the guide as built and the guide moved onto the Laplace approximation; 256 draws, the same for both), the
 margin between them per latent coordinate (the start is used above ``pyroflows.start.START_MARGIN``), whether it
 was used, its reason and the seconds it took. No training: this is the gate's view of each posterior, to check that
@@ -26,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
-GUIDES = ["realnvp(8)", "autoregressive_flow(8)/tails"]
+GUIDES = ["realnvp(8)", "autoregressive_flow(8)/tails", "AutoNormal", "AutoMultivariateNormal"]
 
 
 def _models(names: list[str]):
@@ -54,11 +55,16 @@ def run_row(model_name: str, model, args: tuple, guide_name: str) -> dict:
     from pyroflows.start import gaussian_start
 
     pyro.clear_param_store()
-    guide = vi_guides.make_guide(guide_name, model)
+    if guide_name == "AutoMultivariateNormal":
+        from pyro.infer.autoguide import AutoMultivariateNormal
+
+        guide = AutoMultivariateNormal(model)
+    else:
+        guide = vi_guides.make_guide(guide_name, model)
     t0 = time.perf_counter()
     report = gaussian_start(model, guide, *args)
     seconds = time.perf_counter() - t0
-    dim = int(guide.latent_dim)
+    dim = sum(v.numel() for v in guide.locs.state_dict().values()) if guide_name == "AutoNormal" else guide.latent_dim
     finite = {k: (v if math.isfinite(v) else None) for k, v in report.items() if k.startswith("bound_")}
     margin = None if None in finite.values() else (finite["bound_gaussian"] - finite["bound_identity"]) / dim
     return {
