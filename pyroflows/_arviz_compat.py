@@ -19,15 +19,31 @@ which both versions provide (``InferenceData`` in 0.x, ``xarray.DataTree`` in 1.
 from __future__ import annotations
 
 import warnings
+from functools import cache
+from importlib.metadata import version
 
 import numpy as np
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)  # 0.23 announces the 1.x refactor on import
-    import arviz as az
-
-ARVIZ_VERSION = tuple(int(p) for p in az.__version__.split(".")[:2] if p.isdigit())
+# read from the installed metadata: importing ArviZ (with SciPy, xarray and matplotlib) takes seconds, which
+# ``fit`` and the diagnostics that need only numbers should not pay; it is imported at the first use instead
+ARVIZ_VERSION = tuple(int(p) for p in version("arviz").split(".")[:2] if p.isdigit())
 ARVIZ_1 = ARVIZ_VERSION >= (1, 0)
+
+
+@cache
+def _az():
+    """The ``arviz`` module, imported on first use."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # 0.23 announces the 1.x refactor on import
+        import arviz
+
+    return arviz
+
+
+def __getattr__(name: str):
+    if name == "az":  # ``compat.az``: the arviz module
+        return _az()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def from_dict(groups: dict[str, dict[str, np.ndarray]], coords: dict | None = None, dims: dict | None = None):
@@ -40,7 +56,7 @@ def from_dict(groups: dict[str, dict[str, np.ndarray]], coords: dict | None = No
         import arviz_base
 
         return arviz_base.from_dict(groups, coords=coords, dims=dims)
-    return az.from_dict(**groups, coords=coords, dims=dims)
+    return _az().from_dict(**groups, coords=coords, dims=dims)
 
 
 def to_netcdf(data, path) -> None:
@@ -54,7 +70,7 @@ def from_netcdf(path):
         import xarray as xr
 
         return xr.open_datatree(path).load()
-    return az.from_netcdf(path)
+    return _az().from_netcdf(path)
 
 
 def psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
@@ -65,7 +81,7 @@ def psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
 
         lw, khat = array_stats.psislw(-log_ratios, r_eff=1.0, axis=-1)  # 1.x negates its input
         return np.asarray(lw).reshape(-1), float(np.asarray(khat))
-    lw, khat = az.psislw(log_ratios, reff=1.0)
+    lw, khat = _az().psislw(log_ratios, reff=1.0)
     return np.asarray(lw), float(khat)
 
 
@@ -75,7 +91,7 @@ def load_arviz_data(name: str):
         import arviz_base
 
         return arviz_base.load_arviz_data(name)
-    return az.load_arviz_data(name)
+    return _az().load_arviz_data(name)
 
 
 def group(data, name: str):
@@ -125,7 +141,7 @@ def plot_pair(data, var_names, coords: dict | None = None):
     if ARVIZ_1:  # pragma: no cover - needs Python >= 3.12
         post = group(data, "posterior")
         return scatter_matrix(post.sel(coords) if coords else post, var_names)
-    axes = az.plot_pair(
+    axes = _az().plot_pair(
         data, var_names=var_names, coords=coords, kind="scatter", marginals=True, scatter_kwargs={"alpha": 0.15, "s": 2}
     )
     return np.ravel(axes)[0].figure

@@ -366,3 +366,23 @@ def test_posterior_data_round_trips_and_a_constant_reference_is_an_error():
         D.compare_to_reference(data, constant)
     with pytest.raises(ValueError, match=r"posterior_data: 'mu' needs leading \(chain, draw\) dims"):
         D.posterior_data({"mu": np.ones(30)})
+
+
+def test_fit_and_the_diagnostics_do_not_import_arviz_until_it_is_used():
+    """ArviZ (with SciPy, xarray, matplotlib) takes seconds to import: fit and the numeric diagnostics must not pay
+    for it; it is imported when an ArviZ object or PSIS is first needed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, pyro, pyro.distributions as dist, pyroflows\n"
+        "from pyroflows import diagnostics, infer, start\n"
+        "def model():\n"
+        "    pyro.sample('x', dist.Normal(0.0, 1.0))\n"
+        "infer.fit(model, pyro.infer.autoguide.AutoNormal(model), 3, progress=False, report=False)\n"
+        "before = 'arviz' in sys.modules\n"
+        "diagnostics.compat.psislw(torch.randn(100).double().numpy())\n"
+        "print(before, 'arviz' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.split() == ["False", "True"]
