@@ -55,6 +55,7 @@ def run_row(model_name: str, model, args: tuple, guide_name: str) -> dict:
     from pyroflows.start import gaussian_start
 
     pyro.clear_param_store()
+    pyro.set_rng_seed(0)  # Pyro's guides start at a prior median estimated from draws: the same start every run
     if guide_name == "AutoMultivariateNormal":
         from pyro.infer.autoguide import AutoMultivariateNormal
 

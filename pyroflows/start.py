@@ -39,9 +39,12 @@ __all__ = ["START_MARGIN", "START_MAX_DIM", "gaussian_start", "output_affine"]
 #: ``mode="auto"`` takes the Gaussian start when its importance-weighted bound beats the guide as built by more
 #: than this many nats per latent coordinate
 START_MARGIN = 10.0
-#: ``mode="auto"`` leaves guides of more latent coordinates as built (each Newton step costs one backward pass
-#: per coordinate for the Hessian)
+#: ``mode="auto"`` leaves guides of more latent coordinates as built (each Newton step computes the Hessian: one
+#: batched backward pass per :data:`HESSIAN_CHUNK` coordinates)
 START_MAX_DIM = 256
+HESSIAN_CHUNK = 16
+#: the narrowest candidate standard deviation, in units in the last place of the location (see ``_resolvable``)
+MIN_SPREAD_ULPS = 10
 #: Newton steps at most, and importance draws per candidate
 MAX_NEWTON_STEPS = 50
 IW_DRAWS = 256
@@ -142,6 +145,11 @@ class _Start:
         _assign(self.guide, "loc", z)
         _assign(self.guide, "scale", cov.diagonal().sqrt())
 
+    def resolvable(self, z: torch.Tensor, cov: torch.Tensor) -> bool:
+        """Whether ``N(z, cov)`` placed on the guide is representable (:func:`_resolvable`): a diagonal guide draws
+        each coordinate on its own, with its marginal standard deviation around its own location."""
+        return _resolvable(z, cov.diagonal().sqrt(), z.abs(), self.origin().dtype)
+
     @property
     def dim(self) -> int:
         return int(self.guide.latent_dim)
@@ -173,6 +181,12 @@ class _MultivariateStart(_Start):
     def at_start(self) -> bool:
         tril = self.guide.scale_tril.detach()
         return super().at_start() and bool(torch.equal(tril, torch.eye(self.dim, dtype=tril.dtype)))
+
+    def resolvable(self, z: torch.Tensor, cov: torch.Tensor) -> bool:
+        """A full covariance is scored along its principal axes, each of which mixes every coordinate: its
+        narrowest standard deviation against the largest ``|z|``."""
+        spreads = torch.linalg.eigvalsh(cov).clamp(min=0.0).sqrt()
+        return _resolvable(z, spreads, z.abs().max().expand_as(spreads), self.origin().dtype)
 
     def place(self, z: torch.Tensor, cov: torch.Tensor) -> None:
         chol = torch.linalg.cholesky(cov)
@@ -244,14 +258,41 @@ def _adapter(guide) -> _Start | str:
     )
 
 
+def _resolvable(z: torch.Tensor, spreads: torch.Tensor, magnitudes: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a Gaussian at ``z`` with standard deviations ``spreads`` can be drawn from and scored in ``dtype``:
+    each at least :data:`MIN_SPREAD_ULPS` units in the last place of its ``magnitudes`` (at least 1). A narrower
+    one (the Laplace approximation far down a funnel's neck, 1e-10 wide around values of order 1) rounds its draws
+    onto a few points, and its importance-weighted bound comes out far above ``log Z``: not a bound at all."""
+    return bool((spreads >= MIN_SPREAD_ULPS * torch.finfo(dtype).eps * magnitudes.clamp(min=1.0)).all())
+
+
 def _value(f, z: torch.Tensor) -> float:
     """``f(z)`` as a float, ``-inf`` where the model fails or is not finite there."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a probe far out (Pyro's "Encountered NaN"): scored -inf below
             v = float(f(z))
     except (ValueError, RuntimeError, AssertionError):
         return -math.inf
     return v if math.isfinite(v) else -math.inf
+
+
+def _grad_and_hessian(f, z: torch.Tensor, chunk: int = HESSIAN_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``∇f(z)`` and ``∇²f(z)`` (float64) from one forward pass: the gradient with its graph, then its
+    Hessian-vector products ``chunk`` basis vectors at a time (batched backward passes, ``is_grads_batched``).
+    Where an operation of the model has no batched rule, one backward pass per coordinate."""
+    x = z.detach().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as in _value: a non-finite gradient ends the Newton run
+        g = torch.autograd.grad(f(x), x, create_graph=True)[0]
+    basis = torch.eye(len(x), dtype=x.dtype, device=x.device)
+    if not g.requires_grad:  # f is linear in z
+        return g.detach().double(), torch.zeros_like(basis, dtype=torch.float64)
+    try:
+        rows = [torch.autograd.grad(g, x, e, retain_graph=True, is_grads_batched=True)[0] for e in basis.split(chunk)]
+    except RuntimeError:  # no batched rule for an operation of the model (vmap)
+        rows = [torch.autograd.grad(g, x, e, retain_graph=True)[0][None] for e in basis]
+    return g.detach().double(), torch.cat(rows).detach().double()
 
 
 def _newton(f, z: torch.Tensor, max_steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -266,9 +307,7 @@ def _newton(f, z: torch.Tensor, max_steps: int) -> list[tuple[torch.Tensor, torc
     mu = 1e-4  # a quadratic log density is maximised by the first step; raised where a step does not improve f
     for step in range(max_steps + 1):
         try:
-            x = z.detach().requires_grad_(True)
-            g = torch.autograd.grad(f(x), x)[0].double()
-            h = torch.autograd.functional.hessian(f, z.detach()).double()
+            g, h = _grad_and_hessian(f, z)
         except (ValueError, RuntimeError, AssertionError):
             break
         if not (torch.isfinite(g).all() and torch.isfinite(h).all()):
@@ -310,7 +349,9 @@ def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = STAR
 
     Damped saddle-free Newton steps on the log joint density (in the guide's unconstrained space, from the guide's
     centre) give candidates ``N(z, H⁻¹)`` at every iterate where the negative Hessian ``H`` is positive definite;
-    each is scored by the importance-weighted bound (256 draws) of the guide placed on it. ``mode="auto"`` keeps the
+    each is scored by the importance-weighted bound (256 draws) of the guide placed on it, except one too narrow to
+    draw from in the guide's dtype (a standard deviation under :data:`MIN_SPREAD_ULPS` units in the last place of
+    its location: far down a funnel's neck), whose bound would not be a bound. ``mode="auto"`` keeps the
     best candidate when its bound exceeds the guide's as built by more than ``margin`` nats per latent coordinate
     (:data:`START_MARGIN`, 10: a posterior about 4.5 standard deviations off, or five times narrower, in every
     coordinate), and leaves guides of more than :data:`START_MAX_DIM` coordinates as built; ``mode="gaussian"``
@@ -381,8 +422,11 @@ def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = STAR
         candidates = _newton(_log_joint(model, start.sites, args, kwargs), start.origin(), MAX_NEWTON_STEPS)
         saved = {k: v.detach().clone() for k, v in guide.state_dict().items()}
         report["bound_identity"] = _iw_bound(model, guide, args, kwargs)
-        best, best_bound = None, -math.inf
+        best, best_bound, narrow = None, -math.inf, 0
         for z, cov in candidates:
+            if not start.resolvable(z, cov):
+                narrow += 1
+                continue
             try:
                 start.place(z, cov)
             except (ValueError, RuntimeError):  # torch.linalg.cholesky of a nearly singular covariance
@@ -391,7 +435,12 @@ def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = STAR
             if bound > best_bound:
                 best, best_bound = (z, cov), bound
         report["bound_gaussian"] = best_bound
-        if best is None:
+        if best is None and narrow:
+            report["reason"] = (
+                f"no Gaussian approximation was found: the {narrow} found were too narrow to draw from in "
+                f"{start.origin().dtype} (a funnel's neck?)"
+            )
+        elif best is None:
             report["reason"] = "no Gaussian approximation was found (no point where the log density is concave)"
         elif mode == "gaussian" or best_bound - report["bound_identity"] > margin * dim:
             start.place(*best)

@@ -4,6 +4,7 @@ runs unchanged otherwise, and guides it cannot or must not move left alone."""
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import numpy as np
@@ -249,3 +250,58 @@ def test_a_density_without_a_concave_point_gives_no_candidate():
 def test_bad_settings_are_named(call, match):
     with pytest.raises(ValueError, match=match):
         call(flow_guide(regression))
+
+
+def _curved(z):
+    """A non-quadratic log density with coupled coordinates, for the Hessian check."""
+    return -(z**4).sum() / 4 - (z[:-1] * z[1:]).exp().sum() + torch.sin(z).prod()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_the_batched_hessian_matches_autograds(chunk):
+    z = torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g, h = S._grad_and_hessian(_curved, z, chunk=chunk)
+    torch.testing.assert_close(h, torch.autograd.functional.hessian(_curved, z), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, torch.func.grad(_curved)(z), rtol=1e-12, atol=1e-12)
+
+
+def test_the_hessian_falls_back_to_one_backward_pass_per_coordinate(monkeypatch):
+    grad = torch.autograd.grad
+
+    def unbatchable(*args, is_grads_batched=False, **kwargs):  # as for an operation without a batching rule
+        if is_grads_batched:
+            raise RuntimeError("vmap: no batching rule")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", unbatchable)
+    z = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    _, h = S._grad_and_hessian(_curved, z)
+    torch.testing.assert_close(h, torch.autograd.functional.hessian(_curved, z), rtol=1e-12, atol=1e-12)
+
+
+def test_the_hessian_of_a_linear_log_density_is_zero():
+    g, h = S._grad_and_hessian(lambda z: (z * torch.arange(3.0)).sum(), torch.ones(3))
+    assert torch.equal(g, torch.arange(3.0, dtype=torch.float64)) and not h.any()
+
+
+NEEDLE_Y = torch.tensor(0.5)
+
+
+def needle(y=NEEDLE_Y):
+    """A posterior 1e-9 wide around 0.5: resolvable in float64, not in float32 (whose spacing there is 6e-8)."""
+    a = pyro.sample("a", dist.Normal(y.new_zeros(()), 1.0))
+    pyro.sample("y", dist.Normal(a, 1e-9), obs=y)
+
+
+@pytest.mark.parametrize("kind", ["flow", "AutoMultivariateNormal"])
+def test_a_candidate_too_narrow_for_the_dtype_is_not_scored(kind):
+    make = flow_guide if kind == "flow" else AutoMultivariateNormal
+    info = S.gaussian_start(needle, make(needle), mode="gaussian")
+    assert not info["used"] and "too narrow to draw from in torch.float32" in info["reason"]
+    assert info["bound_gaussian"] == -np.inf
+
+
+def test_the_same_narrow_candidate_is_used_in_float64(float64):
+    info = S.gaussian_start(needle, AutoMultivariateNormal(needle), torch.tensor(0.5), mode="gaussian")
+    log_z = -0.5 * math.log(2 * math.pi) - 0.5 * 0.5**2  # y ~ N(0, 1 + 1e-18): the exact posterior, bound = log Z
+    assert info["used"] and abs(info["bound_gaussian"] - log_z) < 1e-6
