@@ -2,12 +2,13 @@
 
 For each posterior of ``benchmarks/vi_guides.py`` (the default six and the extra ones) and a 31-D logistic
 regression on scikit-learn's bundled breast-cancer data, a fresh guide is built (two flow guides and Pyro's
-``AutoNormal`` and ``AutoMultivariateNormal``) and ``gaussian_start(mode="auto")`` is run as
-:func:`pyroflows.infer.fit` runs it before its first step. Each row records the two importance-weighted
-bounds (the guide as built and the guide moved onto the Laplace approximation; 256 draws, the same for both), the
-margin between them per latent coordinate (the start is used above ``pyroflows.start.START_MARGIN``), whether it
-was used, its reason and the seconds it took. No training: this is the gate's view of each posterior, to check that
-it leaves alone the posteriors a guide reaches as built and moves the guide where it does not.
+``AutoNormal``, ``AutoMultivariateNormal`` and ``AutoLowRankMultivariateNormal``) and
+``gaussian_start(mode="auto")`` is run as :func:`pyroflows.infer.fit` runs it before its first step. Each row
+records the two importance-weighted bounds (the guide as built and the guide moved onto the Laplace approximation;
+256 draws, the same for both), the margin between them per latent coordinate (the start is used above
+``pyroflows.start.START_MARGIN``), whether it was used, its reason and the seconds it took. No training: this is the
+gate's view of each posterior, to check that it leaves alone the posteriors a guide reaches as built and moves the
+guide where it does not.
 
 ::
 
@@ -27,7 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
-GUIDES = ["realnvp(8)", "autoregressive_flow(8)/tails", "AutoNormal", "AutoMultivariateNormal"]
+GUIDES = [
+    "realnvp(8)",
+    "autoregressive_flow(8)/tails",
+    "AutoNormal",
+    "AutoMultivariateNormal",
+    "AutoLowRankMultivariateNormal",
+]
 
 
 def _models(names: list[str]):
@@ -56,10 +63,10 @@ def run_row(model_name: str, model, args: tuple, guide_name: str) -> dict:
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)  # Pyro's guides start at a prior median estimated from draws: the same start every run
-    if guide_name == "AutoMultivariateNormal":
-        from pyro.infer.autoguide import AutoMultivariateNormal
+    if guide_name in ("AutoMultivariateNormal", "AutoLowRankMultivariateNormal"):
+        from pyro.infer import autoguide
 
-        guide = AutoMultivariateNormal(model)
+        guide = getattr(autoguide, guide_name)(model)
     else:
         guide = vi_guides.make_guide(guide_name, model)
     t0 = time.perf_counter()

@@ -12,7 +12,8 @@ log joint density in unconstrained space, from the guide's centre (the origin fo
 negative Hessian ``H`` is positive definite is a candidate ``N(z, H⁻¹)``. Each candidate is scored by the
 importance-weighted bound of the guide placed on it: a flow's output affine map gets ``b = z`` and the marginal
 standard deviations (the rest of the flow is kept), Pyro's ``AutoNormal`` and ``AutoDiagonalNormal`` the same
-location and scales, ``AutoMultivariateNormal`` the whole covariance. The best is kept when it beats the guide as
+location and scales, ``AutoMultivariateNormal`` the whole covariance, ``AutoLowRankMultivariateNormal`` its
+probabilistic PCA. The best is kept when it beats the guide as
 built by more than ``margin`` nats per latent coordinate (``mode="auto"``, what :func:`pyroflows.infer.fit` does),
 or always (``mode="gaussian"``).
 
@@ -196,6 +197,29 @@ class _MultivariateStart(_Start):
         _assign(self.guide, "scale_tril", chol / scale[:, None])
 
 
+class _LowRankStart(_MultivariateStart):
+    """Pyro's ``AutoLowRankMultivariateNormal``: covariance ``diag(s) (F Fᵀ + I) diag(s)`` with ``F`` of ``rank``
+    columns. Placed by probabilistic PCA (Tipping & Bishop 1999) of the correlation matrix ``R`` of ``cov``:
+    ``R ≈ W Wᵀ + σ² I`` with ``σ²`` the mean of the eigenvalues left out and ``W = U (Λ - σ²)^½`` on the ``rank``
+    largest, then ``s = σ`` times the marginal standard deviations and ``F = W / σ``. Exact when ``rank`` is
+    ``D - 1`` or the left-out eigenvalues are equal."""
+
+    def at_start(self) -> bool:
+        return _at(self.guide.scale, 0.5**0.5 * self.guide._init_scale)
+
+    def place(self, z: torch.Tensor, cov: torch.Tensor) -> None:
+        sd = cov.diagonal().sqrt()
+        ev, vec = torch.linalg.eigh(cov / sd[:, None] / sd[None, :])  # ascending
+        rank = self.guide.cov_factor.shape[-1]
+        kept = min(rank, self.dim - 1)
+        noise = ev[: self.dim - kept].mean().clamp(min=torch.finfo(ev.dtype).eps)
+        w = vec[:, self.dim - kept :] * (ev[self.dim - kept :] - noise).clamp(min=0.0).sqrt()
+        factor = torch.cat([w, w.new_zeros(self.dim, rank - kept)], -1) / noise.sqrt()
+        _assign(self.guide, "loc", z)
+        _assign(self.guide, "scale", sd * noise.sqrt())
+        _assign(self.guide, "cov_factor", factor)
+
+
 class _NormalStart(_Start):
     """Pyro's ``AutoNormal``: one ``locs.<site>`` and ``scales.<site>`` per latent site, in the prototype trace's
     order."""
@@ -239,22 +263,33 @@ class _NormalStart(_Start):
 
 def _adapter(guide) -> _Start | str:
     """The guide's :class:`_Start`, or why it has none."""
-    from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
+    from pyro.infer.autoguide import (
+        AutoDiagonalNormal,
+        AutoLowRankMultivariateNormal,
+        AutoMultivariateNormal,
+        AutoNormal,
+    )
 
     affine = output_affine(guide)
     if affine is not None:
         return _FlowStart(guide, affine)
-    if type(guide) in (AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal):
+    kinds = {
+        AutoNormal: _NormalStart,
+        AutoDiagonalNormal: _Start,
+        AutoMultivariateNormal: _MultivariateStart,
+        AutoLowRankMultivariateNormal: _LowRankStart,
+    }
+    if type(guide) in kinds:
         if any(
             (f.full_size or f.size) != f.size
             for _, site in guide.prototype_trace.iter_stochastic_nodes()
             for f in site["cond_indep_stack"]
         ):
             return "a latent site is in a subsampled plate (each step sees other locs and scales)"
-        return {AutoNormal: _NormalStart, AutoMultivariateNormal: _MultivariateStart}.get(type(guide), _Start)(guide)
+        return kinds[type(guide)](guide)
     return (
         "the guide is neither a flow ending in pyroflows' output affine map nor Pyro's AutoNormal, "
-        "AutoDiagonalNormal or AutoMultivariateNormal"
+        "AutoDiagonalNormal, AutoMultivariateNormal or AutoLowRankMultivariateNormal"
     )
 
 
@@ -364,10 +399,13 @@ def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = STAR
       ``AutoFlow`` or ``AutoNormalizingFlow``, heavy tails or not): the map gets ``b = z`` and ``s`` the log marginal
       standard deviations, the rest of the flow is kept;
     * Pyro's ``AutoNormal`` and ``AutoDiagonalNormal``: their locations and scales likewise;
-    * Pyro's ``AutoMultivariateNormal``: the whole covariance ``H⁻¹``.
+    * Pyro's ``AutoMultivariateNormal``: the whole covariance ``H⁻¹``;
+    * Pyro's ``AutoLowRankMultivariateNormal``: the marginal standard deviations, and probabilistic PCA of the
+      correlation matrix of ``H⁻¹`` in its ``rank`` factors (exact for ``rank = D - 1``).
 
     Only a guide at its start is moved: a flow's map still at ``b = 0``, ``s = 0``; a Pyro guide's scales still at
-    its ``init_scale`` (and ``AutoMultivariateNormal``'s ``scale_tril`` the identity). A guide that has been trained
+    its ``init_scale`` (``√½ · init_scale`` for the low-rank guide, and ``AutoMultivariateNormal``'s ``scale_tril``
+    the identity). A guide that has been trained
     (or loaded) is left alone, and so is one of another kind, or a Pyro guide with a latent site in a subsampled
     plate (with ``mode="auto"``; ``mode="gaussian"`` raises ``ValueError`` for it). A guide left alone is as it
     was bit for bit, and the global random state is left as it was.

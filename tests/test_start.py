@@ -144,11 +144,9 @@ def test_a_trained_guide_is_not_moved():
     assert not again.start["used"]
 
 
-@pytest.mark.parametrize("kind", ["pyro IAF", "AutoLowRankMultivariateNormal", "function"])
+@pytest.mark.parametrize("kind", ["pyro IAF", "function"])
 def test_a_guide_of_another_kind_is_left_alone_or_refused(kind):
-    if kind == "AutoLowRankMultivariateNormal":
-        guide = AutoLowRankMultivariateNormal(regression)
-    elif kind == "pyro IAF":
+    if kind == "pyro IAF":
         from pyro.distributions.transforms import iterated
 
         iaf = pyro.distributions.transforms.affine_autoregressive
@@ -165,10 +163,23 @@ def test_a_guide_of_another_kind_is_left_alone_or_refused(kind):
         S.gaussian_start(regression, guide, X, Y_FAR, mode="gaussian")
 
 
-@pytest.mark.parametrize("kind", [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        AutoNormal,
+        AutoDiagonalNormal,
+        AutoMultivariateNormal,
+        partial(AutoLowRankMultivariateNormal, rank=1),
+        partial(AutoLowRankMultivariateNormal, rank=3),  # more factors than needed: the spare ones start at zero
+    ],
+)
 def test_pyros_gaussian_guides_are_placed_on_the_exact_posterior(kind, float64):
     # the linear-Gaussian posterior again: AutoNormal and AutoDiagonalNormal get its means and marginal sds,
-    # AutoMultivariateNormal its whole covariance; the param store holds the same values (fit trains those)
+    # AutoMultivariateNormal its whole covariance, and AutoLowRankMultivariateNormal of rank >= 1 too (probabilistic
+    # PCA of a 2-D correlation matrix with one factor is exact); the param store holds the same values (fit trains
+    # those)
+    full = kind in (AutoMultivariateNormal,) or isinstance(kind, partial)
+    name = kind.func.__name__ if isinstance(kind, partial) else kind.__name__
     y = Y_FAR.double()
     mean, cov = exact_posterior(X, y)
     guide = kind(regression)
@@ -181,9 +192,9 @@ def test_pyros_gaussian_guides_are_placed_on_the_exact_posterior(kind, float64):
         assert float(store["AutoNormal.locs.a"].detach()) == pytest.approx(float(mean[0]), rel=1e-9)
     else:
         loc, scale = guide.loc.detach(), guide.scale.detach()
-        assert torch.equal(pyro.get_param_store()[f"{kind.__name__}.loc"].detach(), loc)
+        assert torch.equal(pyro.get_param_store()[f"{name}.loc"].detach(), loc)
     torch.testing.assert_close(loc, mean, rtol=1e-9, atol=1e-9)
-    if kind is AutoMultivariateNormal:
+    if full:
         torch.testing.assert_close(guide.get_posterior().covariance_matrix.detach(), cov, rtol=1e-7, atol=1e-12)
     else:
         torch.testing.assert_close(scale, cov.diagonal().sqrt(), rtol=1e-7, atol=0)
@@ -305,3 +316,32 @@ def test_the_same_narrow_candidate_is_used_in_float64(float64):
     info = S.gaussian_start(needle, AutoMultivariateNormal(needle), torch.tensor(0.5), mode="gaussian")
     log_z = -0.5 * math.log(2 * math.pi) - 0.5 * 0.5**2  # y ~ N(0, 1 + 1e-18): the exact posterior, bound = log Z
     assert info["used"] and abs(info["bound_gaussian"] - log_z) < 1e-6
+
+
+def test_a_low_rank_guide_keeps_the_marginals_and_the_leading_correlations(float64):
+    # a 6-D Gaussian posterior (y ~ N(A z, I), z ~ N(0, 100² I)) placed on an AutoLowRankMultivariateNormal of rank 2:
+    # the covariance it gets is probabilistic PCA's of the exact correlation matrix, checked against a direct
+    # computation, and its two leading correlation directions are the exact ones
+    a_mat = torch.randn(30, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a_mat[:, 1] += 3.0 * a_mat[:, 0]  # strongly correlated coordinates
+    eps = torch.randn(30, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y = a_mat @ (500.0 + torch.arange(6.0, dtype=torch.float64)) + eps
+
+    def linear(y=y):
+        z = pyro.sample("z", dist.Normal(torch.zeros(6), 100.0).to_event(1))
+        with pyro.plate("data", 30):
+            pyro.sample("y", dist.Normal(z @ a_mat.T, 1.0), obs=y)
+
+    precision = torch.eye(6, dtype=torch.float64) / 100.0**2 + a_mat.T @ a_mat
+    cov = torch.linalg.inv(precision)
+    guide = AutoLowRankMultivariateNormal(linear, rank=2)
+    assert S.gaussian_start(linear, guide, mode="gaussian")["used"]
+    torch.testing.assert_close(guide.loc.detach(), cov @ a_mat.T @ y, rtol=1e-8, atol=1e-8)
+    sd = cov.diagonal().sqrt()
+    ev, vec = torch.linalg.eigh(cov / sd[:, None] / sd)
+    noise = ev[:4].mean()
+    ppca = vec[:, 4:] @ torch.diag(ev[4:] - noise) @ vec[:, 4:].T + noise * torch.eye(6, dtype=torch.float64)
+    placed = guide.get_posterior().covariance_matrix.detach()
+    torch.testing.assert_close(placed, sd[:, None] * ppca * sd, rtol=1e-8, atol=1e-12)
+    top = torch.linalg.eigh(placed / sd[:, None] / sd).eigenvectors[:, 4:]
+    torch.testing.assert_close((top.T @ vec[:, 4:]).abs(), torch.eye(2, dtype=torch.float64), rtol=0, atol=1e-8)
