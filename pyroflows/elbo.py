@@ -126,6 +126,8 @@ def _log_prob(fn, value: torch.Tensor, avoid: frozenset = frozenset()) -> torch.
         )
     if isinstance(fn, torch.distributions.MultivariateNormal):
         return type(fn)(fn.loc.detach(), scale_tril=fn.scale_tril.detach()).log_prob(value)
+    if isinstance(fn, torch.distributions.LowRankMultivariateNormal):  # Pyro's AutoLowRankMultivariateNormal
+        return type(fn)(fn.loc.detach(), fn.cov_factor.detach(), fn.cov_diag.detach()).log_prob(value)
     if type(fn).__name__ in ("Normal", "LogNormal", "Laplace", "StudentT", "Cauchy", "Gamma", "Beta"):
         return type(fn)(**{k: v.detach() for k, v in params.items()}).log_prob(value)
     raise NotImplementedError(
@@ -139,14 +141,14 @@ def fixed_log_prob(fn, value: torch.Tensor, avoid=()) -> torch.Tensor:
     its inverse really runs (under the fixed parameters).
 
     Supported: ``TransformedDistribution`` whose transforms are ``nn.Module`` flows (pyroflows layers, Pyro's
-    ``TransformModule``\ s, and their inverses or compositions; their parameters' ``requires_grad`` is off while
-    the log-density is computed, so a conditional flow keeps its dependence on the context) or parameter-free
+    ``TransformModule``\ s, and their inverses or compositions; their parameters' ``requires_grad`` is off while the
+    log-density is computed, so a conditional flow keeps its dependence on the context) or parameter-free
     bijections, over a parameter-free base or one of the families below; ``Independent``; ``Normal``,
-    ``MultivariateNormal``, ``LogNormal``, ``Laplace``, ``StudentT``, ``Cauchy``, ``Gamma``, ``Beta``, whose
-    parameter tensors are detached whole. That is right when they are functions of the guide's parameters alone
-    (every Pyro autoguide), not when a hand-written guide computes them from its earlier samples: give those
-    samples' autograd nodes as ``avoid`` and such a parameter raises :class:`SampleDependentError`. Anything else
-    raises ``NotImplementedError``.
+    ``MultivariateNormal``, ``LowRankMultivariateNormal``, ``LogNormal``, ``Laplace``, ``StudentT``, ``Cauchy``,
+    ``Gamma``, ``Beta``, whose parameter tensors are detached whole. That is right when they are functions of the
+    guide's parameters alone (every Pyro autoguide), not when a hand-written guide computes them from its earlier
+    samples: give those samples' autograd nodes as ``avoid`` and such a parameter raises
+    :class:`SampleDependentError`. Anything else raises ``NotImplementedError``.
 
     :param fn: the guide site's distribution.
     :param torch.Tensor value: the sampled value.

@@ -95,6 +95,28 @@ def test_zero_gradient_per_draw_at_the_posterior():
     assert max(float(_grads(Trace_ELBO(**one), model, guide, [m, s]).abs().max()) for _ in range(5)) > 1e-2
 
 
+def test_a_low_rank_gaussian_guide_has_a_zero_gradient_per_draw_at_its_posterior():
+    """Pyro's AutoLowRankMultivariateNormal (a LowRankMultivariateNormal) placed on its exact posterior: STL's
+    gradient is zero for every draw (the parameters are held fixed whole, not only the location)."""
+    cov_factor = torch.tensor([[1.0], [0.5], [-0.3]])
+    cov_diag = torch.tensor([0.4, 0.2, 0.3])
+    loc = torch.tensor([0.5, -1.0, 2.0])
+
+    def model():
+        pyro.sample("z", dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag))
+
+    params = [loc.clone().requires_grad_(), cov_factor.clone().requires_grad_(), cov_diag.clone().requires_grad_()]
+
+    def guide():
+        pyro.sample("z", dist.LowRankMultivariateNormal(*params))
+
+    one = dict(num_particles=1, max_plate_nesting=0)
+    torch.manual_seed(0)
+    for _ in range(5):
+        assert _grads(TraceSTL_ELBO(**one), model, guide, params).abs().max() < 1e-5
+    assert max(float(_grads(Trace_ELBO(**one), model, guide, params).abs().max()) for _ in range(5)) > 1e-2
+
+
 def test_same_elbo_value_and_fixed_log_prob():
     pyro.clear_param_store()
     guide = AutoNormalizingFlow(_gauss_model, partial(pyroflows.realnvp, num_layers=2, hidden=(8,)))
