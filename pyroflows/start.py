@@ -7,15 +7,14 @@ optimiser moves a location or a log scale by about its learning rate per step, s
 (an intercept near 1000 with a N(0, 100²) prior, or one a hundred times narrower than the start in every
 coordinate) is out of reach of a run of a few thousand steps.
 
-:func:`gaussian_start` finds Gaussian approximations of the posterior by damped, saddle-free Newton steps on the
-log joint density in unconstrained space, from the guide's centre (the origin for a flow): every iterate where the
+:func:`gaussian_start` finds Gaussian approximations of the posterior by damped, saddle-free Newton steps on the log
+joint density in unconstrained space, from the guide's centre (the origin for a flow): every iterate where the
 negative Hessian ``H`` is positive definite is a candidate ``N(z, H⁻¹)``. Each candidate is scored by the
 importance-weighted bound of the guide placed on it: a flow's output affine map gets ``b = z`` and the marginal
 standard deviations (the rest of the flow is kept), Pyro's ``AutoNormal`` and ``AutoDiagonalNormal`` the same
 location and scales, ``AutoMultivariateNormal`` the whole covariance, ``AutoLowRankMultivariateNormal`` its
-probabilistic PCA. The best is kept when it beats the guide as
-built by more than ``margin`` nats per latent coordinate (``mode="auto"``, what :func:`pyroflows.infer.fit` does),
-or always (``mode="gaussian"``).
+probabilistic PCA. The best is kept when it beats the guide as built by more than ``margin`` nats per latent
+coordinate (``mode="auto"``, what :func:`pyroflows.infer.fit` does), or always (``mode="gaussian"``).
 
 Why a margin and not "whenever it is better": on hierarchical (funnel-shaped) posteriors the mode lies in the
 neck and the best Gaussian there beats the origin by a few nats, yet a flow started from it ends worse than one
@@ -43,6 +42,7 @@ START_MARGIN = 10.0
 #: ``mode="auto"`` leaves guides of more latent coordinates as built (each Newton step computes the Hessian: one
 #: batched backward pass per :data:`HESSIAN_CHUNK` coordinates)
 START_MAX_DIM = 256
+#: coordinates per batched backward pass of the Newton run's Hessians
 HESSIAN_CHUNK = 16
 #: the narrowest candidate standard deviation, in units in the last place of the location (see ``_resolvable``)
 MIN_SPREAD_ULPS = 10
@@ -405,10 +405,9 @@ def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = STAR
 
     Only a guide at its start is moved: a flow's map still at ``b = 0``, ``s = 0``; a Pyro guide's scales still at
     its ``init_scale`` (``√½ · init_scale`` for the low-rank guide, and ``AutoMultivariateNormal``'s ``scale_tril``
-    the identity). A guide that has been trained
-    (or loaded) is left alone, and so is one of another kind, or a Pyro guide with a latent site in a subsampled
-    plate (with ``mode="auto"``; ``mode="gaussian"`` raises ``ValueError`` for it). A guide left alone is as it
-    was bit for bit, and the global random state is left as it was.
+    the identity). A guide that has been trained (or loaded) is left alone, and so is one of another kind, or a Pyro
+    guide with a latent site in a subsampled plate (with ``mode="auto"``; ``mode="gaussian"`` raises ``ValueError``
+    for it). A guide left alone is as it was bit for bit, and the global random state is left as it was.
 
     :param model: the Pyro model.
     :param guide: one of the guides above; built here if it is not yet.
