@@ -59,7 +59,7 @@ def run_row(model_name: str, model, args: tuple, guide_name: str) -> dict:
     import pyro
 
     from benchmarks import vi_guides
-    from pyroflows.start import gaussian_start
+    from pyroflows.start import _adapter, gaussian_start
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)  # Pyro's guides start at a prior median estimated from draws: the same start every run
@@ -72,7 +72,7 @@ def run_row(model_name: str, model, args: tuple, guide_name: str) -> dict:
     t0 = time.perf_counter()
     report = gaussian_start(model, guide, *args)
     seconds = time.perf_counter() - t0
-    dim = sum(v.numel() for v in guide.locs.state_dict().values()) if guide_name == "AutoNormal" else guide.latent_dim
+    dim = _adapter(guide).dim  # latent coordinates, as the gate counts them (AutoNormal has no latent_dim)
     finite = {k: (v if math.isfinite(v) else None) for k, v in report.items() if k.startswith("bound_")}
     margin = None if None in finite.values() else (finite["bound_gaussian"] - finite["bound_identity"]) / dim
     return {

@@ -149,7 +149,7 @@ class _Start:
     def resolvable(self, z: torch.Tensor, cov: torch.Tensor) -> bool:
         """Whether ``N(z, cov)`` placed on the guide is representable (:func:`_resolvable`): a diagonal guide draws
         each coordinate on its own, with its marginal standard deviation around its own location."""
-        return _resolvable(z, cov.diagonal().sqrt(), z.abs(), self.origin().dtype)
+        return _resolvable(z, cov.diagonal().sqrt(), z.abs())
 
     @property
     def dim(self) -> int:
@@ -187,7 +187,7 @@ class _MultivariateStart(_Start):
         """A full covariance is scored along its principal axes, each of which mixes every coordinate: its
         narrowest standard deviation against the largest ``|z|``."""
         spreads = torch.linalg.eigvalsh(cov).clamp(min=0.0).sqrt()
-        return _resolvable(z, spreads, z.abs().max().expand_as(spreads), self.origin().dtype)
+        return _resolvable(z, spreads, z.abs().max().expand_as(spreads))
 
     def place(self, z: torch.Tensor, cov: torch.Tensor) -> None:
         chol = torch.linalg.cholesky(cov)
@@ -293,12 +293,13 @@ def _adapter(guide) -> _Start | str:
     )
 
 
-def _resolvable(z: torch.Tensor, spreads: torch.Tensor, magnitudes: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a Gaussian at ``z`` with standard deviations ``spreads`` can be drawn from and scored in ``dtype``:
-    each at least :data:`MIN_SPREAD_ULPS` units in the last place of its ``magnitudes`` (at least 1). A narrower
-    one (the Laplace approximation far down a funnel's neck, 1e-10 wide around values of order 1) rounds its draws
-    onto a few points, and its importance-weighted bound comes out far above ``log Z``: not a bound at all."""
-    return bool((spreads >= MIN_SPREAD_ULPS * torch.finfo(dtype).eps * magnitudes.clamp(min=1.0)).all())
+def _resolvable(z: torch.Tensor, spreads: torch.Tensor, magnitudes: torch.Tensor) -> bool:
+    """Whether a Gaussian at ``z`` with standard deviations ``spreads`` can be drawn from and scored in ``z``'s
+    dtype (the guide's: the Newton run keeps its start's): each at least :data:`MIN_SPREAD_ULPS` units in the last
+    place of its ``magnitudes`` (at least 1). A narrower one (the Laplace approximation far down a funnel's neck,
+    1e-10 wide around values of order 1) rounds its draws onto a few points, and its importance-weighted bound comes
+    out far above ``log Z``: not a bound at all."""
+    return bool((spreads >= MIN_SPREAD_ULPS * torch.finfo(z.dtype).eps * magnitudes.clamp(min=1.0)).all())
 
 
 def _value(f, z: torch.Tensor) -> float:
@@ -456,7 +457,8 @@ def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = STAR
         if mode == "auto" and dim > START_MAX_DIM:
             report["reason"] = f"{dim} latent coordinates, more than START_MAX_DIM={START_MAX_DIM}"
             return report
-        candidates = _newton(_log_joint(model, start.sites, args, kwargs), start.origin(), MAX_NEWTON_STEPS)
+        origin = start.origin()
+        candidates = _newton(_log_joint(model, start.sites, args, kwargs), origin, MAX_NEWTON_STEPS)
         saved = {k: v.detach().clone() for k, v in guide.state_dict().items()}
         report["bound_identity"] = _iw_bound(model, guide, args, kwargs)
         best, best_bound, narrow = None, -math.inf, 0
@@ -475,7 +477,7 @@ def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = STAR
         if best is None and narrow:
             report["reason"] = (
                 f"no Gaussian approximation was found: the {narrow} found were too narrow to draw from in "
-                f"{start.origin().dtype} (a funnel's neck?)"
+                f"{origin.dtype} (a funnel's neck?)"
             )
         elif best is None:
             report["reason"] = "no Gaussian approximation was found (no point where the log density is concave)"
