@@ -178,7 +178,7 @@ def test_pyros_gaussian_guides_are_placed_on_the_exact_posterior(kind, float64):
     # AutoMultivariateNormal its whole covariance, and AutoLowRankMultivariateNormal of rank >= 1 too (probabilistic
     # PCA of a 2-D correlation matrix with one factor is exact); the param store holds the same values (fit trains
     # those)
-    full = kind in (AutoMultivariateNormal,) or isinstance(kind, partial)
+    full = kind is AutoMultivariateNormal or isinstance(kind, partial)
     name = kind.func.__name__ if isinstance(kind, partial) else kind.__name__
     y = Y_FAR.double()
     mean, cov = exact_posterior(X, y)
