@@ -20,7 +20,7 @@ from .report import write_report
 SCRIPTS = {
     "vi": [("vi_energies", "vi_energies"), ("vi_guides", "vi_guides")],
     "guides": [("vi_guides", "vi_guides")],  # the guide comparison alone (part of "vi")
-    "svi": [("svi_step", "svi_step")],
+    "svi": [("svi_step", "svi_step"), ("stl_cost", "stl_cost")],
     "image": [("image_flows", "image_flows")],
     "residual": [("residual", "residual"), ("residual_eval", "residual_eval")],
     "scaling": [("scaling", "scaling")],

@@ -451,6 +451,20 @@ def _svi_step(d: dict) -> str:
     )
 
 
+def _stl_cost(d: dict) -> str:
+    from benchmarks.stl_cost import markdown
+
+    c = d["config"]
+    return markdown(d["rows"]) + (
+        f"\n\nOne pyroflows.AutoFlow guide per row, first fitted {c['pretrain_steps']} steps with the STL gradient; "
+        f"then pyro.infer.SVI + ClippedAdam(lr {c['lr']}), {c['particles']} vectorised particles, "
+        f"{c['steps_per_call']} steps per timed call, {c['rounds']} interleaved rounds after {c['warmup']} warm-up, "
+        f"{c['threads']} thread. STL / Trace_ELBO: median paired ratio of TraceSTL_ELBO's time over Trace_ELBO's. "
+        "Cold start: STL with AffineAutoregressive.warm_start_inverse off (the solve inside a composition starts "
+        "from zeros, as before the warm start); warm-start speed-up: median paired ratio of cold over warm."
+    )
+
+
 def _residual_eval(d: dict) -> str:
     from benchmarks.residual_eval import markdown
 
@@ -469,6 +483,7 @@ def _residual_eval(d: dict) -> str:
 RENDERERS = {
     "residual_eval": _residual_eval,
     "svi_step": _svi_step,
+    "stl_cost": _stl_cost,
     "start_gate": _start_gate,
     "vi_guides": _vi_guides,
     "vi_energies": _vi,

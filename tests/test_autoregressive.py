@@ -288,6 +288,53 @@ def test_iterative_inverse_starts_from_the_remembered_pair():
     assert t._solve(y.clone(), None)[2] > 1
 
 
+def test_a_composition_remembers_its_autoregressive_parts_so_sticking_the_landing_inverts_in_one_pass():
+    """Inside a Compose (every builder's flow) an autoregressive part remembers its pair on each forward pass, as a
+    call of the part would: the held-fixed log q of sticking the landing (a copy of the draw, inverted with the
+    parameters frozen) then takes one Jacobi pass per layer instead of the dependence chain's length, and gives the
+    same value and the same gradient in the draw as a cold start. Other parts keep no reference to intermediates."""
+    from pyroflows.elbo import fixed_log_prob
+
+    order = [3, 1, 0, 2, 11, 7, 5, 9, 4, 10, 6, 8]
+    layers = [
+        _perturb(AffineAutoregressive(12, hidden=(8,), order=o).double(), 0.4, seed=i)
+        for i, o in enumerate([order, order[::-1]])
+    ]
+    flow = Compose([layers[0], ActNorm(12).double(), layers[1]])
+    base = dist.Normal(torch.zeros(12, dtype=torch.float64), 1.0).to_event(1)
+    q = dist.TransformedDistribution(base, [flow])
+    z = q.rsample((5,))
+    assert flow.parts[1]._memo is None  # not an iterative inverse: nothing remembered inside the composition
+
+    passes = []
+    solve = AffineAutoregressive._solve
+
+    def counting(self, y, context):
+        out = solve(self, y, context)
+        passes.append(out[2])
+        return out
+
+    def held_fixed(value):
+        v = value.detach().requires_grad_()
+        lp = fixed_log_prob(q, v)
+        (grad,) = torch.autograd.grad(lp.sum(), v)
+        return lp.detach(), grad
+
+    AffineAutoregressive._solve = counting
+    try:
+        warm = held_fixed(z)
+        assert passes == [1, 1], passes
+        for layer in layers:
+            layer.clear_memo()
+        passes.clear()
+        cold = held_fixed(z)
+        assert min(passes) > 1, passes
+    finally:
+        AffineAutoregressive._solve = solve
+    assert torch.allclose(warm[0], q.log_prob(z).detach(), atol=1e-10)
+    assert torch.allclose(warm[0], cold[0], atol=1e-10) and torch.allclose(warm[1], cold[1], atol=1e-8)
+
+
 def test_iterative_inverse_under_no_grad_and_its_gradcheck_with_a_context():
     """Without a graph the solve runs alone (sampling a MAF), its log-det that of the recovered point; gradcheck passes
     through the implicit backward in ``y`` and the context together (D = 12, above ``SEQUENTIAL_MAX_DIM``)."""

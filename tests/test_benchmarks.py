@@ -163,7 +163,23 @@ def test_svi_step_tiny(tmp_path):
     assert all(r["max_loss_difference"] < 1e-2 and r["speed_ratio"] > 0 for r in payload["rows"])
     text = report.section(out)
     assert "| SVI | banana | realnvp(8) |" in text and "could not render" not in text
-    assert [name for _, name in suite.SCRIPTS["svi"]] == ["svi_step"]
+    assert [name for _, name in suite.SCRIPTS["svi"]] == ["svi_step", "stl_cost"]
+
+
+def test_stl_cost_tiny(tmp_path):
+    """The STL-cost benchmark runs end to end (one timed round) and its report renders; the flow with autoregressive
+    layers gets the cold-start baseline column, the coupling flow does not."""
+    from benchmarks import stl_cost
+
+    out = tmp_path / "stl_cost_quick.json"
+    assert stl_cost.main(["--quick", "--rounds", "1", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "stl_cost" and payload["quick"] is True
+    rows = {r["builder"]: r for r in payload["rows"]}
+    assert "warm_start_speedup" in rows["autoregressive_flow(4)"] and "warm_start_speedup" not in rows["realnvp(8)"]
+    assert all(r["stl_cost"] > 0 and r["stl_ms_per_step"] > 0 for r in payload["rows"])
+    text = report.section(out)
+    assert "| eight_schools_centered | realnvp(8) |" in text and "could not render" not in text
 
 
 def test_residual_eval_tiny(tmp_path):

@@ -167,6 +167,8 @@ class AffineAutoregressive(FlowTransform):
         shift, log_scale = self._shift_and_log_scale(x, context)
         return x * torch.exp(log_scale) + shift, log_scale.sum(-1)
 
+    warm_start_inverse = True  # the Jacobi passes start from the remembered input (_first_guess)
+
     #: up to this dimension a differentiable inverse runs the ``D`` passes under autograd (the implicit gradient's
     #: extra passes and calls cost more than they save: 0.69 times the speed at ``D = 2``, 1.05 times at 10)
     SEQUENTIAL_MAX_DIM = 8

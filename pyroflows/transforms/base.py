@@ -195,6 +195,12 @@ class FlowTransform(TransformModule):
     #: With gradients off, calls compute only the map (``forward_only`` / ``inverse_only``) and leave the log-det
     #: to the first ``log_abs_det_jacobian`` on the pair. Worth it only where the log-det dominates the cost.
     lazy_log_det = False
+    #: The layer's inverse is iterative and starts from the input of its remembered pair when that fits (an
+    #: autoregressive layer's Jacobi passes): a :class:`Compose` then remembers this part's pair on each forward
+    #: pass, as a call of the part would, so that inverting a copy of the draw it just made (the sticking-the-landing
+    #: gradient) starts at the answer. Other parts are not remembered inside a composition (no reference is kept to
+    #: their intermediates).
+    warm_start_inverse = False
 
     @property
     def random_log_det(self) -> bool:
@@ -596,7 +602,12 @@ class Compose(FlowTransform):
     def forward_and_log_det(self, x):
         log_det = x.new_zeros(x.shape[: x.dim() - self._domain.event_dim])
         for part, n in zip(self._parts, self._sum_dims_forward):
+            x_in = x
             x, ld = forward_and_log_det(part, x)
+            if getattr(
+                part, "warm_start_inverse", False
+            ):  # remembered as a call of the part would be (see the attribute)
+                part._memo = _Pair(x_in, x, ld, part._memo_mode())
             log_det = log_det + _sum_rightmost(ld, n)
         return x, log_det
 
