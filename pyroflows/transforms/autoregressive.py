@@ -22,23 +22,27 @@ def _settled(new: torch.Tensor, old: torch.Tensor) -> bool:
 
 
 class _AutoregressiveInverse(torch.autograd.Function):
-    """``x`` with ``x = g(y, x)``, ``g(y, x) = (y - t(x)) e^{-s(x)}``, solved by :meth:`AffineAutoregressive._solve`;
-    the backward is the implicit function theorem's: ``u = v + (∂g/∂x)^T u`` (``∂g/∂x`` is strictly triangular in
-    the order, so the iteration is exact after ``D`` vector-Jacobian products and usually settles sooner), then the
-    gradients of ``y``, the context and the parameters are ``u``'s vector-Jacobian products through ``g``."""
+    """``(x, s(x))`` with ``x = g(y, x)``, ``g(y, x) = (y - t(x)) e^{-s(x)}``, solved by
+    :meth:`AffineAutoregressive._solve` (the log-scales are those of its last pass, exact: each comes from coordinates
+    that were exact before it). The backward is the implicit function theorem's: with ``v = grad_x + (∂s/∂x)^T
+    grad_s``, ``u = v + (∂g/∂x)^T u`` (``∂g/∂x`` is strictly triangular in the order, so the iteration is exact after
+    ``D`` vector-Jacobian products and usually settles sooner; each product goes through ``g`` and ``s`` at once, one
+    pass of the conditioner), then the gradients of ``y``, the context and the parameters are the products of
+    ``(u, grad_s)`` through ``(g, s)``. Returning the log-scales spares the layer a second conditioner pass (and its
+    backward) for its log-det."""
 
     @staticmethod
     def forward(ctx, layer, y, context, *params):
-        x, _, _ = layer._solve(y, context)
+        x, log_scale, _ = layer._solve(y, context)
         ctx.layer = layer
         ctx.params = params  # the tensors themselves: the graph of g in the backward must be built on them
         ctx.has_context = context is not None
         ctx.save_for_backward(y, x, *([context] if context is not None else []))
-        return x
+        return x, log_scale
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_x):
+    def backward(ctx, grad_x, grad_s):
         layer = ctx.layer
         saved = ctx.saved_tensors
         y, x = saved[0], saved[1]
@@ -49,10 +53,10 @@ class _AutoregressiveInverse(torch.autograd.Function):
             y = y.detach().requires_grad_(ctx.needs_input_grad[1])
             if context is not None:
                 context = context.detach().requires_grad_(ctx.needs_input_grad[2])
-            g = layer._inverse_step(x, y, context)[0]
+            g, s = layer._inverse_step(x, y, context)
             u = grad_x
             for _ in range(layer.dim):
-                (back,) = torch.autograd.grad(g, x, u, retain_graph=True)
+                (back,) = torch.autograd.grad((g, s), x, (u, grad_s), retain_graph=True)
                 new = grad_x + back
                 settled = _settled(new, u)
                 u = new
@@ -61,7 +65,7 @@ class _AutoregressiveInverse(torch.autograd.Function):
             wanted = [y, context] + params
             mask = list(ctx.needs_input_grad[1:3]) + list(ctx.needs_input_grad[3:])
             inputs = [t for t, need in zip(wanted, mask) if need]
-            grads = iter(torch.autograd.grad(g, inputs, u, allow_unused=True) if inputs else ())
+            grads = iter(torch.autograd.grad((g, s), inputs, (u, grad_s), allow_unused=True) if inputs else ())
         return (None, *(next(grads) if need else None for need in mask))
 
 
@@ -186,8 +190,7 @@ class AffineAutoregressive(FlowTransform):
                 new, log_scale = self._inverse_step(x, y, context)
                 x = torch.where(self.order == k, new, x)
         else:
-            x = _AutoregressiveInverse.apply(self, y, context, *self._trainable())
-            _, log_scale = self._shift_and_log_scale(x, context)
+            x, log_scale = _AutoregressiveInverse.apply(self, y, context, *self._trainable())
         # every log-scale above was computed from exact inputs (the coordinates before it): it is s(x)
         return x, -log_scale.sum(-1)
 
@@ -224,12 +227,8 @@ class AffineAutoregressive(FlowTransform):
         """Where the solve starts: the input of the layer's remembered pair when it has ``y``'s shape, dtype and
         device (the sticking-the-landing gradient inverts a copy of the draw the layer just made, so that input is
         the answer and one pass confirms it), else zeros. Any start reaches the same solution."""
-        memo = self._memo
-        if memo is not None:
-            x = memo.x
-            if x.shape == y.shape and x.dtype == y.dtype and x.device == y.device:
-                return x.detach()
-        return torch.zeros_like(y)
+        x = self.remembered_input(y)
+        return torch.zeros_like(y) if x is None else x
 
     def extra_repr(self) -> str:
         return f"shape={self.event_shape}, scale_bound={self.scale_bound}"

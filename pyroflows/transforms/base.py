@@ -195,7 +195,7 @@ class FlowTransform(TransformModule):
     #: With gradients off, calls compute only the map (``forward_only`` / ``inverse_only``) and leave the log-det
     #: to the first ``log_abs_det_jacobian`` on the pair. Worth it only where the log-det dominates the cost.
     lazy_log_det = False
-    #: The layer's inverse is iterative and starts from the input of its remembered pair when that fits (an
+    #: The layer's inverse is iterative and starts from :meth:`remembered_input` when there is one (an
     #: autoregressive layer's Jacobi passes): a :class:`Compose` then remembers this part's pair on each forward
     #: pass, as a call of the part would, so that inverting a copy of the draw it just made (the sticking-the-landing
     #: gradient) starts at the answer. Other parts are not remembered inside a composition (no reference is kept to
@@ -277,6 +277,31 @@ class FlowTransform(TransformModule):
     def _recall(self, x=None, y=None) -> _Pair | None:
         memo = self._memo
         return memo if memo is not None and memo.matches(self._memo_mode(), x=x, y=y) else None
+
+    def remembered_input(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The input of the remembered pair, detached, when it has ``like``'s shape, dtype and device; else ``None``.
+
+        A first guess for an iterative inverse (see :attr:`warm_start_inverse`): the pair may be stale (other
+        parameters, another batch), so a solve must still check it, but when ``like`` is a copy of the last output it
+        is the answer.
+
+        Example::
+
+            >>> import torch
+            >>> from pyroflows.transforms import AffineAutoregressive
+            >>> t = AffineAutoregressive(3)
+            >>> x = torch.randn(4, 3)
+            >>> y = t(x)
+            >>> torch.equal(t.remembered_input(y.clone()), x), t.remembered_input(torch.zeros(2, 3)) is None
+            (True, True)
+        """
+        memo = self._memo
+        if memo is None:
+            return None
+        x = memo.x
+        if x.shape == like.shape and x.dtype == like.dtype and x.device == like.device:
+            return x.detach()
+        return None
 
     def clear_memo(self) -> None:
         """Forget the remembered ``(x, y, log-det)``; the next ``log_abs_det_jacobian`` or ``inv`` computes."""
