@@ -196,10 +196,11 @@ class FlowTransform(TransformModule):
     #: to the first ``log_abs_det_jacobian`` on the pair. Worth it only where the log-det dominates the cost.
     lazy_log_det = False
     #: The layer's inverse is iterative and starts from :meth:`remembered_input` when there is one (an
-    #: autoregressive layer's Jacobi passes): a :class:`Compose` then remembers this part's pair on each forward
-    #: pass, as a call of the part would, so that inverting a copy of the draw it just made (the sticking-the-landing
-    #: gradient) starts at the answer. Other parts are not remembered inside a composition (no reference is kept to
-    #: their intermediates).
+    #: autoregressive layer's Jacobi passes, a residual block's fixed-point iteration): a :class:`Compose` then
+    #: remembers this part's pair on each forward pass with gradients on, as a call of the part would, so that
+    #: inverting a copy of the draw it just made (the sticking-the-landing gradient) starts at the answer. Other
+    #: parts, and every part without gradients (evaluation, sampling), keep no reference to their intermediates
+    #: inside a composition.
     warm_start_inverse = False
 
     @property
@@ -629,9 +630,8 @@ class Compose(FlowTransform):
         for part, n in zip(self._parts, self._sum_dims_forward):
             x_in = x
             x, ld = forward_and_log_det(part, x)
-            if getattr(
-                part, "warm_start_inverse", False
-            ):  # remembered as a call of the part would be (see the attribute)
+            # remembered as a call of the part would be (see FlowTransform.warm_start_inverse)
+            if getattr(part, "warm_start_inverse", False) and torch.is_grad_enabled():
                 part._memo = _Pair(x_in, x, ld, part._memo_mode())
             log_det = log_det + _sum_rightmost(ld, n)
         return x, log_det

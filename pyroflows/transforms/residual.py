@@ -429,10 +429,26 @@ class ResidualBlock(FlowTransform):
 
         else:
             branch, with_jacobian = g, None
+        start = self._warm_start(y)
+        if start is None:
+            start = y - branch(y)
         if self.inverse == "newton":
-            return self._newton(y, branch, with_jacobian, y - branch(y), 0)
+            return self._newton(y, branch, with_jacobian, start, 0)
         switch = with_jacobian if self._closed_form_solves(g) else None
-        return self._fixed_point(y, branch, switch, y - branch(y), 0)
+        return self._fixed_point(y, branch, switch, start, 0)
+
+    warm_start_inverse = True  # inside a Compose too: the inverse of a copy of a draw starts from its input
+
+    def _warm_start(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Where the solve starts when ``y`` is (to the solve's tolerance) the output of the remembered pair: its
+        input, the answer under the same parameters (the sticking-the-landing gradient inverts a copy of each draw,
+        and the inverse of a later block returns its input to the tolerance). ``None`` for any other ``y``, whose
+        solve starts from ``y - g(y)``: a remembered input of another point would be a worse start."""
+        x = self.remembered_input(y)
+        if x is None:
+            return None
+        memo_y = self._memo.y.detach()
+        return x if bool(((y - memo_y).abs() <= self._tolerance(memo_y)).all()) else None
 
     def _newton(self, y, branch, with_jacobian, x: torch.Tensor, done: int) -> torch.Tensor:
         """Newton's method on ``F(x) = x + g(x) - y`` from ``x``: ``x <- x - (I + J_g(x))^{-1} F(x)``. It converges
