@@ -393,9 +393,11 @@ def test_fixed_point_inverse_reaches_tolerance_and_reports_failure():
     x = block.inv(y)
     assert float((x + block.net(x) - y).abs().max()) < 1e-8
     block.max_iter = 1
+    block.clear_memo()  # a solve from the default start (the remembered input would be the answer for y)
     with pytest.raises(RuntimeError, match=r"did not converge in max_iter=1 .* max residual"):
         block.inv(y.clone())
     block.on_fail = "warn"
+    block.clear_memo()
     with pytest.warns(RuntimeWarning, match="did not converge"):
         block.inv(y.clone())
 
@@ -738,11 +740,14 @@ def test_training_log_det_auto_is_exact_where_the_jacobian_is_small():
 
 
 def _invert_then_with_fixed_point(block, inner, y):
-    """``(x, iterations)`` of ``block.inv(y)`` as configured, then with ``inner.inverse = "fixed_point"``."""
+    """``(x, iterations)`` of ``block.inv(y)`` as configured, then with ``inner.inverse = "fixed_point"``: solves from
+    the default start (the remembered pair forgotten first, whose input would be a warm start for ``y``)."""
     out = []
     with torch.no_grad():
         for mode in (inner.inverse, "fixed_point"):
             inner.inverse = mode
+            for t in {id(block): block, id(inner): inner}.values():
+                t.clear_memo()
             out.append((block.inv(y.clone()), inner.last_inverse_iterations))
     return out
 
