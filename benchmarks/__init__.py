@@ -5,7 +5,8 @@ Parts (each also runs standalone as ``python benchmarks/<script>.py``):
 
 * ``vi``: variational inference on the 2-D energies of Rezende & Mohamed (``vi_energies.py``), and flow guides
   against Pyro's autoguides at equal budget, KL(q‖p) on six posteriors with an exact log Z, Pyro's hand-written
-  SVI loop against :func:`pyroflows.infer.fit`'s defaults (``vi_guides.py``; ``guides`` runs this half alone);
+  SVI loop against :func:`pyroflows.infer.fit`'s defaults (``vi_guides.py``), and the same on three held-out
+  posteriors that chose nothing (``vi_heldout.py``; ``guides`` runs these two alone);
 * ``svi``: the SVI step of :class:`pyroflows.AutoFlow` against the same flow in Pyro's ``AutoNormalizingFlow``,
   interleaved, on the example models, through ``pyro.infer.SVI`` and through :func:`pyroflows.infer.fit`
   (``svi_step.py``); what the sticking-the-landing gradient costs per step against ``Trace_ELBO``, flow by flow,

@@ -1,5 +1,5 @@
 """``python -m benchmarks {all,vi,guides,svi,image,residual,scaling,sampling,applications} [--quick] [--out DIR]``
-(``guides`` is the second half of ``vi`` alone)."""
+(``guides`` is ``vi`` without the energies: the guide comparisons)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from .report import write_report
 
 #: part -> its scripts, each (module, results name)
 SCRIPTS = {
-    "vi": [("vi_energies", "vi_energies"), ("vi_guides", "vi_guides")],
-    "guides": [("vi_guides", "vi_guides")],  # the guide comparison alone (part of "vi")
+    "vi": [("vi_energies", "vi_energies"), ("vi_guides", "vi_guides"), ("vi_heldout", "vi_heldout")],
+    "guides": [("vi_guides", "vi_guides"), ("vi_heldout", "vi_heldout")],  # the guide comparisons (part of "vi")
     "svi": [("svi_step", "svi_step"), ("stl_cost", "stl_cost")],
     "image": [("image_flows", "image_flows")],
     "residual": [("residual", "residual"), ("residual_eval", "residual_eval")],
@@ -35,7 +35,7 @@ def _argv(part: str, name: str, quick: bool, out: Path) -> list[str] | None:
     if part in ("scaling", "sampling"):
         return [*quick_flag, "--out", str(out)]
     argv = [*quick_flag, "--out", str(_common.result_path(out, name, quick))]
-    if name == "vi_guides":
+    if name in ("vi_guides", "vi_heldout"):
         argv += ["--workers", str(max(1, (os.cpu_count() or 2)))]
     if not _common.have_normflows():
         if name == "residual":

@@ -115,11 +115,28 @@ def test_dispatcher_arguments(tmp_path):
     assert suite._argv("image", "image_flows", False, tmp_path)[1].endswith("image_flows.json")
     # a part of two scripts: each writes its own results file
     assert [name for _, name in suite.SCRIPTS["applications"]] == ["hybrid", "ood"]
-    assert [name for _, name in suite.SCRIPTS["vi"]] == ["vi_energies", "vi_guides"]
+    assert [name for _, name in suite.SCRIPTS["vi"]] == ["vi_energies", "vi_guides", "vi_heldout"]
     assert suite._argv("vi", "vi_guides", True, tmp_path)[-2] == "--workers"
+    assert suite._argv("guides", "vi_heldout", True, tmp_path)[-2] == "--workers"
     assert suite._argv("applications", "ood", False, tmp_path)[1].endswith("ood.json")
     with pytest.raises(SystemExit):
         suite.main(["nonsense"])
+
+
+def test_vi_heldout_tiny(tmp_path):
+    """The held-out posteriors' benchmark runs end to end on one model (a few steps) and its report renders: each
+    row's figure is the gap to the best importance-weighted bound of the run, so the best row's is non-negative."""
+    from benchmarks import vi_heldout
+
+    out = tmp_path / "vi_heldout_quick.json"
+    payload = vi_heldout.main(
+        ["--quick", "--workers", "1", "--models", "hier_logreg", "--guides", "AutoNormal,realnvp(8)", "--out", str(out)]
+    )
+    rows = payload["rows"]
+    assert {r["guide"]: r["recipe"] for r in rows} == {"AutoNormal": "plain", "realnvp(8)": "fit"}
+    assert all("error" not in r and r["iw_elbo"] >= r["elbo"] - 1e-9 for r in rows)
+    text = report.section(out)
+    assert "| realnvp(8) |" in text and "could not render" not in text
 
 
 def test_vi_guides_tiny(tmp_path):
