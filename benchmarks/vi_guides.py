@@ -214,6 +214,12 @@ def markdown(rows: list[dict], recipe: str) -> str:
     seen = [r["guide"] for r in rows if r["recipe"] == recipe]
     guides = [g for g in GUIDES if g in seen] + sorted(set(seen) - set(GUIDES))
     cell = {(r["model"], r["guide"]): r for r in rows if r["recipe"] == recipe}
+    return grid(models, guides, cell, lambda r: r["kl"])
+
+
+def grid(models: list[str], guides: list[str], cell: dict, kl) -> str:
+    """The markdown table of ``guides`` (rows) by ``models`` (columns): per cell ``kl(row)`` with the row's k̂ and
+    training seconds, "–" where ``cell`` has no row, "error" where the job failed."""
     lines = ["| guide | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for g in guides:
         out = []
@@ -222,7 +228,7 @@ def markdown(rows: list[dict], recipe: str) -> str:
             if r is None or "error" in r:
                 out.append("–" if r is None else "error")
             else:
-                out.append(f"{r['kl']:.3f} (k̂ {r['khat_median']:.2f}, {r['train_s']:.0f} s)")
+                out.append(f"{kl(r):.3f} (k̂ {r['khat_median']:.2f}, {r['train_s']:.0f} s)")
         lines.append(f"| {g} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 

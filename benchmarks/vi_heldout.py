@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common  # noqa: E402
-from benchmarks.vi_guides import PARTICLES, STEPS, _train_fit, _train_plain, make_guide  # noqa: E402
+from benchmarks.vi_guides import PARTICLES, STEPS, _train_fit, _train_plain, grid, make_guide  # noqa: E402
 
 MODELS = ["hier_logreg", "stoch_vol", "horseshoe_reg"]
 GUIDES = ["AutoNormal", "AutoIAFNormal(2)", "realnvp(8)", "autoregressive_flow(8)"]
@@ -150,17 +150,7 @@ def markdown(rows: list[dict]) -> str:
     guides = [g for g in GUIDES if any(r["guide"] == g for r in rows)]
     cell = {(r["model"], r["guide"]): r for r in rows}
     best = {m: max((r["iw_elbo"] for r in rows if r["model"] == m and "error" not in r), default=None) for m in models}
-    lines = ["| guide | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
-    for g in guides:
-        out = []
-        for m in models:
-            r = cell.get((m, g))
-            if r is None or "error" in r:
-                out.append("–" if r is None else "error")
-            else:
-                out.append(f"{best[m] - r['elbo']:.3f} (k̂ {r['khat_median']:.2f}, {r['train_s']:.0f} s)")
-        lines.append(f"| {g} | " + " | ".join(out) + " |")
-    return "\n".join(lines)
+    return grid(models, guides, cell, lambda r: best[r["model"]] - r["elbo"])
 
 
 def main(argv=None) -> dict:
