@@ -68,16 +68,19 @@ def run_row(model_name: str, builder_name: str, warmup: int, rounds: int, pretra
     iterative = (AffineAutoregressive, ResidualBlock)
     warm_started = any(isinstance(m, iterative) for m in guide.modules())
 
+    defaults = {cls: vars(cls)["warm_start_inverse"] for cls in iterative}  # a bool, or ResidualBlock's property
+
     def call(svi, warm=True):
         def run():
-            for cls in iterative:
-                cls.warm_start_inverse = warm
+            if not warm:
+                for cls in iterative:
+                    cls.warm_start_inverse = False
             try:
                 for _ in range(STEPS):
                     svi.step(*args)
             finally:
-                for cls in iterative:
-                    cls.warm_start_inverse = True
+                for cls, value in defaults.items():
+                    cls.warm_start_inverse = value
 
         return run
 

@@ -883,3 +883,13 @@ def test_the_inverse_of_a_remembered_output_starts_from_its_input_inside_a_compo
     other = y + 0.5  # not the remembered output: the default start
     assert block._warm_start(other) is None and block._warm_start(y.clone()) is not None
     assert torch.allclose(block.inv(other) + block.net(block.inv(other)), other, atol=1e-9)
+
+    # image blocks (density models: their inverse draws new points) keep no pair inside a composition, nor does any
+    # block in a pass without gradients
+    image = ResidualBlock((2, 4, 4), hidden=4, coeff=0.9).double()
+    Compose([image]).forward_and_log_det(torch.randn(3, 2, 4, 4, dtype=torch.float64))
+    assert not image.warm_start_inverse and image._memo is None
+    fresh = _block(6, seed=3, logdet="exact")
+    with torch.no_grad():
+        Compose([fresh]).forward_and_log_det(torch.randn(3, 6, dtype=torch.float64))
+    assert fresh.warm_start_inverse and fresh._memo is None

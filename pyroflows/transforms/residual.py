@@ -437,7 +437,12 @@ class ResidualBlock(FlowTransform):
         switch = with_jacobian if self._closed_form_solves(g) else None
         return self._fixed_point(y, branch, switch, start, 0)
 
-    warm_start_inverse = True  # inside a Compose too: the inverse of a copy of a draw starts from its input
+    @property
+    def warm_start_inverse(self) -> bool:
+        """Vector blocks: yes (in a guide, the sticking-the-landing gradient inverts a copy of each draw, and a
+        :class:`Compose` remembers this block's pair so that the solve starts from its input). Image blocks: no (a
+        density model's inverse draws new points, so a remembered pair would only hold memory between steps)."""
+        return self._event_dim == 1
 
     def _warm_start(self, y: torch.Tensor) -> torch.Tensor | None:
         """Where the solve starts when ``y`` is (to the solve's tolerance) the output of the remembered pair: its
