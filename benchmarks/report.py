@@ -473,9 +473,9 @@ def _stl_cost(d: dict) -> str:
         f"then pyro.infer.SVI + ClippedAdam(lr {c['lr']}), {c['particles']} vectorised particles, "
         f"{c['steps_per_call']} steps per timed call, {c['rounds']} interleaved rounds after {c['warmup']} warm-up, "
         f"{c['threads']} thread. STL / Trace_ELBO: median paired ratio of TraceSTL_ELBO's time over Trace_ELBO's. "
-        "Cold start: STL with warm_start_inverse off on AffineAutoregressive and ResidualBlock (the solve inside a "
-        "composition starts from zeros or y - g(y), as before the warm start); warm-start speed-up: median paired "
-        "ratio of cold over warm."
+        "Cold start: STL with warm_start_inverse off on Planar, AffineAutoregressive and ResidualBlock (the solve "
+        "inside a composition starts from its default guess, as before the warm start); warm-start speed-up: median "
+        "paired ratio of cold over warm."
     )
 
 

@@ -3,12 +3,12 @@
 :class:`pyroflows.elbo.TraceSTL_ELBO` (``fit``'s default estimator) evaluates ``log q`` of each draw a second time
 with the guide's parameters held fixed, through the flow's inverse. For coupling layers that inverse costs what the
 forward does; for an autoregressive layer it is an iterative solve (Jacobi passes), for a residual block a
-fixed-point iteration, each with an implicit-function backward. Each row times three loops on one
-:class:`pyroflows.AutoFlow` guide: ``Trace_ELBO`` (reparameterised, no inverse), ``TraceSTL_ELBO``, and, for flows of
-autoregressive layers or residual blocks, ``TraceSTL_ELBO`` with the layers' warm start switched off
-(``warm_start_inverse = False``: inside a composition the solve then starts from zeros, or from ``y - g(y)``, where
-the warm start starts at the answer and takes one pass), the code before the warm start, as a baseline in the same
-process.
+fixed-point iteration, each with an implicit-function backward, for a planar layer a scalar Newton solve per draw.
+Each row times three loops on one :class:`pyroflows.AutoFlow` guide: ``Trace_ELBO`` (reparameterised, no inverse),
+``TraceSTL_ELBO``, and, for flows of planar or autoregressive layers or residual blocks, ``TraceSTL_ELBO`` with the
+layers' warm start switched off (``warm_start_inverse = False``: inside a composition the solve then starts from its
+default guess, where the warm start starts at the answer), the code before the warm start, as a baseline in the
+same process.
 
 All loops: ``pyro.infer.SVI`` + ``ClippedAdam(lr 3e-3)``, 8 vectorised particles, 10 steps per timed call, after a
 fit of 300 steps so the flow is away from its identity initialisation (a fresh autoregressive layer's solve settles
@@ -16,7 +16,7 @@ at once). Ratios are medians over interleaved rounds of paired times.
 
 Usage::
 
-    python benchmarks/stl_cost.py            # 3 models x 5 builders
+    python benchmarks/stl_cost.py            # 3 models x 6 builders
     python benchmarks/stl_cost.py --quick    # 1 model x 2 builders, fewer rounds
 """
 
@@ -37,7 +37,14 @@ from benchmarks.svi_step import _builder  # noqa: E402
 from benchmarks.vi_guides import model_spec  # noqa: E402 (also puts examples/ on the path)
 
 MODELS = ["eight_schools_centered", "horseshoe", "local_level"]
-BUILDERS = ["realnvp(8)", "autoregressive_flow(4)", "autoregressive_flow(8)", "spline_flow(8)", "residual_flow(8)"]
+BUILDERS = [
+    "planar_flow(16)",
+    "realnvp(8)",
+    "autoregressive_flow(4)",
+    "autoregressive_flow(8)",
+    "spline_flow(8)",
+    "residual_flow(8)",
+]
 QUICK_MODELS, QUICK_BUILDERS = ["eight_schools_centered"], ["realnvp(8)", "autoregressive_flow(4)"]
 STEPS, PARTICLES, LR, PRETRAIN = 10, 8, 3e-3, 300
 
@@ -49,7 +56,7 @@ def run_row(model_name: str, builder_name: str, warmup: int, rounds: int, pretra
     from pyroflows import AutoFlow
     from pyroflows.elbo import TraceSTL_ELBO
     from pyroflows.infer import _ensure_built, max_plate_nesting
-    from pyroflows.transforms import AffineAutoregressive, ResidualBlock
+    from pyroflows.transforms import AffineAutoregressive, Planar, ResidualBlock
 
     torch.set_num_threads(1)
     model, args, _ = model_spec(model_name)
@@ -65,7 +72,7 @@ def run_row(model_name: str, builder_name: str, warmup: int, rounds: int, pretra
     }
     for _ in range(pretrain):
         svis["stl"].step(*args)
-    iterative = (AffineAutoregressive, ResidualBlock)
+    iterative = (AffineAutoregressive, Planar, ResidualBlock)
     warm_started = any(isinstance(m, iterative) for m in guide.modules())
 
     defaults = {cls: vars(cls)["warm_start_inverse"] for cls in iterative}  # a bool, or ResidualBlock's property

@@ -100,3 +100,54 @@ def test_inverse_round_trip_property(w, u, b, scale):
     x = scale * torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = t(x)
     assert torch.allclose(t.inv(y.clone()), x, atol=1e-9 * (1 + scale + np.abs(u).sum()), rtol=0)
+
+
+def test_a_composition_of_planar_layers_inverts_its_own_draws_from_the_remembered_inputs():
+    """Inside a Compose each planar layer remembers its pair, so the held-fixed log q of sticking the landing (a copy
+    of the draw, inverted with frozen parameters) starts each scalar solve at ``w·x + b`` of the remembered input,
+    the root: the same value and draw-gradient as a cold solve, with no Newton iteration. A point that is not the
+    remembered output (nor within rounding of it) starts as before."""
+    import pyro.distributions as dist
+
+    from pyroflows.elbo import fixed_log_prob
+    from pyroflows.transforms import Compose
+
+    torch.manual_seed(0)
+    layers = [Planar(4).double() for _ in range(3)]
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.parameters():
+                p.add_(torch.randn_like(p))
+    flow = Compose(layers)
+    q = dist.TransformedDistribution(dist.Normal(torch.zeros(4, dtype=torch.float64), 1.0).to_event(1), [flow])
+    z = q.rsample((6,))
+
+    starts = []
+    solve = Planar._solve
+
+    def recording(self, target, c, start=None):
+        starts.append(start is not None)
+        return solve(self, target, c, start)
+
+    def held_fixed(value):
+        v = value.detach().requires_grad_()
+        lp = fixed_log_prob(q, v)
+        (grad,) = torch.autograd.grad(lp.sum(), v)
+        return lp.detach(), grad
+
+    Planar._solve = recording
+    try:
+        warm = held_fixed(z)
+        assert starts == [True, True, True], starts
+        for layer in layers:
+            layer.clear_memo()
+        starts.clear()
+        cold = held_fixed(z)
+        assert starts == [False, False, False], starts
+    finally:
+        Planar._solve = solve
+    assert torch.allclose(warm[0], q.log_prob(z).detach(), atol=1e-10)
+    assert torch.allclose(warm[0], cold[0], atol=1e-10) and torch.allclose(warm[1], cold[1], atol=1e-8)
+    layer = layers[0]
+    y = layer(torch.randn(6, 4, dtype=torch.float64))
+    assert layer._warm_start(y.clone()) is not None and layer._warm_start(y + 1e-3) is None
