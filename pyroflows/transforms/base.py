@@ -196,11 +196,11 @@ class FlowTransform(TransformModule):
     #: to the first ``log_abs_det_jacobian`` on the pair. Worth it only where the log-det dominates the cost.
     lazy_log_det = False
     #: The layer's inverse is iterative and starts from :meth:`remembered_input` when there is one (an
-    #: autoregressive layer's Jacobi passes, a residual block's fixed-point iteration): a :class:`Compose` then
-    #: remembers this part's pair on each forward pass with gradients on, as a call of the part would, so that
-    #: inverting a copy of the draw it just made (the sticking-the-landing gradient) starts at the answer. Other
-    #: parts, and every part without gradients (evaluation, sampling), keep no reference to their intermediates
-    #: inside a composition.
+    #: autoregressive layer's Jacobi passes, a residual block's fixed-point iteration, a planar layer's scalar
+    #: Newton solve): a :class:`Compose` then remembers this part's pair on each forward pass with gradients on, as
+    #: a call of the part would, so that inverting a copy of the draw it just made (the sticking-the-landing
+    #: gradient) starts at the answer. Other parts, and every part without gradients (evaluation, sampling), keep
+    #: no reference to their intermediates inside a composition.
     warm_start_inverse = False
 
     @property
