@@ -551,3 +551,15 @@ def is_real(constraint) -> bool:
     while isinstance(constraint, constraints.independent):
         constraint = constraint.base_constraint
     return constraint is constraints.real
+
+
+def held_fixed_log_q(q, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sticking-the-landing gradient's held-fixed ``log q`` of a copy of ``value`` (parameters frozen, through
+    the flow's inverse; :func:`pyroflows.elbo.fixed_log_prob`) and its gradient in the draw: what a warm-started
+    inverse must reproduce from a cold solve."""
+    from pyroflows.elbo import fixed_log_prob
+
+    v = value.detach().requires_grad_()
+    lp = fixed_log_prob(q, v)
+    (grad,) = torch.autograd.grad(lp.sum(), v)
+    return lp.detach(), grad
