@@ -384,3 +384,59 @@ def test_mmd_is_unbiased_and_names_bad_input():
         mmd(torch.tensor([[0.0], [float("nan")]]), torch.zeros(3, 1))
     with pytest.raises(ValueError, match="at least 2"):
         mmd(torch.zeros(1, 2), torch.zeros(3, 2))
+
+
+def test_conditioned_planar_and_autoregressive_layers_invert_their_own_draws_from_the_remembered_inputs():
+    """A conditioned layer leaves each pair of a forward pass with gradients with its layer, so the held-fixed log q
+    of sticking the landing through a conditioned composition (an amortised guide) starts the planar solve at the
+    root and the autoregressive solve at the answer: the same value and draw-gradient as a cold solve."""
+    import pyro.distributions as dist
+    from conformance import held_fixed_log_q
+
+    from pyroflows.transforms import (
+        AffineAutoregressive,
+        ConditionalAffineAutoregressive,
+        ConditionalCompose,
+        ConditionalPlanar,
+        Planar,
+    )
+
+    torch.manual_seed(0)
+    flow = ConditionalCompose(
+        [ConditionalPlanar(10, context_dim=2), ConditionalAffineAutoregressive(10, context_dim=2, hidden=(8,))]
+    ).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    context = torch.randn(6, 2, dtype=torch.float64)
+    base = dist.Normal(torch.zeros(6, 10, dtype=torch.float64), 1.0).to_event(1)  # one draw per context row
+    q = dist.TransformedDistribution(base, [flow.condition(context)])
+    z = q.rsample()
+    layers = [part.layer for part in q.transforms[0].parts]
+    assert all(layer._memo is not None for layer in layers)
+
+    seen = []
+    planar_solve, ar_solve = Planar._solve, AffineAutoregressive._solve
+
+    def planar(self, target, c, start=None):
+        seen.append(("planar", start is not None))
+        return planar_solve(self, target, c, start)
+
+    def autoregressive(self, y, context):
+        out = ar_solve(self, y, context)
+        seen.append(("autoregressive", out[2]))
+        return out
+
+    Planar._solve, AffineAutoregressive._solve = planar, autoregressive
+    try:
+        warm = held_fixed_log_q(q, z)
+        assert seen == [("autoregressive", 1), ("planar", True)], seen
+        for layer in layers:
+            layer.clear_memo()
+        seen.clear()
+        cold = held_fixed_log_q(q, z)
+        assert seen[1] == ("planar", False), seen
+    finally:
+        Planar._solve, AffineAutoregressive._solve = planar_solve, ar_solve
+    assert torch.allclose(warm[0], q.log_prob(z).detach(), atol=1e-10)
+    assert torch.allclose(warm[0], cold[0], atol=1e-10) and torch.allclose(warm[1], cold[1], atol=1e-8)
