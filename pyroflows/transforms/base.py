@@ -60,6 +60,14 @@ class _Pair:
         return y is None or (self.y is y and _version(y) == self.y_version)
 
 
+def remember_for_warm_start(t, x: torch.Tensor, y: torch.Tensor, log_det: torch.Tensor) -> None:
+    """Leave the pair ``(x, y, log-det)`` of a forward pass made on ``t``'s behalf (by a :class:`Compose`, or a
+    conditioned layer) with ``t``, as a call of ``t`` would, when its inverse warm-starts from it
+    (:attr:`FlowTransform.warm_start_inverse`) and gradients are on; otherwise keep no reference."""
+    if torch.is_grad_enabled() and getattr(t, "warm_start_inverse", False):
+        t._remember(x, y, log_det)
+
+
 def forward_and_log_det(t: Transform, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(t(x), log|det dt/dx|)`` for any torch transform, one pass for a :class:`FlowTransform`.
 
@@ -279,12 +287,18 @@ class FlowTransform(TransformModule):
         memo = self._memo
         return memo if memo is not None and memo.matches(self._memo_mode(), x=x, y=y) else None
 
-    def remembered_input(self, like: torch.Tensor) -> torch.Tensor | None:
+    def _remember(self, x: torch.Tensor, y: torch.Tensor, log_det: torch.Tensor | None) -> None:
+        """Remember ``(x, y, log-det)`` as the pair of a call in the current train/eval and grad mode."""
+        self._memo = _Pair(x, y, log_det, self._memo_mode())
+
+    def remembered_input(self, like: torch.Tensor, within=None) -> torch.Tensor | None:
         """The input of the remembered pair, detached, when it has ``like``'s shape, dtype and device; else ``None``.
 
         A first guess for an iterative inverse (see :attr:`warm_start_inverse`): the pair may be stale (other
         parameters, another batch), so a solve must still check it, but when ``like`` is a copy of the last output it
-        is the answer.
+        is the answer. With ``within``, a function of the remembered output giving an elementwise tolerance, the input
+        is returned only when ``like`` is that close to the output (a solve whose remembered input of another point
+        would be a worse start than its own first guess).
 
         Example::
 
@@ -300,9 +314,13 @@ class FlowTransform(TransformModule):
         if memo is None:
             return None
         x = memo.x
-        if x.shape == like.shape and x.dtype == like.dtype and x.device == like.device:
-            return x.detach()
-        return None
+        if not (x.shape == like.shape and x.dtype == like.dtype and x.device == like.device):
+            return None
+        if within is not None:
+            out = memo.y.detach()
+            if out.shape != like.shape or not bool(((like.detach() - out).abs() <= within(out)).all()):
+                return None
+        return x.detach()
 
     def clear_memo(self) -> None:
         """Forget the remembered ``(x, y, log-det)``; the next ``log_abs_det_jacobian`` or ``inv`` computes."""
@@ -340,7 +358,7 @@ class FlowTransform(TransformModule):
             True
         """
         y, log_det = self._checked(x, "forward", lazy)
-        self._memo = _Pair(x, y, log_det, self._memo_mode())
+        self._remember(x, y, log_det)
         return y, log_det
 
     def _inverse(self, y):
@@ -348,7 +366,7 @@ class FlowTransform(TransformModule):
         if memo is not None:
             return memo.x
         x, log_det = self._checked(y, "inverse", lazy=not torch.is_grad_enabled() and self.lazy_log_det)
-        self._memo = _Pair(x, y, None if log_det is None else -log_det, self._memo_mode())
+        self._remember(x, y, None if log_det is None else -log_det)
         return x
 
     def _checked(self, v, direction: str, lazy: bool):
@@ -630,9 +648,7 @@ class Compose(FlowTransform):
         for part, n in zip(self._parts, self._sum_dims_forward):
             x_in = x
             x, ld = forward_and_log_det(part, x)
-            # remembered as a call of the part would be (see FlowTransform.warm_start_inverse)
-            if getattr(part, "warm_start_inverse", False) and torch.is_grad_enabled():
-                part._memo = _Pair(x_in, x, ld, part._memo_mode())
+            remember_for_warm_start(part, x_in, x, ld)
             log_det = log_det + _sum_rightmost(ld, n)
         return x, log_det
 

@@ -19,7 +19,7 @@ from pyro.distributions.conditional import ConditionalTransform, ConditionalTran
 from torch import nn
 
 from ._shapes import count
-from .base import Compose, FlowTransform, _Pair
+from .base import Compose, FlowTransform, remember_for_warm_start
 from .validation import is_validation_enabled
 
 
@@ -125,16 +125,10 @@ class Conditioned(FlowTransform):
     def inverse_shape(self, shape):
         return self.layer.inverse_shape(shape)
 
-    @property
-    def warm_start_inverse(self) -> bool:
-        """The layer's (:attr:`FlowTransform.warm_start_inverse`): where it is true, each forward pass with gradients
-        also leaves its pair with the layer, whose inverse starts from the layer's own remembered input."""
-        return bool(getattr(self.layer, "warm_start_inverse", False))
-
     def forward_and_log_det(self, x):
         y, log_det = self.layer.forward_and_log_det(x, context=self.context)
-        if torch.is_grad_enabled() and self.warm_start_inverse:
-            self.layer._memo = _Pair(x, y, log_det, self.layer._memo_mode())
+        # the layer's inverse (called with the context) starts from the layer's own remembered input
+        remember_for_warm_start(self.layer, x, y, log_det)
         return y, log_det
 
     def inverse_and_log_det(self, y):

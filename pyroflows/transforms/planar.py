@@ -141,12 +141,7 @@ class Planar(FlowTransform):
         """The remembered input when ``y`` is its output to within ``sqrt(eps)`` relative (the sticking-the-landing
         gradient inverts a copy of each draw; a later layer's inverse returns its input to rounding): its ``w·x + b``
         is then the root, or next to it. ``None`` otherwise: another point's input would be a worse start."""
-        x = self.remembered_input(y)
-        if x is None:
-            return None
-        memo_y = self._memo.y.detach()
-        close = (y.detach() - memo_y).abs() <= torch.finfo(y.dtype).eps ** 0.5 * (1.0 + memo_y.abs())
-        return x if bool(close.all()) else None
+        return self.remembered_input(y, within=lambda out: torch.finfo(out.dtype).eps ** 0.5 * (1.0 + out.abs()))
 
     def _solve(self, target, c, start=None):
         """Solve ``a + c tanh(a) = target`` elementwise (``c > -1``, same shape as ``target``) to near machine

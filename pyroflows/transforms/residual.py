@@ -449,11 +449,7 @@ class ResidualBlock(FlowTransform):
         input, the answer under the same parameters (the sticking-the-landing gradient inverts a copy of each draw,
         and the inverse of a later block returns its input to the tolerance). ``None`` for any other ``y``, whose
         solve starts from ``y - g(y)``: a remembered input of another point would be a worse start."""
-        x = self.remembered_input(y)
-        if x is None:
-            return None
-        memo_y = self._memo.y.detach()
-        return x if bool(((y - memo_y).abs() <= self._tolerance(memo_y)).all()) else None
+        return self.remembered_input(y, within=self._tolerance)
 
     def _newton(self, y, branch, with_jacobian, x: torch.Tensor, done: int) -> torch.Tensor:
         """Newton's method on ``F(x) = x + g(x) - y`` from ``x``: ``x <- x - (I + J_g(x))^{-1} F(x)``. It converges
