@@ -82,6 +82,9 @@ def run_row(model_name: str, builder_name: str, warmup: int, rounds: int, pretra
             if not warm:
                 for cls in iterative:
                     cls.warm_start_inverse = False
+                for m in guide.modules():  # no pair left from a warm call: the solves start as before the warm start
+                    if isinstance(m, iterative):
+                        m.clear_memo()
             try:
                 for _ in range(STEPS):
                     svi.step(*args)

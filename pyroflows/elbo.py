@@ -12,8 +12,8 @@ but differentiable in :math:`z`: :func:`fixed_log_prob`. For a flow guide it run
 inverse pass per step: as cheap as the forward for couplings, a fixed-point solve for residual flows, :math:`D`
 passes for Pyro's inverse autoregressive layers; pyroflows' planar and autoregressive layers and residual blocks
 start their solve from the input they remember from the draw (``warm_start_inverse``), so it takes one pass. On the
-example models a step took 1.4 to 1.7 times a ``Trace_ELBO`` step for coupling and spline flows, 1.5 to 1.8 for
-planar, 1.9 to 2.0 for residual and 2.1 to 2.6 for autoregressive flows (``python benchmarks/stl_cost.py``).
+example models a step took 1.5 to 1.9 times a ``Trace_ELBO`` step for coupling and spline flows, 1.6 to 1.8 for
+planar, 1.9 to 2.0 for residual and 2.0 to 2.5 for autoregressive flows (``python benchmarks/stl_cost.py``).
 
 :class:`TraceIW_ELBO` is the importance-weighted bound of Burda, Grosse & Salakhutdinov (2016) over the particles,
 with the doubly reparameterised gradient of Tucker, Lawson, Gu & Maddison (2019), the same held-fixed

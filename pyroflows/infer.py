@@ -555,7 +555,7 @@ def fit(
         ``pyro.plate``-annotated models, as Pyro's ``Trace_ELBO``).
     :param str estimator: the ELBO's gradient: ``"stl"`` (default), sticking the landing
         (:class:`pyroflows.elbo.TraceSTL_ELBO`: the path derivative alone, whose variance vanishes as the guide
-        approaches the posterior; it costs one inverse pass of the flow per step, 1.4 to 2.6 times a ``Trace_ELBO``
+        approaches the posterior; it costs one inverse pass of the flow per step, 1.5 to 2.5 times a ``Trace_ELBO``
         step on the example models),
         ``"reparam"``, Pyro's reparameterised ``Trace_ELBO``, or ``"iw"``, the importance-weighted bound over the
         ``num_particles`` draws with the doubly reparameterised gradient (:class:`pyroflows.elbo.TraceIW_ELBO`: a
