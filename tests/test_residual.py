@@ -90,6 +90,33 @@ def test_induced_mixed_norms_and_learnable_orders():
     assert _max_jacobian_norm(block.net, 3 * torch.randn(32, 3, dtype=torch.float64)) <= 0.9 * (1 + 1e-3)
 
 
+def test_spectral_norm_shortcut_equals_the_general_power_method(monkeypatch):
+    """The 2-norm layers (the default) iterate with plain normalisations; the general p -> q method, which the
+    shortcut replaces, gives the same vectors and the same normalised weight (float64, 1e-12)."""
+    from pyroflows.nn import SpectralLinear
+
+    def run(shortcut):
+        if not shortcut:
+            monkeypatch.setattr(SpectralLinear, "_spectral", property(lambda self: False))
+        torch.manual_seed(0)
+        layer = SpectralLinear(6, 9, coeff=0.9).double()
+        with torch.no_grad():
+            layer.weight.mul_(4)
+        outs = [layer.normalized_weight()]
+        layer.eval()
+        outs.append(layer.normalized_weight())  # eval: iterated to convergence
+        monkeypatch.undo()
+        return outs, layer.u, layer.v, layer.sigma
+
+    fast, general = run(True), run(False)
+    for a, b in zip(fast[0], general[0]):  # the normalised weights, training and eval
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+    for a, b in zip(fast[1:], general[1:]):  # u, v (rounding moves their unconverged directions a little), sigma
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    w = fast[0][1].detach()
+    assert abs(float(torch.linalg.matrix_norm(w, 2)) - 0.9) < 1e-6
+
+
 def test_conv_bound_is_on_the_true_operator():
     torch.manual_seed(0)
     conv = SpectralConv2d(2, 3, 3, coeff=0.8).double().eval()

@@ -85,6 +85,11 @@ def _normalize_p(x: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     return x / flat.abs().pow(p).sum().pow(1.0 / p).clamp_min(1e-12)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """``x`` over its 2-norm (the ``p = 2`` case of :func:`_normalize_p`, in fewer operations)."""
+    return x / torch.linalg.vector_norm(x).clamp_min(1e-12)
+
+
 def _dual(x: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """The unit vector of the dual norm aligned with ``x``: ``sign(x) |x|^{p-1} / ||x||_p^{p-1}``."""
     x = _normalize_p(x, p)
@@ -196,17 +201,21 @@ class _PowerIteration(nn.Module):
         if self.training:
             # Once per change of the weight (i.e. per optimiser step), not per call: every forward, inverse
             # and log-det evaluation between two steps sees the same normalised weight, the same function.
-            changed = fp != self._train_fp  # NaN at first: always "changed"
-            if _SKIP_UNCHANGED_ON_CPU and changed.device.type == "cpu" and not bool(changed):
-                # on the CPU reading the flag costs no device sync: skip the iteration the where below would discard
+            if self._eval_fp is not None:  # (a test first: setting goes through Module.__setattr__)
                 self._eval_fp = None
+            changed = fp != self._train_fp  # NaN at first: always "changed"
+            if _SKIP_UNCHANGED_ON_CPU and changed.device.type == "cpu":
+                # on the CPU reading the flag costs no device sync: iterate only when the weight changed, with
+                # no copies to fall back to
+                if bool(changed):
+                    self._iterate(self.n_iterations)
+                    self._train_fp.copy_(fp)
                 return
             u, v = self.u.clone(), self.v.clone()
             self._iterate(self.n_iterations)
             self.u.copy_(torch.where(changed, self.u, u))
             self.v.copy_(torch.where(changed, self.v, v))
             self._train_fp.copy_(fp)
-            self._eval_fp = None
             return
         fp = float(fp)
         if self._eval_fp == fp:
@@ -337,18 +346,33 @@ class SpectralLinear(_PowerIteration):
 
     @property
     def domain(self) -> float:
-        return float(torch.as_tensor(_order(self._orders[0])).detach())
+        p = self._orders[0]
+        return p if type(p) is float else float(torch.as_tensor(_order(p)).detach())
 
     @property
     def codomain(self) -> float:
-        return float(torch.as_tensor(_order(self._orders[1])).detach())
+        q = self._orders[1]
+        return q if type(q) is float else float(torch.as_tensor(_order(q)).detach())
+
+    @property
+    def _spectral(self) -> bool:
+        """Both norms the fixed 2-norm (the default): the power method's plain form, fewer operations."""
+        return self._orders == (2.0, 2.0)
 
     def _fingerprint(self) -> torch.Tensor:
         # the orders shape the normalisation too: a change of a learnable p re-runs the iteration
         return super()._fingerprint() + 1e3 * (self.domain + math.pi * self.codomain)
 
     def _iterate(self, n: int) -> None:
-        w, p, q = self.weight.detach(), self.domain, self.codomain
+        w = self.weight.detach()
+        if self._spectral:  # the dual map of the 2-norm is the identity on unit vectors
+            v = self.v
+            for _ in range(n):
+                v = _unit(w.T @ _unit(w @ v))
+            self.v.copy_(v)
+            self.u.copy_(_unit(w @ v))
+            return
+        p, q = self.domain, self.codomain
         p_star = p / (p - 1.0) if p > 1 else math.inf
         v = self.v
         for _ in range(n):
@@ -363,6 +387,8 @@ class SpectralLinear(_PowerIteration):
 
     def _sigma(self, v: torch.Tensor | None = None) -> torch.Tensor:
         v = self.v if v is None else v
+        if self._spectral:
+            return torch.linalg.vector_norm(self.weight @ v)
         q = _order(self._orders[1])  # a tensor for a learnable norm: the gradient reaches its order
         return (self.weight @ v).abs().pow(q).sum().pow(1.0 / q)
 
@@ -442,7 +468,7 @@ class SpectralConv2d(_PowerIteration):
                 self._train_fp.copy_(train_fp)
                 return
             # a size never seen has no function to keep yet: its vectors start here, frozen or not
-            self.v = _normalize_p(torch.randn(size, dtype=x.dtype, device=x.device), 2.0)
+            self.v = _unit(torch.randn(size, dtype=x.dtype, device=x.device))
             self.u = torch.zeros((self.out_channels,) + size[1:], dtype=x.dtype, device=x.device)
             self._train_fp.fill_(float("nan"))
             self._eval_fp = None
@@ -478,10 +504,10 @@ class SpectralConv2d(_PowerIteration):
         w = self.weight.detach()
         v = self.v
         for _ in range(n):
-            u = _normalize_p(F.conv2d(v[None], w, padding=self.padding)[0], 2.0)
-            v = _normalize_p(F.conv_transpose2d(u[None], w, padding=self.padding)[0], 2.0)
+            u = _unit(F.conv2d(v[None], w, padding=self.padding)[0])
+            v = _unit(F.conv_transpose2d(u[None], w, padding=self.padding)[0])
         self.v.copy_(v)
-        self.u.copy_(_normalize_p(F.conv2d(v[None], w, padding=self.padding)[0], 2.0))
+        self.u.copy_(_unit(F.conv2d(v[None], w, padding=self.padding)[0]))
 
     def _sigma(self, v: torch.Tensor | None = None) -> torch.Tensor:
         v = self.v if v is None else v
@@ -495,15 +521,15 @@ class SpectralConv2d(_PowerIteration):
         wv = F.conv2d(v[None], w, padding=self.padding)[0]
         previous = float(wv.norm())
         for _ in range(self.max_eval_iterations):
-            u = _normalize_p(wv, 2.0)
-            v = _normalize_p(F.conv_transpose2d(u[None], w, padding=self.padding)[0], 2.0)
+            u = _unit(wv)
+            v = _unit(F.conv_transpose2d(u[None], w, padding=self.padding)[0])
             wv = F.conv2d(v[None], w, padding=self.padding)[0]
             current = float(wv.norm())
             if self._converged(previous, current):
                 break
             previous = current
         self.v.copy_(v)
-        self.u.copy_(_normalize_p(wv, 2.0))
+        self.u.copy_(_unit(wv))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._ensure_vectors(x)
