@@ -236,14 +236,36 @@ def _sequential_inverse(t, y, context=None):
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "context"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
-def test_iterative_inverse_and_implicit_gradient_equal_the_sequential_ones(conditional, frozen, monkeypatch):
+@pytest.mark.parametrize("adjoint", ["closed", "iterated", "softplus"])
+def test_iterative_inverse_and_implicit_gradient_equal_the_sequential_ones(conditional, frozen, adjoint, monkeypatch):
     """The Jacobi solve with its implicit-function gradient (the path above ``SEQUENTIAL_MAX_DIM``, forced here at
     D = 6) gives the sequential inverse's values and the gradients of a loss of ``(x, log_det)`` in ``y``, the
     context and (unless frozen, as STL holds them) every parameter, in float64, for a strongly coupled layer
-    (weights far from init: the solve needs all D passes) and a weakly coupled one (it settles early)."""
+    (weights far from init: the solve needs all D passes) and a weakly coupled one (it settles early); with the
+    adjoint system solved through the MADE's closed-form Jacobian, by iterated vector-Jacobian products (the cost
+    limit at 0), and for an activation without a closed-form slope (which iterates)."""
     monkeypatch.setattr(AffineAutoregressive, "SEQUENTIAL_MAX_DIM", 0)
+    if adjoint == "iterated":
+        monkeypatch.setattr(AffineAutoregressive, "CLOSED_FORM_GRADIENT_MAX_MACS", 0)
+    closed = []
+    step_and_jacobians = AffineAutoregressive._step_and_jacobians
+
+    def spy(self, *args):
+        out = step_and_jacobians(self, *args)
+        closed.append(out is not None)
+        return out
+
+    monkeypatch.setattr(AffineAutoregressive, "_step_and_jacobians", spy)
     for scale, settles_early in ((0.5, False), (1e-4, True)):
         kwargs = {"context_dim": 2} if conditional else {}
+        if adjoint == "softplus":
+            kwargs["conditioner"] = MADE(
+                6,
+                (16,),
+                order=[2, 5, 0, 3, 1, 4],
+                activation=torch.nn.Softplus(),
+                context_dim=kwargs.get("context_dim", 0),
+            )
         t = _perturb(AffineAutoregressive(6, hidden=(16,), order=[2, 5, 0, 3, 1, 4], **kwargs).double(), scale)
         y = _randn(4, 6, seed=5).requires_grad_(True)
         c = _randn(4, 2, seed=6).requires_grad_(True) if conditional else None
@@ -269,6 +291,30 @@ def test_iterative_inverse_and_implicit_gradient_equal_the_sequential_ones(condi
             assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), (a - b).abs().max()
         if frozen:
             assert all(p.grad is None for p in t.parameters())
+    assert closed and all(c == (adjoint == "closed") for c in closed), closed
+
+
+@pytest.mark.parametrize("activation", ["relu", "elu", "leaky_relu", "tanh"])
+@pytest.mark.parametrize("hidden", [(), (7,), (9, 5)], ids=["linear", "one", "two"])
+@pytest.mark.parametrize("context_dim", [0, 2])
+def test_made_closed_form_jacobian_equals_autograd(activation, hidden, context_dim):
+    """MADE's closed-form input Jacobian equals ``jacrev``'s in float64 (and the outputs are the forward's bits),
+    for every activation it knows, with and without hidden layers and a context; it is zero outside the order's
+    connectivity; an activation of unknown slope gives ``None``."""
+    acts = {
+        "relu": torch.nn.ReLU(),
+        "elu": torch.nn.ELU(0.7),
+        "leaky_relu": torch.nn.LeakyReLU(0.2),
+        "tanh": torch.nn.Tanh(),
+    }
+    net = _perturb(MADE(5, hidden, order=ORDER5, activation=acts[activation], context_dim=context_dim).double(), 0.7)
+    x, c = _randn(3, 4, 5, seed=3), (_randn(3, 4, context_dim, seed=4) if context_dim else None)
+    out, jac = net.value_and_input_jacobian(x, c)
+    assert torch.equal(out, net(x, c)) and jac.shape == (3, 4, 2, 5, 5)
+    auto = torch.autograd.functional.jacobian(lambda v: net(v, c).sum((0, 1)), x).permute(2, 3, 0, 1, 4)
+    assert torch.allclose(jac, auto, atol=1e-12, rtol=0)
+    assert not jac[..., net.connectivity() == 0].any()
+    assert MADE(5, (4,), activation=torch.nn.Softplus()).value_and_input_jacobian(x.float()) is None
 
 
 def test_iterative_inverse_starts_from_the_remembered_pair():

@@ -21,6 +21,19 @@ def _settled(new: torch.Tensor, old: torch.Tensor) -> bool:
     return bool(((new - old).abs() <= tol * (1 + new.abs())).all())
 
 
+def _adjoint_solve(g_x: torch.Tensor, w: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``u`` with ``u = w + g_x^T u``, for ``g_x`` strictly triangular in ``order`` (``g_x[..., i, j] = 0`` unless
+    ``order[j] < order[i]``): one triangular solve, in the order's coordinates (where ``I - g_x^T`` is unit upper
+    triangular)."""
+    perm = torch.argsort(order)
+    g_p = g_x.index_select(-2, perm).index_select(-1, perm)  # strictly lower triangular
+    # unitriangular: the solve takes the diagonal as ones and reads only the strict upper part, -g_p^T's
+    u_p = torch.linalg.solve_triangular(
+        -g_p.transpose(-1, -2), w.index_select(-1, perm)[..., None], upper=True, unitriangular=True
+    )[..., 0]
+    return u_p.index_select(-1, order)
+
+
 class _AutoregressiveInverse(torch.autograd.Function):
     """``(x, s(x))`` with ``x = g(y, x)``, ``g(y, x) = (y - t(x)) e^{-s(x)}``, solved by
     :meth:`AffineAutoregressive._solve` (the log-scales are those of its last pass, exact: each comes from coordinates
@@ -49,19 +62,24 @@ class _AutoregressiveInverse(torch.autograd.Function):
         context = saved[2] if ctx.has_context else None
         params = list(ctx.params)
         with torch.enable_grad():
-            x = x.detach().requires_grad_()
             y = y.detach().requires_grad_(ctx.needs_input_grad[1])
             if context is not None:
                 context = context.detach().requires_grad_(ctx.needs_input_grad[2])
-            g, s = layer._inverse_step(x, y, context)
-            u = grad_x
-            for _ in range(layer.dim):
-                (back,) = torch.autograd.grad((g, s), x, (u, grad_s), retain_graph=True)
-                new = grad_x + back
-                settled = _settled(new, u)
-                u = new
-                if settled:
-                    break
+            closed = layer._step_and_jacobians(x.detach(), y, context)
+            if closed is not None:
+                g, s, g_x, s_x = closed
+                u = _adjoint_solve(g_x, grad_x + (grad_s.unsqueeze(-2) @ s_x).squeeze(-2), layer.order)
+            else:
+                x = x.detach().requires_grad_()
+                g, s = layer._inverse_step(x, y, context)
+                u = grad_x
+                for _ in range(layer.dim):
+                    (back,) = torch.autograd.grad((g, s), x, (u, grad_s), retain_graph=True)
+                    new = grad_x + back
+                    settled = _settled(new, u)
+                    u = new
+                    if settled:
+                        break
             wanted = [y, context] + params
             mask = list(ctx.needs_input_grad[1:3]) + list(ctx.needs_input_grad[3:])
             inputs = [t for t, need in zip(wanted, mask) if need]
@@ -202,6 +220,39 @@ class AffineAutoregressive(FlowTransform):
         guess and the log-scales it used."""
         shift, log_scale = self._shift_and_log_scale(x, context)
         return (y - shift) * torch.exp(-log_scale), log_scale
+
+    #: the implicit gradient of the iterative inverse solves its adjoint system with the conditioner's Jacobian in
+    #: closed form (one triangular solve) where the conditioner is a :class:`~pyroflows.nn.MADE` of known activation
+    #: and that Jacobian costs at most this many multiply-adds (draws x D x the weights after the first layer);
+    #: beyond, or for another conditioner, it iterates vector-Jacobian products (one conditioner backward each, as
+    #: many as the chain of dependence is long), which then costs less. 0: iterate always. At 8 draws the closed
+    #: form is 1.2-1.3 times as fast for D = 10-20 (hidden 64-80), even at D = 40 (hidden 160), and 0.7 times at
+    #: D = 80 (hidden 320)
+    CLOSED_FORM_GRADIENT_MAX_MACS = 8_000_000
+
+    def _step_and_jacobians(self, x: torch.Tensor, y: torch.Tensor, context):
+        """``(g, s, dg/dx, ds/dx)`` for a Jacobi pass ``g = (y - t(x)) e^{-s(x)}`` from ``x``: ``g`` and ``s`` with
+        their graph (as :meth:`_inverse_step`), the two Jacobians ``(..., D, D)`` without; ``None`` where the
+        conditioner's Jacobian has no closed form here or costs too much (:attr:`CLOSED_FORM_GRADIENT_MAX_MACS`)."""
+        made = self.conditioner
+        if type(made) is not MADE or type(self)._shift_and_log_scale is not AffineAutoregressive._shift_and_log_scale:
+            return None
+        macs = x.numel() * sum(layer.weight.numel() for layer in made.layers[1:])
+        if macs > self.CLOSED_FORM_GRADIENT_MAX_MACS:
+            return None
+        closed = made.value_and_input_jacobian(x, context)
+        if closed is None:
+            return None
+        params, jac = closed
+        shift, raw = params[..., 0, :], params[..., 1, :]
+        s = self.scale_bound * torch.tanh(raw / self.scale_bound)
+        inv_scale = torch.exp(-s)
+        g = (y - shift) * inv_scale
+        with torch.no_grad():
+            bounded = 1 - (s / self.scale_bound).square()  # d s / d raw
+            s_x = bounded[..., None] * jac[..., 1, :, :]
+            g_x = -inv_scale[..., None] * jac[..., 0, :, :] - g[..., None] * s_x
+        return g, s, g_x, s_x
 
     def _solve(self, y: torch.Tensor, context) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The inverse by Jacobi passes, without a graph: ``(x, log_scale, passes)``, the log-scales of the last pass
