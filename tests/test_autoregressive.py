@@ -245,6 +245,7 @@ def test_iterative_inverse_and_implicit_gradient_equal_the_sequential_ones(condi
     adjoint system solved through the MADE's closed-form Jacobian, by iterated vector-Jacobian products (the cost
     limit at 0), and for an activation without a closed-form slope (which iterates)."""
     monkeypatch.setattr(AffineAutoregressive, "SEQUENTIAL_MAX_DIM", 0)
+    monkeypatch.setattr(AffineAutoregressive, "SEQUENTIAL_MAX_DIM_ITERATED", 0)
     if adjoint == "iterated":
         monkeypatch.setattr(AffineAutoregressive, "CLOSED_FORM_GRADIENT_MAX_MACS", 0)
     closed = []
@@ -292,6 +293,25 @@ def test_iterative_inverse_and_implicit_gradient_equal_the_sequential_ones(condi
         if frozen:
             assert all(p.grad is None for p in t.parameters())
     assert closed and all(c == (adjoint == "closed") for c in closed), closed
+
+
+@pytest.mark.parametrize("activation", [None, torch.nn.Softplus()], ids=["relu", "softplus"])
+def test_differentiable_inverse_takes_the_implicit_gradient_above_its_size_limit(activation, monkeypatch):
+    """At D = 6 a differentiable inverse goes through the Jacobi solve and its implicit gradient when the adjoint
+    has a closed form (above ``SEQUENTIAL_MAX_DIM``), and through the plain solve under autograd when it would be
+    iterated (up to ``SEQUENTIAL_MAX_DIM_ITERATED``); both give the sequential inverse."""
+    from pyroflows.transforms import autoregressive
+
+    made = MADE(6, (8,), order=[2, 5, 0, 3, 1, 4], activation=activation)
+    t = _perturb(AffineAutoregressive(6, order=[2, 5, 0, 3, 1, 4], conditioner=made).double(), 0.4)
+    calls = []
+    apply = autoregressive._AutoregressiveInverse.apply
+    monkeypatch.setattr(autoregressive._AutoregressiveInverse, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    y = _randn(4, 6, seed=3).requires_grad_(True)
+    x, log_det = t.inverse_and_log_det(y)
+    assert len(calls) == (1 if activation is None else 0)
+    x_ref, log_det_ref = _sequential_inverse(t, y)
+    assert torch.allclose(x, x_ref, atol=1e-12) and torch.allclose(log_det, log_det_ref, atol=1e-12)
 
 
 @pytest.mark.parametrize("activation", ["relu", "elu", "leaky_relu", "tanh"])
