@@ -34,8 +34,31 @@ def _adjoint_solve(g_x: torch.Tensor, w: torch.Tensor, order: torch.Tensor) -> t
     return u_p.index_select(-1, order)
 
 
+class _ImplicitAdjoint(torch.autograd.Function):
+    """``(g, s)`` as they are, the last Jacobi pass of a solved inverse (``x = g`` at the fixed point, ``s = s(x)``),
+    computed with their graph from the solution held constant; the backward adds what that graph leaves out, the
+    solution's own dependence: the gradients ``(grad_x, grad_s)`` become ``(u, grad_s)`` with
+    ``u = grad_x + (∂s/∂x)^T grad_s + (∂g/∂x)^T u`` (the implicit function theorem, one triangular solve with the
+    Jacobians given), and autograd takes them on through ``g``'s and ``s``'s graphs into ``y``, a context and the
+    parameters."""
+
+    @staticmethod
+    def forward(ctx, g, s, g_x, s_x, order):
+        ctx.save_for_backward(g_x, s_x, order)
+        return g.clone(), s.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x, grad_s):
+        g_x, s_x, order = ctx.saved_tensors
+        u = _adjoint_solve(g_x, grad_x + (grad_s.unsqueeze(-2) @ s_x).squeeze(-2), order)
+        return u, grad_s, None, None, None
+
+
 class _AutoregressiveInverse(torch.autograd.Function):
-    """``(x, s(x))`` with ``x = g(y, x)``, ``g(y, x) = (y - t(x)) e^{-s(x)}``, solved by
+    """The differentiable inverse where the adjoint has no closed form (see
+    :meth:`AffineAutoregressive._closed_form_adjoint`; else :class:`_ImplicitAdjoint`). ``(x, s(x))`` with
+    ``x = g(y, x)``, ``g(y, x) = (y - t(x)) e^{-s(x)}``, solved by
     :meth:`AffineAutoregressive._solve` (the log-scales are those of its last pass, exact: each comes from coordinates
     that were exact before it). The backward is the implicit function theorem's: with ``v = grad_x + (∂s/∂x)^T
     grad_s``, ``u = v + (∂g/∂x)^T u`` (``∂g/∂x`` is strictly triangular in the order, so the iteration is exact after
@@ -65,21 +88,16 @@ class _AutoregressiveInverse(torch.autograd.Function):
             y = y.detach().requires_grad_(ctx.needs_input_grad[1])
             if context is not None:
                 context = context.detach().requires_grad_(ctx.needs_input_grad[2])
-            closed = layer._step_and_jacobians(x.detach(), y, context)
-            if closed is not None:
-                g, s, g_x, s_x = closed
-                u = _adjoint_solve(g_x, grad_x + (grad_s.unsqueeze(-2) @ s_x).squeeze(-2), layer.order)
-            else:
-                x = x.detach().requires_grad_()
-                g, s = layer._inverse_step(x, y, context)
-                u = grad_x
-                for _ in range(layer.dim):
-                    (back,) = torch.autograd.grad((g, s), x, (u, grad_s), retain_graph=True)
-                    new = grad_x + back
-                    settled = _settled(new, u)
-                    u = new
-                    if settled:
-                        break
+            x = x.detach().requires_grad_()
+            g, s = layer._inverse_step(x, y, context)
+            u = grad_x
+            for _ in range(layer.dim):
+                (back,) = torch.autograd.grad((g, s), x, (u, grad_s), retain_graph=True)
+                new = grad_x + back
+                settled = _settled(new, u)
+                u = new
+                if settled:
+                    break
             wanted = [y, context] + params
             mask = list(ctx.needs_input_grad[1:3]) + list(ctx.needs_input_grad[3:])
             inputs = [t for t, need in zip(wanted, mask) if need]
@@ -171,6 +189,7 @@ class AffineAutoregressive(FlowTransform):
         self.dim = dim
         self.context_dim = context_dim
         self.scale_bound = float(scale_bound)
+        self.last_inverse_iterations: int | None = None  # Jacobi passes of the last inverse (diagnostics)
         self.register_buffer("order", order)
         self.conditioner = (
             conditioner
@@ -213,10 +232,30 @@ class AffineAutoregressive(FlowTransform):
             for k in range(self.dim):
                 new, log_scale = self._inverse_step(x, y, context)
                 x = torch.where(self.order == k, new, x)
+        elif self._closed_form_adjoint(y):
+            x, log_scale = self._implicit_inverse(y, context)
         else:
             x, log_scale = _AutoregressiveInverse.apply(self, y, context, *self._trainable())
         # every log-scale above was computed from exact inputs (the coordinates before it): it is s(x)
         return x, -log_scale.sum(-1)
+
+    def _implicit_inverse(self, y: torch.Tensor, context) -> tuple[torch.Tensor, torch.Tensor]:
+        """The differentiable inverse with a closed-form adjoint: the solve without a graph, then its last pass with
+        its graph and the Jacobians, through :class:`_ImplicitAdjoint`. From a remembered input the first pass is that
+        last pass when it confirms the input (the sticking-the-landing gradient's copy of a draw): one conditioner pass
+        in all, where a solve and a pass again in the backward would take two."""
+        guess = self.remembered_input(y)
+        start = None
+        if guess is not None:
+            g, s, g_x, s_x = self._step_and_jacobians(guess.detach(), y, context)
+            if _settled(g.detach(), guess):
+                self.last_inverse_iterations = 1
+                return _ImplicitAdjoint.apply(g, s, g_x, s_x, self.order)
+            start = g.detach()  # not the answer (a stale pair): the solve goes on from this pass
+        x, _, passes = self._solve(y, context, start)
+        self.last_inverse_iterations = passes + (start is not None)
+        g, s, g_x, s_x = self._step_and_jacobians(x, y, context)
+        return _ImplicitAdjoint.apply(g, s, g_x, s_x, self.order)
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for p in self.conditioner.parameters() if p.requires_grad]
@@ -248,14 +287,9 @@ class AffineAutoregressive(FlowTransform):
 
     def _step_and_jacobians(self, x: torch.Tensor, y: torch.Tensor, context):
         """``(g, s, dg/dx, ds/dx)`` for a Jacobi pass ``g = (y - t(x)) e^{-s(x)}`` from ``x``: ``g`` and ``s`` with
-        their graph (as :meth:`_inverse_step`), the two Jacobians ``(..., D, D)`` without; ``None`` where the
-        conditioner's Jacobian has no closed form here or costs too much (:attr:`CLOSED_FORM_GRADIENT_MAX_MACS`)."""
-        if not self._closed_form_adjoint(x):
-            return None
-        closed = self.conditioner.value_and_input_jacobian(x, context)
-        if closed is None:
-            return None
-        params, jac = closed
+        their graph (as :meth:`_inverse_step`), the two Jacobians ``(..., D, D)`` without; for a layer whose
+        conditioner's Jacobian has a closed form here (:meth:`_closed_form_adjoint`)."""
+        params, jac = self.conditioner.value_and_input_jacobian(x, context)
         shift, raw = params[..., 0, :], params[..., 1, :]
         s = self.scale_bound * torch.tanh(raw / self.scale_bound)
         inv_scale = torch.exp(-s)
@@ -266,7 +300,9 @@ class AffineAutoregressive(FlowTransform):
             g_x = -inv_scale[..., None] * jac[..., 0, :, :] - g[..., None] * s_x
         return g, s, g_x, s_x
 
-    def _solve(self, y: torch.Tensor, context) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _solve(
+        self, y: torch.Tensor, context, start: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The inverse by Jacobi passes, without a graph: ``(x, log_scale, passes)``, the log-scales of the last pass
         (those of ``x`` to rounding).
 
@@ -274,8 +310,8 @@ class AffineAutoregressive(FlowTransform):
         first guess, so ``D`` passes give the sequential inverse. A pass that changes no coordinate by more than a
         few rounding errors has reached the fixed point, the unique solution, and the solve stops there: as many
         passes as the longest chain of dependence the layer has learnt to use, often a few where ``D`` would be
-        tens, and one when the first guess was the answer (:meth:`_first_guess`)."""
-        x, passes = self._first_guess(y), 0
+        tens, and one when the first guess was the answer (:meth:`_first_guess`, or ``start`` where given)."""
+        x, passes = (self._first_guess(y) if start is None else start), 0
         with torch.no_grad():
             while passes < self.dim:
                 passes += 1
@@ -284,6 +320,7 @@ class AffineAutoregressive(FlowTransform):
                 x = new
                 if settled:
                     break
+        self.last_inverse_iterations = passes
         return x, log_scale, passes
 
     def _first_guess(self, y: torch.Tensor) -> torch.Tensor:
