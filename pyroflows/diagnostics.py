@@ -816,8 +816,8 @@ class InvertibilityReport:
     :ivar numpy.ndarray inverse_lipschitz: the largest singular value of :math:`J_{f^{-1}}(f(x)) = J_f(x)^{-1}`,
         i.e. :math:`1/\sigma_{\min}(J_f(x))`: a lower bound on the inverse's Lipschitz constant.
     :ivar numpy.ndarray condition: ``lipschitz * inverse_lipschitz``, the Jacobian's condition number per example.
-    :ivar dict fixed_point_iterations: for each residual block (by module name), the fixed-point iterations its
-        last inverse took (empty for flows without residual blocks).
+    :ivar dict fixed_point_iterations: for each residual block and autoregressive layer (by module name), the
+        fixed-point iterations (Jacobi passes) its last inverse took (empty for flows without iterative inverses).
     :ivar float tolerance: the float32 reconstruction error (relative to ``1 + |x|``) above which the flow counts
         as numerically non-invertible on these inputs.
     :ivar numpy.ndarray scale: ``1 + max|x|`` per example, the scale of ``tolerance``.
@@ -928,7 +928,8 @@ def invertibility(flow, x: torch.Tensor, *, num_iters: int = 30, tolerance: floa
     r"""Numerical invertibility of a trained flow on inputs ``x`` (its data, its samples, or off-distribution
     points): reconstruction errors :math:`|f^{-1}(f(x)) - x|` in float32 and float64, the bi-Lipschitz pair (the
     largest singular values of :math:`J_f` and of :math:`J_f^{-1}`, by power iteration) and the Jacobian's
-    condition number, per example; and, for residual blocks, the fixed-point iterations their inverse took.
+    condition number, per example; and, for residual blocks and autoregressive layers, the fixed-point iterations
+    their inverse took.
 
     A flow can be invertible in exact arithmetic and not in floating point: where :math:`J_f^{-1}` is large the
     float32 round trip loses the input (Behrmann et al., 2021, *Understanding and mitigating exploding inverses in
@@ -974,6 +975,7 @@ def invertibility(flow, x: torch.Tensor, *, num_iters: int = 30, tolerance: floa
     if not bool(torch.isfinite(x).all()):
         raise ValueError("invertibility: x contains NaN or inf")
     from .nn.lipschitz import frozen_power_iteration
+    from .transforms.autoregressive import AffineAutoregressive
     from .transforms.base import forward_only, inverse_only
     from .transforms.residual import ResidualBlock
 
@@ -990,7 +992,7 @@ def invertibility(flow, x: torch.Tensor, *, num_iters: int = 30, tolerance: floa
         iterations = {}
         if isinstance(f32, torch.nn.Module):
             for name, m in f32.named_modules():
-                if isinstance(m, ResidualBlock) and m.last_inverse_iterations is not None:
+                if isinstance(m, (ResidualBlock, AffineAutoregressive)) and m.last_inverse_iterations is not None:
                     iterations[name or "flow"] = m.last_inverse_iterations
         with frozen_power_iteration():  # the passes above settled the spectral norms: every evaluation sees one map
             lip = _top_singular(lambda z: forward_only(f64, z), x64, event_dim, num_iters, generator)

@@ -9,6 +9,7 @@ import torch
 from pyro.distributions.transforms import LowerCholeskyAffine
 from torch.distributions.transforms import AffineTransform
 
+from pyroflows import autoregressive_flow
 from pyroflows.diagnostics import invertibility
 from pyroflows.transforms import ResidualBlock
 
@@ -35,6 +36,19 @@ def test_residual_block_is_bi_lipschitz_within_its_coefficient(coeff):
     assert report.lipschitz.max() <= 1 + coeff + 1e-4  # Lip(x + g) <= 1 + Lip(g)
     assert report.inverse_lipschitz.max() <= 1 / (1 - coeff) + 1e-3  # Lip((x + g)^-1) <= 1 / (1 - Lip(g))
     assert report.invertible and report.fixed_point_iterations["flow"] >= 1
+
+
+def test_autoregressive_layers_report_their_jacobi_passes():
+    """The report names each autoregressive layer of a composition with the passes its inverse took (between 1 and
+    D; here the layers are off their identity init, so more than one)."""
+    torch.manual_seed(0)
+    flow = autoregressive_flow(6, num_layers=2, hidden=(16,))
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    report = invertibility(flow, torch.randn(32, 6))
+    assert report.invertible and len(report.fixed_point_iterations) == 2
+    assert all(1 < n <= 6 for n in report.fixed_point_iterations.values()), report.fixed_point_iterations
 
 
 def test_a_numerically_non_invertible_map_is_flagged():
