@@ -92,7 +92,7 @@ def test_induced_mixed_norms_and_learnable_orders():
 
 def test_spectral_norm_shortcut_equals_the_general_power_method(monkeypatch):
     """The 2-norm layers (the default) iterate with plain normalisations; the general p -> q method, which the
-    shortcut replaces, gives the same vectors and the same normalised weight (float64, 1e-12)."""
+    shortcut replaces, gives the same normalised weight (float64, 1e-10) and the same vectors (1e-6)."""
     from pyroflows.nn import SpectralLinear
 
     def run(shortcut):

@@ -153,13 +153,32 @@ class MADE(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """``(..., D) -> (..., num_outputs, D)``; with ``context_dim``, ``context`` ``(..., context_dim)`` (same batch
         shape) feeds every output."""
+        return self._run(x, context)[0]
+
+    def _run(
+        self, x: torch.Tensor, context: torch.Tensor | None, slope=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The outputs ``(..., num_outputs, D)`` and, given the activation's ``slope`` (:func:`_slope`), their Jacobian
+        in ``x`` ``(..., num_outputs, D, D)`` without a graph (else ``None``): one loop over the layers for both."""
         h = x if context is None else torch.cat([x, context.to(x.dtype)], dim=-1)
         last = len(self.layers) - 1
+        jac = None
         for i, (layer, mask) in enumerate(zip(self.layers, self.masks())):
-            h = F.linear(h, layer.weight * mask, layer.bias)
+            weight = layer.weight * mask
+            h = F.linear(h, weight, layer.bias)
+            if slope is not None:
+                weight = weight.detach()
+                jac = weight[:, : self.dim] if jac is None else torch.matmul(weight, jac)
             if i < last:
+                pre = h
                 h = self.activation(h)
-        return h.reshape(x.shape[:-1] + (self.num_outputs, self.dim))
+                if slope is not None:
+                    jac = slope(pre.detach(), h.detach())[..., None] * jac
+        shape = x.shape[:-1] + (self.num_outputs, self.dim)
+        if slope is None:
+            return h.reshape(shape), None
+        jac = jac.expand(x.shape[:-1] + jac.shape[-2:])  # no hidden layer: one matrix for the whole batch
+        return h.reshape(shape), jac.reshape(shape + (self.dim,))
 
     def value_and_input_jacobian(
         self, x: torch.Tensor, context: torch.Tensor | None = None
@@ -187,23 +206,7 @@ class MADE(nn.Module):
             (True, True)
         """
         slope = _slope(self.activation)
-        if slope is None:
-            return None
-        h = x if context is None else torch.cat([x, context.to(x.dtype)], dim=-1)
-        last = len(self.layers) - 1
-        jac = None
-        for i, (layer, mask) in enumerate(zip(self.layers, self.masks())):
-            weight = layer.weight * mask
-            h = F.linear(h, weight, layer.bias)
-            weight = weight.detach()
-            jac = weight[:, : self.dim] if jac is None else torch.matmul(weight, jac)
-            if i < last:
-                pre = h
-                h = self.activation(h)
-                jac = slope(pre.detach(), h.detach())[..., None] * jac
-        jac = jac.expand(x.shape[:-1] + jac.shape[-2:])  # no hidden layer: one matrix for the whole batch
-        shape = x.shape[:-1] + (self.num_outputs, self.dim)
-        return h.reshape(shape), jac.reshape(shape + (self.dim,))
+        return None if slope is None else self._run(x, context, slope)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, num_outputs={self.num_outputs}"

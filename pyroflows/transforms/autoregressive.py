@@ -85,10 +85,10 @@ class _AutoregressiveInverse(torch.autograd.Function):
         context = saved[2] if ctx.has_context else None
         params = list(ctx.params)
         with torch.enable_grad():
+            x = x.detach().requires_grad_()
             y = y.detach().requires_grad_(ctx.needs_input_grad[1])
             if context is not None:
                 context = context.detach().requires_grad_(ctx.needs_input_grad[2])
-            x = x.detach().requires_grad_()
             g, s = layer._inverse_step(x, y, context)
             u = grad_x
             for _ in range(layer.dim):
@@ -198,7 +198,10 @@ class AffineAutoregressive(FlowTransform):
         )
 
     def _shift_and_log_scale(self, x: torch.Tensor, context=None) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.conditioner(x) if context is None else self.conditioner(x, context)
+        return self._split(self.conditioner(x) if context is None else self.conditioner(x, context))
+
+    def _split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditioner's outputs ``(..., 2, D)`` as the shift and the bounded log-scale."""
         shift, raw = params[..., 0, :], params[..., 1, :]
         return shift, self.scale_bound * torch.tanh(raw / self.scale_bound)
 
@@ -223,16 +226,16 @@ class AffineAutoregressive(FlowTransform):
             y, context = broadcast_context(y, context, 1, self.context_dim, "AffineAutoregressive")
         if not torch.is_grad_enabled():
             x, log_scale, _ = self._solve(y, context)
-        elif self.dim <= self.SEQUENTIAL_MAX_DIM or (
-            self.dim <= self.SEQUENTIAL_MAX_DIM_ITERATED and not self._closed_form_adjoint(y)
-        ):
+            return x, -log_scale.sum(-1)
+        closed = self._closed_form_adjoint(y)
+        if self.dim <= (self.SEQUENTIAL_MAX_DIM if closed else self.SEQUENTIAL_MAX_DIM_ITERATED):
             # Pass k fills the coordinate that is k-th in the order from exact ones; torch.where builds a new x each
             # pass (no in-place edit of a tensor autograd needs)
             x = torch.zeros_like(y)
             for k in range(self.dim):
                 new, log_scale = self._inverse_step(x, y, context)
                 x = torch.where(self.order == k, new, x)
-        elif self._closed_form_adjoint(y):
+        elif closed:
             x, log_scale = self._implicit_inverse(y, context)
         else:
             x, log_scale = _AutoregressiveInverse.apply(self, y, context, *self._trainable())
@@ -290,8 +293,7 @@ class AffineAutoregressive(FlowTransform):
         their graph (as :meth:`_inverse_step`), the two Jacobians ``(..., D, D)`` without; for a layer whose
         conditioner's Jacobian has a closed form here (:meth:`_closed_form_adjoint`)."""
         params, jac = self.conditioner.value_and_input_jacobian(x, context)
-        shift, raw = params[..., 0, :], params[..., 1, :]
-        s = self.scale_bound * torch.tanh(raw / self.scale_bound)
+        shift, s = self._split(params)
         inv_scale = torch.exp(-s)
         g = (y - shift) * inv_scale
         with torch.no_grad():
