@@ -479,6 +479,20 @@ def _stl_cost(d: dict) -> str:
     )
 
 
+def _optimizer_step(d: dict) -> str:
+    from benchmarks.optimizer_step import markdown
+
+    c = d["config"]
+    return markdown(d) + (
+        f"\n\nAdam's update over a model's parameters (gradients set once), {c['updates_per_call']} updates per timed "
+        f"call: torch's CPU default (a loop over the tensors), foreach=True, and pyroflows.run.make_optimizer's "
+        f"choice (fused=True), which both trainers use. fit: pyroflows.infer.fit with its defaults, "
+        f"{c['fit_steps_per_call']} steps per timed call, with optimizer_kwargs={{'foreach': True}} (its update before "
+        f"make_optimizer) against its default. {c['rounds']} interleaved rounds after {c['warmup']} warm-up, "
+        f"{c['threads']} thread; ratios: median paired ratio of the row's other time over fused."
+    )
+
+
 def _residual_eval(d: dict) -> str:
     from benchmarks.residual_eval import markdown
 
@@ -498,6 +512,7 @@ RENDERERS = {
     "residual_eval": _residual_eval,
     "svi_step": _svi_step,
     "stl_cost": _stl_cost,
+    "optimizer_step": _optimizer_step,
     "start_gate": _start_gate,
     "vi_guides": _vi_guides,
     "vi_heldout": _vi_heldout,

