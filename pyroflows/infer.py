@@ -544,7 +544,8 @@ def fit(
         -m benchmarks guides``: at an equal budget of particle-steps they beat one particle at ``lr=1e-2`` and the
         usual constant-rate ``ClippedAdam`` loop for every pyroflows builder (docs: "Variational inference",
         defaults).
-    :param optimizer: a ``torch.optim.Optimizer`` class (default Adam).
+    :param optimizer: a ``torch.optim.Optimizer`` class (default Adam), built by
+        :func:`pyroflows.run.make_optimizer` (torch's fused update for Adam, unless ``optimizer_kwargs`` chooses).
     :param dict optimizer_kwargs: more arguments of the optimiser (e.g. ``{"betas": (0.9, 0.99)}``).
     :param str lr_schedule: ``"stable_cosine"`` (default), ``"cosine"``, ``"constant"`` or ``"exponential"``
         (:func:`pyroflows.run.lr_factor`).

@@ -324,7 +324,8 @@ def fit(
     :param epochs: training length in passes over ``train`` instead of ``num_steps`` (may be fractional).
     :param int batch_size: examples per step (per process under DDP).
     :param float lr: peak learning rate.
-    :param str optimizer: ``"adam"`` or ``"adamax"``.
+    :param str optimizer: ``"adam"`` or ``"adamax"``, built by :func:`pyroflows.run.make_optimizer` (Adam with
+        torch's fused update, Adamax with its multi-tensor one).
     :param float weight_decay: the optimiser's weight decay.
     :param int warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr``.
     :param clip_norm: clip the global gradient norm (``None``: no clipping; the norm is still checked).
