@@ -4,10 +4,13 @@ over the tensors), its multi-tensor ``foreach`` update, and the update :func:`py
 
 Two tables:
 
-* ``update``: one ``optimizer.step()`` over the parameters of a pyroflows model (gradients set, lr tiny), for the
-  guides of the eight-schools posterior (event size 10) and the 28x28 image models of the command line's CPU defaults;
+* ``update``: one ``optimizer.step()`` over the parameters of a pyroflows model (gradients set, lr tiny): the
+  flows of the eight-schools guides (event size 10, the tensors an ``AutoNormalizingFlow`` registers; an
+  :class:`~pyroflows.AutoFlow` steps them as one tensor, also a row) and the 28x28 image models of the command
+  line's CPU defaults;
 * ``fit``: ms per step of :func:`pyroflows.infer.fit` (its defaults: STL, 8 particles) on the eight-schools model,
-  with ``optimizer_kwargs={"foreach": True}`` (what ``fit`` used before) against its default, 20-step calls.
+  ``AutoNormalizingFlow`` and ``AutoFlow`` guides, with ``optimizer_kwargs={"foreach": True}`` (what ``fit`` used
+  before) against its default, 20-step calls.
 
 Ratios are medians over interleaved rounds of paired times (> 1: the fused update is faster).
 
@@ -38,22 +41,16 @@ IMAGES = ["glow", "realnvp", "residual"]
 FIT_GUIDES = ["realnvp(8)", "autoregressive_flow(8)"]
 QUICK_GUIDES, QUICK_IMAGES, QUICK_FIT_GUIDES = ["realnvp(8)"], ["glow"], ["realnvp(8)"]
 MODEL = "eight_schools_centered"
+LATENT_DIM = 10  # mu, tau and the eight thetas
 UPDATES_PER_CALL, FIT_STEPS = 20, 20
 KINDS = {"loop": {"foreach": False}, "foreach": {"foreach": True}}  # "fused": make_optimizer's choice
 
 
-def _guide_parameters(name: str) -> list[torch.nn.Parameter]:
-    import pyro
-
-    from pyroflows import AutoFlow
-    from pyroflows.infer import _ensure_built
-
-    model, args, _ = model_spec(MODEL)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    guide = AutoFlow(model, _builder(name))
-    _ensure_built(guide, *args)
-    return list(guide.parameters())
+def _flow_parameters(name: str) -> list[torch.nn.Parameter]:
+    """The parameters of the builder's flow on the model's latent size, the tensors an ``AutoNormalizingFlow``
+    guide registers (an ``AutoFlow`` guide steps one tensor instead)."""
+    torch.manual_seed(0)
+    return list(_builder(name)(LATENT_DIM).parameters())
 
 
 def _image_parameters(name: str) -> list[torch.nn.Parameter]:
@@ -96,27 +93,30 @@ def update_row(label: str, params: list[torch.nn.Parameter], warmup: int, rounds
     return row
 
 
-def fit_row(name: str, warmup: int, rounds: int) -> dict:
+def fit_row(name: str, guide_class: str, warmup: int, rounds: int) -> dict:
     """ms per step of ``infer.fit`` with the multi-tensor update against its default, on one guide each."""
     import pyro
+    from pyro.infer.autoguide import AutoNormalizingFlow
 
     from pyroflows import AutoFlow
     from pyroflows.infer import fit
 
     torch.set_num_threads(1)
     model, args, _ = model_spec(MODEL)
+    cls = {"AutoFlow": AutoFlow, "AutoNormalizingFlow": AutoNormalizingFlow}[guide_class]
     guides, counter = {}, {"n": 0}
-    for kind in ("foreach", "default"):
-        pyro.clear_param_store()
+    for kind in ("foreach", "default"):  # two guides of one name: each in its own param-store scope
         pyro.set_rng_seed(0)
-        guides[kind] = AutoFlow(model, _builder(name))
+        guides[kind] = (cls(model, _builder(name)), {"params": {}, "constraints": {}})
 
     def call(kind):
         def run():
             counter["n"] += 1
+            guide, state = guides[kind]
             options = {"optimizer_kwargs": {"foreach": True}} if kind == "foreach" else {}
-            fit(model, guides[kind], FIT_STEPS, model_args=args, progress=False, report=False, seed=counter["n"],
-                **options)  # fmt: skip
+            with pyro.get_param_store().scope(state):
+                fit(model, guide, FIT_STEPS, model_args=args, progress=False, report=False, seed=counter["n"],
+                    **options)  # fmt: skip
 
         return run
 
@@ -124,6 +124,7 @@ def fit_row(name: str, warmup: int, rounds: int) -> dict:
     return {
         "model": MODEL,
         "builder": name,
+        "guide": guide_class,
         "foreach_ms_per_step": timing["foreach"]["ms_median"] / FIT_STEPS,
         "default_ms_per_step": timing["default"]["ms_median"] / FIT_STEPS,
         "speed_ratio": _common.paired_ratio(timing["foreach"], timing["default"]),
@@ -144,13 +145,13 @@ def markdown(payload: dict) -> str:
     if payload.get("fit"):
         lines += [
             "",
-            "| model | flow | fit ms/step, foreach | fit ms/step, default (fused) | speed ratio |",
-            "|---|---|---|---|---|",
+            "| model | guide | flow | fit ms/step, foreach | fit ms/step, default (fused) | speed ratio |",
+            "|---|---|---|---|---|---|",
         ]
         for r in payload["fit"]:
             lines.append(
-                f"| {r['model']} | {r['builder']} | {r['foreach_ms_per_step']:.2f} | {r['default_ms_per_step']:.2f} | "
-                f"{r['speed_ratio']:.2f} |"
+                f"| {r['model']} | {r['guide']} | {r['builder']} | {r['foreach_ms_per_step']:.2f} | "
+                f"{r['default_ms_per_step']:.2f} | {r['speed_ratio']:.2f} |"
             )
     return "\n".join(lines)
 
@@ -174,11 +175,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     payload = {"update": [], "fit": []}
     for name in guides:
-        payload["update"].append(update_row(f"{name}, {MODEL}", _guide_parameters(name), warmup, rounds))
+        params = _flow_parameters(name)
+        payload["update"].append(update_row(f"{name}, D={LATENT_DIM}", params, warmup, rounds))
+    flat = [torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))]
+    payload["update"].append(
+        update_row(f"{guides[-1]}, D={LATENT_DIM}, as AutoFlow's one tensor", flat, warmup, rounds)
+    )
     for name in images:
         payload["update"].append(update_row(f"{name}, 1x28x28", _image_parameters(name), warmup, rounds))
     for name in fit_guides:
-        payload["fit"].append(fit_row(name, warmup, rounds))
+        for guide_class in ("AutoNormalizingFlow", "AutoFlow"):
+            payload["fit"].append(fit_row(name, guide_class, warmup, rounds))
     print(markdown(payload), flush=True)
     out = Path(args.out) if args.out else _common.result_path(_common.RESULTS, "optimizer_step", args.quick)
     payload = {

@@ -195,7 +195,8 @@ def test_optimizer_step_tiny(tmp_path):
     assert payload["update"] and all(r["fused_choice"] and r["loop_over_fused"] > 0 for r in payload["update"])
     assert payload["fit"] and all(r["speed_ratio"] > 0 for r in payload["fit"])
     text = report.section(out)
-    assert "| glow, 1x28x28 |" in text and "could not render" not in text
+    assert "| glow, 1x28x28 |" in text and "| AutoNormalizingFlow | realnvp(8) |" in text
+    assert "could not render" not in text
 
 
 def test_stl_cost_tiny(tmp_path):
