@@ -880,8 +880,8 @@ def make_optimizer(optimizer: type[torch.optim.Optimizer], params: Iterable, **k
     among them), else ``foreach=True``; Adamax gets ``foreach=True``. torch's own default on the CPU is a Python loop
     over the tensors, and a flow has many small ones: an Adam step over a 28x28 glow's 182 tensors took 6.6 ms in
     that loop, 4.9 ms with ``foreach`` and 1.2 ms fused (``benchmarks/optimizer_step.py``, one thread). The three
-    compute the same update up to rounding.
-    Other optimisers, and any choice made in ``kwargs``, are left as given.
+    compute the same update up to rounding. Other optimisers, and any choice made in ``kwargs``, are left as given;
+    an optimiser state saved with another update loads, and keeps the update it was saved with.
 
     :param optimizer: a ``torch.optim.Optimizer`` class.
     :param params: its parameters (or parameter groups).

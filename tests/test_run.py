@@ -120,6 +120,7 @@ def test_the_fused_update_equals_torchs_default_loop(cls):
     old = cls(runs[1], lr=0.05, weight_decay=0.01, foreach=False)
     old.load_state_dict(copy.deepcopy(opt.state_dict()))  # (a state dict holds the optimiser's own tensors)
     fused.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert fused.param_groups[0]["fused"] is None  # the saved state's own update comes with it
     for p in runs[1]:
         p.grad = torch.ones_like(p)
     fused.step(), old.step()
