@@ -493,6 +493,19 @@ def _optimizer_step(d: dict) -> str:
     )
 
 
+def _khat_noise(d: dict) -> str:
+    from benchmarks.khat_noise import markdown
+
+    c = d["config"]
+    return markdown(d) + (
+        f"\n\nOne guide per row, trained by pyroflows.infer.fit with its defaults ({c['steps']} steps), then PSIS k̂ "
+        f"(pyroflows.diagnostics.psis_khat) from disjoint draw sets: {5 * c['groups']} sets of {c['small']:,} draws "
+        f"give {c['groups']} values of the guide benchmarks' figure (the median over 5 sets), then {c['bigs']} sets "
+        f"of {c['big']:,} and one of {c['huge']:,}; KL(q‖p) from the last. The guide is the same within a row: the "
+        "spread of its medians is the measurement's noise."
+    )
+
+
 def _residual_eval(d: dict) -> str:
     from benchmarks.residual_eval import markdown
 
@@ -513,6 +526,7 @@ RENDERERS = {
     "svi_step": _svi_step,
     "stl_cost": _stl_cost,
     "optimizer_step": _optimizer_step,
+    "khat_noise": _khat_noise,
     "start_gate": _start_gate,
     "vi_guides": _vi_guides,
     "vi_heldout": _vi_heldout,

@@ -199,6 +199,22 @@ def test_optimizer_step_tiny(tmp_path):
     assert "could not render" not in text
 
 
+def test_khat_noise_tiny(tmp_path):
+    """The k̂-noise measurement runs end to end on a short fit and its report renders: every k̂ is finite, and the
+    groups of draws are disjoint (different seeds), so the medians are separate estimates."""
+    from benchmarks import khat_noise
+
+    out = tmp_path / "khat_noise_quick.json"
+    assert khat_noise.main(["--quick", "--guide", "realnvp(2)", "--seeds", "0", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    row = payload["rows"][0]
+    assert payload["benchmark"] == "khat_noise" and len(row["khat_median_of_5"]) == payload["config"]["groups"]
+    assert all(math.isfinite(k) for k in row["khat_small"] + row["khat_big"] + [row["khat_huge"]])
+    assert len(set(row["khat_small"])) == len(row["khat_small"])  # disjoint draws, different estimates
+    text = report.section(out)
+    assert "| eight_schools_centered | realnvp(2) | 0 |" in text and "could not render" not in text
+
+
 def test_stl_cost_tiny(tmp_path):
     """The STL-cost benchmark runs end to end (one timed round) and its report renders; the flow with autoregressive
     layers gets the cold-start baseline column, the coupling flow does not."""
