@@ -616,7 +616,10 @@ def psis_khat(
 
     :param model: the Pyro model (not needed with ``idata``).
     :param guide: a fitted guide for it (not needed with ``idata``).
-    :param int num_samples: draws from the guide (>= 1; a few thousand for a stable k̂).
+    :param int num_samples: draws from the guide (>= 1; a few thousand at least). Near the 0.7 threshold k̂ is a
+        noisy estimate: for one guide whose true value sits there (a flow guide on the centred eight schools) it
+        ranged 0.44-0.68 over five sets of 10,000 draws (``benchmarks/khat_noise.py``, seed 0). Repeat it with
+        other ``seed`` values before deciding on a value near 0.7.
     :param model_args: positional arguments of the model and guide.
     :param dict model_kwargs: keyword arguments of the model and guide.
     :param idata: reuse the draws of :func:`to_inference_data` instead of drawing.
