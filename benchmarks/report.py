@@ -501,8 +501,8 @@ def _khat_noise(d: dict) -> str:
         f"\n\nOne guide per row, trained by pyroflows.infer.fit with its defaults ({c['steps']} steps), then PSIS k̂ "
         f"(pyroflows.diagnostics.psis_khat) from disjoint draw sets: {5 * c['groups']} sets of {c['small']:,} draws "
         f"give {c['groups']} values of the guide benchmarks' figure (the median over 5 sets), then {c['bigs']} sets "
-        f"of {c['big']:,} and one of {c['huge']:,}; KL(q‖p) from the last. The guide is the same within a row: the "
-        "spread of its medians is the measurement's noise."
+        f"of {c['big']:,} (with their KL(q‖p) estimates) and one of {c['huge']:,}. The guide is the same within a "
+        "row: the spread of its figures is the measurement's noise."
     )
 
 

@@ -209,7 +209,7 @@ def test_khat_noise_tiny(tmp_path):
     payload = json.loads(out.read_text())
     row = payload["rows"][0]
     assert payload["benchmark"] == "khat_noise" and len(row["khat_median_of_5"]) == payload["config"]["groups"]
-    assert all(math.isfinite(k) for k in row["khat_small"] + row["khat_big"] + [row["khat_huge"]])
+    assert all(math.isfinite(k) for k in row["khat_small"] + row["khat_big"] + [row["khat_huge"]] + row["kl_big"])
     assert len(set(row["khat_small"])) == len(row["khat_small"])  # disjoint draws, different estimates
     text = report.section(out)
     assert "| eight_schools_centered | realnvp(2) | 0 |" in text and "could not render" not in text
