@@ -72,8 +72,8 @@ def run_row(model_name: str, guide_name: str, seed: int, cfg: dict) -> dict:
     }
 
 
-def _span(values: list[float]) -> str:
-    return f"{min(values):.2f}–{max(values):.2f}"
+def _span(values: list[float], digits: int = 2) -> str:
+    return f"{min(values):.{digits}f}–{max(values):.{digits}f}"
 
 
 def markdown(payload: dict) -> str:
@@ -86,9 +86,8 @@ def markdown(payload: dict) -> str:
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         medians = " / ".join(f"{m:.2f}" for m in r["khat_median_of_5"])
-        kl_big = f"{min(r['kl_big']):.3f}–{max(r['kl_big']):.3f}" if "kl_big" in r else "–"
         lines.append(
-            f"| {r['model']} | {r['guide']} | {r['seed']} | {r['kl']:.3f} | {kl_big} | {medians} | "
+            f"| {r['model']} | {r['guide']} | {r['seed']} | {r['kl']:.3f} | {_span(r['kl_big'], 3)} | {medians} | "
             f"{_span(r['khat_median_of_5'])} | {_span(r['khat_big'])} | {r['khat_huge']:.2f} |"
         )
     return "\n".join(lines)

@@ -175,9 +175,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     payload = {"update": [], "fit": []}
     for name in guides:
-        params = _flow_parameters(name)
-        payload["update"].append(update_row(f"{name}, D={LATENT_DIM}", params, warmup, rounds))
-    flat = [torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))]
+        payload["update"].append(update_row(f"{name}, D={LATENT_DIM}", _flow_parameters(name), warmup, rounds))
+    flat = [torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in _flow_parameters(guides[-1])]))]
     payload["update"].append(
         update_row(f"{guides[-1]}, D={LATENT_DIM}, as AutoFlow's one tensor", flat, warmup, rounds)
     )
@@ -199,7 +198,7 @@ def main(argv=None) -> int:
             "rounds": rounds,
             "warmup": warmup,
             "threads": 1,
-        },  # fmt: skip
+        },
         **payload,
         "total_seconds": time.perf_counter() - t0,
     }

@@ -93,7 +93,7 @@ def test_both_trainers_build_their_optimiser_with_the_fused_update(tmp_path):
 
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_the_fused_update_equals_torchs_default_loop(cls):
-    """make_optimizer's fused Adam/AdamW against torch's single-tensor loop, 30 steps on a float64 quadratic with
+    """make_optimizer's fused Adam/AdamW against torch's single-tensor loop, 30 steps on a float64 quartic with
     tensors of several shapes: the same parameters within 1e-12 (the same update up to rounding)."""
     g = torch.Generator().manual_seed(0)
     targets = [torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((3,), (4, 5), (2, 3, 3), ())]
@@ -112,14 +112,16 @@ def test_the_fused_update_equals_torchs_default_loop(cls):
     assert runs[0][0].abs().sum() > 0.1  # the parameters moved
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    # the state of a run saved before (torch's loop or foreach) loads into the fused optimiser and continues alike
+    # the state of a run saved before (the last optimiser built above: torch's loop) loads into the fused optimiser
+    # and continues alike
+    saved = opt.state_dict()
     params = [p.detach().clone().requires_grad_() for p in runs[1]]
     for p in params:
         p.grad = torch.ones_like(p)
     fused = run.make_optimizer(cls, params, lr=0.05, weight_decay=0.01)
     old = cls(runs[1], lr=0.05, weight_decay=0.01, foreach=False)
-    old.load_state_dict(copy.deepcopy(opt.state_dict()))  # (a state dict holds the optimiser's own tensors)
-    fused.load_state_dict(copy.deepcopy(opt.state_dict()))
+    old.load_state_dict(copy.deepcopy(saved))  # (a state dict holds the optimiser's own tensors)
+    fused.load_state_dict(copy.deepcopy(saved))
     assert fused.param_groups[0]["fused"] is None  # the saved state's own update comes with it
     for p in runs[1]:
         p.grad = torch.ones_like(p)
