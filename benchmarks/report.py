@@ -414,13 +414,25 @@ def _hybrid(d: dict) -> str:
     )
 
 
+def _vi_scoring(budget: dict) -> str:
+    """How a VI guide table's cells were scored: runs before ``draw_sets`` took the ELBO from one set of ``draws``
+    and k̂ from five sets of a fifth of it."""
+    if "draw_sets" not in budget:
+        return f"k̂ median over 5 draw sets of {budget['draws'] // 5}; the ELBO from {budget['draws']} draws"
+    n, k = budget["draws"], budget["draw_sets"]
+    return (
+        f"the ELBO over {k} sets of {n} draws; k̂ the median of the sets' values; worst: the lowest "
+        "log p(z|x) − log q(z) of any draw"
+    )
+
+
 def _vi_guides(d: dict) -> str:
     from benchmarks.vi_guides import markdown
 
     budget = d["budget"]
     out = [
-        f"KL(q‖p) (k̂ median over 5 draw sets, training seconds) at {budget['steps']} steps × {budget['particles']} "
-        f"particles; {budget['draws']} draws for the ELBO."
+        f"KL(q‖p) ({_vi_scoring(budget)}, training seconds) at {budget['steps']} steps × "
+        f"{budget['particles']} particles."
     ]
     for recipe in dict.fromkeys(r["recipe"] for r in d["rows"]):
         out.append(f"**{recipe}**\n\n" + markdown(d["rows"], recipe))
@@ -432,8 +444,8 @@ def _vi_heldout(d: dict) -> str:
 
     budget = d["budget"]
     return (
-        f"log Ẑ − ELBO (k̂ median over 5 draw sets, training seconds) at {budget['steps']} steps × "
-        f"{budget['particles']} particles, {budget['draws']} draws; log Ẑ is the largest importance-weighted bound of "
+        f"log Ẑ − ELBO ({_vi_scoring(budget)}, training seconds) at {budget['steps']} steps × "
+        f"{budget['particles']} particles; log Ẑ is the largest importance-weighted bound of "
         "the run for the model, so each figure is a lower bound on KL(q‖p), and differences within a column are exact "
         "KL differences. Pyro's guides: plain SVI (Trace_ELBO, ClippedAdam 3e-3); pyroflows': infer.fit's defaults."
         "\n\n" + markdown(d["rows"])

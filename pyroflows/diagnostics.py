@@ -546,6 +546,9 @@ class PSISResult:
     :ivar float elbo: the ELBO estimate ``mean(log p - log q)``.
     :ivar float iw_elbo: the importance-weighted ELBO ``log mean exp(log p - log q)`` (raw ratios).
     :ivar int num_samples: ``S``.
+    :ivar float min_log_ratio: the lowest ``log p - log q`` among the draws. Tens of nats below ``elbo`` it marks
+        draws where ``q`` puts mass that ``p`` has not (deep in a funnel's neck, say): rare ones that k̂ can miss
+        but that make the ELBO's sample mean heavy-tailed, so its standard error understates its spread.
 
     Example::
 
@@ -562,6 +565,8 @@ class PSISResult:
         ((1000,), (2,), 1000, 0.667)
         >>> 0 < result.ess <= result.num_samples, result.iw_elbo >= result.elbo, result.ok
         (True, True, True)
+        >>> result.min_log_ratio <= result.elbo
+        True
     """
 
     khat: float
@@ -571,6 +576,7 @@ class PSISResult:
     elbo: float
     iw_elbo: float
     num_samples: int
+    min_log_ratio: float
 
     @property
     def threshold(self) -> float:
@@ -665,6 +671,7 @@ def psis_khat(
         elbo=float(np.mean(log_ratio)),
         iw_elbo=_logmeanexp(log_ratio),
         num_samples=log_ratio.size,
+        min_log_ratio=float(np.min(log_ratio)),
     )
 
 

@@ -4,6 +4,7 @@ and the dispatcher's arguments. No timing assertions."""
 import json
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -134,9 +135,9 @@ def test_vi_heldout_tiny(tmp_path):
     )
     rows = payload["rows"]
     assert {r["guide"]: r["recipe"] for r in rows} == {"AutoNormal": "plain", "realnvp(8)": "fit"}
-    assert all("error" not in r and r["iw_elbo"] >= r["elbo"] - 1e-9 for r in rows)
+    assert all("error" not in r and r["iw_elbo"] >= r["elbo"] - 1e-9 >= r["min_log_ratio"] - 2e-9 for r in rows)
     text = report.section(out)
-    assert "| realnvp(8) |" in text and "could not render" not in text
+    assert "| realnvp(8) |" in text and "could not render" not in text and ", worst -" in text
 
 
 def test_vi_guides_tiny(tmp_path):
@@ -149,9 +150,13 @@ def test_vi_guides_tiny(tmp_path):
     rows = {(r["guide"], r["recipe"]): r for r in payload["rows"]}
     assert set(rows) == {(g, r) for g in ("AutoNormal", "realnvp(8)") for r in ("plain", "fit:num_particles=2")}
     assert all("error" not in r and math.isfinite(r["kl"]) and r["kl_se"] >= 0 for r in rows.values())
+    # scored from five draw sets: k̂ is their median, the worst draw is at or below the mean (worst <= ELBO - log Z)
+    for r in rows.values():
+        assert len(r["khat_sets"]) == 5 and r["khat_median"] == statistics.median(r["khat_sets"])
+        assert r["worst"] <= -r["kl"] + 1e-9 and r["iw_elbo"] >= r["elbo"] - 1e-9
     assert json.loads(out.read_text())["benchmark"] == "vi_guides"
     text = report.section(out)
-    assert "| realnvp(8) |" in text and "could not render" not in text
+    assert "| realnvp(8) |" in text and "could not render" not in text and ", worst -" in text
     assert suite._argv("guides", "vi_guides", True, tmp_path)[-2] == "--workers"
 
 

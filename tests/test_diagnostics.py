@@ -189,6 +189,20 @@ def test_psis_corrects_the_mean_of_an_offset_guide():
     np.testing.assert_allclose(np.exp(res.log_weights).sum(), 1.0, rtol=1e-9)
 
 
+def test_min_log_ratio_is_the_worst_draw_of_the_exact_log_ratio():
+    """For a Gaussian posterior N(m, s^2) and guide N(m, 1.5 s): log p(y, mu) - log q(mu) = log Z + log N(mu; m, s)
+    - log N(mu; m, 1.5 s), computed by hand at every draw of ``to_inference_data``; ``min_log_ratio`` is its minimum
+    (the draw furthest from m), below the ELBO."""
+    m, s, log_z = posterior()
+    pyro.set_rng_seed(5)
+    idata = D.to_inference_data(normal_model, gaussian_guide(m, 1.5 * s), num_samples=3000)
+    res = D.psis_khat(idata=idata)
+    mu = torch.as_tensor(np.asarray(idata.posterior["mu"]).reshape(-1), dtype=torch.float64)
+    exact = log_z + dist.Normal(m, s).log_prob(mu) - dist.Normal(m, 1.5 * s).log_prob(mu)
+    assert res.min_log_ratio == pytest.approx(float(exact.min()), abs=1e-4)
+    assert res.min_log_ratio < res.elbo - 1.0  # 3000 draws reach ~3.4 guide sds: 0.5 (1/1 - 1/2.25) 3.4^2 = 3.2 nats
+
+
 def test_psis_log_weights_stay_finite_when_most_weights_underflow():
     """A guide far from the posterior: most normalised weights underflow to 0 in linear space; the log weights are
     normalised in log space (log(0) once raised a RuntimeWarning and returned -inf)."""
