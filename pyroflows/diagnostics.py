@@ -33,7 +33,7 @@ import torch
 from pyro import poutine
 
 from . import _arviz_compat as compat
-from .infer import is_built, plate_nesting, replayed_traces
+from .infer import is_built, is_reparameterised, plate_nesting, replayed_traces
 from .run import rng_state, set_rng_state
 
 __all__ = [
@@ -237,7 +237,7 @@ def _draws_in_plate(model, guide, n: int, dim: int, args, kwargs, predictive, mo
         if s["type"] != "sample" or poutine.util.site_is_subsample(s):
             continue
         natural = model_1.nodes[name]["value"].shape
-        if _is_deterministic(s):
+        if _is_deterministic(s) or is_reparameterised(s):  # a latent the model computes (poutine.reparam's too)
             latent[name] = _per_draw(s["value"], n, natural, name)
         elif s["infer"].get("is_auxiliary") or isinstance(s["fn"], dist.Unit):
             continue  # pyro.factor: a term of log p (counted above), not data with a likelihood
@@ -447,7 +447,9 @@ def to_inference_data(
 ):
     """Draw from a fitted guide and return ArviZ data (``InferenceData`` with ArviZ 0.x).
 
-    Groups: ``posterior`` (every latent site at its constrained value, and ``pyro.deterministic`` sites),
+    Groups: ``posterior`` (every latent site at its constrained value, ``pyro.deterministic`` sites, and in a
+    model under ``poutine.reparam`` both the new latents and the original ones they compute, e.g. ``theta`` and
+    ``theta_decentered``),
     ``posterior_predictive`` (one replicated data set per draw), ``log_likelihood`` (pointwise
     ``log p(y_i | z_s)`` per observed site, so ``az.loo`` runs — though for guide draws :func:`loo` is the
     right estimate), ``observed_data``, and ``sample_stats`` with ``log_p`` (:math:`\\log p(x, z_s)`) and

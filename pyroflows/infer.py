@@ -73,6 +73,7 @@ __all__ = [
     "SVIResult",
     "TrainingError",
     "default_anneal",
+    "is_reparameterised",
     "default_lr",
     "fit",
     "load_guide",
@@ -264,7 +265,8 @@ def default_lr(num_particles: int) -> float:
 
 def default_anneal(model: Callable, *args, **kwargs) -> float:
     """The annealing :func:`fit` uses when none is given (``anneal="auto"``): ``0.5`` for a model with an observed
-    sample site (data, not only ``pyro.factor`` terms) whose latent sites all have proper priors; ``0.0`` otherwise,
+    sample site (data, not only ``pyro.factor`` terms or latents a reparameterisation computes,
+    :func:`is_reparameterised`) whose latent sites all have proper priors; ``0.0`` otherwise,
     also for a model that cannot be run from its prior (an ``ImproperUniform`` site cannot be sampled). It runs the
     model once, drawing from the prior, and leaves the random number generators as they were.
 
@@ -302,7 +304,7 @@ def default_anneal(model: Callable, *args, **kwargs) -> float:
         set_rng_state(state)
     observed, proper = False, True
     for site in trace.nodes.values():
-        if site["type"] != "sample":
+        if site["type"] != "sample" or is_reparameterised(site):  # (a reparameterised latent is not data)
             continue
         fn = _base_distribution(site["fn"])
         if site["is_observed"]:
@@ -310,6 +312,39 @@ def default_anneal(model: Callable, *args, **kwargs) -> float:
         elif isinstance(fn, pyro.distributions.ImproperUniform):
             proper = False
     return 0.5 if observed and proper else 0.0
+
+
+def is_reparameterised(site) -> bool:
+    """Whether a trace site is a latent that a Pyro reparameterisation (``poutine.reparam`` with ``LocScaleReparam``,
+    ``TransformReparam``, ``AutoReparam``, ...) computes from the new latent sites it adds. Pyro marks such a site
+    observed, with a ``Delta`` distribution at the computed value (its log density zero, or the
+    reparameterisation's own term): it is part of the prior, not data. ``pyro.deterministic`` sites are not
+    counted (they are marked as such).
+
+    :param dict site: a sample site of a trace.
+    :returns: ``True`` for a reparameterised latent.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro import poutine
+        >>> from pyro.infer.reparam import LocScaleReparam
+        >>> from pyroflows.infer import is_reparameterised
+        >>> def model():
+        ...     scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        ...     theta = pyro.sample("theta", dist.Normal(0.0, scale))
+        ...     pyro.sample("y", dist.Normal(theta, 1.0), obs=torch.tensor(0.5))
+        >>> noncentred = poutine.reparam(model, config={"theta": LocScaleReparam(0.0)})
+        >>> trace = poutine.trace(noncentred).get_trace()
+        >>> {name: is_reparameterised(site) for name, site in trace.nodes.items() if site["type"] == "sample"}
+        {'scale': False, 'theta_decentered': False, 'theta': True, 'y': False}
+    """
+    return (
+        site["type"] == "sample"
+        and site["is_observed"]
+        and not site["infer"].get("_deterministic", False)
+        and isinstance(_base_distribution(site["fn"]), pyro.distributions.Delta)
+    )
 
 
 def _base_distribution(fn):
@@ -441,14 +476,14 @@ class SVIConfig:
 
 class _Temper(Messenger):
     """Weights the log-density of every observed site (``pyro.factor`` included) by ``beta``: the likelihood
-    tempered, the prior as it is."""
+    tempered, the prior as it is (a reparameterised latent, which Pyro marks observed, is part of the prior)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.beta = 1.0
 
     def _process_message(self, msg) -> None:
-        if msg["type"] == "sample" and msg["is_observed"] and self.beta != 1.0:
+        if msg["type"] == "sample" and msg["is_observed"] and self.beta != 1.0 and not is_reparameterised(msg):
             # the scale before tempering: TraceIW_ELBO refuses scaled (subsampled) sites, not tempered ones
             msg["infer"] = {**msg["infer"], "untempered_scale": msg["scale"]}
             msg["scale"] = self.beta * msg["scale"]
@@ -571,10 +606,10 @@ def fit(
     :param anneal: temper the likelihood over the first ``anneal`` share of the steps (in ``[0, 1)``; 0 does not;
         ``"auto"``, the default, is :func:`default_anneal`: 0.5 for a model with observed data and proper priors, 0
         otherwise; it was 0 before 0.2): at step ``t`` every observed site's log-density (``pyro.factor``
-        included) is weighted by β_t = min(1, t / (anneal · num_steps)), so the guide starts on the
-        prior and follows the posterior as it sharpens, instead of settling on the first mode it meets. The losses
-        of the annealing steps are those of the tempered target. Needs a proper prior (at small β_t the
-        target is nearly the prior).
+        included; not the latents a ``poutine.reparam`` computes, which Pyro marks observed) is weighted by
+        β_t = min(1, t / (anneal · num_steps)), so the guide starts on the prior and follows the posterior as it
+        sharpens, instead of settling on the first mode it meets. The losses of the annealing steps are those of
+        the tempered target. Needs a proper prior (at small β_t the target is nearly the prior).
     :param loss: a Pyro ``ELBO`` instance instead of the one ``estimator``, ``num_particles`` and
         ``vectorize_particles`` describe.
     :param float clip_norm: clip the global gradient norm; ``None`` disables clipping.

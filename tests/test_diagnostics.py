@@ -241,6 +241,31 @@ def test_loo_matches_exact_leave_one_out_for_an_exact_guide():
     assert "elpd_loo=" in repr(res)
 
 
+def test_a_reparameterised_model_keeps_its_latents_out_of_the_data():
+    """poutine.reparam turns mu into a value computed from mu_decentered, which Pyro marks observed (a Delta): the
+    ArviZ data must give it as a posterior variable, not as data with a log-likelihood, and the exact guide of the
+    reparameterised model must still give the exact evidence and leave-one-out."""
+    from pyro import poutine
+    from pyro.infer.reparam import LocScaleReparam
+
+    m, s, log_z = posterior()
+    noncentred = poutine.reparam(normal_model, config={"mu": LocScaleReparam(0.0)})  # mu = PRIOR_SD * mu_decentered
+
+    def guide(y=Y):  # the exact posterior of mu_decentered
+        pyro.sample("mu_decentered", dist.Normal(m / PRIOR_SD, s / PRIOR_SD))
+
+    pyro.set_rng_seed(5)
+    idata = D.to_inference_data(noncentred, guide, num_samples=4000)
+    assert set(idata.posterior.data_vars) == {"mu", "mu_decentered"}
+    assert set(idata.observed_data.data_vars) == set(idata.log_likelihood.data_vars) == {"y"}
+    assert set(idata.posterior_predictive.data_vars) == {"y"}
+    np.testing.assert_allclose(idata.posterior["mu"].values, PRIOR_SD * idata.posterior["mu_decentered"].values)
+    assert abs(D.loo(idata).elpd_loo - exact_loo()) < 0.05
+    result = D.psis_khat(noncentred, guide, num_samples=2000)
+    assert result.elbo == pytest.approx(log_z, abs=1e-4) and result.iw_elbo == pytest.approx(log_z, abs=1e-4)
+    assert result.means["mu"] == pytest.approx(m, abs=0.05)
+
+
 def test_loo_flags_a_guide_that_plain_az_loo_trusts():
     """A too-narrow guide: the approximate-posterior correction raises k̂ of every observation."""
     m, s, _ = posterior()

@@ -433,6 +433,31 @@ def test_default_anneal_tempers_data_under_proper_priors_only():
         fit(observed_model, AutoNormal(observed_model), 5, anneal="always", progress=False)
 
 
+def test_annealing_leaves_reparameterised_latents_as_prior():
+    """A latent that poutine.reparam computes is marked observed by Pyro (a Delta site): it is not data, so a
+    prior-only model stays unannealed by default, and an annealed run tempers the data but not that site."""
+    from pyro import poutine
+    from pyro.infer.reparam import LocScaleReparam
+
+    from pyroflows.infer import default_anneal, is_reparameterised
+
+    def funnel():
+        v = pyro.sample("v", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(torch.zeros(3), torch.exp(v / 2)).to_event(1))
+
+    noncentred_funnel = poutine.reparam(funnel, config={"x": LocScaleReparam(0.0)})
+    noncentred = poutine.reparam(observed_model, config={"mu": LocScaleReparam(0.0)})
+    trace = poutine.trace(noncentred).get_trace()
+    assert [n for n, site in trace.nodes.items() if is_reparameterised(site)] == ["mu"]
+    assert default_anneal(noncentred_funnel) == 0.0 and default_anneal(funnel) == 0.0
+    assert default_anneal(noncentred) == 0.5
+    elbo = _RecordingELBO()
+    pyro.clear_param_store()
+    fit(noncentred, AutoNormal(noncentred), 4, loss=elbo, anneal=0.5, progress=False, report=False)
+    assert [s["y"] for s in elbo.scales] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    assert all(s["mu"] == 1.0 and s["mu_decentered"] == 1.0 for s in elbo.scales)
+
+
 def test_an_annealed_run_resumes_on_its_schedule(tmp_path):
     """Interrupted mid-anneal, the resumed run takes the very steps of the uninterrupted one, tempered alike."""
 
