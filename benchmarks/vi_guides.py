@@ -26,13 +26,15 @@ pyroflows guides are :class:`pyroflows.AutoFlow` (``AutoNormalizingFlow``'s guid
 recipe: ``SVI`` with ``Trace_ELBO(num_particles=8, vectorize_particles=True)`` and ``ClippedAdam(lr=3e-3)`` for 2000
 steps (16,000 particle-steps). The ``fit`` recipe trains every guide (Pyro's too) through :func:`pyroflows.infer.fit`
 with its defaults at the same budget (``num_steps = 16000 / num_particles``); ``fit:KEY=VALUE,...`` with other
-settings, to choose the defaults. Each trained guide is scored from 5 independent sets of 10,000 draws: KL(q‖p) =
-log Z − ELBO, the ELBO over all 50,000 (its standard error from the spread of the five sets' ELBOs is reported); k̂
-(PSIS, Yao et al. 2018) is the median of the five sets' values (k̂ from a few thousand draws moves by ±0.1 near 0.7 for
-one guide: ``khat_noise.py``); "worst" is the lowest ``log p(z | x) − log q(z)`` of any draw, which says whether rare
-draws sit where the posterior has no mass (tens of nats below zero: then the ELBO's sample mean is heavy-tailed, and
-its standard error understates its spread). Wall time is the training time of each job in its own process (one
-thread), so rows are comparable within one run.
+settings, to choose the defaults. ``reparam=auto`` in a recipe (``plain:reparam=auto``, ``fit:reparam=auto``) trains
+and scores the guide on the model wrapped in ``poutine.reparam(model, config=AutoReparam())``, Pyro's learned
+non-centring of every location-scale latent (same evidence, so the same KL). Each trained guide is scored from 5
+independent sets of 10,000 draws: KL(q‖p) = log Z − ELBO, the ELBO over all 50,000 (its standard error from the spread
+of the five sets' ELBOs is reported); k̂ (PSIS, Yao et al. 2018) is the median of the five sets' values (k̂ from a few
+thousand draws moves by ±0.1 near 0.7 for one guide: ``khat_noise.py``); "worst" is the lowest
+``log p(z | x) − log q(z)`` of any draw, which says whether rare draws sit where the posterior has no mass (tens of
+nats below zero: then the ELBO's sample mean is heavy-tailed, and its standard error understates its spread). Wall
+time is the training time of each job in its own process (one thread), so rows are comparable within one run.
 
 ::
 
@@ -179,6 +181,20 @@ def _options(recipe: str) -> dict:
     return _common.parse_options(recipe.partition(":")[2])
 
 
+def reparameterised(model, how):
+    """``model`` as it is (``how=None``), or with ``how="auto"`` wrapped in ``poutine.reparam`` with Pyro's
+    ``AutoReparam``: every location-scale latent gets a learned centring (``LocScaleReparam(centered=None)``,
+    Gorinova, Moore & Hoffman 2020). The evidence is the same, so KL(q‖p) = log Z − ELBO still holds."""
+    if how is None:
+        return model
+    if how != "auto":
+        raise ValueError(f"reparam must be 'auto', got {how!r}")
+    from pyro import poutine
+    from pyro.infer.reparam.strategies import AutoReparam
+
+    return poutine.reparam(model, config=AutoReparam())
+
+
 def evaluate(model, guide, args, draws: int, seed: int) -> dict:
     """Scores a trained guide from :data:`DRAW_SETS` independent sets of ``draws`` guide draws (seeds ``seed + 1``,
     ``seed + 2``, ...): the ELBO over all of them with its standard error from the spread of the sets' ELBOs, the
@@ -208,16 +224,20 @@ def run_job(model_name: str, guide_name: str, recipe: str, steps: int, particles
     row = {"model": model_name, "guide": guide_name, "recipe": recipe}
     try:
         model, args, log_z = model_spec(model_name)
+        options = _options(recipe)
+        model = reparameterised(model, options.pop("reparam", None))
+        if recipe.partition(":")[0] == "plain" and options:
+            raise ValueError(f"the plain recipe takes only reparam=auto, got {recipe!r}")
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         guide = make_guide(guide_name, model)
         if guide is None:
             return {**row, "error": "not available in this pyroflows"}
         start = time.perf_counter()
-        if recipe == "plain":
+        if recipe.partition(":")[0] == "plain":
             losses = _train_plain(model, guide, args, steps, particles)
         else:
-            losses = _train_fit(model, guide, args, steps * particles, _options(recipe))
+            losses = _train_fit(model, guide, args, steps * particles, options)
         row["train_s"] = time.perf_counter() - start
         row.update(evaluate(model, guide, args, draws, seed))
         row["kl"], row["kl_se"] = log_z - row["elbo"], row["elbo_se"]
@@ -265,7 +285,8 @@ def main(argv=None) -> dict:
         "--recipes",
         default="plain;fit",
         help="plain (SVI, 8 particles, ClippedAdam 3e-3), fit (infer.fit's defaults), or fit:KEY=VALUE,... "
-        "(infer.fit with those options), separated by ';'",
+        "(infer.fit with those options), separated by ';'; reparam=auto (plain:reparam=auto too) trains on the "
+        "model under Pyro's AutoReparam",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON file (rows are also appended to OUT.jsonl as they finish)")
