@@ -448,7 +448,14 @@ def _vi_heldout(d: dict) -> str:
         f"{budget['particles']} particles; log Ẑ is the largest importance-weighted bound of "
         "the run for the model, so each figure is a lower bound on KL(q‖p), and differences within a column are exact "
         "KL differences. Pyro's guides: plain SVI (Trace_ELBO, ClippedAdam 3e-3); pyroflows': infer.fit's defaults."
-        "\n\n" + markdown(d["rows"])
+        + (
+            " '+ AutoReparam': the same guide and recipe on the model under poutine.reparam(model, "
+            "config=AutoReparam()), Pyro's learned non-centring (the same evidence)."
+            if any(r.get("reparam") for r in d["rows"])
+            else ""
+        )
+        + "\n\n"
+        + markdown(d["rows"])
     )
 
 

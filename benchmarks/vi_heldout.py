@@ -19,11 +19,14 @@ and the importance-weighted bound over all of them, k̂ the median of the sets' 
 ``log p − log q`` of any draw minus ``log Ẑ``.
 Recipes as in ``vi_guides.py``: Pyro's guides through the plain SVI loop (``Trace_ELBO(8)`` vectorised,
 ``ClippedAdam(lr 3e-3)``, 2000 steps), pyroflows' guides through ``infer.fit`` with its defaults at the same 16,000
-particle-steps.
+particle-steps. ``--reparam auto`` trains and scores every guide on the model under
+``poutine.reparam(model, config=AutoReparam())`` (Pyro's learned non-centring; the same evidence), ``--reparam
+none,auto`` both in one table (rows ``GUIDE + AutoReparam``), where they share each model's ``log Ẑ``.
 
 ::
 
     python benchmarks/vi_heldout.py --workers 2
+    python benchmarks/vi_heldout.py --workers 2 --reparam none,auto --out benchmarks/results/vi_heldout_reparam.json
     python benchmarks/vi_heldout.py --quick      # a few steps: checks the script runs
 """
 
@@ -41,7 +44,17 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common  # noqa: E402
-from benchmarks.vi_guides import DRAW_SETS, PARTICLES, STEPS, _train_fit, _train_plain, evaluate, grid, make_guide  # noqa: E402,E501
+from benchmarks.vi_guides import (  # noqa: E402
+    DRAW_SETS,
+    PARTICLES,
+    STEPS,
+    _train_fit,
+    _train_plain,
+    evaluate,
+    grid,
+    make_guide,
+    reparameterised,
+)
 
 MODELS = ["hier_logreg", "stoch_vol", "horseshoe_reg"]
 GUIDES = ["AutoNormal", "AutoIAFNormal(2)", "realnvp(8)", "autoregressive_flow(8)"]
@@ -115,16 +128,18 @@ def model_spec(name: str):
     raise ValueError(f"unknown model {name!r}")
 
 
-def run_job(model_name: str, guide_name: str, steps: int, draws: int, seed: int) -> dict:
-    """Train one guide on one model and evaluate it; returns a result row (``error`` on failure)."""
+def run_job(model_name: str, guide_name: str, steps: int, draws: int, seed: int, reparam: str | None = None) -> dict:
+    """Train one guide on one model (under Pyro's ``AutoReparam`` with ``reparam="auto"``) and evaluate it; returns
+    a result row (``error`` on failure)."""
     import pyro
     import torch
 
     torch.set_num_threads(1)
     recipe = "plain" if guide_name in PYRO_GUIDES else "fit"
-    row = {"model": model_name, "guide": guide_name, "recipe": recipe}
+    row = {"model": model_name, "guide": guide_name, "recipe": recipe, **({"reparam": reparam} if reparam else {})}
     try:
         model, args = model_spec(model_name)
+        model = reparameterised(model, reparam)
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         guide = make_guide(guide_name, model)
@@ -141,10 +156,18 @@ def run_job(model_name: str, guide_name: str, steps: int, draws: int, seed: int)
     return row
 
 
+def label(row: dict) -> str:
+    """The row's guide, ``+ AutoReparam`` when it was trained on the model under Pyro's ``AutoReparam``."""
+    return row["guide"] + (" + AutoReparam" if row.get("reparam") else "")
+
+
 def markdown(rows: list[dict]) -> str:
+    """The table of ``log Ẑ − ELBO`` per guide and model, ``log Ẑ`` the largest importance-weighted bound of any
+    row of the model (a reparameterised model has the same evidence, so its rows share the column's ``log Ẑ``)."""
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
-    guides = [g for g in GUIDES if any(r["guide"] == g for r in rows)]
-    cell = {(r["model"], r["guide"]): r for r in rows}
+    seen = {label(r) for r in rows}
+    guides = [g + s for g in GUIDES for s in ("", " + AutoReparam") if g + s in seen]
+    cell = {(r["model"], label(r)): r for r in rows}
     best = {m: max((r["iw_elbo"] for r in rows if r["model"] == m and "error" not in r), default=None) for m in models}
     for key, r in cell.items():  # the worst draw's log ratio against log Ẑ (rows of runs before the column had none)
         if "min_log_ratio" in r:
@@ -159,13 +182,19 @@ def main(argv=None) -> dict:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--guides", default=",".join(GUIDES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--reparam",
+        default="none",
+        help="none, auto (every guide on the model under Pyro's AutoReparam), or none,auto (both, one table)",
+    )
     p.add_argument("--out", default=None, help="the JSON to write (default results/vi_heldout.json)")
     args = p.parse_args(argv)
     steps, draws = (20, 100) if args.quick else (STEPS, 10_000)
-    jobs = [(m, g) for m in args.models.split(",") for g in args.guides.split(",")]
+    variants = [None if v == "none" else v for v in args.reparam.split(",")]
+    jobs = [(m, g, v) for m in args.models.split(",") for v in variants for g in args.guides.split(",")]
     rows, start = [], time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(run_job, m, g, steps, draws, args.seed) for m, g in jobs]
+        futures = [pool.submit(run_job, m, g, steps, draws, args.seed, v) for m, g, v in jobs]
         for f in as_completed(futures):
             row = f.result()
             rows.append(row)
@@ -178,7 +207,7 @@ def main(argv=None) -> dict:
         "commit": _common.git_commit(),
         "budget": {"steps": steps, "particles": PARTICLES, "draws": draws, "draw_sets": DRAW_SETS},
         "wall_s": time.perf_counter() - start,
-        "rows": sorted(rows, key=lambda r: (r["model"], r["guide"])),
+        "rows": sorted(rows, key=lambda r: (r["model"], label(r))),
     }
     print("\n" + markdown(rows))
     out = Path(args.out) if args.out else _common.result_path(_common.RESULTS, "vi_heldout", args.quick)
