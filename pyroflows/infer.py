@@ -619,9 +619,10 @@ def fit(
     :param int seed: ``pyro.set_rng_seed(seed)`` first.
     :param callback: called as ``callback(step, loss)`` after every step, ``step`` counted from 1.
     :param out: the run directory: ``out/checkpoint.pt`` is saved atomically every ``checkpoint_every`` steps and
-        at the end, with the guide's ``state_dict``, the optimiser and schedule states, the losses and learning
-        rates so far, the RNG states and the settings. An existing checkpoint is never overwritten unless the run
-        resumes from it (:class:`~pyroflows.run.CheckpointExistsError`).
+        at the end, with the guide's ``state_dict``, the parameters the model creates itself (``pyro.param`` in the
+        model, e.g. the centring a ``LocScaleReparam`` learns), the optimiser and schedule states, the losses and
+        learning rates so far, the RNG states and the settings. An existing checkpoint is never overwritten unless
+        the run resumes from it (:class:`~pyroflows.run.CheckpointExistsError`).
     :param int checkpoint_every: steps between checkpoints (default: a tenth of ``num_steps``).
     :param resume: ``True`` continues from ``out/checkpoint.pt`` (an error if it is missing), ``"auto"`` when it
         exists, ``False`` starts afresh (an error if the checkpoint exists), or the path of a checkpoint to continue.
@@ -844,6 +845,7 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
         run.model = run.temper(model)  # a Messenger wraps a function as a handler
     if saved is not None:
         _load_guide_state(guide, saved["guide"], os.fspath(source), "fit", *args, **kwargs)
+        _restore_model_params(model, guide, saved, source, args, kwargs)
         run.first = int(saved["step"])
         run.losses[: run.first] = saved["losses"].numpy()
         run.lrs[: run.first] = saved["lrs"].numpy()
@@ -953,6 +955,7 @@ def _svi_save(run: _SVIRun, done: int) -> None:
         "step": done,
         "settings": run.settings,
         "guide": _guide_payload(run.guide),
+        "model_params": _model_params(run),
         "optimizer": run.opt.state_dict(),
         "scheduler": run.sched.state_dict(),
         "losses": torch.from_numpy(run.losses[:done].copy()),
@@ -962,6 +965,38 @@ def _svi_save(run: _SVIRun, done: int) -> None:
     }
     atomic_torch_save(payload, run.cfg.checkpoint)
     run.last_checkpoint = (run.cfg.checkpoint, done)
+
+
+def _model_params(run: _SVIRun) -> dict[str, torch.Tensor]:
+    """The trained parameters that are not the guide's, by param-store name, unconstrained (copies): those the model
+    creates with ``pyro.param`` (a learned prior scale, the centring of ``LocScaleReparam(centered=None)``), or a
+    guide function's. The guide's own are in its ``state_dict``."""
+    own = {id(p) for p in run.guide.parameters()} if isinstance(run.guide, torch.nn.Module) else set()
+    trained = {id(p) for p in run.params} - own
+    store = pyro.get_param_store()
+    return {name: p.detach().clone() for name, p in store._params.items() if id(p) in trained}
+
+
+def _restore_model_params(model, guide, saved: dict, source, args: tuple, kwargs: dict) -> None:
+    """Put a checkpoint's :func:`_model_params` back, in place (the optimiser's state refers to these tensors): the
+    model runs once first (on a draw of the guide, blocked), so that it creates its parameters with their
+    constraints."""
+    values = saved.get("model_params", {})  # (none in checkpoints written before they were saved)
+    if not values:
+        return
+    with torch.no_grad(), poutine.block():
+        replayed_traces(model, guide, *args, **kwargs)
+    store = pyro.get_param_store()
+    for name, value in values.items():
+        held = store._params.get(name)
+        if held is None or held.shape != value.shape:
+            what = "does not create it" if held is None else f"gives it shape {tuple(held.shape)}"
+            raise CheckpointError(
+                f"fit: {str(source)!r} holds the parameter {name!r} of shape {tuple(value.shape)}, but the model "
+                f"{what}; resume with the model the run was started with"
+            )
+        with torch.no_grad():
+            held.copy_(value)
 
 
 def _first_step_params(step_params: dict) -> list[torch.Tensor]:

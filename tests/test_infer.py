@@ -476,6 +476,55 @@ def test_an_annealed_run_resumes_on_its_schedule(tmp_path):
         run(tmp_path / "cut", resume=True, anneal=0.5)
 
 
+def learned_prior_model():
+    """A model with a parameter of its own (type-II maximum likelihood of the prior scale), trained beside the
+    guide."""
+    scale = pyro.param("prior_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+    mu = pyro.sample("mu", dist.Normal(0.0, scale))
+    with pyro.plate("data", 3):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=torch.tensor([2.0, 1.5, 2.5]))
+
+
+def learned_centring_model():
+    """observed_model with mu's centring learned (Pyro's LocScaleReparam(centered=None): the parameter mu_centered)."""
+    from pyro.infer.reparam import LocScaleReparam
+
+    return pyro.poutine.reparam(observed_model, config={"mu": LocScaleReparam()})()
+
+
+@pytest.mark.parametrize("model, name", [(learned_prior_model, "prior_scale"), (learned_centring_model, "mu_centered")])
+def test_a_resumed_run_restores_the_models_own_parameters(model, name, tmp_path):
+    """Parameters the model creates (not the guide) are trained by fit too, so its checkpoints keep them: resumed
+    after an interruption, the run takes the very steps of the uninterrupted one and ends at the same values."""
+
+    def run(path, **extra):
+        pyro.clear_param_store()
+        options = dict(num_particles=4, lr=0.05, seed=3, progress=False, report=False, checkpoint_every=5)
+        result = fit(model, AutoFlow(model, BUILDERS["realnvp"]), 20, out=path, **{**options, **extra})
+        return result, pyro.get_param_store()[name].detach().clone()
+
+    full, full_value = run(tmp_path / "full")
+    assert not torch.allclose(full_value, torch.tensor(1.0 if name == "prior_scale" else 0.5))  # it was trained
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", callback=_interrupt_after(12))
+    resumed, value = run(tmp_path / "cut", resume=True)
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+    assert torch.equal(value, full_value)
+    pyro.clear_param_store()
+    with pytest.raises(CheckpointError, match=f"holds the parameter '{name}' of shape \\(\\), but the model does not"):
+        fit(
+            observed_model,
+            AutoFlow(observed_model, BUILDERS["realnvp"]),
+            20,
+            out=tmp_path / "cut",
+            resume=True,
+            num_particles=4,
+            lr=0.05,
+            seed=3,
+            progress=False,
+        )
+
+
 def test_checkpoint_errors(tmp_path):
     out = tmp_path / "svi"
     pyro.clear_param_store()
