@@ -186,8 +186,8 @@ class SVIResult:
             posterior mass (do not trust its means or intervals).
             Try: more steps; a more expressive flow (more num_layers, or pyroflows.autoregressive_flow /
             spline_flow); on a posterior of a few dimensions, the mass-covering estimator="renyi"; heavy-tailed
-            base noise (pyroflows.AutoFlow(..., heavy_tails=True)); a non-centred parameterisation of hierarchical
-            models (pyro.infer.reparam.LocScaleReparam).
+            base noise (pyroflows.AutoFlow(..., heavy_tails=True)); for hierarchical models and shrinkage priors,
+            the model non-centred by Pyro (pyro.poutine.reparam(model, config=pyro.infer.reparam.AutoReparam())).
 
         After a multi-sample bound (``estimator="iw"`` or ``"renyi"``) the bound is named, and the ELBO of the
         report's draws bounds KL(q‖p) from below::
@@ -230,8 +230,8 @@ class SVIResult:
             f"; k̂ {k:.2f}: unreliable, the guide misses posterior mass (do not trust its means or intervals).\n"
             "Try: more steps; a more expressive flow (more num_layers, or pyroflows.autoregressive_flow / "
             'spline_flow); on a posterior of a few dimensions, the mass-covering estimator="renyi"; heavy-tailed '
-            "base noise (pyroflows.AutoFlow(..., heavy_tails=True)); a non-centred parameterisation of hierarchical "
-            "models (pyro.infer.reparam.LocScaleReparam)."
+            "base noise (pyroflows.AutoFlow(..., heavy_tails=True)); for hierarchical models and shrinkage priors, "
+            "the model non-centred by Pyro (pyro.poutine.reparam(model, config=pyro.infer.reparam.AutoReparam()))."
         )
 
 
