@@ -198,8 +198,8 @@ def reparameterised(model, how):
 def evaluate(model, guide, args, draws: int, seed: int) -> dict:
     """Scores a trained guide from :data:`DRAW_SETS` independent sets of ``draws`` guide draws (seeds ``seed + 1``,
     ``seed + 2``, ...): the ELBO over all of them with its standard error from the spread of the sets' ELBOs, the
-    importance-weighted ELBO over all of them, k̂ per set and its median, and the lowest ``log p - log q`` of any
-    draw."""
+    importance-weighted ELBO over all of them and per set, k̂ per set and its median, and the lowest
+    ``log p - log q`` of any draw."""
     from pyroflows.diagnostics import psis_khat
 
     sets = [psis_khat(model, guide, num_samples=draws, model_args=args, seed=seed + 1 + k) for k in range(DRAW_SETS)]
@@ -209,6 +209,7 @@ def evaluate(model, guide, args, draws: int, seed: int) -> dict:
         "elbo": statistics.fmean(elbos),  # equal set sizes: the mean over every draw
         "elbo_se": statistics.stdev(elbos) / math.sqrt(len(sets)),
         "iw_elbo": iw + math.log(statistics.fmean(math.exp(s.iw_elbo - iw) for s in sets)),
+        "iw_sets": [s.iw_elbo for s in sets],
         "khat_median": statistics.median(khats),
         "khat_sets": khats,
         "min_log_ratio": min(s.min_log_ratio for s in sets),
