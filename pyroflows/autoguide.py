@@ -18,7 +18,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoNormalizingFlow
 
-from .transforms import Compose, HeavyTails
+from .transforms import ActNorm, Compose, HeavyTails
 
 __all__ = ["AutoFlow"]
 
@@ -63,6 +63,10 @@ class AutoFlow(AutoNormalizingFlow):
     (``benchmarks/svi_step.py``). Elementwise optimisers (Adam, ``ClippedAdam``, SGD) make exactly the updates they
     make for ``AutoNormalizingFlow``; a global gradient clip sees the same norm (up to rounding: one tensor is
     summed in another order than many).
+
+    The flow's :class:`~pyroflows.transforms.ActNorm` layers keep their initial identity
+    (:meth:`~pyroflows.transforms.ActNorm.mark_initialized`): in a guide they see standard-normal noise, where the
+    data-dependent init would only estimate the identity from the first draws (and warn when there is one).
 
     Values loaded into the param store (``pyro.get_param_store().load(...)``) under the guide's name are adopted at
     the next call; ``.to()``, ``.double()`` and ``load_state_dict`` keep the layers and ``flow_params`` one tensor.
@@ -147,6 +151,9 @@ class AutoFlow(AutoNormalizingFlow):
 
     def _build_flow(self):
         flow = self._init_transform_fn(self.latent_dim)
+        for module in flow.modules() if isinstance(flow, torch.nn.Module) else ():
+            if isinstance(module, ActNorm):  # it sees the base noise, never data: no data-dependent init
+                module.mark_initialized()
         if not self.heavy_tails:
             return flow
         tails = HeavyTails(self.latent_dim)

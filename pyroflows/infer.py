@@ -1237,8 +1237,7 @@ def sync_param_store(guide, *model_args, **model_kwargs) -> int:
     if adopted:
         for module in guide.modules():
             if isinstance(module, ActNorm):
-                module.initialized.fill_(True)
-                module._known_initialized = True
+                module.mark_initialized()
     return adopted
 
 

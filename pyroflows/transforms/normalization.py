@@ -83,6 +83,25 @@ class ActNorm(FlowTransform):
         super()._load_from_state_dict(*args, **kwargs)
         self._known_initialized = False
 
+    @torch.no_grad()
+    def mark_initialized(self) -> None:
+        """Skip the data-dependent init: the layer keeps its current ``bias`` and ``log_scale`` (the identity, when
+        new). For a flow that never sees data, e.g. a variational guide's, whose first layers see standard-normal
+        noise: there the init would only estimate the identity from the first batch.
+
+        Example::
+
+            >>> import torch
+            >>> from pyroflows.transforms import ActNorm
+            >>> layer = ActNorm(3)
+            >>> layer.mark_initialized()
+            >>> x = torch.randn(5, 3) * 4.0 + 1.0
+            >>> torch.equal(layer(x), x)  # still the identity: the first batch did not standardise it
+            True
+        """
+        self.initialized.fill_(True)
+        self._known_initialized = True
+
     def _reduce_dims(self, x: torch.Tensor) -> tuple[int, ...]:
         """All dims but the feature/channel dim."""
         feature_dim = x.dim() - self._event_dim
