@@ -225,9 +225,9 @@ def run_job(model_name: str, guide_name: str, recipe: str, steps: int, particles
     row = {"model": model_name, "guide": guide_name, "recipe": recipe}
     try:
         model, args, log_z = model_spec(model_name)
-        options = _options(recipe)
+        plain, options = recipe.partition(":")[0] == "plain", _options(recipe)
         model = reparameterised(model, options.pop("reparam", None))
-        if recipe.partition(":")[0] == "plain" and options:
+        if plain and options:
             raise ValueError(f"the plain recipe takes only reparam=auto, got {recipe!r}")
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
@@ -235,7 +235,7 @@ def run_job(model_name: str, guide_name: str, recipe: str, steps: int, particles
         if guide is None:
             return {**row, "error": "not available in this pyroflows"}
         start = time.perf_counter()
-        if recipe.partition(":")[0] == "plain":
+        if plain:
             losses = _train_plain(model, guide, args, steps, particles)
         else:
             losses = _train_fit(model, guide, args, steps * particles, options)

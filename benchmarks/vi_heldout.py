@@ -177,8 +177,8 @@ def log_z_hat(rows: list[dict]) -> float | None:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table of ``log Ẑ − ELBO`` per guide and model, ``log Ẑ`` the largest importance-weighted bound of any
-    row of the model (a reparameterised model has the same evidence, so its rows share the column's ``log Ẑ``)."""
+    """The table of ``log Ẑ − ELBO`` per guide and model, ``log Ẑ`` from :func:`log_z_hat` over all the model's rows
+    (a reparameterised model has the same evidence, so its rows share the column's ``log Ẑ``)."""
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
     seen = {label(r) for r in rows}
     guides = [g + s for g in GUIDES for s in ("", " + AutoReparam") if g + s in seen]

@@ -155,8 +155,7 @@ class ActNorm(FlowTransform):
                 UserWarning,
                 stacklevel=3,
             )
-        self.initialized.fill_(True)
-        self._known_initialized = True
+        self.mark_initialized()
 
     def _check_features(self, x: torch.Tensor) -> None:
         """A wrong feature/channel count would otherwise broadcast or fail deep inside torch."""
@@ -180,8 +179,7 @@ class ActNorm(FlowTransform):
         self._check_features(y)
         if self.training and not self._is_initialized():
             # The map has now been used: a later data-dependent init would silently change it.
-            self.initialized.fill_(True)
-            self._known_initialized = True
+            self.mark_initialized()
         x = y * torch.exp(self.log_scale) + self.bias
         log_det = self.log_scale.sum() * self._positions(y)
         return x, log_det.expand(y.shape[: y.dim() - self._event_dim])
