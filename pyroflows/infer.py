@@ -977,10 +977,12 @@ def _model_params(run: _SVIRun) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in store._params.items() if id(p) in trained}
 
 
-def _restore_model_params(model, guide, saved: dict, source, args: tuple, kwargs: dict) -> None:
-    """Put a checkpoint's :func:`_model_params` back, in place (the optimiser's state refers to these tensors): the
-    model runs once first (on a draw of the guide, blocked), so that it creates its parameters with their
-    constraints."""
+def _restore_model_params(
+    model, guide, saved: dict, source, args: tuple, kwargs: dict, caller: str = "fit", error=CheckpointError
+) -> None:
+    """Put a checkpoint's :func:`_model_params` (or a saved guide's) back, in place (the optimiser's state refers to
+    these tensors): the model runs once first (on a draw of the guide, blocked), so that it creates its parameters
+    with their constraints. A saved parameter the model does not create (or of another shape) raises ``error``."""
     values = saved.get("model_params", {})  # (none in checkpoints written before they were saved)
     if not values:
         return
@@ -991,9 +993,14 @@ def _restore_model_params(model, guide, saved: dict, source, args: tuple, kwargs
         held = store._params.get(name)
         if held is None or held.shape != value.shape:
             what = "does not create it" if held is None else f"gives it shape {tuple(held.shape)}"
-            raise CheckpointError(
-                f"fit: {str(source)!r} holds the parameter {name!r} of shape {tuple(value.shape)}, but the model "
-                f"{what}; resume with the model the run was started with"
+            fix = (
+                "resume with the model the run was started with"
+                if caller == "fit"
+                else "build the guide on the model it was saved with"
+            )
+            raise error(
+                f"{caller}: {str(source)!r} holds the parameter {name!r} of shape {tuple(value.shape)}, but the "
+                f"model {what}; {fix}"
             )
         with torch.no_grad():
             held.copy_(value)
@@ -1241,16 +1248,23 @@ def sync_param_store(guide, *model_args, **model_kwargs) -> int:
     return adopted
 
 
-def save_guide(guide, path: str | os.PathLike) -> None:
-    """Save a fitted guide's ``state_dict`` (parameters *and* buffers) atomically to ``path``.
+def save_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs) -> None:
+    """Save a fitted guide's ``state_dict`` (parameters *and* buffers) atomically to ``path``, with the parameters
+    its model creates (``pyro.param`` in the model: a learned prior scale, the centrings that
+    ``poutine.reparam(model, config=AutoReparam())`` learns), which the guide's draws depend on.
 
     Unlike the param store, this keeps buffers (permutations, ActNorm flags, spectral-norm vectors), so
-    :func:`load_guide` restores the guide exactly.
+    :func:`load_guide` restores the guide exactly. The model's parameters are found by running it once, replayed on a
+    draw of the guide (blocked, no gradients), which needs the model's arguments; that run happens only when the param
+    store holds parameters the guide does not own, so a model without parameters needs no arguments here.
 
     :param guide: a fitted (or at least built) guide that is an ``nn.Module``, e.g. an ``AutoNormalizingFlow``.
     :param path: the file to write (replaced atomically if it exists).
+    :param model_args: positional arguments of the model and guide (only used to find the model's parameters).
+    :param model_kwargs: keyword arguments of the model and guide, likewise.
     :raises TypeError: if ``guide`` is not an ``nn.Module``.
-    :raises ValueError: if ``guide`` was never run.
+    :raises ValueError: if ``guide`` was never run, or if the param store holds parameters the guide does not own and
+        the model cannot be run without the arguments that were not passed.
 
     Example::
 
@@ -1273,11 +1287,42 @@ def save_guide(guide, path: str | os.PathLike) -> None:
         raise TypeError(f"save_guide: the guide must be an nn.Module (a Pyro AutoGuide), got {type(guide).__name__}")
     if not is_built(guide):
         raise ValueError("save_guide: the guide was never run or fitted; fit it first (pyroflows.infer.fit)")
-    atomic_torch_save(_guide_payload(guide), path)
+    payload = _guide_payload(guide)
+    payload["model_params"] = _guide_model_params(guide, model_args, model_kwargs)
+    atomic_torch_save(payload, path)
 
 
 def _guide_payload(guide) -> dict:
     return {"format": _GUIDE_FORMAT, "class": type(guide).__name__, "state": guide.state_dict()}
+
+
+def _guide_model_params(guide, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """The param-store parameters that the guide's model creates and the guide does not own, by name, unconstrained
+    (copies); none without a model (a guide that is not an ``AutoGuide``) or when the store holds nothing else."""
+    model = getattr(guide, "model", None)
+    store = pyro.get_param_store()
+    own = {id(p) for p in guide.parameters()}
+    others = sorted(name for name, p in store._params.items() if id(p) not in own)
+    if model is None or not others:
+        return {}
+    try:
+        _, model_trace = replayed_traces(model, guide, *args, **kwargs)
+    except TypeError as err:
+        if args or kwargs:
+            raise
+        shown = ", ".join(repr(n) for n in others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ValueError(
+            f"save_guide: the param store holds parameters the guide does not own ({shown}), and finding which of "
+            f"them the model creates means running it, which failed without arguments ({err}); pass the model's "
+            "arguments after the path, save_guide(guide, path, *model_args), or clear stale parameters "
+            "(pyro.clear_param_store() before building the guide)"
+        ) from err
+    names = [name for name, site in model_trace.nodes.items() if site["type"] == "param"]
+    return {
+        name: store._params[name].detach().clone()
+        for name in names
+        if name in store._params and id(store._params[name]) not in own
+    }
 
 
 def load_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs):
@@ -1285,7 +1330,8 @@ def load_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs):
 
     ``AutoNormalizingFlow`` creates its transform on first use, so ``load_state_dict`` on a fresh guide fails;
     this runs the guide once (with ``model_args`` / ``model_kwargs``, blocked), then loads the state and
-    points the param store at the loaded tensors. Returns ``guide``.
+    points the param store at the loaded tensors. Parameters of the model saved with the guide (a learned centring)
+    are put back into the param store, after one blocked run of the model creates them. Returns ``guide``.
 
     :param guide: a new guide built like the saved one (same class, model and flow architecture).
     :param path: a file written by :func:`save_guide`.
@@ -1293,7 +1339,7 @@ def load_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs):
     :param model_kwargs: keyword arguments of the model and guide, likewise.
     :returns: ``guide``, with the saved parameters and buffers.
     :raises ValueError: if ``path`` is missing or not a saved guide (read with :func:`pyroflows.run.load_checkpoint`),
-        or holds a guide of another class or architecture.
+        holds a guide of another class or architecture, or a model parameter that the guide's model does not create.
 
     Example::
 
@@ -1327,7 +1373,12 @@ def load_guide(guide, path: str | os.PathLike, *model_args, **model_kwargs):
         raise ValueError(
             f"load_guide: {os.fspath(path)!r} is not a guide saved by pyroflows.infer.save_guide ({err})"
         ) from err
-    return _load_guide_state(guide, payload, os.fspath(path), "load_guide", *model_args, **model_kwargs)
+    _load_guide_state(guide, payload, os.fspath(path), "load_guide", *model_args, **model_kwargs)
+    if payload.get("model_params"):  # (files written before the model's parameters were saved have none)
+        _restore_model_params(
+            guide.model, guide, payload, os.fspath(path), model_args, model_kwargs, "load_guide", ValueError
+        )
+    return guide
 
 
 def _load_guide_state(guide, payload: dict, source: str, caller: str, *model_args, **model_kwargs):

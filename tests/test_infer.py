@@ -12,6 +12,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoNormal, AutoNormalizingFlow
 
 import pyroflows
@@ -523,6 +524,54 @@ def test_a_resumed_run_restores_the_models_own_parameters(model, name, tmp_path)
             seed=3,
             progress=False,
         )
+
+
+@pytest.mark.parametrize("model, name", [(learned_prior_model, "prior_scale"), (learned_centring_model, "mu_centered")])
+def test_save_guide_keeps_the_models_own_parameters(model, name, tmp_path):
+    """A guide saved and loaded into a fresh process brings the parameters of its model (a learned prior scale, a
+    learned centring) back with it: the original sites' draws, which depend on them, are the same numbers. Stale
+    store entries the model does not create are not saved, and a guide loaded onto a model without the parameter
+    is refused by name."""
+    pyro.clear_param_store()
+    guide = AutoFlow(model, BUILDERS["realnvp"])
+    fit(model, guide, 20, num_particles=4, lr=0.05, seed=3, progress=False, report=False)
+    trained = pyro.get_param_store()[name].detach().clone()
+    pyro.param("stale", torch.tensor(3.0))  # e.g. left over from another guide
+    save_guide(guide, tmp_path / "guide.pt")
+    assert set(torch.load(tmp_path / "guide.pt")["model_params"]) == {name}
+
+    def draws(g):
+        pyro.set_rng_seed(11)
+        return Predictive(model, guide=g, num_samples=6)()["mu"]
+
+    expected = draws(guide)
+    pyro.clear_param_store()
+    fresh = load_guide(AutoFlow(model, BUILDERS["realnvp"]), tmp_path / "guide.pt")
+    assert torch.equal(pyro.get_param_store()[name].detach(), trained)
+    assert torch.equal(draws(fresh), expected)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=f"holds the parameter '{name}' of shape \\(\\), but the model does not"):
+        load_guide(AutoFlow(observed_model, BUILDERS["realnvp"]), tmp_path / "guide.pt")
+
+
+def test_save_guide_needs_the_models_arguments_to_find_its_parameters(tmp_path):
+    def model(y):
+        scale = pyro.param("prior_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+        mu = pyro.sample("mu", dist.Normal(0.0, scale))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    y = torch.tensor([2.0, 1.5, 2.5])
+    pyro.clear_param_store()
+    guide = AutoFlow(model, BUILDERS["planar"])
+    fit(model, guide, 10, model_args=(y,), num_particles=2, seed=0, progress=False, report=False)
+    with pytest.raises(ValueError, match="parameters the guide does not own \\('prior_scale'\\).*pass the model's"):
+        save_guide(guide, tmp_path / "guide.pt")
+    save_guide(guide, tmp_path / "guide.pt", y)
+    value = pyro.get_param_store()["prior_scale"].detach().clone()
+    pyro.clear_param_store()
+    load_guide(AutoFlow(model, BUILDERS["planar"]), tmp_path / "guide.pt", y)
+    assert torch.equal(pyro.get_param_store()["prior_scale"].detach(), value)
 
 
 def test_checkpoint_errors(tmp_path):
