@@ -744,8 +744,8 @@ def _relapse_message(relapse: dict) -> str:
 
 #: guide draws behind :func:`fit`'s closing k̂ (``report=True``): a few thousand, as PSIS needs. From 1000 the
 #: estimate moved by 0.1-0.3 against 4000 and 10,000 draws of the same guides (autoregressive, spline and realnvp
-#: guides on three example models), and ArviZ's own threshold for 1000 draws is 0.67 rather than 0.7; 4000 draws
-#: of those guides took 0.04-0.17 s (one CPU thread), little beside any fit.
+#: guides after 50 fit steps on three example models), and ArviZ's own threshold for 1000 draws is 0.67, not 0.7; 4000
+#: draws of those guides took 0.04-0.17 s (one CPU thread), little beside any fit.
 REPORT_DRAWS = 4000
 
 
