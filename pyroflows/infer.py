@@ -1149,11 +1149,10 @@ def _ensure_built(guide, *args, **kwargs) -> None:
     """Run ``guide`` once (blocked, no gradients) if it has not set itself up yet.
 
     A flow guide's first layer sees standard-normal noise, so an ActNorm's data-dependent init would only estimate
-    the identity it starts as: the one draw of this call leaves it there, and the warning ActNorm gives for a
-    one-example init batch (meant for density models) is not shown."""
+    the identity it starts as: the one draw of this call leaves it there (inside Pyro's handlers, ActNorm does not
+    warn about a one-row init batch)."""
     if not is_built(guide):
-        with torch.no_grad(), poutine.block(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="ActNorm: the first training batch has one value per feature")
+        with torch.no_grad(), poutine.block():
             guide(*args, **kwargs)
 
 

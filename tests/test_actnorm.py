@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -50,6 +52,36 @@ def test_single_sample_keeps_identity():
     x = torch.randn(3)
     with pytest.warns(UserWarning, match="one value per feature, too few for the data-dependent init"):
         assert torch.equal(t(x), x) and bool(t.initialized)
+
+
+def test_a_single_row_inside_a_pyro_guide_keeps_the_identity_without_a_warning():
+    """Pyro's ELBO runs an AutoNormalizingFlow guide once unvectorised (to count plates) before the vectorised
+    particles: the flow's ActNorms see one noise draw, keep the identity (the start a guide wants) and say nothing,
+    since the advice to initialise from a larger batch does not apply; outside Pyro a single row still warns (above)."""
+    from functools import partial
+
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.infer.autoguide import AutoNormalizingFlow
+
+    import pyroflows
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.full((3,), 2.0), 0.5).to_event(1))
+
+    pyro.clear_param_store()
+    guide = AutoNormalizingFlow(model, partial(pyroflows.realnvp, num_layers=2))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.0}), Trace_ELBO(4, vectorize_particles=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svi.step()
+    norms = [m for m in guide.modules() if isinstance(m, ActNorm)]
+    assert norms and all(bool(m.initialized) for m in norms)
+    for m in norms:  # lr 0: what the first call left is what the layer holds
+        assert torch.equal(m.bias.detach(), torch.zeros_like(m.bias)) and torch.equal(
+            m.log_scale.detach(), torch.zeros_like(m.log_scale)
+        )
 
 
 def test_constant_features_are_centred_not_blown_up():

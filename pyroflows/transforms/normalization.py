@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from pyro.poutine.runtime import am_i_wrapped
 from torch import nn
 
 from .._deprecation import renamed_kwargs
@@ -148,7 +149,10 @@ class ActNorm(FlowTransform):
             std = torch.where(constant, torch.ones_like(std), std)
             self.bias.copy_(mean.reshape(self.bias.shape))
             self.log_scale.copy_(std.log().reshape(self.log_scale.shape))
-        else:
+        elif not am_i_wrapped():
+            # (inside a Pyro model or guide no warning: there a single row is typically the one unvectorised draw
+            # that Pyro's ELBO makes to count plates, through an AutoNormalizingFlow guide's flow, for which the
+            # identity is the right start, as AutoFlow chooses; see mark_initialized)
             warnings.warn(
                 "ActNorm: the first training batch has one value per feature, too few for the data-dependent init; "
                 "the layer keeps the identity (call initialize(x) with a larger batch to initialise it)",
