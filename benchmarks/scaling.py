@@ -147,6 +147,8 @@ def _density_model(module, log_prob: Callable, sample: Callable, x: torch.Tensor
 def _pyro_parts(kind: str, dim: int, layers: int, hidden: int = COUPLING_HIDDEN) -> list:
     import pyro.distributions.transforms as T
 
+    from pyroflows.builders import _fixed_permutation
+
     parts = []
     for i in range(layers):
         if kind == "planar":
@@ -154,7 +156,7 @@ def _pyro_parts(kind: str, dim: int, layers: int, hidden: int = COUPLING_HIDDEN)
         else:
             parts.append(T.affine_coupling(dim, hidden_dims=[hidden, hidden]))
             if i < layers - 1:
-                parts.append(T.Permute(torch.randperm(dim, generator=torch.Generator().manual_seed(i))))
+                parts.append(T.Permute(_fixed_permutation(dim, seed=i)))
     return parts
 
 
@@ -189,13 +191,14 @@ def build_vector(label: str, dim: int, *, init_zeros: bool = True) -> Model:
         flow = pyroflows.realnvp(dim, num_layers=COUPLINGS, hidden=(COUPLING_HIDDEN, COUPLING_HIDDEN))
         return _guide_model(flow, flow, dim)
     if label == "pyroflows AffineCoupling + Permute":
+        from pyroflows.builders import _fixed_permutation
         from pyroflows.transforms import AffineCoupling, Compose, Permute
 
         parts = []
         for i in range(COUPLINGS):  # the permutations of _pyro_parts: the same seeds
             parts.append(AffineCoupling(dim, hidden=(COUPLING_HIDDEN, COUPLING_HIDDEN)))
             if i < COUPLINGS - 1:
-                parts.append(Permute(torch.randperm(dim, generator=torch.Generator().manual_seed(i))))
+                parts.append(Permute(_fixed_permutation(dim, seed=i)))
         flow = Compose(parts)
         return _guide_model(flow, flow, dim)
     if label == "pyro affine_coupling + Permute":
