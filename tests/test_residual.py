@@ -917,3 +917,48 @@ def test_the_inverse_of_a_remembered_output_starts_from_its_input_inside_a_compo
     with torch.no_grad():
         Compose([fresh]).forward_and_log_det(torch.randn(3, 6, dtype=torch.float64))
     assert fresh.warm_start_inverse and fresh._memo is None
+
+
+@pytest.mark.parametrize("event_shape", [(3,), (2, 4, 4)])
+@pytest.mark.parametrize("call", ["forward_and_log_det", "forward_only", "inverse_only"])
+def test_a_block_checks_each_lipschitz_layer_once_per_call(event_shape, call, monkeypatch):
+    """A residual block brings its Lipschitz layers up to date once per call, then evaluates its map, Jacobian or
+    fixed-point solve without fingerprinting the weights again (once per layer and call, not per evaluation); a
+    weight changed through ``.data`` (as Pyro's ClippedAdam writes) is still seen at the next call; and the outputs
+    are bit for bit those of a block that checks at every evaluation."""
+    import contextlib
+
+    from pyroflows.nn.lipschitz import _PowerIteration
+    from pyroflows.transforms import residual
+
+    torch.manual_seed(0)
+    block = ResidualBlock(event_shape, hidden=(8,) if len(event_shape) == 1 else 4)
+    x = 0.5 * torch.randn((5,) + event_shape)
+    layers = [m for m in block.modules() if isinstance(m, _PowerIteration)]
+    cls = type(layers[0])
+    fingerprints = []
+    original = cls._fingerprint
+    monkeypatch.setattr(cls, "_fingerprint", lambda self: (fingerprints.append(self), original(self))[1])
+
+    def run(block):
+        fingerprints.clear()
+        torch.manual_seed(1)  # the same probes for a series log-det
+        out = getattr(block, call)(x)
+        return out if isinstance(out, tuple) else (out,)
+
+    run(block)
+    assert len(fingerprints) == len(layers)
+    with torch.no_grad():
+        for m in layers:
+            m.weight.data.mul_(0.9)  # behind the version counter's back
+    twin = copy.deepcopy(block)
+    u_before = [m.u.clone() for m in layers]
+    skipped = run(block)
+    assert len(fingerprints) == len(layers)
+    assert all(not torch.equal(m.u, u) for m, u in zip(layers, u_before)), "the changed weight was not seen"
+    monkeypatch.setattr(residual, "_checked", contextlib.nullcontext)
+    checked = run(twin)
+    # each evaluation of the map checked again (the inverse's solve is frozen anyway: one check per layer)
+    assert len(fingerprints) == (1 if call == "inverse_only" else 2) * len(layers)
+    for a, b in zip(skipped, checked):
+        assert torch.equal(a, b)

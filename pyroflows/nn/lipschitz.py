@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 _FROZEN = [0]
+# inside _checked(): the caller has just brought every Lipschitz layer it evaluates up to date (_update), so those
+# evaluations skip the check for a changed weight (a fingerprint and a comparison per layer and call)
+_CHECKED = [0]
 #: training mode, on the CPU: skip the power iteration when the weight has not changed since the last one (on an
 #: accelerator it always runs and a ``torch.where`` keeps or discards it, so that no call waits on the device)
 _SKIP_UNCHANGED_ON_CPU = True
@@ -72,6 +75,19 @@ def frozen_power_iteration():
         yield
     finally:
         _FROZEN[0] -= 1
+
+
+@contextlib.contextmanager
+def _checked():
+    """Private: evaluations inside skip :meth:`_PowerIteration._update`'s check for a changed weight, because the
+    caller has just run it for every Lipschitz layer it evaluates (a residual block, once per call, before its map,
+    Jacobian or fixed-point solve). Unlike :func:`frozen_power_iteration` the norm estimate buffer ``sigma`` is
+    still written."""
+    _CHECKED[0] += 1
+    try:
+        yield
+    finally:
+        _CHECKED[0] -= 1
 
 
 def _check_coeff(coeff: float, name: str) -> float:
@@ -195,7 +211,7 @@ class _PowerIteration(nn.Module):
     def _update(self) -> None:
         """Iterate if the weight changed since the last iteration (training) or the estimate has not converged
         for this weight (eval); a no-op inside :func:`frozen_power_iteration`."""
-        if _FROZEN[0]:
+        if _FROZEN[0] or _CHECKED[0]:
             return
         fp = self._fingerprint()
         if self.training:

@@ -14,6 +14,7 @@ from ..logdet import LOGDET_MODES, differentiable_inputs, exact_log_det, roulett
 from ..nn.lipschitz import (
     SpectralConv2d,
     _check_coeff,
+    _checked,
     _mlp_apply,
     _mlp_layers,
     _PowerIteration,
@@ -331,15 +332,19 @@ class ResidualBlock(FlowTransform):
             return [1.0] * self.n_terms
         return roulette_coefficients(n_exact, self.roulette, self.geom_p, self.poisson_lam)
 
-    def _refresh(self, x: torch.Tensor) -> None:
+    @contextlib.contextmanager
+    def _refreshed(self, x: torch.Tensor):
         """Bring every Lipschitz layer's power iteration up to date (a no-op unless the weights changed or the
         mode switched), so the frozen evaluations that follow (Jacobians, fixed-point iterations, recomputation
-        in backward) all use the normalisation of this call."""
+        in backward) all use the normalisation of this call; the evaluations inside the context skip the check
+        (a fingerprint of the weight per layer and evaluation), which has just been made."""
         for m in self.net.modules():
             if isinstance(m, SpectralConv2d):
                 m._ensure_vectors(x)
             if isinstance(m, _PowerIteration):
                 m._update()
+        with _checked():
+            yield
 
     def _branch(self, x: torch.Tensor, context) -> tuple[torch.Tensor, nn.Module]:
         """``(x, g)``: the residual branch for ``context`` (``x`` broadcast against it), or the plain one."""
@@ -350,18 +355,18 @@ class ResidualBlock(FlowTransform):
 
     def forward_and_log_det(self, x, context=None):
         x, g = self._branch(x, context)
-        self._refresh(x)
-        mode, n_exact = self._mode(x)
-        if mode == "exact":
-            closed = self._value_and_jacobian(x, g)
-            if closed is not None:
-                gx, jac = closed
-                eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
-                return x + gx, torch.linalg.slogdet(eye + jac).logabsdet
-            gx = g(x)
-            return x + gx, exact_log_det(g, x, self._event_dim)
-        coeffs = self._coefficients(mode, n_exact)
-        return series_log_det(g, x, self._event_dim, coeffs, self.n_samples, self.probe, self.memory_efficient)
+        with self._refreshed(x):
+            mode, n_exact = self._mode(x)
+            if mode == "exact":
+                closed = self._value_and_jacobian(x, g)
+                if closed is not None:
+                    gx, jac = closed
+                    eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+                    return x + gx, torch.linalg.slogdet(eye + jac).logabsdet
+                gx = g(x)
+                return x + gx, exact_log_det(g, x, self._event_dim)
+            coeffs = self._coefficients(mode, n_exact)
+            return series_log_det(g, x, self._event_dim, coeffs, self.n_samples, self.probe, self.memory_efficient)
 
     @staticmethod
     def _net_and_shift(g: nn.Module, batch_shape: torch.Size | None = None) -> tuple[nn.Module, torch.Tensor | None]:
@@ -384,13 +389,13 @@ class ResidualBlock(FlowTransform):
     def forward_only(self, x):
         if self.context_dim:  # needs a context: the full call (which names a missing one)
             return self.forward_and_log_det(x)[0]
-        self._refresh(x)
-        return x + self.net(x)
+        with self._refreshed(x):
+            return x + self.net(x)
 
     def inverse_only(self, y, context=None):
         y, g = self._branch(y, context)
-        self._refresh(y)
-        return _FixedPointInverse.apply(y, self, g, *differentiable_inputs(g))
+        with self._refreshed(y):
+            return _FixedPointInverse.apply(y, self, g, *differentiable_inputs(g))
 
     # ----------------------------------------------------------------- inverse
     def _tolerance(self, x: torch.Tensor) -> torch.Tensor:
