@@ -461,6 +461,12 @@ def _vi_heldout(d: dict) -> str:
             if any(r.get("reparam") for r in d["rows"])
             else ""
         )
+        + (
+            " '(plain SVI)': a pyroflows guide through Pyro's plain loop instead (the recipe of Pyro's rows), to set "
+            "fit's defaults against it on models that chose neither."
+            if any(r["recipe"] == "plain" and r["guide"] not in ("AutoNormal", "AutoIAFNormal(2)") for r in d["rows"])
+            else ""
+        )
         + "\n\n"
         + markdown(d["rows"])
     )

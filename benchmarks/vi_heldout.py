@@ -29,6 +29,8 @@ none,auto`` both in one table (rows ``GUIDE + AutoReparam``), where they share e
 
     python benchmarks/vi_heldout.py --workers 2
     python benchmarks/vi_heldout.py --workers 2 --reparam none,auto --out benchmarks/results/vi_heldout_reparam.json
+    python benchmarks/vi_heldout.py --workers 2 --plain --guides "AutoIAFNormal(2),realnvp(8),autoregressive_flow(8)" \
+        --seed 1 --out benchmarks/results/vi_heldout_plain_seed1.json
     python benchmarks/vi_heldout.py --quick      # a few steps: checks the script runs
 """
 
@@ -131,14 +133,23 @@ def model_spec(name: str):
     raise ValueError(f"unknown model {name!r}")
 
 
-def run_job(model_name: str, guide_name: str, steps: int, draws: int, seed: int, reparam: str | None = None) -> dict:
+def run_job(
+    model_name: str,
+    guide_name: str,
+    steps: int,
+    draws: int,
+    seed: int,
+    reparam: str | None = None,
+    recipe: str | None = None,
+) -> dict:
     """Train one guide on one model (under Pyro's ``AutoReparam`` with ``reparam="auto"``) and evaluate it; returns
-    a result row (``error`` on failure)."""
+    a result row (``error`` on failure). ``recipe``: ``"plain"`` or ``"fit"``; by default plain SVI for Pyro's
+    guides and ``infer.fit`` for pyroflows'."""
     import pyro
     import torch
 
     torch.set_num_threads(1)
-    recipe = "plain" if guide_name in PYRO_GUIDES else "fit"
+    recipe = recipe or ("plain" if guide_name in PYRO_GUIDES else "fit")
     row = {"model": model_name, "guide": guide_name, "recipe": recipe, **({"reparam": reparam} if reparam else {})}
     try:
         model, args = model_spec(model_name)
@@ -160,8 +171,10 @@ def run_job(model_name: str, guide_name: str, steps: int, draws: int, seed: int,
 
 
 def label(row: dict) -> str:
-    """The row's guide, ``+ AutoReparam`` when it was trained on the model under Pyro's ``AutoReparam``."""
-    return row["guide"] + (" + AutoReparam" if row.get("reparam") else "")
+    """The row's guide, ``+ AutoReparam`` when it was trained on the model under Pyro's ``AutoReparam``, ``(plain
+    SVI)`` for a pyroflows guide trained by the plain loop instead of ``infer.fit``."""
+    plain = row.get("recipe") == "plain" and row["guide"] not in PYRO_GUIDES
+    return row["guide"] + (" + AutoReparam" if row.get("reparam") else "") + (" (plain SVI)" if plain else "")
 
 
 def log_z_hat(rows: list[dict]) -> float | None:
@@ -181,7 +194,8 @@ def markdown(rows: list[dict]) -> str:
     (a reparameterised model has the same evidence, so its rows share the column's ``log Ẑ``)."""
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
     seen = {label(r) for r in rows}
-    guides = [g + s for g in GUIDES for s in ("", " + AutoReparam") if g + s in seen]
+    suffixes = ("", " (plain SVI)", " + AutoReparam", " + AutoReparam (plain SVI)")
+    guides = [g + s for g in GUIDES for s in suffixes if g + s in seen]
     cell = {(r["model"], label(r)): r for r in rows}
     best = {m: log_z_hat([r for r in rows if r["model"] == m and "error" not in r]) for m in models}
     for key, r in cell.items():  # the worst draw's log ratio against log Ẑ (rows of runs before the column had none)
@@ -202,14 +216,23 @@ def main(argv=None) -> dict:
         default="none",
         help="none, auto (every guide on the model under Pyro's AutoReparam), or none,auto (both, one table)",
     )
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="also train pyroflows' guides through the plain SVI loop (rows 'GUIDE (plain SVI)'): fit's defaults "
+        "against Pyro's usual recipe on models that chose neither",
+    )
     p.add_argument("--out", default=None, help="the JSON to write (default results/vi_heldout.json)")
     args = p.parse_args(argv)
     steps, draws = (20, 100) if args.quick else (STEPS, 10_000)
     variants = [None if v == "none" else v for v in args.reparam.split(",")]
-    jobs = [(m, g, v) for m in args.models.split(",") for v in variants for g in args.guides.split(",")]
+    guides = args.guides.split(",")
+    jobs = [(m, g, v, None) for m in args.models.split(",") for v in variants for g in guides]
+    if args.plain:
+        jobs += [(m, g, v, "plain") for m, g, v, _ in jobs if g not in PYRO_GUIDES]
     rows, start = [], time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(run_job, m, g, steps, draws, args.seed, v) for m, g, v in jobs]
+        futures = [pool.submit(run_job, m, g, steps, draws, args.seed, v, r) for m, g, v, r in jobs]
         for f in as_completed(futures):
             row = f.result()
             rows.append(row)

@@ -126,24 +126,27 @@ def test_dispatcher_arguments(tmp_path):
 
 def test_vi_heldout_tiny(tmp_path):
     """The held-out posteriors' benchmark runs end to end on one model (a few steps), on the model as written and
-    under Pyro's AutoReparam, and its report renders: each row's figure is the gap from its ELBO to the one log Ẑ
-    of the model (log_z_hat over all four rows)."""
+    under Pyro's AutoReparam, pyroflows' guide also through the plain loop (``--plain``), and its report renders:
+    each row's figure is the gap from its ELBO to the one log Ẑ of the model (log_z_hat over all six rows)."""
     from benchmarks import vi_heldout
 
     out = tmp_path / "vi_heldout_quick.json"
     argv = ["--quick", "--workers", "1", "--models", "hier_logreg", "--guides", "AutoNormal,realnvp(8)"]
-    payload = vi_heldout.main([*argv, "--reparam", "none,auto", "--out", str(out)])
+    payload = vi_heldout.main([*argv, "--reparam", "none,auto", "--plain", "--out", str(out)])
     rows = payload["rows"]
     assert {(vi_heldout.label(r), r["recipe"]) for r in rows} == {
         ("AutoNormal", "plain"),
         ("realnvp(8)", "fit"),
+        ("realnvp(8) (plain SVI)", "plain"),
         ("AutoNormal + AutoReparam", "plain"),
         ("realnvp(8) + AutoReparam", "fit"),
+        ("realnvp(8) + AutoReparam (plain SVI)", "plain"),
     }
     assert all("error" not in r and r["iw_elbo"] >= r["elbo"] - 1e-9 >= r["min_log_ratio"] - 2e-9 for r in rows)
     text = report.section(out)
     assert "| realnvp(8) |" in text and "could not render" not in text and ", worst -" in text
     assert "| realnvp(8) + AutoReparam |" in text and "'+ AutoReparam': the same guide" in text
+    assert "| realnvp(8) (plain SVI) |" in text and "'(plain SVI)': a pyroflows guide" in text
     assert all(len(r["iw_sets"]) == 5 for r in rows) and "of the median of a guide's per-set" in text
     gaps = [
         float(line.split("|")[2].split()[0]) for line in text.splitlines() if line.startswith("| ") and "(k̂" in line
