@@ -363,7 +363,7 @@ class SVIConfig:
     :func:`fit` builds it from its keywords; each field is the keyword of the same name, documented there:
     ``num_steps``, ``lr``, ``optimizer``, ``optimizer_kwargs``, ``lr_schedule``, ``final_lr_factor``,
     ``warmup_steps``, ``num_particles``, ``vectorize_particles``, ``estimator``, ``alpha``, ``anneal``,
-    ``clip_norm``,
+    ``anneal_alpha``, ``clip_norm``,
     ``skip_nonfinite``, ``progress``, ``start``,
     ``seed``, ``out``
     (the run directory, a ``Path`` or ``None``), ``checkpoint_every`` and ``resume``. ``checkpoint`` is the
@@ -392,6 +392,7 @@ class SVIConfig:
     estimator: str = "stl"
     alpha: float | None = None
     anneal: float = 0.0
+    anneal_alpha: float | None = None
     clip_norm: float | None = 10.0
     skip_nonfinite: int = 10
     progress: bool | None = None
@@ -427,6 +428,18 @@ class SVIConfig:
         elif self.alpha is not None:
             raise ValueError(f"fit: alpha is the order of estimator='renyi', not of {self.estimator!r}")
         check_number(c, "anneal", self.anneal, 0, 1, high_open=True, low_open=False)
+        if self.anneal_alpha is not None:
+            check_number(c, "anneal_alpha", self.anneal_alpha, 0, 1, high_open=True, low_open=False)
+            if self.estimator != "stl":
+                raise ValueError(
+                    f"fit: anneal_alpha leads the annealing phase of estimator='stl' from a Rényi bound to the ELBO; "
+                    f"got estimator={self.estimator!r}"
+                )
+            if self.anneal == 0:
+                raise ValueError(
+                    "fit: anneal_alpha needs annealing, anneal > 0 (anneal='auto' is 0 for a model without observed "
+                    "data or with an improper prior); got anneal=0"
+                )
         check_number(c, "clip_norm", self.clip_norm, 0, optional=True)
         check_choice(c, "progress", self.progress, (None, True, False))
         check_seed(c, self.seed, optional=True)
@@ -455,6 +468,13 @@ class SVIConfig:
         ramp = self.anneal * self.num_steps
         return 1.0 if step >= ramp else step / ramp
 
+    def order(self, step: int) -> float:
+        """The Rényi order of the objective at ``step`` with ``anneal_alpha``: ``anneal_alpha + (1 - anneal_alpha)
+        β_t``, reaching 1 (the ELBO) with the likelihood's full weight (always 1 without ``anneal_alpha``)."""
+        if self.anneal_alpha is None:
+            return 1.0
+        return self.anneal_alpha + (1.0 - self.anneal_alpha) * self.temperature(step)
+
     def settings(self, guide) -> dict:
         """The settings that shape the run's trajectory, stored in its checkpoints and compared on resume."""
         return {
@@ -469,6 +489,7 @@ class SVIConfig:
             "estimator": self.estimator,
             "alpha": self.alpha,
             "anneal": float(self.anneal),
+            "anneal_alpha": self.anneal_alpha,
             "clip_norm": self.clip_norm,
             "skip_nonfinite": self.skip_nonfinite,
         }
@@ -511,6 +532,7 @@ class _SVIRun:
     known: set = field(default_factory=set)
     skipped: list = field(default_factory=list)  # steps (from 1) whose non-finite loss or gradient was skipped
     temper: _Temper | None = None  # the likelihood's weight while annealing (the ELBO sees the tempered model)
+    renyi: TraceRenyi_ELBO | None = None  # the annealing phase's objective with anneal_alpha (its order moves)
     start: dict | None = None  # what gaussian_start did before the first step (None on resume, or start="identity")
 
 
@@ -532,6 +554,7 @@ def fit(
     estimator: str = "stl",
     alpha: float | None = None,
     anneal: float | str = "auto",
+    anneal_alpha: float | None = None,
     loss: ELBO | None = None,
     clip_norm: float | None = 10.0,
     skip_nonfinite: int = 10,
@@ -610,6 +633,18 @@ def fit(
         β_t = min(1, t / (anneal · num_steps)), so the guide starts on the prior and follows the posterior as it
         sharpens, instead of settling on the first mode it meets. The losses of the annealing steps are those of
         the tempered target. Needs a proper prior (at small β_t the target is nearly the prior).
+    :param float anneal_alpha: with annealing and ``estimator="stl"``, train the annealing steps on the Rényi bound
+        (:class:`pyroflows.elbo.TraceRenyi_ELBO`) of order α_t = anneal_alpha + (1 − anneal_alpha) β_t instead of
+        the ELBO, in ``[0, 1)`` (``None``, the default, does not): a mass-covering objective while the target
+        sharpens, which keeps the modes the guide meets, moving to the ELBO (α = 1, the same STL gradient) as the
+        likelihood reaches full weight; the steps after annealing are unchanged. An option for posteriors with
+        several modes, not a default: on the guide benchmark's bimodal posterior ``anneal_alpha=0.5`` found both
+        modes in 4 of 8 runs (``autoregressive_flow(8)`` and ``realnvp(8)``, seeds 0-3) against 2 of 8 without, and
+        left the KL on the eight schools and the local-level series as it was, but on the horseshoe it made
+        ``autoregressive_flow(8)``'s rare draws deep in the funnel's neck worse (KL 3.04 against 0.30 at one seed;
+        docs: "Variational inference", defaults). The losses of those steps are the tempered target's Rényi bound.
+        Needs the bound's conditions: a model without parameters of its own, no subsampling, reparameterised guide
+        sites, and ``loss=None``.
     :param loss: a Pyro ``ELBO`` instance instead of the one ``estimator``, ``num_particles`` and
         ``vectorize_particles`` describe.
     :param float clip_norm: clip the global gradient norm; ``None`` disables clipping.
@@ -670,6 +705,8 @@ def fit(
         note = " (a run directory; the checkpoint file is out/checkpoint.pt)"
         renamed("fit", "checkpoint", "out", checkpoint, out, note=note)
     cfg = SVIConfig(**{f.name: given[f.name] for f in fields(SVIConfig)})
+    if loss is not None and cfg.anneal_alpha is not None:
+        raise ValueError("fit: anneal_alpha builds its Rényi bound from estimator='stl'; it does not take loss=")
     if report not in (True, False):
         raise ValueError(f"fit: report must be True or False, got {report!r}")
     args, kwargs = tuple(model_args), dict(model_kwargs or {})
@@ -818,6 +855,7 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
             saved["settings"].setdefault("estimator", "reparam")
             saved["settings"].setdefault("anneal", 0.0)  # and before annealing existed, did not anneal
             saved["settings"].setdefault("alpha", None)  # and before the Rényi option, had no order
+            saved["settings"].setdefault("anneal_alpha", None)  # and before anneal_alpha, annealed on the ELBO
         check_settings(saved["settings"], settings, source=source, caller="fit")
         check_data(saved["settings"], data, source=source, caller="fit", what="model data (model_args/kwargs)")
     settings["data"] = data
@@ -833,6 +871,10 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
         if cfg.estimator == "renyi":
             options["alpha"] = cfg.alpha
         elbo = kind[cfg.estimator](max_plate_nesting=nesting, **options)
+    renyi = None
+    if cfg.anneal_alpha is not None:
+        _check_no_model_params(model, args, kwargs)
+        renyi = TraceRenyi_ELBO(cfg.anneal_alpha, max_plate_nesting=nesting, **options)
     if _vectorizes(elbo):  # a model that breaks or mixes the particles when they are vectorised: said before training
         from .diagnostics import _check_vectorized
 
@@ -850,6 +892,7 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     if cfg.anneal > 0:
         run.temper = _Temper()
         run.model = run.temper(model)  # a Messenger wraps a function as a handler
+        run.renyi = renyi
     if saved is not None:
         _load_guide_state(guide, saved["guide"], os.fspath(source), "fit", *args, **kwargs)
         _restore_model_params(model, guide, saved, source, args, kwargs)
@@ -862,14 +905,38 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     return run
 
 
+def _check_no_model_params(model, args: tuple, kwargs: dict) -> None:
+    """``anneal_alpha``'s Rényi bound trains guides only: refuse, before training, a model that creates parameters
+    (found by one blocked run from the prior; a model that cannot run from its prior is left to the bound's own
+    check at the first step)."""
+    state = rng_state()
+    try:
+        with torch.no_grad(), poutine.block():
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001  (an ImproperUniform prior, say): the first step's check names the problem
+        return
+    finally:
+        set_rng_state(state)
+    names = [name for name, site in trace.nodes.items() if site["type"] == "param"]
+    if names:
+        raise ValueError(
+            f"fit: anneal_alpha trains on a Rényi bound, which fits guides only, and the model has the parameter(s) "
+            f"{', '.join(map(repr, names))}; leave anneal_alpha=None for a model with parameters of its own "
+            "(poutine.reparam's LocScaleReparam centrings are such parameters)"
+        )
+
+
 def _svi_step(run: _SVIRun, step: int) -> float:
     """One update, ``step`` counted from 1: the ELBO's loss and gradients, checked before the optimiser moves."""
-    error = None
+    error, elbo = None, run.elbo
     if run.temper is not None:
         run.temper.beta = run.cfg.temperature(step)
+        if run.renyi is not None and run.temper.beta < 1:  # annealing with anneal_alpha: the Rényi bound
+            run.renyi.alpha = run.cfg.order(step)
+            elbo = run.renyi
     try:
         with poutine.trace(param_only=True) as capture:
-            loss_value = run.elbo.loss_and_grads(run.model, run.guide, *run.args, **run.kwargs)
+            loss_value = elbo.loss_and_grads(run.model, run.guide, *run.args, **run.kwargs)
     except Exception as e:
         if run.opt is None:  # the first step: a guide that breaks under vectorised particles is named as such
             _check_guide_vectorized(run, e)

@@ -477,6 +477,78 @@ def test_an_annealed_run_resumes_on_its_schedule(tmp_path):
         run(tmp_path / "cut", resume=True, anneal=0.5)
 
 
+def test_anneal_alpha_trains_the_annealing_steps_on_a_renyi_bound_rising_to_the_elbo(monkeypatch):
+    """anneal_alpha=0.5, anneal=0.5 over 10 steps: steps 1-4 (beta 0.2 to 0.8) train on the Rényi bound of order
+    0.5 + 0.5 beta (0.6, 0.7, 0.8, 0.9) of the tempered target, steps 5-10 on STL's ELBO as without the option; the
+    same run with anneal_alpha=None uses STL at every step."""
+    from pyroflows.elbo import TraceRenyi_ELBO, TraceSTL_ELBO
+
+    calls = []
+    for cls in (TraceRenyi_ELBO, TraceSTL_ELBO):
+        original = cls.loss_and_grads
+
+        def spy(self, *args, _original=original, **kwargs):
+            scale = pyro.poutine.trace(args[0]).get_trace().nodes["y"]["scale"]
+            calls.append((type(self).__name__, getattr(self, "alpha", None), float(scale)))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "loss_and_grads", spy)
+    pyro.clear_param_store()
+    guide = AutoFlow(observed_model, BUILDERS["realnvp"])
+    result = fit(observed_model, guide, 10, anneal=0.5, anneal_alpha=0.5, seed=0, progress=False, report=False)
+    assert [c[0] for c in calls] == ["TraceRenyi_ELBO"] * 4 + ["TraceSTL_ELBO"] * 6
+    assert [c[1] for c in calls[:4]] == pytest.approx([0.6, 0.7, 0.8, 0.9])
+    assert [c[2] for c in calls] == pytest.approx([0.2, 0.4, 0.6, 0.8] + [1.0] * 6)
+    assert np.isfinite(result.losses).all() and result.objective == "ELBO"
+    calls.clear()
+    pyro.clear_param_store()
+    fit(observed_model, AutoFlow(observed_model, BUILDERS["realnvp"]), 10, anneal=0.5, progress=False, report=False)
+    assert [c[0] for c in calls] == ["TraceSTL_ELBO"] * 10
+    config = pyroflows.infer.SVIConfig(num_steps=4, anneal=0.5, anneal_alpha=0.0)
+    assert [config.order(t) for t in range(1, 5)] == [0.5, 1.0, 1.0, 1.0]
+    assert pyroflows.infer.SVIConfig(num_steps=4, anneal=0.5).order(1) == 1.0
+
+
+def test_anneal_alpha_refuses_what_its_bound_cannot_do():
+    """Each misuse is named: an order outside [0, 1), another estimator, no annealing (also anneal='auto' on a model
+    without data), a loss of one's own, and a model with parameters of its own (before any step)."""
+    guide = AutoNormal(observed_model)
+    options = dict(progress=False, report=False)
+    for value in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="anneal_alpha"):
+            fit(observed_model, guide, 3, anneal=0.5, anneal_alpha=value, **options)
+    with pytest.raises(ValueError, match="anneal_alpha leads the annealing phase of estimator='stl'.*'reparam'"):
+        fit(observed_model, guide, 3, anneal=0.5, anneal_alpha=0.5, estimator="reparam", **options)
+    with pytest.raises(ValueError, match="anneal_alpha needs annealing"):
+        fit(observed_model, guide, 3, anneal=0.0, anneal_alpha=0.5, **options)
+    with pytest.raises(ValueError, match="anneal_alpha needs annealing"):  # 'auto' is 0 without observed data
+        fit(gaussian_model, AutoNormal(gaussian_model), 3, anneal_alpha=0.5, **options)
+    with pytest.raises(ValueError, match="does not take loss="):
+        fit(observed_model, guide, 3, anneal=0.5, anneal_alpha=0.5, loss=pyro.infer.Trace_ELBO(), **options)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="the model has the parameter\\(s\\) 'prior_scale'"):
+        fit(learned_prior_model, AutoNormal(learned_prior_model), 3, anneal=0.5, anneal_alpha=0.5, **options)
+
+
+def test_an_anneal_alpha_run_resumes_on_its_schedule(tmp_path):
+    """Interrupted during the Rényi steps, the resumed run takes the very steps of the uninterrupted one; a checkpoint
+    of another anneal_alpha is refused."""
+
+    def run(path, **extra):
+        pyro.clear_param_store()
+        guide = AutoFlow(observed_model, BUILDERS["realnvp"])
+        options = dict(anneal=0.8, anneal_alpha=0.3, num_particles=4, lr=0.02, seed=3, progress=False, report=False)
+        return fit(observed_model, guide, 20, out=path, checkpoint_every=5, **{**options, **extra})
+
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", callback=_interrupt_after(7))
+    resumed = run(tmp_path / "cut", resume=True)
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+    with pytest.raises(CheckpointError, match="anneal_alpha"):
+        run(tmp_path / "cut", resume=True, anneal_alpha=0.5)
+
+
 def learned_prior_model():
     """A model with a parameter of its own (type-II maximum likelihood of the prior scale), trained beside the
     guide."""
