@@ -862,19 +862,7 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     if cfg.seed is not None:
         pyro.set_rng_seed(cfg.seed)
     sync_param_store(guide, *args, **kwargs)
-    elbo = loss
-    if elbo is None:
-        # give the plate nesting rather than letting Trace_ELBO guess it (it logs its guess at INFO level)
-        nesting = max_plate_nesting(model, guide, *args, **kwargs)
-        kind = {"reparam": Trace_ELBO, "stl": TraceSTL_ELBO, "iw": TraceIW_ELBO, "renyi": TraceRenyi_ELBO}
-        options = dict(num_particles=cfg.num_particles, vectorize_particles=cfg.vectorize_particles)
-        if cfg.estimator == "renyi":
-            options["alpha"] = cfg.alpha
-        elbo = kind[cfg.estimator](max_plate_nesting=nesting, **options)
-    renyi = None
-    if cfg.anneal_alpha is not None:
-        _check_no_model_params(model, args, kwargs)
-        renyi = TraceRenyi_ELBO(cfg.anneal_alpha, max_plate_nesting=nesting, **options)
+    elbo, renyi = _svi_objectives(model, guide, args, kwargs, loss, cfg)
     if _vectorizes(elbo):  # a model that breaks or mixes the particles when they are vectorised: said before training
         from .diagnostics import _check_vectorized
 
@@ -903,6 +891,24 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
         run.last_checkpoint = (source, run.first)
         set_rng_state(saved["rng"])
     return run
+
+
+def _svi_objectives(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) -> tuple[ELBO, ELBO | None]:
+    """The run's ELBO (``loss``, or the one ``estimator`` names) and, with ``anneal_alpha``, the Rényi bound of its
+    annealing steps (``None`` without)."""
+    if loss is not None:
+        return loss, None  # (fit refuses loss= with anneal_alpha)
+    # give the plate nesting rather than letting Trace_ELBO guess it (it logs its guess at INFO level)
+    nesting = max_plate_nesting(model, guide, *args, **kwargs)
+    kind = {"reparam": Trace_ELBO, "stl": TraceSTL_ELBO, "iw": TraceIW_ELBO, "renyi": TraceRenyi_ELBO}
+    options = dict(num_particles=cfg.num_particles, vectorize_particles=cfg.vectorize_particles)
+    if cfg.estimator == "renyi":
+        options["alpha"] = cfg.alpha
+    elbo = kind[cfg.estimator](max_plate_nesting=nesting, **options)
+    if cfg.anneal_alpha is None:
+        return elbo, None
+    _check_no_model_params(model, args, kwargs)
+    return elbo, TraceRenyi_ELBO(cfg.anneal_alpha, max_plate_nesting=nesting, **options)
 
 
 def _check_no_model_params(model, args: tuple, kwargs: dict) -> None:
