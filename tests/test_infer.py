@@ -459,22 +459,28 @@ def test_annealing_leaves_reparameterised_latents_as_prior():
     assert all(s["mu"] == 1.0 and s["mu_decentered"] == 1.0 for s in elbo.scales)
 
 
-def test_an_annealed_run_resumes_on_its_schedule(tmp_path):
-    """Interrupted mid-anneal, the resumed run takes the very steps of the uninterrupted one, tempered alike."""
+@pytest.mark.parametrize(
+    "options, changed",
+    [({}, {"anneal": 0.5}), ({"anneal_alpha": 0.3}, {"anneal_alpha": 0.5})],
+    ids=["anneal", "anneal_alpha"],
+)
+def test_an_annealed_run_resumes_on_its_schedule(options, changed, tmp_path):
+    """Interrupted mid-anneal (with anneal_alpha: during the Rényi steps), the resumed run takes the very steps of
+    the uninterrupted one, tempered alike; a checkpoint of another schedule is refused, naming the setting."""
 
     def run(path, **extra):
         pyro.clear_param_store()
         guide = AutoFlow(observed_model, BUILDERS["realnvp"])
-        options = dict(anneal=0.8, num_particles=4, lr=0.02, seed=3, progress=False, report=False, checkpoint_every=5)
-        return fit(observed_model, guide, 20, out=path, **{**options, **extra})
+        base = dict(anneal=0.8, num_particles=4, lr=0.02, seed=3, progress=False, report=False, checkpoint_every=5)
+        return fit(observed_model, guide, 20, out=path, **{**base, **options, **extra})
 
     full = run(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", callback=_interrupt_after(7))
     resumed = run(tmp_path / "cut", resume=True)
     np.testing.assert_array_equal(resumed.losses, full.losses)
-    with pytest.raises(CheckpointError, match="anneal"):
-        run(tmp_path / "cut", resume=True, anneal=0.5)
+    with pytest.raises(CheckpointError, match=next(iter(changed))):
+        run(tmp_path / "cut", resume=True, **changed)
 
 
 def test_anneal_alpha_trains_the_annealing_steps_on_a_renyi_bound_rising_to_the_elbo(monkeypatch):
@@ -528,25 +534,6 @@ def test_anneal_alpha_refuses_what_its_bound_cannot_do():
     pyro.clear_param_store()
     with pytest.raises(ValueError, match="the model has the parameter\\(s\\) 'prior_scale'"):
         fit(learned_prior_model, AutoNormal(learned_prior_model), 3, anneal=0.5, anneal_alpha=0.5, **options)
-
-
-def test_an_anneal_alpha_run_resumes_on_its_schedule(tmp_path):
-    """Interrupted during the Rényi steps, the resumed run takes the very steps of the uninterrupted one; a checkpoint
-    of another anneal_alpha is refused."""
-
-    def run(path, **extra):
-        pyro.clear_param_store()
-        guide = AutoFlow(observed_model, BUILDERS["realnvp"])
-        options = dict(anneal=0.8, anneal_alpha=0.3, num_particles=4, lr=0.02, seed=3, progress=False, report=False)
-        return fit(observed_model, guide, 20, out=path, checkpoint_every=5, **{**options, **extra})
-
-    full = run(tmp_path / "full")
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", callback=_interrupt_after(7))
-    resumed = run(tmp_path / "cut", resume=True)
-    np.testing.assert_array_equal(resumed.losses, full.losses)
-    with pytest.raises(CheckpointError, match="anneal_alpha"):
-        run(tmp_path / "cut", resume=True, anneal_alpha=0.5)
 
 
 def learned_prior_model():
