@@ -19,7 +19,10 @@ Other posteriors, not in the default run (``--models`` names them; :data:`EXTRA_
 whether the defaults chosen on the six above carry over to 30-40 dimensions, ``funnel32`` (Neal's funnel, 32-D),
 ``horseshoe16`` (16 means, 32-D) and ``local_level40`` (a 40-step series, 41-D); and ``trend_regression``, a
 linear trend on unstandardised readings (intercept near 1000, 3-D: a posterior far from where guides start, for
-``fit``'s Gaussian start), ``log Z`` by quadrature over the noise scale with the coefficients integrated out.
+``fit``'s Gaussian start), ``log Z`` by quadrature over the noise scale with the coefficients integrated out; and
+``mixture2``, the two means of an equal-weight mixture of two unit-variance normals under ``N(0, 3²)`` priors, seen
+through 20 points near -2 and +2: label switching makes two well-separated modes (a guide on one has KL ≥ log 2),
+``log Z`` by 2-D quadrature.
 
 pyroflows guides are :class:`pyroflows.AutoFlow` (``AutoNormalizingFlow``'s guide in one parameter tensor;
 ``NAME/tails`` with ``heavy_tails=True``). Every guide is trained the same way in the ``plain``
@@ -72,7 +75,7 @@ GUIDES = [
     "spline_flow(8)",
 ]
 MODELS = ["eight_schools_centered", "funnel10", "banana", "horseshoe", "local_level", "bimodal"]
-EXTRA_MODELS = ["funnel32", "horseshoe16", "local_level40", "trend_regression"]
+EXTRA_MODELS = ["funnel32", "horseshoe16", "local_level40", "trend_regression", "mixture2"]
 #: the 16 observations of ``horseshoe16``: near-zero means and a few signals, as a shrinkage prior expects
 HORSESHOE16_Y = [0.2, -0.5, 1.0, 3.0, -4.5, 6.0, 0.0, 0.3, -0.8, 1.5, -2.2, 0.1, 4.0, -0.4, 0.6, -7.0]
 
@@ -83,6 +86,47 @@ def _banana():
 
     z1 = pyro.sample("z1", dist.Normal(0.0, 1.5))
     pyro.sample("z2", dist.Normal(0.5 * z1**2 - 1.0, 0.5))
+
+
+def _mixture2(y):
+    """Two component means under ``N(0, 3²)`` priors, equal weights, unit variances: two modes by label switching."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    loc = torch.stack([pyro.sample("mu1", dist.Normal(0.0, 3.0)), pyro.sample("mu2", dist.Normal(0.0, 3.0))], -1)
+    weights = dist.Categorical(logits=torch.zeros(loc.shape))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.MixtureSameFamily(weights, dist.Normal(loc, 1.0)), obs=y)
+
+
+def _mixture2_data():
+    """20 points, 10 around -2 and 10 around +2 (a fixed seed)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(5)
+    return torch.cat([torch.randn(10, generator=gen) - 2.0, torch.randn(10, generator=gen) + 2.0])
+
+
+def _mixture2_log_evidence(y, half_width: float = 15.0, num_points: int = 1201) -> float:
+    """``log p(y)`` of :func:`_mixture2` by the trapezoid rule on a grid over both means (5 prior standard deviations
+    each way)."""
+    import numpy as np
+
+    grid = np.linspace(-half_width, half_width, num_points)
+    m1, m2 = np.meshgrid(grid, grid, indexing="ij")
+    log_prior = -(m1**2 + m2**2) / 18.0 - np.log(2 * np.pi * 9.0)
+    log_lik = 0.0
+    for v in np.asarray(y, dtype=np.float64):
+        a, b = -0.5 * (v - m1) ** 2, -0.5 * (v - m2) ** 2
+        top = np.maximum(a, b)
+        log_lik = log_lik + top + np.log(0.5 * np.exp(a - top) + 0.5 * np.exp(b - top)) - 0.5 * np.log(2 * np.pi)
+    log_f = log_prior + log_lik
+    peak = log_f.max()
+    weights = np.ones(num_points)
+    weights[[0, -1]] = 0.5
+    step = grid[1] - grid[0]
+    return float(peak + np.log(np.einsum("i,j,ij->", weights, weights, np.exp(log_f - peak)) * step * step))
 
 
 def model_spec(name: str):
@@ -113,6 +157,9 @@ def model_spec(name: str):
         return vi_models.local_level, (y,), vi_models.local_level_log_evidence(y)
     if name == "trend_regression":
         return vi_models.trend_regression, (), vi_models.trend_regression_log_evidence()
+    if name == "mixture2":
+        y = _mixture2_data()
+        return _mixture2, (y,), _mixture2_log_evidence(y)
     raise ValueError(f"unknown model {name!r}")
 
 

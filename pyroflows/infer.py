@@ -641,10 +641,11 @@ def fit(
         several modes, not a default: on the guide benchmark's bimodal posterior ``anneal_alpha=0.5`` found both
         modes in 4 of 8 runs (``autoregressive_flow(8)`` and ``realnvp(8)``, seeds 0-3) against 2 of 8 without, and
         left the KL on the eight schools and the local-level series as it was, but on the horseshoe it made
-        ``autoregressive_flow(8)``'s rare draws deep in the funnel's neck worse (KL 3.04 against 0.30 at one seed;
-        docs: "Variational inference", defaults). The losses of those steps are the tempered target's Rényi bound.
-        Needs the bound's conditions: a model without parameters of its own, no subsampling, reparameterised guide
-        sites, and ``loss=None``.
+        ``autoregressive_flow(8)``'s rare draws deep in the funnel's neck worse (KL 3.04 against 0.30 at one seed),
+        and it did not reach the second of two far-apart modes (a label-switching mixture: one mode in every run,
+        with or without it; docs: "Variational inference", defaults). The losses of those steps are the tempered
+        target's Rényi bound. Needs the bound's conditions: a model without parameters of its own, no subsampling,
+        reparameterised guide sites, and ``loss=None``.
     :param loss: a Pyro ``ELBO`` instance instead of the one ``estimator``, ``num_particles`` and
         ``vectorize_particles`` describe.
     :param float clip_norm: clip the global gradient norm; ``None`` disables clipping.
