@@ -294,14 +294,9 @@ def default_anneal(model: Callable, *args, **kwargs) -> float:
         >>> default_anneal(regression, torch.zeros(3)), default_anneal(energy)
         (0.5, 0.0)
     """
-    state = rng_state()  # one draw from the prior, which must not move the caller's random streams
-    try:
-        with torch.no_grad(), poutine.block():
-            trace = poutine.trace(model).get_trace(*args, **kwargs)
-    except Exception:  # noqa: BLE001  a prior that cannot be sampled (ImproperUniform): no annealing, the old default;
-        return 0.0  # fit's own steps report any real error of the model
-    finally:
-        set_rng_state(state)
+    trace = _prior_trace(model, args, kwargs)
+    if trace is None:  # a prior that cannot be sampled (ImproperUniform): no annealing, the old default; fit's own
+        return 0.0  # steps report any real error of the model
     observed, proper = False, True
     for site in trace.nodes.values():
         if site["type"] != "sample" or is_reparameterised(site):  # (a reparameterised latent is not data)
@@ -312,6 +307,19 @@ def default_anneal(model: Callable, *args, **kwargs) -> float:
         elif isinstance(fn, pyro.distributions.ImproperUniform):
             proper = False
     return 0.5 if observed and proper else 0.0
+
+
+def _prior_trace(model: Callable, args: tuple, kwargs: dict):
+    """A trace of one blocked, gradient-free run of ``model`` from its prior, the random streams left as they were;
+    ``None`` when the model cannot be run that way (an ``ImproperUniform`` site cannot be sampled)."""
+    state = rng_state()
+    try:
+        with torch.no_grad(), poutine.block():
+            return poutine.trace(model).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001  the callers fall back; a real error of the model shows at fit's first step
+        return None
+    finally:
+        set_rng_state(state)
 
 
 def is_reparameterised(site) -> bool:
@@ -916,15 +924,8 @@ def _check_no_model_params(model, args: tuple, kwargs: dict) -> None:
     """``anneal_alpha``'s Rényi bound trains guides only: refuse, before training, a model that creates parameters
     (found by one blocked run from the prior; a model that cannot run from its prior is left to the bound's own
     check at the first step)."""
-    state = rng_state()
-    try:
-        with torch.no_grad(), poutine.block():
-            trace = poutine.trace(model).get_trace(*args, **kwargs)
-    except Exception:  # noqa: BLE001  (an ImproperUniform prior, say): the first step's check names the problem
-        return
-    finally:
-        set_rng_state(state)
-    names = [name for name, site in trace.nodes.items() if site["type"] == "param"]
+    trace = _prior_trace(model, args, kwargs)
+    names = [] if trace is None else [name for name, site in trace.nodes.items() if site["type"] == "param"]
     if names:
         raise ValueError(
             f"fit: anneal_alpha trains on a Rényi bound, which fits guides only, and the model has the parameter(s) "
