@@ -440,7 +440,7 @@ def _vi_guides(d: dict) -> str:
 
 
 def _vi_heldout(d: dict) -> str:
-    from benchmarks.vi_heldout import markdown
+    from benchmarks.vi_heldout import label, markdown
 
     budget = d["budget"]
     return (
@@ -464,7 +464,7 @@ def _vi_heldout(d: dict) -> str:
         + (
             " '(plain SVI)': a pyroflows guide through Pyro's plain loop instead (the recipe of Pyro's rows), to set "
             "fit's defaults against it on models that chose neither."
-            if any(r["recipe"] == "plain" and r["guide"] not in ("AutoNormal", "AutoIAFNormal(2)") for r in d["rows"])
+            if any(label(r).endswith("(plain SVI)") for r in d["rows"])
             else ""
         )
         + "\n\n"
