@@ -25,7 +25,8 @@ through 20 points near -2 and +2: label switching makes two well-separated modes
 ``log Z`` by 2-D quadrature.
 
 pyroflows guides are :class:`pyroflows.AutoFlow` (``AutoNormalizingFlow``'s guide in one parameter tensor;
-``NAME/tails`` with ``heavy_tails=True``). Every guide is trained the same way in the ``plain``
+``NAME/tails`` with ``heavy_tails=True``; ``NAME/mixK`` is :class:`pyroflows.AutoFlowMixture`, K such flows in an
+equal-weight mixture). Every guide is trained the same way in the ``plain``
 recipe: ``SVI`` with ``Trace_ELBO(num_particles=8, vectorize_particles=True)`` and ``ClippedAdam(lr=3e-3)`` for 2000
 steps (16,000 particle-steps). The ``fit`` recipe trains every guide (Pyro's too) through :func:`pyroflows.infer.fit`
 with its defaults at the same budget (``num_steps = 16000 / num_particles``); ``fit:KEY=VALUE,...`` with other
@@ -168,7 +169,8 @@ def make_guide(name: str, model):
 
     ``"realnvp(8)"`` is ``pyroflows.AutoFlow(model, partial(pyroflows.realnvp, num_layers=8))``, the guide the
     documentation recommends (``AutoNormalizingFlow``'s guide, its parameters in one tensor); ``"realnvp(8)/tails"``
-    the same with ``heavy_tails=True`` (the flow on noise with learned tails, ``HeavyTails``)."""
+    the same with ``heavy_tails=True`` (the flow on noise with learned tails, ``HeavyTails``); ``"realnvp(8)/mix4"``
+    ``pyroflows.AutoFlowMixture`` of four such flows."""
     from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
 
     import pyroflows
@@ -178,14 +180,18 @@ def make_guide(name: str, model):
     if name == "AutoIAFNormal(2)":
         return AutoIAFNormal(model, num_transforms=2)
     spec, _, base = name.partition("/")
-    if base not in ("", "tails"):
-        raise ValueError(f"unknown guide variant {name!r} (a builder, or builder/tails)")
+    mixture = base.startswith("mix") and base[3:].isdigit()
+    if base not in ("", "tails") and not mixture:
+        raise ValueError(f"unknown guide variant {name!r} (a builder, builder/tails or builder/mixK)")
     builder, _, arg = spec.partition("(")
     fn = getattr(pyroflows, builder, None)
-    auto = getattr(pyroflows, "AutoFlow", None)
+    auto = getattr(pyroflows, "AutoFlowMixture" if mixture else "AutoFlow", None)
     if fn is None or auto is None:
         return None
-    return auto(model, partial(fn, num_layers=int(arg.rstrip(")"))), heavy_tails=base == "tails")
+    flow = partial(fn, num_layers=int(arg.rstrip(")")))
+    if mixture:
+        return auto(model, flow, components=int(base[3:]))
+    return auto(model, flow, heavy_tails=base == "tails")
 
 
 def _train_plain(model, guide, args, steps: int, particles: int) -> list[float]:

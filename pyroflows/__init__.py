@@ -7,7 +7,7 @@ usable as guides (:class:`AutoFlow`, a faster drop-in for Pyro's ``AutoNormalizi
 """
 
 from . import autoguide, data, elbo, hybrid, infer, latent, logdet, nn, ood, train, transforms
-from .autoguide import AutoFlow
+from .autoguide import AutoFlow, AutoFlowMixture, FlowMixture
 from .builders import autoregressive_flow, glow, planar_flow, realnvp, residual_flow, spline_flow
 from .cif import CIFDensity, cif
 from .density import FlowDensity
@@ -18,9 +18,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoFlow",
+    "AutoFlowMixture",
     "CIFDensity",
     "Compose",
     "FlowDensity",
+    "FlowMixture",
     "FlowTransform",
     "HybridDensity",
     "Inverse",

@@ -7,20 +7,27 @@ that bookkeeping costs more than the flow. :class:`AutoFlow` keeps the flow's pa
 layers' parameters are views of it (so the flow module always holds the current values and works on its own),
 the guide emits one ``pyro.param`` site per call, and the layers' gradients are collected into the flat tensor's
 ``.grad`` in one addition at the end of each backward pass.
+
+:class:`AutoFlowMixture` is the same guide with a mixture of flows (:class:`FlowMixture`, learned weights) in place of
+one flow, for posteriors with several separated modes.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.score_parts import ScoreParts
 from pyro.infer.autoguide import AutoNormalizingFlow
 
+from .start import flow_output_affine
 from .transforms import ActNorm, Compose, HeavyTails
+from .transforms.base import has_random_log_det
 
-__all__ = ["AutoFlow"]
+__all__ = ["AutoFlow", "AutoFlowMixture", "FlowMixture", "MixtureFlows"]
 
 #: the name (under the guide's prefix) of the one param-store entry holding the flow's parameters
 FLAT_NAME = "flow_params"
@@ -135,6 +142,12 @@ class AutoFlow(AutoNormalizingFlow):
         :param kwargs: the model's keyword arguments (unused).
         :returns: a ``TransformedDistribution``.
         """
+        flow = self._current_flow()  # first: it sets the base's dtype and device
+        return dist.TransformedDistribution(self.get_base_dist(), flow)
+
+    def _current_flow(self):
+        """The flow (built and flattened on first use), its parameters linked to what the param store holds; emits
+        the one ``pyro.param`` site."""
         flow = self._flow()
         if flow is None:
             flow = self._build_flow()
@@ -147,7 +160,7 @@ class AutoFlow(AutoNormalizingFlow):
                 self._adopt(value)
             self._check_linked()
             self.__dict__["_prototype_tensor"] = self._linked  # the base's dtype and device
-        return dist.TransformedDistribution(self.get_base_dist(), flow)
+        return flow
 
     def _build_flow(self):
         flow = self._init_transform_fn(self.latent_dim)
@@ -284,3 +297,256 @@ def _collector(guide_ref, index: int):
             guide._collect(index)
 
     return hook
+
+
+class FlowMixture(dist.TorchDistribution):
+    r"""A mixture of flows over one base: :math:`q(z) = \sum_k \pi_k q_k(z)`, :math:`q_k` the base pushed through
+    ``flows[k]``, weights :math:`\pi = \mathrm{softmax}(\text{logits})` (equal without logits). The distribution of
+    :class:`AutoFlowMixture`.
+
+    ``rsample`` allots the draws (every sample and batch position) to the components by systematic sampling, then
+    shuffles them: each draw comes from component ``k`` with probability :math:`\pi_k`, and ``n`` draws give
+    component ``k`` :math:`\lfloor n \pi_k \rfloor` or :math:`\lceil n \pi_k \rceil` of them (equal weights:
+    ``n // K`` or ``n // K + 1``), so a mean over draws is unbiased with little variance from the choice of
+    components. Each draw is a reparameterised sample of its component. The weights are learned through the
+    component index: :meth:`score_parts` gives Pyro's ELBOs the score function :math:`\log \pi_k` of each draw's
+    component (the usual gradient of a discrete choice), next to the path gradient. ``log_prob`` is the mixture's
+    own density, ``logsumexp_k (log pi_k + log q_k(z))``: every component's inverse runs on every point (``K``
+    inverse passes).
+
+    :param base_dist: the base distribution (event dimension 1).
+    :param flows: the components' transforms (each from the base's space to the same space).
+    :param torch.Tensor logits: the weights' logits, one per flow (``None``: equal weights).
+    :param bool auxiliary: the distribution of an auxiliary guide site (Pyro's ``AutoContinuous`` latent, as in
+        :class:`AutoFlowMixture`), whose ``log q`` Pyro's ELBOs leave out of the per-draw weight of score functions:
+        :meth:`score_parts` then adds that share itself.
+    :param validate_args: as for torch distributions.
+
+    Example::
+
+        >>> import pyro.distributions as dist, torch
+        >>> from pyroflows.transforms import ActNorm
+        >>> flows = [ActNorm(2), ActNorm(2)]
+        >>> for t, b in zip(flows, (-3.0, 3.0)):
+        ...     t.mark_initialized()
+        ...     _ = t.bias.data.fill_(b)  # ActNorm maps x to (x - b) * exp(-s): component means -b
+        >>> q = FlowMixture(dist.Normal(torch.zeros(2), 1.0).to_event(1), flows)
+        >>> z = q.rsample((4,))
+        >>> sorted(z[:, 0].sign().tolist())  # two draws from each component
+        [-1.0, -1.0, 1.0, 1.0]
+        >>> q.log_prob(torch.zeros(2)).item() == q.component_distributions()[0].log_prob(torch.zeros(2)).item()
+        True
+    """
+
+    arg_constraints: dict = {}
+    support = dist.constraints.real_vector
+    has_rsample = True
+
+    def __init__(
+        self, base_dist, flows, logits: torch.Tensor | None = None, *, auxiliary: bool = False, validate_args=None
+    ):
+        if len(base_dist.event_shape) != 1:
+            raise ValueError(f"FlowMixture: the base must have one event dimension, got {tuple(base_dist.event_shape)}")
+        self.flows = list(flows)
+        if not self.flows:
+            raise ValueError("FlowMixture: needs at least one flow")
+        if logits is not None and tuple(logits.shape) != (len(self.flows),):
+            raise ValueError(
+                f"FlowMixture: logits must have shape ({len(self.flows)},), one per flow, got {tuple(logits.shape)}"
+            )
+        self.base_dist = base_dist
+        self.logits = logits
+        self.auxiliary = auxiliary
+        self._drawn: tuple[torch.Tensor, torch.Tensor] | None = None  # the last draw and its components
+        super().__init__(base_dist.batch_shape, base_dist.event_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return FlowMixture(self.base_dist.expand(batch_shape), self.flows, self.logits, auxiliary=self.auxiliary)
+
+    def log_weights(self, fixed: bool = False, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``log pi``, one per flow (``fixed``: detached from the logits), in ``like``'s dtype and device."""
+        k = len(self.flows)
+        if self.logits is None:
+            if like is None:
+                return torch.full((k,), -math.log(k))
+            return like.new_full((k,), -math.log(k))
+        logits = self.logits.detach() if fixed else self.logits
+        log_w = torch.log_softmax(logits, dim=0)
+        return log_w if like is None else log_w.to(like)
+
+    def component_distributions(self) -> list:
+        """The components, each a ``TransformedDistribution`` of the base."""
+        return [dist.TransformedDistribution(self.base_dist, flow) for flow in self.flows]
+
+    def component_indices(self, n: int, device=None) -> torch.Tensor:
+        """Which component each of ``n`` draws comes from: systematic sampling by the weights, shuffled."""
+        weights = self.log_weights(fixed=True).exp().to(device)
+        edges = torch.cumsum(weights, 0)
+        points = (torch.rand((), device=device) + torch.arange(n, device=device)) / n * edges[-1]
+        which = torch.searchsorted(edges, points, right=True).clamp_(max=len(self.flows) - 1)
+        return which[torch.randperm(n, device=device)]
+
+    def rsample(self, sample_shape=()):
+        eps = self.base_dist.rsample(torch.Size(sample_shape))
+        flat = eps.reshape(-1, eps.shape[-1])
+        which = self.component_indices(flat.shape[0], flat.device)
+        positions, parts = [], []
+        for k, flow in enumerate(self.flows):
+            index = (which == k).nonzero().squeeze(-1)
+            if index.numel():
+                positions.append(index)
+                parts.append(flow(flat[index]))
+        order = torch.argsort(torch.cat(positions))
+        value = torch.cat(parts)[order].reshape(eps.shape)
+        self._drawn = (value, which.reshape(eps.shape[:-1]))
+        return value
+
+    def mix(self, log_probs, fixed: bool = False) -> torch.Tensor:
+        """The mixture's log-density from its components' (a sequence of equal-shape tensors; ``fixed``: the
+        weights held fixed)."""
+        stacked = torch.stack(list(log_probs))
+        log_w = self.log_weights(fixed, like=stacked).reshape((-1,) + (1,) * (stacked.dim() - 1))
+        return torch.logsumexp(stacked + log_w, dim=0)
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        return self.mix(c.log_prob(value) for c in self.component_distributions())
+
+    def score_parts(self, value):
+        """Pyro's ``ScoreParts``: the log-density, and as score function ``log pi_k`` of the component each draw
+        came from (when ``value`` is this distribution's last draw and the logits are learned; else 0)."""
+        log_prob = self.log_prob(value)
+        score, entropy = 0, log_prob
+        drawn = self._drawn
+        if drawn is not None and drawn[0] is value and self.logits is not None and self.logits.requires_grad:
+            score = self.log_weights()[drawn[1]]
+            if self.auxiliary:
+                # The ELBOs weigh the score function by log p - log q per draw, without the log q of auxiliary
+                # sites (AutoContinuous's latent): its share, -log q * score, enters through the entropy term.
+                entropy = log_prob + log_prob.detach() * score
+        return ScoreParts(log_prob=log_prob, score_function=score, entropy_term=entropy)
+
+
+class AutoFlowMixture(AutoFlow):
+    r"""A guide that is a mixture of ``components`` flows with learned weights (:class:`FlowMixture`), for
+    posteriors with several separated modes, of which one flow trained on the ELBO covers only one.
+
+    Each component is built by ``init_transform_fn`` as for :class:`AutoFlow` (all of them, and the weights' logits,
+    in one flat parameter tensor, ``flow_params``), and starts with its output location ``b`` (pyroflows' builders
+    end in the affine map ``y = x * exp(s) + b``) at its own draw from ``N(0, spread² I)``: the components start
+    apart, and each goes to a mode near its start. The mixture's entropy term pushes components that share a mode
+    apart (where a draw of one is likely under another, ``-log q`` is lower than under that component alone).
+
+    The weights start equal and are learned (``learn_weights=True``) through the score function of each draw's
+    component (:meth:`FlowMixture.score_parts`), which Pyro's ``Trace_ELBO`` and
+    :class:`~pyroflows.elbo.TraceSTL_ELBO` use; the multi-sample bounds (``TraceIW_ELBO``, ``TraceRenyi_ELBO``,
+    ``fit``'s ``anneal_alpha``) leave them where they are. With ``learn_weights=False`` they stay equal: a mode
+    found by ``j`` of the ``K`` components then carries ``j / K`` of the guide's mass. Draws are allotted to the
+    components by systematic sampling, so with ``num_particles`` of at least ``K`` every component with a weight
+    above ``1 / num_particles`` gets draws at every step.
+
+    Cost per step: every component's forward pass on its share of the draws, plus ``K`` inverse passes over all of
+    them for ``log q``: cheap for couplings and splines (``realnvp``, ``spline_flow``), ``K`` times the usual
+    inverse for autoregressive and residual flows. :func:`~pyroflows.start.gaussian_start` (``fit``'s ``start=``)
+    leaves this guide as built.
+
+    :param model: a Pyro model.
+    :param init_transform_fn: ``latent_dim -> Transform``, as for :class:`AutoFlow`, with an exact log-det (not a
+        residual flow's stochastic estimate); it must end in pyroflows' output affine map unless ``spread=0``.
+    :param int components: the number of flows ``K`` (at least 1).
+    :param float spread: the standard deviation of the components' starting locations (0: all start at the
+        origin, identical but for their layers' random initialisation).
+    :param bool learn_weights: learn the weights (else they stay equal).
+    :param bool heavy_tails: each component on learned heavy-tailed noise, as for :class:`AutoFlow`.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, pyroflows, torch
+        >>> from functools import partial
+        >>> def model():
+        ...     pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> pyro.clear_param_store()
+        >>> guide = pyroflows.AutoFlowMixture(model, partial(pyroflows.realnvp, num_layers=2), components=3)
+        >>> with pyro.plate("particles", 6, dim=-1):
+        ...     guide()["z"].shape
+        torch.Size([6, 2])
+        >>> len(guide.transform)  # the three component flows
+        3
+    """
+
+    def __init__(
+        self,
+        model,
+        init_transform_fn,
+        *,
+        components: int = 2,
+        spread: float = 1.0,
+        learn_weights: bool = True,
+        heavy_tails: bool = False,
+    ):
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise ValueError(f"AutoFlowMixture: components must be an integer >= 1, got {components!r}")
+        if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread < math.inf:
+            raise ValueError(f"AutoFlowMixture: spread must be a finite number >= 0, got {spread!r}")
+        if learn_weights not in (True, False):
+            raise ValueError(f"AutoFlowMixture: learn_weights must be True or False, got {learn_weights!r}")
+        super().__init__(model, init_transform_fn, heavy_tails=heavy_tails)
+        self.components = components
+        self.spread = float(spread)
+        self.learn_weights = learn_weights
+
+    def get_posterior(self, *args, **kwargs):
+        """The guide's distribution over the unconstrained latent vector: a :class:`FlowMixture` of the component
+        flows over the base N(0, I). Emits the one ``pyro.param`` site of the flows' parameters.
+
+        :param args: the model's arguments (unused).
+        :param kwargs: the model's keyword arguments (unused).
+        :returns: a :class:`FlowMixture`.
+        """
+        flows = self._current_flow()
+        return FlowMixture(self.get_base_dist(), flows, flows.logits, auxiliary=True)
+
+    def _build_flow(self):
+        flows = MixtureFlows([super(AutoFlowMixture, self)._build_flow() for _ in range(self.components)])
+        if has_random_log_det(flows):
+            raise ValueError(
+                "AutoFlowMixture: the flow estimates its log-det at random (a residual flow beyond its exact "
+                "dimension), and the log of a mixture of such estimates is biased; use a flow with an exact log-det"
+            )
+        like = next(flows.parameters(), None)
+        if like is not None:
+            flows.logits.data = flows.logits.data.to(like.device, like.dtype)
+        flows.logits.requires_grad_(self.learn_weights)
+        if self.spread == 0:
+            return flows
+        for flow in flows:
+            affine = flow_output_affine(flow, self.latent_dim)
+            if affine is None:
+                raise ValueError(
+                    "AutoFlowMixture: init_transform_fn's flow does not end in pyroflows' output affine map, so the "
+                    "components cannot be started apart; use a pyroflows vector builder, or spread=0"
+                )
+            bias = affine.bias
+            with torch.no_grad():
+                bias.copy_(torch.randn(bias.shape, dtype=bias.dtype, device=bias.device) * self.spread)
+        return flows
+
+
+class MixtureFlows(torch.nn.ModuleList):
+    """The component flows of :class:`AutoFlowMixture` (a ``ModuleList``) and their weights' ``logits`` (a
+    parameter, zeros at the start: equal weights).
+
+    :param flows: the component flows.
+
+    Example::
+
+        >>> import pyroflows
+        >>> flows = MixtureFlows([pyroflows.realnvp(2, num_layers=1) for _ in range(3)])
+        >>> len(flows), flows.logits.tolist()
+        (3, [0.0, 0.0, 0.0])
+    """
+
+    def __init__(self, flows):
+        super().__init__(flows)
+        self.logits = torch.nn.Parameter(torch.zeros(len(self)))

@@ -34,6 +34,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 from torch.distributions.utils import _sum_rightmost
 
+from .autoguide import FlowMixture
 from .run import check_number
 from .transforms.base import has_random_log_det
 
@@ -58,6 +59,9 @@ def _modules(fn) -> list[nn.Module]:
                         if isinstance(m, nn.Module):
                             found.setdefault(id(m), m)
             visit(d.base_dist)
+        elif isinstance(d, FlowMixture):
+            for component in d.component_distributions():
+                visit(component)
 
     visit(fn)
     return list(found.values())
@@ -119,6 +123,8 @@ def _log_prob(fn, value: torch.Tensor, avoid: frozenset = frozenset()) -> torch.
             y = x
         base = _log_prob(fn.base_dist, y, avoid)
         return log_prob + _sum_rightmost(base, event_dim - len(fn.base_dist.event_shape))
+    if isinstance(fn, FlowMixture):
+        return fn.mix((_log_prob(component, value, avoid) for component in fn.component_distributions()), fixed=True)
     params = {k: getattr(fn, k) for k in fn.arg_constraints if k in vars(fn)}
     live = [p for p in params.values() if isinstance(p, torch.Tensor) and p.requires_grad]
     if not live:
@@ -146,7 +152,8 @@ def fixed_log_prob(fn, value: torch.Tensor, avoid=()) -> torch.Tensor:
     Supported: ``TransformedDistribution`` whose transforms are ``nn.Module`` flows (pyroflows layers, Pyro's
     ``TransformModule``\ s, and their inverses or compositions; their parameters' ``requires_grad`` is off while the
     log-density is computed, so a conditional flow keeps its dependence on the context) or parameter-free
-    bijections, over a parameter-free base or one of the families below; ``Independent``; ``Normal``,
+    bijections, over a parameter-free base or one of the families below; :class:`~pyroflows.FlowMixture` (of such
+    flows); ``Independent``; ``Normal``,
     ``MultivariateNormal``, ``LowRankMultivariateNormal``, ``LogNormal``, ``Laplace``, ``StudentT``, ``Cauchy``,
     ``Gamma``, ``Beta``, whose parameter tensors are detached whole. That is right when they are functions of the
     guide's parameters alone (every Pyro autoguide), not when a hand-written guide computes them from its earlier
@@ -228,6 +235,9 @@ class TraceSTL_ELBO(Trace_ELBO):
         (1.0, 0.5)
     """
 
+    #: a :class:`~pyroflows.FlowMixture`'s weights are trained through their score function (Pyro's surrogate)
+    _mixture_weights_by_score = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         #: names of the sites that kept the reparameterised gradient, with the reason
@@ -253,6 +263,9 @@ class TraceSTL_ELBO(Trace_ELBO):
                 else:
                     fixed = scale_and_mask(fixed, site["scale"], site["mask"])
                     if _random_log_det(site["fn"]) or _agrees(fixed, log_prob):
+                        if self._mixture_weights_by_score and isinstance(_unwrap(site["fn"]), FlowMixture):
+                            # keep the share of the weights' score function that FlowMixture puts there
+                            fixed = fixed + (site["score_parts"].entropy_term - log_prob)
                         site["score_parts"] = ScoreParts(log_prob, score_function, entropy_term=fixed)
                     else:  # the inverse did not reproduce the draw's log-density: STL would be biased here
                         self.inexact_steps[name] = self.inexact_steps.get(name, 0) + 1
@@ -321,6 +334,9 @@ class TraceIW_ELBO(TraceSTL_ELBO):
         >>> round(elbo, 1), abs(bound) < 0.1  # the K = 1000 bound is nearly log Z; the ELBO is log Z - KL
         (-0.8, True)
     """
+
+    # the bound's surrogate has no score functions: a FlowMixture's weights are not trained by it
+    _mixture_weights_by_score = False
 
     def _cannot_hold_fixed(self, name: str, error: NotImplementedError) -> None:
         """Refused: DReG needs the held-fixed log q at every site (the reparameterised term would bias it)."""

@@ -34,7 +34,7 @@ from torch.distributions import biject_to, transform_to
 
 from .transforms import ActNorm, Inverse
 
-__all__ = ["START_MARGIN", "START_MAX_DIM", "gaussian_start", "output_affine"]
+__all__ = ["START_MARGIN", "START_MAX_DIM", "flow_output_affine", "gaussian_start", "output_affine"]
 
 #: ``mode="auto"`` takes the Gaussian start when its importance-weighted bound beats the guide as built by more
 #: than this many nats per latent coordinate
@@ -78,12 +78,29 @@ def output_affine(guide) -> ActNorm | None:
         torch.Size([3])
     """
     t = (getattr(guide, "_modules", None) or {}).get("transform") or getattr(guide, "__dict__", {}).get("transform")
+    return flow_output_affine(t, getattr(guide, "latent_dim", -1))
+
+
+def flow_output_affine(flow, dim: int) -> ActNorm | None:
+    """The output affine map of a vector flow on ``dim`` coordinates (see :func:`output_affine`), or ``None``.
+
+    :param flow: a transform.
+    :param int dim: the number of coordinates the map must act on.
+    :returns: the ``ActNorm`` whose ``bias`` is ``b`` and ``log_scale`` is ``s``, or ``None``.
+
+    Example::
+
+        >>> import pyroflows
+        >>> flow_output_affine(pyroflows.realnvp(3, num_layers=2), 3).bias.shape
+        torch.Size([3])
+    """
+    t = flow
     while getattr(t, "parts", None):
         t = t.parts[-1]
     if not (isinstance(t, Inverse) and isinstance(t.base, ActNorm)):
         return None
     affine = t.base
-    return affine if tuple(affine.bias.shape) == (getattr(guide, "latent_dim", -1),) else None
+    return affine if tuple(affine.bias.shape) == (dim,) else None
 
 
 def _log_joint(model, sites, args: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
