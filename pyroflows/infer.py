@@ -651,7 +651,8 @@ def fit(
         left the KL on the eight schools and the local-level series as it was, but on the horseshoe it made
         ``autoregressive_flow(8)``'s rare draws deep in the funnel's neck worse (KL 3.04 against 0.30 at one seed),
         and it did not reach the second of two far-apart modes (a label-switching mixture: one mode in every run,
-        with or without it; docs: "Variational inference", defaults). The losses of those steps are the tempered
+        with or without it, where :class:`pyroflows.AutoFlowMixture` found both in every run; docs: "Variational
+        inference", defaults). The losses of those steps are the tempered
         target's Rényi bound. Needs the bound's conditions: a model without parameters of its own, no subsampling,
         reparameterised guide sites, and ``loss=None``.
     :param loss: a Pyro ``ELBO`` instance instead of the one ``estimator``, ``num_particles`` and
@@ -784,7 +785,8 @@ def _relapse_message(relapse: dict) -> str:
     return (
         f"fit: the loss ended at {relapse['final']:.4g} (mean of the last window) after reaching {relapse['best']:.4g} "
         f"over steps {a}-{b}: the optimisation became unstable, and the guide is worse than it was. Try a lower lr "
-        "(a third, say) or another seed; for a posterior with several modes, anneal=0.5."
+        "(a third, say) or another seed; for a posterior with several separated modes, a mixture of flows "
+        "(pyroflows.AutoFlowMixture)."
     )
 
 
