@@ -449,7 +449,8 @@ class AutoFlowMixture(AutoFlow):
     Cost per step: every component's forward pass on its share of the draws, plus ``K`` inverse passes over all of
     them for ``log q``: cheap for couplings and splines (``realnvp``, ``spline_flow``), ``K`` times the usual
     inverse for autoregressive and residual flows. :func:`~pyroflows.start.gaussian_start` (``fit``'s ``start=``)
-    leaves this guide as built.
+    places every component on its Gaussian candidate, each at its start offset in units of the candidate's
+    standard deviations.
 
     :param model: a Pyro model.
     :param init_transform_fn: ``latent_dim -> Transform``, as for :class:`AutoFlow`, with an exact log-det (not a
@@ -509,18 +510,19 @@ class AutoFlowMixture(AutoFlow):
 
     def _build_flow(self):
         flows = MixtureFlows([super(AutoFlowMixture, self)._build_flow() for _ in range(self.components)])
+        flows.offsets = flows.offsets.new_zeros(self.components, self.latent_dim)
         if has_random_log_det(flows):
             raise ValueError(
                 "AutoFlowMixture: the flow estimates its log-det at random (a residual flow beyond its exact "
                 "dimension), and the log of a mixture of such estimates is biased; use a flow with an exact log-det"
             )
-        like = next(flows.parameters(), None)
+        like = next(flows[0].parameters(), None)
         if like is not None:
-            flows.logits.data = flows.logits.data.to(like.device, like.dtype)
+            flows.to(like.device, like.dtype)
         flows.logits.requires_grad_(self.learn_weights)
         if self.spread == 0:
             return flows
-        for flow in flows:
+        for flow, offset in zip(flows, flows.offsets):
             affine = flow_output_affine(flow, self.latent_dim)
             if affine is None:
                 raise ValueError(
@@ -530,12 +532,14 @@ class AutoFlowMixture(AutoFlow):
             bias = affine.bias
             with torch.no_grad():
                 bias.copy_(torch.randn(bias.shape, dtype=bias.dtype, device=bias.device) * self.spread)
+                offset.copy_(bias)
         return flows
 
 
 class MixtureFlows(torch.nn.ModuleList):
-    """The component flows of :class:`AutoFlowMixture` (a ``ModuleList``) and their weights' ``logits`` (a
-    parameter, zeros at the start: equal weights).
+    """The component flows of :class:`AutoFlowMixture` (a ``ModuleList``), their weights' ``logits`` (a
+    parameter, zeros at the start: equal weights) and the ``offsets`` their output locations started at (a buffer,
+    one row per flow, where :func:`~pyroflows.start.gaussian_start` places them around its candidate).
 
     :param flows: the component flows.
 
@@ -550,3 +554,4 @@ class MixtureFlows(torch.nn.ModuleList):
     def __init__(self, flows):
         super().__init__(flows)
         self.logits = torch.nn.Parameter(torch.zeros(len(self)))
+        self.register_buffer("offsets", torch.zeros(len(self), 0))

@@ -11,7 +11,8 @@ coordinate) is out of reach of a run of a few thousand steps.
 joint density in unconstrained space, from the guide's centre (the origin for a flow): every iterate where the
 negative Hessian ``H`` is positive definite is a candidate ``N(z, H⁻¹)``. Each candidate is scored by the
 importance-weighted bound of the guide placed on it: a flow's output affine map gets ``b = z`` and the marginal
-standard deviations (the rest of the flow is kept), Pyro's ``AutoNormal`` and ``AutoDiagonalNormal`` the same
+standard deviations (the rest of the flow is kept; each component of a mixture of flows the same, around ``z``),
+Pyro's ``AutoNormal`` and ``AutoDiagonalNormal`` the same
 location and scales, ``AutoMultivariateNormal`` the whole covariance, ``AutoLowRankMultivariateNormal`` its
 probabilistic PCA. The best is kept when it beats the guide as built by more than ``margin`` nats per latent
 coordinate (``mode="auto"``, what :func:`pyroflows.infer.fit` does), or always (``mode="gaussian"``).
@@ -192,6 +193,32 @@ class _FlowStart(_Start):
             self.affine.log_scale.copy_(cov.diagonal().sqrt().log().to(self.affine.log_scale))
 
 
+class _MixtureStart(_Start):
+    """A mixture of flows (:class:`pyroflows.AutoFlowMixture`), each ending in pyroflows' output affine map: every
+    component's map gets the candidate's scales and the location ``z + sd * offset``, its start offset (a draw from
+    ``N(0, spread² I)``) in units of the candidate's standard deviations; the weights and the rest are kept."""
+
+    def __init__(self, guide, flows, affines: list[ActNorm]):
+        super().__init__(guide)
+        self.offsets, self.affines = flows.offsets, affines
+
+    def origin(self) -> torch.Tensor:
+        return self.offsets.new_zeros(self.dim)
+
+    def at_start(self) -> bool:
+        return all(
+            torch.equal(a.bias.detach(), o) and not bool(a.log_scale.detach().any())
+            for a, o in zip(self.affines, self.offsets)
+        )
+
+    def place(self, z: torch.Tensor, cov: torch.Tensor) -> None:
+        sd = cov.diagonal().sqrt()
+        with torch.no_grad():
+            for affine, offset in zip(self.affines, self.offsets):
+                affine.bias.copy_((z + sd * offset.to(z)).to(affine.bias))
+                affine.log_scale.copy_(sd.log().to(affine.log_scale))
+
+
 class _MultivariateStart(_Start):
     """Pyro's ``AutoMultivariateNormal``: ``scale[:, None] * scale_tril`` (unit lower triangular) is the Cholesky
     factor of the whole inverse negative Hessian."""
@@ -290,6 +317,11 @@ def _adapter(guide) -> _Start | str:
     affine = output_affine(guide)
     if affine is not None:
         return _FlowStart(guide, affine)
+    flows = (getattr(guide, "_modules", None) or {}).get("transform")
+    if isinstance(getattr(flows, "offsets", None), torch.Tensor):  # AutoFlowMixture's MixtureFlows
+        affines = [flow_output_affine(flow, getattr(guide, "latent_dim", -1)) for flow in flows]
+        if all(a is not None for a in affines):
+            return _MixtureStart(guide, flows, affines)
     kinds = {
         AutoNormal: _NormalStart,
         AutoDiagonalNormal: _Start,
@@ -305,7 +337,8 @@ def _adapter(guide) -> _Start | str:
             return "a latent site is in a subsampled plate (each step sees other locs and scales)"
         return kinds[type(guide)](guide)
     return (
-        "the guide is neither a flow ending in pyroflows' output affine map nor Pyro's AutoNormal, "
+        "the guide is neither a flow (or a mixture of flows) ending in pyroflows' output affine map nor Pyro's "
+        "AutoNormal, "
         "AutoDiagonalNormal, AutoMultivariateNormal or AutoLowRankMultivariateNormal"
     )
 
@@ -416,16 +449,20 @@ def gaussian_start(model, guide, *args, mode: str = "auto", margin: float = STAR
     * a flow guide whose flow ends in pyroflows' output affine map (every pyroflows vector builder, under
       ``AutoFlow`` or ``AutoNormalizingFlow``, heavy tails or not): the map gets ``b = z`` and ``s`` the log marginal
       standard deviations, the rest of the flow is kept;
+    * :class:`pyroflows.AutoFlowMixture`: every component's map likewise, its location ``b = z + sd * offset``
+      (``offset``: where it started, a draw from ``N(0, spread² I)``, so the components keep their spread in units
+      of the candidate's standard deviations ``sd``);
     * Pyro's ``AutoNormal`` and ``AutoDiagonalNormal``: their locations and scales likewise;
     * Pyro's ``AutoMultivariateNormal``: the whole covariance ``H⁻¹``;
     * Pyro's ``AutoLowRankMultivariateNormal``: the marginal standard deviations, and probabilistic PCA of the
       correlation matrix of ``H⁻¹`` in its ``rank`` factors (exact for ``rank = D - 1``).
 
-    Only a guide at its start is moved: a flow's map still at ``b = 0``, ``s = 0``; a Pyro guide's scales still at
-    its ``init_scale`` (``√½ · init_scale`` for the low-rank guide, and ``AutoMultivariateNormal``'s ``scale_tril``
-    the identity). A guide that has been trained (or loaded) is left alone, and so is one of another kind, or a Pyro
-    guide with a latent site in a subsampled plate (with ``mode="auto"``; ``mode="gaussian"`` raises ``ValueError``
-    for it). A guide left alone is as it was bit for bit, and the global random state is left as it was.
+    Only a guide at its start is moved: a flow's map still at ``b = 0``, ``s = 0`` (a mixture's at ``b = offset``); a
+    Pyro guide's scales still at its ``init_scale`` (``√½ · init_scale`` for the low-rank guide, and
+    ``AutoMultivariateNormal``'s ``scale_tril`` the identity). A guide that has been trained (or loaded) is left
+    alone, and so is one of another kind, or a Pyro guide with a latent site in a subsampled plate (with
+    ``mode="auto"``; ``mode="gaussian"`` raises ``ValueError`` for it). A guide left alone is as it was bit for
+    bit, and the global random state is left as it was.
 
     :param model: the Pyro model.
     :param guide: one of the guides above; built here if it is not yet.

@@ -198,7 +198,7 @@ def test_save_load_and_the_gaussian_start_leaves_it_as_built(tmp_path):
     sync_param_store(guide)
     before = guide.flow_params.detach().clone()
     info = gaussian_start(model, guide)
-    assert not info["used"]
+    assert not info["used"] and "within" in info["reason"]  # considered, and not worth it here
     torch.testing.assert_close(guide.flow_params.detach(), before, rtol=0, atol=0)
     path = tmp_path / "mix.pt"
     save_guide(guide, path)
@@ -338,3 +338,30 @@ def test_diagnostics_and_predictive_take_the_mixture_guide():
     assert math.isfinite(result.khat) and math.isfinite(result.elbo)
     draws = Predictive(model, guide=guide, num_samples=50)()["z"]
     assert draws.shape == (50, 2) and torch.isfinite(draws).all()
+
+
+def test_the_gaussian_start_places_every_component_around_its_candidate():
+    """A posterior near 500 with standard deviation 0.1, out of reach from N(0, I): every component's map gets the
+    candidate's scale and the location z + sd * offset (its start offset in units of the candidate's sd)."""
+
+    def model(y):
+        a = pyro.sample("a", dist.Normal(0.0, 1000.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(a, 1.0), obs=y)
+
+    y = 500.0 + torch.randn(100, generator=torch.Generator().manual_seed(0))
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoFlowMixture(model, partial(pyroflows.realnvp, num_layers=1, hidden=(8,)), components=3)
+    sync_param_store(guide, y)
+    offsets = guide.transform.offsets.clone()
+    assert offsets.shape == (3, 1) and offsets.abs().sum() > 0
+    assert gaussian_start(model, guide, y)["used"]
+    sd = 1.0 / math.sqrt(100 + 1e-6)  # the exact posterior's, prior nearly flat
+    mean = float(y.mean())
+    for flow, offset in zip(guide.transform, offsets):
+        affine = flow_output_affine(flow, 1)
+        assert float(affine.bias.detach()) == pytest.approx(mean + sd * float(offset), abs=1e-3)
+        assert float(affine.log_scale.detach().exp()) == pytest.approx(sd, rel=1e-3)
+    assert torch.equal(guide.transform.offsets, offsets)
+    assert not gaussian_start(model, guide, y)["used"]  # placed: no longer at its start
