@@ -22,11 +22,12 @@ linear trend on unstandardised readings (intercept near 1000, 3-D: a posterior f
 ``fit``'s Gaussian start), ``log Z`` by quadrature over the noise scale with the coefficients integrated out; and
 ``mixture2``, the two means of an equal-weight mixture of two unit-variance normals under ``N(0, 3²)`` priors, seen
 through 20 points near -2 and +2: label switching makes two well-separated modes (a guide on one has KL ≥ log 2),
-``log Z`` by 2-D quadrature.
+``log Z`` by 2-D quadrature; and ``mixture3``, the same with three means and 30 points near -3, 0 and +3: six modes
+(one has KL ≥ log 6), ``log Z`` by 3-D quadrature.
 
 pyroflows guides are :class:`pyroflows.AutoFlow` (``AutoNormalizingFlow``'s guide in one parameter tensor;
-``NAME/tails`` with ``heavy_tails=True``; ``NAME/mixK`` is :class:`pyroflows.AutoFlowMixture`, K such flows in an
-equal-weight mixture). Every guide is trained the same way in the ``plain``
+``NAME/tails`` with ``heavy_tails=True``; ``NAME/mixK`` is :class:`pyroflows.AutoFlowMixture`, a mixture of K such
+flows with learned weights). Every guide is trained the same way in the ``plain``
 recipe: ``SVI`` with ``Trace_ELBO(num_particles=8, vectorize_particles=True)`` and ``ClippedAdam(lr=3e-3)`` for 2000
 steps (16,000 particle-steps). The ``fit`` recipe trains every guide (Pyro's too) through :func:`pyroflows.infer.fit`
 with its defaults at the same budget (``num_steps = 16000 / num_particles``); ``fit:KEY=VALUE,...`` with other
@@ -76,7 +77,7 @@ GUIDES = [
     "spline_flow(8)",
 ]
 MODELS = ["eight_schools_centered", "funnel10", "banana", "horseshoe", "local_level", "bimodal"]
-EXTRA_MODELS = ["funnel32", "horseshoe16", "local_level40", "trend_regression", "mixture2"]
+EXTRA_MODELS = ["funnel32", "horseshoe16", "local_level40", "trend_regression", "mixture2", "mixture3"]
 #: the 16 observations of ``horseshoe16``: near-zero means and a few signals, as a shrinkage prior expects
 HORSESHOE16_Y = [0.2, -0.5, 1.0, 3.0, -4.5, 6.0, 0.0, 0.3, -0.8, 1.5, -2.2, 0.1, 4.0, -0.4, 0.6, -7.0]
 
@@ -89,16 +90,27 @@ def _banana():
     pyro.sample("z2", dist.Normal(0.5 * z1**2 - 1.0, 0.5))
 
 
-def _mixture2(y):
-    """Two component means under ``N(0, 3²)`` priors, equal weights, unit variances: two modes by label switching."""
+def _mixture_means(y, k: int):
+    """``k`` component means under ``N(0, 3²)`` priors, equal weights, unit variances: ``k!`` modes by label
+    switching."""
     import pyro
     import pyro.distributions as dist
     import torch
 
-    loc = torch.stack([pyro.sample("mu1", dist.Normal(0.0, 3.0)), pyro.sample("mu2", dist.Normal(0.0, 3.0))], -1)
+    loc = torch.stack([pyro.sample(f"mu{i + 1}", dist.Normal(0.0, 3.0)) for i in range(k)], -1)
     weights = dist.Categorical(logits=torch.zeros(loc.shape))
     with pyro.plate("data", len(y)):
         pyro.sample("y", dist.MixtureSameFamily(weights, dist.Normal(loc, 1.0)), obs=y)
+
+
+def _mixture2(y):
+    """Two component means (:func:`_mixture_means`): two modes."""
+    _mixture_means(y, 2)
+
+
+def _mixture3(y):
+    """Three component means (:func:`_mixture_means`): six modes."""
+    _mixture_means(y, 3)
 
 
 def _mixture2_data():
@@ -109,25 +121,44 @@ def _mixture2_data():
     return torch.cat([torch.randn(10, generator=gen) - 2.0, torch.randn(10, generator=gen) + 2.0])
 
 
+def _mixture3_data():
+    """30 points, 10 around each of -3, 0 and +3 (a fixed seed)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(6)
+    return torch.cat([torch.randn(10, generator=gen) + c for c in (-3.0, 0.0, 3.0)])
+
+
 def _mixture2_log_evidence(y, half_width: float = 15.0, num_points: int = 1201) -> float:
     """``log p(y)`` of :func:`_mixture2` by the trapezoid rule on a grid over both means (5 prior standard deviations
     each way)."""
+    return _mixture_log_evidence(y, 2, half_width, num_points)
+
+
+def _mixture_log_evidence(y, k: int, half_width: float, num_points: int) -> float:
+    """``log p(y)`` of :func:`_mixture_means` with ``k`` components by the trapezoid rule on a grid of
+    ``num_points`` per mean over ``[-half_width, half_width]``, one slice of the first mean at a time."""
     import numpy as np
 
+    y = np.asarray(y, dtype=np.float64)
     grid = np.linspace(-half_width, half_width, num_points)
-    m1, m2 = np.meshgrid(grid, grid, indexing="ij")
-    log_prior = -(m1**2 + m2**2) / 18.0 - np.log(2 * np.pi * 9.0)
-    log_lik = 0.0
-    for v in np.asarray(y, dtype=np.float64):
-        a, b = -0.5 * (v - m1) ** 2, -0.5 * (v - m2) ** 2
-        top = np.maximum(a, b)
-        log_lik = log_lik + top + np.log(0.5 * np.exp(a - top) + 0.5 * np.exp(b - top)) - 0.5 * np.log(2 * np.pi)
-    log_f = log_prior + log_lik
-    peak = log_f.max()
-    weights = np.ones(num_points)
-    weights[[0, -1]] = 0.5
     step = grid[1] - grid[0]
-    return float(peak + np.log(np.einsum("i,j,ij->", weights, weights, np.exp(log_f - peak)) * step * step))
+    log_w = np.log(np.where((np.arange(num_points) == 0) | (np.arange(num_points) == num_points - 1), 0.5, 1.0))
+    rest = np.stack(np.meshgrid(*[grid] * (k - 1), indexing="ij"), -1).reshape(-1, k - 1)
+    rest_log_w = log_w[np.stack(np.meshgrid(*[np.arange(num_points)] * (k - 1), indexing="ij"), -1)].sum(-1).ravel()
+    rest_prior = (-(rest**2) / 18.0).sum(-1)
+    slices = []
+    for first, first_log_w in zip(grid, log_w):
+        means = np.concatenate([np.full((len(rest), 1), first), rest], 1)  # (points, k)
+        comp = -0.5 * (y[None, :, None] - means[:, None, :]) ** 2  # (points, data, k)
+        top = comp.max(-1)
+        log_lik = (top + np.log(np.exp(comp - top[..., None]).mean(-1))).sum(-1) - 0.5 * len(y) * np.log(2 * np.pi)
+        log_f = rest_prior - first**2 / 18.0 - 0.5 * k * np.log(2 * np.pi * 9.0) + log_lik + rest_log_w + first_log_w
+        peak = log_f.max()
+        slices.append(peak + np.log(np.exp(log_f - peak).sum()))
+    slices = np.array(slices)
+    peak = slices.max()
+    return float(peak + np.log(np.exp(slices - peak).sum()) + k * np.log(step))
 
 
 def model_spec(name: str):
@@ -161,6 +192,9 @@ def model_spec(name: str):
     if name == "mixture2":
         y = _mixture2_data()
         return _mixture2, (y,), _mixture2_log_evidence(y)
+    if name == "mixture3":
+        y = _mixture3_data()
+        return _mixture3, (y,), _mixture_log_evidence(y, 3, 7.5, 121)
     raise ValueError(f"unknown model {name!r}")
 
 
