@@ -441,10 +441,10 @@ class AutoFlowMixture(AutoFlow):
     The weights start equal and are learned (``learn_weights=True``) through the score function of each draw's
     component (:meth:`FlowMixture.score_parts`), which Pyro's ``Trace_ELBO`` and
     :class:`~pyroflows.elbo.TraceSTL_ELBO` use; the multi-sample bounds (``TraceIW_ELBO``, ``TraceRenyi_ELBO``,
-    ``fit``'s ``anneal_alpha``) leave them where they are. With ``learn_weights=False`` they stay equal: a mode
-    found by ``j`` of the ``K`` components then carries ``j / K`` of the guide's mass. Draws are allotted to the
-    components by systematic sampling, so with ``num_particles`` of at least ``K`` every component with a weight
-    above ``1 / num_particles`` gets draws at every step.
+    and ``fit``'s ``anneal_alpha`` during its annealing steps) leave them where they are. With
+    ``learn_weights=False`` they stay equal: a mode found by ``j`` of the ``K`` components then carries ``j / K`` of
+    the guide's mass. Draws are allotted to the components by systematic sampling, so with ``num_particles`` of at
+    least ``K`` every component with a weight above ``1 / num_particles`` gets draws at every step.
 
     Cost per step: every component's forward pass on its share of the draws, plus ``K`` inverse passes over all of
     them for ``log q``: cheap for couplings and splines (``realnvp``, ``spline_flow``), ``K`` times the usual
