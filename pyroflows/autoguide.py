@@ -363,16 +363,12 @@ class FlowMixture(dist.TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         return FlowMixture(self.base_dist.expand(batch_shape), self.flows, self.logits, auxiliary=self.auxiliary)
 
-    def log_weights(self, fixed: bool = False, like: torch.Tensor | None = None) -> torch.Tensor:
-        """``log pi``, one per flow (``fixed``: detached from the logits), in ``like``'s dtype and device."""
-        k = len(self.flows)
+    def log_weights(self, like: torch.Tensor, fixed: bool = False) -> torch.Tensor:
+        """``log pi``, one per flow, in ``like``'s dtype and device (``fixed``: detached from the logits)."""
         if self.logits is None:
-            if like is None:
-                return torch.full((k,), -math.log(k))
-            return like.new_full((k,), -math.log(k))
+            return like.new_full((len(self.flows),), -math.log(len(self.flows)))
         logits = self.logits.detach() if fixed else self.logits
-        log_w = torch.log_softmax(logits, dim=0)
-        return log_w if like is None else log_w.to(like)
+        return torch.log_softmax(logits, dim=0).to(like)
 
     def component_distributions(self) -> list:
         """The components, each a ``TransformedDistribution`` of the base."""
@@ -380,7 +376,8 @@ class FlowMixture(dist.TorchDistribution):
 
     def component_indices(self, n: int, device=None) -> torch.Tensor:
         """Which component each of ``n`` draws comes from: systematic sampling by the weights, shuffled."""
-        weights = self.log_weights(fixed=True).exp().to(device)
+        dtype = torch.get_default_dtype() if self.logits is None else self.logits.dtype
+        weights = self.log_weights(torch.empty(0, dtype=dtype, device=device), fixed=True).exp()
         edges = torch.cumsum(weights, 0)
         points = (torch.rand((), device=device) + torch.arange(n, device=device)) / n * edges[-1]
         which = torch.searchsorted(edges, points, right=True).clamp_(max=len(self.flows) - 1)
@@ -405,7 +402,7 @@ class FlowMixture(dist.TorchDistribution):
         """The mixture's log-density from its components' (a sequence of equal-shape tensors; ``fixed``: the
         weights held fixed)."""
         stacked = torch.stack(list(log_probs))
-        log_w = self.log_weights(fixed, like=stacked).reshape((-1,) + (1,) * (stacked.dim() - 1))
+        log_w = self.log_weights(stacked, fixed).reshape((-1,) + (1,) * (stacked.dim() - 1))
         return torch.logsumexp(stacked + log_w, dim=0)
 
     def log_prob(self, value):
@@ -420,7 +417,7 @@ class FlowMixture(dist.TorchDistribution):
         score, entropy = 0, log_prob
         drawn = self._drawn
         if drawn is not None and drawn[0] is value and self.logits is not None and self.logits.requires_grad:
-            score = self.log_weights()[drawn[1]]
+            score = self.log_weights(log_prob)[drawn[1]]
             if self.auxiliary:
                 # The ELBOs weigh the score function by log p - log q per draw, without the log q of auxiliary
                 # sites (AutoContinuous's latent): its share, -log q * score, enters through the entropy term.
@@ -509,8 +506,8 @@ class AutoFlowMixture(AutoFlow):
         return FlowMixture(self.get_base_dist(), flows, flows.logits, auxiliary=True)
 
     def _build_flow(self):
-        flows = MixtureFlows([super(AutoFlowMixture, self)._build_flow() for _ in range(self.components)])
-        flows.offsets = flows.offsets.new_zeros(self.components, self.latent_dim)
+        built = [super(AutoFlowMixture, self)._build_flow() for _ in range(self.components)]
+        flows = MixtureFlows(built, self.latent_dim)
         if has_random_log_det(flows):
             raise ValueError(
                 "AutoFlowMixture: the flow estimates its log-det at random (a residual flow beyond its exact "
@@ -542,16 +539,17 @@ class MixtureFlows(torch.nn.ModuleList):
     one row per flow, where :func:`~pyroflows.start.gaussian_start` places them around its candidate).
 
     :param flows: the component flows.
+    :param int dim: the number of coordinates they act on.
 
     Example::
 
         >>> import pyroflows
-        >>> flows = MixtureFlows([pyroflows.realnvp(2, num_layers=1) for _ in range(3)])
-        >>> len(flows), flows.logits.tolist()
-        (3, [0.0, 0.0, 0.0])
+        >>> flows = MixtureFlows([pyroflows.realnvp(2, num_layers=1) for _ in range(3)], 2)
+        >>> len(flows), flows.logits.tolist(), tuple(flows.offsets.shape)
+        (3, [0.0, 0.0, 0.0], (3, 2))
     """
 
-    def __init__(self, flows):
+    def __init__(self, flows, dim: int):
         super().__init__(flows)
         self.logits = torch.nn.Parameter(torch.zeros(len(self)))
-        self.register_buffer("offsets", torch.zeros(len(self), 0))
+        self.register_buffer("offsets", torch.zeros(len(self), dim))

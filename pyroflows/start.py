@@ -175,32 +175,14 @@ class _Start:
 
 
 class _FlowStart(_Start):
-    """A flow guide ending in pyroflows' output affine map: the map is moved, the rest of the flow kept."""
+    """Flow guides ending in pyroflows' output affine map: one flow, or the components of a mixture of flows
+    (:class:`pyroflows.AutoFlowMixture`). Each map gets the candidate's scales and the location ``z + sd * offset``,
+    its start offset (0 for one flow; for a mixture's component, where it started, a draw from
+    ``N(0, spread² I)``) in units of the candidate's standard deviations; the rest (layers, weights) is kept."""
 
-    def __init__(self, guide, affine: ActNorm):
+    def __init__(self, guide, affines: list[ActNorm], offsets: torch.Tensor):
         super().__init__(guide)
-        self.affine = affine
-
-    def origin(self) -> torch.Tensor:
-        return self.affine.bias.detach().new_zeros(self.dim)
-
-    def at_start(self) -> bool:
-        return not (bool(self.affine.bias.detach().any()) or bool(self.affine.log_scale.detach().any()))
-
-    def place(self, z: torch.Tensor, cov: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.affine.bias.copy_(z.to(self.affine.bias))
-            self.affine.log_scale.copy_(cov.diagonal().sqrt().log().to(self.affine.log_scale))
-
-
-class _MixtureStart(_Start):
-    """A mixture of flows (:class:`pyroflows.AutoFlowMixture`), each ending in pyroflows' output affine map: every
-    component's map gets the candidate's scales and the location ``z + sd * offset``, its start offset (a draw from
-    ``N(0, spread² I)``) in units of the candidate's standard deviations; the weights and the rest are kept."""
-
-    def __init__(self, guide, flows, affines: list[ActNorm]):
-        super().__init__(guide)
-        self.offsets, self.affines = flows.offsets, affines
+        self.affines, self.offsets = affines, offsets
 
     def origin(self) -> torch.Tensor:
         return self.offsets.new_zeros(self.dim)
@@ -316,12 +298,12 @@ def _adapter(guide) -> _Start | str:
 
     affine = output_affine(guide)
     if affine is not None:
-        return _FlowStart(guide, affine)
+        return _FlowStart(guide, [affine], torch.zeros_like(affine.bias.detach())[None])
     flows = (getattr(guide, "_modules", None) or {}).get("transform")
     if isinstance(getattr(flows, "offsets", None), torch.Tensor):  # AutoFlowMixture's MixtureFlows
         affines = [flow_output_affine(flow, getattr(guide, "latent_dim", -1)) for flow in flows]
         if all(a is not None for a in affines):
-            return _MixtureStart(guide, flows, affines)
+            return _FlowStart(guide, affines, flows.offsets)
     kinds = {
         AutoNormal: _NormalStart,
         AutoDiagonalNormal: _Start,
