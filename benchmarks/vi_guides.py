@@ -143,9 +143,13 @@ def _mixture_log_evidence(y, k: int, half_width: float, num_points: int) -> floa
     y = np.asarray(y, dtype=np.float64)
     grid = np.linspace(-half_width, half_width, num_points)
     step = grid[1] - grid[0]
-    log_w = np.log(np.where((np.arange(num_points) == 0) | (np.arange(num_points) == num_points - 1), 0.5, 1.0))
-    rest = np.stack(np.meshgrid(*[grid] * (k - 1), indexing="ij"), -1).reshape(-1, k - 1)
-    rest_log_w = log_w[np.stack(np.meshgrid(*[np.arange(num_points)] * (k - 1), indexing="ij"), -1)].sum(-1).ravel()
+    log_w = np.zeros(num_points)
+    log_w[[0, -1]] = np.log(0.5)
+
+    def rest_grid(values):  # the other k - 1 means' points, one row each
+        return np.stack(np.meshgrid(*[values] * (k - 1), indexing="ij"), -1).reshape(-1, k - 1)
+
+    rest, rest_log_w = rest_grid(grid), rest_grid(log_w).sum(-1)
     rest_prior = (-(rest**2) / 18.0).sum(-1)
     slices = []
     for first, first_log_w in zip(grid, log_w):
