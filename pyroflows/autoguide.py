@@ -27,7 +27,15 @@ from .start import flow_output_affine
 from .transforms import ActNorm, Compose, HeavyTails
 from .transforms.base import has_random_log_det
 
-__all__ = ["AutoFlow", "AutoFlowMixture", "FlowMixture", "MixtureFlows"]
+__all__ = [
+    "AutoFlow",
+    "AutoFlowMixture",
+    "FlowMixture",
+    "MixtureFlows",
+    "optimal_weights",
+    "prune_components",
+    "subset_elbo",
+]
 
 #: the name (under the guide's prefix) of the one param-store entry holding the flow's parameters
 FLAT_NAME = "flow_params"
@@ -358,10 +366,25 @@ class FlowMixture(dist.TorchDistribution):
         self.logits = logits
         self.auxiliary = auxiliary
         self._drawn: tuple[torch.Tensor, torch.Tensor] | None = None  # the last draw and its components
+        self._active: list[int] | None = None  # the components of nonzero weight (read from the logits once)
         super().__init__(base_dist.batch_shape, base_dist.event_shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
-        return FlowMixture(self.base_dist.expand(batch_shape), self.flows, self.logits, auxiliary=self.auxiliary)
+        new = FlowMixture(self.base_dist.expand(batch_shape), self.flows, self.logits, auxiliary=self.auxiliary)
+        new._active = self._active
+        return new
+
+    @property
+    def active(self) -> list[int]:
+        """The indices of the components of nonzero weight (a logit of ``-inf`` is a weight of exactly zero: that
+        component is never drawn from nor evaluated)."""
+        if self._active is None:
+            every = range(len(self.flows))
+            alive = [True] * len(self.flows) if self.logits is None else (self.logits > -math.inf).tolist()
+            self._active = [k for k in every if alive[k]]
+            if not self._active:
+                raise ValueError("FlowMixture: every component has weight zero (all logits are -inf)")
+        return self._active
 
     def log_weights(self, like: torch.Tensor, fixed: bool = False) -> torch.Tensor:
         """``log pi``, one per flow, in ``like``'s dtype and device (``fixed``: detached from the logits)."""
@@ -371,8 +394,9 @@ class FlowMixture(dist.TorchDistribution):
         return torch.log_softmax(logits, dim=0).to(like)
 
     def component_distributions(self) -> list:
-        """The components, each a ``TransformedDistribution`` of the base."""
-        return [dist.TransformedDistribution(self.base_dist, flow) for flow in self.flows]
+        """The components of nonzero weight (those :attr:`active` lists, in its order), each a
+        ``TransformedDistribution`` of the base."""
+        return [dist.TransformedDistribution(self.base_dist, self.flows[k]) for k in self.active]
 
     def component_indices(self, n: int, device=None) -> torch.Tensor:
         """Which component each of ``n`` draws comes from: systematic sampling by the weights, shuffled."""
@@ -388,21 +412,24 @@ class FlowMixture(dist.TorchDistribution):
         flat = eps.reshape(-1, eps.shape[-1])
         which = self.component_indices(flat.shape[0], flat.device)
         positions, parts = [], []
-        for k, flow in enumerate(self.flows):
+        for k in self.active:
             index = (which == k).nonzero().squeeze(-1)
             if index.numel():
                 positions.append(index)
-                parts.append(flow(flat[index]))
+                parts.append(self.flows[k](flat[index]))
         order = torch.argsort(torch.cat(positions))
         value = torch.cat(parts)[order].reshape(eps.shape)
         self._drawn = (value, which.reshape(eps.shape[:-1]))
         return value
 
     def mix(self, log_probs, fixed: bool = False) -> torch.Tensor:
-        """The mixture's log-density from its components' (a sequence of equal-shape tensors; ``fixed``: the
-        weights held fixed)."""
+        """The mixture's log-density from its components' (a sequence of equal-shape tensors, one per component of
+        nonzero weight, in :attr:`active`'s order; ``fixed``: the weights held fixed)."""
         stacked = torch.stack(list(log_probs))
-        log_w = self.log_weights(stacked, fixed).reshape((-1,) + (1,) * (stacked.dim() - 1))
+        log_w = self.log_weights(stacked, fixed)
+        if len(self.active) < len(self.flows):
+            log_w = log_w[self.active]
+        log_w = log_w.reshape((-1,) + (1,) * (stacked.dim() - 1))
         return torch.logsumexp(stacked + log_w, dim=0)
 
     def log_prob(self, value):
@@ -449,6 +476,14 @@ class AutoFlowMixture(AutoFlow):
     places every component on its Gaussian candidate, each at its start offset in units of the candidate's
     standard deviations.
 
+    Components that do not pay for themselves (two on one mode, one on a mode of negligible mass) can be removed:
+    :meth:`select_components` gives them weight zero, after which they cost nothing. Call it once the components
+    have settled (after fitting, before sampling or evaluating many densities), or let :func:`~pyroflows.infer.fit`
+    call it after ``select_after`` of its steps. It is not done by default: on a unimodal posterior two components
+    do not share the mode but split it between them, each alone a poor fit, so both are kept, and where one was
+    removed the survivor, half a fit, did worse than one flow trained from the start (docs: "Variational
+    inference").
+
     :param model: a Pyro model.
     :param init_transform_fn: ``latent_dim -> Transform``, as for :class:`AutoFlow`, with an exact log-det (not a
         residual flow's stochastic estimate); it must end in pyroflows' output affine map unless ``spread=0``.
@@ -457,6 +492,10 @@ class AutoFlowMixture(AutoFlow):
         origin, identical but for their layers' random initialisation).
     :param bool learn_weights: learn the weights (else they stay equal).
     :param bool heavy_tails: each component on learned heavy-tailed noise, as for :class:`AutoFlow`.
+    :param select_after: in :func:`~pyroflows.infer.fit`, call :meth:`select_components` once, after this share
+        (in ``[0, 1)``) of the steps that follow fit's annealing (``0.5``: halfway through them); ``None`` (the
+        default): never.
+    :param float min_gain: :meth:`select_components`' threshold: the ELBO, in nats, a component must add to be kept.
 
     Example::
 
@@ -482,17 +521,158 @@ class AutoFlowMixture(AutoFlow):
         spread: float = 1.0,
         learn_weights: bool = True,
         heavy_tails: bool = False,
+        select_after: float | None = None,
+        min_gain: float = 0.1,
     ):
+        from .run import check_number
+
         if isinstance(components, bool) or not isinstance(components, int) or components < 1:
             raise ValueError(f"AutoFlowMixture: components must be an integer >= 1, got {components!r}")
         if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread < math.inf:
             raise ValueError(f"AutoFlowMixture: spread must be a finite number >= 0, got {spread!r}")
         if learn_weights not in (True, False):
             raise ValueError(f"AutoFlowMixture: learn_weights must be True or False, got {learn_weights!r}")
+        check_number("AutoFlowMixture", "select_after", select_after, 0, 1, low_open=False, optional=True)
+        check_number("AutoFlowMixture", "min_gain", min_gain, 0, low_open=False)
         super().__init__(model, init_transform_fn, heavy_tails=heavy_tails)
         self.components = components
         self.spread = float(spread)
         self.learn_weights = learn_weights
+        self.select_after = None if select_after is None else float(select_after)
+        self.min_gain = float(min_gain)
+
+    @torch.no_grad()
+    def select_components(self, *args, num_draws: int = 4000, min_gain: float | None = None, **kwargs) -> dict:
+        r"""Keep only the components that pay for themselves: remove, one at a time, the component whose removal
+        lowers the ELBO least, while that loss is below ``min_gain`` nats; the removed get weight zero (logit
+        ``-inf``: never drawn from nor evaluated again, so each step costs what the kept components cost). With
+        ``learn_weights=True`` every subset is weighed by its :func:`optimal_weights` (the kept components get
+        theirs); else the weights are renormalised over it.
+
+        The ELBO of every subset ``S`` of the components, :math:`\sum_{k \in S} \pi^S_k\,
+        \mathbb E_{q_k}[\log p(x, z) - \log q_S(z)]`, is estimated from the same ``num_draws`` draws of the guide,
+        split equally between its components (each draw's own component gives the expectations), in eval mode, the
+        random state left as it was. Components that share a mode add next to nothing to the ELBO and all but one
+        go; components on separate modes stay: dropping one of two equal modes costs about
+        :math:`\log 2 \approx 0.69` nats, and one holding a share :math:`m` of the posterior's mass about
+        :math:`-\log(1 - m)`.
+        :func:`~pyroflows.infer.fit` calls this once when the guide's ``select_after`` is set, after that share of
+        the steps that follow its annealing; with a plain ``SVI`` loop call it yourself.
+
+        :param args: the model's arguments.
+        :param int num_draws: draws of the guide for the estimates.
+        :param float min_gain: the ELBO gain, in nats, a component must bring to be kept (default: the guide's
+            ``min_gain``).
+        :param kwargs: the model's keyword arguments.
+        :returns: ``{"kept": [...], "removed": [(k, loss, se), ...], "weights": [...], "elbo": ...,
+            "elbo_kept": ...}``: the kept components' indices, the removed ones in order with the ELBO each removal
+            cost and its standard error (``nan`` for one removed without draws), the kept components' weights, the
+            ELBO of the guide before and after.
+        """
+        from .infer import _ensure_built
+        from .run import check_int, check_number
+
+        check_int("select_components", "num_draws", num_draws, 2)
+        min_gain = self.min_gain if min_gain is None else min_gain
+        check_number("select_components", "min_gain", min_gain, 0, low_open=False)
+        _ensure_built(self, *args, **kwargs)
+        log_target, log_q, which, weights, active = self._component_draws(num_draws, args, kwargs)
+        every = list(range(len(active)))
+        elbo = subset_elbo(log_target, log_q, which, weights, every)[0]
+        # with learned weights every subset is judged at its best weights, not where the noisy gradient left them
+        kept, removed = prune_components(log_target, log_q, which, weights, min_gain, optimise=self.learn_weights)
+        kept_weights = optimal_weights(log_target, log_q, which, kept) if self.learn_weights else weights[kept]
+        self._set_weights(active, kept, kept_weights)
+        return {
+            "kept": [active[a] for a in kept],
+            "removed": [(active[a], loss, se) for a, loss, se in removed],
+            "weights": [float(w) for w in kept_weights / kept_weights.sum()],
+            "elbo": elbo,
+            "elbo_kept": subset_elbo(log_target, log_q, which, kept_weights, list(range(len(kept))), rows=kept)[0],
+        }
+
+    @torch.no_grad()
+    def fit_weights(self, *args, num_draws: int = 4000, **kwargs) -> dict:
+        r"""Set the weights to those that maximise the ELBO for the components as they are
+        (:func:`optimal_weights`, from ``num_draws`` draws split equally between the components), instead of where
+        their noisy stochastic gradient left them. :func:`~pyroflows.infer.fit` does this after its last step (with
+        ``learn_weights=True``): the score-function gradient of the weights is noisy, and Adam, which scales its
+        steps to the gradient's size, lets the logits wander near their optimum (two modes of equal mass ended at
+        weights 0.41 / 0.59 in one run, a KL(q‖p) of 0.018 from the weights alone).
+
+        :param args: the model's arguments.
+        :param int num_draws: draws of the guide for the estimate.
+        :param kwargs: the model's keyword arguments.
+        :returns: ``{"before": [...], "after": [...], "elbo_before": ..., "elbo_after": ...}``: the weights of the
+            components of nonzero weight, and the ELBO with each, estimated from the same draws.
+        """
+        from .infer import _ensure_built
+        from .run import check_int
+
+        check_int("fit_weights", "num_draws", num_draws, 2)
+        _ensure_built(self, *args, **kwargs)
+        log_target, log_q, which, weights, active = self._component_draws(num_draws, args, kwargs)
+        every = list(range(len(active)))
+        best = optimal_weights(log_target, log_q, which, every)
+        self._set_weights(active, every, best)
+        return {
+            "before": [float(w) for w in weights],
+            "after": [float(w) for w in best],
+            "elbo_before": subset_elbo(log_target, log_q, which, weights, every)[0],
+            "elbo_after": subset_elbo(log_target, log_q, which, best, every)[0],
+        }
+
+    def _set_weights(self, active: list[int], kept: list[int], weights: torch.Tensor) -> None:
+        """Give the active components at positions ``kept`` the ``weights`` (renormalised), every other weight 0."""
+        flows = self._flow()
+        logits = torch.full_like(flows.logits, -math.inf)
+        logits[[active[a] for a in kept]] = (weights / weights.sum()).log().to(logits)
+        with torch.no_grad():
+            flows.logits.copy_(logits)
+
+    @torch.no_grad()
+    def _component_draws(self, n: int, args: tuple, kwargs: dict):
+        """``n`` draws of the guide with the model replayed on them (eval mode, one plate, the random state left as
+        it was): per draw ``log p(x, z)`` of the unconstrained latent (float64), every active component's
+        ``log q_k(z)`` (rows), the position of the draw's component among the active, their weights, and the active
+        components' indices."""
+        from .diagnostics import _DRAW_PLATE, _is_deterministic, _log_density_per_draw
+        from .infer import max_plate_nesting, replayed_traces
+        from .run import rng_state, set_rng_state
+
+        model, was_training, state = self.model, self.training, rng_state()
+        logits = self._flow().logits
+        saved = logits.detach().clone()
+        self.eval()
+        try:
+            # equal shares of the draws for the components of nonzero weight: expectations under each are
+            # estimated alike, whatever its weight
+            logits.copy_(torch.where(saved > -math.inf, 0.0, -math.inf).to(saved))
+            dim = -(max_plate_nesting(model, self, *args, **kwargs) + 1)
+
+            def vectorised(fn):
+                def run(*a, **k):
+                    with pyro.plate(_DRAW_PLATE, n, dim=dim):
+                        return fn(*a, **k)
+
+                return run
+
+            guide_tr, model_tr = replayed_traces(vectorised(model), vectorised(self), *args, **kwargs)
+            q = guide_tr.nodes[f"_{self._pyro_name}_latent"]["fn"]
+            z, which = q._drawn  # shaped as the plate made them (the draws' dim, then the model's plates)
+            log_q = torch.stack([c.log_prob(z).reshape(n) for c in q.component_distributions()]).double().cpu()
+            which = which.reshape(n)
+            weights = torch.softmax(saved[q.active].double(), 0).cpu()
+        finally:
+            logits.copy_(saved)
+            set_rng_state(state)
+            self.train(was_training)
+        log_p = _log_density_per_draw(model_tr, n, dim, keep=lambda s: not _is_deterministic(s))
+        # the guide's other sites are AutoContinuous's Deltas: log |dz/dθ| of the constraining maps
+        log_jacobian = _log_density_per_draw(guide_tr, n, dim, keep=lambda s: not s["infer"].get("is_auxiliary"))
+        position = {k: a for a, k in enumerate(q.active)}
+        which = torch.tensor([position[int(k)] for k in which.cpu()])
+        return log_p - log_jacobian, log_q, which, weights, list(q.active)
 
     def get_posterior(self, *args, **kwargs):
         """The guide's distribution over the unconstrained latent vector: a :class:`FlowMixture` of the component
@@ -553,3 +733,139 @@ class MixtureFlows(torch.nn.ModuleList):
         super().__init__(flows)
         self.logits = torch.nn.Parameter(torch.zeros(len(self)))
         self.register_buffer("offsets", torch.zeros(len(self), dim))
+
+
+def subset_elbo(log_target, log_q, which, weights, subset, rows=None) -> tuple[float, torch.Tensor]:
+    r"""The ELBO of the mixture of the components ``subset`` (positions, weights renormalised over them), from draws
+    of the whole mixture: :math:`\sum_{k \in S} \pi^S_k\, \overline{(\log p - \log q_S)}_k`, the bar a mean over
+    the draws of component ``k``; and ``log p - log q_S`` per draw (draws of components outside ``subset`` too).
+
+    :param torch.Tensor log_target: ``log p(x, z)`` per draw, shape ``(n,)``.
+    :param torch.Tensor log_q: ``log q_k(z)`` per component and draw, shape ``(K, n)``.
+    :param torch.Tensor which: the component (position) of each draw, shape ``(n,)``.
+    :param torch.Tensor weights: the components' weights, shape ``(K,)``.
+    :param subset: positions of the kept components, each with draws.
+    :param rows: where ``weights`` holds only the subset's weights (in its order): the positions of its components
+        in ``log_q`` and ``which`` (``None``: ``weights`` has one per row of ``log_q``, ``subset`` indexes both).
+    :returns: ``(elbo, per_draw)``.
+
+    Example::
+
+        >>> import torch
+        >>> log_q = torch.tensor([[-1.0, -1.0, -9.0, -9.0], [-9.0, -9.0, -1.0, -1.0]])
+        >>> log_target = torch.full((4,), -1.0)
+        >>> which, weights = torch.tensor([0, 0, 1, 1]), torch.tensor([0.5, 0.5])
+        >>> round(subset_elbo(log_target, log_q, which, weights, [0, 1])[0], 3)  # each covers its own mode
+        0.693
+        >>> round(subset_elbo(log_target, log_q, which, weights, [0])[0], 3)
+        0.0
+    """
+    idx = list(subset) if rows is None else list(rows)
+    w = weights[list(subset)]
+    w = w / w.sum()
+    per_draw = log_target - torch.logsumexp(log_q[idx] + w.log()[:, None], dim=0)
+    elbo = sum(float(w[i]) * float(per_draw[which == k].mean()) for i, k in enumerate(idx))
+    return elbo, per_draw
+
+
+def prune_components(
+    log_target, log_q, which, weights, min_gain: float, optimise: bool = False
+) -> tuple[list[int], list[tuple]]:
+    """Backward elimination of mixture components by their ELBO gain (:meth:`AutoFlowMixture.select_components`):
+    components without draws go first; then, while more than one is left, the one whose removal lowers the ELBO
+    (:func:`subset_elbo`) least goes if that loss is below ``min_gain``.
+
+    :param torch.Tensor log_target: ``log p(x, z)`` per draw, shape ``(n,)``.
+    :param torch.Tensor log_q: ``log q_k(z)`` per component and draw, shape ``(K, n)``.
+    :param torch.Tensor which: the component (position) of each draw, shape ``(n,)``.
+    :param torch.Tensor weights: the components' weights, shape ``(K,)``.
+    :param float min_gain: the smallest ELBO loss, in nats, that keeps a component.
+    :param bool optimise: weigh every subset by its :func:`optimal_weights` (the ELBO the other components reach
+        with their weights relearned) instead of renormalising ``weights`` over it.
+    :returns: ``(kept, removed)``: kept positions, and ``(position, loss, standard error)`` per removal in order.
+
+    Example::
+
+        >>> import torch
+        >>> log_q = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0]])  # two identical components
+        >>> kept, removed = prune_components(torch.full((4,), -1.0), log_q, torch.tensor([0, 1, 0, 1]),
+        ...                                  torch.tensor([0.5, 0.5]), min_gain=0.05)
+        >>> kept, [(k, round(loss, 6)) for k, loss, _ in removed]
+        ([1], [(0, 0.0)])
+    """
+
+    def weigh(subset):
+        if optimise:
+            return optimal_weights(log_target, log_q, which, subset)
+        return weights[subset] / weights[subset].sum()
+
+    def per_draw(subset, w):
+        return subset_elbo(log_target, log_q, which, w, range(len(subset)), rows=subset)[1]
+
+    kept = [k for k in range(len(weights)) if bool((which == k).any())]
+    removed = [(k, math.nan, math.nan) for k in range(len(weights)) if k not in kept]
+    while len(kept) > 1:
+        w_full = weigh(kept)
+        d_full = per_draw(kept, w_full)
+        best = None
+        for j in kept:
+            rest = [k for k in kept if k != j]
+            w_rest = weigh(rest)
+            d_rest = per_draw(rest, w_rest)
+            loss, var = 0.0, 0.0
+            for i, k in enumerate(kept):  # per-draw shares of ELBO(S) - ELBO(S - j), by component
+                share = w_full[i] * d_full[which == k]
+                if k != j:
+                    share = share - w_rest[rest.index(k)] * d_rest[which == k]
+                loss += float(share.mean())
+                var += float(share.var()) / share.numel() if share.numel() > 1 else 0.0
+            if not math.isnan(loss) and (best is None or loss < best[1]):
+                best = (j, loss, math.sqrt(var))
+        if best is None or best[1] >= min_gain:
+            break
+        kept.remove(best[0])
+        removed.append(best)
+    return kept, removed
+
+
+def optimal_weights(log_target, log_q, which, subset, iterations: int = 500, tol: float = 1e-10) -> torch.Tensor:
+    r"""The weights of the components ``subset`` that maximise the mixture's ELBO, the components held as they are.
+
+    The ELBO is concave in the weights :math:`\pi`; its gradient along the simplex is
+    :math:`g_k = \mathbb E_{q_k}[\log p(x, z) - \log q_\pi(z)]` up to a constant, equal for every component of
+    nonzero weight at the maximum. The exponentiated-gradient step :math:`\pi_k \leftarrow \pi_k e^{g_k} / Z` (an
+    EM step: for components with disjoint supports it gives the maximum, :math:`\pi_k \propto e^{\mathrm{ELBO}_k}`,
+    at once) is repeated until the weights stop moving. The expectations are means over each component's draws.
+
+    :param torch.Tensor log_target: ``log p(x, z)`` per draw, shape ``(n,)``.
+    :param torch.Tensor log_q: ``log q_k(z)`` per component and draw, shape ``(K, n)``.
+    :param torch.Tensor which: the component (position) of each draw, shape ``(n,)``.
+    :param subset: positions of the components to weigh, each with draws.
+    :param int iterations: the most steps.
+    :param float tol: stop when no weight moves by more than this.
+    :returns: the weights, one per component of ``subset``, summing to 1 (float64).
+
+    Example::
+
+        >>> import torch
+        >>> # two components on disjoint modes of mass 0.8 and 0.2, each fitting its mode exactly
+        >>> log_q = torch.tensor([[0.0, 0.0, -60.0, -60.0], [-60.0, -60.0, 0.0, 0.0]])
+        >>> log_target = torch.tensor([0.8, 0.8, 0.2, 0.2]).log()
+        >>> [round(w, 6) for w in optimal_weights(log_target, log_q, torch.tensor([0, 0, 1, 1]), [0, 1]).tolist()]
+        [0.8, 0.2]
+    """
+    idx = list(subset)
+    rows = log_q[idx].double()
+    masks = [which == k for k in idx]
+    w = torch.full((len(idx),), 1.0 / len(idx), dtype=torch.float64)
+    for _ in range(iterations):
+        per_draw = log_target.double() - torch.logsumexp(rows + w.log()[:, None], dim=0)
+        g = torch.stack([per_draw[m].mean() for m in masks])
+        new = torch.softmax(w.log() + g - g.max(), 0)
+        if not bool(torch.isfinite(new).all()):
+            break
+        moved = float((new - w).abs().max())
+        w = new
+        if moved < tol:
+            break
+    return w

@@ -32,7 +32,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.messenger import Messenger
 
 from ._deprecation import renamed
-from .autoguide import FLAT_NAME, AutoFlow, parameter_like, share_with_store
+from .autoguide import FLAT_NAME, AutoFlow, AutoFlowMixture, parameter_like, share_with_store
 from .elbo import TraceIW_ELBO, TraceRenyi_ELBO, TraceSTL_ELBO
 from .run import (
     CHECKPOINT,
@@ -126,6 +126,12 @@ class SVIResult:
     :ivar start: what ``fit(start=...)`` did before the first step, :func:`pyroflows.start.gaussian_start`'s
         report (``{"used": ..., "reason": ..., "bound_identity": ..., "bound_gaussian": ...}``); ``None`` on resume
         or with ``start="identity"``.
+    :ivar selection: with a :class:`~pyroflows.AutoFlowMixture` guide whose ``select_after`` is set, what
+        :meth:`~pyroflows.AutoFlowMixture.select_components` did (its report, with the ``"step"`` after which it ran);
+        else ``None``.
+    :ivar final_weights: with an :class:`~pyroflows.AutoFlowMixture` guide that learns its weights, what
+        :meth:`~pyroflows.AutoFlowMixture.fit_weights` did after the last step (the weights before and after, and
+        the ELBO with each); else ``None``.
     :ivar relapse: ``None``, or, when the loss ended well above its best (:func:`loss_relapse`: the optimisation
         became unstable, and :func:`fit` warned), ``{"final": ..., "best": ..., "best_steps": (a, b)}``.
 
@@ -160,6 +166,8 @@ class SVIResult:
     objective: str = "ELBO"
     draws_elbo: float | None = None
     start: dict | None = None
+    selection: dict | None = None
+    final_weights: dict | None = None
 
     @property
     def elbo(self) -> np.ndarray:
@@ -210,6 +218,12 @@ class SVIResult:
             )
         if self.start is not None and self.start.get("used"):
             head += "; started from a Gaussian approximation of the posterior (" + self.start["reason"] + ")"
+        if self.selection is not None:
+            s = self.selection
+            head += (
+                f"; after step {s['step']} kept mixture component(s) {s['kept']} of "
+                f"{len(s['kept']) + len(s['removed'])} (ELBO {s['elbo']:.4g} -> {s['elbo_kept']:.4g})"
+            )
         if self.relapse is not None:
             head += "\n" + _relapse_message(self.relapse)
         if self.khat is None:
@@ -542,6 +556,9 @@ class _SVIRun:
     temper: _Temper | None = None  # the likelihood's weight while annealing (the ELBO sees the tempered model)
     renyi: TraceRenyi_ELBO | None = None  # the annealing phase's objective with anneal_alpha (its order moves)
     start: dict | None = None  # what gaussian_start did before the first step (None on resume, or start="identity")
+    select_step: int | None = None  # after which step an AutoFlowMixture selects its components (None: never)
+    selection: dict | None = None  # what it did then
+    final_weights: dict | None = None  # an AutoFlowMixture's weights set to their best after the last step
 
 
 def fit(
@@ -591,6 +608,10 @@ def fit(
       gradient (a stale param store entry shadowing the guide's module);
     - values already in the param store under the guide's names are adopted first (:func:`sync_param_store`),
       so ``pyro.get_param_store().load(path)`` followed by ``fit`` resumes a fitted guide;
+    - with a :class:`~pyroflows.AutoFlowMixture` guide, its components are selected once its ``select_after`` share
+      of the steps after the annealing is done (:meth:`~pyroflows.AutoFlowMixture.select_components`; off by
+      default), and after the last step its learned weights are set to their best for its components
+      (:meth:`~pyroflows.AutoFlowMixture.fit_weights`), both recorded in the result;
     - the global gradient norm is clipped to ``clip_norm``; the learning rate follows ``lr_schedule``
       (by default ``"stable_cosine"``: the peak rate for four fifths of the run, then a cosine
       to ``lr * final_lr_factor``; or ``"constant"``, ``"cosine"``, ``"exponential"``) after an optional linear
@@ -829,6 +850,7 @@ def _svi_loop(model, guide, args: tuple, kwargs: dict, loss, callback, cfg: SVIC
         with stop_on_signals() as request:  # SIGINT/SIGTERM: finish the step, checkpoint, then stop
             for step in range(run.first + 1, cfg.num_steps + 1):
                 loss_value = _svi_step(run, step)
+                _mixture_step(run, step)
                 due = step % cfg.every == 0 or step == cfg.num_steps or request.signum is not None
                 if cfg.checkpoint is not None and due:
                     _svi_save(run, step)
@@ -843,7 +865,7 @@ def _svi_loop(model, guide, args: tuple, kwargs: dict, loss, callback, cfg: SVIC
     seconds = time.perf_counter() - start
     result = SVIResult(run.losses, guide, seconds, run.lrs, cfg.num_steps, cfg.out, cfg.checkpoint, run.skipped)
     result.objective = _objective(run.elbo)
-    result.start = run.start
+    result.start, result.selection, result.final_weights = run.start, run.selection, run.final_weights
     # before the likelihood reaches full weight a tempered run's losses are not comparable with the later ones
     result.relapse = loss_relapse(run.losses, start=math.ceil(cfg.anneal * cfg.num_steps))
     if result.relapse is not None:
@@ -888,6 +910,7 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
         start = gaussian_start(model, guide, *args, mode=cfg.start, **kwargs)
     losses, lrs = np.full(cfg.num_steps, np.nan), np.full(cfg.num_steps, np.nan)
     run = _SVIRun(cfg, model, guide, args, kwargs, elbo, settings, losses, lrs, saved=saved, start=start)
+    run.select_step = _select_step(guide, cfg)
     if cfg.anneal > 0:
         run.temper = _Temper()
         run.model = run.temper(model)  # a Messenger wraps a function as a handler
@@ -899,9 +922,30 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
         run.losses[: run.first] = saved["losses"].numpy()
         run.lrs[: run.first] = saved["lrs"].numpy()
         run.skipped = [int(s) for s in saved.get("skipped", [])]
+        run.selection, run.final_weights = saved.get("selection"), saved.get("final_weights")
         run.last_checkpoint = (source, run.first)
         set_rng_state(saved["rng"])
     return run
+
+
+def _mixture_step(run: _SVIRun, step: int) -> None:
+    """An :class:`~pyroflows.AutoFlowMixture`'s work after ``step`` (before that step's checkpoint): its components
+    selected at ``run.select_step``, its learned weights set to their best for the components after the last step."""
+    guide = run.guide
+    if step == run.select_step:
+        run.selection = {"step": step, **guide.select_components(*run.args, **run.kwargs)}
+    if step == run.cfg.num_steps and isinstance(guide, AutoFlowMixture) and guide.learn_weights:
+        run.final_weights = guide.fit_weights(*run.args, **run.kwargs)
+
+
+def _select_step(guide, cfg: SVIConfig) -> int | None:
+    """The step after which an :class:`~pyroflows.AutoFlowMixture` selects its components: ``select_after`` of the
+    steps once the likelihood has full weight (``None``: another guide, or ``select_after=None``)."""
+    after = getattr(guide, "select_after", None) if isinstance(guide, AutoFlowMixture) else None
+    if after is None:
+        return None
+    annealed = math.ceil(cfg.anneal * cfg.num_steps)
+    return min(cfg.num_steps, max(1, annealed + round(after * (cfg.num_steps - annealed))))
 
 
 def _svi_objectives(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) -> tuple[ELBO, ELBO | None]:
@@ -1045,6 +1089,8 @@ def _svi_save(run: _SVIRun, done: int) -> None:
         "losses": torch.from_numpy(run.losses[:done].copy()),
         "lrs": torch.from_numpy(run.lrs[:done].copy()),
         "skipped": list(run.skipped),
+        "selection": run.selection,
+        "final_weights": run.final_weights,
         "rng": rng_state(),
     }
     atomic_torch_save(payload, run.cfg.checkpoint)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -293,18 +294,22 @@ def test_fit_learns_unequal_weights(learn_weights):
         model, partial(pyroflows.realnvp, num_layers=2, hidden=(8,)), spread=2.0, learn_weights=learn_weights
     )
     guide.double()
-    fit(model, guide, 800, seed=0, progress=False, report=False)
+    result = fit(model, guide, 800, seed=0, progress=False, report=False)
     with torch.no_grad():
         q = guide.get_posterior()
         z = q.sample((8000,))
         kl = float((q.log_prob(z) - log_p(z[:, 0])).mean())
         weights = torch.softmax(guide.transform.logits, 0)
-    print(f"learn_weights={learn_weights}: weights {weights.tolist()}, KL {kl:.3f}")
+    print(f"learn_weights={learn_weights}: weights {weights.tolist()}, KL {kl:.3f}, {result.final_weights}")
     if learn_weights:
         assert sorted(weights.tolist()) == pytest.approx([0.2, 0.8], abs=0.05)
         assert kl < 0.05
+        refit = result.final_weights  # set to their best after the last step: the ELBO does not fall
+        assert refit["after"] == pytest.approx(weights.tolist(), abs=1e-6)
+        assert refit["elbo_after"] >= refit["elbo_before"] - 1e-9
     else:
         assert weights.tolist() == [0.5, 0.5] and not guide.transform.logits.requires_grad
+        assert result.final_weights is None
         assert guide.flow_params.numel() == sum(p.numel() for p in guide.transform.parameters()) - 2  # not trained
         assert kl > 0.15
 
@@ -365,3 +370,228 @@ def test_the_gaussian_start_places_every_component_around_its_candidate():
         assert float(affine.log_scale.detach().exp()) == pytest.approx(sd, rel=1e-3)
     assert torch.equal(guide.transform.offsets, offsets)
     assert not gaussian_start(model, guide, y)["used"]  # placed: no longer at its start
+
+
+class _Refuses(dist.torch_transform.TransformModule):
+    """A component that must never run (a pruned one)."""
+
+    domain = codomain = dist.constraints.real_vector
+    bijective = True
+
+    def _call(self, x):
+        raise AssertionError("a component of weight zero was evaluated")
+
+    def _inverse(self, y):
+        raise AssertionError("a component of weight zero was evaluated")
+
+
+def test_a_component_of_weight_zero_is_never_drawn_nor_evaluated():
+    locs, scales = (-2.0, 1.5), (0.5, 1.3)
+    flows = [_affine(2, locs[0], math.log(scales[0])), _Refuses(), _affine(2, locs[1], math.log(scales[1]))]
+    logits = torch.tensor([0.3, -math.inf, -0.2], dtype=torch.float64, requires_grad=True)
+    q = FlowMixture(dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1), flows, logits)
+    assert q.active == [0, 2] and q.expand(torch.Size([3])).active == [0, 2]
+    z = torch.randn(40, 2, dtype=torch.float64) * 3
+    w = torch.softmax(torch.tensor([0.3, -0.2], dtype=torch.float64), 0)
+    exact = torch.logsumexp(
+        torch.stack(
+            [
+                dist.Normal(torch.tensor(m).double(), s).log_prob(z).sum(-1) + wk.log()
+                for m, s, wk in zip(locs, scales, w)
+            ]
+        ),
+        0,
+    )
+    torch.testing.assert_close(q.log_prob(z), exact, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fixed_log_prob(q, z), exact, rtol=0, atol=1e-12)
+    torch.manual_seed(0)
+    x = q.rsample((500,))
+    counts = torch.bincount(q._drawn[1].reshape(-1), minlength=3)
+    assert counts[1] == 0 and abs(int(counts[0]) - 500 * float(w[0])) <= 1
+    (q.log_prob(x).sum() + q.score_parts(x).score_function.sum()).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[1] == 0
+    with pytest.raises(ValueError, match="every component has weight zero"):
+        _ = FlowMixture(q.base_dist, flows, torch.full((3,), -math.inf)).active
+
+
+def _three_on_two_modes():
+    """An AutoFlowMixture of three exact Gaussian components for :func:`_two_mode_model`'s posterior (an equal
+    mixture of N((-2, -2), I) and N((3, 3), I)): two on the first mode, one on the second."""
+    model = _two_mode_model()
+    pyro.clear_param_store()
+
+    def one_affine(dim):
+        return _affine(dim, 0.0, dtype=torch.float32)
+
+    guide = AutoFlowMixture(model, one_affine, components=3, spread=0.0)
+    guide.double()
+    sync_param_store(guide)
+    with torch.no_grad():
+        for flow, loc in zip(guide.transform, (-2.0, -2.0, 3.0)):
+            flow.base.bias.fill_(loc)
+    return model, guide
+
+
+def test_select_components_removes_a_duplicate_and_keeps_separate_modes():
+    model, guide = _three_on_two_modes()
+    state = torch.get_rng_state()
+    report = guide.select_components(num_draws=3000)
+    assert torch.equal(torch.get_rng_state(), state)  # the random state left as it was
+    # weights 1/3 each: q = 2/3 N(a) + 1/3 N(b), off the posterior; the two duplicates with weights 1/4 each, or
+    # one of them with 1/2, make it the posterior: the duplicate adds nothing
+    (first, loss, se), *rest = report["removed"]
+    assert first in (0, 1) and not rest and abs(loss) < 1e-6
+    assert sorted(report["kept"]) == [1 - first, 2]
+    assert report["elbo"] < -0.02 and abs(report["elbo_kept"]) < 1e-5  # log Z = 0: the ELBO of the exact guide
+    logits = guide.transform.logits.detach()
+    assert logits[first] == -math.inf and torch.allclose(
+        logits[report["kept"]].exp().double(), torch.tensor(0.5).double()
+    )
+    # the next draws never come from the removed component, and log q is the posterior's
+    with torch.no_grad():
+        q = guide.get_posterior()
+        z = q.rsample((1000,))
+        assert int((q._drawn[1] == first).sum()) == 0
+        torch.testing.assert_close(q.log_prob(z), _log_target(z), rtol=0, atol=1e-5)
+    # removing either mode now costs about log 2 (the figure is estimated: within 4 standard errors)
+    kept, removed = pyroflows.autoguide.prune_components(*guide._component_draws(3000, (), {})[:4], min_gain=math.inf)
+    assert len(kept) == 1 and len(removed) == 1
+    _, loss, se = removed[0]
+    assert abs(loss - math.log(2)) < 4 * se + 1e-3, (loss, se)
+    # with the default threshold both modes stay
+    assert guide.select_components(num_draws=2000)["removed"] == []
+
+
+def test_select_components_errors_name_the_problem():
+    model = _two_mode_model()
+    for bad in (1.0, -0.1, math.nan, "0.5"):
+        with pytest.raises(ValueError, match="select_after"):
+            AutoFlowMixture(model, pyroflows.realnvp, select_after=bad)
+    for bad in (-0.1, math.inf, None):
+        with pytest.raises(ValueError, match="min_gain"):
+            AutoFlowMixture(model, pyroflows.realnvp, min_gain=bad)
+    pyro.clear_param_store()
+    guide = AutoFlowMixture(model, pyroflows.realnvp)
+    with pytest.raises(ValueError, match="num_draws"):
+        guide.select_components(num_draws=1)
+    with pytest.raises(ValueError, match="min_gain"):
+        guide.select_components(min_gain=-1.0)
+
+
+def _gaussian_model():
+    pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0, 0.5]), 0.5).to_event(1))
+
+
+def test_fit_keeps_one_component_on_a_unimodal_posterior():
+    pyro.clear_param_store()
+    flow = partial(pyroflows.realnvp, num_layers=2, hidden=(16,))
+    guide = AutoFlowMixture(_gaussian_model, flow, components=3, select_after=0.25)
+    result = fit(_gaussian_model, guide, 120, seed=0, progress=False, report=False)
+    selection = result.selection
+    assert selection["step"] == 30  # a quarter of the steps (no annealing without data)
+    assert len(selection["kept"]) == 1 and len(selection["removed"]) == 2
+    assert all(loss < guide.min_gain for _, loss, _ in selection["removed"])
+    assert int(torch.isfinite(guide.transform.logits).sum()) == 1
+    assert "kept mixture component(s)" in result.summary()
+    pyro.clear_param_store()
+    everything = AutoFlowMixture(_gaussian_model, partial(pyroflows.realnvp, num_layers=2))  # selects nothing
+    assert fit(_gaussian_model, everything, 20, seed=0, progress=False, report=False).selection is None
+    assert int(torch.isfinite(everything.transform.logits).sum()) == 2
+
+
+def test_resume_across_the_selection_repeats_the_uninterrupted_run(tmp_path):
+    def _interrupt_after(n):
+        def callback(step, loss):
+            if step == n:
+                raise KeyboardInterrupt  # the process dies after step n (the checkpoint before it survives)
+
+        return callback
+
+    kwargs = dict(num_particles=4, seed=3, progress=False, report=False, checkpoint_every=5)
+
+    def run(path, **extra):
+        pyro.clear_param_store()
+        flow = partial(pyroflows.realnvp, num_layers=1, hidden=(8,))
+        guide = AutoFlowMixture(_gaussian_model, flow, components=3, select_after=0.25)
+        return fit(_gaussian_model, guide, 40, out=path, **kwargs, **extra), guide
+
+    full, full_guide = run(tmp_path / "full")
+    assert full.selection["step"] == 10 and full.selection["removed"]
+    for cut in (7, 13):  # before the selection, and after it
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / f"cut{cut}", callback=_interrupt_after(cut))
+        resumed, guide = run(tmp_path / f"cut{cut}", resume=True)
+        np.testing.assert_array_equal(resumed.losses, full.losses)
+        assert resumed.selection == full.selection
+        for (k, a), b in zip(full_guide.state_dict().items(), guide.state_dict().values()):
+            assert torch.equal(a, b), k
+
+
+def test_the_selection_estimates_the_elbo_of_a_plated_model_with_constrained_latents():
+    """The per-draw log p of the unconstrained latent (the model in a plate of draws, with the constraining maps'
+    log-Jacobians): the mixture's ELBO from :func:`subset_elbo` agrees with psis_khat's from independent draws."""
+    from pyroflows.autoguide import subset_elbo
+    from pyroflows.diagnostics import psis_khat
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+        sigma = pyro.sample("sigma", dist.LogNormal(0.0, 0.5))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+    y = torch.tensor([0.3, -1.2, 2.0, 0.8, 1.1])
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoFlowMixture(model, partial(pyroflows.realnvp, num_layers=2, hidden=(8,)), components=3)
+    fit(model, guide, 100, model_args=(y,), seed=0, progress=False, report=False)
+    n = 20000
+    log_target, log_q, which, weights, active = guide._component_draws(n, (y,), {})
+    assert log_q.shape == (len(active), n) and which.shape == (n,) and log_target.dtype == torch.float64
+    elbo, per_draw = subset_elbo(log_target, log_q, which, weights, list(range(len(active))))
+    reference = psis_khat(model, guide, num_samples=n, model_args=(y,), seed=1)
+    se = math.sqrt(2) * float(per_draw.std()) / math.sqrt(n)
+    assert abs(elbo - reference.elbo) < 4 * se + 1e-3, (elbo, reference.elbo, se)
+
+
+def test_optimal_weights_maximise_the_elbo_over_the_weights():
+    """Two overlapping 1-D components under a two-mode target: the exponentiated-gradient fixed point against a
+    fine grid over the weight, on the same draws."""
+    from pyroflows.autoguide import optimal_weights, subset_elbo
+
+    torch.manual_seed(0)
+    n = 4000
+    comps = [dist.Normal(torch.tensor(-1.0).double(), 1.0), dist.Normal(torch.tensor(1.5).double(), 0.7)]
+    z = torch.cat([comps[0].sample((n,)), comps[1].sample((n,))])
+    which = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+    log_q = torch.stack([c.log_prob(z) for c in comps])
+    target = dist.Normal(torch.tensor([-1.2, 1.3]).double(), torch.tensor([0.9, 0.6]).double())
+    log_target = torch.logsumexp(target.log_prob(z[:, None]) + torch.tensor([0.3, 0.7]).double().log(), -1)
+    best = optimal_weights(log_target, log_q, which, [0, 1])
+    assert float(best.sum()) == pytest.approx(1.0, abs=1e-12)
+    grid = torch.linspace(0.001, 0.999, 999, dtype=torch.float64)
+    elbos = [subset_elbo(log_target, log_q, which, torch.stack([1 - p, p]), [0, 1])[0] for p in grid]
+    top = int(torch.tensor(elbos).argmax())
+    # the fixed point uses E_q[q_k / q] = 1 exactly where the grid's estimate has it only on average: the two
+    # optima differ by that sampling error (the ELBO is flat there)
+    assert subset_elbo(log_target, log_q, which, best, [0, 1])[0] >= elbos[top] - 1e-3
+    assert abs(float(best[1]) - float(grid[top])) < 0.03, (best, grid[top])
+    assert 0.6 < float(best[1]) < 0.8  # near the target's 0.7
+
+
+def test_fit_weights_sets_the_weights_of_exact_components_to_the_masses():
+    model, _ = _unequal_model()
+    pyro.clear_param_store()
+    guide = AutoFlowMixture(model, lambda d: _affine(d, 0.0, dtype=torch.float32), components=2, spread=0.0)
+    guide.double()
+    sync_param_store(guide)
+    with torch.no_grad():  # the components on the target's, the weights wrong
+        for flow, m, s in zip(guide.transform, (-2.0, 1.5), (0.6, 0.8)):
+            flow.base.bias.fill_(m)
+            flow.base.log_scale.fill_(math.log(s))
+        guide.transform.logits.copy_(torch.tensor([-0.5, 0.5]))
+    report = guide.fit_weights(num_draws=4000)
+    assert report["before"] == pytest.approx([0.269, 0.731], abs=1e-3)
+    assert report["after"] == pytest.approx([0.8, 0.2], abs=0.01)
+    assert abs(report["elbo_after"]) < 1e-3 < -report["elbo_before"]  # log Z = 0: exact after
+    weights = torch.softmax(guide.transform.logits.detach().double(), 0)
+    torch.testing.assert_close(weights, torch.tensor(report["after"]).double(), rtol=0, atol=1e-6)
