@@ -26,20 +26,21 @@ through 20 points near -2 and +2: label switching makes two well-separated modes
 (one has KL ≥ log 6), ``log Z`` by 3-D quadrature.
 
 pyroflows guides are :class:`pyroflows.AutoFlow` (``AutoNormalizingFlow``'s guide in one parameter tensor;
-``NAME/tails`` with ``heavy_tails=True``; ``NAME/mixK`` is :class:`pyroflows.AutoFlowMixture`, a mixture of K such
-flows with learned weights). Every guide is trained the same way in the ``plain``
-recipe: ``SVI`` with ``Trace_ELBO(num_particles=8, vectorize_particles=True)`` and ``ClippedAdam(lr=3e-3)`` for 2000
-steps (16,000 particle-steps). The ``fit`` recipe trains every guide (Pyro's too) through :func:`pyroflows.infer.fit`
-with its defaults at the same budget (``num_steps = 16000 / num_particles``); ``fit:KEY=VALUE,...`` with other
-settings, to choose the defaults. ``reparam=auto`` in a recipe (``plain:reparam=auto``, ``fit:reparam=auto``) trains
-and scores the guide on the model wrapped in ``poutine.reparam(model, config=AutoReparam())``, Pyro's learned
-non-centring of every location-scale latent (same evidence, so the same KL). Each trained guide is scored from 5
-independent sets of 10,000 draws: KL(q‖p) = log Z − ELBO, the ELBO over all 50,000 (its standard error from the spread
-of the five sets' ELBOs is reported); k̂ (PSIS, Yao et al. 2018) is the median of the five sets' values (k̂ from a few
-thousand draws moves by ±0.1 near 0.7 for one guide: ``khat_noise.py``); "worst" is the lowest
-``log p(z | x) − log q(z)`` of any draw, which says whether rare draws sit where the posterior has no mass (tens of
-nats below zero: then the ELBO's sample mean is heavy-tailed, and its standard error understates its spread). Wall
-time is the training time of each job in its own process (one thread), so rows are comparable within one run.
+``NAME/tails`` with ``heavy_tails=True``; ``NAME/mixK`` is :class:`pyroflows.AutoFlowMixture`, a mixture of K such flows
+with learned weights, and ``NAME/mixKsel`` the same selecting its components during ``fit`` (``select_after=0.5``); rows
+of a mixture record ``components_kept``). Every guide is trained the same way in the ``plain`` recipe: ``SVI`` with
+``Trace_ELBO(num_particles=8, vectorize_particles=True)`` and ``ClippedAdam(lr=3e-3)`` for 2000 steps (16,000
+particle-steps). The ``fit`` recipe trains every guide (Pyro's too) through :func:`pyroflows.infer.fit` with its
+defaults at the same budget (``num_steps = 16000 / num_particles``); ``fit:KEY=VALUE,...`` with other settings, to
+choose the defaults. ``reparam=auto`` in a recipe (``plain:reparam=auto``, ``fit:reparam=auto``) trains and scores the
+guide on the model wrapped in ``poutine.reparam(model, config=AutoReparam())``, Pyro's learned non-centring of every
+location-scale latent (same evidence, so the same KL). Each trained guide is scored from 5 independent sets of 10,000
+draws: KL(q‖p) = log Z − ELBO, the ELBO over all 50,000 (its standard error from the spread of the five sets' ELBOs is
+reported); k̂ (PSIS, Yao et al. 2018) is the median of the five sets' values (k̂ from a few thousand draws moves by ±0.1
+near 0.7 for one guide: ``khat_noise.py``); "worst" is the lowest ``log p(z | x) − log q(z)`` of any draw, which says
+whether rare draws sit where the posterior has no mass (tens of nats below zero: then the ELBO's sample mean is
+heavy-tailed, and its standard error understates its spread). Wall time is the training time of each job in its own
+process (one thread), so rows are comparable within one run.
 
 ::
 
@@ -77,6 +78,8 @@ GUIDES = [
     "spline_flow(8)",
 ]
 MODELS = ["eight_schools_centered", "funnel10", "banana", "horseshoe", "local_level", "bimodal"]
+#: ``NAME/mixKsel``'s ``select_after``: the components are selected halfway through the steps after the annealing
+SELECT_AFTER = 0.5
 EXTRA_MODELS = ["funnel32", "horseshoe16", "local_level40", "trend_regression", "mixture2", "mixture3"]
 #: the 16 observations of ``horseshoe16``: near-zero means and a few signals, as a shrinkage prior expects
 HORSESHOE16_Y = [0.2, -0.5, 1.0, 3.0, -4.5, 6.0, 0.0, 0.3, -0.8, 1.5, -2.2, 0.1, 4.0, -0.4, 0.6, -7.0]
@@ -208,7 +211,8 @@ def make_guide(name: str, model):
     ``"realnvp(8)"`` is ``pyroflows.AutoFlow(model, partial(pyroflows.realnvp, num_layers=8))``, the guide the
     documentation recommends (``AutoNormalizingFlow``'s guide, its parameters in one tensor); ``"realnvp(8)/tails"``
     the same with ``heavy_tails=True`` (the flow on noise with learned tails, ``HeavyTails``); ``"realnvp(8)/mix4"``
-    ``pyroflows.AutoFlowMixture`` of four such flows."""
+    ``pyroflows.AutoFlowMixture`` of four such flows, and ``"realnvp(8)/mix4sel"`` the same selecting its components
+    halfway through the steps after fit's annealing (``select_after=SELECT_AFTER``)."""
     from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
 
     import pyroflows
@@ -218,9 +222,11 @@ def make_guide(name: str, model):
     if name == "AutoIAFNormal(2)":
         return AutoIAFNormal(model, num_transforms=2)
     spec, _, base = name.partition("/")
-    mixture = base.startswith("mix") and base[3:].isdigit()
+    select = base.endswith("sel")
+    count = base[3:-3] if select else base[3:]
+    mixture = base.startswith("mix") and count.isdigit()
     if base not in ("", "tails") and not mixture:
-        raise ValueError(f"unknown guide variant {name!r} (a builder, builder/tails or builder/mixK)")
+        raise ValueError(f"unknown guide variant {name!r} (a builder, builder/tails, builder/mixK or builder/mixKsel)")
     builder, _, arg = spec.partition("(")
     fn = getattr(pyroflows, builder, None)
     auto = getattr(pyroflows, "AutoFlowMixture" if mixture else "AutoFlow", None)
@@ -228,7 +234,7 @@ def make_guide(name: str, model):
         return None
     flow = partial(fn, num_layers=int(arg.rstrip(")")))
     if mixture:
-        return auto(model, flow, components=int(base[3:]))
+        return auto(model, flow, components=int(count), select_after=SELECT_AFTER if select else None)
     return auto(model, flow, heavy_tails=base == "tails")
 
 
@@ -331,6 +337,9 @@ def run_job(model_name: str, guide_name: str, recipe: str, steps: int, particles
         else:
             losses = _train_fit(model, guide, args, steps * particles, options)
         row["train_s"] = time.perf_counter() - start
+        logits = getattr(getattr(guide, "transform", None), "logits", None)
+        if isinstance(logits, torch.Tensor):  # an AutoFlowMixture: its components of nonzero weight at the end
+            row["components_kept"] = int(torch.isfinite(logits).sum())
         row.update(evaluate(model, guide, args, draws, seed))
         row["kl"], row["kl_se"] = log_z - row["elbo"], row["elbo_se"]
         row["worst"] = row["min_log_ratio"] - log_z
@@ -350,9 +359,10 @@ def markdown(rows: list[dict], recipe: str) -> str:
 
 
 def grid(models: list[str], guides: list[str], cell: dict, kl) -> str:
-    """The markdown table of ``guides`` (rows) by ``models`` (columns): per cell ``kl(row)`` with the row's k̂, its
-    worst draw's log ratio (where the row has one) and training seconds, "–" where ``cell`` has no row, "error" where
-    the job failed."""
+    """The markdown table of ``guides`` (rows) by ``models`` (columns): per cell ``kl(row)`` (three decimals, or two
+    significant figures below 0.01) with the row's k̂, its worst draw's log ratio (where the row has one), a mixture's
+    components kept (where recorded) and training seconds, "–" where ``cell`` has no row, "error" where the job
+    failed."""
     lines = ["| guide | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for g in guides:
         out = []
@@ -362,7 +372,10 @@ def grid(models: list[str], guides: list[str], cell: dict, kl) -> str:
                 out.append("–" if r is None else "error")
             else:
                 worst = f", worst {r['worst']:.0f}" if "worst" in r else ""  # runs before the column had none
-                out.append(f"{kl(r):.3f} (k̂ {r['khat_median']:.2f}{worst}, {r['train_s']:.0f} s)")
+                kept = f", {r['components_kept']} kept" if "components_kept" in r else ""  # a mixture's components
+                value = kl(r)
+                shown = f"{value:.3f}" if abs(value) >= 0.01 else f"{value:.2g}"  # small ones to two figures
+                out.append(f"{shown} (k̂ {r['khat_median']:.2f}{worst}{kept}, {r['train_s']:.0f} s)")
         lines.append(f"| {g} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
