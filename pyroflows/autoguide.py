@@ -15,6 +15,7 @@ one flow, for posteriors with several separated modes.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 
 import pyro
@@ -552,7 +553,8 @@ class AutoFlowMixture(AutoFlow):
         The ELBO of every subset ``S`` of the components, :math:`\sum_{k \in S} \pi^S_k\,
         \mathbb E_{q_k}[\log p(x, z) - \log q_S(z)]`, is estimated from the same ``num_draws`` draws of the guide,
         split equally between its components (each draw's own component gives the expectations), in eval mode, the
-        random state left as it was. Components that share a mode add next to nothing to the ELBO and all but one
+        random state left as it was (in one plate, or one draw at a time, slower and with a warning, for a model
+        that mixes or fails on vectorised draws). Components that share a mode add next to nothing to the ELBO and all but one
         go; components on separate modes stay: dropping one of two equal modes costs about
         :math:`\log 2 \approx 0.69` nats, and one holding a share :math:`m` of the posterior's mass about
         :math:`-\log(1 - m)`.
@@ -576,7 +578,7 @@ class AutoFlowMixture(AutoFlow):
         min_gain = self.min_gain if min_gain is None else min_gain
         check_number("select_components", "min_gain", min_gain, 0, low_open=False)
         _ensure_built(self, *args, **kwargs)
-        log_target, log_q, which, weights, active = self._component_draws(num_draws, args, kwargs)
+        log_target, log_q, which, weights, active, _ = self._component_draws(num_draws, args, kwargs)
         every = list(range(len(active)))
         elbo = subset_elbo(log_target, log_q, which, weights, every)[0]
         # with learned weights every subset is judged at its best weights, not where the noisy gradient left them
@@ -611,7 +613,7 @@ class AutoFlowMixture(AutoFlow):
 
         check_int("fit_weights", "num_draws", num_draws, 2)
         _ensure_built(self, *args, **kwargs)
-        log_target, log_q, which, weights, active = self._component_draws(num_draws, args, kwargs)
+        log_target, log_q, which, weights, active, _ = self._component_draws(num_draws, args, kwargs)
         every = list(range(len(active)))
         best = optimal_weights(log_target, log_q, which, every)
         self._set_weights(active, every, best)
@@ -632,47 +634,71 @@ class AutoFlowMixture(AutoFlow):
 
     @torch.no_grad()
     def _component_draws(self, n: int, args: tuple, kwargs: dict):
-        """``n`` draws of the guide with the model replayed on them (eval mode, one plate, the random state left as
-        it was): per draw ``log p(x, z)`` of the unconstrained latent (float64), every active component's
-        ``log q_k(z)`` (rows), the position of the draw's component among the active, their weights, and the active
-        components' indices."""
-        from .diagnostics import _DRAW_PLATE, _is_deterministic, _log_density_per_draw
+        """``n`` draws of the guide with the model replayed on them (eval mode, the random state left as it was):
+        per draw ``log p(x, z)`` of the unconstrained latent (float64), every active component's ``log q_k(z)``
+        (rows), the position of the draw's component among the active, their weights, the active components'
+        indices, and the draws ``z`` themselves, shape ``(n, latent_dim)``. The draws run in one plate; where the
+        model gives a draw another density there than alone (or fails), one at a time, with a warning (as the
+        diagnostics do)."""
+        from .diagnostics import _first_line, _vectorized_mismatch
         from .infer import max_plate_nesting, replayed_traces
         from .run import rng_state, set_rng_state
 
-        model, was_training, state = self.model, self.training, rng_state()
+        was_training, state = self.training, rng_state()
         logits = self._flow().logits
         saved = logits.detach().clone()
+        active = [k for k in range(len(saved)) if saved[k] > -math.inf]
         self.eval()
         try:
             # equal shares of the draws for the components of nonzero weight: expectations under each are
             # estimated alike, whatever its weight
             logits.copy_(torch.where(saved > -math.inf, 0.0, -math.inf).to(saved))
-            dim = -(max_plate_nesting(model, self, *args, **kwargs) + 1)
-
-            def vectorised(fn):
-                def run(*a, **k):
-                    with pyro.plate(_DRAW_PLATE, n, dim=dim):
-                        return fn(*a, **k)
-
-                return run
-
-            guide_tr, model_tr = replayed_traces(vectorised(model), vectorised(self), *args, **kwargs)
-            q = guide_tr.nodes[f"_{self._pyro_name}_latent"]["fn"]
-            z, which = q._drawn  # shaped as the plate made them (the draws' dim, then the model's plates)
-            log_q = torch.stack([c.log_prob(z).reshape(n) for c in q.component_distributions()]).double().cpu()
-            which = which.reshape(n)
-            weights = torch.softmax(saved[q.active].double(), 0).cpu()
+            dim = -(max_plate_nesting(self.model, self, *args, **kwargs) + 1)
+            try:
+                parts, model_tr = self._draws_in_plate(n, dim, active, args, kwargs)
+                alone = replayed_traces(self.model, self, *args, **kwargs)[1]
+                problem = _vectorized_mismatch(self.model, model_tr, alone, n, dim, args, kwargs, draws=(0,))
+            except Exception as e:  # noqa: BLE001  whatever fails vectorised is retried one draw at a time
+                problem = f"{type(e).__name__}: {_first_line(e)}"
+            if problem is not None:
+                warnings.warn(
+                    f"{type(self).__name__}: the model cannot be run with its {n} draws vectorised ({problem}); "
+                    "drawing them one at a time instead, which is slower",
+                    UserWarning,
+                    stacklevel=5,  # the caller of select_components / fit_weights (each with its no_grad frame)
+                )
+                runs = [self._draws_in_plate(1, dim, active, args, kwargs)[0] for _ in range(n)]
+                parts = [torch.cat(column, dim=0 if i == 3 else -1) for i, column in enumerate(zip(*runs))]
         finally:
             logits.copy_(saved)
             set_rng_state(state)
             self.train(was_training)
+        log_target, log_q, which, z = parts
+        return log_target, log_q, which, torch.softmax(saved[active].double(), 0), active, z
+
+    def _draws_in_plate(self, n: int, dim: int, active: list[int], args: tuple, kwargs: dict):
+        """``(log_target, log_q, which, z)`` of ``n`` draws in one plate at ``dim`` (see :meth:`_component_draws`),
+        and the model's trace."""
+        from .diagnostics import _DRAW_PLATE, _is_deterministic, _log_density_per_draw
+        from .infer import replayed_traces
+
+        def vectorised(fn):
+            def run(*a, **k):
+                with pyro.plate(_DRAW_PLATE, n, dim=dim):
+                    return fn(*a, **k)
+
+            return run
+
+        guide_tr, model_tr = replayed_traces(vectorised(self.model), vectorised(self), *args, **kwargs)
+        q = guide_tr.nodes[f"_{self._pyro_name}_latent"]["fn"]
+        z, which = q._drawn  # shaped as the plate made them (the draws' dim, then the model's plates)
+        log_q = torch.stack([c.log_prob(z).reshape(n) for c in q.component_distributions()]).double().cpu()
         log_p = _log_density_per_draw(model_tr, n, dim, keep=lambda s: not _is_deterministic(s))
         # the guide's other sites are AutoContinuous's Deltas: log |dz/dθ| of the constraining maps
         log_jacobian = _log_density_per_draw(guide_tr, n, dim, keep=lambda s: not s["infer"].get("is_auxiliary"))
-        position = {k: a for a, k in enumerate(q.active)}
-        which = torch.tensor([position[int(k)] for k in which.cpu()])
-        return log_p - log_jacobian, log_q, which, weights, list(q.active)
+        position = {k: a for a, k in enumerate(active)}
+        which = torch.tensor([position[int(k)] for k in which.reshape(n).cpu()])
+        return (log_p - log_jacobian, log_q, which, z.reshape(n, -1).double().cpu()), model_tr
 
     def get_posterior(self, *args, **kwargs):
         """The guide's distribution over the unconstrained latent vector: a :class:`FlowMixture` of the component

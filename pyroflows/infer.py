@@ -930,12 +930,18 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
 
 def _mixture_step(run: _SVIRun, step: int) -> None:
     """An :class:`~pyroflows.AutoFlowMixture`'s work after ``step`` (before that step's checkpoint): its components
-    selected at ``run.select_step``, its learned weights set to their best for the components after the last step."""
-    guide = run.guide
-    if step == run.select_step:
-        run.selection = {"step": step, **guide.select_components(*run.args, **run.kwargs)}
-    if step == run.cfg.num_steps and isinstance(guide, AutoFlowMixture) and guide.learn_weights:
-        run.final_weights = guide.fit_weights(*run.args, **run.kwargs)
+    selected at ``run.select_step``, its learned weights set to their best for the components after the last step.
+    Where either fails (the guide is left as trained) a warning says so, and the run goes on."""
+    guide, what = run.guide, None
+    try:
+        if step == run.select_step:
+            what = "components were not selected"
+            run.selection = {"step": step, **guide.select_components(*run.args, **run.kwargs)}
+        if step == run.cfg.num_steps and isinstance(guide, AutoFlowMixture) and guide.learn_weights:
+            what = "weights stay as trained"
+            run.final_weights = guide.fit_weights(*run.args, **run.kwargs)
+    except Exception as e:  # noqa: BLE001  the trained guide is intact: the run goes on, and says what failed
+        warnings.warn(f"fit: after step {step} the mixture guide's {what} ({type(e).__name__}: {e})", stacklevel=4)
 
 
 def _select_step(guide, cfg: SVIConfig) -> int | None:

@@ -545,7 +545,7 @@ def test_the_selection_estimates_the_elbo_of_a_plated_model_with_constrained_lat
     guide = AutoFlowMixture(model, partial(pyroflows.realnvp, num_layers=2, hidden=(8,)), components=3)
     fit(model, guide, 100, model_args=(y,), seed=0, progress=False, report=False)
     n = 20000
-    log_target, log_q, which, weights, active = guide._component_draws(n, (y,), {})
+    log_target, log_q, which, weights, active, _ = guide._component_draws(n, (y,), {})
     assert log_q.shape == (len(active), n) and which.shape == (n,) and log_target.dtype == torch.float64
     elbo, per_draw = subset_elbo(log_target, log_q, which, weights, list(range(len(active))))
     reference = psis_khat(model, guide, num_samples=n, model_args=(y,), seed=1)
@@ -595,3 +595,38 @@ def test_fit_weights_sets_the_weights_of_exact_components_to_the_masses():
     assert abs(report["elbo_after"]) < 1e-3 < -report["elbo_before"]  # log Z = 0: exact after
     weights = torch.softmax(guide.transform.logits.detach().double(), 0)
     torch.testing.assert_close(weights, torch.tensor(report["after"]).double(), rtol=0, atol=1e-6)
+
+
+def test_the_selection_draws_one_at_a_time_where_the_model_mixes_vectorised_draws():
+    """A model that runs vectorised with a wrong density (a sum over the draws too): the draws are made one at a
+    time, with a warning, and every draw's log p is the model's on that draw alone."""
+    y = torch.tensor([0.3, -0.4, 1.1, 0.8, 0.2])
+
+    def mixing(y):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu.sum(), 1.0), obs=y)
+
+    pyro.clear_param_store()
+    guide = AutoFlowMixture(mixing, partial(pyroflows.realnvp, num_layers=1, hidden=(8,)))
+    sync_param_store(guide, y)
+    with pytest.warns(UserWarning, match="one at a time"):
+        log_target, log_q, which, _, _, z = guide._component_draws(30, (y,), {})
+    exact = dist.Normal(0.0, 1.0).log_prob(z).sum(-1) + dist.Normal(z.sum(-1, keepdim=True), 1.0).log_prob(y).sum(-1)
+    torch.testing.assert_close(log_target, exact, rtol=1e-5, atol=1e-4)
+    assert log_q.shape == (2, 30) and set(which.tolist()) == {0, 1}
+    components = guide.get_posterior().component_distributions()
+    torch.testing.assert_close(log_q[0], components[0].log_prob(z.float()).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_fit_goes_on_when_the_weights_cannot_be_set(monkeypatch):
+    pyro.clear_param_store()
+    guide = AutoFlowMixture(_gaussian_model, partial(pyroflows.realnvp, num_layers=1, hidden=(8,)))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("no draws today")
+
+    monkeypatch.setattr(guide, "fit_weights", fails)
+    with pytest.warns(UserWarning, match="after step 10 the mixture guide's weights stay as trained .*no draws today"):
+        result = fit(_gaussian_model, guide, 10, seed=0, progress=False, report=False)
+    assert result.final_weights is None and result.losses.shape == (10,)  # the run ended, its losses kept
