@@ -554,8 +554,8 @@ class AutoFlowMixture(AutoFlow):
         \mathbb E_{q_k}[\log p(x, z) - \log q_S(z)]`, is estimated from the same ``num_draws`` draws of the guide,
         split equally between its components (each draw's own component gives the expectations), in eval mode, the
         random state left as it was (in one plate, or one draw at a time, slower and with a warning, for a model
-        that mixes or fails on vectorised draws). Components that share a mode add next to nothing to the ELBO and all but one
-        go; components on separate modes stay: dropping one of two equal modes costs about
+        that mixes or fails on vectorised draws). Components that share a mode add next to nothing to the ELBO and
+        all but one go; components on separate modes stay: dropping one of two equal modes costs about
         :math:`\log 2 \approx 0.69` nats, and one holding a share :math:`m` of the posterior's mass about
         :math:`-\log(1 - m)`.
         :func:`~pyroflows.infer.fit` calls this once when the guide's ``select_after`` is set, after that share of

@@ -611,7 +611,8 @@ def fit(
     - with a :class:`~pyroflows.AutoFlowMixture` guide, its components are selected once its ``select_after`` share
       of the steps after the annealing is done (:meth:`~pyroflows.AutoFlowMixture.select_components`; off by
       default), and after the last step its learned weights are set to their best for its components
-      (:meth:`~pyroflows.AutoFlowMixture.fit_weights`), both recorded in the result;
+      (:meth:`~pyroflows.AutoFlowMixture.fit_weights`; on the ELBO, not after ``estimator="iw"`` or ``"renyi"``),
+      both recorded in the result;
     - the global gradient norm is clipped to ``clip_norm``; the learning rate follows ``lr_schedule``
       (by default ``"stable_cosine"``: the peak rate for four fifths of the run, then a cosine
       to ``lr * final_lr_factor``; or ``"constant"``, ``"cosine"``, ``"exponential"``) after an optional linear
@@ -895,6 +896,7 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     if cfg.seed is not None:
         pyro.set_rng_seed(cfg.seed)
     sync_param_store(guide, *args, **kwargs)
+    _clear_gradients(guide)
     elbo, renyi = _svi_objectives(model, guide, args, kwargs, loss, cfg)
     if _vectorizes(elbo):  # a model that breaks or mixes the particles when they are vectorised: said before training
         from .diagnostics import _check_vectorized
@@ -928,16 +930,26 @@ def _svi_setup(model, guide, args: tuple, kwargs: dict, loss, cfg: SVIConfig) ->
     return run
 
 
+def _clear_gradients(guide) -> None:
+    """Drop gradients left on the guide's and the param store's parameters from before the run (a ``backward``
+    of the user's): the first step would otherwise add its own to them."""
+    own = list(guide.parameters()) if isinstance(guide, torch.nn.Module) else []
+    for p in own + [p for _, p in pyro.get_param_store().named_parameters()]:
+        p.grad = None
+
+
 def _mixture_step(run: _SVIRun, step: int) -> None:
     """An :class:`~pyroflows.AutoFlowMixture`'s work after ``step`` (before that step's checkpoint): its components
-    selected at ``run.select_step``, its learned weights set to their best for the components after the last step.
+    selected at ``run.select_step``, its learned weights set to their best for the components after the last step
+    (of a run on the ELBO: a multi-sample bound's run leaves them as they are).
     Where either fails (the guide is left as trained) a warning says so, and the run goes on."""
     guide, what = run.guide, None
     try:
         if step == run.select_step:
             what = "components were not selected"
             run.selection = {"step": step, **guide.select_components(*run.args, **run.kwargs)}
-        if step == run.cfg.num_steps and isinstance(guide, AutoFlowMixture) and guide.learn_weights:
+        last = step == run.cfg.num_steps and _objective(run.elbo) == "ELBO"  # (a bound's weights stay its own)
+        if last and isinstance(guide, AutoFlowMixture) and guide.learn_weights:
             what = "weights stay as trained"
             run.final_weights = guide.fit_weights(*run.args, **run.kwargs)
     except Exception as e:  # noqa: BLE001  the trained guide is intact: the run goes on, and says what failed

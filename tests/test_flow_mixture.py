@@ -328,6 +328,11 @@ def test_the_multi_sample_bounds_leave_the_weights_as_they_are():
         grad = guide.flow_params.grad
         assert float(grad[2:].abs().max()) > 0
         assert (float(grad[:2].abs().max()) == 0) == (elbo is TraceIW_ELBO)
+    # and fit on the IW bound leaves them where they are at the end too
+    with torch.no_grad():
+        guide.transform.logits.copy_(torch.tensor([0.3, -0.3]))
+    result = fit(model, guide, 3, estimator="iw", seed=0, progress=False, report=False)
+    assert result.final_weights is None and guide.transform.logits.tolist() == pytest.approx([0.3, -0.3])
 
 
 def test_diagnostics_and_predictive_take_the_mixture_guide():

@@ -780,3 +780,20 @@ def test_default_lr_falls_with_the_cube_root_of_the_particles():
     assert peak_lr(num_particles=64) == pytest.approx(1.5e-3)
     assert peak_lr(loss=Trace_ELBO(num_particles=128, vectorize_particles=True)) == pytest.approx(default_lr(128))
     assert peak_lr(num_particles=32, lr=0.01) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoFlow])
+def test_gradients_left_from_before_the_run_do_not_enter_its_first_step(guide_cls):
+    def run(stale: bool):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = guide_cls(gaussian_model) if guide_cls is AutoNormal else guide_cls(gaussian_model, BUILDERS["realnvp"])
+        pyroflows.infer.sync_param_store(guide)
+        if stale:  # a backward of the user's before fit
+            for _, p in pyro.get_param_store().named_parameters():
+                p.grad = torch.full_like(p, 100.0)
+        fit(gaussian_model, guide, 1, lr=0.1, seed=1, progress=False, report=False, start="identity")
+        return [p.detach().clone() for _, p in sorted(pyro.get_param_store().named_parameters())]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
