@@ -11,7 +11,9 @@ Parts (each also runs standalone as ``python benchmarks/<script>.py``):
   interleaved, on the example models, through ``pyro.infer.SVI`` and through :func:`pyroflows.infer.fit`
   (``svi_step.py``); what the sticking-the-landing gradient costs per step against ``Trace_ELBO``, flow by flow,
   and what the autoregressive layers' warm-started inverse saves (``stl_cost.py``); the optimiser's update, torch's
-  default loop and ``foreach`` against the fused one both trainers use (``optimizer_step.py``);
+  default loop and ``foreach`` against the fused one both trainers use (``optimizer_step.py``); a step of
+  :class:`pyroflows.AutoFlowMixture` against one flow, and with components given weight zero
+  (``mixture_step.py``);
 * ``image``: Glow and RealNVP on 8x8 digits against normflows (``image_flows.py``);
 * ``residual``: residual flows against normflows, memory against series length, 2-D toys (``residual.py``); test
   bits/dim of 1000 28x28 images with its standard error, time and memory per evaluation setting

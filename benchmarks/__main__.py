@@ -20,7 +20,12 @@ from .report import write_report
 SCRIPTS = {
     "vi": [("vi_energies", "vi_energies"), ("vi_guides", "vi_guides"), ("vi_heldout", "vi_heldout")],
     "guides": [("vi_guides", "vi_guides"), ("vi_heldout", "vi_heldout")],  # the guide comparisons (part of "vi")
-    "svi": [("svi_step", "svi_step"), ("stl_cost", "stl_cost"), ("optimizer_step", "optimizer_step")],
+    "svi": [
+        ("svi_step", "svi_step"),
+        ("stl_cost", "stl_cost"),
+        ("optimizer_step", "optimizer_step"),
+        ("mixture_step", "mixture_step"),
+    ],
     "image": [("image_flows", "image_flows")],
     "residual": [("residual", "residual"), ("residual_eval", "residual_eval")],
     "scaling": [("scaling", "scaling")],

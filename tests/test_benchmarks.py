@@ -259,7 +259,7 @@ def test_svi_step_tiny(tmp_path):
     assert all(r["max_loss_difference"] < 1e-2 and r["speed_ratio"] > 0 for r in payload["rows"])
     text = report.section(out)
     assert "| SVI | banana | realnvp(8) |" in text and "could not render" not in text
-    assert [name for _, name in suite.SCRIPTS["svi"]] == ["svi_step", "stl_cost", "optimizer_step"]
+    assert [name for _, name in suite.SCRIPTS["svi"]] == ["svi_step", "stl_cost", "optimizer_step", "mixture_step"]
 
 
 def test_optimizer_step_tiny(tmp_path):
@@ -374,3 +374,17 @@ def test_vi_energies_fit_options_reach_fit_and_the_report():
     assert "at peak lr 0.000945, its default for these particles, but anneal=0.5;" in report._vi(payload)
     config["fit_options"] = {"anneal": 0.5, "lr": 0.001}
     assert "at peak lr 0.001, but anneal=0.5;" in report._vi(payload)
+
+
+def test_mixture_step_tiny(tmp_path):
+    """The mixture-step benchmark runs end to end (one timed round) and its report renders, every guide timed."""
+    from benchmarks import mixture_step
+
+    out = tmp_path / "mixture_step_quick.json"
+    assert mixture_step.main(["--quick", "--rounds", "1", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "mixture_step" and payload["quick"] is True
+    (row,) = payload["rows"]
+    assert all(row[f"{label} ms/step"] > 0 for label in mixture_step.GUIDES) and row["2 kept / mix2"] > 0
+    text = report.section(out)
+    assert "| bimodal | realnvp(2) |" in text and "could not render" not in text
