@@ -315,14 +315,15 @@ def test_differentiable_inverse_takes_the_implicit_gradient_above_its_size_limit
     assert torch.allclose(x, x_ref, atol=1e-12) and torch.allclose(log_det, log_det_ref, atol=1e-12)
 
 
-@pytest.mark.parametrize("activation", ["relu", "elu", "leaky_relu", "tanh"])
+@pytest.mark.parametrize("activation", ["default", "relu", "elu", "leaky_relu", "tanh"])
 @pytest.mark.parametrize("hidden", [(), (7,), (9, 5)], ids=["linear", "one", "two"])
 @pytest.mark.parametrize("context_dim", [0, 2])
 def test_made_closed_form_jacobian_equals_autograd(activation, hidden, context_dim):
     """MADE's closed-form input Jacobian equals ``jacrev``'s in float64 (and the outputs are the forward's bits),
     for every activation it knows, with and without hidden layers and a context; it is zero outside the order's
-    connectivity; an activation of unknown slope gives ``None``."""
+    connectivity; an activation of unknown slope gives ``None``. (The default is a ReLU in place.)"""
     acts = {
+        "default": None,
         "relu": torch.nn.ReLU(),
         "elu": torch.nn.ELU(0.7),
         "leaky_relu": torch.nn.LeakyReLU(0.2),

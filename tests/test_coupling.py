@@ -95,3 +95,41 @@ def test_block_mask_fast_path_matches_the_gather_path(dim, flip):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     torch.testing.assert_close(outs[0][2], x, rtol=0, atol=1e-12)
     assert AffineCoupling(dim, mask="alternate")._blocks is None or dim == 2
+
+
+@pytest.mark.parametrize("kind", ["mlp", "convnet", "made"])
+def test_the_default_in_place_relu_gives_the_plain_relus_values_and_gradients(kind):
+    """The conditioners' default ReLU overwrites each layer's output in place: the values, the parameters' and the
+    input's gradients are those of the same network with a plain ReLU (float64, bit for bit), and torch.func's
+    batched Jacobians go through it."""
+    import copy
+
+    from torch.func import jacrev, vmap
+
+    from pyroflows.nn import MADE, MLP, ConvNet
+
+    torch.manual_seed(0)
+    net, x = {
+        "mlp": (lambda: MLP(3, 4, hidden=(16, 16)), torch.randn(6, 3)),
+        "convnet": (lambda: ConvNet(2, 4, hidden_channels=8), torch.randn(3, 2, 5, 5)),
+        "made": (lambda: MADE(4, hidden=(16, 16)), torch.randn(6, 4)),
+    }[kind]
+    net = net().double()
+    assert any(isinstance(m, torch.nn.ReLU) and m.inplace for m in net.modules())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    plain = copy.deepcopy(net)
+    for m in plain.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = False
+    x = x.double().requires_grad_(True)
+    grads = []
+    for model in (net, plain):
+        out = model(x)
+        grads.append((out, *torch.autograd.grad(out.square().sum(), [x, *model.parameters()])))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    if kind != "convnet":
+        jac = vmap(jacrev(lambda v: net(v)))(x.detach())
+        assert torch.equal(jac, vmap(jacrev(lambda v: plain(v)))(x.detach()))
+        assert jac.abs().sum() > 0

@@ -112,7 +112,9 @@ class MADE(nn.Module):
         order = _check_order(order, dim, "MADE")
         self.dim, self.hidden, self.num_outputs = dim, sizes, num_outputs
         self.register_buffer("order", order)
-        self.activation = activation if activation is not None else nn.ReLU()
+        # the default ReLU works in place on each layer's fresh output (no backward pass needs it); _run's Jacobian
+        # reads the sign of the pre-activation from that overwritten tensor, which ReLU keeps
+        self.activation = activation if activation is not None else nn.ReLU(inplace=True)
 
         in_degrees = order + 1
         # context inputs have degree 0: every hidden unit (and, without hidden layers, every output) may see them
