@@ -3,6 +3,7 @@ scaling fits and the results files."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -109,6 +110,19 @@ def command_line(script: str, argv: list[str] | None) -> str:
     """The command that reproduces this run."""
     args = sys.argv[1:] if argv is None else list(argv)
     return "python " + shlex.join([script, *args])
+
+
+def row_timing_args(argv, doc: str, name: str, quick: str, rounds: int, quick_rounds: int) -> argparse.Namespace:
+    """The options of a benchmark that times rows of interleaved rounds: ``--quick`` (``quick`` says what it keeps),
+    ``--out`` (the JSON; default ``results/<name>.json``) and ``--rounds`` (default ``rounds``, quick
+    ``quick_rounds``; left ``None`` when not given, for the benchmark to resolve)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--out", default=None, help=f"the JSON to write (default results/{name}.json)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help=f"timed rounds per row (default {rounds}; quick {quick_rounds})"
+    )
+    return p.parse_args(argv)
 
 
 def parse_options(spec: str) -> dict:

@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -129,11 +128,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 model x 2 builders, fewer rounds")
-    p.add_argument("--out", default=None, help="the JSON to write (default results/stl_cost.json)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per row (default 10; quick 3)")
-    return p.parse_args(argv)
+    return _common.row_timing_args(argv, __doc__, "stl_cost", "1 model x 2 builders, fewer rounds", 10, 3)
 
 
 def main(argv=None) -> int:

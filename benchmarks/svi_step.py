@@ -23,7 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -150,11 +149,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 models x 2 builders, fewer rounds")
-    p.add_argument("--out", default=None, help="the JSON to write (default results/svi_step.json)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per row (default 12; quick 4)")
-    return p.parse_args(argv)
+    return _common.row_timing_args(argv, __doc__, "svi_step", "2 models x 2 builders, fewer rounds", 12, 4)
 
 
 def main(argv=None) -> int:
