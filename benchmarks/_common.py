@@ -125,6 +125,25 @@ def row_timing_args(argv, doc: str, name: str, quick: str, rounds: int, quick_ro
     return p.parse_args(argv)
 
 
+def save_rows(name: str, args: argparse.Namespace, argv, config: dict, rows: list[dict], t0: float, markdown) -> int:
+    """Write a row-timing benchmark's result (see :func:`row_timing_args`): ``{benchmark, command, machine, quick,
+    config (with one thread), rows, total_seconds}`` to ``--out`` or ``results/<name>[_quick].json``, regenerate
+    ``RESULTS.md``, print the rows' table; returns the exit status 0."""
+    out = Path(args.out) if args.out else result_path(RESULTS, name, args.quick)
+    payload = {
+        "benchmark": name,
+        "command": command_line(f"benchmarks/{name}.py", argv),
+        "machine": machine(),
+        "quick": args.quick,
+        "config": {**config, "threads": 1},
+        "rows": rows,
+        "total_seconds": time.perf_counter() - t0,
+    }
+    write_result(out, payload)
+    print("\n" + markdown(rows))
+    return 0
+
+
 def parse_options(spec: str) -> dict:
     """Keyword options written ``KEY=VALUE,...`` (``"anneal=0.5,num_particles=4,estimator=iw"``): ints and floats
     where the value parses as one, strings otherwise; an empty spec gives ``{}``."""

@@ -119,26 +119,14 @@ def main(argv=None) -> int:
             row = run_row(m, b, warmup, rounds)
             rows.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
-    out = Path(args.out) if args.out else _common.result_path(_common.RESULTS, "mixture_step", args.quick)
-    payload = {
-        "benchmark": "mixture_step",
-        "command": _common.command_line("benchmarks/mixture_step.py", argv),
-        "machine": _common.machine(),
-        "quick": args.quick,
-        "config": {
-            "steps_per_call": STEPS,
-            "particles": PARTICLES,
-            "lr": LR,
-            "rounds": rounds,
-            "warmup": warmup,
-            "threads": 1,
-        },  # fmt: skip
-        "rows": rows,
-        "total_seconds": time.perf_counter() - t0,
+    config = {
+        "steps_per_call": STEPS,
+        "particles": PARTICLES,
+        "lr": LR,
+        "rounds": rounds,
+        "warmup": warmup,
     }
-    _common.write_result(out, payload)
-    print("\n" + markdown(rows))
-    return 0
+    return _common.save_rows("mixture_step", args, argv, config, rows, t0, markdown)
 
 
 if __name__ == "__main__":

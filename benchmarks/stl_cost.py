@@ -143,27 +143,15 @@ def main(argv=None) -> int:
             row = run_row(m, b, warmup, rounds, pretrain)
             rows.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
-    out = Path(args.out) if args.out else _common.result_path(_common.RESULTS, "stl_cost", args.quick)
-    payload = {
-        "benchmark": "stl_cost",
-        "command": _common.command_line("benchmarks/stl_cost.py", argv),
-        "machine": _common.machine(),
-        "quick": args.quick,
-        "config": {
-            "steps_per_call": STEPS,
-            "particles": PARTICLES,
-            "lr": LR,
-            "pretrain_steps": pretrain,
-            "rounds": rounds,
-            "warmup": warmup,
-            "threads": 1,
-        },  # fmt: skip
-        "rows": rows,
-        "total_seconds": time.perf_counter() - t0,
+    config = {
+        "steps_per_call": STEPS,
+        "particles": PARTICLES,
+        "lr": LR,
+        "pretrain_steps": pretrain,
+        "rounds": rounds,
+        "warmup": warmup,
     }
-    _common.write_result(out, payload)
-    print("\n" + markdown(rows))
-    return 0
+    return _common.save_rows("stl_cost", args, argv, config, rows, t0, markdown)
 
 
 if __name__ == "__main__":

@@ -170,27 +170,15 @@ def main(argv=None) -> int:
             f"loss {row['anf_mean_loss']:.3f} / {row['autoflow_mean_loss']:.3f}",
             flush=True,
         )
-    out = Path(args.out) if args.out else _common.result_path(_common.RESULTS, "svi_step", args.quick)
-    payload = {
-        "benchmark": "svi_step",
-        "command": _common.command_line("benchmarks/svi_step.py", argv),
-        "machine": _common.machine(),
-        "quick": args.quick,
-        "config": {
-            "svi_steps_per_call": SVI_STEPS,
-            "fit_steps_per_call": FIT_STEPS,
-            "particles": PARTICLES,
-            "lr": LR,
-            "rounds": rounds,
-            "warmup": warmup,
-            "threads": 1,
-        },  # fmt: skip
-        "rows": rows,
-        "total_seconds": time.perf_counter() - t0,
+    config = {
+        "svi_steps_per_call": SVI_STEPS,
+        "fit_steps_per_call": FIT_STEPS,
+        "particles": PARTICLES,
+        "lr": LR,
+        "rounds": rounds,
+        "warmup": warmup,
     }
-    _common.write_result(out, payload)
-    print("\n" + markdown(rows))
-    return 0
+    return _common.save_rows("svi_step", args, argv, config, rows, t0, markdown)
 
 
 if __name__ == "__main__":
