@@ -30,17 +30,17 @@ pyroflows guides are :class:`pyroflows.AutoFlow` (``AutoNormalizingFlow``'s guid
 with learned weights, and ``NAME/mixKsel`` the same selecting its components during ``fit`` (``select_after=0.5``); rows
 of a mixture record ``components_kept``). Every guide is trained the same way in the ``plain`` recipe: ``SVI`` with
 ``Trace_ELBO(num_particles=8, vectorize_particles=True)`` and ``ClippedAdam(lr=3e-3)`` for 2000 steps (16,000
-particle-steps). The ``fit`` recipe trains every guide (Pyro's too) through :func:`pyroflows.infer.fit` with its
-defaults at the same budget (``num_steps = 16000 / num_particles``); ``fit:KEY=VALUE,...`` with other settings, to
-choose the defaults. ``reparam=auto`` in a recipe (``plain:reparam=auto``, ``fit:reparam=auto``) trains and scores the
-guide on the model wrapped in ``poutine.reparam(model, config=AutoReparam())``, Pyro's learned non-centring of every
-location-scale latent (same evidence, so the same KL). Each trained guide is scored from 5 independent sets of 10,000
-draws: KL(q‖p) = log Z − ELBO, the ELBO over all 50,000 (its standard error from the spread of the five sets' ELBOs is
-reported); k̂ (PSIS, Yao et al. 2018) is the median of the five sets' values (k̂ from a few thousand draws moves by ±0.1
-near 0.7 for one guide: ``khat_noise.py``); "worst" is the lowest ``log p(z | x) − log q(z)`` of any draw, which says
-whether rare draws sit where the posterior has no mass (tens of nats below zero: then the ELBO's sample mean is
-heavy-tailed, and its standard error understates its spread). Wall time is the training time of each job in its own
-process (one thread), so rows are comparable within one run.
+particle-steps; ``--steps N`` for another budget). The ``fit`` recipe trains every guide (Pyro's too) through
+:func:`pyroflows.infer.fit` with its defaults at the same budget (``num_steps = 8 * steps / num_particles``);
+``fit:KEY=VALUE,...`` with other settings, to choose the defaults. ``reparam=auto`` in a recipe (``plain:reparam=auto``,
+``fit:reparam=auto``) trains and scores the guide on the model wrapped in ``poutine.reparam(model,
+config=AutoReparam())``, Pyro's learned non-centring of every location-scale latent (same evidence, so the same KL).
+Each trained guide is scored from 5 independent sets of 10,000 draws: KL(q‖p) = log Z − ELBO, the ELBO over all 50,000
+(its standard error from the spread of the five sets' ELBOs is reported); k̂ (PSIS, Yao et al. 2018) is the median of
+the five sets' values (k̂ from a few thousand draws moves by ±0.1 near 0.7 for one guide: ``khat_noise.py``); "worst" is
+the lowest ``log p(z | x) − log q(z)`` of any draw, which says whether rare draws sit where the posterior has no mass
+(tens of nats below zero: then the ELBO's sample mean is heavy-tailed, and its standard error understates its spread).
+Wall time is the training time of each job in its own process (one thread), so rows are comparable within one run.
 
 ::
 
@@ -394,9 +394,10 @@ def main(argv=None) -> dict:
         "model under Pyro's AutoReparam",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=STEPS, help=f"steps of 8 particles per guide (default {STEPS})")
     p.add_argument("--out", help="JSON file (rows are also appended to OUT.jsonl as they finish)")
     args = p.parse_args(argv)
-    steps, draws = (20, 100) if args.quick else (STEPS, 10_000)
+    steps, draws = (20, 100) if args.quick else (args.steps, 10_000)
     jobs = [(m, g, r) for r in args.recipes.split(";") for m in args.models.split(",") for g in args.guides.split(",")]
     partial_log = Path(args.out).with_suffix(".jsonl") if args.out else None
     if partial_log is not None:
