@@ -51,6 +51,39 @@ def test_log_prob_is_base_plus_log_det_and_matches_the_pyro_distribution():
     assert math.isclose(float(trace.log_prob_sum().detach()), float(expected.sum().detach()), rel_tol=1e-8)
 
 
+@pytest.mark.parametrize("builder", ["glow", "realnvp", "residual_flow"])
+def test_log_prob_keeps_no_graph_alive_once_its_result_is_dropped(builder):
+    """A log_prob with gradients whose result is dropped without a backward (a monitoring call, the data-dependent
+    init) frees its autograd graph: no remembered pair of the flow holds the latent, whose graph would otherwise keep
+    every saved activation alive until the next call (a Glow step's peak memory grew by a third). The activations
+    watched are the inputs of the networks' linear maps, which autograd saves for the backward."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    kwargs = {"levels": 2} if builder == "glow" else {}
+    model = FlowDensity(getattr(pyroflows, builder)((1, 4, 4), num_layers=2, hidden=8, **kwargs), (1, 4, 4))
+    x = torch.rand(8, 1, 4, 4)
+    model.log_prob(x)  # initialised
+    watched = []
+
+    def watch(module, inputs):
+        if inputs[0] is not x:
+            watched.append(weakref.ref(inputs[0]))
+
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, pyroflows.nn.SpectralConv2d, pyroflows.nn.SpectralLinear)
+    layers = [m for m in model.modules() if isinstance(m, kinds)]
+    handles = [m.register_forward_pre_hook(watch) for m in layers]
+    log_p = model.log_prob(x)
+    for h in handles:
+        h.remove()
+    assert log_p.requires_grad and watched
+    del log_p
+    gc.collect()
+    alive = sum(r() is not None for r in watched)
+    assert alive == 0, f"{alive} of {len(watched)} saved activations still alive"
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float32])
 def test_bits_per_dim_bookkeeping(dtype):
     model = _model()
