@@ -142,10 +142,9 @@ class FlowDensity(nn.Module):
     def _latent_and_log_prob(self, x: torch.Tensor, flow) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass through ``flow``: the latent ``f(x)`` and :math:`\\log p(x)` (checked data)."""
         if isinstance(flow, FlowTransform):
-            # One checked pass, even without gradients (where residual blocks would defer their log-det), and not
-            # remembered: the latent never leaves this model, so no later call could match the pair, and a
-            # remembered pair would keep a pass's autograd graph alive after its caller dropped the result.
-            z, log_det = flow._checked(x, "forward", lazy=False)
+            # one pass even without gradients, where residual blocks defer; the latent never leaves this model, so
+            # the pair is not remembered (it would keep the pass's graph alive after the caller dropped the result)
+            z, log_det = flow.call_and_log_det(x, remember=False)
         else:
             z = flow(x)
             log_det = flow.log_abs_det_jacobian(x, z)

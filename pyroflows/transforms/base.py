@@ -337,7 +337,9 @@ class FlowTransform(TransformModule):
     def _call(self, x):
         return self.call_and_log_det(x, lazy=not torch.is_grad_enabled() and self.lazy_log_det)[0]
 
-    def call_and_log_det(self, x: torch.Tensor, lazy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def call_and_log_det(
+        self, x: torch.Tensor, lazy: bool = False, remember: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(t(x), log|det dt/dx|)`` in one checked pass, remembered as a call ``t(x)`` is.
 
         Use it where both are wanted whatever the grad mode (a density's ``log_prob``): a plain call without
@@ -345,6 +347,9 @@ class FlowTransform(TransformModule):
 
         :param torch.Tensor x: input, shape ``batch_shape + event_shape``.
         :param bool lazy: leave the log-det ``None`` (and deferred) where the layer allows it.
+        :param bool remember: keep the pair for a later ``inv(y)`` or ``log_abs_det_jacobian(x, y)``. Pass
+            ``False`` where ``y`` never leaves the caller: the remembered pair would hold the pass's autograd graph,
+            every saved activation, until the next call, after the caller has dropped the result.
         :returns: ``(y, log_det)``.
 
         Example::
@@ -356,9 +361,13 @@ class FlowTransform(TransformModule):
             >>> y, log_det = t.call_and_log_det(x)
             >>> t.log_abs_det_jacobian(x, y) is log_det
             True
+            >>> y2, log_det2 = t.call_and_log_det(x, remember=False)  # the pair of y is still the one remembered
+            >>> t.inv(y) is x, t.log_abs_det_jacobian(x, y2) is log_det2
+            (True, False)
         """
         y, log_det = self._checked(x, "forward", lazy)
-        self._remember(x, y, log_det)
+        if remember:
+            self._remember(x, y, log_det)
         return y, log_det
 
     def _inverse(self, y):
