@@ -36,13 +36,14 @@ from torch.distributions.utils import _sum_rightmost
 
 from .autoguide import FlowMixture
 from .run import check_number
-from .transforms.base import has_random_log_det
 
 __all__ = ["SampleDependentError", "TraceIW_ELBO", "TraceRenyi_ELBO", "TraceSTL_ELBO", "fixed_log_prob"]
 
 
 def _modules(fn) -> list[nn.Module]:
-    """Every ``nn.Module`` among the transforms of ``fn`` and its base distributions (deduplicated)."""
+    """Every ``nn.Module`` among the transforms of ``fn`` and its base distributions, and all their submodules,
+    each once (a composition and its parts share their submodules: walking each of them separately would visit
+    a layer once per module above it, at every step)."""
     found: dict[int, nn.Module] = {}
 
     def visit(d):
@@ -64,7 +65,8 @@ def _modules(fn) -> list[nn.Module]:
                 visit(component)
 
     visit(fn)
-    return list(found.values())
+    memo: set = set()  # one walk for all of them, so no submodule is visited twice
+    return [sub for m in found.values() for _, sub in m.named_modules(memo=memo)]
 
 
 def _unwrap(fn):
@@ -180,7 +182,7 @@ def fixed_log_prob(fn, value: torch.Tensor, avoid=()) -> torch.Tensor:
     # Held fixed by switching their requires_grad off while the log-density is computed: the ops record no
     # dependence on them, as with detached copies, without rebuilding the modules' parameter dicts (what
     # torch.func.functional_call does) at every step. The graphs recorded before (the draw) are unaffected.
-    live = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}
+    live = {id(p): p for m in modules for p in m.parameters(recurse=False) if p.requires_grad}
     for p in live.values():
         p.requires_grad_(False)
     try:
@@ -200,7 +202,7 @@ def _agrees(fixed: torch.Tensor, log_prob: torch.Tensor) -> bool:
 def _random_log_det(fn) -> bool:
     """Whether a layer of ``fn``'s flow estimates its log-det at random (a residual flow in training mode): the
     held-fixed log q is then another draw of an unbiased estimate, not comparable with the draw's own."""
-    return any(has_random_log_det(m) for m in _modules(fn))
+    return any(getattr(m, "random_log_det", False) for m in _modules(fn))
 
 
 class TraceSTL_ELBO(Trace_ELBO):

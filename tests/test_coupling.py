@@ -97,6 +97,43 @@ def test_block_mask_fast_path_matches_the_gather_path(dim, flip):
     assert AffineCoupling(dim, mask="alternate")._blocks is None or dim == 2
 
 
+@pytest.mark.parametrize(
+    "in_features, hidden, activation, batch",
+    [
+        (3, (16, 16), None, (6,)),
+        (5, (8,), torch.nn.Tanh(), (2, 4)),
+        (0, (4, 4), None, (3,)),
+        (2, (7, 5, 3), torch.nn.ELU(), ()),
+    ],
+)
+def test_mlp_runs_its_densenns_layers_as_densenn_does(in_features, hidden, activation, batch):
+    """MLP runs its pyro DenseNN's layers in its own loop (no per-call ModuleList slice): values and the input's
+    and parameters' gradients are those of the DenseNN's own forward, bit for bit (float64), for any activation,
+    depth, batch shape and an empty input; under bfloat16 autocast too."""
+    from pyroflows.nn import MLP, set_compute_dtype
+
+    torch.manual_seed(1)
+    net = MLP(in_features, 4, hidden=hidden, activation=activation).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(*batch, in_features, dtype=torch.float64, requires_grad=True)
+    ours = net(x)
+    theirs = net.net(x).reshape(ours.shape)  # DenseNN.forward
+    assert ours.shape == (*batch, 4)
+    assert torch.equal(ours, theirs) and ours.abs().sum() > 0
+    g1 = torch.autograd.grad(ours.square().sum(), [x, *net.parameters()], allow_unused=True)
+    g2 = torch.autograd.grad(theirs.square().sum(), [x, *net.parameters()], allow_unused=True)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2))
+    net = net.float()
+    set_compute_dtype(net, torch.bfloat16)
+    xf = x.detach().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = net.net(xf).float().reshape(-1, 4)
+    assert net(xf).dtype == torch.float32
+    assert torch.equal(net(xf).reshape(-1, 4), reference)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "convnet", "made"])
 def test_the_default_in_place_relu_gives_the_plain_relus_values_and_gradients(kind):
     """The conditioners' default ReLU overwrites each layer's output in place: the values, the parameters' and the
