@@ -5,7 +5,7 @@
     pyroflows fit --data digits --flow glow --levels 2 --num-layers 4 --hidden 64 --epochs 20 --out runs/glow
     pyroflows fit ... --out runs/glow --resume          # continue a killed run
     pyroflows sample runs/glow/checkpoint.pt --n 64 --temperature 0.7 --out grid.png
-    pyroflows eval runs/glow/checkpoint.pt --data digits
+    pyroflows eval runs/glow --data digits              # a run directory stands for its checkpoint.pt
 
 Under ``torchrun --nproc_per_node N -m pyroflows.cli fit ...`` (or ``torchrun ... $(which pyroflows) fit ...``)
 training runs data-parallel on N processes.
@@ -127,7 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint as PNG")
-    sample.add_argument("checkpoint")
+    sample.add_argument(
+        "checkpoint", help="a checkpoint file, or the run directory (fit's --out) holding checkpoint.pt"
+    )
     sample.add_argument("--n", type=int, default=64, help="samples (per class, for a class-conditional model)")
     sample.add_argument("--temperature", type=float, default=0.7)
     sample.add_argument("--out", default="samples.png")
@@ -136,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="cpu")
 
     ev = sub.add_parser("eval", help="print the test bits/dim of a checkpoint")
-    ev.add_argument("checkpoint")
+    ev.add_argument("checkpoint", help="a checkpoint file, or the run directory (fit's --out) holding checkpoint.pt")
     ev.add_argument("--data", default="digits")
     ev.add_argument("--root")
     ev.add_argument("--n-bits", type=int)
@@ -166,7 +168,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def latent_command(name: str, help_text: str):
         cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("checkpoint")
+        cmd.add_argument(
+            "checkpoint", help="a checkpoint file, or the run directory (fit's --out) holding checkpoint.pt"
+        )
         cmd.add_argument("--data", default="digits", help="digits, mnist or cifar10 (default: digits)")
         cmd.add_argument("--root", help="directory of MNIST/CIFAR-10 files")
         cmd.add_argument("--split", default="test", choices=("train", "test"))

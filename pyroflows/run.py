@@ -563,6 +563,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, write, what="checkpoint")
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file ``path`` names: ``path`` itself, or ``path/checkpoint.pt`` when ``path`` is a directory
+    (the ``out`` of a run), so that a run's directory may be given wherever its checkpoint is read.
+
+    :param path: a checkpoint file or a run directory.
+    :returns: ``pathlib.Path`` of the file (which need not exist).
+
+    Example::
+
+        >>> import tempfile
+        >>> run = tempfile.mkdtemp()
+        >>> checkpoint_file(run).name, checkpoint_file(run + "/other.pt").name
+        ('checkpoint.pt', 'other.pt')
+    """
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() else path
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device | None = "cpu", marker: str = FORMAT
 ) -> dict:
@@ -573,7 +591,7 @@ def load_checkpoint(
     writes its own (marker ``"pyroflows-svi-1"``), and :func:`pyroflows.infer.save_guide` a guide
     (``"pyroflows-guide-1"``). Loaded with ``torch.load(weights_only=True)``: no code in the file is executed.
 
-    :param path: the checkpoint file (``out/checkpoint.pt``).
+    :param path: the checkpoint file (``out/checkpoint.pt``), or the run directory ``out`` holding it.
     :param map_location: where to load the tensors, as for ``torch.load``.
     :param str marker: the ``"format"`` entry the file must carry (default: a density checkpoint's).
     :raises CheckpointError: when the file is missing, truncated/corrupted, not a pyroflows checkpoint of that
@@ -586,12 +604,14 @@ def load_checkpoint(
         >>> atomic_torch_save({"format": "my-run", "step": 3}, path)
         >>> load_checkpoint(path, marker="my-run")["step"]
         3
+        >>> load_checkpoint(os.path.dirname(path), marker="my-run")["step"]  # the run directory
+        3
         >>> load_checkpoint(path)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
           ...
         pyroflows.run.CheckpointError: '...checkpoint.pt' is not a pyroflows checkpoint (no 'pyroflows-checkpoint' ...
     """
-    path = Path(path)
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {str(path)!r}")
     try:
@@ -616,7 +636,8 @@ def resume_source(target, resume, *, caller: str, hint: str = "resume=True") -> 
       to resume (never overwritten silently);
     - ``resume=True``: ``target``, which must exist (else :class:`CheckpointError`);
     - ``resume="auto"``: ``target`` when it exists, else a fresh start;
-    - a path: that checkpoint (which must exist); the run then writes to ``target``.
+    - a path: that checkpoint, or the run directory holding it (which must exist); the run then writes to
+      ``target``.
 
     :param target: the checkpoint file the run writes (``out/checkpoint.pt``), or ``None`` when it writes none.
     :param resume: ``True``, ``False``, ``"auto"`` or a checkpoint path.
@@ -646,7 +667,7 @@ def resume_source(target, resume, *, caller: str, hint: str = "resume=True") -> 
         return None
     if resume == "auto":
         return target if target is not None and target.is_file() else None
-    source = target if resume is True else Path(resume)
+    source = target if resume is True else checkpoint_file(resume)
     if source is None or not source.is_file():
         raise CheckpointError(f"{caller}: no checkpoint at {str(source)!r} to resume from")
     return source
@@ -1024,6 +1045,7 @@ __all__ = [
     "check_seed",
     "check_settings",
     "fingerprint",
+    "checkpoint_file",
     "load_checkpoint",
     "lr_factor",
     "make_optimizer",

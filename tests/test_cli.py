@@ -470,3 +470,18 @@ def test_sample_refuses_outputs_it_cannot_write(run, tmp_path, capsys, name):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("pyroflows sample: error:"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing_dir"]
+
+
+def test_a_run_directory_stands_for_its_checkpoint(run, tmp_path, capsys, evaluate_spy):
+    """``pyroflows eval/sample/interpolate RUN`` read ``RUN/checkpoint.pt`` (the directory fit --out wrote): the
+    same figure as the file itself; a directory without a checkpoint is an error naming the file it looked for."""
+    assert main(["eval", str(run)]) == 0
+    assert main(["eval", str(run / "checkpoint.pt")]) == 0
+    assert len(EVAL_LINE.findall(capsys.readouterr().out)) == 2
+    assert evaluate_spy[0] == evaluate_spy[1]
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(run), "--n", "4", "--out", str(out)]) == 0 and out.is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", str(empty)]) == 2
+    assert f"no checkpoint at {str(empty / 'checkpoint.pt')!r}" in capsys.readouterr().err

@@ -450,3 +450,21 @@ def test_the_command_line_stops_on_a_signal_with_one_line_and_the_shell_exit_cod
     assert "stopped by" in last and "--resume" in last, err
     step = run.load_checkpoint(out / run.CHECKPOINT)["step"]
     assert f"after step {step};" in last
+
+
+def test_a_run_directory_stands_for_its_checkpoint_when_reading_and_resuming(tmp_path):
+    from pyroflows.run import CheckpointError, atomic_torch_save, checkpoint_file, load_checkpoint, resume_source
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint at .*checkpoint.pt"):
+        load_checkpoint(run, marker="m")
+    with pytest.raises(CheckpointError, match="no checkpoint at .*checkpoint.pt'? to resume from"):
+        resume_source(tmp_path / "new" / "checkpoint.pt", run, caller="fit")
+    atomic_torch_save({"format": "m", "step": 7}, run / "checkpoint.pt")
+    assert load_checkpoint(run, marker="m")["step"] == 7
+    assert resume_source(tmp_path / "new" / "checkpoint.pt", run, caller="fit") == run / "checkpoint.pt"
+    assert resume_source(tmp_path / "new" / "checkpoint.pt", str(run / "checkpoint.pt"), caller="fit") == (
+        run / "checkpoint.pt"
+    )
+    assert checkpoint_file(tmp_path / "missing.pt") == tmp_path / "missing.pt"  # a file path is taken as it is
