@@ -280,6 +280,95 @@ class AutoFlow(AutoNormalizingFlow):
                     _, start, end = self._slots[i]
                     total[start:end].add_(grad.reshape(-1))
 
+    # -- point summaries --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, num_samples: int = 10000, seed: int | None = 0, **kwargs) -> dict:
+        """Posterior quantiles of every latent variable, estimated from ``num_samples`` draws of the guide.
+
+        ``AutoNormalizingFlow`` has no ``median`` or ``quantiles`` (Pyro's raise ``NotImplementedError``: a flow has
+        no closed-form quantiles). These are the empirical quantiles of each element of each site, taken in the
+        model's constrained space, so they are the marginal quantiles under any support (a simplex or a Cholesky
+        factor included, where transforming quantiles of the unconstrained coordinates would not be). The
+        estimate's standard error is about ``sqrt(q (1 - q) / num_samples)`` divided by the marginal density at the
+        quantile: for a normal marginal, 0.0125 standard deviations for the median at the default 10,000 draws.
+
+        The draws come from a generator seeded by ``seed`` (default 0: the same figures at every call for the same
+        guide) with the global random state saved and restored, so the caller's random streams do not move;
+        ``seed=None`` draws from the global stream as it is.
+
+        :param quantiles: the requested levels in ``[0, 1]`` (a list or tensor).
+        :param args: the model's arguments (needed only before the guide's first use).
+        :param int num_samples: guide draws (at least 1).
+        :param seed: the draws' seed, or ``None``.
+        :param kwargs: the model's keyword arguments.
+        :returns: ``{site name: tensor of shape (len(quantiles),) + site shape}``, as Pyro's autoguides return.
+        :raises ValueError: for a level outside ``[0, 1]`` or ``num_samples < 1``.
+
+        Example::
+
+            >>> import pyro, pyro.distributions as dist, pyroflows, torch
+            >>> from functools import partial
+            >>> def model():
+            ...     pyro.sample("s", dist.LogNormal(0.0, 1.0))
+            >>> pyro.clear_param_store()
+            >>> guide = pyroflows.AutoFlow(model, partial(pyroflows.realnvp, num_layers=2))
+            >>> q = guide.quantiles([0.1, 0.5, 0.9])  # a fresh guide is N(0, 1) in log s
+            >>> q["s"].shape, torch.allclose(q["s"].log(), torch.tensor([-1.2816, 0.0, 1.2816]), atol=0.05)
+            (torch.Size([3]), True)
+            >>> guide.median()["s"].item() == q["s"][1].item()  # the 0.5 quantile of the same draws
+            True
+        """
+        levels = torch.as_tensor(quantiles, dtype=torch.float64).reshape(-1)
+        if levels.numel() == 0 or not bool(((levels >= 0) & (levels <= 1)).all()):
+            raise ValueError(f"{type(self).__name__}.quantiles: levels must lie in [0, 1], got {quantiles!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"{type(self).__name__}.quantiles: num_samples must be an int >= 1, got {num_samples!r}")
+        draws = self._constrained_draws(num_samples, seed, args, kwargs)
+        out = {}
+        for name, value in draws.items():
+            flat = value.reshape(num_samples, -1)
+            q = torch.quantile(flat.double(), levels.to(flat.device), dim=0).to(value.dtype)
+            out[name] = q.reshape((levels.numel(),) + value.shape[1:])
+        return out
+
+    @torch.no_grad()
+    def median(self, *args, num_samples: int = 10000, seed: int | None = 0, **kwargs) -> dict:
+        """Posterior medians of every latent variable: :meth:`quantiles` at 0.5 (estimated from ``num_samples``
+        draws, in the constrained space; ``seed`` as there).
+
+        :param args: the model's arguments (needed only before the guide's first use).
+        :param int num_samples: guide draws (at least 1).
+        :param seed: the draws' seed, or ``None``.
+        :param kwargs: the model's keyword arguments.
+        :returns: ``{site name: tensor of the site's shape}``.
+        """
+        return {k: v[0] for k, v in self.quantiles([0.5], *args, num_samples=num_samples, seed=seed, **kwargs).items()}
+
+    def _constrained_draws(self, n: int, seed, args: tuple, kwargs: dict) -> dict:
+        """``n`` guide draws per latent site, in the model's constrained space: ``{name: (n,) + site shape}``."""
+        from .run import rng_state, set_rng_state
+
+        state = rng_state() if seed is not None else None
+        try:
+            with pyro.poutine.block():
+                if self.prototype_trace is None:  # a guide never run: runs once to find its sites, build its flow
+                    self(*args, **kwargs)
+                if seed is not None:
+                    pyro.set_rng_seed(seed)
+                with self._pyro_context:  # (the param store's names exist only inside the guide's call)
+                    latent = self.get_posterior(*args, **kwargs).sample((n,))
+        finally:
+            if state is not None:
+                set_rng_state(state)
+        # the draws' dimension left of every site's own dimensions (as Pyro's particle plates put it)
+        sites = list(self.prototype_trace.iter_stochastic_nodes())
+        depth = max((site["value"].dim() for _, site in sites), default=0)
+        latent = latent.reshape((n,) + (1,) * depth + latent.shape[-1:])
+        return {
+            site["name"]: torch.distributions.biject_to(site["fn"].support)(value).reshape((n,) + site["value"].shape)
+            for site, value in self._unpack_latent(latent)
+        }
+
     def _apply(self, fn, *args, **kwargs):
         # .to() / .double() / .cuda() give every parameter its own converted copy: make them views of the
         # converted flat tensor again
