@@ -170,3 +170,37 @@ def test_the_default_in_place_relu_gives_the_plain_relus_values_and_gradients(ki
         jac = vmap(jacrev(lambda v: net(v)))(x.detach())
         assert torch.equal(jac, vmap(jacrev(lambda v: plain(v)))(x.detach()))
         assert jac.abs().sum() > 0
+
+
+def test_convnet_on_the_cpu_runs_channels_last_with_the_default_layouts_values(monkeypatch):
+    """ConvNet copies its input into the channels-last layout on the CPU (faster oneDNN convolutions) and its output
+    back: values and the input's and parameters' gradients agree with the default layout's (float64 to 1e-12,
+    float32 to 1e-5), the output is in the default layout, a batch of any leading shape works, and inside
+    torch.func.vmap (which has no channels-last copy) it falls back to the default layout with the same Jacobian."""
+    from torch.func import jacrev, vmap
+
+    from pyroflows.nn import ConvNet, conditioners
+
+    torch.manual_seed(0)
+    net = ConvNet(3, 4, hidden_channels=16)
+    with torch.no_grad():
+        net.net[-1].weight.normal_(0.0, 0.1)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        net = net.to(dtype)
+        x = torch.randn(2, 5, 3, 6, 6, dtype=dtype, requires_grad=True)
+        results = {}
+        for flag in (True, False):
+            monkeypatch.setattr(conditioners, "CHANNELS_LAST_ON_CPU", flag)
+            out = net(x)
+            assert out.shape == (2, 5, 4, 6, 6) and out.is_contiguous()
+            results[flag] = (out, *torch.autograd.grad(out.square().sum(), [x, *net.parameters()]))
+        for a, b in zip(results[True], results[False]):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        assert results[True][0].abs().sum() > 0
+    monkeypatch.setattr(conditioners, "CHANNELS_LAST_ON_CPU", True)
+    assert conditioners._nhwc_on_cpu(x.detach()[0]) is not None
+    net = net.double()
+    small = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    jac = vmap(jacrev(net))(small)
+    monkeypatch.setattr(conditioners, "CHANNELS_LAST_ON_CPU", False)
+    torch.testing.assert_close(jac, vmap(jacrev(net))(small), rtol=1e-12, atol=1e-12)

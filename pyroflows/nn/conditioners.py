@@ -161,5 +161,30 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[:-3]
-        out = _run(self.net, x.reshape((-1,) + x.shape[-3:]), self.compute_dtype)
+        flat = x.reshape((-1,) + x.shape[-3:])
+        nhwc = _nhwc_on_cpu(flat)
+        out = _run(self.net, flat if nhwc is None else nhwc, self.compute_dtype)
+        if nhwc is not None:
+            out = out.contiguous()  # back to the layout the rest of the flow uses
         return out.reshape(batch + out.shape[-3:])
+
+
+#: run ConvNet's convolutions in the channels-last layout on the CPU (see :func:`_nhwc_on_cpu`)
+CHANNELS_LAST_ON_CPU = True
+
+
+def _nhwc_on_cpu(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` (a batch of images) copied into the channels-last layout when it is on the CPU, else ``None``.
+
+    torch's CPU convolutions (oneDNN) run faster on channels-last inputs, and the layers after the first follow the
+    layout of their input: a training step of a 3x16x16 Glow of width 128 took 1.28 times less time, of a realnvp
+    1.37 times (same process, batch 64), for one copy of the input and one of the output per network call. On a GPU
+    the layout is left as it is (not measured there). Values agree with the default layout to rounding (float64:
+    exactly in the tests). Inside ``torch.func.vmap`` a channels-last copy is not supported: the default layout.
+    """
+    if not CHANNELS_LAST_ON_CPU or x.device.type != "cpu" or x.dim() != 4:
+        return None
+    try:
+        return x.contiguous(memory_format=torch.channels_last)
+    except RuntimeError:  # inside torch.func.vmap, which supports only the default layout
+        return None
