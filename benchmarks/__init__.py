@@ -25,7 +25,8 @@ Parts (each also runs standalone as ``python benchmarks/<script>.py``):
 
 Standalone only: ``exact_logdet.py`` times the exact residual log-det's two methods on one device (its figures
 decide ``exact_log_det(method="auto")``; run it on a GPU machine); ``khat_noise.py`` measures how much of a
-guide's PSIS k̂ in the guide benchmarks is the draws' noise (one trained guide, k̂ from many disjoint draw sets).
+guide's PSIS k̂ in the guide benchmarks is the draws' noise (one trained guide, k̂ from many disjoint draw sets);
+``neutra.py`` runs NUTS on a model and in a fitted flow guide's base space (:meth:`pyroflows.AutoFlow.neutra_reparam`).
 
 Each run writes ``benchmarks/results/<name>.json`` (``<name>_quick.json`` with ``--quick``) and regenerates
 ``benchmarks/RESULTS.md`` (:mod:`benchmarks.report`). The peers other than Pyro come with the ``bench`` extra

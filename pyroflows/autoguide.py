@@ -438,7 +438,8 @@ class AutoFlow(AutoNormalizingFlow):
 
 class _FlowNeuTraReparam(NeuTraReparam):
     """Pyro's ``NeuTraReparam`` whose :meth:`transform_sample` takes draws of the shared latent of any batch shape
-    (``(n, D)`` as MCMC returns them) and returns ``batch shape + site shape`` per site, plates or not."""
+    (``(n, D)`` as MCMC returns them) and returns ``batch shape + site shape`` per site, plates or not, also before
+    the reparameterised model has run."""
 
     def transform_sample(self, latent):
         """The model's latent sites for draws ``latent`` of the shared latent, shape ``batch + (D,)``.
@@ -446,6 +447,8 @@ class _FlowNeuTraReparam(NeuTraReparam):
         :param torch.Tensor latent: draws of the shared latent.
         :returns: ``{site name: tensor of shape batch + site shape}``.
         """
+        if self.transform is None:  # (Pyro sets it when the reparameterised model first runs)
+            self.transform = self.guide.get_transform()
         shapes = {name: site["value"].shape for name, site in self.guide.prototype_trace.iter_stochastic_nodes()}
         depth = max((len(shape) for shape in shapes.values()), default=0)
         batch = latent.shape[:-1]

@@ -541,3 +541,22 @@ def test_neutra_reparam_refuses_a_random_log_det_and_a_mixture():
         mixture.neutra_reparam()
     with pytest.raises(ValueError, match="NeuTraReparam only supports guides that implement `get_transform`"):
         poutine.trace(poutine.reparam(mvn_model, config=lambda _: NeuTraReparam(mixture))).get_trace()
+
+
+def test_neutra_transform_sample_takes_mcmcs_draws_for_a_model_with_plates():
+    """The draws as MCMC returns them, (n, D), map to (n,) + site shape per site of a model with a plate (Pyro's own
+    transform_sample wants the draws' dimension left of the plates), with the values of the flow's forward map."""
+    y = torch.tensor(0.5)
+    pyro.clear_param_store()
+    guide = AutoFlow(shapes_model, partial(pyroflows.realnvp, num_layers=2, hidden=(8,)))
+    guide(y)
+    with torch.no_grad():
+        guide.flow_params.add_(0.1 * torch.randn_like(guide.flow_params))
+    reparam = guide.neutra_reparam(y)
+    u = torch.randn(7, guide.latent_dim)
+    out = reparam.transform_sample(u)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"s": (7,), "theta": (7, 3), "p": (7, 4), "L": (7, 2, 2)}
+    x = guide.get_transform()(u[2])
+    torch.testing.assert_close(out["s"][2], x[0].exp())
+    torch.testing.assert_close(out["theta"][2], x[1:4])
+    torch.testing.assert_close(reparam.transform_sample(u[2])["theta"], out["theta"][2])  # one draw, unbatched

@@ -388,3 +388,16 @@ def test_mixture_step_tiny(tmp_path):
     assert all(row[f"{label} ms/step"] > 0 for label in mixture_step.GUIDES) and row["2 kept / mix2"] > 0
     text = report.section(out)
     assert "| bimodal | realnvp(2) |" in text and "could not render" not in text
+
+
+def test_neutra_tiny(tmp_path):
+    """The NeuTra benchmark runs (a few steps and draws) and writes both samplers' rows for each model."""
+    from benchmarks import neutra
+
+    out = tmp_path / "neutra_quick.json"
+    assert neutra.main(["--quick", "--models", "eight_schools_centered", "--seeds", "0", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "neutra" and payload["quick"] is True
+    assert [r["sampler"] for r in payload["rows"]] == ["NUTS", "NUTS + NeuTra (realnvp(8))"]
+    assert all(r["variable"] == "tau" and r["ess"] > 0 for r in payload["rows"])
+    assert "| eight_schools_centered | tau | NUTS + NeuTra" in neutra.markdown(payload)
