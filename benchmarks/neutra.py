@@ -153,19 +153,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"neutra.py: unknown model(s) {unknown}; choose from {sorted(TARGETS)}")
     t0 = time.perf_counter()
     rows = [r for m in models for s in args.seeds.split(",") for r in run_row(m, int(s), cfg)]
-    out = Path(args.out) if args.out else _common.result_path(_common.RESULTS, "neutra", args.quick)
-    payload = {
-        "benchmark": "neutra",
-        "command": _common.command_line("benchmarks/neutra.py", argv),
-        "machine": _common.machine(),
-        "quick": args.quick,
-        "config": {**cfg, "guide": GUIDE},
-        "rows": rows,
-        "total_seconds": time.perf_counter() - t0,
-    }
-    print(markdown(payload), flush=True)
-    _common.write_result(out, payload)
-    return 0
+    config = {**cfg, "guide": GUIDE}
+    return _common.save_rows("neutra", args, argv, config, rows, t0, lambda rows: markdown({"rows": rows}))
 
 
 if __name__ == "__main__":
