@@ -180,7 +180,7 @@ def _nhwc_on_cpu(x: torch.Tensor) -> torch.Tensor | None:
     layout of their input: a training step of a 3x16x16 Glow of width 128 took 1.28 times less time, of a realnvp
     1.37 times (same process, batch 64), for one copy of the input and one of the output per network call. On a GPU
     the layout is left as it is (not measured there). Values agree with the default layout to rounding (float64:
-    exactly in the tests). Inside ``torch.func.vmap`` a channels-last copy is not supported: the default layout.
+    to 1e-12 in the tests). Inside ``torch.func.vmap`` a channels-last copy is not supported: the default layout.
     """
     if not CHANNELS_LAST_ON_CPU or x.device.type != "cpu" or x.dim() != 4:
         return None
