@@ -381,9 +381,7 @@ class AutoFlow(AutoNormalizingFlow):
             >>> [name for name in trace.stochastic_nodes]
             ['z_shared_latent']
         """
-        if self.prototype_trace is None:
-            with pyro.poutine.block(), torch.no_grad():
-                self(*args, **kwargs)
+        self._ensure_built(args, kwargs)
         self.eval()
         self.requires_grad_(False)
         if has_random_log_det(self):
@@ -394,29 +392,38 @@ class AutoFlow(AutoNormalizingFlow):
             )
         return _FlowNeuTraReparam(self)
 
+    def _ensure_built(self, args: tuple, kwargs: dict) -> None:
+        """Run a guide never run yet once (no effects, no gradients): it finds the model's sites and builds its flow."""
+        if self.prototype_trace is None:
+            with pyro.poutine.block(), torch.no_grad():
+                self(*args, **kwargs)
+
     def _constrained_draws(self, n: int, seed, args: tuple, kwargs: dict) -> dict:
         """``n`` guide draws per latent site, in the model's constrained space: ``{name: (n,) + site shape}``."""
         from .run import rng_state, set_rng_state
 
         state = rng_state() if seed is not None else None
         try:
-            with pyro.poutine.block():
-                if self.prototype_trace is None:  # a guide never run: runs once to find its sites, build its flow
-                    self(*args, **kwargs)
-                if seed is not None:
-                    pyro.set_rng_seed(seed)
-                with self._pyro_context:  # (the param store's names exist only inside the guide's call)
-                    latent = self.get_posterior(*args, **kwargs).sample((n,))
+            self._ensure_built(args, kwargs)
+            if seed is not None:
+                pyro.set_rng_seed(seed)
+            with pyro.poutine.block(), self._pyro_context:  # (the store's names exist only inside the guide's call)
+                latent = self.get_posterior(*args, **kwargs).sample((n,))
         finally:
             if state is not None:
                 set_rng_state(state)
-        # the draws' dimension left of every site's own dimensions (as Pyro's particle plates put it)
-        sites = list(self.prototype_trace.iter_stochastic_nodes())
-        depth = max((site["value"].dim() for _, site in sites), default=0)
-        latent = latent.reshape((n,) + (1,) * depth + latent.shape[-1:])
+        return self._constrained_sites(latent)
+
+    def _constrained_sites(self, latent: torch.Tensor) -> dict:
+        """The model's latent sites, constrained, for unconstrained latent vectors of shape ``batch + (D,)``:
+        ``{name: batch + site shape}``, plates or not (Pyro's unpacking wants the batch left of the plates)."""
+        shapes = {name: site["value"].shape for name, site in self.prototype_trace.iter_stochastic_nodes()}
+        depth = max((len(shape) for shape in shapes.values()), default=0)
+        batch = latent.shape[:-1]
+        flat = latent.reshape((-1,) + (1,) * depth + latent.shape[-1:])
         return {
-            site["name"]: torch.distributions.biject_to(site["fn"].support)(value).reshape((n,) + site["value"].shape)
-            for site, value in self._unpack_latent(latent)
+            site["name"]: torch.distributions.biject_to(site["fn"].support)(value).reshape(batch + shapes[site["name"]])
+            for site, value in self._unpack_latent(flat)
         }
 
     def _apply(self, fn, *args, **kwargs):
@@ -449,12 +456,7 @@ class _FlowNeuTraReparam(NeuTraReparam):
         """
         if self.transform is None:  # (Pyro sets it when the reparameterised model first runs)
             self.transform = self.guide.get_transform()
-        shapes = {name: site["value"].shape for name, site in self.guide.prototype_trace.iter_stochastic_nodes()}
-        depth = max((len(shape) for shape in shapes.values()), default=0)
-        batch = latent.shape[:-1]
-        # the draws' dimension left of every site's own dimensions, as Pyro's unpacking wants it
-        flat = latent.reshape((-1,) + (1,) * depth + latent.shape[-1:])
-        return {name: value.reshape(batch + shapes[name]) for name, value in super().transform_sample(flat).items()}
+        return self.guide._constrained_sites(self.transform(latent))
 
 
 def _collector(guide_ref, index: int):

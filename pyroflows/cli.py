@@ -37,6 +37,9 @@ default architecture (levels / num-layers / hidden), by image size and device:
 """
 
 
+_CHECKPOINT_HELP = "a checkpoint file, or the run directory (fit's --out) holding checkpoint.pt"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyroflows", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"pyroflows {__version__}")
@@ -127,9 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint as PNG")
-    sample.add_argument(
-        "checkpoint", help="a checkpoint file, or the run directory (fit's --out) holding checkpoint.pt"
-    )
+    sample.add_argument("checkpoint", help=_CHECKPOINT_HELP)
     sample.add_argument("--n", type=int, default=64, help="samples (per class, for a class-conditional model)")
     sample.add_argument("--temperature", type=float, default=0.7)
     sample.add_argument("--out", default="samples.png")
@@ -138,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="cpu")
 
     ev = sub.add_parser("eval", help="print the test bits/dim of a checkpoint")
-    ev.add_argument("checkpoint", help="a checkpoint file, or the run directory (fit's --out) holding checkpoint.pt")
+    ev.add_argument("checkpoint", help=_CHECKPOINT_HELP)
     ev.add_argument("--data", default="digits")
     ev.add_argument("--root")
     ev.add_argument("--n-bits", type=int)
@@ -168,9 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def latent_command(name: str, help_text: str):
         cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument(
-            "checkpoint", help="a checkpoint file, or the run directory (fit's --out) holding checkpoint.pt"
-        )
+        cmd.add_argument("checkpoint", help=_CHECKPOINT_HELP)
         cmd.add_argument("--data", default="digits", help="digits, mnist or cifar10 (default: digits)")
         cmd.add_argument("--root", help="directory of MNIST/CIFAR-10 files")
         cmd.add_argument("--split", default="test", choices=("train", "test"))
