@@ -264,7 +264,9 @@ class TraceSTL_ELBO(Trace_ELBO):
                     self._cannot_hold_fixed(name, e)
                 else:
                     fixed = scale_and_mask(fixed, site["scale"], site["mask"])
-                    if _random_log_det(site["fn"]) or _agrees(fixed, log_prob):
+                    # (the agreement first: for a flow with an exact log-det it settles it without walking the
+                    # flow's modules)
+                    if _agrees(fixed, log_prob) or _random_log_det(site["fn"]):
                         if self._mixture_weights_by_score and isinstance(_unwrap(site["fn"]), FlowMixture):
                             # keep the share of the weights' score function that FlowMixture puts there
                             fixed = fixed + (site["score_parts"].entropy_term - log_prob)
